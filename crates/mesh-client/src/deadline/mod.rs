@@ -1,0 +1,39 @@
+//! Deadlines: every outbound call has one, and calls made while handling an
+//! inbound call inherit what is left of the inbound deadline.
+//!
+//! Why a task-local and not an argument: handlers are generated code with a
+//! fixed signature, and threading a deadline through every call site is what
+//! teams forget. The server layer ([`InboundDeadlineLayer`]) scopes the
+//! inbound deadline around the handler's future; the client layer
+//! ([`DeadlineLayer`]) reads it from there. Work spawned onto other tasks
+//! (a saga worker) deliberately does not inherit it.
+
+mod layer;
+mod timeout;
+
+pub use layer::{DeadlineLayer, InboundDeadlineLayer};
+pub use timeout::{decode_grpc_timeout, encode_grpc_timeout};
+
+use std::{future::Future, time::Duration};
+
+use tokio::time::Instant;
+
+tokio::task_local! {
+    static INBOUND_DEADLINE: Instant;
+}
+
+/// The deadline of the inbound call the current task is handling, if any.
+pub fn inbound_deadline() -> Option<Instant> {
+    INBOUND_DEADLINE.try_with(|d| *d).ok()
+}
+
+/// Time left before the inbound deadline, if the current task has one.
+pub fn remaining() -> Option<Duration> {
+    inbound_deadline().map(|d| d.saturating_duration_since(Instant::now()))
+}
+
+/// Runs `fut` as if handling an inbound call with this deadline; outbound
+/// calls made inside inherit it.
+pub async fn with_deadline<F: Future>(deadline: Instant, fut: F) -> F::Output {
+    INBOUND_DEADLINE.scope(deadline, fut).await
+}

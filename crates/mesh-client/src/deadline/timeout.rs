@@ -1,0 +1,65 @@
+use std::time::Duration;
+
+/// Encodes a duration as a `grpc-timeout` header value, rounding up so a
+/// server never sees more time than the caller has (at most 8 digits).
+pub fn encode_grpc_timeout(timeout: Duration) -> String {
+    const MAX: u128 = 99_999_999;
+    let micros = timeout.as_micros();
+    if micros <= MAX {
+        return format!("{}u", micros.max(1));
+    }
+    let millis = timeout.as_millis() + u128::from(timeout.subsec_micros() % 1000 != 0);
+    if millis <= MAX {
+        return format!("{millis}m");
+    }
+    let secs = timeout.as_secs() + u64::from(timeout.subsec_nanos() != 0);
+    format!("{}S", u128::from(secs).min(MAX))
+}
+
+/// Decodes a `grpc-timeout` header value (`1-8 digits` + `H M S m u n`).
+pub fn decode_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_without_growing() {
+        for d in [
+            Duration::from_nanos(1),
+            Duration::from_millis(1500),
+            Duration::from_secs(150),
+            Duration::from_secs(86_400),
+        ] {
+            let back = decode_grpc_timeout(&encode_grpc_timeout(d)).unwrap();
+            assert!(back >= d, "{d:?} -> {back:?}");
+            assert!(back - d < Duration::from_secs(1), "{d:?} -> {back:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        for v in ["", "5", "5x", "123456789S", "-1S", "1.5S"] {
+            assert_eq!(decode_grpc_timeout(v), None, "{v}");
+        }
+        assert_eq!(decode_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+    }
+}

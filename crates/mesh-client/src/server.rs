@@ -1,0 +1,256 @@
+//! The mesh server: what every service's gRPC server is built with.
+//!
+//! Layers, outer to inner: load shedding (`RESOURCE_EXHAUSTED` at once when
+//! the process is at its concurrency limit, instead of queueing into the
+//! caller's deadline) → inbound deadline capture (for propagation) → the
+//! service. Alongside the service it serves `grpc.health.v1.Health` and
+//! reflection (v1 and v1alpha) limited to what this server implements.
+//!
+//! Shutdown drains: health flips to `NOT_SERVING`, the server waits
+//! [`ServerConfig::drain_grace`] so balancers notice, then sends HTTP/2
+//! GOAWAY and lets in-flight calls finish, for at most
+//! [`ServerConfig::drain_timeout`].
+
+use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::Notify};
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    body::Body,
+    server::NamedService,
+    service::RoutesBuilder,
+    transport::{Server, server::TcpIncoming},
+};
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::{Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer};
+
+use crate::{MeshError, deadline::InboundDeadlineLayer};
+
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// Limits and timings of a mesh server. Every limit is explicit: tonic's
+/// own defaults leave several of them unbounded.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// HTTP/2 streams one connection may have open at once. Default 256.
+    pub max_concurrent_streams: u32,
+    /// Calls the whole process handles at once; beyond it calls are shed
+    /// with `RESOURCE_EXHAUSTED`. Default 1024.
+    pub concurrency_limit: usize,
+    /// Streams a connection may have reset by the server for protocol
+    /// errors before it is closed (hyper's flood guard). Default 256.
+    pub max_local_error_reset_streams: usize,
+    /// Streams a client may reset before the server accepted them, per
+    /// connection. Default 32.
+    pub max_pending_accept_reset_streams: usize,
+    /// Largest header list accepted, in bytes. Default 16 KiB.
+    pub max_header_list_size: u32,
+    /// HTTP/2 PING interval. Default 30 s.
+    pub keepalive_interval: Duration,
+    /// Close a connection whose PING is not answered in this long. Default 10 s.
+    pub keepalive_timeout: Duration,
+    /// Time between reporting `NOT_SERVING` and closing listeners. Default 0.
+    pub drain_grace: Duration,
+    /// Longest wait for in-flight calls once draining. Default 25 s, under
+    /// Kubernetes' default 30 s termination grace period.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 256,
+            concurrency_limit: 1024,
+            max_local_error_reset_streams: 256,
+            max_pending_accept_reset_streams: 32,
+            max_header_list_size: 16 * 1024,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            drain_grace: Duration::ZERO,
+            drain_timeout: Duration::from_secs(25),
+        }
+    }
+}
+
+/// Builds and runs a service's gRPC server with the mesh's server layers.
+pub struct MeshServer {
+    config: ServerConfig,
+    routes: RoutesBuilder,
+    service_names: Vec<&'static str>,
+    descriptor_sets: Vec<&'static [u8]>,
+    reporter: HealthReporter,
+    draining: CancellationToken,
+}
+
+impl std::fmt::Debug for MeshServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshServer")
+            .field("config", &self.config)
+            .field("service_names", &self.service_names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MeshServer {
+    /// A server with these limits and no services yet.
+    pub fn new(config: ServerConfig) -> Self {
+        Self {
+            config,
+            routes: RoutesBuilder::default(),
+            service_names: Vec::new(),
+            descriptor_sets: Vec::new(),
+            reporter: HealthReporter::new(),
+            draining: CancellationToken::new(),
+        }
+    }
+
+    /// Adds a tonic-generated service; it is reported `SERVING` once the
+    /// server runs and listed by reflection.
+    pub fn add_service<S>(mut self, svc: S) -> Self
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.service_names.push(S::NAME);
+        self.routes.add_service(svc);
+        self
+    }
+
+    /// Registers an encoded `FileDescriptorSet` describing the services, for
+    /// reflection.
+    pub fn descriptor_set(mut self, encoded: &'static [u8]) -> Self {
+        self.descriptor_sets.push(encoded);
+        self
+    }
+
+    /// The health reporter, to mark services `NOT_SERVING` while a
+    /// dependency (a database) is unavailable.
+    pub fn health_reporter(&self) -> HealthReporter {
+        self.reporter.clone()
+    }
+
+    /// Cancelled when draining starts: long-lived streams should end on it,
+    /// or the drain waits for them until [`ServerConfig::drain_timeout`].
+    pub fn draining(&self) -> CancellationToken {
+        self.draining.clone()
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), MeshError> {
+        let addr = listener.local_addr()?;
+        let config = self.config;
+        let mut routes = self.routes;
+
+        routes.add_service(tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(self.reporter.clone()),
+        ));
+        let sets = &self.descriptor_sets;
+        routes.add_service(
+            reflection_builder(&self.service_names, sets)
+                .build_v1()
+                .map_err(invalid_descriptors)?,
+        );
+        routes.add_service(
+            reflection_builder(&self.service_names, sets)
+                .build_v1alpha()
+                .map_err(invalid_descriptors)?,
+        );
+
+        let reporter = self.reporter;
+        let names = Arc::new(self.service_names);
+        set_status(&reporter, &names, ServingStatus::Serving).await;
+        tracing::info!(%addr, services = ?names, "serving");
+
+        let drain_started = Arc::new(Notify::new());
+        let signal = {
+            let (reporter, names, drain_started, draining) = (
+                reporter.clone(),
+                names.clone(),
+                drain_started.clone(),
+                self.draining.clone(),
+            );
+            async move {
+                shutdown.await;
+                tracing::info!(%addr, "draining: health NOT_SERVING, finishing in-flight calls");
+                set_status(&reporter, &names, ServingStatus::NotServing).await;
+                drain_started.notify_one();
+                draining.cancel();
+                tokio::time::sleep(config.drain_grace).await;
+            }
+        };
+
+        let layers = ServiceBuilder::new()
+            .layer(LoadShedLayer::new())
+            .layer(GlobalConcurrencyLimitLayer::new(config.concurrency_limit))
+            .layer(InboundDeadlineLayer)
+            .into_inner();
+        let server = Server::builder()
+            .max_concurrent_streams(config.max_concurrent_streams)
+            .http2_max_local_error_reset_streams(Some(config.max_local_error_reset_streams))
+            .http2_max_pending_accept_reset_streams(Some(config.max_pending_accept_reset_streams))
+            .http2_max_header_list_size(config.max_header_list_size)
+            .http2_keepalive_interval(Some(config.keepalive_interval))
+            .http2_keepalive_timeout(Some(config.keepalive_timeout))
+            .tcp_nodelay(true)
+            .layer(layers)
+            .add_routes(routes.routes())
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                signal,
+            );
+
+        let drain_deadline = async {
+            drain_started.notified().await;
+            tokio::time::sleep(config.drain_grace + config.drain_timeout).await;
+        };
+        tokio::select! {
+            result = server => result.map_err(|source| MeshError::Serve { addr, source }),
+            () = drain_deadline => {
+                tracing::warn!(%addr, timeout = ?config.drain_timeout, "drain timed out; exiting with calls in flight");
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn set_status(reporter: &HealthReporter, names: &[&'static str], status: ServingStatus) {
+    // "" is the whole server, which is what Kubernetes' gRPC probes ask for.
+    reporter.set_service_status("", status).await;
+    for name in names {
+        reporter.set_service_status(*name, status).await;
+    }
+}
+
+// grpcurl 1.8 only speaks reflection v1alpha; newer tools speak v1. Both are
+// served from one builder, limited to the services this server implements.
+fn reflection_builder<'a>(
+    names: &[&'static str],
+    sets: &[&'a [u8]],
+) -> tonic_reflection::server::Builder<'a> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(HEALTH_SERVICE);
+    for set in sets {
+        builder = builder.register_encoded_file_descriptor_set(set);
+    }
+    for name in names {
+        builder = builder.with_service_name(*name);
+    }
+    builder
+}
+
+fn invalid_descriptors(e: tonic_reflection::server::Error) -> MeshError {
+    MeshError::InvalidConfig {
+        field: "descriptor_set".into(),
+        reason: e.to_string(),
+    }
+}

@@ -1,0 +1,217 @@
+//! One database layer for SQLite (the embedded default) and PostgreSQL
+//! (production), through sqlx's `Any` driver so every query is written once.
+//!
+//! Portable SQL rules the services follow: `$1`-style placeholders (SQLite
+//! accepts them too), `BIGINT` and `TEXT` columns only, times as Unix
+//! milliseconds, `CAST(SUM(..) AS BIGINT)` since PostgreSQL sums to NUMERIC.
+
+use std::{path::Path, str::FromStr, time::Duration};
+
+use sqlx::{
+    AnyPool, Executor,
+    any::{AnyConnectOptions, AnyPoolOptions},
+    error::ErrorKind,
+    migrate::Migrator,
+};
+use tonic::Status;
+
+/// Why a database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL is neither `sqlite:` nor `postgres://`.
+    #[error("{0}")]
+    InvalidUrl(String),
+    /// Connecting failed.
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        /// The URL with any password removed.
+        url: String,
+        /// What sqlx reported.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Applying migrations failed.
+    #[error("migrating {url} failed: {source}")]
+    Migrate {
+        /// The URL with any password removed.
+        url: String,
+        /// What sqlx reported.
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    /// Creating the SQLite file's directory failed.
+    #[error("cannot create the directory for {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Which database a URL names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// An SQLite file.
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+/// Checks a database URL names a supported backend.
+pub fn backend(url: &str) -> Result<Backend, String> {
+    if url.starts_with("sqlite:") {
+        Ok(Backend::Sqlite)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Backend::Postgres)
+    } else {
+        Err(format!(
+            "database URL {:?} must start with sqlite: or postgres://",
+            redact(url)
+        ))
+    }
+}
+
+/// The URL without its password, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Opens a pool and applies `migrator`.
+///
+/// SQLite files (and their directory) are created if missing, use WAL and a
+/// busy timeout, and get one connection: SQLite has one writer anyway, and a
+/// single connection avoids `SQLITE_BUSY` on transaction upgrades.
+pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError> {
+    sqlx::any::install_default_drivers();
+    let shown = redact(url);
+    let backend = backend(url).map_err(DbError::InvalidUrl)?;
+    let url = match backend {
+        Backend::Sqlite => sqlite_url(url)?,
+        Backend::Postgres => url.to_owned(),
+    };
+    let options = AnyConnectOptions::from_str(&url).map_err(|source| DbError::Connect {
+        url: shown.clone(),
+        source,
+    })?;
+    let pool_options = AnyPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(3))
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                if conn.backend_name().eq_ignore_ascii_case("sqlite") {
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000; \
+                         PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;",
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+        });
+    let pool_options = match backend {
+        Backend::Sqlite => pool_options.max_connections(1),
+        Backend::Postgres => pool_options.max_connections(8),
+    };
+    let pool = pool_options
+        .connect_with(options)
+        .await
+        .map_err(|source| DbError::Connect {
+            url: shown.clone(),
+            source,
+        })?;
+    migrator
+        .run(&pool)
+        .await
+        .map_err(|source| DbError::Migrate { url: shown, source })?;
+    Ok(pool)
+}
+
+fn sqlite_url(url: &str) -> Result<String, DbError> {
+    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    let path = rest.split('?').next().unwrap_or_default();
+    if !path.is_empty() && path != ":memory:" {
+        if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+    }
+    Ok(if url.contains("mode=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&mode=rwc")
+    } else {
+        format!("{url}?mode=rwc")
+    })
+}
+
+/// Whether the error is a unique-constraint violation.
+pub fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(e) if e.kind() == ErrorKind::UniqueViolation)
+}
+
+/// Whether the error is a CHECK-constraint violation.
+pub fn is_check_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(e) if e.kind() == ErrorKind::CheckViolation)
+}
+
+/// The one mapping of an unexpected database error to a gRPC status: an
+/// unreachable database is `UNAVAILABLE` (retryable), anything else is
+/// logged and answered `INTERNAL` without leaking details.
+pub fn status(err: sqlx::Error) -> Status {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => {
+            tracing::warn!("database unavailable: {err}");
+            Status::unavailable("the service's database is unavailable; retry later")
+        }
+        sqlx::Error::Database(ref db) if db.message().contains("database is locked") => {
+            tracing::warn!("database busy: {err}");
+            Status::unavailable("the service's database is busy; retry later")
+        }
+        other => {
+            tracing::error!("database error: {other}");
+            Status::internal("internal error")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("postgres://shop:s3cret@db:5432/orders"),
+            "postgres://shop:***@db:5432/orders"
+        );
+        assert_eq!(redact("sqlite:///tmp/a.db"), "sqlite:///tmp/a.db");
+    }
+
+    #[test]
+    fn recognises_backends() {
+        assert_eq!(backend("sqlite:a.db"), Ok(Backend::Sqlite));
+        assert_eq!(backend("postgresql://x/y"), Ok(Backend::Postgres));
+        assert!(backend("mysql://x").unwrap_err().contains("must start with"));
+    }
+}

@@ -1,0 +1,16 @@
+//! What every shop service shares, so each service crate holds only its
+//! domain: the process entry point (config parsing with exit code 64, logs,
+//! signals), database pools with migrations for SQLite and PostgreSQL, input
+//! validation of shared shapes, and time conversions.
+
+#![forbid(unsafe_code)]
+
+pub mod db;
+mod entry;
+pub mod time;
+pub mod validate;
+
+pub use entry::{ServiceConfig, service_main, shutdown_signal};
+
+/// Exit code for bad configuration (`EX_CONFIG`-style usage error, sysexits 64).
+pub const EXIT_BAD_CONFIG: u8 = 64;

@@ -1,0 +1,161 @@
+//! Validation of the shapes every contract shares. Each failure is an
+//! `INVALID_ARGUMENT` naming the field and the problem.
+
+use shop_api::common::v1::Money;
+use tonic::Status;
+
+/// Largest amount accepted in one operation, in minor units, so that sums
+/// of many operations stay far from `i64` overflow.
+pub const MAX_AMOUNT_MINOR: i64 = 1_000_000_000_000;
+
+/// Currencies the shop accepts (ISO 4217).
+pub const CURRENCIES: &[&str] = &[
+    "AUD", "BRL", "CAD", "CHF", "CNY", "CZK", "DKK", "EUR", "GBP", "HKD", "HUF", "INR", "JPY",
+    "KRW", "MXN", "NOK", "NZD", "PLN", "SEK", "SGD", "USD", "ZAR",
+];
+
+/// An `INVALID_ARGUMENT` status naming `field`.
+pub fn invalid(field: &str, problem: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {problem}"))
+}
+
+/// A UUID in canonical lower-case form.
+pub fn uuid(field: &str, value: &str) -> Result<String, Status> {
+    if value.is_empty() {
+        return Err(invalid(field, "is required"));
+    }
+    uuid::Uuid::parse_str(value)
+        .map(|u| u.to_string())
+        .map_err(|_| invalid(field, format!("{:?} is not a UUID", truncate(value))))
+}
+
+/// Free text of `min..=max` characters without control characters.
+pub fn text<'a>(field: &str, value: &'a str, min: usize, max: usize) -> Result<&'a str, Status> {
+    let len = value.chars().count();
+    if len == 0 && min > 0 {
+        return Err(invalid(field, "is required"));
+    }
+    if len < min || len > max {
+        return Err(invalid(
+            field,
+            format!("must be {min} to {max} characters, got {len}"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(field, "must not contain control characters"));
+    }
+    Ok(value)
+}
+
+/// A caller-chosen key: 1 to 128 printable ASCII characters.
+pub fn idempotency_key<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
+    if value.is_empty() {
+        return Err(invalid(field, "is required"));
+    }
+    if value.len() > 128 {
+        return Err(invalid(
+            field,
+            format!("must be at most 128 characters, got {}", value.len()),
+        ));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(field, "must be printable ASCII without spaces"));
+    }
+    Ok(value)
+}
+
+/// A known ISO 4217 currency code.
+pub fn currency(field: &str, code: &str) -> Result<&'static str, Status> {
+    if code.is_empty() {
+        return Err(invalid(field, "is required"));
+    }
+    CURRENCIES
+        .iter()
+        .find(|c| **c == code)
+        .copied()
+        .ok_or_else(|| {
+            invalid(
+                field,
+                format!(
+                    "{:?} is not a supported ISO 4217 currency code (supported: {})",
+                    truncate(code),
+                    CURRENCIES.join(", ")
+                ),
+            )
+        })
+}
+
+/// A positive amount of a known currency: `(currency, amount_minor)`.
+pub fn positive_money(field: &str, money: Option<&Money>) -> Result<(&'static str, i64), Status> {
+    let money = money.ok_or_else(|| invalid(field, "is required"))?;
+    let currency = currency(&format!("{field}.currency_code"), &money.currency_code)?;
+    let amount = money.amount_minor;
+    if amount <= 0 {
+        return Err(invalid(
+            &format!("{field}.amount_minor"),
+            format!("must be positive, got {amount}"),
+        ));
+    }
+    if amount > MAX_AMOUNT_MINOR {
+        return Err(invalid(
+            &format!("{field}.amount_minor"),
+            format!("must be at most {MAX_AMOUNT_MINOR}, got {amount}"),
+        ));
+    }
+    Ok((currency, amount))
+}
+
+/// A quantity of items: 1 to 10000.
+pub fn quantity(field: &str, value: i64) -> Result<i64, Status> {
+    if !(1..=10_000).contains(&value) {
+        return Err(invalid(field, format!("must be 1 to 10000, got {value}")));
+    }
+    Ok(value)
+}
+
+/// A page size: 1 to 100, 0 meaning the default of 50.
+pub fn page_size(field: &str, value: i32) -> Result<i64, Status> {
+    match value {
+        0 => Ok(50),
+        1..=100 => Ok(i64::from(value)),
+        _ => Err(invalid(field, format!("must be 0 to 100, got {value}"))),
+    }
+}
+
+/// Money as the contracts carry it.
+pub fn money(currency: &str, amount_minor: i64) -> Money {
+    Money {
+        currency_code: currency.to_owned(),
+        amount_minor,
+    }
+}
+
+fn truncate(value: &str) -> String {
+    value.chars().take(40).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_field_and_problem() {
+        let err = uuid("order_id", "nope").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(err.message(), "order_id: \"nope\" is not a UUID");
+        let err = positive_money("amount", Some(&money("USD", -5))).unwrap_err();
+        assert_eq!(err.message(), "amount.amount_minor: must be positive, got -5");
+        let err = positive_money("amount", Some(&money("XXX", 5))).unwrap_err();
+        assert!(err.message().starts_with("amount.currency_code: \"XXX\" is not a supported"));
+        assert_eq!(text("name", "", 1, 5).unwrap_err().message(), "name: is required");
+        assert!(text("name", "a\u{0}b", 1, 5).is_err());
+        assert_eq!(
+            text("name", "'; DROP TABLE x;--", 1, 200).unwrap(),
+            "'; DROP TABLE x;--"
+        );
+        assert!(idempotency_key("k", "has space").is_err());
+        assert_eq!(page_size("page_size", 0).unwrap(), 50);
+        assert!(page_size("page_size", 101).is_err());
+        assert!(quantity("q", 0).is_err());
+    }
+}

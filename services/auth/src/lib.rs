@@ -1,0 +1,114 @@
+//! The auth service: users with argon2id password hashes, and Ed25519-signed
+//! JWTs that the rest of the shop verifies.
+//!
+//! Signing keys live in the service's own database and are created on first
+//! start, so every replica pointing at the same database signs with the same
+//! key and any of them verifies any token.
+
+#![forbid(unsafe_code)]
+
+mod password;
+mod service;
+mod tokens;
+
+use std::{ffi::OsString, future::Future, net::SocketAddr, process::ExitCode, time::Duration};
+
+use clap::Parser;
+use mesh_client::server::{MeshServer, ServerConfig};
+use shop_api::auth::v1::auth_service_server::AuthServiceServer;
+use tokio::net::TcpListener;
+
+pub use service::AuthService;
+pub use tokens::{Claims, TokenError, TokenVerifier};
+
+/// Configuration of the auth service, from flags or environment.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "auth", about = "The shop's auth service")]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// `sqlite:PATH` or `postgres://USER:PASS@HOST/DB`.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite:auth.db")]
+    pub database_url: String,
+    /// The `iss` claim of issued tokens.
+    #[arg(long, env = "TOKEN_ISSUER", default_value = "mesh-shop-auth")]
+    pub issuer: String,
+    /// The `aud` claim of issued tokens.
+    #[arg(long, env = "TOKEN_AUDIENCE", default_value = "mesh-shop")]
+    pub audience: String,
+    /// Lifetime of issued tokens, in seconds (60 to 86400).
+    #[arg(long, env = "TOKEN_TTL_SECS", default_value_t = 3600)]
+    pub token_ttl_secs: u64,
+}
+
+impl shop_kit::ServiceConfig for Config {
+    fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Err(e) = shop_kit::db::backend(&self.database_url) {
+            problems.push(format!("--database-url: {e}"));
+        }
+        if !(60..=86_400).contains(&self.token_ttl_secs) {
+            problems.push(format!(
+                "--token-ttl-secs: must be 60 to 86400, got {}",
+                self.token_ttl_secs
+            ));
+        }
+        if self.issuer.is_empty() {
+            problems.push("--issuer: must not be empty".into());
+        }
+        if self.audience.is_empty() {
+            problems.push("--audience: must not be empty".into());
+        }
+        problems
+    }
+}
+
+/// Why the service stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Db(#[from] shop_kit::db::DbError),
+    /// Loading or creating the signing key failed.
+    #[error("signing keys: {0}")]
+    Keys(String),
+    /// The server failed.
+    #[error(transparent)]
+    Serve(#[from] mesh_client::MeshError),
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Runs the service on `listener` until `shutdown` completes, then drains.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let pool = shop_kit::db::connect(&config.database_url, &MIGRATOR).await?;
+    let service = AuthService::new(
+        pool,
+        config.issuer,
+        config.audience,
+        Duration::from_secs(config.token_ttl_secs),
+    )
+    .await?;
+    MeshServer::new(ServerConfig::default())
+        .descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+        .add_service(AuthServiceServer::new(service))
+        .serve(listener, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// The process entry point: `args` are the command line.
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    shop_kit::service_main("auth", args, |config: Config, listener, shutdown| {
+        run(config, listener, shutdown)
+    })
+}

@@ -1,0 +1,144 @@
+//! The orders service: orders placed by signed-in users, fulfilled by a saga
+//! over inventory and payments, every call through the mesh.
+//!
+//! The saga's next step is written to the orders database before the step
+//! runs, and every step is idempotent under a key derived from the order
+//! (the reservation id is the order id; the charge key is
+//! `order-<id>-charge`), so a step sent twice has one effect and a restart
+//! resumes where the order was.
+
+#![forbid(unsafe_code)]
+
+mod saga;
+mod service;
+mod store;
+
+use std::{ffi::OsString, future::Future, net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+use mesh_client::{
+    Mesh, MeshConfig,
+    server::{MeshServer, ServerConfig},
+};
+use shop_api::{
+    auth::v1::auth_service_client::AuthServiceClient,
+    inventory::v1::inventory_service_client::InventoryServiceClient,
+    orders::v1::orders_service_server::OrdersServiceServer,
+    payments::v1::payments_service_client::PaymentsServiceClient,
+};
+use tokio::net::TcpListener;
+
+pub use saga::Saga;
+pub use service::OrdersService;
+
+/// Configuration of the orders service, from flags or environment.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "orders", about = "The shop's orders service")]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:50054")]
+    pub listen: SocketAddr,
+    /// `sqlite:PATH` or `postgres://USER:PASS@HOST/DB`.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite:orders.db")]
+    pub database_url: String,
+    /// Where the auth service is, as a mesh target.
+    #[arg(long, env = "AUTH_TARGET", default_value = "static:///127.0.0.1:50051")]
+    pub auth_target: String,
+    /// Where the inventory service is, as a mesh target.
+    #[arg(long, env = "INVENTORY_TARGET", default_value = "static:///127.0.0.1:50052")]
+    pub inventory_target: String,
+    /// Where the payments service is, as a mesh target.
+    #[arg(long, env = "PAYMENTS_TARGET", default_value = "static:///127.0.0.1:50053")]
+    pub payments_target: String,
+    /// Mesh policy file (JSON); built-in defaults when absent.
+    #[arg(long, env = "MESH_CONFIG")]
+    pub mesh_config: Option<PathBuf>,
+}
+
+impl Config {
+    fn mesh(&self) -> Result<MeshConfig, String> {
+        match &self.mesh_config {
+            None => Ok(MeshConfig::default()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--mesh-config: cannot read {}: {e}", path.display()))?;
+                MeshConfig::from_json(&text)
+                    .map_err(|e| format!("--mesh-config: {}: {e}", path.display()))
+            }
+        }
+    }
+}
+
+impl shop_kit::ServiceConfig for Config {
+    fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Err(e) = shop_kit::db::backend(&self.database_url) {
+            problems.push(format!("--database-url: {e}"));
+        }
+        for (flag, target) in [
+            ("--auth-target", &self.auth_target),
+            ("--inventory-target", &self.inventory_target),
+            ("--payments-target", &self.payments_target),
+        ] {
+            if let Err(e) = target.parse::<mesh_client::Target>() {
+                problems.push(format!("{flag}: {e}"));
+            }
+        }
+        if let Err(e) = self.mesh() {
+            problems.push(e);
+        }
+        problems
+    }
+}
+
+/// Why the service stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Db(#[from] shop_kit::db::DbError),
+    /// The mesh config or a target is invalid, or the server failed.
+    #[error(transparent)]
+    Mesh(#[from] mesh_client::MeshError),
+    /// The configuration is invalid.
+    #[error("{0}")]
+    Config(String),
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Runs the service on `listener` until `shutdown` completes, then drains.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let pool = shop_kit::db::connect(&config.database_url, &MIGRATOR).await?;
+    let mesh = Mesh::new(config.mesh().map_err(Error::Config)?);
+    let auth = AuthServiceClient::new(mesh.channel(&config.auth_target)?);
+    let inventory = InventoryServiceClient::new(mesh.channel(&config.inventory_target)?);
+    let payments = PaymentsServiceClient::new(mesh.channel(&config.payments_target)?);
+
+    let server = MeshServer::new(ServerConfig::default());
+    let saga = Saga::new(pool.clone(), inventory.clone(), payments.clone());
+    let recovery = tokio::spawn(saga.clone().recover_forever(server.draining()));
+    let service = OrdersService::new(pool, saga, auth, inventory, payments, server.draining());
+    server
+        .descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+        .add_service(OrdersServiceServer::new(service))
+        .serve(listener, shutdown)
+        .await?;
+    recovery.abort();
+    Ok(())
+}
+
+/// The process entry point: `args` are the command line.
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    shop_kit::service_main("orders", args, |config: Config, listener, shutdown| {
+        run(config, listener, shutdown)
+    })
+}

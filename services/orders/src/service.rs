@@ -1,0 +1,375 @@
+use std::{collections::HashSet, pin::Pin, time::Duration};
+
+use futures::Stream;
+use mesh_client::MeshChannel;
+use shop_api::{
+    auth::v1::{VerifyTokenRequest, auth_service_client::AuthServiceClient},
+    inventory::v1::{GetProductRequest, inventory_service_client::InventoryServiceClient},
+    orders::v1::{
+        GetOrderRequest, ListOrdersRequest, ListOrdersResponse, Order, OrderItem, OrderStatus,
+        PlaceOrderRequest, WatchOrderRequest, orders_service_server,
+    },
+    payments::v1::{GetAccountRequest, payments_service_client::PaymentsServiceClient},
+};
+use shop_kit::{db, validate};
+use sqlx::AnyPool;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
+
+use crate::{
+    Saga,
+    store::{self, NewOrder},
+};
+
+/// The orders service's gRPC implementation.
+#[derive(Clone)]
+pub struct OrdersService {
+    pool: AnyPool,
+    saga: Saga,
+    auth: AuthServiceClient<MeshChannel>,
+    inventory: InventoryServiceClient<MeshChannel>,
+    payments: PaymentsServiceClient<MeshChannel>,
+    draining: CancellationToken,
+}
+
+/// How often a watch re-reads the order, to see changes made by another
+/// replica's saga driver.
+const WATCH_POLL: Duration = Duration::from_secs(1);
+
+/// A callee's answer as this service's answer: the callee's own words for
+/// caller mistakes, `UNAVAILABLE` naming the callee for outages.
+fn callee_status(callee: &str, status: Status) -> Status {
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => {
+            Status::unavailable(format!("{callee} is unavailable: {}", status.message()))
+        }
+        Code::Unknown | Code::Internal | Code::DataLoss | Code::Unimplemented => {
+            tracing::error!("{callee} failed: {status}");
+            Status::internal("internal error")
+        }
+        _ => status,
+    }
+}
+
+impl OrdersService {
+    /// The service; `draining` ends watch streams when the server drains.
+    pub fn new(
+        pool: AnyPool,
+        saga: Saga,
+        auth: AuthServiceClient<MeshChannel>,
+        inventory: InventoryServiceClient<MeshChannel>,
+        payments: PaymentsServiceClient<MeshChannel>,
+        draining: CancellationToken,
+    ) -> Self {
+        Self {
+            pool,
+            saga,
+            auth,
+            inventory,
+            payments,
+            draining,
+        }
+    }
+
+    /// The user id of the request's bearer token, verified by auth.
+    async fn user(&self, metadata: &MetadataMap) -> Result<String, Status> {
+        let value = metadata.get("authorization").ok_or_else(|| {
+            Status::unauthenticated(
+                "missing authorization metadata; send `authorization: Bearer <token>` with a token from auth Login",
+            )
+        })?;
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                Status::unauthenticated("authorization metadata must be `Bearer <token>`")
+            })?;
+        let verified = self
+            .auth
+            .clone()
+            .verify_token(VerifyTokenRequest {
+                token: token.to_owned(),
+            })
+            .await
+            .map_err(|status| match status.code() {
+                Code::Unauthenticated | Code::InvalidArgument => {
+                    Status::unauthenticated(status.message().to_owned())
+                }
+                _ => callee_status("auth", status),
+            })?;
+        Ok(verified.into_inner().subject)
+    }
+
+    async fn owned_order(&self, user_id: &str, order_id: &str) -> Result<Order, Status> {
+        match store::load(&self.pool, order_id).await.map_err(db::status)? {
+            // Another user's order is reported missing, not forbidden: ids are not to be probed.
+            Some(stored) if stored.order.user_id == user_id => Ok(stored.order),
+            _ => Err(Status::not_found(format!("order {order_id} does not exist"))),
+        }
+    }
+}
+
+fn is_final(order: &Order) -> bool {
+    matches!(order.status(), OrderStatus::Confirmed | OrderStatus::Cancelled)
+}
+
+fn encode_cursor(order: &Order) -> String {
+    let millis = order
+        .created_at
+        .as_ref()
+        .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+        .unwrap_or_default();
+    format!("{millis}.{}", order.order_id)
+}
+
+fn decode_cursor(token: &str) -> Result<Option<(i64, String)>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || validate::invalid("page_token", "is not a token from a previous response");
+    let (millis, id) = token.split_once('.').ok_or_else(bad)?;
+    let millis = millis.parse().map_err(|_| bad())?;
+    let id = validate::uuid("page_token", id).map_err(|_| bad())?;
+    Ok(Some((millis, id)))
+}
+
+type OrderStream = Pin<Box<dyn Stream<Item = Result<Order, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl orders_service_server::OrdersService for OrdersService {
+    async fn place_order(&self, request: Request<PlaceOrderRequest>) -> Result<Response<Order>, Status> {
+        let user_id = self.user(request.metadata()).await?;
+        let req = request.into_inner();
+        if req.items.is_empty() {
+            return Err(validate::invalid("items", "must hold at least one item"));
+        }
+        if req.items.len() > 50 {
+            return Err(validate::invalid(
+                "items",
+                format!("must hold at most 50 items, got {}", req.items.len()),
+            ));
+        }
+        let mut seen = HashSet::new();
+        let mut wanted = Vec::with_capacity(req.items.len());
+        for (i, item) in req.items.iter().enumerate() {
+            let id = validate::uuid(&format!("items[{i}].product_id"), &item.product_id)?;
+            let quantity = validate::quantity(&format!("items[{i}].quantity"), item.quantity)?;
+            if !seen.insert(id.clone()) {
+                return Err(validate::invalid(
+                    &format!("items[{i}].product_id"),
+                    format!("product {id} is listed twice; combine the quantities"),
+                ));
+            }
+            wanted.push((i, id, quantity));
+        }
+        let account_id = validate::uuid("payment_account_id", &req.payment_account_id)?;
+        let key = validate::idempotency_key("idempotency_key", &req.idempotency_key)?;
+        wanted.sort_by(|a, b| a.1.cmp(&b.1));
+        let digest = std::iter::once(account_id.clone())
+            .chain(wanted.iter().map(|(_, id, q)| format!("{id}x{q}")))
+            .collect::<Vec<_>>()
+            .join(",");
+
+        let repeat = |stored: store::StoredOrder| {
+            if stored.request_digest == digest {
+                Ok(Response::new(stored.order))
+            } else {
+                Err(Status::already_exists(format!(
+                    "idempotency_key {key:?} was already used for a different order ({}); use a new key",
+                    stored.order.order_id
+                )))
+            }
+        };
+        if let Some(stored) = store::find_by_key(&self.pool, &user_id, key).await.map_err(db::status)? {
+            return repeat(stored);
+        }
+
+        // Price every item now; the order keeps the prices it was placed at.
+        let lookups = wanted.iter().map(|(i, id, _)| {
+            let mut inventory = self.inventory.clone();
+            let (i, id) = (*i, id.clone());
+            async move {
+                inventory
+                    .get_product(GetProductRequest { product_id: id.clone() })
+                    .await
+                    .map(Response::into_inner)
+                    .map_err(|status| match status.code() {
+                        Code::NotFound => Status::not_found(format!(
+                            "items[{i}].product_id: product {id} does not exist"
+                        )),
+                        _ => callee_status("inventory", status),
+                    })
+            }
+        });
+        let products = futures::future::try_join_all(lookups).await?;
+        let mut items = Vec::with_capacity(products.len());
+        let mut total: i64 = 0;
+        let mut currency = String::new();
+        for ((i, id, quantity), product) in wanted.iter().zip(products) {
+            let price = product.price.unwrap_or_default();
+            if currency.is_empty() {
+                currency = price.currency_code.clone();
+            } else if currency != price.currency_code {
+                return Err(validate::invalid(
+                    &format!("items[{i}].product_id"),
+                    format!(
+                        "product {id} is priced in {}, other items in {currency}; one order takes one currency",
+                        price.currency_code
+                    ),
+                ));
+            }
+            total = price
+                .amount_minor
+                .checked_mul(*quantity)
+                .and_then(|line| total.checked_add(line))
+                .filter(|t| *t <= validate::MAX_AMOUNT_MINOR)
+                .ok_or_else(|| validate::invalid("items", "the order total is too large"))?;
+            items.push(OrderItem {
+                product_id: id.clone(),
+                quantity: *quantity,
+                unit_price: Some(price),
+            });
+        }
+
+        let account = self
+            .payments
+            .clone()
+            .get_account(GetAccountRequest { account_id: account_id.clone() })
+            .await
+            .map_err(|status| match status.code() {
+                Code::NotFound => Status::not_found(format!(
+                    "payment_account_id: account {account_id} does not exist"
+                )),
+                _ => callee_status("payments", status),
+            })?
+            .into_inner();
+        let account_currency = account.balance.map(|b| b.currency_code).unwrap_or_default();
+        if account_currency != currency {
+            return Err(Status::failed_precondition(format!(
+                "payment_account_id: account {account_id} holds {account_currency} but the items are priced in {currency}"
+            )));
+        }
+
+        let new = NewOrder {
+            user_id: &user_id,
+            idempotency_key: key,
+            request_digest: &digest,
+            payment_account_id: &account_id,
+            currency: &currency,
+            total,
+            items: &items,
+        };
+        let Some(order_id) = store::insert(&self.pool, new).await.map_err(db::status)? else {
+            // A concurrent request with the same key won the insert.
+            let stored = store::find_by_key(&self.pool, &user_id, key)
+                .await
+                .map_err(db::status)?
+                .ok_or_else(|| Status::aborted("concurrent order placement; retry"))?;
+            return repeat(stored);
+        };
+        let stored = store::load(&self.pool, &order_id)
+            .await
+            .map_err(db::status)?
+            .ok_or_else(|| Status::internal("internal error"))?;
+        tracing::info!(%order_id, %user_id, total, %currency, "order placed");
+        self.saga.start(order_id);
+        Ok(Response::new(stored.order))
+    }
+
+    async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
+        let user_id = self.user(request.metadata()).await?;
+        let order_id = validate::uuid("order_id", &request.get_ref().order_id)?;
+        self.owned_order(&user_id, &order_id).await.map(Response::new)
+    }
+
+    async fn list_orders(
+        &self,
+        request: Request<ListOrdersRequest>,
+    ) -> Result<Response<ListOrdersResponse>, Status> {
+        let user_id = self.user(request.metadata()).await?;
+        let req = request.into_inner();
+        let limit = validate::page_size("page_size", req.page_size)?;
+        let after = decode_cursor(&req.page_token)?;
+        let mut orders: Vec<Order> = store::list(&self.pool, &user_id, after, limit + 1)
+            .await
+            .map_err(db::status)?
+            .into_iter()
+            .map(|s| s.order)
+            .collect();
+        let next_page_token = if orders.len() as i64 > limit {
+            orders.truncate(limit as usize);
+            orders.last().map(encode_cursor).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListOrdersResponse {
+            orders,
+            next_page_token,
+        }))
+    }
+
+    type WatchOrderStream = OrderStream;
+
+    async fn watch_order(
+        &self,
+        request: Request<WatchOrderRequest>,
+    ) -> Result<Response<Self::WatchOrderStream>, Status> {
+        let user_id = self.user(request.metadata()).await?;
+        let order_id = validate::uuid("order_id", &request.get_ref().order_id)?;
+        // Subscribe before reading so no change falls between the two.
+        let mut events = self.saga.subscribe();
+        let first = self.owned_order(&user_id, &order_id).await?;
+        let this = self.clone();
+        let stream = async_stream(move |tx| async move {
+            let mut last = first.clone();
+            if tx.send(Ok(first)).await.is_err() || is_final(&last) {
+                return;
+            }
+            let mut poll = tokio::time::interval(WATCH_POLL);
+            loop {
+                let next = tokio::select! {
+                    _ = this.draining.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable(
+                            "server is shutting down; watch again to continue",
+                        ))).await;
+                        return;
+                    }
+                    _ = tx.closed() => return,
+                    event = events.recv() => match event {
+                        Ok(order) if order.order_id == order_id => Some(order),
+                        Ok(_) => None,
+                        Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
+                            this.owned_order(&user_id, &order_id).await.ok()
+                        }
+                    },
+                    _ = poll.tick() => this.owned_order(&user_id, &order_id).await.ok(),
+                };
+                let Some(order) = next else { continue };
+                if order.status == last.status && order.saga_step == last.saga_step {
+                    continue;
+                }
+                last = order.clone();
+                if tx.send(Ok(order)).await.is_err() || is_final(&last) {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A stream fed by a task through a small channel; the task ends when the
+/// receiver is dropped (the client went away).
+fn async_stream<F, Fut>(body: F) -> OrderStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Order, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

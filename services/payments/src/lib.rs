@@ -1,0 +1,78 @@
+//! The payments service: customer accounts, a double-entry ledger, and
+//! idempotent charges and refunds.
+
+#![forbid(unsafe_code)]
+
+mod ledger;
+mod service;
+
+use std::{ffi::OsString, future::Future, net::SocketAddr, process::ExitCode};
+
+use clap::Parser;
+use mesh_client::server::{MeshServer, ServerConfig};
+use shop_api::payments::v1::payments_service_server::PaymentsServiceServer;
+use tokio::net::TcpListener;
+
+pub use ledger::{LedgerCheck, check_ledger};
+pub use service::PaymentsService;
+
+/// Configuration of the payments service, from flags or environment.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "payments", about = "The shop's payments service")]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:50053")]
+    pub listen: SocketAddr,
+    /// `sqlite:PATH` or `postgres://USER:PASS@HOST/DB`.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite:payments.db")]
+    pub database_url: String,
+}
+
+impl shop_kit::ServiceConfig for Config {
+    fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    fn problems(&self) -> Vec<String> {
+        shop_kit::db::backend(&self.database_url)
+            .err()
+            .map(|e| format!("--database-url: {e}"))
+            .into_iter()
+            .collect()
+    }
+}
+
+/// Why the service stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Db(#[from] shop_kit::db::DbError),
+    /// The server failed.
+    #[error(transparent)]
+    Serve(#[from] mesh_client::MeshError),
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Runs the service on `listener` until `shutdown` completes, then drains.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let pool = shop_kit::db::connect(&config.database_url, &MIGRATOR).await?;
+    MeshServer::new(ServerConfig::default())
+        .descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+        .add_service(PaymentsServiceServer::new(PaymentsService::new(pool)))
+        .serve(listener, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// The process entry point: `args` are the command line.
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    shop_kit::service_main("payments", args, |config: Config, listener, shutdown| {
+        run(config, listener, shutdown)
+    })
+}
