@@ -14,7 +14,8 @@
 
 /// The encoded `google.protobuf.FileDescriptorSet` of every shop contract,
 /// including the well-known types they import.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/shop_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/shop_descriptor.bin"));
 
 /// Types shared by several contracts (`mesh.common.v1`).
 pub mod common {

@@ -103,9 +103,10 @@ impl std::fmt::Debug for MeshChannel {
 impl Service<http::Request<Body>> for MeshChannel {
     type Response = http::Response<Body>;
     type Error = BoxError;
-    type Future = <BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError> as Service<
-        http::Request<Body>,
-    >>::Future;
+    type Future =
+        <BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError> as Service<
+            http::Request<Body>,
+        >>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

@@ -131,7 +131,9 @@ pub(crate) mod duration_str {
         } else if let Some(n) = text.strip_suffix('m') {
             (n, 60.0)
         } else {
-            return Err(format!("{text:?} has no unit; write e.g. \"1.5s\" or \"250ms\""));
+            return Err(format!(
+                "{text:?} has no unit; write e.g. \"1.5s\" or \"250ms\""
+            ));
         };
         let value: f64 = number
             .parse()
@@ -178,7 +180,10 @@ mod tests {
     #[test]
     fn names_the_bad_field() {
         let err = MeshConfig::from_json(r#"{"targets":{"inv":{"timeout":"0s"}}}"#).unwrap_err();
-        assert!(err.to_string().contains("targets[\"inv\"].timeout"), "{err}");
+        assert!(
+            err.to_string().contains("targets[\"inv\"].timeout"),
+            "{err}"
+        );
         let err = MeshConfig::from_json(r#"{"defaultTimout":"1s"}"#).unwrap_err();
         assert!(err.to_string().contains("defaultTimout"), "{err}");
         let err = MeshConfig::from_json(r#"{"defaultTimeout":"10"}"#).unwrap_err();

@@ -49,9 +49,8 @@ impl FromStr for Target {
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .map(|s| {
-                s.parse::<SocketAddr>().map_err(|_| {
-                    invalid(format!("{s:?} is not an IP:port socket address"))
-                })
+                s.parse::<SocketAddr>()
+                    .map_err(|_| invalid(format!("{s:?} is not an IP:port socket address")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         if addrs.is_empty() {
@@ -96,7 +95,10 @@ mod tests {
     fn rejects_bad_targets_with_reason() {
         let err = "dns:///x".parse::<Target>().unwrap_err().to_string();
         assert!(err.contains("unsupported scheme"), "{err}");
-        let err = "static:///localhost:1".parse::<Target>().unwrap_err().to_string();
+        let err = "static:///localhost:1"
+            .parse::<Target>()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("\"localhost:1\" is not an IP:port"), "{err}");
         let err = "static:///".parse::<Target>().unwrap_err().to_string();
         assert!(err.contains("names no endpoint"), "{err}");

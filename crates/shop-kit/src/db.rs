@@ -144,13 +144,14 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
 fn sqlite_url(url: &str) -> Result<String, DbError> {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
     let path = rest.split('?').next().unwrap_or_default();
-    if !path.is_empty() && path != ":memory:" {
-        if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
-                path: dir.display().to_string(),
-                source,
-            })?;
-        }
+    let dir = Path::new(path)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && path != ":memory:");
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
     }
     Ok(if url.contains("mode=") {
         url.to_owned()
@@ -212,6 +213,10 @@ mod tests {
     fn recognises_backends() {
         assert_eq!(backend("sqlite:a.db"), Ok(Backend::Sqlite));
         assert_eq!(backend("postgresql://x/y"), Ok(Backend::Postgres));
-        assert!(backend("mysql://x").unwrap_err().contains("must start with"));
+        assert!(
+            backend("mysql://x")
+                .unwrap_err()
+                .contains("must start with")
+        );
     }
 }

@@ -144,10 +144,19 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert_eq!(err.message(), "order_id: \"nope\" is not a UUID");
         let err = positive_money("amount", Some(&money("USD", -5))).unwrap_err();
-        assert_eq!(err.message(), "amount.amount_minor: must be positive, got -5");
+        assert_eq!(
+            err.message(),
+            "amount.amount_minor: must be positive, got -5"
+        );
         let err = positive_money("amount", Some(&money("XXX", 5))).unwrap_err();
-        assert!(err.message().starts_with("amount.currency_code: \"XXX\" is not a supported"));
-        assert_eq!(text("name", "", 1, 5).unwrap_err().message(), "name: is required");
+        assert!(
+            err.message()
+                .starts_with("amount.currency_code: \"XXX\" is not a supported")
+        );
+        assert_eq!(
+            text("name", "", 1, 5).unwrap_err().message(),
+            "name: is required"
+        );
         assert!(text("name", "a\u{0}b", 1, 5).is_err());
         assert_eq!(
             text("name", "'; DROP TABLE x;--", 1, 200).unwrap(),

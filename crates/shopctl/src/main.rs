@@ -102,7 +102,9 @@ fn serve(service: &str, args: Vec<OsString>) -> ExitCode {
         "payments" => payments::main(argv),
         "orders" => orders::main(argv),
         other => {
-            eprintln!("shopctl serve: unknown service {other:?}; expected auth, inventory, payments or orders");
+            eprintln!(
+                "shopctl serve: unknown service {other:?}; expected auth, inventory, payments or orders"
+            );
             ExitCode::from(64)
         }
     }
@@ -184,7 +186,9 @@ fn spawn_prefixed(name: &str, mut cmd: Command) -> anyhow::Result<Child> {
 
 /// Polls `grpc.health.v1.Health/Check` until the server answers SERVING.
 async fn wait_serving(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     let start = Instant::now();
     let mut last_error = String::from("no answer yet");
     while start.elapsed() < limit {
@@ -194,7 +198,9 @@ async fn wait_serving(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
             .await
         {
             match HealthClient::new(channel)
-                .check(HealthCheckRequest { service: String::new() })
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
                 .await
             {
                 Ok(resp) if resp.get_ref().status() == ServingStatus::Serving => return Ok(()),
@@ -267,7 +273,8 @@ fn stop_all(children: &mut [(&str, Child)]) {
 
 fn print_banner(endpoints: &Endpoints, path: &Path) {
     let at = |name: &str| endpoints.services[name].address.clone();
-    let (auth, inventory, payments, orders) = (at("auth"), at("inventory"), at("payments"), at("orders"));
+    let (auth, inventory, payments, orders) =
+        (at("auth"), at("inventory"), at("payments"), at("orders"));
     println!(
         r#"
 The shop is running (plaintext, SQLite). Ctrl-C stops it; data is kept.

@@ -84,12 +84,18 @@ impl AuthService {
                 }
                 *last = tokio::time::Instant::now();
                 let inner = &self.inner;
-                let keys = load_keys(&inner.pool, &inner.issuer, &inner.audience, inner.ttl, false)
-                    .await
-                    .map_err(|e| {
-                        tracing::warn!("reloading signing keys failed: {e}");
-                        TokenError::UnknownKey
-                    })?;
+                let keys = load_keys(
+                    &inner.pool,
+                    &inner.issuer,
+                    &inner.audience,
+                    inner.ttl,
+                    false,
+                )
+                .await
+                .map_err(|e| {
+                    tracing::warn!("reloading signing keys failed: {e}");
+                    TokenError::UnknownKey
+                })?;
                 let keys = Arc::new(keys);
                 *inner.keys.write().expect("key lock poisoned") = keys.clone();
                 keys.verifier.verify(token)
@@ -242,7 +248,10 @@ impl auth_service_server::AuthService for AuthService {
         }
     }
 
-    async fn login(&self, request: Request<LoginRequest>) -> Result<Response<LoginResponse>, Status> {
+    async fn login(
+        &self,
+        request: Request<LoginRequest>,
+    ) -> Result<Response<LoginResponse>, Status> {
         let req = request.into_inner();
         if req.username.is_empty() {
             return Err(validate::invalid("username", "is required"));
@@ -261,7 +270,8 @@ impl auth_service_server::AuthService for AuthService {
         let (user_id, hash) = match row {
             Some(row) => (
                 Some(row.try_get::<String, _>("user_id").map_err(db::status)?),
-                row.try_get::<String, _>("password_hash").map_err(db::status)?,
+                row.try_get::<String, _>("password_hash")
+                    .map_err(db::status)?,
             ),
             None => (None, self.inner.dummy_hash.clone()),
         };

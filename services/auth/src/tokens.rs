@@ -164,19 +164,35 @@ mod tests {
     #[test]
     fn verifies_own_tokens_and_refuses_tampering() {
         let (key, _) = SigningKey::generate().unwrap();
-        let verifier = TokenVerifier::new("iss", "aud", [(key.kid.as_str(), key.x.as_str())]).unwrap();
+        let verifier =
+            TokenVerifier::new("iss", "aud", [(key.kid.as_str(), key.x.as_str())]).unwrap();
         let token = key.sign(&claims(60)).unwrap();
         assert_eq!(verifier.verify(&token).unwrap().sub, "u1");
 
         let expired = key.sign(&claims(-120)).unwrap();
-        assert!(matches!(verifier.verify(&expired), Err(TokenError::Invalid(_))));
+        assert!(matches!(
+            verifier.verify(&expired),
+            Err(TokenError::Invalid(_))
+        ));
 
-        let other = TokenVerifier::new("iss", "other", [(key.kid.as_str(), key.x.as_str())]).unwrap();
+        let other =
+            TokenVerifier::new("iss", "other", [(key.kid.as_str(), key.x.as_str())]).unwrap();
         assert!(matches!(other.verify(&token), Err(TokenError::Invalid(_))));
 
         let (stranger, _) = SigningKey::generate().unwrap();
-        let forged = SigningKey { kid: key.kid.clone(), ..stranger }.sign(&claims(60)).unwrap();
-        assert!(matches!(verifier.verify(&forged), Err(TokenError::Invalid(_))));
-        assert!(matches!(verifier.verify("a.b.c"), Err(TokenError::Malformed)));
+        let forged = SigningKey {
+            kid: key.kid.clone(),
+            ..stranger
+        }
+        .sign(&claims(60))
+        .unwrap();
+        assert!(matches!(
+            verifier.verify(&forged),
+            Err(TokenError::Invalid(_))
+        ));
+        assert!(matches!(
+            verifier.verify("a.b.c"),
+            Err(TokenError::Malformed)
+        ));
     }
 }

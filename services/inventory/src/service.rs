@@ -123,7 +123,9 @@ impl InventoryService {
         .map_err(db::status)?;
         match row {
             Some(row) => product_from_row(&row).map_err(db::status),
-            None => Err(Status::not_found(format!("product {product_id} does not exist"))),
+            None => Err(Status::not_found(format!(
+                "product {product_id} does not exist"
+            ))),
         }
     }
 
@@ -394,7 +396,10 @@ impl inventory_service_server::InventoryService for InventoryService {
         if req.delta == 0 || req.delta.abs() > 1_000_000_000 {
             return Err(validate::invalid(
                 "delta",
-                format!("must be non-zero and at most 1000000000 in size, got {}", req.delta),
+                format!(
+                    "must be non-zero and at most 1000000000 in size, got {}",
+                    req.delta
+                ),
             ));
         }
         let updated = sqlx::query(

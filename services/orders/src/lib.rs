@@ -45,10 +45,18 @@ pub struct Config {
     #[arg(long, env = "AUTH_TARGET", default_value = "static:///127.0.0.1:50051")]
     pub auth_target: String,
     /// Where the inventory service is, as a mesh target.
-    #[arg(long, env = "INVENTORY_TARGET", default_value = "static:///127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "INVENTORY_TARGET",
+        default_value = "static:///127.0.0.1:50052"
+    )]
     pub inventory_target: String,
     /// Where the payments service is, as a mesh target.
-    #[arg(long, env = "PAYMENTS_TARGET", default_value = "static:///127.0.0.1:50053")]
+    #[arg(
+        long,
+        env = "PAYMENTS_TARGET",
+        default_value = "static:///127.0.0.1:50053"
+    )]
     pub payments_target: String,
     /// Mesh policy file (JSON); built-in defaults when absent.
     #[arg(long, env = "MESH_CONFIG")]

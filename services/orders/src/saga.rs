@@ -20,11 +20,13 @@ use std::{
 use mesh_client::MeshChannel;
 use shop_api::{
     inventory::v1::{
-        LineItem, ReleaseReservationRequest, ReserveStockRequest, CommitReservationRequest,
+        CommitReservationRequest, LineItem, ReleaseReservationRequest, ReserveStockRequest,
         inventory_service_client::InventoryServiceClient,
     },
     orders::v1::{Order, OrderStatus},
-    payments::v1::{ChargeRequest, RefundRequest, payments_service_client::PaymentsServiceClient},
+    payments::v1::{
+        CreateChargeRequest, RefundChargeRequest, payments_service_client::PaymentsServiceClient,
+    },
 };
 use sqlx::AnyPool;
 use tokio::sync::broadcast;
@@ -99,7 +101,12 @@ impl Saga {
 
     /// Drives `order_id` to CONFIRMED or CANCELLED in the background.
     pub fn start(&self, order_id: String) {
-        if !self.running.lock().expect("saga lock poisoned").insert(order_id.clone()) {
+        if !self
+            .running
+            .lock()
+            .expect("saga lock poisoned")
+            .insert(order_id.clone())
+        {
             return;
         }
         let saga = self.clone();
@@ -107,7 +114,10 @@ impl Saga {
             if let Err(e) = saga.drive(&order_id).await {
                 tracing::warn!(%order_id, "saga paused, the recovery sweep resumes it: {e}");
             }
-            saga.running.lock().expect("saga lock poisoned").remove(&order_id);
+            saga.running
+                .lock()
+                .expect("saga lock poisoned")
+                .remove(&order_id);
         });
     }
 
@@ -167,7 +177,9 @@ impl Saga {
                     Step::Refund => (Step::Release, OrderStatus::Pending, None),
                     Step::Release | Step::Done => (Step::Done, OrderStatus::Cancelled, None),
                 },
-                Ok(Outcome::Failed(reason)) => (compensation_for(step), OrderStatus::Pending, Some(reason)),
+                Ok(Outcome::Failed(reason)) => {
+                    (compensation_for(step), OrderStatus::Pending, Some(reason))
+                }
                 Err(status) => {
                     attempts += 1;
                     let forward = matches!(step, Step::Reserve | Step::Charge | Step::Commit);
@@ -221,7 +233,7 @@ impl Saga {
             Step::Charge => self
                 .payments
                 .clone()
-                .charge(ChargeRequest {
+                .create_charge(CreateChargeRequest {
                     account_id: order.payment_account_id.clone(),
                     amount: order.total.clone(),
                     idempotency_key: charge_key(&order_id),
@@ -240,7 +252,7 @@ impl Saga {
             Step::Refund => self
                 .payments
                 .clone()
-                .refund(RefundRequest {
+                .refund_charge(RefundChargeRequest {
                     charge_idempotency_key: charge_key(&order_id),
                 })
                 .await

@@ -82,7 +82,10 @@ impl OrdersService {
         let token = value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| {
@@ -105,16 +108,24 @@ impl OrdersService {
     }
 
     async fn owned_order(&self, user_id: &str, order_id: &str) -> Result<Order, Status> {
-        match store::load(&self.pool, order_id).await.map_err(db::status)? {
+        match store::load(&self.pool, order_id)
+            .await
+            .map_err(db::status)?
+        {
             // Another user's order is reported missing, not forbidden: ids are not to be probed.
             Some(stored) if stored.order.user_id == user_id => Ok(stored.order),
-            _ => Err(Status::not_found(format!("order {order_id} does not exist"))),
+            _ => Err(Status::not_found(format!(
+                "order {order_id} does not exist"
+            ))),
         }
     }
 }
 
 fn is_final(order: &Order) -> bool {
-    matches!(order.status(), OrderStatus::Confirmed | OrderStatus::Cancelled)
+    matches!(
+        order.status(),
+        OrderStatus::Confirmed | OrderStatus::Cancelled
+    )
 }
 
 fn encode_cursor(order: &Order) -> String {
@@ -141,7 +152,10 @@ type OrderStream = Pin<Box<dyn Stream<Item = Result<Order, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl orders_service_server::OrdersService for OrdersService {
-    async fn place_order(&self, request: Request<PlaceOrderRequest>) -> Result<Response<Order>, Status> {
+    async fn place_order(
+        &self,
+        request: Request<PlaceOrderRequest>,
+    ) -> Result<Response<Order>, Status> {
         let user_id = self.user(request.metadata()).await?;
         let req = request.into_inner();
         if req.items.is_empty() {
@@ -184,7 +198,10 @@ impl orders_service_server::OrdersService for OrdersService {
                 )))
             }
         };
-        if let Some(stored) = store::find_by_key(&self.pool, &user_id, key).await.map_err(db::status)? {
+        if let Some(stored) = store::find_by_key(&self.pool, &user_id, key)
+            .await
+            .map_err(db::status)?
+        {
             return repeat(stored);
         }
 
@@ -194,7 +211,9 @@ impl orders_service_server::OrdersService for OrdersService {
             let (i, id) = (*i, id.clone());
             async move {
                 inventory
-                    .get_product(GetProductRequest { product_id: id.clone() })
+                    .get_product(GetProductRequest {
+                        product_id: id.clone(),
+                    })
                     .await
                     .map(Response::into_inner)
                     .map_err(|status| match status.code() {
@@ -238,7 +257,9 @@ impl orders_service_server::OrdersService for OrdersService {
         let account = self
             .payments
             .clone()
-            .get_account(GetAccountRequest { account_id: account_id.clone() })
+            .get_account(GetAccountRequest {
+                account_id: account_id.clone(),
+            })
             .await
             .map_err(|status| match status.code() {
                 Code::NotFound => Status::not_found(format!(
@@ -280,10 +301,15 @@ impl orders_service_server::OrdersService for OrdersService {
         Ok(Response::new(stored.order))
     }
 
-    async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
+    async fn get_order(
+        &self,
+        request: Request<GetOrderRequest>,
+    ) -> Result<Response<Order>, Status> {
         let user_id = self.user(request.metadata()).await?;
         let order_id = validate::uuid("order_id", &request.get_ref().order_id)?;
-        self.owned_order(&user_id, &order_id).await.map(Response::new)
+        self.owned_order(&user_id, &order_id)
+            .await
+            .map(Response::new)
     }
 
     async fn list_orders(

@@ -129,7 +129,10 @@ async fn items_of(pool: &AnyPool, order_id: &str) -> Result<Vec<OrderItem>, sqlx
 
 /// Inserts a new order whose saga starts at [`Step::Reserve`]; `Ok(None)`
 /// if the user already placed one with this idempotency key.
-pub(crate) async fn insert(pool: &AnyPool, new: NewOrder<'_>) -> Result<Option<String>, sqlx::Error> {
+pub(crate) async fn insert(
+    pool: &AnyPool,
+    new: NewOrder<'_>,
+) -> Result<Option<String>, sqlx::Error> {
     let order_id = uuid::Uuid::new_v4().to_string();
     let now = time::now_millis();
     let mut tx = pool.begin().await?;
@@ -172,7 +175,10 @@ pub(crate) async fn insert(pool: &AnyPool, new: NewOrder<'_>) -> Result<Option<S
 }
 
 /// The order with this id.
-pub(crate) async fn load(pool: &AnyPool, order_id: &str) -> Result<Option<StoredOrder>, sqlx::Error> {
+pub(crate) async fn load(
+    pool: &AnyPool,
+    order_id: &str,
+) -> Result<Option<StoredOrder>, sqlx::Error> {
     let Some(row) = sqlx::query(concat!(
         "SELECT ",
         order_columns!(),
@@ -237,7 +243,10 @@ pub(crate) async fn transition(
 
 /// Orders whose saga has not finished and that nobody touched since
 /// `idle_since` (Unix ms).
-pub(crate) async fn unfinished(pool: &AnyPool, idle_since: i64) -> Result<Vec<String>, sqlx::Error> {
+pub(crate) async fn unfinished(
+    pool: &AnyPool,
+    idle_since: i64,
+) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query(
         "SELECT order_id FROM orders WHERE saga_step <> 'done' AND updated_at <= $1 \
          ORDER BY updated_at LIMIT 500",
@@ -279,4 +288,3 @@ pub(crate) async fn list(
     }
     Ok(orders)
 }
-

@@ -1,6 +1,6 @@
 use shop_api::payments::v1::{
-    Account, Charge, ChargeRequest, ChargeState, DepositRequest, GetAccountRequest,
-    GetChargeRequest, OpenAccountRequest, RefundRequest, payments_service_server,
+    Account, Charge, ChargeState, CreateChargeRequest, DepositRequest, GetAccountRequest,
+    GetChargeRequest, OpenAccountRequest, RefundChargeRequest, payments_service_server,
 };
 use shop_kit::{db, time, validate};
 use sqlx::{Any, AnyPool, Row, Transaction, any::AnyRow};
@@ -208,9 +208,18 @@ impl payments_service_server::PaymentsService for PaymentsService {
             .fetch_one(&mut *tx)
             .await
             .map_err(db::status)?;
-            let same = first.try_get::<String, _>("account_id").map_err(db::status)? == id
-                && first.try_get::<String, _>("currency_code").map_err(db::status)? == currency
-                && first.try_get::<i64, _>("amount_minor").map_err(db::status)? == amount;
+            let same = first
+                .try_get::<String, _>("account_id")
+                .map_err(db::status)?
+                == id
+                && first
+                    .try_get::<String, _>("currency_code")
+                    .map_err(db::status)?
+                    == currency
+                && first
+                    .try_get::<i64, _>("amount_minor")
+                    .map_err(db::status)?
+                    == amount;
             if !same {
                 return Err(Status::already_exists(format!(
                     "idempotency_key {key:?} was already used for a different deposit; use a new key"
@@ -226,7 +235,10 @@ impl payments_service_server::PaymentsService for PaymentsService {
         Ok(Response::new(account))
     }
 
-    async fn charge(&self, request: Request<ChargeRequest>) -> Result<Response<Charge>, Status> {
+    async fn create_charge(
+        &self,
+        request: Request<CreateChargeRequest>,
+    ) -> Result<Response<Charge>, Status> {
         let req = request.into_inner();
         let id = validate::uuid("account_id", &req.account_id)?;
         let (currency, amount) = validate::positive_money("amount", req.amount.as_ref())?;
@@ -303,10 +315,12 @@ impl payments_service_server::PaymentsService for PaymentsService {
         Ok(Response::new(charge))
     }
 
-    async fn refund(&self, request: Request<RefundRequest>) -> Result<Response<Charge>, Status> {
+    async fn refund_charge(
+        &self,
+        request: Request<RefundChargeRequest>,
+    ) -> Result<Response<Charge>, Status> {
         let req = request.into_inner();
-        let key =
-            validate::idempotency_key("charge_idempotency_key", &req.charge_idempotency_key)?;
+        let key = validate::idempotency_key("charge_idempotency_key", &req.charge_idempotency_key)?;
         let mut tx = self.pool.begin().await.map_err(db::status)?;
         let Some(charge) = Self::charge_by_key(&mut tx, key).await? else {
             // Never charged: void the key so a late charge cannot take money.

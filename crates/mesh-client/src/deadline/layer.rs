@@ -130,10 +130,13 @@ where
             StateProj::Running { fut } => match fut.poll(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(result)) => Poll::Ready(result.map_err(Into::into)),
-                Poll::Ready(Err(_elapsed)) => Poll::Ready(Err(tonic::Status::deadline_exceeded(
-                    format!("no response within the call's deadline of {:?}", this.budget),
-                )
-                .into())),
+                Poll::Ready(Err(_elapsed)) => {
+                    Poll::Ready(Err(tonic::Status::deadline_exceeded(format!(
+                        "no response within the call's deadline of {:?}",
+                        this.budget
+                    ))
+                    .into()))
+                }
             },
         }
     }

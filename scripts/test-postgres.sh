@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Starts a throwaway PostgreSQL server on loopback for the tests and prints
+# its admin URL (export it as MESH_TEST_POSTGRES_URL). Installs PostgreSQL
+# with apt-get when it is missing. `scripts/test-postgres.sh stop` stops it.
+set -euo pipefail
+
+DIR=${MESH_PG_DIR:-/tmp/mesh-shop-pg}
+PORT=${MESH_PG_PORT:-55432}
+
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+
+as_pg() {
+    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+if [ "${1:-}" = stop ]; then
+    [ -d "$DIR/data" ] && as_pg "$(pg_bin)/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+    exit 0
+fi
+
+if [ -z "$(pg_bin)" ]; then
+    echo "installing PostgreSQL with apt-get" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >&2
+fi
+BIN=$(pg_bin)
+
+if [ -d "$DIR/data" ]; then
+    as_pg "$BIN/pg_ctl" -D "$DIR/data" -m immediate -w stop >/dev/null 2>&1 || true
+fi
+rm -rf "$DIR"
+mkdir -p "$DIR"
+[ "$(id -u)" = 0 ] && chown postgres "$DIR"
+as_pg "$BIN/initdb" -A trust -U postgres -D "$DIR/data" >/dev/null
+# fsync off: a test server's data is thrown away; durability is not under test here.
+as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w \
+    -o "-p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off" \
+    start >/dev/null
+echo "postgres://postgres@127.0.0.1:$PORT/postgres"

@@ -1,0 +1,14 @@
+//! Bad configuration exits with code 64 and says what is wrong.
+
+use std::process::Command;
+
+#[test]
+fn bad_config_exits_64_naming_the_problem() {
+    let out = Command::new(env!("CARGO_BIN_EXE_inventory"))
+        .args(["--listen", "not-an-address"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--listen"), "{stderr}");
+}

@@ -1,0 +1,23 @@
+//! Bad configuration exits with code 64 and says what is wrong.
+
+use std::process::Command;
+
+#[test]
+fn bad_config_exits_64_naming_every_problem() {
+    let out = Command::new(env!("CARGO_BIN_EXE_orders"))
+        .args([
+            "--inventory-target",
+            "dns:///inventory",
+            "--mesh-config",
+            "/nonexistent.json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--inventory-target"), "{stderr}");
+    assert!(
+        stderr.contains("--mesh-config: cannot read /nonexistent.json"),
+        "{stderr}"
+    );
+}

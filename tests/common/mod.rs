@@ -1,0 +1,323 @@
+//! Shared helpers for the cross-service tests: real service processes on
+//! loopback, real databases, and the rule for skipping tests whose tools
+//! are missing.
+//!
+//! A test that needs PostgreSQL, grpcurl or Python skips with a visible
+//! message when they are absent, unless `MESH_TEST_REQUIRE_ALL=1` (set by
+//! `.ci/run`), which turns every such skip into a failure.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use shop_api::{
+    auth::v1::{LoginRequest, RegisterRequest, auth_service_client::AuthServiceClient},
+    inventory::v1::inventory_service_client::InventoryServiceClient,
+    orders::v1::orders_service_client::OrdersServiceClient,
+    payments::v1::payments_service_client::PaymentsServiceClient,
+};
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// Skips the calling test (returns `None`) with a message, or panics when
+/// CI requires every test to run.
+pub fn skip_or_fail(what: &str) -> Option<std::convert::Infallible> {
+    if std::env::var("MESH_TEST_REQUIRE_ALL").is_ok_and(|v| v == "1") {
+        panic!("MESH_TEST_REQUIRE_ALL=1 but {what}");
+    }
+    eprintln!("SKIPPED: {what} (set MESH_TEST_REQUIRE_ALL=1 to make this a failure)");
+    None
+}
+
+/// The directory holding the workspace's binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    // Test executables live in target/<profile>/deps.
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary; `cargo test --workspace` builds them all.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing; run the tests with `cargo test --workspace` so every service binary is built",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; loopback only).
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+/// A service process, SIGKILLed when dropped.
+pub struct Proc {
+    pub name: String,
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `bin` with `args` plus `--listen addr`.
+    pub fn spawn(name: &str, addr: SocketAddr, args: &[String]) -> Proc {
+        let child = Command::new(bin(name))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc {
+            name: name.into(),
+            addr,
+            child,
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns its code.
+    /// Async so this process's client connections keep running: a drain
+    /// waits for clients to close their connections.
+    pub async fn terminate(&mut self, limit: Duration) -> Option<i32> {
+        let _ = nix::sys::signal::kill(self.pid(), Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{} did not exit within {limit:?} of SIGTERM", self.name);
+    }
+
+    /// SIGKILL, no drain.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A plaintext channel to `addr`.
+pub async fn channel(addr: SocketAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(1))
+        .connect_lazy()
+}
+
+/// Waits until `addr` answers health SERVING.
+pub async fn wait_serving(addr: SocketAddr) {
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < Duration::from_secs(30) {
+        let mut health = HealthClient::new(channel(addr).await);
+        match health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+        {
+            Ok(r) if r.get_ref().status() == ServingStatus::Serving => return,
+            Ok(r) => last = format!("{:?}", r.get_ref().status()),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{addr} not serving after 30 s: {last}");
+}
+
+/// Which database the services use.
+#[derive(Clone, Debug)]
+pub enum Db {
+    /// SQLite files in the shop's temporary directory.
+    Sqlite,
+    /// Fresh databases on the PostgreSQL server at this admin URL.
+    Postgres(String),
+}
+
+impl Db {
+    /// PostgreSQL from `MESH_TEST_POSTGRES_URL`, or a skip.
+    pub fn postgres() -> Option<Db> {
+        match std::env::var("MESH_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => Some(Db::Postgres(url)),
+            _ => {
+                skip_or_fail("MESH_TEST_POSTGRES_URL is not set, so PostgreSQL tests cannot run")?;
+                unreachable!()
+            }
+        }
+    }
+
+    /// A new empty database for `service`, as a URL.
+    pub async fn create(&self, dir: &Path, service: &str) -> String {
+        match self {
+            Db::Sqlite => format!("sqlite://{}", dir.join(format!("{service}.db")).display()),
+            Db::Postgres(admin) => {
+                use sqlx::Connection;
+                sqlx::any::install_default_drivers();
+                let name = format!("t_{}_{service}", uuid::Uuid::new_v4().simple());
+                let mut conn = sqlx::AnyConnection::connect(admin)
+                    .await
+                    .unwrap_or_else(|e| panic!("connecting to {admin}: {e}"));
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .expect("CREATE DATABASE");
+                let (base, _) = admin.rsplit_once('/').expect("admin URL ends in /<db>");
+                format!("{base}/{name}")
+            }
+        }
+    }
+}
+
+/// The four services as separate processes on loopback.
+pub struct Shop {
+    pub dir: tempfile::TempDir,
+    pub auth: Proc,
+    pub inventory: Proc,
+    pub payments: Proc,
+    pub orders: Proc,
+    pub urls: std::collections::HashMap<&'static str, String>,
+}
+
+impl Shop {
+    pub async fn start(db: &Db) -> Shop {
+        let dir = tempfile::tempdir().unwrap();
+        let mut urls = std::collections::HashMap::new();
+        for name in ["auth", "inventory", "payments", "orders"] {
+            urls.insert(name, db.create(dir.path(), name).await);
+        }
+        let db_args = |name: &str| vec!["--database-url".to_string(), urls[name].clone()];
+        let auth = Proc::spawn("auth", free_addr(), &db_args("auth"));
+        let inventory = Proc::spawn("inventory", free_addr(), &db_args("inventory"));
+        let payments = Proc::spawn("payments", free_addr(), &db_args("payments"));
+        let mut orders_args = db_args("orders");
+        orders_args.extend([
+            "--auth-target".into(),
+            format!("static:///{}", auth.addr),
+            "--inventory-target".into(),
+            format!("static:///{}", inventory.addr),
+            "--payments-target".into(),
+            format!("static:///{}", payments.addr),
+        ]);
+        let orders = Proc::spawn("orders", free_addr(), &orders_args);
+        for p in [&auth, &inventory, &payments, &orders] {
+            wait_serving(p.addr).await;
+        }
+        Shop {
+            dir,
+            auth,
+            inventory,
+            payments,
+            orders,
+            urls,
+        }
+    }
+
+    pub async fn auth(&self) -> AuthServiceClient<Channel> {
+        AuthServiceClient::new(channel(self.auth.addr).await)
+    }
+    pub async fn inventory(&self) -> InventoryServiceClient<Channel> {
+        InventoryServiceClient::new(channel(self.inventory.addr).await)
+    }
+    pub async fn payments(&self) -> PaymentsServiceClient<Channel> {
+        PaymentsServiceClient::new(channel(self.payments.addr).await)
+    }
+    pub async fn orders(&self) -> OrdersServiceClient<Channel> {
+        OrdersServiceClient::new(channel(self.orders.addr).await)
+    }
+
+    /// Registers a fresh user and returns `(user_id, bearer token)`.
+    pub async fn user(&self, name: &str) -> (String, String) {
+        let mut auth = self.auth().await;
+        let password = "correct-horse-battery".to_string();
+        let user = auth
+            .register(RegisterRequest {
+                username: name.into(),
+                password: password.clone(),
+            })
+            .await
+            .expect("register")
+            .into_inner();
+        let login = auth
+            .login(LoginRequest {
+                username: name.into(),
+                password,
+            })
+            .await
+            .expect("login")
+            .into_inner();
+        (user.user_id, login.access_token)
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to a request.
+pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ASCII token"),
+    );
+    request
+}
+
+/// Asserts a call failed with `code` and a message containing `needle`.
+#[track_caller]
+pub fn assert_status<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    needle: &str,
+) {
+    match result {
+        Ok(v) => panic!("expected {code:?} containing {needle:?}, got Ok({v:?})"),
+        Err(status) => {
+            assert_eq!(
+                status.code(),
+                code,
+                "wrong code; message: {}",
+                status.message()
+            );
+            assert!(
+                status.message().contains(needle),
+                "message {:?} does not contain {needle:?}",
+                status.message()
+            );
+        }
+    }
+}
+
+/// Finds an executable on PATH.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(tool))
+            .find(|path| path.is_file())
+    })
+}
