@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use common::{Proc, authed, free_addr, wait_serving};
 use shop_api::{
-    auth::v1::{LoginRequest, RegisterRequest, VerifyTokenRequest, auth_service_client::AuthServiceClient},
+    auth::v1::{
+        LoginRequest, RegisterRequest, VerifyTokenRequest, auth_service_client::AuthServiceClient,
+    },
     orders::v1::{WatchOrderRequest, orders_service_client::OrdersServiceClient},
 };
 use tonic::Code;
@@ -112,11 +114,20 @@ async fn sigterm_reports_not_serving_and_ends_streams() {
     let mut shop = shop;
     shop.payments.kill(); // the saga now retries the charge, so the order stays pending
     let mut stream = orders
-        .watch_order(authed(&token, WatchOrderRequest { order_id: order.order_id.clone() }))
+        .watch_order(authed(
+            &token,
+            WatchOrderRequest {
+                order_id: order.order_id.clone(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
-    let first = stream.message().await.unwrap().expect("current state first");
+    let first = stream
+        .message()
+        .await
+        .unwrap()
+        .expect("current state first");
     assert_eq!(first.order_id, order.order_id);
 
     let orders_addr = shop.orders.addr;
@@ -144,7 +155,9 @@ async fn sigterm_reports_not_serving_and_ends_streams() {
     let mut health = HealthClient::new(common::channel(orders_addr).await);
     assert!(
         health
-            .check(HealthCheckRequest { service: String::new() })
+            .check(HealthCheckRequest {
+                service: String::new()
+            })
             .await
             .is_err(),
         "the server is gone after draining"
