@@ -49,6 +49,14 @@ pub mod payments {
     }
 }
 
+/// The echo contract (`mesh.echo.v1`), for the mesh's tests and benchmarks.
+pub mod echo {
+    /// `mesh.echo.v1`.
+    pub mod v1 {
+        tonic::include_proto!("mesh.echo.v1");
+    }
+}
+
 /// The orders contract (`mesh.orders.v1`).
 pub mod orders {
     /// `mesh.orders.v1`.

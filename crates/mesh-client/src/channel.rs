@@ -1,79 +1,190 @@
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
     task::{Context, Poll},
+    time::Duration,
 };
 
+use tokio::sync::Notify;
 use tonic::{
     body::Body,
     transport::{Channel, Endpoint},
 };
-use tower::{Service, ServiceBuilder, util::BoxCloneSyncService};
+use tower::{Service, ServiceBuilder, retry::budget::TpsBudget, util::BoxCloneSyncService};
 
-use crate::{BoxError, MeshConfig, MeshError, Target, deadline::DeadlineLayer};
+use crate::{
+    BoxError, MeshConfig, MeshError, Target,
+    balance::{Balancer, EndpointSet},
+    config::EndpointConfig,
+    deadline::DeadlineLayer,
+    methods::MethodTable,
+    resolve,
+    retry::Retry,
+};
 
-/// The mesh of one process: its policy, and the factory of its channels.
+/// The live config, swapped whole on reload; calls take a cheap snapshot.
+#[derive(Clone, Debug)]
+pub(crate) struct ConfigHandle(Arc<RwLock<Arc<MeshConfig>>>);
+
+impl ConfigHandle {
+    fn new(config: MeshConfig) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(config))))
+    }
+
+    pub(crate) fn load(&self) -> Arc<MeshConfig> {
+        self.0.read().expect("config lock").clone()
+    }
+
+    fn store(&self, config: MeshConfig) {
+        *self.0.write().expect("config lock") = Arc::new(config);
+    }
+}
+
+/// The mesh of one process: its policy, what it knows about methods, and
+/// the factory of its channels.
 ///
 /// Build one per process and share it; channels are cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Mesh {
-    config: Arc<MeshConfig>,
+    config: ConfigHandle,
+    methods: Arc<MethodTable>,
 }
 
 impl Mesh {
-    /// A mesh with this (already validated) policy.
-    pub fn new(config: MeshConfig) -> Self {
-        Self {
-            config: Arc::new(config),
-        }
+    /// A mesh with this policy (validated here).
+    pub fn from_config(config: MeshConfig) -> Result<Self, MeshError> {
+        config.validate()?;
+        Ok(Self {
+            config: ConfigHandle::new(config),
+            methods: Arc::new(MethodTable::default()),
+        })
     }
 
-    /// The policy in force.
-    pub fn config(&self) -> &MeshConfig {
-        &self.config
+    /// A mesh with built-in defaults.
+    pub fn new(config: MeshConfig) -> Self {
+        Self::from_config(config).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A mesh whose policy is read from a JSON file and re-read whenever the
+    /// file changes (checked every 2 s). A changed file that does not
+    /// validate is logged and ignored; the last good policy stays. Must be
+    /// called inside a tokio runtime.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, MeshError> {
+        let path = path.as_ref().to_path_buf();
+        let text = read(&path)?;
+        let mesh = Self::from_config(MeshConfig::from_json(&text)?)?;
+        tokio::spawn(reload_forever(path, text, mesh.config.clone()));
+        Ok(mesh)
+    }
+
+    /// Registers an encoded `FileDescriptorSet`, so the mesh knows which
+    /// methods are idempotent (retried and hedged automatically) and which
+    /// take a single request message (buffered for replay). Calls to
+    /// methods in no registered descriptor are sent once.
+    pub fn with_descriptor_set(mut self, encoded: &[u8]) -> Result<Self, MeshError> {
+        let mut table = (*self.methods).clone();
+        table.add_encoded(encoded)?;
+        self.methods = Arc::new(table);
+        Ok(self)
+    }
+
+    /// The policy in force now.
+    pub fn config(&self) -> Arc<MeshConfig> {
+        self.config.load()
+    }
+
+    /// Replaces the policy; channels use it from their next call.
+    pub fn reload(&self, config: MeshConfig) -> Result<(), MeshError> {
+        config.validate()?;
+        self.config.store(config);
+        Ok(())
     }
 
     /// A channel to `target` that any tonic-generated client accepts.
     ///
-    /// Connections are made lazily on first use, so this never blocks and
-    /// works before the target is up. Must be called inside a tokio runtime.
+    /// Resolution starts now and connections are made lazily, so this never
+    /// blocks and works before the target is up. Must be called inside a
+    /// tokio runtime. See [`Target`] for the accepted forms.
     pub fn channel(&self, target: &str) -> Result<MeshChannel, MeshError> {
         let parsed: Target = target.parse()?;
-        let mut endpoints = parsed
-            .addresses()
-            .iter()
-            .map(|addr| self.endpoint(*addr))
-            .collect::<Result<Vec<_>, _>>()?;
-        let transport = if endpoints.len() == 1 {
-            endpoints.remove(0).connect_lazy()
-        } else {
-            Channel::balance_list(endpoints.into_iter())
+        let config = self.config.load();
+        let reresolve = Arc::new(Notify::new());
+        let set = EndpointSet::new(Arc::from(target), reresolve.clone());
+        let changes = resolve::spawn(parsed, config.dns_refresh, reresolve);
+        let endpoint_config = config.endpoint.clone();
+        tokio::spawn(set.clone().follow(
+            changes,
+            move |addr| connect_lazy(addr, &endpoint_config),
+            config.health_checks,
+        ));
+
+        let budget = &config.retry_budget;
+        let retry = Retry {
+            inner: Balancer {
+                set: set.clone(),
+                config: self.config.clone(),
+            },
+            config: self.config.clone(),
+            methods: self.methods.clone(),
+            budget: Arc::new(TpsBudget::new(
+                budget.ttl,
+                budget.min_retries_per_second,
+                budget.retry_ratio,
+            )),
         };
-        // Outermost: every call gets a deadline before anything can wait.
+        let timeouts = {
+            let (config, target) = (self.config.clone(), target.to_owned());
+            move |path: &str| config.load().call_policy(&target, path).timeout
+        };
         let stack = ServiceBuilder::new()
-            .layer(DeadlineLayer::new(self.config.timeout_for(target)))
-            .service(transport);
+            // Outermost: every call gets its deadline before anything can wait.
+            .layer(DeadlineLayer::with_policy(Arc::new(timeouts)))
+            // Then retries and hedges, each attempt balanced afresh.
+            .service(retry);
         Ok(MeshChannel {
             inner: BoxCloneSyncService::new(stack),
-            target: Arc::from(target),
+            set,
         })
     }
+}
 
-    fn endpoint(&self, addr: SocketAddr) -> Result<Endpoint, MeshError> {
-        let settings = &self.config.endpoint;
-        let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| {
-            MeshError::InvalidTarget {
-                target: addr.to_string(),
-                reason: e.to_string(),
+fn read(path: &Path) -> Result<String, MeshError> {
+    std::fs::read_to_string(path).map_err(|e| MeshError::InvalidConfig {
+        field: "(file)".into(),
+        reason: format!("cannot read {}: {e}", path.display()),
+    })
+}
+
+async fn reload_forever(path: PathBuf, mut last: String, config: ConfigHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let Ok(text) = tokio::fs::read_to_string(&path).await else { continue };
+        if text == last {
+            continue;
+        }
+        match MeshConfig::from_json(&text) {
+            Ok(next) => {
+                tracing::info!(path = %path.display(), "mesh config reloaded");
+                config.store(next);
             }
-        })?;
-        Ok(endpoint
-            .connect_timeout(settings.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(settings.keepalive_interval)
-            .keep_alive_timeout(settings.keepalive_timeout)
-            .keep_alive_while_idle(true))
+            Err(e) => tracing::warn!(path = %path.display(), "mesh config change ignored: {e}"),
+        }
+        last = text;
     }
+}
+
+/// One HTTP/2 connection to `addr`, made on first use.
+fn connect_lazy(addr: SocketAddr, settings: &EndpointConfig) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a socket address is a valid URI authority")
+        .connect_timeout(settings.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .keep_alive_while_idle(true)
+        .connect_lazy()
 }
 
 /// A channel to one target through the mesh's client layers.
@@ -82,20 +193,25 @@ impl Mesh {
 #[derive(Clone)]
 pub struct MeshChannel {
     inner: BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError>,
-    target: Arc<str>,
+    set: Arc<EndpointSet>,
 }
 
 impl MeshChannel {
     /// The target this channel calls, as given to [`Mesh::channel`].
     pub fn target(&self) -> &str {
-        &self.target
+        &self.set.target
+    }
+
+    /// The endpoints the resolver reports now.
+    pub fn endpoints(&self) -> Vec<SocketAddr> {
+        self.set.addresses()
     }
 }
 
 impl std::fmt::Debug for MeshChannel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MeshChannel")
-            .field("target", &self.target)
+            .field("target", &self.target())
             .finish_non_exhaustive()
     }
 }
@@ -103,10 +219,9 @@ impl std::fmt::Debug for MeshChannel {
 impl Service<http::Request<Body>> for MeshChannel {
     type Response = http::Response<Body>;
     type Error = BoxError;
-    type Future =
-        <BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError> as Service<
-            http::Request<Body>,
-        >>::Future;
+    type Future = <BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError> as Service<
+        http::Request<Body>,
+    >>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

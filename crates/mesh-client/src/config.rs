@@ -1,17 +1,27 @@
+//! Mesh policy: process-wide defaults, per-target and per-method overrides.
+//!
+//! The file is JSON with camelCase keys; where gRPC's service config has a
+//! name for a knob (`maxAttempts`, `initialBackoff`, `retryableStatusCodes`,
+//! `hedgingPolicy`, `retryThrottling`-like budgets) the same name is used.
+//! Unknown keys are rejected, and every error names the field.
+
 use std::{collections::HashMap, time::Duration};
 
 use serde::Deserialize;
+use tonic::Code;
 
 use crate::MeshError;
 
-/// Process-wide mesh policy: defaults plus per-target overrides.
-///
-/// Deserializes from JSON with camelCase keys (the gRPC service-config
-/// spelling), for example:
+/// Process-wide mesh policy.
 ///
 /// ```json
 /// { "defaultTimeout": "5s",
-///   "targets": { "static:///127.0.0.1:50052": { "timeout": "2s" } } }
+///   "retryPolicy": { "maxAttempts": 3, "initialBackoff": "50ms", "maxBackoff": "1s",
+///                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"] },
+///   "targets": { "dns:///inventory.shop.svc.cluster.local:50052": {
+///       "timeout": "2s",
+///       "methods": { "mesh.inventory.v1.InventoryService/GetProduct": {
+///           "hedgingPolicy": { "maxAttempts": 2, "hedgingDelay": "20ms" } } } } } }
 /// ```
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -20,6 +30,25 @@ pub struct MeshConfig {
     /// inherited one. Default 10 s.
     #[serde(with = "duration_str")]
     pub default_timeout: Duration,
+    /// `p2c` (default: power of two choices over peak-EWMA load) or
+    /// `round_robin`.
+    pub load_balancing_policy: LbPolicy,
+    /// Retries for methods declared idempotent. See [`RetryPolicy`].
+    pub retry_policy: RetryPolicy,
+    /// Hedging for idempotent methods; off unless set.
+    pub hedging_policy: Option<HedgingPolicy>,
+    /// Caps retries and hedges to a share of requests.
+    pub retry_budget: RetryBudget,
+    /// Ejection of endpoints that keep failing.
+    pub outlier_detection: OutlierDetection,
+    /// Watch each endpoint's `grpc.health.v1.Health`; default true.
+    pub health_checks: bool,
+    /// Request bodies up to this size are buffered so they can be replayed
+    /// by a retry or hedge; larger ones are sent once. Default 64 KiB.
+    pub max_replay_bytes: usize,
+    /// How often DNS targets are re-resolved. Default 5 s.
+    #[serde(with = "duration_str")]
+    pub dns_refresh: Duration,
     /// Connection settings for every endpoint.
     pub endpoint: EndpointConfig,
     /// Per-target overrides, keyed by the target string given to
@@ -31,17 +60,221 @@ impl Default for MeshConfig {
     fn default() -> Self {
         Self {
             default_timeout: Duration::from_secs(10),
+            load_balancing_policy: LbPolicy::P2c,
+            retry_policy: RetryPolicy::default(),
+            hedging_policy: None,
+            retry_budget: RetryBudget::default(),
+            outlier_detection: OutlierDetection::default(),
+            health_checks: true,
+            max_replay_bytes: 64 * 1024,
+            dns_refresh: Duration::from_secs(5),
             endpoint: EndpointConfig::default(),
             targets: HashMap::new(),
         }
     }
 }
 
+/// The balancing policy of a target.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    /// Power of two choices over peak-EWMA latency × in-flight requests,
+    /// penalised by recent failures.
+    #[default]
+    P2c,
+    /// Each call to the next endpoint in turn (the benchmark baseline).
+    RoundRobin,
+}
+
+/// Policy for one target.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct TargetConfig {
+    /// Default deadline for calls to this target.
+    #[serde(with = "duration_str::option")]
+    pub timeout: Option<Duration>,
+    /// Overrides [`MeshConfig::load_balancing_policy`].
+    pub load_balancing_policy: Option<LbPolicy>,
+    /// Overrides [`MeshConfig::retry_policy`].
+    pub retry_policy: Option<RetryPolicy>,
+    /// Overrides [`MeshConfig::hedging_policy`].
+    pub hedging_policy: Option<HedgingPolicy>,
+    /// Per-method overrides keyed `package.Service/Method`, or
+    /// `package.Service/*` for every method of a service.
+    pub methods: HashMap<String, MethodConfig>,
+}
+
+/// Policy for one method (or every method of a service).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct MethodConfig {
+    /// Default deadline for calls to this method.
+    #[serde(with = "duration_str::option")]
+    pub timeout: Option<Duration>,
+    /// Retry policy of this method.
+    pub retry_policy: Option<RetryPolicy>,
+    /// Hedging policy of this method.
+    pub hedging_policy: Option<HedgingPolicy>,
+}
+
+/// gRPC retry policy (gRFC A6). Applies automatically only to methods whose
+/// proto declares `idempotency_level` `IDEMPOTENT` or `NO_SIDE_EFFECTS`;
+/// other calls are retried only when the request provably never reached a
+/// server (the connection failed, or the stream was refused).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Attempts including the first, 1 to 5. Default 3.
+    pub max_attempts: u32,
+    /// Backoff before the first retry (randomised: full jitter). Default 50 ms.
+    #[serde(with = "duration_str")]
+    pub initial_backoff: Duration,
+    /// Largest backoff. Default 1 s.
+    #[serde(with = "duration_str")]
+    pub max_backoff: Duration,
+    /// Growth of the backoff per retry. Default 2.
+    pub backoff_multiplier: f64,
+    /// Status codes that are retried. Default `["UNAVAILABLE"]`.
+    #[serde(deserialize_with = "codes::deserialize")]
+    pub retryable_status_codes: Vec<Code>,
+    /// Time limit of each attempt, within the call's deadline. None by default.
+    #[serde(with = "duration_str::option")]
+    pub per_attempt_recv_timeout: Option<Duration>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+            backoff_multiplier: 2.0,
+            retryable_status_codes: vec![Code::Unavailable],
+            per_attempt_recv_timeout: None,
+        }
+    }
+}
+
+/// gRPC hedging policy (gRFC A6): after `hedging_delay` without an answer,
+/// send the same idempotent call to another endpoint; keep the first answer.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HedgingPolicy {
+    /// Attempts including the first, 2 to 5.
+    pub max_attempts: u32,
+    /// Delay before each further attempt.
+    #[serde(with = "duration_str")]
+    pub hedging_delay: Duration,
+    /// Answers with these codes do not end the call while other attempts
+    /// are still running. Default `["UNAVAILABLE"]`.
+    #[serde(default = "default_non_fatal", deserialize_with = "codes::deserialize")]
+    pub non_fatal_status_codes: Vec<Code>,
+}
+
+fn default_non_fatal() -> Vec<Code> {
+    vec![Code::Unavailable]
+}
+
+/// A retry budget: retries (and hedges) may add at most `retry_ratio` of
+/// the request rate plus `min_retries_per_second`, measured over `ttl`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RetryBudget {
+    /// Share of requests that may be retried, 0 to 1. Default 0.2.
+    pub retry_ratio: f32,
+    /// Retries always allowed per second. Default 10.
+    pub min_retries_per_second: u32,
+    /// Window over which requests are counted. Default 10 s.
+    #[serde(with = "duration_str")]
+    pub ttl: Duration,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            retry_ratio: 0.2,
+            min_retries_per_second: 10,
+            ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Ejection of endpoints that fail repeatedly.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct OutlierDetection {
+    /// Consecutive failures (transport errors, UNAVAILABLE, INTERNAL,
+    /// UNKNOWN, DATA_LOSS) that eject an endpoint. Default 5.
+    pub consecutive_failures: u32,
+    /// First ejection time; each further ejection adds as much. Default 5 s.
+    #[serde(with = "duration_str")]
+    pub base_ejection_time: Duration,
+    /// Longest ejection. Default 300 s.
+    #[serde(with = "duration_str")]
+    pub max_ejection_time: Duration,
+    /// Most endpoints of a target ejected at once, percent. Default 50.
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(5),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+/// How each endpoint's connection is made and kept.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct EndpointConfig {
+    /// Give up connecting after this long. Default 1 s.
+    #[serde(with = "duration_str")]
+    pub connect_timeout: Duration,
+    /// HTTP/2 PING interval. Default 30 s.
+    #[serde(with = "duration_str")]
+    pub keepalive_interval: Duration,
+    /// Close the connection if a PING is not answered in this long. Default 10 s.
+    #[serde(with = "duration_str")]
+    pub keepalive_timeout: Duration,
+    /// First wait before reconnecting to an endpoint that refused a
+    /// connection; grows ×1.6 per failure up to `reconnect_backoff_max`,
+    /// with ±20 % jitter (gRPC's connection backoff). Default 1 s.
+    #[serde(with = "duration_str")]
+    pub reconnect_backoff: Duration,
+    /// Longest reconnect wait. Default 120 s.
+    #[serde(with = "duration_str")]
+    pub reconnect_backoff_max: Duration,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            reconnect_backoff: Duration::from_secs(1),
+            reconnect_backoff_max: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The policy that applies to one call.
+#[derive(Clone, Debug)]
+pub(crate) struct CallPolicy<'a> {
+    pub(crate) timeout: Duration,
+    pub(crate) retry: &'a RetryPolicy,
+    pub(crate) hedging: Option<&'a HedgingPolicy>,
+}
+
 impl MeshConfig {
     /// Parses and validates a JSON config, naming the bad field on error.
     pub fn from_json(text: &str) -> Result<Self, MeshError> {
         let config: Self = serde_json::from_str(text).map_err(|e| MeshError::InvalidConfig {
-            field: "(document)".into(),
+            field: field_of(&e.to_string()),
             reason: e.to_string(),
         })?;
         config.validate()?;
@@ -52,67 +285,196 @@ impl MeshConfig {
     pub fn validate(&self) -> Result<(), MeshError> {
         check_timeout("defaultTimeout", self.default_timeout)?;
         check_timeout("endpoint.connectTimeout", self.endpoint.connect_timeout)?;
+        check_timeout("dnsRefresh", self.dns_refresh)?;
+        check_retry("retryPolicy", &self.retry_policy)?;
+        if let Some(h) = &self.hedging_policy {
+            check_hedging("hedgingPolicy", h)?;
+        }
+        let b = &self.retry_budget;
+        if !(0.0..=1.0).contains(&b.retry_ratio) {
+            return Err(invalid("retryBudget.retryRatio", "must be between 0 and 1"));
+        }
+        if b.ttl < Duration::from_secs(1) || b.ttl > Duration::from_secs(60) {
+            return Err(invalid("retryBudget.ttl", "must be between 1s and 60s"));
+        }
+        let o = &self.outlier_detection;
+        if o.consecutive_failures == 0 {
+            return Err(invalid("outlierDetection.consecutiveFailures", "must be at least 1"));
+        }
+        if o.max_ejection_percent > 100 {
+            return Err(invalid("outlierDetection.maxEjectionPercent", "must be 0 to 100"));
+        }
         for (name, target) in &self.targets {
-            if let Some(timeout) = target.timeout {
-                check_timeout(&format!("targets[{name:?}].timeout"), timeout)?;
+            let at = |field: &str| format!("targets[{name:?}].{field}");
+            if let Some(t) = target.timeout {
+                check_timeout(&at("timeout"), t)?;
+            }
+            if let Some(r) = &target.retry_policy {
+                check_retry(&at("retryPolicy"), r)?;
+            }
+            if let Some(h) = &target.hedging_policy {
+                check_hedging(&at("hedgingPolicy"), h)?;
+            }
+            for (method, m) in &target.methods {
+                let at = |field: &str| format!("targets[{name:?}].methods[{method:?}].{field}");
+                if !method.contains('/') || method.starts_with('/') {
+                    return Err(invalid(
+                        &format!("targets[{name:?}].methods[{method:?}]"),
+                        "must be package.Service/Method or package.Service/*",
+                    ));
+                }
+                if let Some(t) = m.timeout {
+                    check_timeout(&at("timeout"), t)?;
+                }
+                if let Some(r) = &m.retry_policy {
+                    check_retry(&at("retryPolicy"), r)?;
+                }
+                if let Some(h) = &m.hedging_policy {
+                    check_hedging(&at("hedgingPolicy"), h)?;
+                }
             }
         }
         Ok(())
     }
 
-    /// The default deadline for calls to `target`.
+    /// The default deadline for calls to `target` (any method).
     pub fn timeout_for(&self, target: &str) -> Duration {
         self.targets
             .get(target)
             .and_then(|t| t.timeout)
             .unwrap_or(self.default_timeout)
     }
+
+    /// The balancing policy of `target`.
+    pub fn lb_policy_for(&self, target: &str) -> LbPolicy {
+        self.targets
+            .get(target)
+            .and_then(|t| t.load_balancing_policy)
+            .unwrap_or(self.load_balancing_policy)
+    }
+
+    /// Everything that applies to a call of `path` (`/pkg.Service/Method`)
+    /// on `target`: the most specific setting wins (method, then service
+    /// wildcard, then target, then process default).
+    pub(crate) fn call_policy(&self, target: &str, path: &str) -> CallPolicy<'_> {
+        let target_config = self.targets.get(target);
+        let name = path.trim_start_matches('/');
+        let (method, wildcard) = match target_config {
+            Some(t) if !t.methods.is_empty() => (
+                t.methods.get(name),
+                name.rsplit_once('/')
+                    .and_then(|(service, _)| t.methods.get(&format!("{service}/*"))),
+            ),
+            _ => (None, None),
+        };
+        let pick = |f: &dyn Fn(&MethodConfig) -> bool| {
+            method.filter(|m| f(m)).or(wildcard.filter(|m| f(m)))
+        };
+        CallPolicy {
+            timeout: pick(&|m| m.timeout.is_some())
+                .and_then(|m| m.timeout)
+                .or(target_config.and_then(|t| t.timeout))
+                .unwrap_or(self.default_timeout),
+            retry: pick(&|m| m.retry_policy.is_some())
+                .and_then(|m| m.retry_policy.as_ref())
+                .or(target_config.and_then(|t| t.retry_policy.as_ref()))
+                .unwrap_or(&self.retry_policy),
+            hedging: pick(&|m| m.hedging_policy.is_some())
+                .and_then(|m| m.hedging_policy.as_ref())
+                .or(target_config.and_then(|t| t.hedging_policy.as_ref()))
+                .or(self.hedging_policy.as_ref()),
+        }
+    }
+}
+
+fn invalid(field: &str, reason: &str) -> MeshError {
+    MeshError::InvalidConfig {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// serde_json names unknown fields in its message; pull the name out.
+fn field_of(message: &str) -> String {
+    message
+        .split('`')
+        .nth(1)
+        .map(str::to_owned)
+        .unwrap_or_else(|| "(document)".into())
 }
 
 fn check_timeout(field: &str, value: Duration) -> Result<(), MeshError> {
-    // grpc-timeout carries at most 8 digits; hours cover anything sane.
     if value.is_zero() || value > Duration::from_secs(24 * 3600) {
-        return Err(MeshError::InvalidConfig {
-            field: field.into(),
-            reason: format!("must be between 1ms and 24h, got {value:?}"),
-        });
+        return Err(invalid(field, &format!("must be between 1ms and 24h, got {value:?}")));
     }
     Ok(())
 }
 
-/// Policy for one target.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct TargetConfig {
-    /// Default deadline for calls to this target; overrides
-    /// [`MeshConfig::default_timeout`].
-    #[serde(with = "duration_str::option")]
-    pub timeout: Option<Duration>,
+fn check_retry(field: &str, r: &RetryPolicy) -> Result<(), MeshError> {
+    if !(1..=5).contains(&r.max_attempts) {
+        return Err(invalid(&format!("{field}.maxAttempts"), "must be 1 to 5"));
+    }
+    if r.initial_backoff.is_zero() || r.max_backoff < r.initial_backoff {
+        return Err(invalid(
+            &format!("{field}.maxBackoff"),
+            "initialBackoff must be positive and maxBackoff at least initialBackoff",
+        ));
+    }
+    if !(r.backoff_multiplier >= 1.0 && r.backoff_multiplier <= 10.0) {
+        return Err(invalid(&format!("{field}.backoffMultiplier"), "must be 1 to 10"));
+    }
+    if r.retryable_status_codes.contains(&Code::Ok) {
+        return Err(invalid(&format!("{field}.retryableStatusCodes"), "cannot contain OK"));
+    }
+    Ok(())
 }
 
-/// How each endpoint's connection is made and kept.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct EndpointConfig {
-    /// Give up connecting after this long. Default 1 s: an endpoint on a
-    /// cluster network that has not answered by then is not going to.
-    #[serde(with = "duration_str")]
-    pub connect_timeout: Duration,
-    /// HTTP/2 PING interval while the connection is idle. Default 30 s.
-    #[serde(with = "duration_str")]
-    pub keepalive_interval: Duration,
-    /// Close the connection if a PING is not answered in this long. Default 10 s.
-    #[serde(with = "duration_str")]
-    pub keepalive_timeout: Duration,
+fn check_hedging(field: &str, h: &HedgingPolicy) -> Result<(), MeshError> {
+    if !(2..=5).contains(&h.max_attempts) {
+        return Err(invalid(&format!("{field}.maxAttempts"), "must be 2 to 5"));
+    }
+    Ok(())
 }
 
-impl Default for EndpointConfig {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(1),
-            keepalive_interval: Duration::from_secs(30),
-            keepalive_timeout: Duration::from_secs(10),
-        }
+/// Status codes written as gRPC service config does: `"UNAVAILABLE"`.
+mod codes {
+    use serde::{Deserialize, Deserializer};
+    use tonic::Code;
+
+    pub(super) fn parse(name: &str) -> Option<Code> {
+        Some(match name {
+            "CANCELLED" => Code::Cancelled,
+            "UNKNOWN" => Code::Unknown,
+            "INVALID_ARGUMENT" => Code::InvalidArgument,
+            "DEADLINE_EXCEEDED" => Code::DeadlineExceeded,
+            "NOT_FOUND" => Code::NotFound,
+            "ALREADY_EXISTS" => Code::AlreadyExists,
+            "PERMISSION_DENIED" => Code::PermissionDenied,
+            "RESOURCE_EXHAUSTED" => Code::ResourceExhausted,
+            "FAILED_PRECONDITION" => Code::FailedPrecondition,
+            "ABORTED" => Code::Aborted,
+            "OUT_OF_RANGE" => Code::OutOfRange,
+            "UNIMPLEMENTED" => Code::Unimplemented,
+            "INTERNAL" => Code::Internal,
+            "UNAVAILABLE" => Code::Unavailable,
+            "DATA_LOSS" => Code::DataLoss,
+            "UNAUTHENTICATED" => Code::Unauthenticated,
+            "OK" => Code::Ok,
+            _ => return None,
+        })
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Code>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|name| {
+                parse(name).ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "{name:?} is not a gRPC status code name such as \"UNAVAILABLE\""
+                    ))
+                })
+            })
+            .collect()
     }
 }
 
@@ -131,14 +493,12 @@ pub(crate) mod duration_str {
         } else if let Some(n) = text.strip_suffix('m') {
             (n, 60.0)
         } else {
-            return Err(format!(
-                "{text:?} has no unit; write e.g. \"1.5s\" or \"250ms\""
-            ));
+            return Err(format!("{text:?} has no unit; write e.g. \"1.5s\" or \"250ms\""));
         };
         let value: f64 = number
             .parse()
             .map_err(|_| format!("{text:?} is not a number followed by ms, s or m"))?;
-        if !value.is_finite() || value < 0.0 {
+        if !value.is_finite() || !(0.0..=1e9).contains(&value) {
             return Err(format!("{text:?} must be a non-negative duration"));
         }
         Ok(Duration::from_secs_f64(value * unit))
@@ -169,24 +529,39 @@ mod tests {
     #[test]
     fn parses_durations_and_overrides() {
         let config = MeshConfig::from_json(
-            r#"{"defaultTimeout":"1.5s","targets":{"inv":{"timeout":"250ms"}}}"#,
+            r#"{"defaultTimeout":"1.5s","targets":{"inv":{"timeout":"250ms",
+                "methods":{"a.S/M":{"timeout":"20ms"},"a.S/*":{"retryPolicy":{"maxAttempts":5}}}}}}"#,
         )
         .unwrap();
         assert_eq!(config.default_timeout, Duration::from_millis(1500));
         assert_eq!(config.timeout_for("inv"), Duration::from_millis(250));
         assert_eq!(config.timeout_for("other"), Duration::from_millis(1500));
+        let p = config.call_policy("inv", "/a.S/M");
+        assert_eq!(p.timeout, Duration::from_millis(20));
+        assert_eq!(p.retry.max_attempts, 5, "service wildcard applies");
+        let p = config.call_policy("inv", "/a.S/Other");
+        assert_eq!(p.timeout, Duration::from_millis(250));
+        assert_eq!(config.call_policy("x", "/a.S/M").retry.max_attempts, 3);
     }
 
     #[test]
     fn names_the_bad_field() {
         let err = MeshConfig::from_json(r#"{"targets":{"inv":{"timeout":"0s"}}}"#).unwrap_err();
-        assert!(
-            err.to_string().contains("targets[\"inv\"].timeout"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("targets[\"inv\"].timeout"), "{err}");
         let err = MeshConfig::from_json(r#"{"defaultTimout":"1s"}"#).unwrap_err();
         assert!(err.to_string().contains("defaultTimout"), "{err}");
         let err = MeshConfig::from_json(r#"{"defaultTimeout":"10"}"#).unwrap_err();
         assert!(err.to_string().contains("no unit"), "{err}");
+        let err = MeshConfig::from_json(r#"{"retryPolicy":{"maxAttempts":6}}"#).unwrap_err();
+        assert!(err.to_string().contains("retryPolicy.maxAttempts: must be 1 to 5"), "{err}");
+        let err =
+            MeshConfig::from_json(r#"{"retryPolicy":{"retryableStatusCodes":["UNAVAILBLE"]}}"#)
+                .unwrap_err();
+        assert!(err.to_string().contains("UNAVAILBLE"), "{err}");
+        let err = MeshConfig::from_json(r#"{"hedgingPolicy":{"maxAttempts":1,"hedgingDelay":"5ms"}}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("hedgingPolicy.maxAttempts"), "{err}");
+        let err = MeshConfig::from_json(r#"{"loadBalancingPolicy":"random"}"#).unwrap_err();
+        assert!(err.to_string().contains("random"), "{err}");
     }
 }

@@ -19,22 +19,41 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Client layers, outer to inner: deadline (explicit, inherited from the
-//! inbound call being handled, or the target default; sent as
-//! `grpc-timeout`) → endpoint selection over the resolved addresses →
-//! one HTTP/2 connection per endpoint.
+//! Client layers, outer to inner, per call:
+//!
+//! 1. **deadline**: explicit, inherited from the inbound call being handled,
+//!    or the method's default; sent as `grpc-timeout`
+//!    ([`deadline`]);
+//! 2. **retry**: gRFC A6 retries and hedging for idempotent methods (read
+//!    from the proto descriptors), transparent retries of requests that
+//!    never left, all within a retry budget;
+//! 3. **balance**: power of two choices over peak-EWMA load with a failure
+//!    penalty (or round robin), over a live endpoint set from a resolver
+//!    (static list, DNS, file), skipping ejected, draining and
+//!    reconnecting endpoints;
+//! 4. **endpoint**: one HTTP/2 connection per address with keepalive,
+//!    connect timeout and reconnect backoff, client-side health watching and
+//!    outlier ejection.
 
 #![forbid(unsafe_code)]
 
+mod balance;
 mod channel;
 mod config;
 pub mod deadline;
+mod endpoint;
 mod error;
+mod methods;
 mod resolve;
+mod retry;
 pub mod server;
 
 pub use channel::{Mesh, MeshChannel};
-pub use config::{EndpointConfig, MeshConfig, TargetConfig};
+pub use config::{
+    EndpointConfig, HedgingPolicy, LbPolicy, MeshConfig, MethodConfig, OutlierDetection,
+    RetryBudget, RetryPolicy, TargetConfig,
+};
+pub use methods::{MethodInfo, MethodTable};
 pub use error::MeshError;
 pub use resolve::Target;
 

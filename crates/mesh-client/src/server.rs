@@ -187,6 +187,13 @@ impl MeshServer {
                 drain_started.notify_one();
                 draining.cancel();
                 tokio::time::sleep(config.drain_grace).await;
+                // Clearing the statuses ends clients' Health/Watch streams,
+                // which would otherwise hold the drain open.
+                let mut reporter = reporter;
+                reporter.clear_service_status("").await;
+                for name in names.iter() {
+                    reporter.clear_service_status(name).await;
+                }
             }
         };
 

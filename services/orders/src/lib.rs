@@ -64,16 +64,23 @@ pub struct Config {
 }
 
 impl Config {
-    fn mesh(&self) -> Result<MeshConfig, String> {
-        match &self.mesh_config {
-            None => Ok(MeshConfig::default()),
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("--mesh-config: cannot read {}: {e}", path.display()))?;
-                MeshConfig::from_json(&text)
-                    .map_err(|e| format!("--mesh-config: {}: {e}", path.display()))
-            }
-        }
+    /// The mesh for this process: from `--mesh-config` (re-read when the file
+    /// changes) or the built-in defaults, knowing the shop's contracts.
+    fn mesh(&self) -> Result<Mesh, mesh_client::MeshError> {
+        let mesh = match &self.mesh_config {
+            Some(path) => Mesh::from_file(path)?,
+            None => Mesh::from_config(MeshConfig::default())?,
+        };
+        mesh.with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+    }
+
+    fn check_mesh_file(&self) -> Result<(), String> {
+        let Some(path) = &self.mesh_config else { return Ok(()) };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--mesh-config: cannot read {}: {e}", path.display()))?;
+        MeshConfig::from_json(&text)
+            .map(drop)
+            .map_err(|e| format!("--mesh-config: {}: {e}", path.display()))
     }
 }
 
@@ -96,7 +103,7 @@ impl shop_kit::ServiceConfig for Config {
                 problems.push(format!("{flag}: {e}"));
             }
         }
-        if let Err(e) = self.mesh() {
+        if let Err(e) = self.check_mesh_file() {
             problems.push(e);
         }
         problems
@@ -112,9 +119,6 @@ pub enum Error {
     /// The mesh config or a target is invalid, or the server failed.
     #[error(transparent)]
     Mesh(#[from] mesh_client::MeshError),
-    /// The configuration is invalid.
-    #[error("{0}")]
-    Config(String),
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -126,7 +130,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let pool = shop_kit::db::connect(&config.database_url, &MIGRATOR).await?;
-    let mesh = Mesh::new(config.mesh().map_err(Error::Config)?);
+    let mesh = config.mesh()?;
     let auth = AuthServiceClient::new(mesh.channel(&config.auth_target)?);
     let inventory = InventoryServiceClient::new(mesh.channel(&config.inventory_target)?);
     let payments = PaymentsServiceClient::new(mesh.channel(&config.payments_target)?);

@@ -1,6 +1,7 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -16,20 +17,34 @@ use crate::BoxError;
 
 const GRPC_TIMEOUT: &str = "grpc-timeout";
 
+/// The default timeout of a call, by gRPC path.
+pub type TimeoutPolicy = Arc<dyn Fn(&str) -> Duration + Send + Sync>;
+
 /// Client layer: gives every call a deadline, sends it as `grpc-timeout`, and
 /// fails the call with `DEADLINE_EXCEEDED` when it passes.
 ///
 /// The deadline is the earliest of the call's own (`Request::set_timeout`)
-/// and the inherited inbound one; with neither, `default` from now.
-#[derive(Clone, Debug)]
+/// and the inherited inbound one; with neither, the method's default from now.
+#[derive(Clone)]
 pub struct DeadlineLayer {
-    default: Duration,
+    default: TimeoutPolicy,
+}
+
+impl std::fmt::Debug for DeadlineLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadlineLayer").finish_non_exhaustive()
+    }
 }
 
 impl DeadlineLayer {
     /// A layer whose calls without a deadline get `default`.
     pub fn new(default: Duration) -> Self {
-        Self { default }
+        Self::with_policy(Arc::new(move |_: &str| default))
+    }
+
+    /// A layer whose calls without a deadline get `policy(path)`.
+    pub fn with_policy(policy: TimeoutPolicy) -> Self {
+        Self { default: policy }
     }
 }
 
@@ -39,16 +54,16 @@ impl<S> Layer<S> for DeadlineLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Deadline {
             inner,
-            default: self.default,
+            default: self.default.clone(),
         }
     }
 }
 
 /// The service made by [`DeadlineLayer`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Deadline<S> {
     inner: S,
-    default: Duration,
+    default: TimeoutPolicy,
 }
 
 impl<S, B, RB> Service<http::Request<B>> for Deadline<S>
@@ -75,7 +90,7 @@ where
         let deadline = match (explicit, inbound_deadline()) {
             (Some(a), Some(b)) => a.min(b),
             (Some(d), None) | (None, Some(d)) => d,
-            (None, None) => now + self.default,
+            (None, None) => now + (self.default)(req.uri().path()),
         };
         let budget = deadline.saturating_duration_since(now);
         if budget.is_zero() {

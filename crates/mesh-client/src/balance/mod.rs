@@ -1,0 +1,263 @@
+//! Endpoint selection over a live endpoint set.
+//!
+//! Power of two choices (P2C): pick two eligible endpoints at random and
+//! send to the one with the lower load (peak-EWMA latency × in-flight ×
+//! failure penalty). Round robin is there as the baseline.
+//!
+//! Written here rather than with `tower::balance::p2c::Balance` because that
+//! balancer gates endpoints through `poll_ready` and a ready cache: ejected,
+//! `NOT_SERVING` and backing-off endpoints must be skipped at once, an empty
+//! set must fail fast with `UNAVAILABLE`, and hedges must be able to ask for
+//! "any endpoint but these". The load metric is still tower's peak-EWMA.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use rand::Rng;
+use tokio::{sync::Notify, time::Instant};
+use tower::discover::Change;
+
+mod service;
+
+pub(crate) use service::{Balancer, CallError, Exclude, Picked};
+
+use crate::{
+    config::{LbPolicy, OutlierDetection},
+    endpoint::{Endpoint, Verdict, watch_health},
+    resolve::Changes,
+};
+
+/// The endpoints of one target, as the resolver last reported them.
+pub(crate) struct EndpointSet {
+    pub(crate) target: Arc<str>,
+    endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
+    next: AtomicUsize,
+    /// Notified after a connection failure, so DNS can re-resolve at once.
+    pub(crate) reresolve: Arc<Notify>,
+    /// Notified whenever the set changes.
+    changed: Notify,
+    resolved: std::sync::atomic::AtomicBool,
+}
+
+/// Why no endpoint could be picked.
+#[derive(Debug)]
+pub(crate) enum NoEndpoint {
+    /// The resolver reports no endpoints.
+    Empty,
+    /// Every endpoint is ejected, draining or backing off.
+    AllUnavailable { total: usize },
+}
+
+impl EndpointSet {
+    pub(crate) fn new(target: Arc<str>, reresolve: Arc<Notify>) -> Arc<Self> {
+        Arc::new(Self {
+            target,
+            endpoints: RwLock::new(Arc::new(Vec::new())),
+            next: AtomicUsize::new(0),
+            reresolve,
+            changed: Notify::new(),
+            resolved: false.into(),
+        })
+    }
+
+    pub(crate) fn snapshot(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.read().expect("endpoint set lock").clone()
+    }
+
+    /// Addresses in the set now.
+    pub(crate) fn addresses(&self) -> Vec<SocketAddr> {
+        self.snapshot().iter().map(|e| e.addr).collect()
+    }
+
+    /// Applies resolver changes until the resolver stops.
+    pub(crate) async fn follow(
+        self: Arc<Self>,
+        mut changes: Changes,
+        connect: impl Fn(SocketAddr) -> tonic::transport::Channel,
+        health_checks: bool,
+    ) {
+        while let Some(first) = changes.recv().await {
+            // Apply a burst of changes as one update.
+            let mut batch = vec![first];
+            while let Ok(more) = changes.try_recv() {
+                batch.push(more);
+            }
+            let current = self.snapshot();
+            let mut by_addr: HashMap<SocketAddr, Arc<Endpoint>> =
+                current.iter().map(|e| (e.addr, e.clone())).collect();
+            for change in batch {
+                match change {
+                    Change::Insert(addr, ()) => {
+                        by_addr.entry(addr).or_insert_with(|| {
+                            let endpoint = Arc::new(Endpoint::new(addr, connect(addr)));
+                            if health_checks {
+                                let task = tokio::spawn(watch_health(Arc::downgrade(&endpoint)));
+                                endpoint.set_health_task(task.abort_handle());
+                            }
+                            tracing::info!(target = %self.target, %addr, "endpoint added");
+                            endpoint
+                        });
+                    }
+                    Change::Remove(addr) => {
+                        if by_addr.remove(&addr).is_some() {
+                            tracing::info!(target = %self.target, %addr, "endpoint removed");
+                        }
+                    }
+                }
+            }
+            let mut next: Vec<_> = by_addr.into_values().collect();
+            next.sort_by_key(|e| e.addr);
+            *self.endpoints.write().expect("endpoint set lock") = Arc::new(next);
+            self.resolved.store(true, Ordering::Release);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Waits (within the caller's deadline) for the first resolution.
+    pub(crate) async fn wait_resolved(&self) {
+        while !self.resolved.load(Ordering::Acquire) {
+            let changed = self.changed.notified();
+            if self.resolved.load(Ordering::Acquire) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    pub(crate) fn is_resolved(&self) -> bool {
+        self.resolved.load(Ordering::Acquire)
+    }
+
+    /// Picks an endpoint for one call, avoiding `exclude` when possible.
+    pub(crate) fn pick(
+        &self,
+        policy: LbPolicy,
+        exclude: &[SocketAddr],
+    ) -> Result<Arc<Endpoint>, NoEndpoint> {
+        let endpoints = self.snapshot();
+        let n = endpoints.len();
+        if n == 0 {
+            return Err(NoEndpoint::Empty);
+        }
+        let now = Instant::now();
+        let usable = |e: &Endpoint, strict: bool| {
+            e.is_eligible(now) && (!strict || !exclude.contains(&e.addr))
+        };
+        // Scan forward from a start index to the first usable endpoint.
+        let probe = |start: usize, strict: bool| {
+            (0..n)
+                .map(|i| &endpoints[(start + i) % n])
+                .find(|e| usable(e, strict))
+        };
+        let mut rng = rand::rng();
+        for strict in [true, false] {
+            let chosen = match policy {
+                LbPolicy::RoundRobin => probe(self.next.fetch_add(1, Ordering::Relaxed), strict),
+                LbPolicy::P2c => {
+                    let a = rng.random_range(0..n);
+                    let b = if n > 1 { (a + 1 + rng.random_range(0..n - 1)) % n } else { a };
+                    match (probe(a, strict), probe(b, strict)) {
+                        (Some(x), Some(y)) => {
+                            if x.load(now) <= y.load(now) { Some(x) } else { Some(y) }
+                        }
+                        (x, y) => x.or(y),
+                    }
+                }
+            };
+            if let Some(endpoint) = chosen {
+                return Ok(endpoint.clone());
+            }
+            if exclude.is_empty() {
+                break;
+            }
+        }
+        Err(NoEndpoint::AllUnavailable { total: n })
+    }
+
+    /// Records a failure of `endpoint`, ejecting it if it keeps failing and
+    /// the share of ejected endpoints allows (or every endpoint is failing).
+    pub(crate) fn record_failure(&self, endpoint: &Endpoint, policy: &OutlierDetection) {
+        let now = Instant::now();
+        let endpoints = self.snapshot();
+        let total = endpoints.len().max(1);
+        let ejected = endpoints.iter().filter(|e| e.is_ejected(now)).count();
+        let cap = (total * policy.max_ejection_percent as usize) / 100;
+        let may_eject = ejected < cap.max(1).min(total);
+        if let Verdict::Ejected(time) = endpoint.record_failure(now, policy, may_eject) {
+            tracing::warn!(target = %self.target, addr = %endpoint.addr, ?time, "endpoint ejected after consecutive failures");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn set_of(n: u16) -> Arc<EndpointSet> {
+        let set = EndpointSet::new("t".into(), Arc::default());
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        for port in 1..=n {
+            tx.send(Change::Insert(SocketAddr::from(([127, 0, 0, 1], port)), ())).await.unwrap();
+        }
+        drop(tx);
+        set.clone()
+            .follow(
+                rx,
+                |addr| tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy(),
+                false,
+            )
+            .await;
+        set
+    }
+
+    #[tokio::test]
+    async fn empty_set_fails_fast() {
+        let set = EndpointSet::new("t".into(), Arc::default());
+        assert!(matches!(set.pick(LbPolicy::P2c, &[]), Err(NoEndpoint::Empty)));
+    }
+
+    #[tokio::test]
+    async fn p2c_prefers_the_less_loaded_endpoint() {
+        let set = set_of(2).await;
+        let endpoints = set.snapshot();
+        let now = Instant::now();
+        endpoints[0].observe_rtt(Duration::from_millis(50), now);
+        endpoints[1].observe_rtt(Duration::from_millis(1), now);
+        for _ in 0..50 {
+            assert_eq!(set.pick(LbPolicy::P2c, &[]).unwrap().addr.port(), 2);
+        }
+    }
+
+    #[tokio::test]
+    async fn round_robin_cycles_and_exclusion_is_honoured() {
+        let set = set_of(3).await;
+        let ports: Vec<u16> = (0..6).map(|_| set.pick(LbPolicy::RoundRobin, &[]).unwrap().addr.port()).collect();
+        assert_eq!(ports.iter().filter(|p| **p == 1).count(), 2);
+        let avoid = [SocketAddr::from(([127, 0, 0, 1], 1)), SocketAddr::from(([127, 0, 0, 1], 2))];
+        for _ in 0..20 {
+            assert_eq!(set.pick(LbPolicy::P2c, &avoid).unwrap().addr.port(), 3);
+        }
+    }
+
+    #[tokio::test]
+    async fn ejection_share_is_capped() {
+        let set = set_of(4).await;
+        let policy = OutlierDetection { consecutive_failures: 1, ..Default::default() };
+        for e in set.snapshot().iter() {
+            set.record_failure(e, &policy);
+        }
+        let now = Instant::now();
+        let ejected = set.snapshot().iter().filter(|e| e.is_ejected(now)).count();
+        assert_eq!(ejected, 2, "50% of 4");
+        for _ in 0..20 {
+            assert!(set.pick(LbPolicy::P2c, &[]).is_ok());
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! The balancer as a service: pick an endpoint, call it on its connection,
+//! and feed the outcome back into load and failure accounting.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    task::{Context, Poll},
+};
+
+use futures::future::BoxFuture;
+use tokio::time::Instant;
+use tonic::{Code, body::Body};
+use tower::{Service, ServiceExt};
+
+use super::{EndpointSet, NoEndpoint};
+use crate::{
+    BoxError,
+    channel::ConfigHandle,
+    endpoint::{ObservedBody, header_status, is_endpoint_failure},
+};
+
+/// Addresses an attempt should avoid (earlier attempts of the same call).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Exclude(pub(crate) Vec<SocketAddr>);
+
+/// Filled with the endpoint an attempt was sent to.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Picked(pub(crate) Arc<OnceLock<SocketAddr>>);
+
+/// Why an attempt failed below the gRPC layer.
+#[derive(Debug)]
+pub(crate) enum CallError {
+    /// No endpoint could take the call.
+    NoEndpoint(NoEndpoint),
+    /// The connection failed.
+    Transport {
+        addr: SocketAddr,
+        /// The request provably never reached the server (connect failure,
+        /// refused stream), so even a non-idempotent call may be retried.
+        never_sent: bool,
+        source: BoxError,
+    },
+    /// The per-attempt timeout passed.
+    AttemptTimeout(std::time::Duration),
+}
+
+impl CallError {
+    /// The one mapping of a mesh call failure to a gRPC status.
+    pub(crate) fn into_status(self, target: &str) -> tonic::Status {
+        match self {
+            CallError::NoEndpoint(NoEndpoint::Empty) => tonic::Status::unavailable(format!(
+                "no endpoints for {target}: the resolver found none"
+            )),
+            CallError::NoEndpoint(NoEndpoint::AllUnavailable { total }) => {
+                tonic::Status::unavailable(format!(
+                    "all {total} endpoints of {target} are unavailable (ejected, draining or reconnecting)"
+                ))
+            }
+            CallError::Transport { addr, source, .. } => {
+                let status = tonic::Status::from_error(source);
+                tonic::Status::new(
+                    status.code(),
+                    format!("{target} endpoint {addr}: {}", status.message()),
+                )
+            }
+            CallError::AttemptTimeout(after) => tonic::Status::deadline_exceeded(format!(
+                "{target}: attempt got no response within its per-attempt timeout of {after:?}"
+            )),
+        }
+    }
+}
+
+/// Whether a transport error proves the request never reached the server.
+fn never_sent(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(err) = source {
+        if err.downcast_ref::<tonic::ConnectError>().is_some() {
+            return true;
+        }
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
+            // hyper cancels requests still queued when their connection closes.
+            if hyper.is_canceled() {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
+}
+
+fn is_connect_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(err) = source {
+        if err.downcast_ref::<tonic::ConnectError>().is_some() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Sends each call to one endpoint of the set.
+#[derive(Clone)]
+pub(crate) struct Balancer {
+    pub(crate) set: Arc<EndpointSet>,
+    pub(crate) config: ConfigHandle,
+}
+
+impl Service<http::Request<Body>> for Balancer {
+    type Response = http::Response<Body>;
+    type Error = CallError;
+    type Future = BoxFuture<'static, Result<Self::Response, CallError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let set = self.set.clone();
+        let config = self.config.load();
+        Box::pin(async move {
+            if !set.is_resolved() {
+                set.wait_resolved().await;
+            }
+            let exclude = req.extensions().get::<Exclude>().map(|e| e.0.as_slice()).unwrap_or(&[]);
+            let endpoint = set
+                .pick(config.lb_policy_for(&set.target), exclude)
+                .map_err(CallError::NoEndpoint)?;
+            if let Some(picked) = req.extensions().get::<Picked>() {
+                let _ = picked.0.set(endpoint.addr);
+            }
+            let in_flight = endpoint.start();
+            let started = Instant::now();
+            let mut channel = endpoint.channel.clone();
+            let result = match channel.ready().await {
+                Ok(ready) => ready.call(req).await,
+                Err(e) => Err(e),
+            };
+            let now = Instant::now();
+            drop(in_flight);
+            let response = match result {
+                Ok(response) => response,
+                Err(err) => {
+                    let err: BoxError = err.into();
+                    if is_connect_error(&*err) {
+                        let wait = endpoint.record_connect_failure(now, &config.endpoint);
+                        tracing::debug!(target = %set.target, addr = %endpoint.addr, ?wait, "connect failed; backing off: {err}");
+                        set.reresolve.notify_one();
+                    }
+                    set.record_failure(&endpoint, &config.outlier_detection);
+                    return Err(CallError::Transport {
+                        addr: endpoint.addr,
+                        never_sent: never_sent(&*err),
+                        source: err,
+                    });
+                }
+            };
+            endpoint.observe_rtt(now - started, now);
+            let account = {
+                let (set, endpoint, config) = (set.clone(), endpoint.clone(), config.clone());
+                move |code: Option<Code>| match code {
+                    Some(code) if !is_endpoint_failure(code) => endpoint.record_success(),
+                    _ => set.record_failure(&endpoint, &config.outlier_detection),
+                }
+            };
+            if let Some(code) = header_status(&response) {
+                account(Some(code));
+                return Ok(response);
+            }
+            Ok(response.map(|body| Body::new(ObservedBody::new(body, account))))
+        })
+    }
+}
+

@@ -1,0 +1,305 @@
+//! One endpoint: a single HTTP/2 connection to one address, its load
+//! estimate, and the failure bookkeeping that ejects it or backs off its
+//! reconnects.
+//!
+//! The load estimate is tower's peak-EWMA (Finagle's) over response latency,
+//! multiplied by in-flight requests and by a decaying failure penalty, so a
+//! replica that fails fast does not look like the fastest one. It is kept
+//! here rather than by wrapping the connection in `tower::load::PeakEwma`
+//! because that type owns its service and needs `&mut` for every call, while
+//! an endpoint is shared by concurrent calls.
+
+mod body;
+mod health;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU8, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::time::Instant;
+use tonic::{Code, transport::Channel};
+
+pub(crate) use body::{ObservedBody, header_status};
+pub(crate) use health::watch_health;
+
+use crate::config::{EndpointConfig, OutlierDetection};
+
+/// Decay window of the latency estimate (tower's default for PeakEwma).
+const RTT_DECAY: Duration = Duration::from_secs(10);
+/// Latency assumed for an endpoint with no measurements yet.
+const DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// Half-life of the failure penalty.
+const PENALTY_HALF_LIFE: Duration = Duration::from_secs(2);
+/// Load multiplier per unit of (decayed) recent failures.
+const PENALTY_WEIGHT: f64 = 4.0;
+
+const HEALTH_UNKNOWN: u8 = 0;
+const HEALTH_SERVING: u8 = 1;
+const HEALTH_NOT_SERVING: u8 = 2;
+
+/// One address of a target.
+pub(crate) struct Endpoint {
+    pub(crate) addr: SocketAddr,
+    pub(crate) channel: Channel,
+    in_flight: AtomicU32,
+    health: AtomicU8,
+    state: Mutex<State>,
+    health_task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+struct State {
+    rtt_ns: f64,
+    rtt_at: Instant,
+    penalty: f64,
+    penalty_at: Instant,
+    consecutive_failures: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+    connect_failures: u32,
+    backoff_until: Option<Instant>,
+}
+
+/// Why an outcome was recorded, for the caller's logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Nothing changed for the endpoint's eligibility.
+    Kept,
+    /// The endpoint was ejected for this long.
+    Ejected(Duration),
+}
+
+/// Codes that say the endpoint, not the request, is at fault.
+pub(crate) fn is_endpoint_failure(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::Internal | Code::Unknown | Code::DataLoss
+    )
+}
+
+impl Endpoint {
+    pub(crate) fn new(addr: SocketAddr, channel: Channel) -> Self {
+        let now = Instant::now();
+        Self {
+            addr,
+            channel,
+            in_flight: AtomicU32::new(0),
+            health: AtomicU8::new(HEALTH_UNKNOWN),
+            state: Mutex::new(State {
+                rtt_ns: DEFAULT_RTT.as_nanos() as f64,
+                rtt_at: now,
+                penalty: 0.0,
+                penalty_at: now,
+                consecutive_failures: 0,
+                ejections: 0,
+                ejected_until: None,
+                connect_failures: 0,
+                backoff_until: None,
+            }),
+            health_task: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn set_health_task(&self, handle: tokio::task::AbortHandle) {
+        *self.health_task.lock().expect("endpoint lock") = Some(handle);
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("endpoint lock poisoned")
+    }
+
+    /// Whether new calls may go here now.
+    pub(crate) fn is_eligible(&self, now: Instant) -> bool {
+        if self.health.load(Ordering::Relaxed) == HEALTH_NOT_SERVING {
+            return false;
+        }
+        let state = self.state();
+        state.ejected_until.is_none_or(|t| now >= t) && state.backoff_until.is_none_or(|t| now >= t)
+    }
+
+    /// Whether the endpoint is ejected now.
+    pub(crate) fn is_ejected(&self, now: Instant) -> bool {
+        self.state().ejected_until.is_some_and(|t| now < t)
+    }
+
+    /// Peak-EWMA latency × (in-flight + 1) × failure penalty.
+    pub(crate) fn load(&self, now: Instant) -> f64 {
+        let pending = f64::from(self.in_flight.load(Ordering::Relaxed)) + 1.0;
+        let state = self.state();
+        let penalty = decay(state.penalty, now.saturating_duration_since(state.penalty_at));
+        state.rtt_ns * pending * (1.0 + PENALTY_WEIGHT * penalty)
+    }
+
+    /// Marks a call in flight until the guard drops.
+    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Feeds one response latency into the peak-EWMA estimate.
+    pub(crate) fn observe_rtt(&self, rtt: Duration, now: Instant) {
+        let mut state = self.state();
+        let rtt = rtt.as_nanos() as f64;
+        if rtt > state.rtt_ns {
+            // Peak: jump up at once, so a slowing endpoint is avoided quickly.
+            state.rtt_ns = rtt;
+        } else {
+            let elapsed = now.saturating_duration_since(state.rtt_at).as_nanos() as f64;
+            let weight = (-elapsed / RTT_DECAY.as_nanos() as f64).exp();
+            state.rtt_ns = state.rtt_ns * weight + rtt * (1.0 - weight);
+        }
+        state.rtt_at = now;
+    }
+
+    pub(crate) fn record_success(&self) {
+        let mut state = self.state();
+        state.consecutive_failures = 0;
+        state.connect_failures = 0;
+        state.backoff_until = None;
+        if state.ejected_until.take().is_some() {
+            // Re-admitted and healthy: the next ejection starts shorter again.
+            state.ejections = state.ejections.saturating_sub(1);
+        }
+    }
+
+    /// Records a failure; ejects the endpoint after enough in a row, if
+    /// `may_eject` (the share of ejected endpoints allows it).
+    pub(crate) fn record_failure(
+        &self,
+        now: Instant,
+        policy: &OutlierDetection,
+        may_eject: bool,
+    ) -> Verdict {
+        let mut state = self.state();
+        state.penalty = decay(state.penalty, now.saturating_duration_since(state.penalty_at)) + 1.0;
+        state.penalty_at = now;
+        state.consecutive_failures += 1;
+        if state.consecutive_failures < policy.consecutive_failures || !may_eject {
+            return Verdict::Kept;
+        }
+        state.consecutive_failures = 0;
+        state.ejections += 1;
+        let time = policy
+            .base_ejection_time
+            .saturating_mul(state.ejections)
+            .min(policy.max_ejection_time);
+        state.ejected_until = Some(now + time);
+        Verdict::Ejected(time)
+    }
+
+    /// A connection attempt failed: wait before the next one (gRPC
+    /// connection backoff: ×1.6 per failure, capped, ±20 % jitter).
+    pub(crate) fn record_connect_failure(&self, now: Instant, config: &EndpointConfig) -> Duration {
+        let mut state = self.state();
+        state.connect_failures += 1;
+        let exp = 1.6f64.powi(state.connect_failures.saturating_sub(1).min(30) as i32);
+        let base = config
+            .reconnect_backoff
+            .mul_f64(exp)
+            .min(config.reconnect_backoff_max);
+        let wait = base.mul_f64(0.8 + rand::random::<f64>() * 0.4);
+        state.backoff_until = Some(now + wait);
+        wait
+    }
+
+    pub(crate) fn set_serving(&self, serving: bool) {
+        let value = if serving { HEALTH_SERVING } else { HEALTH_NOT_SERVING };
+        self.health.store(value, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_not_serving(&self) -> bool {
+        self.health.load(Ordering::Relaxed) == HEALTH_NOT_SERVING
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        if let Some(task) = self.health_task.lock().ok().and_then(|mut t| t.take()) {
+            task.abort();
+        }
+    }
+}
+
+fn decay(value: f64, elapsed: Duration) -> f64 {
+    value * 0.5f64.powf(elapsed.as_secs_f64() / PENALTY_HALF_LIFE.as_secs_f64())
+}
+
+/// A call in flight on an endpoint.
+pub(crate) struct InFlight(Arc<Endpoint>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint() -> Endpoint {
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        Endpoint::new("127.0.0.1:1".parse().unwrap(), channel)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejects_after_consecutive_failures_with_growing_time() {
+        let ep = endpoint();
+        let policy = OutlierDetection::default();
+        let now = Instant::now();
+        for _ in 0..4 {
+            assert_eq!(ep.record_failure(now, &policy, true), Verdict::Kept);
+        }
+        assert_eq!(ep.record_failure(now, &policy, true), Verdict::Ejected(Duration::from_secs(5)));
+        assert!(!ep.is_eligible(now));
+        assert!(ep.is_eligible(now + Duration::from_secs(5)));
+        for _ in 0..4 {
+            ep.record_failure(now, &policy, true);
+        }
+        assert_eq!(ep.record_failure(now, &policy, true), Verdict::Ejected(Duration::from_secs(10)));
+        // The share cap holds an endpoint in service even when it fails.
+        for _ in 0..10 {
+            assert_eq!(ep.record_failure(now, &policy, false), Verdict::Kept);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_raise_load_and_decay() {
+        let ep = endpoint();
+        let now = Instant::now();
+        let base = ep.load(now);
+        ep.record_failure(now, &OutlierDetection::default(), false);
+        assert!(ep.load(now) > 4.0 * base);
+        assert!(ep.load(now + Duration::from_secs(30)) < 1.01 * base);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconnect_backoff_grows_and_caps() {
+        let ep = endpoint();
+        let config = EndpointConfig::default();
+        let now = Instant::now();
+        let first = ep.record_connect_failure(now, &config);
+        assert!(first >= Duration::from_millis(800) && first <= Duration::from_millis(1200));
+        let mut last = first;
+        for _ in 0..20 {
+            last = ep.record_connect_failure(now, &config);
+        }
+        assert!(last <= Duration::from_secs(144) && last >= Duration::from_secs(96), "{last:?}");
+        ep.record_success();
+        assert!(ep.is_eligible(now));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_peaks_up_and_decays_down() {
+        let ep = endpoint();
+        let now = Instant::now();
+        ep.observe_rtt(Duration::from_millis(20), now);
+        let slow = ep.load(now);
+        ep.observe_rtt(Duration::from_millis(1), now + Duration::from_secs(30));
+        assert!(ep.load(now + Duration::from_secs(30)) < slow / 5.0);
+    }
+}

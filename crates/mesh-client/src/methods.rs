@@ -1,0 +1,68 @@
+//! What the mesh knows about each method from the contracts' descriptors:
+//! whether it is safe to retry (`idempotency_level`) and whether its request
+//! is a single message that can be buffered for replay.
+
+use std::collections::HashMap;
+
+use prost::Message;
+use prost_types::{FileDescriptorSet, method_options::IdempotencyLevel};
+
+use crate::MeshError;
+
+/// Facts about one method.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MethodInfo {
+    /// Declared `IDEMPOTENT` or `NO_SIDE_EFFECTS`: retried and hedged automatically.
+    pub idempotent: bool,
+    /// The request is a stream, so it cannot be buffered for replay.
+    pub client_streaming: bool,
+}
+
+/// Method facts keyed by gRPC path (`/package.Service/Method`).
+#[derive(Clone, Debug, Default)]
+pub struct MethodTable {
+    methods: HashMap<String, MethodInfo>,
+}
+
+impl MethodTable {
+    /// Adds every method of an encoded `FileDescriptorSet`.
+    pub fn add_encoded(&mut self, encoded: &[u8]) -> Result<(), MeshError> {
+        let set = FileDescriptorSet::decode(encoded).map_err(|e| MeshError::InvalidConfig {
+            field: "descriptor_set".into(),
+            reason: format!("not an encoded FileDescriptorSet: {e}"),
+        })?;
+        for file in &set.file {
+            let package = file.package();
+            for service in &file.service {
+                for method in &service.method {
+                    let level = method
+                        .options
+                        .as_ref()
+                        .map(|o| o.idempotency_level())
+                        .unwrap_or(IdempotencyLevel::IdempotencyUnknown);
+                    let path = if package.is_empty() {
+                        format!("/{}/{}", service.name(), method.name())
+                    } else {
+                        format!("/{package}.{}/{}", service.name(), method.name())
+                    };
+                    self.methods.insert(
+                        path,
+                        MethodInfo {
+                            idempotent: matches!(
+                                level,
+                                IdempotencyLevel::Idempotent | IdempotencyLevel::NoSideEffects
+                            ),
+                            client_streaming: method.client_streaming(),
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What is known of `path`; `None` for a method in no registered descriptor.
+    pub fn get(&self, path: &str) -> Option<MethodInfo> {
+        self.methods.get(path).copied()
+    }
+}
