@@ -8,6 +8,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod dns;
+
 use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},

@@ -18,6 +18,7 @@ use crate::{
     balance::{Balancer, EndpointSet},
     config::EndpointConfig,
     deadline::DeadlineLayer,
+    endpoint::EndpointState,
     methods::MethodTable,
     resolve,
     retry::Retry,
@@ -160,7 +161,9 @@ async fn reload_forever(path: PathBuf, mut last: String, config: ConfigHandle) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
-        let Ok(text) = tokio::fs::read_to_string(&path).await else { continue };
+        let Ok(text) = tokio::fs::read_to_string(&path).await else {
+            continue;
+        };
         if text == last {
             continue;
         }
@@ -206,6 +209,11 @@ impl MeshChannel {
     pub fn endpoints(&self) -> Vec<SocketAddr> {
         self.set.addresses()
     }
+
+    /// The state of every endpoint, for diagnostics and metrics.
+    pub fn endpoint_states(&self) -> Vec<EndpointState> {
+        self.set.snapshot().iter().map(|e| e.snapshot()).collect()
+    }
 }
 
 impl std::fmt::Debug for MeshChannel {
@@ -219,9 +227,10 @@ impl std::fmt::Debug for MeshChannel {
 impl Service<http::Request<Body>> for MeshChannel {
     type Response = http::Response<Body>;
     type Error = BoxError;
-    type Future = <BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError> as Service<
-        http::Request<Body>,
-    >>::Future;
+    type Future =
+        <BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError> as Service<
+            http::Request<Body>,
+        >>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

@@ -299,10 +299,16 @@ impl MeshConfig {
         }
         let o = &self.outlier_detection;
         if o.consecutive_failures == 0 {
-            return Err(invalid("outlierDetection.consecutiveFailures", "must be at least 1"));
+            return Err(invalid(
+                "outlierDetection.consecutiveFailures",
+                "must be at least 1",
+            ));
         }
         if o.max_ejection_percent > 100 {
-            return Err(invalid("outlierDetection.maxEjectionPercent", "must be 0 to 100"));
+            return Err(invalid(
+                "outlierDetection.maxEjectionPercent",
+                "must be 0 to 100",
+            ));
         }
         for (name, target) in &self.targets {
             let at = |field: &str| format!("targets[{name:?}].{field}");
@@ -405,7 +411,10 @@ fn field_of(message: &str) -> String {
 
 fn check_timeout(field: &str, value: Duration) -> Result<(), MeshError> {
     if value.is_zero() || value > Duration::from_secs(24 * 3600) {
-        return Err(invalid(field, &format!("must be between 1ms and 24h, got {value:?}")));
+        return Err(invalid(
+            field,
+            &format!("must be between 1ms and 24h, got {value:?}"),
+        ));
     }
     Ok(())
 }
@@ -421,10 +430,16 @@ fn check_retry(field: &str, r: &RetryPolicy) -> Result<(), MeshError> {
         ));
     }
     if !(r.backoff_multiplier >= 1.0 && r.backoff_multiplier <= 10.0) {
-        return Err(invalid(&format!("{field}.backoffMultiplier"), "must be 1 to 10"));
+        return Err(invalid(
+            &format!("{field}.backoffMultiplier"),
+            "must be 1 to 10",
+        ));
     }
     if r.retryable_status_codes.contains(&Code::Ok) {
-        return Err(invalid(&format!("{field}.retryableStatusCodes"), "cannot contain OK"));
+        return Err(invalid(
+            &format!("{field}.retryableStatusCodes"),
+            "cannot contain OK",
+        ));
     }
     Ok(())
 }
@@ -493,7 +508,9 @@ pub(crate) mod duration_str {
         } else if let Some(n) = text.strip_suffix('m') {
             (n, 60.0)
         } else {
-            return Err(format!("{text:?} has no unit; write e.g. \"1.5s\" or \"250ms\""));
+            return Err(format!(
+                "{text:?} has no unit; write e.g. \"1.5s\" or \"250ms\""
+            ));
         };
         let value: f64 = number
             .parse()
@@ -547,20 +564,31 @@ mod tests {
     #[test]
     fn names_the_bad_field() {
         let err = MeshConfig::from_json(r#"{"targets":{"inv":{"timeout":"0s"}}}"#).unwrap_err();
-        assert!(err.to_string().contains("targets[\"inv\"].timeout"), "{err}");
+        assert!(
+            err.to_string().contains("targets[\"inv\"].timeout"),
+            "{err}"
+        );
         let err = MeshConfig::from_json(r#"{"defaultTimout":"1s"}"#).unwrap_err();
         assert!(err.to_string().contains("defaultTimout"), "{err}");
         let err = MeshConfig::from_json(r#"{"defaultTimeout":"10"}"#).unwrap_err();
         assert!(err.to_string().contains("no unit"), "{err}");
         let err = MeshConfig::from_json(r#"{"retryPolicy":{"maxAttempts":6}}"#).unwrap_err();
-        assert!(err.to_string().contains("retryPolicy.maxAttempts: must be 1 to 5"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("retryPolicy.maxAttempts: must be 1 to 5"),
+            "{err}"
+        );
         let err =
             MeshConfig::from_json(r#"{"retryPolicy":{"retryableStatusCodes":["UNAVAILBLE"]}}"#)
                 .unwrap_err();
         assert!(err.to_string().contains("UNAVAILBLE"), "{err}");
-        let err = MeshConfig::from_json(r#"{"hedgingPolicy":{"maxAttempts":1,"hedgingDelay":"5ms"}}"#)
-            .unwrap_err();
-        assert!(err.to_string().contains("hedgingPolicy.maxAttempts"), "{err}");
+        let err =
+            MeshConfig::from_json(r#"{"hedgingPolicy":{"maxAttempts":1,"hedgingDelay":"5ms"}}"#)
+                .unwrap_err();
+        assert!(
+            err.to_string().contains("hedgingPolicy.maxAttempts"),
+            "{err}"
+        );
         let err = MeshConfig::from_json(r#"{"loadBalancingPolicy":"random"}"#).unwrap_err();
         assert!(err.to_string().contains("random"), "{err}");
     }

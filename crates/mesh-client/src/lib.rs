@@ -53,8 +53,9 @@ pub use config::{
     EndpointConfig, HedgingPolicy, LbPolicy, MeshConfig, MethodConfig, OutlierDetection,
     RetryBudget, RetryPolicy, TargetConfig,
 };
-pub use methods::{MethodInfo, MethodTable};
+pub use endpoint::EndpointState;
 pub use error::MeshError;
+pub use methods::{MethodInfo, MethodTable};
 pub use resolve::Target;
 
 /// The error type of mesh services: a boxed error, usually a `tonic::Status`.

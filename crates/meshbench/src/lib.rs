@@ -37,7 +37,10 @@ use tonic::{Request, Response, Status};
 
 /// Flags of `mesh-echo`.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "mesh-echo", about = "Echo server for mesh tests and benchmarks")]
+#[command(
+    name = "mesh-echo",
+    about = "Echo server for mesh tests and benchmarks"
+)]
 pub struct Config {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50100")]
@@ -63,10 +66,8 @@ impl shop_kit::ServiceConfig for Config {
 
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        if let Some(next) = &self.next {
-            if let Err(e) = next.parse::<mesh_client::Target>() {
-                problems.push(format!("--next: {e}"));
-            }
+        if let Some(Err(e)) = self.next.as_ref().map(|n| n.parse::<mesh_client::Target>()) {
+            problems.push(format!("--next: {e}"));
         }
         if self.delay_ms < 0 {
             problems.push("--delay-ms: must not be negative".into());
@@ -111,16 +112,16 @@ impl Echo {
     /// Counts the call and applies the current fault.
     async fn enter(&self) -> Result<(), Status> {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let fault = self.fault.lock().expect("fault lock").clone();
+        let fault = *self.fault.lock().expect("fault lock");
         if fault.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(fault.delay_ms as u64)).await;
         }
         if fault.unavailable {
             let mut status = Status::unavailable(format!("{} is failing on purpose", self.id));
-            if let Some(ms) = fault.pushback_ms {
-                if let Ok(value) = ms.to_string().parse() {
-                    status.metadata_mut().insert("grpc-retry-pushback-ms", value);
-                }
+            if let Some(Ok(value)) = fault.pushback_ms.map(|ms| ms.to_string().parse()) {
+                status
+                    .metadata_mut()
+                    .insert("grpc-retry-pushback-ms", value);
             }
             return Err(status);
         }
@@ -143,16 +144,26 @@ impl EchoService for Echo {
     async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
         let timeout = timeout_ms(&request);
         self.enter().await?;
-        Ok(Response::new(self.answer(request.into_inner().payload, timeout)))
+        Ok(Response::new(
+            self.answer(request.into_inner().payload, timeout),
+        ))
     }
 
-    async fn record(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
+    async fn record(
+        &self,
+        request: Request<EchoRequest>,
+    ) -> Result<Response<EchoResponse>, Status> {
         let timeout = timeout_ms(&request);
         self.enter().await?;
-        Ok(Response::new(self.answer(request.into_inner().payload, timeout)))
+        Ok(Response::new(
+            self.answer(request.into_inner().payload, timeout),
+        ))
     }
 
-    async fn chain(&self, request: Request<ChainRequest>) -> Result<Response<ChainResponse>, Status> {
+    async fn chain(
+        &self,
+        request: Request<ChainRequest>,
+    ) -> Result<Response<ChainResponse>, Status> {
         let timeout = timeout_ms(&request);
         self.enter().await?;
         let mut hops = vec![Hop {
@@ -175,13 +186,17 @@ impl EchoService for Echo {
     ) -> Result<Response<Self::EchoStreamStream>, Status> {
         let req = request.into_inner();
         if !(0..=10_000).contains(&req.count) || !(0..=10_000).contains(&req.interval_ms) {
-            return Err(Status::invalid_argument("count and interval_ms must be 0 to 10000"));
+            return Err(Status::invalid_argument(
+                "count and interval_ms must be 0 to 10000",
+            ));
         }
         self.enter().await?;
         let this = self.clone();
-        let stream = async_stream_of(req.count, Duration::from_millis(req.interval_ms as u64), move |i| {
-            this.answer(i.to_le_bytes().to_vec(), 0)
-        });
+        let stream = async_stream_of(
+            req.count,
+            Duration::from_millis(req.interval_ms as u64),
+            move |i| this.answer(i.to_le_bytes().to_vec(), 0),
+        );
         Ok(Response::new(stream))
     }
 
@@ -195,7 +210,10 @@ impl EchoService for Echo {
         self.get_stats(Request::new(GetStatsRequest {})).await
     }
 
-    async fn get_stats(&self, _request: Request<GetStatsRequest>) -> Result<Response<Stats>, Status> {
+    async fn get_stats(
+        &self,
+        _request: Request<GetStatsRequest>,
+    ) -> Result<Response<Stats>, Status> {
         Ok(Response::new(Stats {
             calls: self.calls.load(Ordering::Relaxed),
             server_id: self.id.clone(),
@@ -250,7 +268,11 @@ pub async fn run(
     };
     MeshServer::new(server_config)
         .descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
-        .add_service(EchoServiceServer::new(Echo::new(config.id, config.delay_ms, next)))
+        .add_service(EchoServiceServer::new(Echo::new(
+            config.id,
+            config.delay_ms,
+            next,
+        )))
         .serve(listener, shutdown)
         .await?;
     Ok(())

@@ -11,5 +11,8 @@ fn bad_config_exits_64() {
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--next"), "{stderr}");
-    assert!(stderr.contains("--delay-ms: must not be negative"), "{stderr}");
+    assert!(
+        stderr.contains("--delay-ms: must not be negative"),
+        "{stderr}"
+    );
 }

@@ -75,7 +75,9 @@ impl Config {
     }
 
     fn check_mesh_file(&self) -> Result<(), String> {
-        let Some(path) = &self.mesh_config else { return Ok(()) };
+        let Some(path) = &self.mesh_config else {
+            return Ok(());
+        };
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("--mesh-config: cannot read {}: {e}", path.display()))?;
         MeshConfig::from_json(&text)

@@ -50,7 +50,7 @@ pub(crate) struct EndpointSet {
 pub(crate) enum NoEndpoint {
     /// The resolver reports no endpoints.
     Empty,
-    /// Every endpoint is ejected, draining or backing off.
+    /// Every endpoint is waiting to reconnect after failed connections.
     AllUnavailable { total: usize },
 }
 
@@ -146,25 +146,42 @@ impl EndpointSet {
             return Err(NoEndpoint::Empty);
         }
         let now = Instant::now();
-        let usable = |e: &Endpoint, strict: bool| {
-            e.is_eligible(now) && (!strict || !exclude.contains(&e.addr))
+        // Preference levels: eligible and not excluded; eligible; then
+        // "panic mode" (as Envoy does): when every endpoint is ejected or
+        // draining, trying one beats failing every call. Endpoints that
+        // cannot even be connected to are never tried before their backoff.
+        let usable = |e: &Endpoint, level: u8| match level {
+            0 => e.is_eligible(now) && !exclude.contains(&e.addr),
+            1 => e.is_eligible(now),
+            _ => !e.is_reconnecting(now),
         };
         // Scan forward from a start index to the first usable endpoint.
-        let probe = |start: usize, strict: bool| {
+        let probe = |start: usize, level: u8| {
             (0..n)
                 .map(|i| &endpoints[(start + i) % n])
-                .find(|e| usable(e, strict))
+                .find(|e| usable(e, level))
         };
         let mut rng = rand::rng();
-        for strict in [true, false] {
+        for level in 0..3u8 {
+            if level == 1 && exclude.is_empty() {
+                continue;
+            }
             let chosen = match policy {
-                LbPolicy::RoundRobin => probe(self.next.fetch_add(1, Ordering::Relaxed), strict),
+                LbPolicy::RoundRobin => probe(self.next.fetch_add(1, Ordering::Relaxed), level),
                 LbPolicy::P2c => {
                     let a = rng.random_range(0..n);
-                    let b = if n > 1 { (a + 1 + rng.random_range(0..n - 1)) % n } else { a };
-                    match (probe(a, strict), probe(b, strict)) {
+                    let b = if n > 1 {
+                        (a + 1 + rng.random_range(0..n - 1)) % n
+                    } else {
+                        a
+                    };
+                    match (probe(a, level), probe(b, level)) {
                         (Some(x), Some(y)) => {
-                            if x.load(now) <= y.load(now) { Some(x) } else { Some(y) }
+                            if x.load(now) <= y.load(now) {
+                                Some(x)
+                            } else {
+                                Some(y)
+                            }
                         }
                         (x, y) => x.or(y),
                     }
@@ -172,9 +189,6 @@ impl EndpointSet {
             };
             if let Some(endpoint) = chosen {
                 return Ok(endpoint.clone());
-            }
-            if exclude.is_empty() {
-                break;
             }
         }
         Err(NoEndpoint::AllUnavailable { total: n })
@@ -204,13 +218,19 @@ mod tests {
         let set = EndpointSet::new("t".into(), Arc::default());
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         for port in 1..=n {
-            tx.send(Change::Insert(SocketAddr::from(([127, 0, 0, 1], port)), ())).await.unwrap();
+            tx.send(Change::Insert(SocketAddr::from(([127, 0, 0, 1], port)), ()))
+                .await
+                .unwrap();
         }
         drop(tx);
         set.clone()
             .follow(
                 rx,
-                |addr| tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy(),
+                |addr| {
+                    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                        .unwrap()
+                        .connect_lazy()
+                },
                 false,
             )
             .await;
@@ -220,7 +240,10 @@ mod tests {
     #[tokio::test]
     async fn empty_set_fails_fast() {
         let set = EndpointSet::new("t".into(), Arc::default());
-        assert!(matches!(set.pick(LbPolicy::P2c, &[]), Err(NoEndpoint::Empty)));
+        assert!(matches!(
+            set.pick(LbPolicy::P2c, &[]),
+            Err(NoEndpoint::Empty)
+        ));
     }
 
     #[tokio::test]
@@ -238,18 +261,43 @@ mod tests {
     #[tokio::test]
     async fn round_robin_cycles_and_exclusion_is_honoured() {
         let set = set_of(3).await;
-        let ports: Vec<u16> = (0..6).map(|_| set.pick(LbPolicy::RoundRobin, &[]).unwrap().addr.port()).collect();
+        let ports: Vec<u16> = (0..6)
+            .map(|_| set.pick(LbPolicy::RoundRobin, &[]).unwrap().addr.port())
+            .collect();
         assert_eq!(ports.iter().filter(|p| **p == 1).count(), 2);
-        let avoid = [SocketAddr::from(([127, 0, 0, 1], 1)), SocketAddr::from(([127, 0, 0, 1], 2))];
+        let avoid = [
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            SocketAddr::from(([127, 0, 0, 1], 2)),
+        ];
         for _ in 0..20 {
             assert_eq!(set.pick(LbPolicy::P2c, &avoid).unwrap().addr.port(), 3);
         }
     }
 
     #[tokio::test]
+    async fn a_lone_failing_endpoint_is_still_tried() {
+        let set = set_of(1).await;
+        let policy = OutlierDetection {
+            consecutive_failures: 1,
+            ..Default::default()
+        };
+        set.record_failure(&set.snapshot()[0], &policy);
+        assert!(set.snapshot()[0].is_ejected(Instant::now()));
+        assert!(set.pick(LbPolicy::P2c, &[]).is_ok(), "panic mode");
+        set.snapshot()[0].record_connect_failure(Instant::now(), &Default::default());
+        assert!(matches!(
+            set.pick(LbPolicy::P2c, &[]),
+            Err(NoEndpoint::AllUnavailable { total: 1 })
+        ));
+    }
+
+    #[tokio::test]
     async fn ejection_share_is_capped() {
         let set = set_of(4).await;
-        let policy = OutlierDetection { consecutive_failures: 1, ..Default::default() };
+        let policy = OutlierDetection {
+            consecutive_failures: 1,
+            ..Default::default()
+        };
         for e in set.snapshot().iter() {
             set.record_failure(e, &policy);
         }

@@ -53,7 +53,7 @@ impl CallError {
             )),
             CallError::NoEndpoint(NoEndpoint::AllUnavailable { total }) => {
                 tonic::Status::unavailable(format!(
-                    "all {total} endpoints of {target} are unavailable (ejected, draining or reconnecting)"
+                    "all {total} endpoints of {target} refused connections; retrying them after a backoff"
                 ))
             }
             CallError::Transport { addr, source, .. } => {
@@ -125,7 +125,11 @@ impl Service<http::Request<Body>> for Balancer {
             if !set.is_resolved() {
                 set.wait_resolved().await;
             }
-            let exclude = req.extensions().get::<Exclude>().map(|e| e.0.as_slice()).unwrap_or(&[]);
+            let exclude = req
+                .extensions()
+                .get::<Exclude>()
+                .map(|e| e.0.as_slice())
+                .unwrap_or(&[]);
             let endpoint = set
                 .pick(config.lb_policy_for(&set.target), exclude)
                 .map_err(CallError::NoEndpoint)?;
@@ -174,4 +178,3 @@ impl Service<http::Request<Body>> for Balancer {
         })
     }
 }
-

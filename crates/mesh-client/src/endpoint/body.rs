@@ -52,10 +52,8 @@ where
         let polled = this.inner.poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref() {
-                    if let Some(report) = this.report.take() {
-                        report(Some(grpc_status(trailers).unwrap_or(Code::Unknown)));
-                    }
+                if let (Some(trailers), Some(report)) = (frame.trailers_ref(), this.report.take()) {
+                    report(Some(grpc_status(trailers).unwrap_or(Code::Unknown)));
                 }
             }
             Poll::Ready(Some(Err(_))) => {
@@ -87,4 +85,3 @@ where
 pub(crate) fn header_status(response: &http::Response<tonic::body::Body>) -> Option<Code> {
     grpc_status(response.headers())
 }
-

@@ -31,20 +31,15 @@ pub(crate) async fn watch_health(endpoint: Weak<Endpoint>) {
         {
             Ok(response) => {
                 let mut stream = response.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(update)) => {
-                            let Some(ep) = endpoint.upgrade() else { return };
-                            let serving = update.status() == ServingStatus::Serving;
-                            if ep.is_not_serving() == serving {
-                                tracing::debug!(addr = %ep.addr, serving, "endpoint health changed");
-                            }
-                            ep.set_serving(serving);
-                            backoff = RETRY_START;
-                        }
-                        // The stream ends when the server drains or goes away.
-                        Ok(None) | Err(_) => break,
+                // The stream ends (or errs) when the server drains or goes away.
+                while let Ok(Some(update)) = stream.message().await {
+                    let Some(ep) = endpoint.upgrade() else { return };
+                    let serving = update.status() == ServingStatus::Serving;
+                    if ep.is_not_serving() == serving {
+                        tracing::debug!(addr = %ep.addr, serving, "endpoint health changed");
                     }
+                    ep.set_serving(serving);
+                    backoff = RETRY_START;
                 }
                 if let Some(ep) = endpoint.upgrade() {
                     ep.set_serving(false);

@@ -121,6 +121,11 @@ impl Endpoint {
         state.ejected_until.is_none_or(|t| now >= t) && state.backoff_until.is_none_or(|t| now >= t)
     }
 
+    /// Whether the endpoint waits to reconnect after failed connections.
+    pub(crate) fn is_reconnecting(&self, now: Instant) -> bool {
+        self.state().backoff_until.is_some_and(|t| now < t)
+    }
+
     /// Whether the endpoint is ejected now.
     pub(crate) fn is_ejected(&self, now: Instant) -> bool {
         self.state().ejected_until.is_some_and(|t| now < t)
@@ -130,7 +135,10 @@ impl Endpoint {
     pub(crate) fn load(&self, now: Instant) -> f64 {
         let pending = f64::from(self.in_flight.load(Ordering::Relaxed)) + 1.0;
         let state = self.state();
-        let penalty = decay(state.penalty, now.saturating_duration_since(state.penalty_at));
+        let penalty = decay(
+            state.penalty,
+            now.saturating_duration_since(state.penalty_at),
+        );
         state.rtt_ns * pending * (1.0 + PENALTY_WEIGHT * penalty)
     }
 
@@ -175,7 +183,10 @@ impl Endpoint {
         may_eject: bool,
     ) -> Verdict {
         let mut state = self.state();
-        state.penalty = decay(state.penalty, now.saturating_duration_since(state.penalty_at)) + 1.0;
+        state.penalty = decay(
+            state.penalty,
+            now.saturating_duration_since(state.penalty_at),
+        ) + 1.0;
         state.penalty_at = now;
         state.consecutive_failures += 1;
         if state.consecutive_failures < policy.consecutive_failures || !may_eject {
@@ -207,12 +218,60 @@ impl Endpoint {
     }
 
     pub(crate) fn set_serving(&self, serving: bool) {
-        let value = if serving { HEALTH_SERVING } else { HEALTH_NOT_SERVING };
+        let value = if serving {
+            HEALTH_SERVING
+        } else {
+            HEALTH_NOT_SERVING
+        };
         self.health.store(value, Ordering::Relaxed);
     }
 
     pub(crate) fn is_not_serving(&self) -> bool {
         self.health.load(Ordering::Relaxed) == HEALTH_NOT_SERVING
+    }
+}
+
+/// What the mesh thinks of one endpoint now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointState {
+    /// The endpoint's address.
+    pub addr: SocketAddr,
+    /// Ejected for consecutive failures.
+    pub ejected: bool,
+    /// Waiting before reconnecting after a failed connection attempt.
+    pub reconnecting: bool,
+    /// The health watch's view: `Some(true)` SERVING, `Some(false)`
+    /// NOT_SERVING, `None` not known (yet, or no health service).
+    pub serving: Option<bool>,
+    /// Calls in flight.
+    pub in_flight: u32,
+    /// The balancer's load score (lower is preferred).
+    pub load: f64,
+}
+
+impl Endpoint {
+    /// A snapshot of this endpoint's state.
+    pub(crate) fn snapshot(&self) -> EndpointState {
+        let now = Instant::now();
+        let (ejected, reconnecting) = {
+            let state = self.state();
+            (
+                state.ejected_until.is_some_and(|t| now < t),
+                state.backoff_until.is_some_and(|t| now < t),
+            )
+        };
+        EndpointState {
+            addr: self.addr,
+            ejected,
+            reconnecting,
+            serving: match self.health.load(Ordering::Relaxed) {
+                HEALTH_SERVING => Some(true),
+                HEALTH_NOT_SERVING => Some(false),
+                _ => None,
+            },
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            load: self.load(now),
+        }
     }
 }
 
@@ -254,13 +313,19 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(ep.record_failure(now, &policy, true), Verdict::Kept);
         }
-        assert_eq!(ep.record_failure(now, &policy, true), Verdict::Ejected(Duration::from_secs(5)));
+        assert_eq!(
+            ep.record_failure(now, &policy, true),
+            Verdict::Ejected(Duration::from_secs(5))
+        );
         assert!(!ep.is_eligible(now));
         assert!(ep.is_eligible(now + Duration::from_secs(5)));
         for _ in 0..4 {
             ep.record_failure(now, &policy, true);
         }
-        assert_eq!(ep.record_failure(now, &policy, true), Verdict::Ejected(Duration::from_secs(10)));
+        assert_eq!(
+            ep.record_failure(now, &policy, true),
+            Verdict::Ejected(Duration::from_secs(10))
+        );
         // The share cap holds an endpoint in service even when it fails.
         for _ in 0..10 {
             assert_eq!(ep.record_failure(now, &policy, false), Verdict::Kept);
@@ -288,7 +353,10 @@ mod tests {
         for _ in 0..20 {
             last = ep.record_connect_failure(now, &config);
         }
-        assert!(last <= Duration::from_secs(144) && last >= Duration::from_secs(96), "{last:?}");
+        assert!(
+            last <= Duration::from_secs(144) && last >= Duration::from_secs(96),
+            "{last:?}"
+        );
         ep.record_success();
         assert!(ep.is_eligible(now));
     }

@@ -1,9 +1,4 @@
-use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use hickory_resolver::{
     Resolver, TokioResolver,
@@ -38,7 +33,10 @@ fn build(server: Option<SocketAddr>) -> Result<TokioResolver, String> {
         }
         None => Resolver::builder_tokio().map_err(|e| e.to_string())?,
     };
-    builder.with_options(options).build().map_err(|e| e.to_string())
+    builder
+        .with_options(options)
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 pub(super) async fn resolve_forever(

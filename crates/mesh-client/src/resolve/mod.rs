@@ -61,14 +61,16 @@ impl FromStr for Target {
             reason,
         };
         if let Some(rest) = target.strip_prefix("dns://") {
-            let (authority, name) = rest
-                .split_once('/')
-                .ok_or_else(|| invalid("expected dns:///name:port or dns://server:port/name:port".into()))?;
+            let (authority, name) = rest.split_once('/').ok_or_else(|| {
+                invalid("expected dns:///name:port or dns://server:port/name:port".into())
+            })?;
             let server = if authority.is_empty() {
                 None
             } else {
                 Some(authority.parse::<SocketAddr>().map_err(|_| {
-                    invalid(format!("DNS server {authority:?} is not an IP:port address"))
+                    invalid(format!(
+                        "DNS server {authority:?} is not an IP:port address"
+                    ))
                 })?)
             };
             let (host, port) = name
@@ -88,7 +90,9 @@ impl FromStr for Target {
         }
         if let Some(path) = target.strip_prefix("file://") {
             if !path.starts_with('/') {
-                return Err(invalid("a file target needs an absolute path: file:///path".into()));
+                return Err(invalid(
+                    "a file target needs an absolute path: file:///path".into(),
+                ));
             }
             return Ok(Target::File(PathBuf::from(path)));
         }
@@ -164,7 +168,9 @@ pub(crate) fn spawn(target: Target, refresh: Duration, reresolve: Arc<Notify>) -
             });
         }
         Target::Dns { server, host, port } => {
-            tokio::spawn(dns::resolve_forever(server, host, port, refresh, reresolve, tx));
+            tokio::spawn(dns::resolve_forever(
+                server, host, port, refresh, reresolve, tx,
+            ));
         }
         Target::File(path) => {
             tokio::spawn(file::watch_forever(path, tx));
@@ -209,10 +215,22 @@ mod tests {
         assert!(matches!(&t, Target::Static(a) if a.len() == 2));
         let t: Target = "http://127.0.0.1:5/".parse().unwrap();
         assert_eq!(t.to_string(), "static:///127.0.0.1:5");
-        let t: Target = "dns:///inventory.shop.svc.cluster.local:50052".parse().unwrap();
-        assert_eq!(t.to_string(), "dns:///inventory.shop.svc.cluster.local:50052");
+        let t: Target = "dns:///inventory.shop.svc.cluster.local:50052"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            t.to_string(),
+            "dns:///inventory.shop.svc.cluster.local:50052"
+        );
         let t: Target = "dns://127.0.0.1:5353/inv.test:7".parse().unwrap();
-        assert!(matches!(t, Target::Dns { server: Some(_), port: 7, .. }));
+        assert!(matches!(
+            t,
+            Target::Dns {
+                server: Some(_),
+                port: 7,
+                ..
+            }
+        ));
         let t: Target = "file:///etc/eps".parse().unwrap();
         assert_eq!(t, Target::File("/etc/eps".into()));
     }

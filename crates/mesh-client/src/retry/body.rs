@@ -18,13 +18,18 @@ pub(super) async fn buffer(mut body: Body, limit: usize) -> Result<Buffered, Sta
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut size = 0;
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else { continue };
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
         size += data.len();
         chunks.push(data);
         if size > limit {
-            let head = futures::stream::iter(chunks.into_iter().map(|b| Ok(http_body::Frame::data(b))));
+            let head =
+                futures::stream::iter(chunks.into_iter().map(|b| Ok(http_body::Frame::data(b))));
             let rest = BodyStream::new(body);
-            return Ok(Buffered::TooLarge(Body::new(StreamBody::new(head.chain(rest)))));
+            return Ok(Buffered::TooLarge(Body::new(StreamBody::new(
+                head.chain(rest),
+            ))));
         }
     }
     Ok(Buffered::Whole(match chunks.len() {

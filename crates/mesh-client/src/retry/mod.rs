@@ -62,7 +62,11 @@ enum Outcome {
     /// Done: success, or a response whose headers arrived.
     Final,
     /// Failed with this code, before anything was committed.
-    Failed { code: Code, pushback: Pushback, never_sent: bool },
+    Failed {
+        code: Code,
+        pushback: Pushback,
+        never_sent: bool,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -101,7 +105,10 @@ fn classify(result: &Attempt) -> Outcome {
 }
 
 fn pushback(headers: &http::HeaderMap) -> Pushback {
-    match headers.get("grpc-retry-pushback-ms").map(|v| v.to_str().map(str::parse::<i64>)) {
+    match headers
+        .get("grpc-retry-pushback-ms")
+        .map(|v| v.to_str().map(str::parse::<i64>))
+    {
         None => Pushback::None,
         Some(Ok(Ok(ms))) if ms >= 0 => Pushback::After(Duration::from_millis(ms as u64)),
         // Negative or malformed: the server asks not to retry.
@@ -111,7 +118,9 @@ fn pushback(headers: &http::HeaderMap) -> Pushback {
 
 /// Full-jitter exponential backoff before retry number `retry` (1-based).
 fn backoff(policy: &RetryPolicy, retry: u32) -> Duration {
-    let exp = policy.backoff_multiplier.powi(retry.saturating_sub(1).min(30) as i32);
+    let exp = policy
+        .backoff_multiplier
+        .powi(retry.saturating_sub(1).min(30) as i32);
     let cap = policy.initial_backoff.mul_f64(exp).min(policy.max_backoff);
     cap.mul_f64(rand::random::<f64>())
 }
@@ -125,12 +134,13 @@ impl Retry {
         exclude: &[std::net::SocketAddr],
         per_attempt: Option<Duration>,
     ) -> (BoxFuture<'static, Attempt>, Picked) {
-        let mut req = http::Request::from_parts(parts.clone(), Body::new(http_body_util::Full::new(body.clone())));
+        let mut req = http::Request::from_parts(
+            parts.clone(),
+            Body::new(http_body_util::Full::new(body.clone())),
+        );
         if number > 1 {
-            req.headers_mut().insert(
-                "grpc-previous-rpc-attempts",
-                HeaderValue::from(number - 1),
-            );
+            req.headers_mut()
+                .insert("grpc-previous-rpc-attempts", HeaderValue::from(number - 1));
         }
         let picked = Picked::default();
         req.extensions_mut().insert(picked.clone());
@@ -160,13 +170,24 @@ impl Retry {
         let mut exclude = Vec::new();
         let mut number = 1;
         loop {
-            let (fut, picked) =
-                self.attempt(&parts, &body, number, &exclude, policy.per_attempt_recv_timeout);
+            let (fut, picked) = self.attempt(
+                &parts,
+                &body,
+                number,
+                &exclude,
+                policy.per_attempt_recv_timeout,
+            );
             let result = fut.await;
-            let Outcome::Failed { code, pushback, never_sent } = classify(&result) else {
+            let Outcome::Failed {
+                code,
+                pushback,
+                never_sent,
+            } = classify(&result)
+            else {
                 return result;
             };
-            let retryable = never_sent || (idempotent && policy.retryable_status_codes.contains(&code))
+            let retryable = never_sent
+                || (idempotent && policy.retryable_status_codes.contains(&code))
                 || (idempotent && code == Code::Unavailable && result.is_err());
             if !retryable || number >= policy.max_attempts || pushback == Pushback::Stop {
                 return result;
@@ -188,19 +209,25 @@ impl Retry {
         }
     }
 
-    async fn hedge(self, parts: http::request::Parts, body: Bytes, policy: HedgingPolicy) -> Attempt {
+    async fn hedge(
+        self,
+        parts: http::request::Parts,
+        body: Bytes,
+        policy: HedgingPolicy,
+    ) -> Attempt {
         let mut running = FuturesUnordered::new();
         let mut exclude = Vec::new();
         let mut picks: Vec<Picked> = Vec::new();
         let mut sent = 0;
         let mut last = None;
-        let mut launch = |sent: &mut u32, running: &mut FuturesUnordered<_>, exclude: &mut Vec<_>| {
-            exclude.extend(picks.iter().filter_map(|p: &Picked| p.0.get().copied()));
-            *sent += 1;
-            let (fut, picked) = self.attempt(&parts, &body, *sent, exclude, None);
-            picks.push(picked);
-            running.push(fut);
-        };
+        let mut launch =
+            |sent: &mut u32, running: &mut FuturesUnordered<_>, exclude: &mut Vec<_>| {
+                exclude.extend(picks.iter().filter_map(|p: &Picked| p.0.get().copied()));
+                *sent += 1;
+                let (fut, picked) = self.attempt(&parts, &body, *sent, exclude, None);
+                picks.push(picked);
+                running.push(fut);
+            };
         launch(&mut sent, &mut running, &mut exclude);
         loop {
             let more = sent < policy.max_attempts;
@@ -252,9 +279,11 @@ impl Service<http::Request<Body>> for Retry {
             this.budget.deposit();
             let result = match info {
                 // Unknown or client-streaming: one attempt, nothing buffered.
-                None | Some(crate::methods::MethodInfo { client_streaming: true, .. }) => {
-                    this.inner.clone().call(req).await
-                }
+                None
+                | Some(crate::methods::MethodInfo {
+                    client_streaming: true,
+                    ..
+                }) => this.inner.clone().call(req).await,
                 Some(info) => {
                     let config = this.config.load();
                     let policy = config.call_policy(&target, req.uri().path());
@@ -263,10 +292,15 @@ impl Service<http::Request<Body>> for Retry {
                     match body::buffer(body, config.max_replay_bytes).await {
                         Err(status) => return Err(Box::new(status) as BoxError),
                         Ok(body::Buffered::TooLarge(body)) => {
-                            this.inner.clone().call(http::Request::from_parts(parts, body)).await
+                            this.inner
+                                .clone()
+                                .call(http::Request::from_parts(parts, body))
+                                .await
                         }
                         Ok(body::Buffered::Whole(bytes)) => match hedging {
-                            Some(hedging) if info.idempotent => this.hedge(parts, bytes, hedging).await,
+                            Some(hedging) if info.idempotent => {
+                                this.hedge(parts, bytes, hedging).await
+                            }
                             _ => this.retry_loop(parts, bytes, info.idempotent, retry).await,
                         },
                     }
@@ -297,7 +331,10 @@ mod tests {
     fn backoff_is_bounded_by_the_policy() {
         let policy = RetryPolicy::default();
         for retry in 1..10 {
-            let cap = policy.initial_backoff.mul_f64(2f64.powi(retry as i32 - 1)).min(policy.max_backoff);
+            let cap = policy
+                .initial_backoff
+                .mul_f64(2f64.powi(retry as i32 - 1))
+                .min(policy.max_backoff);
             assert!(backoff(&policy, retry) <= cap);
         }
     }

@@ -1,0 +1,535 @@
+//! The mesh's guarantees against real servers on loopback: balancing,
+//! failover, ejection, health-aware draining, DNS discovery, deadline
+//! propagation, retries within a budget, and hedging.
+//!
+//! The servers are `mesh-echo` processes whose faults (latency,
+//! UNAVAILABLE, pushback) are switched at run time.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use common::{Proc, dns::TestDns, free_addr, wait_serving};
+use mesh_client::{LbPolicy, Mesh, MeshChannel, MeshConfig};
+use shop_api::echo::v1::{
+    ChainRequest, EchoRequest, Fault, GetStatsRequest, echo_service_client::EchoServiceClient,
+};
+use tokio::time::Instant;
+use tonic::Code;
+
+fn echo(id: &str, addr: SocketAddr, extra: &[&str]) -> Proc {
+    let mut args = vec!["--id".to_string(), id.to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Proc::spawn("mesh-echo", addr, &args)
+}
+
+async fn replicas(n: usize) -> Vec<Proc> {
+    let procs: Vec<Proc> = (0..n)
+        .map(|i| echo(&format!("r{i}"), free_addr(), &[]))
+        .collect();
+    for p in &procs {
+        wait_serving(p.addr).await;
+    }
+    procs
+}
+
+fn static_target(procs: &[Proc]) -> String {
+    let list: Vec<String> = procs.iter().map(|p| p.addr.to_string()).collect();
+    format!("static:///{}", list.join(","))
+}
+
+fn mesh(config: MeshConfig) -> Mesh {
+    Mesh::from_config(config)
+        .unwrap()
+        .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+        .unwrap()
+}
+
+/// A direct (non-mesh) client to one server, for setting faults and stats.
+async fn control(addr: SocketAddr) -> EchoServiceClient<tonic::transport::Channel> {
+    EchoServiceClient::new(common::channel(addr).await)
+}
+
+async fn set_fault(addr: SocketAddr, fault: Fault) {
+    control(addr).await.set_fault(fault).await.unwrap();
+}
+
+async fn calls(addr: SocketAddr) -> i64 {
+    control(addr)
+        .await
+        .get_stats(GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .calls
+}
+
+#[derive(Debug, Default)]
+struct Report {
+    ok: usize,
+    errors: Vec<(Code, String)>,
+    by_server: HashMap<String, usize>,
+}
+
+/// Runs `concurrency` loops of Echo for `duration` (and at most 200 000 calls).
+async fn load(channel: &MeshChannel, concurrency: usize, duration: Duration) -> Report {
+    let end = Instant::now() + duration;
+    let budget = Arc::new(std::sync::atomic::AtomicUsize::new(200_000));
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let mut client = EchoServiceClient::new(channel.clone());
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                let mut report = Report::default();
+                while Instant::now() < end
+                    && budget.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) > 0
+                {
+                    match client
+                        .echo(EchoRequest {
+                            payload: b"hi".to_vec(),
+                        })
+                        .await
+                    {
+                        Ok(r) => {
+                            report.ok += 1;
+                            *report
+                                .by_server
+                                .entry(r.into_inner().server_id)
+                                .or_default() += 1;
+                        }
+                        Err(s) => report.errors.push((s.code(), s.message().to_owned())),
+                    }
+                }
+                report
+            })
+        })
+        .collect();
+    let mut total = Report::default();
+    for task in tasks {
+        let r = task.await.unwrap();
+        total.ok += r.ok;
+        total.errors.extend(r.errors);
+        for (k, v) in r.by_server {
+            *total.by_server.entry(k).or_default() += v;
+        }
+    }
+    total
+}
+
+fn share(report: &Report, server: &str) -> f64 {
+    *report.by_server.get(server).unwrap_or(&0) as f64 / report.ok.max(1) as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_replica_under_load_fails_no_idempotent_call() {
+    let mut procs = replicas(3).await;
+    let mesh = mesh(MeshConfig::default());
+    let channel = mesh.channel(&static_target(&procs)).unwrap();
+    let run = {
+        let channel = channel.clone();
+        tokio::spawn(async move { load(&channel, 8, Duration::from_secs(3)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dead = procs[1].addr;
+    procs[1].kill();
+    let report = run.await.unwrap();
+    assert!(
+        report.errors.is_empty(),
+        "failed calls: {:?}",
+        &report.errors[..report.errors.len().min(5)]
+    );
+    assert!(report.ok > 100, "{report:?}");
+    let state = channel
+        .endpoint_states()
+        .into_iter()
+        .find(|s| s.addr == dead)
+        .unwrap();
+    assert!(
+        state.ejected || state.reconnecting || state.serving == Some(false),
+        "dead endpoint still in rotation: {state:?}"
+    );
+    let after = load(&channel, 4, Duration::from_millis(500)).await;
+    assert_eq!(share(&after, "r1"), 0.0);
+    assert!(after.errors.is_empty(), "{:?}", after.errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_replica_gets_little_traffic_under_p2c_and_more_under_round_robin() {
+    let procs = replicas(3).await;
+    set_fault(
+        procs[2].addr,
+        Fault {
+            delay_ms: 20,
+            ..Default::default()
+        },
+    )
+    .await;
+    let target = static_target(&procs);
+    let p2c = mesh(MeshConfig::default()).channel(&target).unwrap();
+    let rr = mesh(MeshConfig {
+        load_balancing_policy: LbPolicy::RoundRobin,
+        ..Default::default()
+    })
+    .channel(&target)
+    .unwrap();
+    let p2c_report = load(&p2c, 8, Duration::from_secs(2)).await;
+    let rr_report = load(&rr, 8, Duration::from_secs(2)).await;
+    let (p2c_share, rr_share) = (share(&p2c_report, "r2"), share(&rr_report, "r2"));
+    eprintln!("slow replica share: p2c {p2c_share:.3}, round robin {rr_share:.3}");
+    assert!(p2c_report.errors.is_empty() && rr_report.errors.is_empty());
+    assert!(
+        p2c_share < 0.15,
+        "P2C sent {p2c_share:.3} of calls to the slow replica"
+    );
+    assert!(
+        rr_share > 2.0 * p2c_share,
+        "round robin {rr_share:.3} vs p2c {p2c_share:.3}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_replica_is_ejected_and_readmitted_after_it_recovers() {
+    let procs = replicas(3).await;
+    let config = MeshConfig {
+        outlier_detection: mesh_client::OutlierDetection {
+            base_ejection_time: Duration::from_millis(500),
+            ..Default::default()
+        },
+        health_checks: false,
+        // Round robin keeps sending to the failing replica, so ejection is what removes it.
+        load_balancing_policy: LbPolicy::RoundRobin,
+        ..Default::default()
+    };
+    let channel = mesh(config).channel(&static_target(&procs)).unwrap();
+    set_fault(
+        procs[0].addr,
+        Fault {
+            unavailable: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let report = load(&channel, 4, Duration::from_millis(600)).await;
+    assert!(
+        report.errors.is_empty(),
+        "retries hide the failing replica: {:?}",
+        report.errors.first()
+    );
+    let state = channel
+        .endpoint_states()
+        .into_iter()
+        .find(|s| s.addr == procs[0].addr)
+        .unwrap();
+    assert!(state.ejected, "{state:?}");
+
+    set_fault(procs[0].addr, Fault::default()).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = calls(procs[0].addr).await;
+    let report = load(&channel, 4, Duration::from_secs(1)).await;
+    assert!(report.errors.is_empty());
+    assert!(
+        calls(procs[0].addr).await > before,
+        "the healed replica was re-admitted"
+    );
+    assert!(share(&report, "r0") > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_replica_down_calls_fail_fast_with_unavailable() {
+    let addrs: Vec<String> = (0..3).map(|_| free_addr().to_string()).collect();
+    let channel = mesh(MeshConfig::default())
+        .channel(&format!("static:///{}", addrs.join(",")))
+        .unwrap();
+    let mut client = EchoServiceClient::new(channel);
+    for _ in 0..3 {
+        let started = Instant::now();
+        let mut request = tonic::Request::new(EchoRequest::default());
+        request.set_timeout(Duration::from_secs(30));
+        let err = client.echo(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        // Bounded by the 1 s connect timeout, not the 30 s deadline.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_records_added_and_removed_move_traffic() {
+    let dns = TestDns::start().await;
+    let port = free_addr().port();
+    let ips: Vec<Ipv4Addr> = (11..14).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    let procs: Vec<Proc> = ips
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| echo(&format!("d{i}"), SocketAddr::from((*ip, port)), &[]))
+        .collect();
+    for p in &procs {
+        wait_serving(p.addr).await;
+    }
+    dns.set("echo.mesh.test", &ips[..2]);
+    let config = MeshConfig {
+        dns_refresh: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let channel = mesh(config)
+        .channel(&format!("dns://{}/echo.mesh.test:{port}", dns.addr))
+        .unwrap();
+    let first = load(&channel, 4, Duration::from_millis(500)).await;
+    assert!(first.errors.is_empty(), "{:?}", first.errors);
+    assert_eq!(share(&first, "d2"), 0.0);
+    assert!(
+        share(&first, "d0") > 0.0 && share(&first, "d1") > 0.0,
+        "{first:?}"
+    );
+
+    // Scale up: the new pod gets traffic within seconds, while calls continue.
+    dns.set("echo.mesh.test", &ips);
+    let during = {
+        let channel = channel.clone();
+        tokio::spawn(async move { load(&channel, 4, Duration::from_secs(2)).await })
+    };
+    let up = during.await.unwrap();
+    assert!(up.errors.is_empty(), "{:?}", up.errors);
+    assert!(share(&up, "d2") > 0.0, "{up:?}");
+
+    // Scale down: the removed pod stops getting traffic.
+    dns.set("echo.mesh.test", &ips[1..]);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(channel.endpoints().len(), 2);
+    let down = load(&channel, 4, Duration::from_millis(500)).await;
+    assert!(down.errors.is_empty());
+    assert_eq!(share(&down, "d0"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_propagate_across_three_hops_and_expiry_stops_the_chain() {
+    let c = echo("c", free_addr(), &[]);
+    let b = echo(
+        "b",
+        free_addr(),
+        &["--next", &format!("static:///{}", c.addr)],
+    );
+    let a = echo(
+        "a",
+        free_addr(),
+        &["--next", &format!("static:///{}", b.addr)],
+    );
+    for p in [&a, &b, &c] {
+        wait_serving(p.addr).await;
+    }
+    let channel = mesh(MeshConfig::default())
+        .channel(&format!("static:///{}", a.addr))
+        .unwrap();
+    let mut client = EchoServiceClient::new(channel);
+    let mut request = tonic::Request::new(ChainRequest {});
+    request.set_timeout(Duration::from_millis(1500));
+    let hops = client.chain(request).await.unwrap().into_inner().hops;
+    let seen: Vec<(String, i64)> = hops
+        .iter()
+        .map(|h| (h.server_id.clone(), h.timeout_ms))
+        .collect();
+    assert_eq!(
+        seen.iter().map(|h| h.0.as_str()).collect::<Vec<_>>(),
+        ["a", "b", "c"]
+    );
+    assert!(seen[0].1 > 0 && seen[0].1 <= 1500, "{seen:?}");
+    assert!(
+        seen[1].1 > 0 && seen[1].1 <= seen[0].1,
+        "b saw more time than a had: {seen:?}"
+    );
+    assert!(
+        seen[2].1 > 0 && seen[2].1 <= seen[1].1,
+        "c saw more time than b had: {seen:?}"
+    );
+
+    // b is slower than the whole deadline: the call fails, and c is never called.
+    set_fault(
+        b.addr,
+        Fault {
+            delay_ms: 400,
+            ..Default::default()
+        },
+    )
+    .await;
+    let before = calls(c.addr).await;
+    let mut request = tonic::Request::new(ChainRequest {});
+    request.set_timeout(Duration::from_millis(200));
+    let err = client.chain(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        calls(c.addr).await,
+        before,
+        "the chain went on after its deadline"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stay_within_the_budget_obey_pushback_and_spare_non_idempotent_calls() {
+    let procs = replicas(1).await;
+    let addr = procs[0].addr;
+    // A tight budget (20 % of requests plus 1 retry per second) makes the
+    // bound sharp: three attempts per call would be 900.
+    let config = MeshConfig {
+        health_checks: false,
+        retry_budget: mesh_client::RetryBudget {
+            retry_ratio: 0.2,
+            min_retries_per_second: 1,
+            ttl: Duration::from_secs(1),
+        },
+        ..Default::default()
+    };
+    let channel = mesh(config).channel(&static_target(&procs)).unwrap();
+    let mut client = EchoServiceClient::new(channel);
+    set_fault(
+        addr,
+        Fault {
+            unavailable: true,
+            ..Default::default()
+        },
+    )
+    .await;
+
+    let start = calls(addr).await;
+    let began = Instant::now();
+    let n = 300;
+    for _ in 0..n {
+        let err = client.echo(EchoRequest::default()).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+    }
+    let attempts = calls(addr).await - start;
+    let allowed = n + n / 5 + began.elapsed().as_secs() as i64 + 2;
+    eprintln!("{n} calls made {attempts} attempts (budget allows {allowed})");
+    assert!(attempts > n, "retries happened: {attempts}");
+    assert!(
+        attempts <= allowed,
+        "budget exceeded: {attempts} attempts for {n} calls"
+    );
+
+    // A negative pushback stops retries.
+    set_fault(
+        addr,
+        Fault {
+            unavailable: true,
+            pushback_ms: Some(-1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let start = calls(addr).await;
+    for _ in 0..10 {
+        client.echo(EchoRequest::default()).await.unwrap_err();
+    }
+    assert_eq!(calls(addr).await - start, 10);
+
+    // A positive pushback sets the wait before the retry.
+    set_fault(
+        addr,
+        Fault {
+            unavailable: true,
+            pushback_ms: Some(300),
+            ..Default::default()
+        },
+    )
+    .await;
+    let started = Instant::now();
+    client.echo(EchoRequest::default()).await.unwrap_err();
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "pushback ignored: {:?}",
+        started.elapsed()
+    );
+
+    // A method with side effects is not retried once it reached the server.
+    set_fault(
+        addr,
+        Fault {
+            unavailable: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let start = calls(addr).await;
+    for _ in 0..10 {
+        client.record(EchoRequest::default()).await.unwrap_err();
+    }
+    assert_eq!(calls(addr).await - start, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_fails_no_call() {
+    let mut procs: Vec<Proc> = (0..3)
+        .map(|i| echo(&format!("r{i}"), free_addr(), &["--drain-grace-ms", "300"]))
+        .collect();
+    for p in &procs {
+        wait_serving(p.addr).await;
+    }
+    let channel = mesh(MeshConfig::default())
+        .channel(&static_target(&procs))
+        .unwrap();
+    let run = {
+        let channel = channel.clone();
+        tokio::spawn(async move { load(&channel, 8, Duration::from_secs(6)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (i, proc) in procs.iter_mut().enumerate() {
+        let addr = proc.addr;
+        assert_eq!(proc.terminate(Duration::from_secs(20)).await, Some(0));
+        *proc = echo(&format!("r{i}-new"), addr, &["--drain-grace-ms", "300"]);
+        wait_serving(addr).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let report = run.await.unwrap();
+    assert!(
+        report.errors.is_empty(),
+        "{} failed calls, first: {:?}",
+        report.errors.len(),
+        report.errors.first()
+    );
+    assert!(
+        report.by_server.keys().any(|k| k.ends_with("-new")),
+        "{:?}",
+        report.by_server
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedging_answers_from_the_fast_replica() {
+    let procs = replicas(2).await;
+    set_fault(
+        procs[0].addr,
+        Fault {
+            delay_ms: 300,
+            ..Default::default()
+        },
+    )
+    .await;
+    let config = MeshConfig::from_json(
+        r#"{"loadBalancingPolicy": "round_robin",
+            "hedgingPolicy": {"maxAttempts": 2, "hedgingDelay": "20ms"}}"#,
+    )
+    .unwrap();
+    let channel = mesh(config).channel(&static_target(&procs)).unwrap();
+    let mut client = EchoServiceClient::new(channel);
+    let slow_before = calls(procs[0].addr).await;
+    for _ in 0..10 {
+        let answer = client
+            .echo(EchoRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.server_id, "r1");
+    }
+    assert!(
+        calls(procs[0].addr).await > slow_before,
+        "round robin sent first attempts to the slow replica"
+    );
+}
