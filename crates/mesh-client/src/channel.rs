@@ -11,7 +11,7 @@ use tonic::{
     body::Body,
     transport::{Channel, Endpoint},
 };
-use tower::{Service, ServiceBuilder, retry::budget::TpsBudget, util::BoxCloneSyncService};
+use tower::{Service, ServiceBuilder, util::BoxCloneSyncService};
 
 use crate::{
     BoxError, MeshConfig, MeshError, Target,
@@ -21,7 +21,7 @@ use crate::{
     endpoint::EndpointState,
     methods::MethodTable,
     resolve,
-    retry::Retry,
+    retry::{Budget, Retry},
 };
 
 /// The live config, swapped whole on reload; calls take a cheap snapshot.
@@ -128,7 +128,7 @@ impl Mesh {
             },
             config: self.config.clone(),
             methods: self.methods.clone(),
-            budget: Arc::new(TpsBudget::new(
+            budget: Arc::new(Budget::new(
                 budget.ttl,
                 budget.min_retries_per_second,
                 budget.retry_ratio,

@@ -25,7 +25,7 @@ use tower::discover::Change;
 
 mod service;
 
-pub(crate) use service::{Balancer, CallError, Exclude, Picked};
+pub(crate) use service::{Balancer, CallError, Exclude, Picked, Served};
 
 use crate::{
     config::{LbPolicy, OutlierDetection},

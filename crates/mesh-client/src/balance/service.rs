@@ -27,6 +27,10 @@ pub(crate) struct Exclude(pub(crate) Vec<SocketAddr>);
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Picked(pub(crate) Arc<OnceLock<SocketAddr>>);
 
+/// On a failed (trailers-only) response: the endpoint that sent it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Served(pub(crate) SocketAddr);
+
 /// Why an attempt failed below the gRPC layer.
 #[derive(Debug)]
 pub(crate) enum CallError {
@@ -172,6 +176,10 @@ impl Service<http::Request<Body>> for Balancer {
             };
             if let Some(code) = header_status(&response) {
                 account(Some(code));
+                let mut response = response;
+                if code != Code::Ok {
+                    response.extensions_mut().insert(Served(endpoint.addr));
+                }
                 return Ok(response);
             }
             Ok(response.map(|body| Body::new(ObservedBody::new(body, account))))

@@ -16,7 +16,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU8, AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -48,13 +48,19 @@ pub(crate) struct Endpoint {
     pub(crate) channel: Channel,
     in_flight: AtomicU32,
     health: AtomicU8,
+    /// Peak-EWMA latency (f64 bits, ns) and when it was last updated (ns
+    /// since `born`): atomics, so the success path takes no lock.
+    rtt_ns: AtomicU64,
+    rtt_at: AtomicU64,
+    born: Instant,
+    /// Set while `state` holds any failure bookkeeping; when clear, the
+    /// endpoint is eligible and unpenalised without looking at `state`.
+    troubled: AtomicBool,
     state: Mutex<State>,
     health_task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 struct State {
-    rtt_ns: f64,
-    rtt_at: Instant,
     penalty: f64,
     penalty_at: Instant,
     consecutive_failures: u32,
@@ -89,9 +95,11 @@ impl Endpoint {
             channel,
             in_flight: AtomicU32::new(0),
             health: AtomicU8::new(HEALTH_UNKNOWN),
+            rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            rtt_at: AtomicU64::new(0),
+            born: now,
+            troubled: AtomicBool::new(false),
             state: Mutex::new(State {
-                rtt_ns: DEFAULT_RTT.as_nanos() as f64,
-                rtt_at: now,
                 penalty: 0.0,
                 penalty_at: now,
                 consecutive_failures: 0,
@@ -117,29 +125,37 @@ impl Endpoint {
         if self.health.load(Ordering::Relaxed) == HEALTH_NOT_SERVING {
             return false;
         }
+        if !self.troubled.load(Ordering::Relaxed) {
+            return true;
+        }
         let state = self.state();
         state.ejected_until.is_none_or(|t| now >= t) && state.backoff_until.is_none_or(|t| now >= t)
     }
 
     /// Whether the endpoint waits to reconnect after failed connections.
     pub(crate) fn is_reconnecting(&self, now: Instant) -> bool {
-        self.state().backoff_until.is_some_and(|t| now < t)
+        self.troubled.load(Ordering::Relaxed) && self.state().backoff_until.is_some_and(|t| now < t)
     }
 
     /// Whether the endpoint is ejected now.
     pub(crate) fn is_ejected(&self, now: Instant) -> bool {
-        self.state().ejected_until.is_some_and(|t| now < t)
+        self.troubled.load(Ordering::Relaxed) && self.state().ejected_until.is_some_and(|t| now < t)
     }
 
     /// Peak-EWMA latency × (in-flight + 1) × failure penalty.
     pub(crate) fn load(&self, now: Instant) -> f64 {
         let pending = f64::from(self.in_flight.load(Ordering::Relaxed)) + 1.0;
-        let state = self.state();
-        let penalty = decay(
-            state.penalty,
-            now.saturating_duration_since(state.penalty_at),
-        );
-        state.rtt_ns * pending * (1.0 + PENALTY_WEIGHT * penalty)
+        let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let penalty = if self.troubled.load(Ordering::Relaxed) {
+            let state = self.state();
+            decay(
+                state.penalty,
+                now.saturating_duration_since(state.penalty_at),
+            )
+        } else {
+            0.0
+        };
+        rtt * pending * (1.0 + PENALTY_WEIGHT * penalty)
     }
 
     /// Marks a call in flight until the guard drops.
@@ -150,20 +166,26 @@ impl Endpoint {
 
     /// Feeds one response latency into the peak-EWMA estimate.
     pub(crate) fn observe_rtt(&self, rtt: Duration, now: Instant) {
-        let mut state = self.state();
+        // Racing updates may lose one sample; an estimate does not need more.
+        let at = now.saturating_duration_since(self.born).as_nanos() as u64;
+        let previous = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         let rtt = rtt.as_nanos() as f64;
-        if rtt > state.rtt_ns {
+        let next = if rtt > previous {
             // Peak: jump up at once, so a slowing endpoint is avoided quickly.
-            state.rtt_ns = rtt;
+            rtt
         } else {
-            let elapsed = now.saturating_duration_since(state.rtt_at).as_nanos() as f64;
+            let elapsed = at.saturating_sub(self.rtt_at.load(Ordering::Relaxed)) as f64;
             let weight = (-elapsed / RTT_DECAY.as_nanos() as f64).exp();
-            state.rtt_ns = state.rtt_ns * weight + rtt * (1.0 - weight);
-        }
-        state.rtt_at = now;
+            previous * weight + rtt * (1.0 - weight)
+        };
+        self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
+        self.rtt_at.store(at, Ordering::Relaxed);
     }
 
     pub(crate) fn record_success(&self) {
+        if !self.troubled.load(Ordering::Relaxed) {
+            return;
+        }
         let mut state = self.state();
         state.consecutive_failures = 0;
         state.connect_failures = 0;
@@ -171,6 +193,9 @@ impl Endpoint {
         if state.ejected_until.take().is_some() {
             // Re-admitted and healthy: the next ejection starts shorter again.
             state.ejections = state.ejections.saturating_sub(1);
+        }
+        if state.ejections == 0 && state.penalty_at.elapsed() > 8 * PENALTY_HALF_LIFE {
+            self.troubled.store(false, Ordering::Relaxed);
         }
     }
 
@@ -183,6 +208,7 @@ impl Endpoint {
         may_eject: bool,
     ) -> Verdict {
         let mut state = self.state();
+        self.troubled.store(true, Ordering::Relaxed);
         state.penalty = decay(
             state.penalty,
             now.saturating_duration_since(state.penalty_at),
@@ -206,6 +232,7 @@ impl Endpoint {
     /// connection backoff: ×1.6 per failure, capped, ±20 % jitter).
     pub(crate) fn record_connect_failure(&self, now: Instant, config: &EndpointConfig) -> Duration {
         let mut state = self.state();
+        self.troubled.store(true, Ordering::Relaxed);
         state.connect_failures += 1;
         let exp = 1.6f64.powi(state.connect_failures.saturating_sub(1).min(30) as i32);
         let base = config

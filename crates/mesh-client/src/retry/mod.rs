@@ -2,7 +2,7 @@
 //!
 //! Why a budget and not just `maxAttempts`: when a dependency is down, every
 //! caller retrying three times triples the load on it exactly when it can
-//! least take it. A budget (tower's `TpsBudget`: retries may add at most 20 %
+//! least take it. A budget (retries may add at most 20 %
 //! of requests plus 10 per second) lets retries fix sporadic failures while
 //! an outage costs at most 1.2× the traffic.
 //!
@@ -21,6 +21,9 @@
 //! (attempts, backoff, codes, budget) is configuration.
 
 mod body;
+mod budget;
+
+pub(crate) use budget::Budget;
 
 use std::{
     sync::Arc,
@@ -32,14 +35,11 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use http::HeaderValue;
 use tonic::{Code, body::Body};
-use tower::{
-    Service,
-    retry::budget::{Budget, TpsBudget},
-};
+use tower::Service;
 
 use crate::{
     BoxError,
-    balance::{Balancer, CallError, Exclude, Picked},
+    balance::{Balancer, CallError, Exclude, Picked, Served},
     channel::ConfigHandle,
     config::{HedgingPolicy, RetryPolicy},
     endpoint::header_status,
@@ -54,7 +54,7 @@ pub(crate) struct Retry {
     pub(crate) inner: Balancer,
     pub(crate) config: ConfigHandle,
     pub(crate) methods: Arc<MethodTable>,
-    pub(crate) budget: Arc<TpsBudget>,
+    pub(crate) budget: Arc<Budget>,
 }
 
 /// How an attempt ended, for the retry decision.
@@ -104,6 +104,15 @@ fn classify(result: &Attempt) -> Outcome {
     }
 }
 
+/// The endpoint a failed attempt went to, to avoid it on the next one.
+fn served_by(result: &Attempt) -> Option<std::net::SocketAddr> {
+    match result {
+        Ok(response) => response.extensions().get::<Served>().map(|s| s.0),
+        Err(CallError::Transport { addr, .. }) => Some(*addr),
+        Err(_) => None,
+    }
+}
+
 fn pushback(headers: &http::HeaderMap) -> Pushback {
     match headers
         .get("grpc-retry-pushback-ms")
@@ -133,6 +142,7 @@ impl Retry {
         number: u32,
         exclude: &[std::net::SocketAddr],
         per_attempt: Option<Duration>,
+        track: bool,
     ) -> (BoxFuture<'static, Attempt>, Picked) {
         let mut req = http::Request::from_parts(
             parts.clone(),
@@ -143,7 +153,9 @@ impl Retry {
                 .insert("grpc-previous-rpc-attempts", HeaderValue::from(number - 1));
         }
         let picked = Picked::default();
-        req.extensions_mut().insert(picked.clone());
+        if track {
+            req.extensions_mut().insert(picked.clone());
+        }
         if !exclude.is_empty() {
             req.extensions_mut().insert(Exclude(exclude.to_vec()));
         }
@@ -170,12 +182,13 @@ impl Retry {
         let mut exclude = Vec::new();
         let mut number = 1;
         loop {
-            let (fut, picked) = self.attempt(
+            let (fut, _) = self.attempt(
                 &parts,
                 &body,
                 number,
                 &exclude,
                 policy.per_attempt_recv_timeout,
+                false,
             );
             let result = fut.await;
             let Outcome::Failed {
@@ -196,8 +209,8 @@ impl Retry {
                 tracing::debug!(target = %self.inner.set.target, path = parts.uri.path(), "retry budget exhausted; not retrying");
                 return result;
             }
-            if let Some(addr) = picked.0.get() {
-                exclude.push(*addr);
+            if let Some(addr) = served_by(&result) {
+                exclude.push(addr);
             }
             let wait = match pushback {
                 Pushback::After(wait) => wait,
@@ -224,7 +237,7 @@ impl Retry {
             |sent: &mut u32, running: &mut FuturesUnordered<_>, exclude: &mut Vec<_>| {
                 exclude.extend(picks.iter().filter_map(|p: &Picked| p.0.get().copied()));
                 *sent += 1;
-                let (fut, picked) = self.attempt(&parts, &body, *sent, exclude, None);
+                let (fut, picked) = self.attempt(&parts, &body, *sent, exclude, None, true);
                 picks.push(picked);
                 running.push(fut);
             };
