@@ -533,3 +533,41 @@ async fn hedging_answers_from_the_fast_replica() {
         "round robin sent first attempts to the slow replica"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_server_sheds_at_once_with_resource_exhausted() {
+    let server = echo(
+        "small",
+        free_addr(),
+        &["--concurrency-limit", "2", "--delay-ms", "300"],
+    );
+    wait_serving(server.addr).await;
+    let started = Instant::now();
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let addr = server.addr;
+            tokio::spawn(async move {
+                let mut client = control(addr).await;
+                let result = client.echo(EchoRequest::default()).await;
+                (result.map(drop).map_err(|s| s.code()), started.elapsed())
+            })
+        })
+        .collect();
+    let mut shed = 0;
+    let mut served = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            (Ok(()), _) => served += 1,
+            (Err(Code::ResourceExhausted), took) => {
+                shed += 1;
+                assert!(
+                    took < Duration::from_millis(250),
+                    "shedding waited {took:?}"
+                );
+            }
+            (Err(code), _) => panic!("unexpected {code:?}"),
+        }
+    }
+    assert_eq!(served, 2, "the limit admits two at a time");
+    assert_eq!(shed, 4);
+}

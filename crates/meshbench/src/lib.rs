@@ -57,6 +57,9 @@ pub struct Config {
     /// Milliseconds between NOT_SERVING and closing on SIGTERM.
     #[arg(long, default_value_t = 0)]
     pub drain_grace_ms: u64,
+    /// Calls handled at once before shedding with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
+    pub concurrency_limit: usize,
 }
 
 impl shop_kit::ServiceConfig for Config {
@@ -264,6 +267,7 @@ pub async fn run(
     };
     let server_config = ServerConfig {
         drain_grace: Duration::from_millis(config.drain_grace_ms),
+        concurrency_limit: config.concurrency_limit,
         ..ServerConfig::default()
     };
     MeshServer::new(server_config)

@@ -19,6 +19,9 @@ use crate::{
     endpoint::{ObservedBody, header_status, is_endpoint_failure},
 };
 
+/// How long a call waits for a target's first resolution.
+const FIRST_RESOLUTION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Addresses an attempt should avoid (earlier attempts of the same call).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Exclude(pub(crate) Vec<SocketAddr>);
@@ -127,7 +130,9 @@ impl Service<http::Request<Body>> for Balancer {
         let config = self.config.load();
         Box::pin(async move {
             if !set.is_resolved() {
-                set.wait_resolved().await;
+                // A resolver that cannot answer must not hold calls until their
+                // deadline: after a short wait the call fails as "no endpoints".
+                let _ = tokio::time::timeout(FIRST_RESOLUTION_WAIT, set.wait_resolved()).await;
             }
             let exclude = req
                 .extensions()
