@@ -22,6 +22,7 @@ use crate::{
     methods::MethodTable,
     resolve,
     retry::{Budget, Retry},
+    tls::{MeshTls, SpiffeId, io::Connector},
 };
 
 /// The live config, swapped whole on reload; calls take a cheap snapshot.
@@ -50,6 +51,7 @@ impl ConfigHandle {
 pub struct Mesh {
     config: ConfigHandle,
     methods: Arc<MethodTable>,
+    tls: Option<Arc<MeshTls>>,
 }
 
 impl Mesh {
@@ -59,6 +61,7 @@ impl Mesh {
         Ok(Self {
             config: ConfigHandle::new(config),
             methods: Arc::new(MethodTable::default()),
+            tls: None,
         })
     }
 
@@ -90,6 +93,15 @@ impl Mesh {
         Ok(self)
     }
 
+    /// Calls over mutual TLS with this workload identity. Every channel
+    /// then verifies its servers by SPIFFE ID (secure naming): the expected
+    /// identity comes from the target's `identity` in the config or from
+    /// [`Mesh::channel_with_identity`].
+    pub fn with_tls(mut self, tls: Arc<MeshTls>) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// The policy in force now.
     pub fn config(&self) -> Arc<MeshConfig> {
         self.config.load()
@@ -108,15 +120,39 @@ impl Mesh {
     /// blocks and works before the target is up. Must be called inside a
     /// tokio runtime. See [`Target`] for the accepted forms.
     pub fn channel(&self, target: &str) -> Result<MeshChannel, MeshError> {
+        let identity = self.config.load().targets.get(target).and_then(|t| t.identity.clone());
+        match (&self.tls, identity) {
+            (Some(_), None) => Err(MeshError::InvalidConfig {
+                field: format!("targets[{target:?}].identity"),
+                reason: "with mTLS every target needs the SPIFFE ID its servers must present".into(),
+            }),
+            (_, identity) => self.build_channel(target, identity.map(|i| i.parse()).transpose().map_err(
+                |reason| MeshError::InvalidConfig { field: format!("targets[{target:?}].identity"), reason },
+            )?),
+        }
+    }
+
+    /// A channel to `target` whose servers must present `identity` (a
+    /// SPIFFE ID) over mTLS.
+    pub fn channel_with_identity(&self, target: &str, identity: &str) -> Result<MeshChannel, MeshError> {
+        let identity: SpiffeId = identity.parse().map_err(|reason| MeshError::InvalidConfig {
+            field: "identity".into(),
+            reason,
+        })?;
+        self.build_channel(target, Some(identity))
+    }
+
+    fn build_channel(&self, target: &str, identity: Option<SpiffeId>) -> Result<MeshChannel, MeshError> {
         let parsed: Target = target.parse()?;
         let config = self.config.load();
         let reresolve = Arc::new(Notify::new());
         let set = EndpointSet::new(Arc::from(target), reresolve.clone());
         let changes = resolve::spawn(parsed, config.dns_refresh, reresolve);
         let endpoint_config = config.endpoint.clone();
+        let tls = self.tls.clone();
         tokio::spawn(set.clone().follow(
             changes,
-            move |addr| connect_lazy(addr, &endpoint_config),
+            move |addr| connect_lazy(addr, &endpoint_config, tls.clone(), identity.clone()),
             config.health_checks,
         ));
 
@@ -178,16 +214,22 @@ async fn reload_forever(path: PathBuf, mut last: String, config: ConfigHandle) {
     }
 }
 
-/// One HTTP/2 connection to `addr`, made on first use.
-fn connect_lazy(addr: SocketAddr, settings: &EndpointConfig) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
+/// One HTTP/2 connection to `addr`, made on first use (over mTLS when the
+/// mesh has an identity).
+fn connect_lazy(
+    addr: SocketAddr,
+    settings: &EndpointConfig,
+    tls: Option<Arc<MeshTls>>,
+    expected: Option<SpiffeId>,
+) -> Channel {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .expect("a socket address is a valid URI authority")
         .connect_timeout(settings.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(settings.keepalive_interval)
         .keep_alive_timeout(settings.keepalive_timeout)
-        .keep_alive_while_idle(true)
-        .connect_lazy()
+        .keep_alive_while_idle(true);
+    endpoint.connect_with_connector_lazy(Connector { addr, tls, expected })
 }
 
 /// A channel to one target through the mesh's client layers.

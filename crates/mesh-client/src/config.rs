@@ -54,6 +54,8 @@ pub struct MeshConfig {
     /// Per-target overrides, keyed by the target string given to
     /// [`crate::Mesh::channel`].
     pub targets: HashMap<String, TargetConfig>,
+    /// Which callers may call which methods of this process's server.
+    pub authorization: Option<crate::authz::AuthorizationPolicy>,
 }
 
 impl Default for MeshConfig {
@@ -70,6 +72,7 @@ impl Default for MeshConfig {
             dns_refresh: Duration::from_secs(5),
             endpoint: EndpointConfig::default(),
             targets: HashMap::new(),
+            authorization: None,
         }
     }
 }
@@ -99,6 +102,9 @@ pub struct TargetConfig {
     pub retry_policy: Option<RetryPolicy>,
     /// Overrides [`MeshConfig::hedging_policy`].
     pub hedging_policy: Option<HedgingPolicy>,
+    /// The SPIFFE ID the target's servers must present (secure naming);
+    /// required for targets called over mTLS.
+    pub identity: Option<String>,
     /// Per-method overrides keyed `package.Service/Method`, or
     /// `package.Service/*` for every method of a service.
     pub methods: HashMap<String, MethodConfig>,
@@ -310,8 +316,16 @@ impl MeshConfig {
                 "must be 0 to 100",
             ));
         }
+        if let Some(policy) = &self.authorization {
+            policy.validate()?;
+        }
         for (name, target) in &self.targets {
             let at = |field: &str| format!("targets[{name:?}].{field}");
+            if let Some(id) = &target.identity {
+                if let Err(e) = id.parse::<crate::tls::SpiffeId>() {
+                    return Err(invalid(&at("identity"), &e));
+                }
+            }
             if let Some(t) = target.timeout {
                 check_timeout(&at("timeout"), t)?;
             }

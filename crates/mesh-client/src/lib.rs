@@ -37,6 +37,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod authz;
 mod balance;
 mod channel;
 mod config;
@@ -47,6 +48,7 @@ mod methods;
 mod resolve;
 mod retry;
 pub mod server;
+pub mod tls;
 
 pub use channel::{Mesh, MeshChannel};
 pub use config::{

@@ -15,18 +15,18 @@ use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::Notify};
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    body::Body,
-    server::NamedService,
-    service::RoutesBuilder,
-    transport::{Server, server::TcpIncoming},
-};
+use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::{
     Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer,
 };
 
-use crate::{MeshError, deadline::InboundDeadlineLayer};
+use crate::{
+    MeshError,
+    authz::{AuthorizationPolicy, AuthzLayer},
+    deadline::InboundDeadlineLayer,
+    tls::{MeshTls, io::accept_loop},
+};
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
@@ -82,6 +82,8 @@ pub struct MeshServer {
     descriptor_sets: Vec<&'static [u8]>,
     reporter: HealthReporter,
     draining: CancellationToken,
+    tls: Option<Arc<MeshTls>>,
+    authorization: Option<AuthorizationPolicy>,
 }
 
 impl std::fmt::Debug for MeshServer {
@@ -103,7 +105,25 @@ impl MeshServer {
             descriptor_sets: Vec::new(),
             reporter: HealthReporter::new(),
             draining: CancellationToken::new(),
+            tls: None,
+            authorization: None,
         }
+    }
+
+    /// Serves mutual TLS with this workload identity: every client must
+    /// present a certificate that chains to the trust bundle, and its
+    /// SPIFFE ID becomes the caller identity ([`crate::tls::caller_identity`]).
+    /// Without this the server speaks plaintext.
+    pub fn tls(mut self, tls: Arc<MeshTls>) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Authorizes every call against `policy` (deny by default; see
+    /// [`AuthorizationPolicy`]).
+    pub fn authorization(mut self, policy: Option<AuthorizationPolicy>) -> Self {
+        self.authorization = policy;
+        self
     }
 
     /// Adds a tonic-generated service; it is reported `SERVING` once the
@@ -197,7 +217,28 @@ impl MeshServer {
             }
         };
 
+        if let Some(tls) = &self.tls {
+            tokio::spawn(watch_certificate(
+                tls.clone(),
+                reporter.clone(),
+                names.clone(),
+                self.draining.clone(),
+            ));
+        } else {
+            tracing::warn!(%addr, "PLAINTEXT: no TLS; callers are not authenticated and traffic is readable on the wire");
+        }
+        // The accept loop runs until tonic stops polling it: ending it on
+        // `draining` would make tonic skip the rest of the drain signal.
+        let stop_accepting = CancellationToken::new();
+        let _stop_on_return = stop_accepting.clone().drop_guard();
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(accept_loop(
+            listener,
+            self.tls.clone(),
+            stop_accepting,
+        ));
         let layers = ServiceBuilder::new()
+            // Outermost after TLS: who may call what, before any work is done.
+            .layer(AuthzLayer::new(self.authorization))
             .layer(LoadShedLayer::new())
             .layer(GlobalConcurrencyLimitLayer::new(config.concurrency_limit))
             .layer(InboundDeadlineLayer)
@@ -212,10 +253,7 @@ impl MeshServer {
             .tcp_nodelay(true)
             .layer(layers)
             .add_routes(routes.routes())
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                signal,
-            );
+            .serve_with_incoming_shutdown(incoming, signal);
 
         let drain_deadline = async {
             drain_started.notified().await;
@@ -227,6 +265,29 @@ impl MeshServer {
                 tracing::warn!(%addr, timeout = ?config.drain_timeout, "drain timed out; exiting with calls in flight");
                 Ok(())
             }
+        }
+    }
+}
+
+/// Not ready without a valid certificate: reports NOT_SERVING while the
+/// certificate is expired, SERVING again once a valid one is rotated in.
+async fn watch_certificate(
+    tls: Arc<MeshTls>,
+    reporter: HealthReporter,
+    names: Arc<Vec<&'static str>>,
+    draining: CancellationToken,
+) {
+    let mut valid = true;
+    loop {
+        tokio::select! {
+            _ = draining.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let now_valid = tls.is_valid();
+        if now_valid != valid {
+            valid = now_valid;
+            let status = if valid { ServingStatus::Serving } else { ServingStatus::NotServing };
+            set_status(&reporter, &names, status).await;
         }
     }
 }

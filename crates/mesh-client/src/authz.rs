@@ -1,0 +1,251 @@
+//! Per-method authorization of callers by their verified SPIFFE ID.
+//!
+//! Deny by default once a policy exists: a call is allowed only if some
+//! rule lists both its caller and its method. `grpc.health.v1.Health` is
+//! always allowed, so probes work. Audit mode logs what would be denied and
+//! lets it through, to roll a policy out safely.
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use futures::future::{Either, Ready, ready};
+use serde::Deserialize;
+use tonic::body::Body;
+use tower::{Layer, Service};
+
+use crate::{MeshError, tls::PeerInfo};
+
+/// Request headers that claim an identity. They are never trusted and are
+/// removed before the service sees the request.
+pub const IDENTITY_HEADERS: &[&str] = &[
+    "x-spiffe-id",
+    "x-forwarded-client-cert",
+    "x-mesh-caller",
+    "x-caller-identity",
+];
+
+/// Enforce the rules, or only log what they would deny.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthzMode {
+    /// Deny what no rule allows with `PERMISSION_DENIED`.
+    #[default]
+    Enforce,
+    /// Allow everything; log what would be denied.
+    Audit,
+}
+
+/// Which callers may call which methods.
+///
+/// ```json
+/// { "mode": "enforce",
+///   "rules": [
+///     { "callers": ["spiffe://shop.local/ns/shop/sa/orders"],
+///       "methods": ["mesh.payments.v1.PaymentsService/CreateCharge"] },
+///     { "callers": ["spiffe://shop.local/ns/shop/sa/*"],
+///       "methods": ["mesh.payments.v1.PaymentsService/GetAccount"] } ] }
+/// ```
+///
+/// Callers: an exact SPIFFE ID, a prefix ending in `*`, or `*` for any
+/// authenticated caller. Methods: `package.Service/Method`,
+/// `package.Service/*`, or `*`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicy {
+    /// Enforce (default) or audit.
+    #[serde(default)]
+    pub mode: AuthzMode,
+    /// Allow rules.
+    pub rules: Vec<AuthzRule>,
+}
+
+/// One allow rule.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzRule {
+    /// Caller patterns.
+    pub callers: Vec<String>,
+    /// Method patterns.
+    pub methods: Vec<String>,
+}
+
+fn caller_matches(pattern: &str, caller: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => caller.starts_with(prefix),
+        None => pattern == caller,
+    }
+}
+
+fn method_matches(pattern: &str, method: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => method.starts_with(prefix),
+        None => pattern == method,
+    }
+}
+
+impl AuthorizationPolicy {
+    /// Checks every pattern; names the first bad one.
+    pub fn validate(&self) -> Result<(), MeshError> {
+        let bad = |field: String, reason: &str| MeshError::InvalidConfig {
+            field,
+            reason: reason.into(),
+        };
+        if self.rules.is_empty() {
+            return Err(bad("authorization.rules".into(), "a policy needs at least one rule"));
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            if rule.callers.is_empty() || rule.methods.is_empty() {
+                return Err(bad(format!("authorization.rules[{i}]"), "needs callers and methods"));
+            }
+            for (j, caller) in rule.callers.iter().enumerate() {
+                let ok = caller == "*"
+                    || (caller.ends_with('*') && caller.starts_with("spiffe://"))
+                    || caller.parse::<crate::tls::SpiffeId>().is_ok();
+                if !ok {
+                    return Err(bad(
+                        format!("authorization.rules[{i}].callers[{j}]"),
+                        "must be a SPIFFE ID, a spiffe:// prefix ending in *, or *",
+                    ));
+                }
+            }
+            for (j, method) in rule.methods.iter().enumerate() {
+                let ok = method == "*"
+                    || method
+                        .split_once('/')
+                        .is_some_and(|(service, m)| !service.is_empty() && !m.is_empty() && !m.contains('/'));
+                if !ok {
+                    return Err(bad(
+                        format!("authorization.rules[{i}].methods[{j}]"),
+                        "must be package.Service/Method, package.Service/* or *",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `caller` may call `method` (`package.Service/Method`).
+    pub fn allows(&self, caller: Option<&str>, method: &str) -> bool {
+        if method.starts_with("grpc.health.v1.Health/") {
+            return true;
+        }
+        let Some(caller) = caller else { return false };
+        self.rules.iter().any(|rule| {
+            rule.callers.iter().any(|p| caller_matches(p, caller))
+                && rule.methods.iter().any(|p| method_matches(p, method))
+        })
+    }
+}
+
+/// Server layer: strips claimed-identity headers and enforces the policy.
+#[derive(Clone, Debug)]
+pub(crate) struct AuthzLayer {
+    policy: Option<Arc<AuthorizationPolicy>>,
+}
+
+impl AuthzLayer {
+    pub(crate) fn new(policy: Option<AuthorizationPolicy>) -> Self {
+        Self { policy: policy.map(Arc::new) }
+    }
+}
+
+impl<S> Layer<S> for AuthzLayer {
+    type Service = Authz<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authz { inner, policy: self.policy.clone() }
+    }
+}
+
+/// The service made by [`AuthzLayer`].
+#[derive(Clone, Debug)]
+pub(crate) struct Authz<S> {
+    inner: S,
+    policy: Option<Arc<AuthorizationPolicy>>,
+}
+
+impl<S, B> Service<http::Request<B>> for Authz<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Either<Ready<Result<http::Response<Body>, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        for header in IDENTITY_HEADERS {
+            req.headers_mut().remove(*header);
+        }
+        let Some(policy) = &self.policy else {
+            return Either::Right(self.inner.call(req));
+        };
+        let method = req.uri().path().trim_start_matches('/');
+        let caller = req
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.identity.as_ref())
+            .map(|id| id.as_str());
+        if policy.allows(caller, method) {
+            return Either::Right(self.inner.call(req));
+        }
+        let who = caller.unwrap_or("an unauthenticated caller (no client certificate identity)");
+        match policy.mode {
+            AuthzMode::Audit => {
+                tracing::warn!(caller = who, method, "authorization audit: would deny");
+                Either::Right(self.inner.call(req))
+            }
+            AuthzMode::Enforce => {
+                tracing::info!(caller = who, method, "authorization denied");
+                let status = tonic::Status::permission_denied(format!(
+                    "{who} is not allowed to call {method}"
+                ));
+                Either::Left(ready(Ok(status.into_http())))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(json: &str) -> AuthorizationPolicy {
+        let p: AuthorizationPolicy = serde_json::from_str(json).unwrap();
+        p.validate().unwrap();
+        p
+    }
+
+    #[test]
+    fn matches_exact_prefix_and_wildcards() {
+        let p = policy(
+            r#"{"rules":[
+              {"callers":["spiffe://shop.local/ns/shop/sa/orders"],"methods":["mesh.payments.v1.PaymentsService/CreateCharge"]},
+              {"callers":["spiffe://shop.local/ns/shop/sa/*"],"methods":["mesh.payments.v1.PaymentsService/Get*"]},
+              {"callers":["spiffe://shop.local/ns/ops/sa/operator"],"methods":["*"]}]}"#,
+        );
+        let orders = Some("spiffe://shop.local/ns/shop/sa/orders");
+        let gateway = Some("spiffe://shop.local/ns/shop/sa/gateway");
+        assert!(p.allows(orders, "mesh.payments.v1.PaymentsService/CreateCharge"));
+        assert!(!p.allows(gateway, "mesh.payments.v1.PaymentsService/CreateCharge"));
+        assert!(p.allows(gateway, "mesh.payments.v1.PaymentsService/GetAccount"));
+        assert!(p.allows(Some("spiffe://shop.local/ns/ops/sa/operator"), "x.Y/Z"));
+        assert!(!p.allows(None, "mesh.payments.v1.PaymentsService/GetAccount"));
+        assert!(p.allows(None, "grpc.health.v1.Health/Check"));
+    }
+
+    #[test]
+    fn names_bad_patterns() {
+        let p: AuthorizationPolicy =
+            serde_json::from_str(r#"{"rules":[{"callers":["orders"],"methods":["*"]}]}"#).unwrap();
+        assert!(p.validate().unwrap_err().to_string().contains("rules[0].callers[0]"));
+        let p: AuthorizationPolicy =
+            serde_json::from_str(r#"{"rules":[{"callers":["*"],"methods":["NoSlash"]}]}"#).unwrap();
+        assert!(p.validate().unwrap_err().to_string().contains("rules[0].methods[0]"));
+    }
+}
