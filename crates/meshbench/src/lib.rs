@@ -21,10 +21,7 @@ use std::{
 };
 
 use clap::Parser;
-use mesh_client::{
-    Mesh, MeshChannel, MeshConfig,
-    server::{MeshServer, ServerConfig},
-};
+use mesh_client::{MeshChannel, server::ServerConfig};
 use shop_api::echo::v1::{
     ChainRequest, ChainResponse, EchoRequest, EchoResponse, EchoStreamRequest, Fault,
     GetStatsRequest, Hop, Stats,
@@ -54,9 +51,12 @@ pub struct Config {
     /// Mesh target of the next hop for Chain.
     #[arg(long)]
     pub next: Option<String>,
-    /// Milliseconds between NOT_SERVING and closing on SIGTERM.
-    #[arg(long, default_value_t = 0)]
-    pub drain_grace_ms: u64,
+    /// SPIFFE ID the next hop must present (with mTLS).
+    #[arg(long)]
+    pub next_identity: Option<String>,
+    /// Identity, mesh policy and drain.
+    #[command(flatten)]
+    pub mesh: shop_kit::MeshArgs,
     /// Calls handled at once before shedding with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1024)]
     pub concurrency_limit: usize,
@@ -75,6 +75,10 @@ impl shop_kit::ServiceConfig for Config {
         if self.delay_ms < 0 {
             problems.push("--delay-ms: must not be negative".into());
         }
+        if self.next.is_some() && self.mesh.tls_dir.is_some() && self.next_identity.is_none() {
+            problems.push("--next-identity: required with --next and --tls-dir (secure naming)".into());
+        }
+        problems.extend(self.mesh.problems());
         problems
     }
 }
@@ -246,6 +250,9 @@ fn async_stream_of(
 /// Why the echo server stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// TLS material or the mesh policy could not be used.
+    #[error("{0}")]
+    Setup(String),
     /// The mesh or the server failed.
     #[error(transparent)]
     Mesh(#[from] mesh_client::MeshError),
@@ -257,26 +264,27 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
+    let tls = config.mesh.tls().map_err(Error::Setup)?;
     let next = match &config.next {
         Some(target) => {
-            let mesh = Mesh::from_config(MeshConfig::default())?
-                .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)?;
-            Some(EchoServiceClient::new(mesh.channel(target)?))
+            let mesh = config.mesh.mesh(tls.clone())?;
+            let channel = match &config.next_identity {
+                Some(identity) => mesh.channel_with_identity(target, identity)?,
+                None => mesh.channel(target)?,
+            };
+            Some(EchoServiceClient::new(channel))
         }
         None => None,
     };
-    let server_config = ServerConfig {
-        drain_grace: Duration::from_millis(config.drain_grace_ms),
+    let limits = ServerConfig {
         concurrency_limit: config.concurrency_limit,
         ..ServerConfig::default()
     };
-    MeshServer::new(server_config)
-        .descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
-        .add_service(EchoServiceServer::new(Echo::new(
-            config.id,
-            config.delay_ms,
-            next,
-        )))
+    config
+        .mesh
+        .server_with(limits, tls)
+        .map_err(Error::Setup)?
+        .add_service(EchoServiceServer::new(Echo::new(config.id, config.delay_ms, next)))
         .serve(listener, shutdown)
         .await?;
     Ok(())

@@ -7,10 +7,12 @@
 
 pub mod db;
 mod entry;
+pub mod mesh;
 pub mod time;
 pub mod validate;
 
 pub use entry::{ServiceConfig, service_main, shutdown_signal};
+pub use mesh::MeshArgs;
 
 /// Exit code for bad configuration (`EX_CONFIG`-style usage error, sysexits 64).
 pub const EXIT_BAD_CONFIG: u8 = 64;

@@ -14,7 +14,6 @@ mod tokens;
 use std::{ffi::OsString, future::Future, net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use mesh_client::server::{MeshServer, ServerConfig};
 use shop_api::auth::v1::auth_service_server::AuthServiceServer;
 use tokio::net::TcpListener;
 
@@ -31,6 +30,9 @@ pub struct Config {
     /// `sqlite:PATH` or `postgres://USER:PASS@HOST/DB`.
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite:auth.db")]
     pub database_url: String,
+    /// Identity, mesh policy and drain.
+    #[command(flatten)]
+    pub mesh: shop_kit::MeshArgs,
     /// The `iss` claim of issued tokens.
     #[arg(long, env = "TOKEN_ISSUER", default_value = "mesh-shop-auth")]
     pub issuer: String,
@@ -64,6 +66,7 @@ impl shop_kit::ServiceConfig for Config {
         if self.audience.is_empty() {
             problems.push("--audience: must not be empty".into());
         }
+        problems.extend(self.mesh.problems());
         problems
     }
 }
@@ -71,6 +74,9 @@ impl shop_kit::ServiceConfig for Config {
 /// Why the service stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// TLS material or the mesh policy could not be used.
+    #[error("{0}")]
+    Setup(String),
     /// The database could not be opened or migrated.
     #[error(transparent)]
     Db(#[from] shop_kit::db::DbError),
@@ -93,13 +99,16 @@ pub async fn run(
     let pool = shop_kit::db::connect(&config.database_url, &MIGRATOR).await?;
     let service = AuthService::new(
         pool,
-        config.issuer,
-        config.audience,
+        config.issuer.clone(),
+        config.audience.clone(),
         Duration::from_secs(config.token_ttl_secs),
     )
     .await?;
-    MeshServer::new(ServerConfig::default())
-        .descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+    let tls = config.mesh.tls().map_err(Error::Setup)?;
+    config
+        .mesh
+        .server(tls)
+        .map_err(Error::Setup)?
         .add_service(AuthServiceServer::new(service))
         .serve(listener, shutdown)
         .await?;

@@ -8,7 +8,6 @@ mod service;
 use std::{ffi::OsString, future::Future, net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use mesh_client::server::{MeshServer, ServerConfig};
 use shop_api::inventory::v1::inventory_service_server::InventoryServiceServer;
 use tokio::net::TcpListener;
 
@@ -24,6 +23,9 @@ pub struct Config {
     /// `sqlite:PATH` or `postgres://USER:PASS@HOST/DB`.
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite:inventory.db")]
     pub database_url: String,
+    /// Identity, mesh policy and drain.
+    #[command(flatten)]
+    pub mesh: shop_kit::MeshArgs,
     /// A reservation neither committed nor released in this many seconds is
     /// released, so a saga that never returns cannot hold stock forever.
     #[arg(long, env = "RESERVATION_TTL_SECS", default_value_t = 900)]
@@ -46,6 +48,7 @@ impl shop_kit::ServiceConfig for Config {
                 self.reservation_ttl_secs
             ));
         }
+        problems.extend(self.mesh.problems());
         problems
     }
 }
@@ -53,6 +56,9 @@ impl shop_kit::ServiceConfig for Config {
 /// Why the service stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// TLS material or the mesh policy could not be used.
+    #[error("{0}")]
+    Setup(String),
     /// The database could not be opened or migrated.
     #[error(transparent)]
     Db(#[from] shop_kit::db::DbError),
@@ -71,8 +77,11 @@ pub async fn run(
 ) -> Result<(), Error> {
     let pool = shop_kit::db::connect(&config.database_url, &MIGRATOR).await?;
     let service = InventoryService::new(pool, Duration::from_secs(config.reservation_ttl_secs));
-    let server = MeshServer::new(ServerConfig::default())
-        .descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+    let tls = config.mesh.tls().map_err(Error::Setup)?;
+    let server = config
+        .mesh
+        .server(tls)
+        .map_err(Error::Setup)?
         .add_service(InventoryServiceServer::new(service.clone()));
     let sweeper = tokio::spawn(service.clone().release_expired_forever(server.draining()));
     server.serve(listener, shutdown).await?;

@@ -13,13 +13,9 @@ mod saga;
 mod service;
 mod store;
 
-use std::{ffi::OsString, future::Future, net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{ffi::OsString, future::Future, net::SocketAddr, process::ExitCode};
 
 use clap::Parser;
-use mesh_client::{
-    Mesh, MeshConfig,
-    server::{MeshServer, ServerConfig},
-};
 use shop_api::{
     auth::v1::auth_service_client::AuthServiceClient,
     inventory::v1::inventory_service_client::InventoryServiceClient,
@@ -41,6 +37,9 @@ pub struct Config {
     /// `sqlite:PATH` or `postgres://USER:PASS@HOST/DB`.
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite:orders.db")]
     pub database_url: String,
+    /// Identity, mesh policy and drain.
+    #[command(flatten)]
+    pub mesh: shop_kit::MeshArgs,
     /// Where the auth service is, as a mesh target.
     #[arg(long, env = "AUTH_TARGET", default_value = "static:///127.0.0.1:50051")]
     pub auth_target: String,
@@ -58,32 +57,6 @@ pub struct Config {
         default_value = "static:///127.0.0.1:50053"
     )]
     pub payments_target: String,
-    /// Mesh policy file (JSON); built-in defaults when absent.
-    #[arg(long, env = "MESH_CONFIG")]
-    pub mesh_config: Option<PathBuf>,
-}
-
-impl Config {
-    /// The mesh for this process: from `--mesh-config` (re-read when the file
-    /// changes) or the built-in defaults, knowing the shop's contracts.
-    fn mesh(&self) -> Result<Mesh, mesh_client::MeshError> {
-        let mesh = match &self.mesh_config {
-            Some(path) => Mesh::from_file(path)?,
-            None => Mesh::from_config(MeshConfig::default())?,
-        };
-        mesh.with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
-    }
-
-    fn check_mesh_file(&self) -> Result<(), String> {
-        let Some(path) = &self.mesh_config else {
-            return Ok(());
-        };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("--mesh-config: cannot read {}: {e}", path.display()))?;
-        MeshConfig::from_json(&text)
-            .map(drop)
-            .map_err(|e| format!("--mesh-config: {}: {e}", path.display()))
-    }
 }
 
 impl shop_kit::ServiceConfig for Config {
@@ -105,9 +78,7 @@ impl shop_kit::ServiceConfig for Config {
                 problems.push(format!("{flag}: {e}"));
             }
         }
-        if let Err(e) = self.check_mesh_file() {
-            problems.push(e);
-        }
+        problems.extend(self.mesh.problems());
         problems
     }
 }
@@ -115,6 +86,9 @@ impl shop_kit::ServiceConfig for Config {
 /// Why the service stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// TLS material or the mesh policy could not be used.
+    #[error("{0}")]
+    Setup(String),
     /// The database could not be opened or migrated.
     #[error(transparent)]
     Db(#[from] shop_kit::db::DbError),
@@ -132,17 +106,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let pool = shop_kit::db::connect(&config.database_url, &MIGRATOR).await?;
-    let mesh = config.mesh()?;
-    let auth = AuthServiceClient::new(mesh.channel(&config.auth_target)?);
-    let inventory = InventoryServiceClient::new(mesh.channel(&config.inventory_target)?);
-    let payments = PaymentsServiceClient::new(mesh.channel(&config.payments_target)?);
+    let tls = config.mesh.tls().map_err(Error::Setup)?;
+    let tls_on = tls.is_some();
+    let mesh = config.mesh.mesh(tls.clone())?;
+    let channel = |target: &str, service: &str| config.mesh.channel(&mesh, tls_on, target, service);
+    let auth = AuthServiceClient::new(channel(&config.auth_target, "auth")?);
+    let inventory = InventoryServiceClient::new(channel(&config.inventory_target, "inventory")?);
+    let payments = PaymentsServiceClient::new(channel(&config.payments_target, "payments")?);
 
-    let server = MeshServer::new(ServerConfig::default());
+    let server = config.mesh.server(tls).map_err(Error::Setup)?;
     let saga = Saga::new(pool.clone(), inventory.clone(), payments.clone());
     let recovery = tokio::spawn(saga.clone().recover_forever(server.draining()));
     let service = OrdersService::new(pool, saga, auth, inventory, payments, server.draining());
     server
-        .descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
         .add_service(OrdersServiceServer::new(service))
         .serve(listener, shutdown)
         .await?;

@@ -9,7 +9,6 @@ mod service;
 use std::{ffi::OsString, future::Future, net::SocketAddr, process::ExitCode};
 
 use clap::Parser;
-use mesh_client::server::{MeshServer, ServerConfig};
 use shop_api::payments::v1::payments_service_server::PaymentsServiceServer;
 use tokio::net::TcpListener;
 
@@ -26,6 +25,9 @@ pub struct Config {
     /// `sqlite:PATH` or `postgres://USER:PASS@HOST/DB`.
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite:payments.db")]
     pub database_url: String,
+    /// Identity, mesh policy and drain.
+    #[command(flatten)]
+    pub mesh: shop_kit::MeshArgs,
 }
 
 impl shop_kit::ServiceConfig for Config {
@@ -34,17 +36,22 @@ impl shop_kit::ServiceConfig for Config {
     }
 
     fn problems(&self) -> Vec<String> {
-        shop_kit::db::backend(&self.database_url)
+        let mut problems: Vec<String> = shop_kit::db::backend(&self.database_url)
             .err()
             .map(|e| format!("--database-url: {e}"))
             .into_iter()
-            .collect()
+            .collect();
+        problems.extend(self.mesh.problems());
+        problems
     }
 }
 
 /// Why the service stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// TLS material or the mesh policy could not be used.
+    #[error("{0}")]
+    Setup(String),
     /// The database could not be opened or migrated.
     #[error(transparent)]
     Db(#[from] shop_kit::db::DbError),
@@ -62,8 +69,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let pool = shop_kit::db::connect(&config.database_url, &MIGRATOR).await?;
-    MeshServer::new(ServerConfig::default())
-        .descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+    let tls = config.mesh.tls().map_err(Error::Setup)?;
+    config
+        .mesh
+        .server(tls)
+        .map_err(Error::Setup)?
         .add_service(PaymentsServiceServer::new(PaymentsService::new(pool)))
         .serve(listener, shutdown)
         .await?;

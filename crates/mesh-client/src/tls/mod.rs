@@ -15,6 +15,8 @@
 //! that does not validate (unreadable, key not matching, expired, not
 //! chaining to the bundle) is refused and the old material stays.
 
+#[cfg(feature = "dev-ca")]
+pub mod dev;
 mod identity;
 pub(crate) mod io;
 mod verify;

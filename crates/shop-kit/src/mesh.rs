@@ -1,0 +1,136 @@
+//! The mesh settings every shop process shares: identity (mTLS), the mesh
+//! policy file, and how the server drains.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use mesh_client::{
+    Mesh, MeshConfig, MeshError,
+    server::{MeshServer, ServerConfig},
+    tls::{MeshTls, SpiffeId, TlsFiles},
+};
+
+/// Flags common to every shop process.
+#[derive(Clone, Debug, clap::Args)]
+pub struct MeshArgs {
+    /// Directory with this workload's `tls.crt`, `tls.key` and `ca.crt`
+    /// (a mounted Kubernetes TLS Secret). Without it the process speaks
+    /// plaintext and says so loudly.
+    #[arg(long, env = "TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Mesh policy file (JSON): timeouts, retries, balancing, authorization.
+    /// Re-read when it changes.
+    #[arg(long, env = "MESH_CONFIG")]
+    pub mesh_config: Option<PathBuf>,
+    /// SPIFFE trust domain of the shop's workloads.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "shop.local")]
+    pub trust_domain: String,
+    /// Namespace part of the shop's workload identities.
+    #[arg(long, env = "MESH_NAMESPACE", default_value = "shop")]
+    pub namespace: String,
+    /// Milliseconds between reporting NOT_SERVING and closing on SIGTERM.
+    #[arg(long, env = "DRAIN_GRACE_MS", default_value_t = 0)]
+    pub drain_grace_ms: u64,
+}
+
+impl MeshArgs {
+    /// Everything wrong with these flags.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.config() {
+            problems.push(format!("--mesh-config: {e}"));
+        }
+        if let Some(dir) = &self.tls_dir {
+            if !dir.is_dir() {
+                problems.push(format!("--tls-dir: {} is not a directory", dir.display()));
+            }
+        }
+        if let Err(e) = SpiffeId::workload(&self.trust_domain, &self.namespace, "x") {
+            problems.push(format!("--trust-domain/--namespace: {e}"));
+        }
+        if self.drain_grace_ms > 60_000 {
+            problems.push("--drain-grace-ms: must be at most 60000".into());
+        }
+        problems
+    }
+
+    /// The mesh policy from the file, or the defaults.
+    pub fn config(&self) -> Result<MeshConfig, String> {
+        match &self.mesh_config {
+            None => Ok(MeshConfig::default()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                MeshConfig::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))
+            }
+        }
+    }
+
+    /// The SPIFFE ID of a shop service.
+    pub fn identity_of(&self, service: &str) -> String {
+        format!("spiffe://{}/ns/{}/sa/{service}", self.trust_domain, self.namespace)
+    }
+
+    /// This workload's TLS identity, if configured (fails closed on bad or
+    /// expired material).
+    pub fn tls(&self) -> Result<Option<Arc<MeshTls>>, String> {
+        self.tls_dir
+            .as_ref()
+            .map(|dir| MeshTls::load(TlsFiles::in_dir(dir)).map_err(|e| format!("TLS: {e}")))
+            .transpose()
+    }
+
+    /// The process's mesh (client side), knowing the shop's contracts.
+    pub fn mesh(&self, tls: Option<Arc<MeshTls>>) -> Result<Mesh, MeshError> {
+        let mesh = match &self.mesh_config {
+            Some(path) => Mesh::from_file(path)?,
+            None => Mesh::from_config(MeshConfig::default())?,
+        }
+        .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)?;
+        Ok(match tls {
+            Some(tls) => mesh.with_tls(tls),
+            None => mesh,
+        })
+    }
+
+    /// A mesh channel to a shop service at `target`, which must present
+    /// that service's identity when mTLS is on.
+    pub fn channel(
+        &self,
+        mesh: &Mesh,
+        tls_on: bool,
+        target: &str,
+        service: &str,
+    ) -> Result<mesh_client::MeshChannel, MeshError> {
+        if tls_on {
+            mesh.channel_with_identity(target, &self.identity_of(service))
+        } else {
+            mesh.channel(target)
+        }
+    }
+
+    /// The server every shop service runs: TLS, authorization policy and
+    /// drain from these flags, reflection of the shop's contracts.
+    pub fn server(&self, tls: Option<Arc<MeshTls>>) -> Result<MeshServer, String> {
+        self.server_with(ServerConfig::default(), tls)
+    }
+
+    /// [`MeshArgs::server`] with other server limits.
+    pub fn server_with(
+        &self,
+        limits: ServerConfig,
+        tls: Option<Arc<MeshTls>>,
+    ) -> Result<MeshServer, String> {
+        let config = ServerConfig {
+            drain_grace: Duration::from_millis(self.drain_grace_ms),
+            ..limits
+        };
+        let mut server = MeshServer::new(config)
+            .descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+            .authorization(self.config()?.authorization);
+        if let Some(tls) = tls {
+            server = server.tls(tls);
+        }
+        Ok(server)
+    }
+}
+
