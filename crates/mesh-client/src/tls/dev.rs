@@ -23,7 +23,10 @@ fn err(e: impl std::fmt::Display) -> TlsError {
 }
 
 fn at(t: SystemTime) -> time::OffsetDateTime {
-    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
@@ -94,10 +97,17 @@ impl DevCa {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
-        name.push(DnType::CommonName, format!("mesh dev CA for {trust_domain}"));
+        name.push(
+            DnType::CommonName,
+            format!("mesh dev CA for {trust_domain}"),
+        );
         params.distinguished_name = name;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.not_before = at(SystemTime::now() - Duration::from_secs(60));
         params.not_after = at(SystemTime::now() + valid_for);
         params.serial_number = Some(random_serial());
@@ -106,14 +116,22 @@ impl DevCa {
         )];
         let cert = params.self_signed(&key).map_err(err)?;
         let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
-        Ok(Self { issuer: Issuer::new(params, key), cert_pem, key_pem })
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+            key_pem,
+        })
     }
 
     /// A CA from its PEM certificate and key.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let key = KeyPair::from_pem(key_pem).map_err(err)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(err)?;
-        Ok(Self { issuer, cert_pem: cert_pem.to_owned(), key_pem: key_pem.to_owned() })
+        Ok(Self {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+        })
     }
 
     /// Issues a workload certificate (client and server use).
@@ -121,29 +139,43 @@ impl DevCa {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
-        name.push(DnType::CommonName, spec.identity.service_account().unwrap_or("workload"));
+        name.push(
+            DnType::CommonName,
+            spec.identity.service_account().unwrap_or("workload"),
+        );
         params.distinguished_name = name;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.not_before = at(spec.not_before);
         params.not_after = at(spec.not_before + spec.valid_for);
         params.serial_number = Some(random_serial());
-        let mut sans = vec![SanType::URI(spec.identity.as_str().try_into().map_err(err)?)];
+        let mut sans = vec![SanType::URI(
+            spec.identity.as_str().try_into().map_err(err)?,
+        )];
         for dns in &spec.dns_names {
             sans.push(SanType::DnsName(dns.as_str().try_into().map_err(err)?));
         }
         sans.extend(spec.ips.iter().map(|ip| SanType::IpAddress(*ip)));
         params.subject_alt_names = sans;
         let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
-        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 }
 
 /// Writes `contents` to `path` atomically (temp file + rename), with mode
 /// 0600 when `private`.
 pub fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), TlsError> {
-    let io = |e: std::io::Error| TlsError::File { path: path.to_owned(), reason: e.to_string() };
+    let io = |e: std::io::Error| TlsError::File {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io)?;
     let tmp: PathBuf = dir.join(format!(

@@ -12,7 +12,11 @@ pub struct SpiffeId(String);
 
 impl SpiffeId {
     /// The workload identity of a service account in a namespace.
-    pub fn workload(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, String> {
+    pub fn workload(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, String> {
         format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
@@ -23,12 +27,18 @@ impl SpiffeId {
 
     /// The trust domain.
     pub fn trust_domain(&self) -> &str {
-        self.0["spiffe://".len()..].split('/').next().unwrap_or_default()
+        self.0["spiffe://".len()..]
+            .split('/')
+            .next()
+            .unwrap_or_default()
     }
 
     /// The service account of a workload ID (`.../sa/<name>`), if it is one.
     pub fn service_account(&self) -> Option<&str> {
-        self.0.rsplit_once("/sa/").map(|(_, sa)| sa).filter(|sa| !sa.contains('/'))
+        self.0
+            .rsplit_once("/sa/")
+            .map(|(_, sa)| sa)
+            .filter(|sa| !sa.contains('/'))
     }
 }
 
@@ -47,16 +57,22 @@ impl FromStr for SpiffeId {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
         if !domain_ok {
-            return Err(format!("{text:?}: the trust domain must be lower-case letters, digits, '-', '.', '_'"));
+            return Err(format!(
+                "{text:?}: the trust domain must be lower-case letters, digits, '-', '.', '_'"
+            ));
         }
         let path_ok = path.split('/').all(|seg| {
             !seg.is_empty()
                 && seg != "."
                 && seg != ".."
-                && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
         });
         if !path_ok || text.len() > 2048 {
-            return Err(format!("{text:?}: the path must be non-empty segments of letters, digits, '-', '.', '_'"));
+            return Err(format!(
+                "{text:?}: the path must be non-empty segments of letters, digits, '-', '.', '_'"
+            ));
         }
         Ok(Self(text.to_owned()))
     }
@@ -128,7 +144,15 @@ mod tests {
         assert_eq!(id.as_str(), "spiffe://shop.local/ns/shop/sa/orders");
         assert_eq!(id.trust_domain(), "shop.local");
         assert_eq!(id.service_account(), Some("orders"));
-        for bad in ["http://x/y", "spiffe://", "spiffe://Shop/x", "spiffe://d/", "spiffe://d/a//b", "spiffe://d/../x", "spiffe://d/a b"] {
+        for bad in [
+            "http://x/y",
+            "spiffe://",
+            "spiffe://Shop/x",
+            "spiffe://d/",
+            "spiffe://d/a//b",
+            "spiffe://d/../x",
+            "spiffe://d/a b",
+        ] {
             assert!(bad.parse::<SpiffeId>().is_err(), "{bad}");
         }
     }

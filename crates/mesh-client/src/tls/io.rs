@@ -60,7 +60,11 @@ impl Connected for MeshStream {
 }
 
 impl AsyncRead for MeshStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MeshStream::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
             MeshStream::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -69,7 +73,11 @@ impl AsyncRead for MeshStream {
 }
 
 impl AsyncWrite for MeshStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             MeshStream::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
             MeshStream::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -134,7 +142,11 @@ pub(crate) fn accept_loop(
             };
             let _ = tcp.set_nodelay(true);
             let Some(tls) = tls.clone() else {
-                let info = PeerInfo { remote_addr: Some(remote), identity: None, tls: false };
+                let info = PeerInfo {
+                    remote_addr: Some(remote),
+                    identity: None,
+                    tls: false,
+                };
                 if tx.send(Ok(MeshStream::Plain(tcp, info))).await.is_err() {
                     return;
                 }
@@ -152,11 +164,17 @@ pub(crate) fn accept_loop(
                             .and_then(|certs| certs.first())
                             .and_then(|leaf| leaf_info(leaf).ok())
                             .and_then(|info| info.identity);
-                        let info = PeerInfo { remote_addr: Some(remote), identity, tls: true };
+                        let info = PeerInfo {
+                            remote_addr: Some(remote),
+                            identity,
+                            tls: true,
+                        };
                         let _ = tx.send(Ok(MeshStream::Tls(Box::new(stream), info))).await;
                     }
                     Ok(Err(e)) => tracing::warn!(%remote, "TLS handshake refused: {e}"),
-                    Err(_) => tracing::warn!(%remote, timeout = ?tls.handshake_timeout(), "TLS handshake timed out; connection dropped"),
+                    Err(_) => {
+                        tracing::warn!(%remote, timeout = ?tls.handshake_timeout(), "TLS handshake timed out; connection dropped")
+                    }
                 }
             });
         }
@@ -180,7 +198,11 @@ pub(crate) enum ClientStream {
 }
 
 impl AsyncRead for ClientStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -189,7 +211,11 @@ impl AsyncRead for ClientStream {
 }
 
 impl AsyncWrite for ClientStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -233,9 +259,12 @@ impl tower::Service<http::Uri> for Connector {
                 .map_err(|e| io::Error::other(e.to_string()))?;
             // The name is only for SNI; the server is verified by SPIFFE ID.
             let name = rustls::pki_types::ServerName::IpAddress(this.addr.ip().into());
-            let stream = tokio::time::timeout(tls.handshake_timeout(), TlsConnector::from(config).connect(name, tcp))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+            let stream = tokio::time::timeout(
+                tls.handshake_timeout(),
+                TlsConnector::from(config).connect(name, tcp),
+            )
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
             Ok(TokioIo::new(ClientStream::Tls(Box::new(stream))))
         })
     }

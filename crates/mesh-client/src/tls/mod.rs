@@ -109,8 +109,15 @@ fn load(files: &TlsFiles, now: SystemTime) -> Result<Material, TlsError> {
     build(files, raw, now)
 }
 
-fn build(files: &TlsFiles, raw: (Vec<u8>, Vec<u8>, Vec<u8>), now: SystemTime) -> Result<Material, TlsError> {
-    let file_err = |path: &Path, reason: String| TlsError::File { path: path.to_owned(), reason };
+fn build(
+    files: &TlsFiles,
+    raw: (Vec<u8>, Vec<u8>, Vec<u8>),
+    now: SystemTime,
+) -> Result<Material, TlsError> {
+    let file_err = |path: &Path, reason: String| TlsError::File {
+        path: path.to_owned(),
+        reason,
+    };
     let chain = CertificateDer::pem_slice_iter(&raw.0)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_err(&files.cert, format!("not a PEM certificate chain: {e}")))?;
@@ -131,7 +138,10 @@ fn build(files: &TlsFiles, raw: (Vec<u8>, Vec<u8>, Vec<u8>), now: SystemTime) ->
     }
     let info = leaf_info(&chain[0]).map_err(|e| file_err(&files.cert, e))?;
     let identity = info.identity.ok_or_else(|| {
-        file_err(&files.cert, "has no (or more than one) spiffe:// URI SAN".into())
+        file_err(
+            &files.cert,
+            "has no (or more than one) spiffe:// URI SAN".into(),
+        )
     })?;
     if now >= info.not_after {
         return Err(TlsError::Invalid(format!(
@@ -163,7 +173,11 @@ fn build(files: &TlsFiles, raw: (Vec<u8>, Vec<u8>, Vec<u8>), now: SystemTime) ->
             )
             .map(drop)
         })
-        .map_err(|e| TlsError::Invalid(format!("certificate for {identity} does not chain to the trust bundle: {e}")))?;
+        .map_err(|e| {
+            TlsError::Invalid(format!(
+                "certificate for {identity} does not chain to the trust bundle: {e}"
+            ))
+        })?;
 
     let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
         .build()
@@ -187,8 +201,17 @@ fn build(files: &TlsFiles, raw: (Vec<u8>, Vec<u8>, Vec<u8>), now: SystemTime) ->
     })
 }
 
+/// When the first certificate in a PEM chain expires, if it can be read.
+pub fn certificate_expiry(pem: &[u8]) -> Option<SystemTime> {
+    let cert = CertificateDer::pem_slice_iter(pem).next()?.ok()?;
+    leaf_info(&cert).ok().map(|info| info.not_after)
+}
+
 fn humantime(t: SystemTime) -> String {
-    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     format!("{secs} (Unix seconds)")
 }
 
@@ -273,7 +296,10 @@ impl MeshTls {
     /// A client config presenting this workload's certificate and accepting
     /// only a server that presents `expected` (or any identity in the trust
     /// bundle when `None`).
-    pub(crate) fn client_config(&self, expected: Option<SpiffeId>) -> Result<Arc<ClientConfig>, TlsError> {
+    pub(crate) fn client_config(
+        &self,
+        expected: Option<SpiffeId>,
+    ) -> Result<Arc<ClientConfig>, TlsError> {
         let material = self.material();
         let verifier = SpiffeServerVerifier {
             roots: material.roots.clone(),
@@ -293,7 +319,11 @@ impl MeshTls {
 
     /// Re-reads the files now; swaps in valid new material.
     pub fn reload(&self) -> Result<bool, TlsError> {
-        let raw = (read(&self.files.cert)?, read(&self.files.key)?, read(&self.files.bundle)?);
+        let raw = (
+            read(&self.files.cert)?,
+            read(&self.files.key)?,
+            read(&self.files.bundle)?,
+        );
         if raw == self.material().raw {
             return Ok(false);
         }
@@ -312,8 +342,13 @@ async fn watch(tls: std::sync::Weak<MeshTls>) {
         if let Err(e) = tls.reload() {
             tracing::warn!("TLS files changed but cannot be used, keeping the current ones: {e}");
         }
-        let left = tls.expires_at().duration_since(SystemTime::now()).unwrap_or_default();
-        if left < EXPIRY_WARNING && last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(600)) {
+        let left = tls
+            .expires_at()
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        if left < EXPIRY_WARNING
+            && last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(600))
+        {
             if left.is_zero() {
                 tracing::error!(identity = %tls.identity(), "TLS certificate has expired; peers will refuse this workload until it is rotated");
             } else {

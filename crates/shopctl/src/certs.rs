@@ -1,0 +1,166 @@
+//! `shopctl certs`: a development mesh CA and SPIFFE workload certificates,
+//! as files and optionally as Kubernetes Secret manifests.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, bail};
+use base64::{Engine, engine::general_purpose::STANDARD};
+use mesh_client::tls::{
+    SpiffeId,
+    dev::{DevCa, LeafSpec, write_file, write_workload},
+};
+
+/// The shop's workloads.
+pub const SERVICES: [&str; 4] = ["auth", "inventory", "payments", "orders"];
+/// The identity that may call everything (people with grpcurl).
+pub const OPERATOR: &str = "operator";
+
+/// What to issue.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CertArgs {
+    /// Where the CA and certificates go: `ca/` and one directory per workload.
+    #[arg(long, default_value = ".shop/certs")]
+    pub out: PathBuf,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = "shop.local")]
+    pub trust_domain: String,
+    /// Namespace in the identities (and of the Secrets).
+    #[arg(long, default_value = "shop")]
+    pub namespace: String,
+    /// Workloads to issue for; `operator` is a client identity for people.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "auth,inventory,payments,orders,operator"
+    )]
+    pub workloads: Vec<String>,
+    /// Extra DNS names for every server certificate.
+    #[arg(long = "dns")]
+    pub extra_dns: Vec<String>,
+    /// Certificate lifetime in hours.
+    #[arg(long, default_value_t = 24)]
+    pub valid_hours: u64,
+    /// Also write the certificates as Kubernetes TLS Secrets (one YAML file).
+    #[arg(long)]
+    pub k8s_secrets: Option<PathBuf>,
+}
+
+fn ca_paths(out: &Path) -> (PathBuf, PathBuf) {
+    (out.join("ca").join("ca.crt"), out.join("ca").join("ca.key"))
+}
+
+/// The CA in `out/ca`, created (key 0600) if absent.
+pub fn ensure_ca(out: &Path, trust_domain: &str) -> anyhow::Result<DevCa> {
+    let (cert, key) = ca_paths(out);
+    if cert.exists() && key.exists() {
+        let ca = DevCa::from_pem(
+            &std::fs::read_to_string(&cert)?,
+            &std::fs::read_to_string(&key)?,
+        )
+        .with_context(|| format!("loading the CA in {}", cert.display()))?;
+        return Ok(ca);
+    }
+    let ca = DevCa::generate(trust_domain, Duration::from_secs(365 * 24 * 3600))?;
+    write_file(&cert, &ca.cert_pem, false)?;
+    write_file(&key, &ca.key_pem, true)?;
+    eprintln!(
+        "shopctl: created a dev mesh CA in {}",
+        cert.parent().unwrap_or(out).display()
+    );
+    Ok(ca)
+}
+
+/// DNS names a shop workload is reached by, locally and in Kubernetes.
+fn dns_names(workload: &str, namespace: &str, extra: &[String]) -> Vec<String> {
+    let mut names = vec!["localhost".to_string()];
+    if workload != OPERATOR {
+        names.extend([
+            workload.to_string(),
+            format!("{workload}.{namespace}"),
+            format!("{workload}.{namespace}.svc"),
+            format!("{workload}.{namespace}.svc.cluster.local"),
+        ]);
+    }
+    names.extend(extra.iter().cloned());
+    names
+}
+
+/// Whether the certificate in `dir` is missing or expires within an hour.
+fn needs_issue(dir: &Path) -> bool {
+    let Ok(pem) = std::fs::read(dir.join("tls.crt")) else {
+        return true;
+    };
+    match mesh_client::tls::certificate_expiry(&pem) {
+        Some(not_after) => not_after < SystemTime::now() + Duration::from_secs(3600),
+        None => true,
+    }
+}
+
+/// Issues (or renews) certificates for `args.workloads`; returns the
+/// workload directories.
+pub fn issue(args: &CertArgs, force: bool) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let ca = ensure_ca(&args.out, &args.trust_domain)?;
+    let mut dirs = Vec::new();
+    let mut secrets = String::new();
+    for workload in &args.workloads {
+        let identity = SpiffeId::workload(&args.trust_domain, &args.namespace, workload)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("workload {workload:?}"))?;
+        let dir = args.out.join(workload);
+        if force || needs_issue(&dir) {
+            let spec = LeafSpec {
+                dns_names: dns_names(workload, &args.namespace, &args.extra_dns),
+                ips: vec![IpAddr::from([127, 0, 0, 1])],
+                valid_for: Duration::from_secs(args.valid_hours * 3600),
+                ..LeafSpec::local(identity)
+            };
+            let issued = ca.issue(&spec)?;
+            write_workload(&dir, &issued, &ca.cert_pem)?;
+        }
+        if args.k8s_secrets.is_some() {
+            secrets.push_str(&secret_yaml(workload, &args.namespace, &dir)?);
+        }
+        dirs.push((workload.clone(), dir));
+    }
+    if let Some(path) = &args.k8s_secrets {
+        write_file(path, &secrets, true)?;
+    }
+    Ok(dirs)
+}
+
+fn secret_yaml(workload: &str, namespace: &str, dir: &Path) -> anyhow::Result<String> {
+    let b64 = |name: &str| -> anyhow::Result<String> {
+        Ok(STANDARD
+            .encode(std::fs::read(dir.join(name)).with_context(|| format!("reading {name}"))?))
+    };
+    Ok(format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {workload}-tls\n  namespace: {namespace}\n  labels:\n    app.kubernetes.io/part-of: mesh-shop\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n  ca.crt: {}\n",
+        b64("tls.crt")?,
+        b64("tls.key")?,
+        b64("ca.crt")?
+    ))
+}
+
+/// `shopctl certs`.
+pub fn run(args: CertArgs) -> anyhow::Result<()> {
+    if args.valid_hours == 0 || args.valid_hours > 24 * 90 {
+        bail!("--valid-hours must be 1 to 2160");
+    }
+    let dirs = issue(&args, true)?;
+    for (workload, dir) in dirs {
+        println!(
+            "{workload:<10} spiffe://{}/ns/{}/sa/{workload}  {}",
+            args.trust_domain,
+            args.namespace,
+            dir.display()
+        );
+    }
+    if let Some(path) = &args.k8s_secrets {
+        println!("Kubernetes Secrets: {}", path.display());
+    }
+    Ok(())
+}
