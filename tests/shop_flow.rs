@@ -124,8 +124,8 @@ async fn place_and_watch(
     last
 }
 
-async fn shop_flow(db: Db) {
-    let shop = Shop::start(&db).await;
+async fn shop_flow(db: Db, tls: bool) {
+    let shop = Shop::start_with(&db, tls).await;
     let mut auth = shop.auth().await;
 
     // Auth: register, duplicate, bad password, login.
@@ -461,11 +461,16 @@ async fn shop_flow(db: Db) {
 
 #[tokio::test]
 async fn shop_flow_sqlite() {
-    shop_flow(Db::Sqlite).await;
+    shop_flow(Db::Sqlite, false).await;
+}
+
+#[tokio::test]
+async fn shop_flow_sqlite_with_mtls_and_authorization() {
+    shop_flow(Db::Sqlite, true).await;
 }
 
 #[tokio::test]
 async fn shop_flow_postgres() {
     let Some(db) = Db::postgres() else { return };
-    shop_flow(db).await;
+    shop_flow(db, false).await;
 }

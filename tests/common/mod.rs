@@ -95,6 +95,15 @@ impl Proc {
         }
     }
 
+    /// Wraps an already spawned child.
+    pub fn adopt(name: &str, addr: SocketAddr, child: Child) -> Proc {
+        Proc {
+            name: name.into(),
+            addr,
+            child,
+        }
+    }
+
     pub fn pid(&self) -> Pid {
         Pid::from_raw(self.child.id() as i32)
     }
@@ -135,25 +144,34 @@ pub async fn channel(addr: SocketAddr) -> Channel {
         .connect_lazy()
 }
 
-/// Waits until `addr` answers health SERVING.
+/// Waits until `addr` answers health SERVING (plaintext).
 pub async fn wait_serving(addr: SocketAddr) {
+    let channel = mesh_client::Mesh::from_config(mesh_client::MeshConfig::default())
+        .unwrap()
+        .channel(&format!("static:///{addr}"))
+        .unwrap();
+    wait_serving_on(channel).await;
+}
+
+/// Waits until the server behind `channel` answers health SERVING.
+pub async fn wait_serving_on(channel: mesh_client::MeshChannel) {
+    let target = channel.target().to_owned();
+    let mut health = HealthClient::new(channel);
     let start = Instant::now();
     let mut last = String::new();
     while start.elapsed() < Duration::from_secs(30) {
-        let mut health = HealthClient::new(channel(addr).await);
-        match health
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-        {
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        request.set_timeout(Duration::from_secs(2));
+        match health.check(request).await {
             Ok(r) if r.get_ref().status() == ServingStatus::Serving => return,
             Ok(r) => last = format!("{:?}", r.get_ref().status()),
             Err(e) => last = e.to_string(),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{addr} not serving after 30 s: {last}");
+    panic!("{target} not serving after 30 s: {last}");
 }
 
 /// Which database the services use.
@@ -207,16 +225,108 @@ pub struct Shop {
     pub payments: Proc,
     pub orders: Proc,
     pub urls: std::collections::HashMap<&'static str, String>,
+    /// The operator's mesh (mTLS when the shop runs it).
+    pub mesh: mesh_client::Mesh,
+    pub tls: bool,
+}
+
+pub const TRUST_DOMAIN: &str = "shop.test";
+
+pub fn identity(workload: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/{workload}")
+}
+
+/// A test CA and workload certificates, from the one dev-CA generator.
+pub struct TestPki {
+    pub ca: mesh_client::tls::dev::DevCa,
+    pub root: std::path::PathBuf,
+}
+
+impl TestPki {
+    pub fn new(root: &Path) -> TestPki {
+        let ca = mesh_client::tls::dev::DevCa::generate(TRUST_DOMAIN, Duration::from_secs(3600))
+            .unwrap();
+        TestPki {
+            ca,
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// Issues `workload`'s certificate into `<root>/<workload>` and returns the directory.
+    pub fn issue(&self, workload: &str) -> PathBuf {
+        self.issue_with(workload, |_| {})
+    }
+
+    pub fn issue_with(
+        &self,
+        workload: &str,
+        tweak: impl FnOnce(&mut mesh_client::tls::dev::LeafSpec),
+    ) -> PathBuf {
+        let mut spec = mesh_client::tls::dev::LeafSpec::local(identity(workload).parse().unwrap());
+        tweak(&mut spec);
+        let issued = self.ca.issue(&spec).unwrap();
+        let dir = self.root.join(workload);
+        mesh_client::tls::dev::write_workload(&dir, &issued, &self.ca.cert_pem).unwrap();
+        dir
+    }
+
+    pub fn load(&self, workload: &str) -> std::sync::Arc<mesh_client::tls::MeshTls> {
+        mesh_client::tls::MeshTls::load(mesh_client::tls::TlsFiles::in_dir(
+            self.root.join(workload),
+        ))
+        .unwrap()
+    }
+}
+
+/// The shop's authorization policy for `service`, as the local run writes it.
+pub fn shop_policy(service: &str) -> String {
+    let from_orders: &[&str] = match service {
+        "auth" => &[
+            "mesh.auth.v1.AuthService/VerifyToken",
+            "mesh.auth.v1.AuthService/GetPublicKeys",
+        ],
+        "inventory" => &["mesh.inventory.v1.InventoryService/*"],
+        "payments" => &["mesh.payments.v1.PaymentsService/*"],
+        _ => &[],
+    };
+    let mut rules = vec![serde_json::json!({"callers": [identity("operator")], "methods": ["*"]})];
+    if !from_orders.is_empty() {
+        rules.push(serde_json::json!({"callers": [identity("orders")], "methods": from_orders}));
+    }
+    serde_json::json!({"authorization": {"rules": rules}}).to_string()
 }
 
 impl Shop {
     pub async fn start(db: &Db) -> Shop {
+        Shop::start_with(db, false).await
+    }
+
+    /// Starts the shop; with `tls`, every process has a certificate from a
+    /// test CA and the shop's authorization policy, and the test calls as
+    /// the operator.
+    pub async fn start_with(db: &Db, tls: bool) -> Shop {
         let dir = tempfile::tempdir().unwrap();
         let mut urls = std::collections::HashMap::new();
         for name in ["auth", "inventory", "payments", "orders"] {
             urls.insert(name, db.create(dir.path(), name).await);
         }
-        let db_args = |name: &str| vec!["--database-url".to_string(), urls[name].clone()];
+        let pki = tls.then(|| TestPki::new(&dir.path().join("certs")));
+        let db_args = |name: &str| {
+            let mut args = vec!["--database-url".to_string(), urls[name].clone()];
+            if let Some(pki) = &pki {
+                let policy = dir.path().join(format!("{name}.policy.json"));
+                std::fs::write(&policy, shop_policy(name)).unwrap();
+                args.extend([
+                    "--tls-dir".into(),
+                    pki.issue(name).display().to_string(),
+                    "--mesh-config".into(),
+                    policy.display().to_string(),
+                    "--trust-domain".into(),
+                    TRUST_DOMAIN.into(),
+                ]);
+            }
+            args
+        };
         let auth = Proc::spawn("auth", free_addr(), &db_args("auth"));
         let inventory = Proc::spawn("inventory", free_addr(), &db_args("inventory"));
         let payments = Proc::spawn("payments", free_addr(), &db_args("payments"));
@@ -230,30 +340,58 @@ impl Shop {
             format!("static:///{}", payments.addr),
         ]);
         let orders = Proc::spawn("orders", free_addr(), &orders_args);
-        for p in [&auth, &inventory, &payments, &orders] {
-            wait_serving(p.addr).await;
+        let mut mesh = mesh_client::Mesh::from_config(mesh_client::MeshConfig::default())
+            .unwrap()
+            .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+            .unwrap();
+        if let Some(pki) = &pki {
+            pki.issue("operator");
+            mesh = mesh.with_tls(pki.load("operator"));
         }
-        Shop {
+        let shop = Shop {
             dir,
             auth,
             inventory,
             payments,
             orders,
             urls,
+            mesh,
+            tls,
+        };
+        for (p, name) in [
+            (&shop.auth, "auth"),
+            (&shop.inventory, "inventory"),
+            (&shop.payments, "payments"),
+            (&shop.orders, "orders"),
+        ] {
+            wait_serving_on(shop.channel(p.addr, name)).await;
+        }
+        shop
+    }
+
+    /// A mesh channel to one of the shop's processes, as the operator.
+    pub fn channel(&self, addr: SocketAddr, service: &str) -> mesh_client::MeshChannel {
+        let target = format!("static:///{addr}");
+        if self.tls {
+            self.mesh
+                .channel_with_identity(&target, &identity(service))
+                .unwrap()
+        } else {
+            self.mesh.channel(&target).unwrap()
         }
     }
 
-    pub async fn auth(&self) -> AuthServiceClient<Channel> {
-        AuthServiceClient::new(channel(self.auth.addr).await)
+    pub async fn auth(&self) -> AuthServiceClient<mesh_client::MeshChannel> {
+        AuthServiceClient::new(self.channel(self.auth.addr, "auth"))
     }
-    pub async fn inventory(&self) -> InventoryServiceClient<Channel> {
-        InventoryServiceClient::new(channel(self.inventory.addr).await)
+    pub async fn inventory(&self) -> InventoryServiceClient<mesh_client::MeshChannel> {
+        InventoryServiceClient::new(self.channel(self.inventory.addr, "inventory"))
     }
-    pub async fn payments(&self) -> PaymentsServiceClient<Channel> {
-        PaymentsServiceClient::new(channel(self.payments.addr).await)
+    pub async fn payments(&self) -> PaymentsServiceClient<mesh_client::MeshChannel> {
+        PaymentsServiceClient::new(self.channel(self.payments.addr, "payments"))
     }
-    pub async fn orders(&self) -> OrdersServiceClient<Channel> {
-        OrdersServiceClient::new(channel(self.orders.addr).await)
+    pub async fn orders(&self) -> OrdersServiceClient<mesh_client::MeshChannel> {
+        OrdersServiceClient::new(self.channel(self.orders.addr, "orders"))
     }
 
     /// Registers a fresh user and returns `(user_id, bearer token)`.

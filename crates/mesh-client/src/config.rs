@@ -321,10 +321,12 @@ impl MeshConfig {
         }
         for (name, target) in &self.targets {
             let at = |field: &str| format!("targets[{name:?}].{field}");
-            if let Some(id) = &target.identity {
-                if let Err(e) = id.parse::<crate::tls::SpiffeId>() {
-                    return Err(invalid(&at("identity"), &e));
-                }
+            if let Some(Err(e)) = target
+                .identity
+                .as_ref()
+                .map(|id| id.parse::<crate::tls::SpiffeId>())
+            {
+                return Err(invalid(&at("identity"), &e));
             }
             if let Some(t) = target.timeout {
                 check_timeout(&at("timeout"), t)?;

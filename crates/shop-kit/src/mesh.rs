@@ -30,6 +30,9 @@ pub struct MeshArgs {
     /// Milliseconds between reporting NOT_SERVING and closing on SIGTERM.
     #[arg(long, env = "DRAIN_GRACE_MS", default_value_t = 0)]
     pub drain_grace_ms: u64,
+    /// Milliseconds a TLS handshake may take before the connection is dropped.
+    #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub tls_handshake_timeout_ms: u64,
 }
 
 impl MeshArgs {
@@ -39,13 +42,14 @@ impl MeshArgs {
         if let Err(e) = self.config() {
             problems.push(format!("--mesh-config: {e}"));
         }
-        if let Some(dir) = &self.tls_dir {
-            if !dir.is_dir() {
-                problems.push(format!("--tls-dir: {} is not a directory", dir.display()));
-            }
+        if let Some(dir) = self.tls_dir.as_ref().filter(|d| !d.is_dir()) {
+            problems.push(format!("--tls-dir: {} is not a directory", dir.display()));
         }
         if let Err(e) = SpiffeId::workload(&self.trust_domain, &self.namespace, "x") {
             problems.push(format!("--trust-domain/--namespace: {e}"));
+        }
+        if !(100..=60_000).contains(&self.tls_handshake_timeout_ms) {
+            problems.push("--tls-handshake-timeout-ms: must be 100 to 60000".into());
         }
         if self.drain_grace_ms > 60_000 {
             problems.push("--drain-grace-ms: must be at most 60000".into());
@@ -78,7 +82,13 @@ impl MeshArgs {
     pub fn tls(&self) -> Result<Option<Arc<MeshTls>>, String> {
         self.tls_dir
             .as_ref()
-            .map(|dir| MeshTls::load(TlsFiles::in_dir(dir)).map_err(|e| format!("TLS: {e}")))
+            .map(|dir| {
+                MeshTls::load_with_handshake_timeout(
+                    TlsFiles::in_dir(dir),
+                    Duration::from_millis(self.tls_handshake_timeout_ms),
+                )
+                .map_err(|e| format!("TLS: {e}"))
+            })
             .transpose()
     }
 

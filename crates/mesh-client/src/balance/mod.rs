@@ -60,7 +60,11 @@ pub(crate) enum NoEndpoint {
     /// The resolver reports no endpoints.
     Empty,
     /// Every endpoint is waiting to reconnect after failed connections.
-    AllUnavailable { total: usize },
+    AllUnavailable {
+        total: usize,
+        /// Why a connection last failed.
+        last_error: Option<String>,
+    },
 }
 
 impl EndpointSet {
@@ -223,7 +227,10 @@ impl EndpointSet {
                 return Ok(endpoint.clone());
             }
         }
-        Err(NoEndpoint::AllUnavailable { total: n })
+        Err(NoEndpoint::AllUnavailable {
+            total: n,
+            last_error: endpoints.iter().find_map(|e| e.last_connect_error()),
+        })
     }
 
     /// Records a failure of `endpoint`, ejecting it if it keeps failing and
@@ -316,10 +323,14 @@ mod tests {
         set.record_failure(&set.snapshot()[0], &policy);
         assert!(set.snapshot()[0].is_ejected(Instant::now()));
         assert!(set.pick(LbPolicy::P2c, &[]).is_ok(), "panic mode");
-        set.snapshot()[0].record_connect_failure(Instant::now(), &Default::default());
+        set.snapshot()[0].record_connect_failure(
+            Instant::now(),
+            &Default::default(),
+            "refused".into(),
+        );
         assert!(matches!(
             set.pick(LbPolicy::P2c, &[]),
-            Err(NoEndpoint::AllUnavailable { total: 1 })
+            Err(NoEndpoint::AllUnavailable { total: 1, .. })
         ));
     }
 

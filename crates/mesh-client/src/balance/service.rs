@@ -58,9 +58,10 @@ impl CallError {
             CallError::NoEndpoint(NoEndpoint::Empty) => tonic::Status::unavailable(format!(
                 "no endpoints for {target}: the resolver found none"
             )),
-            CallError::NoEndpoint(NoEndpoint::AllUnavailable { total }) => {
+            CallError::NoEndpoint(NoEndpoint::AllUnavailable { total, last_error }) => {
                 tonic::Status::unavailable(format!(
-                    "all {total} endpoints of {target} refused connections; retrying them after a backoff"
+                    "all {total} endpoints of {target} failed to connect ({}); retrying them after a backoff",
+                    last_error.as_deref().unwrap_or("no detail")
                 ))
             }
             CallError::Transport { addr, source, .. } => {
@@ -96,6 +97,21 @@ fn never_sent(err: &(dyn std::error::Error + 'static)) -> bool {
         source = err.source();
     }
     false
+}
+
+/// An error and its sources, as one line.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        let next = err.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = err.source();
+    }
+    text
 }
 
 fn is_connect_error(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -159,7 +175,11 @@ impl Service<http::Request<Body>> for Balancer {
                 Err(err) => {
                     let err: BoxError = err.into();
                     if is_connect_error(&*err) {
-                        let wait = endpoint.record_connect_failure(now, &config.endpoint);
+                        let wait = endpoint.record_connect_failure(
+                            now,
+                            &config.endpoint,
+                            error_chain(&*err),
+                        );
                         tracing::debug!(target = %set.target, addr = %endpoint.addr, ?wait, "connect failed; backing off: {err}");
                         set.reresolve.notify_one();
                     }

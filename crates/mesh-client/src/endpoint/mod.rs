@@ -68,6 +68,7 @@ struct State {
     ejected_until: Option<Instant>,
     connect_failures: u32,
     backoff_until: Option<Instant>,
+    last_connect_error: Option<String>,
 }
 
 /// Why an outcome was recorded, for the caller's logs.
@@ -107,6 +108,7 @@ impl Endpoint {
                 ejected_until: None,
                 connect_failures: 0,
                 backoff_until: None,
+                last_connect_error: None,
             }),
             health_task: Mutex::new(None),
         }
@@ -135,6 +137,14 @@ impl Endpoint {
     /// Whether the endpoint waits to reconnect after failed connections.
     pub(crate) fn is_reconnecting(&self, now: Instant) -> bool {
         self.troubled.load(Ordering::Relaxed) && self.state().backoff_until.is_some_and(|t| now < t)
+    }
+
+    /// Why the last connection attempt failed, while backing off.
+    pub(crate) fn last_connect_error(&self) -> Option<String> {
+        if !self.troubled.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.state().last_connect_error.clone()
     }
 
     /// Whether the endpoint is ejected now.
@@ -230,7 +240,12 @@ impl Endpoint {
 
     /// A connection attempt failed: wait before the next one (gRPC
     /// connection backoff: ×1.6 per failure, capped, ±20 % jitter).
-    pub(crate) fn record_connect_failure(&self, now: Instant, config: &EndpointConfig) -> Duration {
+    pub(crate) fn record_connect_failure(
+        &self,
+        now: Instant,
+        config: &EndpointConfig,
+        error: String,
+    ) -> Duration {
         let mut state = self.state();
         self.troubled.store(true, Ordering::Relaxed);
         state.connect_failures += 1;
@@ -241,6 +256,7 @@ impl Endpoint {
             .min(config.reconnect_backoff_max);
         let wait = base.mul_f64(0.8 + rand::random::<f64>() * 0.4);
         state.backoff_until = Some(now + wait);
+        state.last_connect_error = Some(error);
         wait
     }
 
@@ -374,11 +390,11 @@ mod tests {
         let ep = endpoint();
         let config = EndpointConfig::default();
         let now = Instant::now();
-        let first = ep.record_connect_failure(now, &config);
+        let first = ep.record_connect_failure(now, &config, String::new());
         assert!(first >= Duration::from_millis(800) && first <= Duration::from_millis(1200));
         let mut last = first;
         for _ in 0..20 {
-            last = ep.record_connect_failure(now, &config);
+            last = ep.record_connect_failure(now, &config, String::new());
         }
         assert!(
             last <= Duration::from_secs(144) && last >= Duration::from_secs(96),

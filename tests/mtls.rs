@@ -1,0 +1,524 @@
+//! Zero trust on real TLS handshakes over loopback: client certificates are
+//! required, servers are checked by SPIFFE ID, calls are authorized per
+//! method, and certificates and the CA rotate under load without a failed
+//! call.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use common::{Proc, TestPki, bin, free_addr, identity, wait_serving_on};
+use mesh_client::{Mesh, MeshConfig, tls::dev::DevCa};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use shop_api::echo::v1::{EchoRequest, echo_service_client::EchoServiceClient};
+use tokio::{io::AsyncReadExt, net::TcpStream, time::Instant};
+use tonic::Code;
+
+/// A mesh-echo over mTLS whose log lines are collected.
+struct TlsEcho {
+    proc: Proc,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl TlsEcho {
+    fn start(tls_dir: &Path, policy: Option<&str>) -> TlsEcho {
+        TlsEcho::start_with(tls_dir, policy, &[])
+    }
+
+    fn start_with(tls_dir: &Path, policy: Option<&str>, extra: &[&str]) -> TlsEcho {
+        let addr = free_addr();
+        let mut cmd = Command::new(bin("mesh-echo"));
+        cmd.args([
+            "--listen",
+            &addr.to_string(),
+            "--id",
+            "tls-echo",
+            "--trust-domain",
+            common::TRUST_DOMAIN,
+        ])
+        .arg("--tls-dir")
+        .arg(tls_dir)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped());
+        if let Some(policy) = policy {
+            let path = tls_dir.with_extension("policy.json");
+            std::fs::write(&path, policy).unwrap();
+            cmd.arg("--mesh-config").arg(path);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        TlsEcho {
+            proc: Proc::adopt("mesh-echo", addr, child),
+            log,
+        }
+    }
+
+    fn logged(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    async fn wait_logged(&self, needle: &str) -> bool {
+        for _ in 0..50 {
+            if self.logged(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+}
+
+fn mesh_as(pki: &TestPki, workload: &str) -> Mesh {
+    pki.issue(workload);
+    Mesh::from_config(MeshConfig::default())
+        .unwrap()
+        .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+        .unwrap()
+        .with_tls(pki.load(workload))
+}
+
+fn client(
+    mesh: &Mesh,
+    addr: SocketAddr,
+    expected: &str,
+) -> EchoServiceClient<mesh_client::MeshChannel> {
+    EchoServiceClient::new(
+        mesh.channel_with_identity(&format!("static:///{addr}"), expected)
+            .unwrap(),
+    )
+}
+
+/// A bare rustls handshake with an optional client certificate; returns the
+/// server's leaf certificate if the server kept the connection.
+async fn raw_handshake(
+    addr: SocketAddr,
+    ca_pem: &str,
+    client: Option<(&str, &str)>,
+) -> Result<CertificateDer<'static>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut config = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let leaf = stream.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned();
+    // TLS 1.3 servers judge the client certificate after the handshake: a
+    // refusal arrives as an alert on the first read. An accepted client
+    // gets the server's HTTP/2 SETTINGS frame.
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => Ok(leaf),
+        Ok(Ok(_)) => Err("closed by the server".into()),
+        Ok(Err(e)) => Err(format!("refused: {e}")),
+        Err(_) => Err("no answer".into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_are_required_from_the_mesh_ca_and_unexpired() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&dir.path().join("pki"));
+    let echo = TlsEcho::start(&pki.issue("echo"), None);
+    let operator = mesh_as(&pki, "operator");
+    wait_serving_on(
+        operator
+            .channel_with_identity(&format!("static:///{}", echo.proc.addr), &identity("echo"))
+            .unwrap(),
+    )
+    .await;
+
+    // A valid client certificate gets in.
+    let good = pki
+        .ca
+        .issue(&mesh_client::tls::dev::LeafSpec::local(
+            identity("orders").parse().unwrap(),
+        ))
+        .unwrap();
+    raw_handshake(
+        echo.proc.addr,
+        &pki.ca.cert_pem,
+        Some((&good.cert_pem, &good.key_pem)),
+    )
+    .await
+    .unwrap();
+
+    // No client certificate.
+    let err = raw_handshake(echo.proc.addr, &pki.ca.cert_pem, None)
+        .await
+        .unwrap_err();
+    assert!(err.contains("refused") || err.contains("closed"), "{err}");
+    assert!(echo.wait_logged("TLS handshake refused").await);
+
+    // A certificate from another CA.
+    let stranger = DevCa::generate(common::TRUST_DOMAIN, Duration::from_secs(3600)).unwrap();
+    let foreign = stranger
+        .issue(&mesh_client::tls::dev::LeafSpec::local(
+            identity("orders").parse().unwrap(),
+        ))
+        .unwrap();
+    let err = raw_handshake(
+        echo.proc.addr,
+        &pki.ca.cert_pem,
+        Some((&foreign.cert_pem, &foreign.key_pem)),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("refused") || err.contains("closed"), "{err}");
+    assert!(
+        echo.wait_logged("invalid peer certificate").await,
+        "reason in the log: {:?}",
+        echo.log.lock().unwrap()
+    );
+
+    // An expired certificate.
+    let mut spec = mesh_client::tls::dev::LeafSpec::local(identity("orders").parse().unwrap());
+    spec.not_before = SystemTime::now() - Duration::from_secs(48 * 3600);
+    spec.valid_for = Duration::from_secs(3600);
+    let expired = pki.ca.issue(&spec).unwrap();
+    let err = raw_handshake(
+        echo.proc.addr,
+        &pki.ca.cert_pem,
+        Some((&expired.cert_pem, &expired.key_pem)),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("refused") || err.contains("closed"), "{err}");
+    assert!(
+        echo.wait_logged("certificate expired").await,
+        "reason in the log: {:?}",
+        echo.log.lock().unwrap()
+    );
+
+    // The mesh itself refuses to run on expired material (fails closed).
+    let expired_dir = dir.path().join("expired");
+    mesh_client::tls::dev::write_workload(&expired_dir, &expired, &pki.ca.cert_pem).unwrap();
+    let err = mesh_client::tls::MeshTls::load(mesh_client::tls::TlsFiles::in_dir(&expired_dir))
+        .unwrap_err();
+    assert!(err.to_string().contains("expired"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_another_identity_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let server = TlsEcho::start(&pki.issue("inventory"), None);
+    let orders = mesh_as(&pki, "orders");
+    // Expecting the right identity works...
+    wait_serving_on(
+        orders
+            .channel_with_identity(
+                &format!("static:///{}", server.proc.addr),
+                &identity("inventory"),
+            )
+            .unwrap(),
+    )
+    .await;
+    let mut right = client(&orders, server.proc.addr, &identity("inventory"));
+    right.echo(EchoRequest::default()).await.unwrap();
+    // ...expecting payments from a valid inventory certificate fails.
+    let mut wrong = client(&orders, server.proc.addr, &identity("payments"));
+    let err = wrong.echo(EchoRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let debug = format!("{err:?}");
+    assert!(debug.contains("secure naming"), "{debug}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_allows_denies_audits_and_ignores_spoofed_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let policy = |mode: &str| {
+        serde_json::json!({"authorization": {"mode": mode, "rules": [
+            {"callers": [identity("orders")], "methods": ["mesh.echo.v1.EchoService/Echo"]},
+            {"callers": [identity("operator")], "methods": ["*"]}]}})
+        .to_string()
+    };
+    let enforcing = TlsEcho::start(&pki.issue("echo"), Some(&policy("enforce")));
+    let orders = mesh_as(&pki, "orders");
+    let gateway = mesh_as(&pki, "gateway");
+    let addr = enforcing.proc.addr;
+    wait_serving_on(
+        orders
+            .channel_with_identity(&format!("static:///{addr}"), &identity("echo"))
+            .unwrap(),
+    )
+    .await;
+
+    client(&orders, addr, &identity("echo"))
+        .echo(EchoRequest::default())
+        .await
+        .unwrap();
+    let err = client(&orders, addr, &identity("echo"))
+        .record(EchoRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains(&identity("orders")) && err.message().contains("EchoService/Record"),
+        "{}",
+        err.message()
+    );
+    let err = client(&gateway, addr, &identity("echo"))
+        .echo(EchoRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains(&identity("gateway")),
+        "{}",
+        err.message()
+    );
+
+    // A header claiming to be orders changes nothing.
+    let mut spoofed = tonic::Request::new(EchoRequest::default());
+    for header in ["x-spiffe-id", "x-forwarded-client-cert", "x-mesh-caller"] {
+        spoofed
+            .metadata_mut()
+            .insert(header, identity("orders").parse().unwrap());
+    }
+    let err = client(&gateway, addr, &identity("echo"))
+        .echo(spoofed)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Audit mode lets the call through and logs it.
+    let audit_dir = dir.path().join("audit");
+    let issued = pki
+        .ca
+        .issue(&mesh_client::tls::dev::LeafSpec::local(
+            identity("echo").parse().unwrap(),
+        ))
+        .unwrap();
+    mesh_client::tls::dev::write_workload(&audit_dir, &issued, &pki.ca.cert_pem).unwrap();
+    let auditing = TlsEcho::start(&audit_dir, Some(&policy("audit")));
+    wait_serving_on(
+        gateway
+            .channel_with_identity(
+                &format!("static:///{}", auditing.proc.addr),
+                &identity("echo"),
+            )
+            .unwrap(),
+    )
+    .await;
+    client(&gateway, auditing.proc.addr, &identity("echo"))
+        .echo(EchoRequest::default())
+        .await
+        .unwrap();
+    assert!(auditing.wait_logged("would deny").await);
+}
+
+/// Points `link` at `target` atomically, the way Kubernetes updates a
+/// mounted Secret (a new directory, then a symlink swap).
+fn swap_symlink(link: &Path, target: &Path) {
+    let tmp = link.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).unwrap();
+    std::fs::rename(&tmp, link).unwrap();
+}
+
+fn issue_into(ca: &DevCa, workload: &str, bundle: &str, dir: &Path) {
+    let issued = ca
+        .issue(&mesh_client::tls::dev::LeafSpec::local(
+            identity(workload).parse().unwrap(),
+        ))
+        .unwrap();
+    mesh_client::tls::dev::write_workload(dir, &issued, bundle).unwrap();
+}
+
+fn leaf_der(dir: &Path) -> CertificateDer<'static> {
+    CertificateDer::pem_file_iter(dir.join("tls.crt"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaf_and_ca_rotation_under_load_fail_no_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ca1 = DevCa::generate(common::TRUST_DOMAIN, Duration::from_secs(3600)).unwrap();
+    let ca2 = DevCa::generate(common::TRUST_DOMAIN, Duration::from_secs(3600)).unwrap();
+    let both = format!("{}{}", ca1.cert_pem, ca2.cert_pem);
+    let version = |n: u32, who: &str| -> PathBuf { root.join(format!("{who}-v{n}")) };
+    let (server_link, client_link) = (root.join("server"), root.join("client"));
+
+    issue_into(&ca1, "echo", &ca1.cert_pem, &version(1, "server"));
+    issue_into(&ca1, "orders", &ca1.cert_pem, &version(1, "client"));
+    swap_symlink(&server_link, &version(1, "server"));
+    swap_symlink(&client_link, &version(1, "client"));
+
+    let server = TlsEcho::start(&server_link, None);
+    let tls =
+        mesh_client::tls::MeshTls::load(mesh_client::tls::TlsFiles::in_dir(&client_link)).unwrap();
+    let mesh = Mesh::from_config(MeshConfig::default())
+        .unwrap()
+        .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+        .unwrap()
+        .with_tls(tls.clone());
+    let channel = mesh
+        .channel_with_identity(
+            &format!("static:///{}", server.proc.addr),
+            &identity("echo"),
+        )
+        .unwrap();
+    wait_serving_on(channel.clone()).await;
+    let first_serial = tls.serial();
+
+    let end = Instant::now() + Duration::from_secs(12);
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (channel, failures) = (channel.clone(), failures.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = EchoServiceClient::new(channel);
+            let mut ok = 0u64;
+            while Instant::now() < end && ok < 1_000_000 {
+                match client.echo(EchoRequest::default()).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failures.lock().unwrap().push(e.to_string()),
+                }
+            }
+            ok
+        }));
+    }
+
+    // Step by step, each applied by swapping the mounted directory.
+    let steps: Vec<(u32, &DevCa, &str)> = vec![
+        (2, &ca1, ca1.cert_pem.as_str()), // new leaves, same CA
+        (3, &ca1, both.as_str()),         // trust both CAs
+        (4, &ca2, both.as_str()),         // leaves from the new CA
+        (5, &ca2, ca2.cert_pem.as_str()), // drop the old CA
+    ];
+    for (n, ca, bundle) in steps {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        issue_into(ca, "echo", bundle, &version(n, "server"));
+        issue_into(ca, "orders", bundle, &version(n, "client"));
+        swap_symlink(&server_link, &version(n, "server"));
+        swap_symlink(&client_link, &version(n, "client"));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} failed calls, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert!(total > 100, "{total}");
+
+    // A new connection sees the last certificate, issued by the new CA.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_ne!(
+        tls.serial(),
+        first_serial,
+        "the client rotated its own certificate"
+    );
+    let fresh = ca2
+        .issue(&mesh_client::tls::dev::LeafSpec::local(
+            identity("orders").parse().unwrap(),
+        ))
+        .unwrap();
+    let seen = raw_handshake(
+        server.proc.addr,
+        &ca2.cert_pem,
+        Some((&fresh.cert_pem, &fresh.key_pem)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        seen,
+        leaf_der(&version(5, "server")),
+        "the server presents the newest certificate"
+    );
+    // The old CA is no longer trusted by the server.
+    let old = ca1
+        .issue(&mesh_client::tls::dev::LeafSpec::local(
+            identity("orders").parse().unwrap(),
+        ))
+        .unwrap();
+    assert!(
+        raw_handshake(
+            server.proc.addr,
+            &ca2.cert_pem,
+            Some((&old.cert_pem, &old.key_pem))
+        )
+        .await
+        .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_finishes_tls_is_dropped_after_the_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let echo = TlsEcho::start_with(
+        &pki.issue("echo"),
+        None,
+        &["--tls-handshake-timeout-ms", "500"],
+    );
+    let operator = mesh_as(&pki, "operator");
+    wait_serving_on(
+        operator
+            .channel_with_identity(&format!("static:///{}", echo.proc.addr), &identity("echo"))
+            .unwrap(),
+    )
+    .await;
+    let mut idle = TcpStream::connect(echo.proc.addr).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the server kept a silent connection: {read:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "dropped only after {:?}",
+        started.elapsed()
+    );
+    assert!(echo.wait_logged("TLS handshake timed out").await);
+}
