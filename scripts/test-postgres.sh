@@ -5,7 +5,8 @@
 set -euo pipefail
 
 DIR=${MESH_PG_DIR:-/tmp/mesh-shop-pg}
-PORT=${MESH_PG_PORT:-55432}
+# Below the ephemeral port range, so no test client socket can hold it.
+PORT=${MESH_PG_PORT:-25432}
 
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 
@@ -32,7 +33,14 @@ mkdir -p "$DIR"
 [ "$(id -u)" = 0 ] && chown postgres "$DIR"
 as_pg "$BIN/initdb" -A trust -U postgres -D "$DIR/data" >/dev/null
 # fsync off: a test server's data is thrown away; durability is not under test here.
-as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w \
-    -o "-p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off" \
-    start >/dev/null
-echo "postgres://postgres@127.0.0.1:$PORT/postgres"
+for port in "$PORT" $((PORT + 1)) $((PORT + 2)); do
+    if as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w \
+        -o "-p $port -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off" \
+        start >/dev/null; then
+        echo "postgres://postgres@127.0.0.1:$port/postgres"
+        exit 0
+    fi
+    echo "port $port is taken; trying the next" >&2
+done
+echo "PostgreSQL did not start; see $DIR/server.log" >&2
+exit 1

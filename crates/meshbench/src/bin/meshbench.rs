@@ -91,6 +91,10 @@ struct Args {
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also run raw tonic over TLS and the mesh over mTLS (against a second
+    /// server with a certificate from a throwaway dev CA).
+    #[arg(long)]
+    tls: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -139,7 +143,7 @@ impl Drop for Server {
     }
 }
 
-fn start_server() -> Result<Server, String> {
+fn start_server(extra: &[String]) -> Result<Server, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let echo = exe.with_file_name("mesh-echo");
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
@@ -147,6 +151,7 @@ fn start_server() -> Result<Server, String> {
         .map_err(|e| e.to_string())?;
     let child = Command::new(&echo)
         .args(["--listen", &addr.to_string(), "--id", "bench"])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .spawn()
@@ -236,22 +241,84 @@ async fn round(c: &mut Contender, args: &Args, duration: Duration, record: bool,
     }
 }
 
+/// Retries `connect` until the server listens.
+async fn connect_retrying<F, Fut>(connect: F) -> Result<Channel, String>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<Channel, tonic::transport::Error>>,
+{
+    let start = Instant::now();
+    loop {
+        match connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(_) if start.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => return Err(format!("server did not start: {e}")),
+        }
+    }
+}
+
+type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A plain rustls client (standard WebPKI verification of "localhost",
+/// client certificate presented) under a raw tonic channel: the TLS
+/// baseline without the mesh.
+fn raw_tls_connector(
+    dir: &std::path::Path,
+) -> Result<
+    impl tower::Service<
+        http::Uri,
+        Response = TlsIo,
+        Error = std::io::Error,
+        Future = impl std::future::Future<Output = std::io::Result<TlsIo>> + Send,
+    > + Clone
+    + Send
+    + 'static,
+    String,
+> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(dir.join("ca.crt")).map_err(|e| e.to_string())? {
+        roots
+            .add(ca.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let chain = CertificateDer::pem_file_iter(dir.join("tls.crt"))
+        .map_err(|e| e.to_string())?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_file(dir.join("tls.key")).map_err(|e| e.to_string())?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    Ok(tower::service_fn(move |uri: http::Uri| {
+        let connector = connector.clone();
+        async move {
+            let host = uri.host().unwrap_or("127.0.0.1").to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("valid name");
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    }))
+}
+
 async fn overhead(args: Args) -> Result<(), String> {
-    let server = start_server()?;
-    // Wait for the server: a raw connect succeeds once it listens.
+    let server = start_server(&[])?;
     let raw = {
         let endpoint =
             Endpoint::from_shared(format!("http://{}", server.addr)).map_err(|e| e.to_string())?;
-        let start = Instant::now();
-        loop {
-            match endpoint.clone().tcp_nodelay(true).connect().await {
-                Ok(channel) => break channel,
-                Err(_) if start.elapsed() < Duration::from_secs(10) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Err(e) => return Err(format!("server did not start: {e}")),
-            }
-        }
+        let endpoint = endpoint.tcp_nodelay(true);
+        connect_retrying(|| endpoint.connect()).await?
     };
     let mesh = Mesh::from_config(MeshConfig::default())
         .and_then(|m| m.with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET))
@@ -263,12 +330,68 @@ async fn overhead(args: Args) -> Result<(), String> {
         Contender::new("raw tonic", AnyChannel::Raw(raw)),
         Contender::new("mesh", AnyChannel::Mesh(mesh_channel)),
     ];
-    let pid = server.child.id();
+    // TLS contenders talk to a second server of the same binary, with a
+    // certificate: raw tonic over rustls, and the mesh over mTLS.
+    let pki = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let tls_server = if args.tls {
+        use mesh_client::tls::{
+            SpiffeId,
+            dev::{DevCa, LeafSpec, write_workload},
+        };
+        let ca =
+            DevCa::generate("bench.local", Duration::from_secs(3600)).map_err(|e| e.to_string())?;
+        for who in ["server", "client"] {
+            let id: SpiffeId = format!("spiffe://bench.local/ns/bench/sa/{who}").parse()?;
+            let issued = ca.issue(&LeafSpec::local(id)).map_err(|e| e.to_string())?;
+            write_workload(&pki.path().join(who), &issued, &ca.cert_pem)
+                .map_err(|e| e.to_string())?;
+        }
+        let server = start_server(&[
+            "--tls-dir".into(),
+            pki.path().join("server").display().to_string(),
+            "--trust-domain".into(),
+            "bench.local".into(),
+            "--namespace".into(),
+            "bench".into(),
+        ])?;
+        let connector = raw_tls_connector(&pki.path().join("client"))?;
+        let endpoint =
+            Endpoint::from_shared(format!("http://{}", server.addr)).map_err(|e| e.to_string())?;
+        let raw_tls =
+            connect_retrying(|| endpoint.connect_with_connector(connector.clone())).await?;
+        let tls = mesh_client::tls::MeshTls::load(mesh_client::tls::TlsFiles::in_dir(
+            pki.path().join("client"),
+        ))
+        .map_err(|e| e.to_string())?;
+        let mesh_tls = mesh
+            .clone()
+            .with_tls(tls)
+            .channel_with_identity(
+                &format!("static:///{}", server.addr),
+                "spiffe://bench.local/ns/bench/sa/server",
+            )
+            .map_err(|e| e.to_string())?;
+        contenders.push(Contender::new("raw TLS", AnyChannel::Raw(raw_tls)));
+        contenders.push(Contender::new("mesh mTLS", AnyChannel::Mesh(mesh_tls)));
+        Some(server)
+    } else {
+        None
+    };
+    let pids = (server.child.id(), tls_server.as_ref().map(|s| s.child.id()));
+    let pid_of = |c: &Contender| {
+        if c.name.contains("TLS") {
+            pids.1.unwrap_or(pids.0)
+        } else {
+            pids.0
+        }
+    };
     for c in contenders.iter_mut() {
+        let pid = pid_of(c);
         round(c, &args, args.warmup, false, pid).await;
     }
     for r in 0..args.rounds {
         for c in contenders.iter_mut() {
+            let pid = pid_of(c);
             round(c, &args, args.duration, true, pid).await;
             eprintln!(
                 "round {}/{}: {:<10} {:>9.0} req/s",
@@ -317,6 +440,15 @@ async fn overhead(args: Args) -> Result<(), String> {
     println!(
         "\nmesh / raw: throughput {throughput_ratio:.3}×, p50 {p50_ratio:.3}×, p99 {p99_ratio:.3}× (goal: ≥ 0.97× throughput, ≤ 1.05× p99)"
     );
+    if contenders.len() == 4 {
+        let (raw_tls, mesh_tls) = (&contenders[2], &contenders[3]);
+        println!(
+            "mesh mTLS / mesh plaintext: throughput {:.3}× (goal ≥ 0.90×); mesh mTLS / raw TLS: throughput {:.3}×, p99 {:.3}×",
+            mesh_tls.rate() / mesh.rate(),
+            mesh_tls.rate() / raw_tls.rate(),
+            mesh_tls.quantile_us(0.99) as f64 / raw_tls.quantile_us(0.99).max(1) as f64,
+        );
+    }
     if let Some(path) = &args.json {
         let rows: Vec<_> = contenders
             .iter()
