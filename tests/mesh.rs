@@ -197,7 +197,7 @@ async fn a_failing_replica_is_ejected_and_readmitted_after_it_recovers() {
     let procs = replicas(3).await;
     let config = MeshConfig {
         outlier_detection: mesh_client::OutlierDetection {
-            base_ejection_time: Duration::from_millis(500),
+            base_ejection_time: Duration::from_secs(2),
             ..Default::default()
         },
         health_checks: false,
@@ -228,7 +228,7 @@ async fn a_failing_replica_is_ejected_and_readmitted_after_it_recovers() {
     assert!(state.ejected, "{state:?}");
 
     set_fault(procs[0].addr, Fault::default()).await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let before = calls(procs[0].addr).await;
     let report = load(&channel, 4, Duration::from_secs(1)).await;
     assert!(report.errors.is_empty());

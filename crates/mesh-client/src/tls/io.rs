@@ -43,19 +43,83 @@ pub fn caller_identity<T>(request: &tonic::Request<T>) -> Option<&SpiffeId> {
         .and_then(|p| p.identity.as_ref())
 }
 
-/// An accepted connection, plain or TLS.
-pub(crate) enum MeshStream {
-    Plain(TcpStream, PeerInfo),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, PeerInfo),
+/// A connection, plain or TLS: one implementation of the I/O traits for
+/// both the server's accepted and the client's dialled connections.
+pub(crate) enum MaybeTls<T> {
+    Plain(TcpStream),
+    Tls(Box<T>),
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    // Vectored writes let HTTP/2 send headers and data in one syscall.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MaybeTls::Plain(s) => s.is_write_vectored(),
+            MaybeTls::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An accepted connection and who is on the other end.
+pub(crate) struct MeshStream {
+    io: MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>,
+    info: PeerInfo,
 }
 
 impl Connected for MeshStream {
     type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> PeerInfo {
-        match self {
-            MeshStream::Plain(_, info) | MeshStream::Tls(_, info) => info.clone(),
-        }
+        self.info.clone()
     }
 }
 
@@ -65,10 +129,7 @@ impl AsyncRead for MeshStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            MeshStream::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
-            MeshStream::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -78,10 +139,7 @@ impl AsyncWrite for MeshStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            MeshStream::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
-            MeshStream::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -89,31 +147,19 @@ impl AsyncWrite for MeshStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            MeshStream::Plain(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
-            MeshStream::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            MeshStream::Plain(s, _) => s.is_write_vectored(),
-            MeshStream::Tls(s, _) => s.is_write_vectored(),
-        }
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            MeshStream::Plain(s, _) => Pin::new(s).poll_flush(cx),
-            MeshStream::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            MeshStream::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
-            MeshStream::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -147,7 +193,14 @@ pub(crate) fn accept_loop(
                     identity: None,
                     tls: false,
                 };
-                if tx.send(Ok(MeshStream::Plain(tcp, info))).await.is_err() {
+                if tx
+                    .send(Ok(MeshStream {
+                        io: MaybeTls::Plain(tcp),
+                        info,
+                    }))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 continue;
@@ -169,7 +222,12 @@ pub(crate) fn accept_loop(
                             identity,
                             tls: true,
                         };
-                        let _ = tx.send(Ok(MeshStream::Tls(Box::new(stream), info))).await;
+                        let _ = tx
+                            .send(Ok(MeshStream {
+                                io: MaybeTls::Tls(Box::new(stream)),
+                                info,
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::warn!(%remote, "TLS handshake refused: {e}"),
                     Err(_) => {
@@ -192,69 +250,8 @@ pub(crate) struct Connector {
     pub(crate) expected: Option<SpiffeId>,
 }
 
-pub(crate) enum ClientStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for ClientStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ClientStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    // Vectored writes let HTTP/2 send headers and data in one syscall.
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            ClientStream::Plain(s) => s.is_write_vectored(),
-            ClientStream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+/// A dialled connection.
+pub(crate) type ClientStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 
 impl tower::Service<http::Uri> for Connector {
     type Response = TokioIo<ClientStream>;
@@ -271,7 +268,7 @@ impl tower::Service<http::Uri> for Connector {
             let tcp = TcpStream::connect(this.addr).await?;
             tcp.set_nodelay(true)?;
             let Some(tls) = this.tls else {
-                return Ok(TokioIo::new(ClientStream::Plain(tcp)));
+                return Ok(TokioIo::new(MaybeTls::Plain(tcp)));
             };
             let config = tls
                 .client_config(this.expected)
@@ -284,7 +281,7 @@ impl tower::Service<http::Uri> for Connector {
             )
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-            Ok(TokioIo::new(ClientStream::Tls(Box::new(stream))))
+            Ok(TokioIo::new(MaybeTls::Tls(Box::new(stream))))
         })
     }
 }
