@@ -14,10 +14,18 @@ as_pg() {
     if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
-if [ "${1:-}" = stop ]; then
-    [ -d "$DIR/data" ] && as_pg "$(pg_bin)/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null 2>&1 || true
-    exit 0
-fi
+case "${1:-}" in
+    stop)
+        [ -d "$DIR/data" ] && as_pg "$(pg_bin)/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+        exit 0 ;;
+    # An outage of a running test server, and its end (same port and data).
+    pause)
+        as_pg "$(pg_bin)/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null
+        exit $? ;;
+    resume)
+        as_pg "$(pg_bin)/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
+        exit $? ;;
+esac
 
 if [ -z "$(pg_bin)" ]; then
     echo "installing PostgreSQL with apt-get" >&2
@@ -34,9 +42,15 @@ mkdir -p "$DIR"
 as_pg "$BIN/initdb" -A trust -U postgres -D "$DIR/data" >/dev/null
 # fsync off: a test server's data is thrown away; durability is not under test here.
 for port in "$PORT" $((PORT + 1)) $((PORT + 2)); do
-    if as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w \
-        -o "-p $port -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off" \
-        start >/dev/null; then
+    # Settings go in the config file so `resume` restarts the same server.
+    cat >> "$DIR/data/postgresql.conf" <<CONF
+port = $port
+unix_socket_directories = '$DIR'
+listen_addresses = '127.0.0.1'
+max_connections = 400
+fsync = off
+CONF
+    if as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null; then
         echo "postgres://postgres@127.0.0.1:$port/postgres"
         exit 0
     fi

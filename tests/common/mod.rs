@@ -228,6 +228,8 @@ pub struct Shop {
     /// The operator's mesh (mTLS when the shop runs it).
     pub mesh: mesh_client::Mesh,
     pub tls: bool,
+    /// The flags each process was started with, to restart it.
+    pub args: std::collections::HashMap<&'static str, Vec<String>>,
 }
 
 pub const TRUST_DOMAIN: &str = "shop.test";
@@ -327,9 +329,13 @@ impl Shop {
             }
             args
         };
-        let auth = Proc::spawn("auth", free_addr(), &db_args("auth"));
-        let inventory = Proc::spawn("inventory", free_addr(), &db_args("inventory"));
-        let payments = Proc::spawn("payments", free_addr(), &db_args("payments"));
+        let mut args = std::collections::HashMap::new();
+        for name in ["auth", "inventory", "payments"] {
+            args.insert(name, db_args(name));
+        }
+        let auth = Proc::spawn("auth", free_addr(), &args["auth"]);
+        let inventory = Proc::spawn("inventory", free_addr(), &args["inventory"]);
+        let payments = Proc::spawn("payments", free_addr(), &args["payments"]);
         let mut orders_args = db_args("orders");
         orders_args.extend([
             "--auth-target".into(),
@@ -340,6 +346,7 @@ impl Shop {
             format!("static:///{}", payments.addr),
         ]);
         let orders = Proc::spawn("orders", free_addr(), &orders_args);
+        args.insert("orders", orders_args);
         let mut mesh = mesh_client::Mesh::from_config(mesh_client::MeshConfig::default())
             .unwrap()
             .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
@@ -357,6 +364,7 @@ impl Shop {
             urls,
             mesh,
             tls,
+            args,
         };
         for (p, name) in [
             (&shop.auth, "auth"),
@@ -367,6 +375,24 @@ impl Shop {
             wait_serving_on(shop.channel(p.addr, name)).await;
         }
         shop
+    }
+
+    pub fn proc_mut(&mut self, name: &str) -> &mut Proc {
+        match name {
+            "auth" => &mut self.auth,
+            "inventory" => &mut self.inventory,
+            "payments" => &mut self.payments,
+            "orders" => &mut self.orders,
+            other => panic!("no service {other}"),
+        }
+    }
+
+    /// Starts `name` again on its address with its flags (after a kill).
+    pub async fn restart(&mut self, name: &'static str) {
+        let addr = self.proc_mut(name).addr;
+        let args = self.args[name].clone();
+        *self.proc_mut(name) = Proc::spawn(name, addr, &args);
+        wait_serving_on(self.channel(addr, name)).await;
     }
 
     /// A mesh channel to one of the shop's processes, as the operator.

@@ -150,6 +150,11 @@ impl MeshServer {
         self
     }
 
+    /// The names of the services added so far.
+    pub fn service_names(&self) -> &[&'static str] {
+        &self.service_names
+    }
+
     /// The health reporter, to mark services `NOT_SERVING` while a
     /// dependency (a database) is unavailable.
     pub fn health_reporter(&self) -> HealthReporter {

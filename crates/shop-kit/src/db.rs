@@ -110,7 +110,9 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
         source,
     })?;
     let pool_options = AnyPoolOptions::new()
-        .acquire_timeout(Duration::from_secs(3))
+        // An unreachable database must fail calls fast (UNAVAILABLE), not
+        // hold them until their deadline.
+        .acquire_timeout(Duration::from_secs(1))
         .after_connect(|conn, _meta| {
             Box::pin(async move {
                 if conn.backend_name().eq_ignore_ascii_case("sqlite") {
@@ -162,6 +164,52 @@ fn sqlite_url(url: &str) -> Result<String, DbError> {
     })
 }
 
+/// Keeps health in step with the database: NOT_SERVING (for `""` and each
+/// of `services`) while `SELECT 1` fails, SERVING again once it answers.
+/// Stops when `stop` is cancelled (the server drains).
+pub async fn watch_readiness(
+    pool: AnyPool,
+    reporter: tonic_health::server::HealthReporter,
+    services: Vec<&'static str>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tonic_health::ServingStatus;
+    let mut healthy = true;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let ok = tokio::time::timeout(
+            Duration::from_secs(2),
+            sqlx::query("SELECT 1").execute(&pool),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        if ok == healthy && ok {
+            continue;
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        if !ok && healthy {
+            tracing::warn!("database unreachable: reporting NOT_SERVING until it is back");
+        } else if ok {
+            tracing::info!("database reachable again: SERVING");
+        }
+        healthy = ok;
+        let status = if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
+        for service in &services {
+            reporter.set_service_status(*service, status).await;
+        }
+    }
+}
+
 /// Whether the error is a unique-constraint violation.
 pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(e) if e.kind() == ErrorKind::UniqueViolation)
@@ -188,6 +236,20 @@ pub fn status(err: sqlx::Error) -> Status {
         sqlx::Error::Database(ref db) if db.message().contains("database is locked") => {
             tracing::warn!("database busy: {err}");
             Status::unavailable("the service's database is busy; retry later")
+        }
+        // PostgreSQL going away: connection exceptions (08xxx) and operator
+        // intervention such as a shutdown (57Pxx).
+        sqlx::Error::Database(ref db)
+            if db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
+        {
+            tracing::warn!("database unavailable: {err}");
+            Status::unavailable("the service's database is unavailable; retry later")
+        }
+        sqlx::Error::Protocol(_) => {
+            tracing::warn!("database connection broke: {err}");
+            Status::unavailable("the service's database is unavailable; retry later")
         }
         other => {
             tracing::error!("database error: {other}");

@@ -16,3 +16,22 @@ pub use mesh::MeshArgs;
 
 /// Exit code for bad configuration (`EX_CONFIG`-style usage error, sysexits 64).
 pub const EXIT_BAD_CONFIG: u8 = 64;
+
+/// Serves `server` until `shutdown`, reporting NOT_SERVING while the
+/// service's database is unreachable.
+pub async fn serve(
+    server: mesh_client::server::MeshServer,
+    pool: sqlx::AnyPool,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), mesh_client::MeshError> {
+    let readiness = tokio::spawn(db::watch_readiness(
+        pool,
+        server.health_reporter(),
+        server.service_names().to_vec(),
+        server.draining(),
+    ));
+    let result = server.serve(listener, shutdown).await;
+    readiness.abort();
+    result
+}

@@ -98,20 +98,19 @@ pub async fn run(
 ) -> Result<(), Error> {
     let pool = shop_kit::db::connect(&config.database_url, &MIGRATOR).await?;
     let service = AuthService::new(
-        pool,
+        pool.clone(),
         config.issuer.clone(),
         config.audience.clone(),
         Duration::from_secs(config.token_ttl_secs),
     )
     .await?;
     let tls = config.mesh.tls().map_err(Error::Setup)?;
-    config
+    let server = config
         .mesh
         .server(tls)
         .map_err(Error::Setup)?
-        .add_service(AuthServiceServer::new(service))
-        .serve(listener, shutdown)
-        .await?;
+        .add_service(AuthServiceServer::new(service));
+    shop_kit::serve(server, pool, listener, shutdown).await?;
     Ok(())
 }
 

@@ -76,7 +76,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let pool = shop_kit::db::connect(&config.database_url, &MIGRATOR).await?;
-    let service = InventoryService::new(pool, Duration::from_secs(config.reservation_ttl_secs));
+    let service = InventoryService::new(
+        pool.clone(),
+        Duration::from_secs(config.reservation_ttl_secs),
+    );
     let tls = config.mesh.tls().map_err(Error::Setup)?;
     let server = config
         .mesh
@@ -84,7 +87,7 @@ pub async fn run(
         .map_err(Error::Setup)?
         .add_service(InventoryServiceServer::new(service.clone()));
     let sweeper = tokio::spawn(service.clone().release_expired_forever(server.draining()));
-    server.serve(listener, shutdown).await?;
+    shop_kit::serve(server, pool, listener, shutdown).await?;
     sweeper.abort();
     Ok(())
 }

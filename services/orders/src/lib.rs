@@ -117,11 +117,16 @@ pub async fn run(
     let server = config.mesh.server(tls).map_err(Error::Setup)?;
     let saga = Saga::new(pool.clone(), inventory.clone(), payments.clone());
     let recovery = tokio::spawn(saga.clone().recover_forever(server.draining()));
-    let service = OrdersService::new(pool, saga, auth, inventory, payments, server.draining());
-    server
-        .add_service(OrdersServiceServer::new(service))
-        .serve(listener, shutdown)
-        .await?;
+    let service = OrdersService::new(
+        pool.clone(),
+        saga,
+        auth,
+        inventory,
+        payments,
+        server.draining(),
+    );
+    let server = server.add_service(OrdersServiceServer::new(service));
+    shop_kit::serve(server, pool, listener, shutdown).await?;
     recovery.abort();
     Ok(())
 }

@@ -70,13 +70,15 @@ pub async fn run(
 ) -> Result<(), Error> {
     let pool = shop_kit::db::connect(&config.database_url, &MIGRATOR).await?;
     let tls = config.mesh.tls().map_err(Error::Setup)?;
-    config
-        .mesh
-        .server(tls)
-        .map_err(Error::Setup)?
-        .add_service(PaymentsServiceServer::new(PaymentsService::new(pool)))
-        .serve(listener, shutdown)
-        .await?;
+    let server =
+        config
+            .mesh
+            .server(tls)
+            .map_err(Error::Setup)?
+            .add_service(PaymentsServiceServer::new(PaymentsService::new(
+                pool.clone(),
+            )));
+    shop_kit::serve(server, pool, listener, shutdown).await?;
     Ok(())
 }
 

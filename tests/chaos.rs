@@ -1,0 +1,495 @@
+//! No order lost, no charge doubled: hundreds of orders placed concurrently
+//! (some doomed by stock or funds) while a seeded chaos driver SIGKILLs and
+//! restarts orders, payments and inventory (and, on PostgreSQL, stops and
+//! restarts the database once). After recovery settles the invariants are
+//! checked against the services' own databases and printed.
+//!
+//! Replay a seed or run bigger: `CHAOS_SEED=42 CHAOS_ORDERS=2000 cargo test
+//! --workspace --test chaos -- --nocapture`.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use common::{Db, Shop, authed};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use shop_api::{
+    common::v1::Money,
+    inventory::v1::CreateProductRequest,
+    orders::v1::{PlaceOrderItem, PlaceOrderRequest},
+    payments::v1::{DepositRequest, OpenAccountRequest},
+};
+use sqlx::{AnyPool, Row};
+use tokio::time::Instant;
+use tonic::Code;
+
+const PRODUCTS: usize = 5;
+const STOCK: i64 = 30;
+const USERS: usize = 12;
+
+struct World {
+    products: Vec<String>,
+    users: Vec<(String, String)>, // (token, account)
+    deposits: i64,
+}
+
+async fn setup(shop: &Shop, rng: &mut StdRng) -> World {
+    let mut products = Vec::new();
+    for i in 0..PRODUCTS {
+        let p = shop
+            .inventory()
+            .await
+            .create_product(CreateProductRequest {
+                sku: format!("CHAOS-{i}"),
+                name: format!("chaos product {i}"),
+                price: Some(Money {
+                    currency_code: "USD".into(),
+                    amount_minor: 100 * (i as i64 + 1),
+                }),
+                initial_stock: STOCK,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        products.push(p.product_id);
+    }
+    let mut users = Vec::new();
+    let mut deposits = 0;
+    for i in 0..USERS {
+        let (user_id, token) = shop.user(&format!("chaos{i}")).await;
+        let account = shop
+            .payments()
+            .await
+            .open_account(OpenAccountRequest {
+                owner_id: user_id,
+                currency_code: "USD".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .account_id;
+        // Some users are poor: their orders are doomed by funds.
+        let amount = if i % 3 == 0 {
+            150
+        } else {
+            rng.random_range(2_000..20_000)
+        };
+        shop.payments()
+            .await
+            .deposit(DepositRequest {
+                account_id: account.clone(),
+                amount: Some(Money {
+                    currency_code: "USD".into(),
+                    amount_minor: amount,
+                }),
+                idempotency_key: format!("chaos-dep-{i}"),
+            })
+            .await
+            .unwrap();
+        deposits += amount;
+        users.push((token, account));
+    }
+    World {
+        products,
+        users,
+        deposits,
+    }
+}
+
+/// Places one order, retrying with the same key through outages.
+async fn place(shop: &Shop, request: PlaceOrderRequest, token: &str) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut orders = shop.orders().await;
+    while Instant::now() < deadline {
+        let mut call = authed(token, request.clone());
+        call.set_timeout(Duration::from_secs(5));
+        match orders.place_order(call).await {
+            Ok(order) => return Some(order.into_inner().order_id),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unavailable
+                        | Code::DeadlineExceeded
+                        | Code::Aborted
+                        | Code::Internal
+                        | Code::Unknown
+                        | Code::Cancelled
+                ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => panic!("order refused: {s:?}"),
+        }
+    }
+    None
+}
+
+async fn pool(url: &str) -> AnyPool {
+    sqlx::any::install_default_drivers();
+    sqlx::any::AnyPoolOptions::new()
+        .max_connections(2)
+        .connect(url)
+        .await
+        .unwrap()
+}
+
+async fn chaos(db: Db, pg_control: Option<PgControl>) {
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    let n_orders: usize = std::env::var("CHAOS_ORDERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    eprintln!("chaos: seed {seed} ({n_orders} orders; replay with CHAOS_SEED={seed})");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let shop = Shop::start(&db).await;
+    let world = setup(&shop, &mut rng).await;
+
+    // The orders to place, drawn from the seed.
+    let plans: Vec<(usize, Vec<(usize, i64)>)> = (0..n_orders)
+        .map(|_| {
+            let user = rng.random_range(0..USERS);
+            let first = rng.random_range(0..PRODUCTS);
+            let mut items = vec![(first, rng.random_range(1..=3))];
+            if rng.random_bool(0.4) {
+                items.push(((first + 1) % PRODUCTS, rng.random_range(1..=2)));
+            }
+            (user, items)
+        })
+        .collect();
+    let shop = Arc::new(tokio::sync::RwLock::new(shop));
+    let world = Arc::new(world);
+    let queue = Arc::new(Mutex::new(
+        plans.into_iter().enumerate().collect::<Vec<_>>(),
+    ));
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let placing = Instant::now();
+    let workers: Vec<_> = (0..12)
+        .map(|_| {
+            let (shop, world, queue, accepted) =
+                (shop.clone(), world.clone(), queue.clone(), accepted.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Some((n, (user, items))) = queue.lock().unwrap().pop() else {
+                        return;
+                    };
+                    let (token, account) = &world.users[user];
+                    let request = PlaceOrderRequest {
+                        items: items
+                            .iter()
+                            .map(|(p, q)| PlaceOrderItem {
+                                product_id: world.products[*p].clone(),
+                                quantity: *q,
+                            })
+                            .collect(),
+                        payment_account_id: account.clone(),
+                        idempotency_key: format!("chaos-order-{n}"),
+                    };
+                    let guard = shop.read().await;
+                    if let Some(id) = place(&guard, request, token).await {
+                        accepted.lock().unwrap().push(id);
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // The chaos driver: kill and restart services while orders flow.
+    let mut events = Vec::new();
+    let mut pg_cycled = pg_control.is_none();
+    while !workers.iter().all(|w| w.is_finished()) && placing.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..800))).await;
+        if !pg_cycled && rng.random_bool(0.3) {
+            let pg = pg_control.as_ref().unwrap();
+            pg.stop();
+            tokio::time::sleep(Duration::from_millis(rng.random_range(500..1500))).await;
+            pg.start();
+            events.push("postgres stop/start".to_string());
+            pg_cycled = true;
+            continue;
+        }
+        let victim = ["orders", "payments", "inventory"][rng.random_range(0..3)];
+        let pause = Duration::from_millis(rng.random_range(50..500));
+        let mut guard = shop.write().await;
+        guard.proc_mut(victim).kill();
+        tokio::time::sleep(pause).await;
+        guard.restart(victim).await;
+        events.push(format!("SIGKILL {victim}, back after {pause:?}"));
+    }
+    if !pg_cycled {
+        let pg = pg_control.as_ref().unwrap();
+        pg.stop();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        pg.start();
+        events.push("postgres stop/start".to_string());
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    eprintln!("chaos: {} events: {events:?}", events.len());
+    eprintln!(
+        "chaos: {} of {n_orders} orders accepted in {:?}",
+        accepted.len(),
+        placing.elapsed()
+    );
+
+    // Settle: every order must end CONFIRMED or CANCELLED.
+    let shop = shop.read().await;
+    let orders_db = pool(&shop.urls["orders"]).await;
+    let settle = Instant::now();
+    loop {
+        let pending: i64 = sqlx::query("SELECT COUNT(*) AS n FROM orders WHERE status = 'PENDING'")
+            .fetch_one(&orders_db)
+            .await
+            .unwrap()
+            .try_get("n")
+            .unwrap();
+        if pending == 0 {
+            break;
+        }
+        assert!(
+            settle.elapsed() < Duration::from_secs(120),
+            "seed {seed}: {pending} orders still PENDING after 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    check_invariants(&shop, &world, &accepted, seed).await;
+}
+
+async fn check_invariants(shop: &Shop, world: &World, accepted: &[String], seed: u64) {
+    let orders_db = pool(&shop.urls["orders"]).await;
+    let payments_db = pool(&shop.urls["payments"]).await;
+    let inventory_db = pool(&shop.urls["inventory"]).await;
+
+    let rows = sqlx::query("SELECT order_id, status, total_minor FROM orders")
+        .fetch_all(&orders_db)
+        .await
+        .unwrap();
+    let mut status: HashMap<String, (String, i64)> = HashMap::new();
+    for r in &rows {
+        status.insert(
+            r.try_get("order_id").unwrap(),
+            (
+                r.try_get("status").unwrap(),
+                r.try_get("total_minor").unwrap(),
+            ),
+        );
+    }
+    for id in accepted {
+        assert!(
+            status.contains_key(id),
+            "seed {seed}: accepted order {id} was lost"
+        );
+    }
+    let items = sqlx::query("SELECT order_id, product_id, quantity FROM order_items")
+        .fetch_all(&orders_db)
+        .await
+        .unwrap();
+    let mut committed_expected: HashMap<String, i64> = HashMap::new();
+    for r in &items {
+        let order: String = r.try_get("order_id").unwrap();
+        if status[&order].0 == "CONFIRMED" {
+            *committed_expected
+                .entry(r.try_get("product_id").unwrap())
+                .or_default() += r.try_get::<i64, _>("quantity").unwrap();
+        }
+    }
+
+    let charges: HashMap<String, (String, i64)> =
+        sqlx::query("SELECT idempotency_key, state, amount_minor FROM charges")
+            .fetch_all(&payments_db)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.try_get("idempotency_key").unwrap(),
+                    (
+                        r.try_get("state").unwrap(),
+                        r.try_get("amount_minor").unwrap(),
+                    ),
+                )
+            })
+            .collect();
+    let reservations: HashMap<String, String> =
+        sqlx::query("SELECT reservation_id, state FROM reservations")
+            .fetch_all(&inventory_db)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.try_get("reservation_id").unwrap(),
+                    r.try_get("state").unwrap(),
+                )
+            })
+            .collect();
+
+    let (mut confirmed, mut cancelled, mut captured_total) = (0, 0, 0i64);
+    for (id, (state, total)) in &status {
+        let charge = charges.get(&format!("order-{id}-charge"));
+        let reservation = reservations.get(id).map(String::as_str);
+        match state.as_str() {
+            "CONFIRMED" => {
+                confirmed += 1;
+                assert_eq!(
+                    charge.map(|c| (c.0.as_str(), c.1)),
+                    Some(("CAPTURED", *total)),
+                    "seed {seed}: confirmed order {id} charged wrongly"
+                );
+                assert_eq!(
+                    reservation,
+                    Some("COMMITTED"),
+                    "seed {seed}: confirmed order {id} stock not committed"
+                );
+            }
+            "CANCELLED" => {
+                cancelled += 1;
+                if let Some((charge_state, _)) = charge {
+                    assert!(
+                        matches!(charge_state.as_str(), "REFUNDED" | "VOIDED" | "DECLINED"),
+                        "seed {seed}: cancelled order {id} has a {charge_state} charge"
+                    );
+                }
+                assert!(
+                    matches!(reservation, None | Some("RELEASED")),
+                    "seed {seed}: cancelled order {id} holds stock ({reservation:?})"
+                );
+            }
+            other => panic!("seed {seed}: order {id} is {other}"),
+        }
+    }
+    for (state, amount) in charges.values() {
+        if state == "CAPTURED" {
+            captured_total += amount;
+        }
+    }
+    let captured = charges.values().filter(|c| c.0 == "CAPTURED").count();
+    assert_eq!(
+        captured, confirmed,
+        "seed {seed}: every capture belongs to exactly one confirmed order"
+    );
+
+    for product in &world.products {
+        let r = sqlx::query(
+            "SELECT available, reserved, committed, received FROM products WHERE product_id = $1",
+        )
+        .bind(product)
+        .fetch_one(&inventory_db)
+        .await
+        .unwrap();
+        let (available, reserved, committed, received): (i64, i64, i64, i64) = (
+            r.try_get("available").unwrap(),
+            r.try_get("reserved").unwrap(),
+            r.try_get("committed").unwrap(),
+            r.try_get("received").unwrap(),
+        );
+        assert_eq!(received, STOCK, "seed {seed}");
+        assert_eq!(
+            available + reserved + committed,
+            STOCK,
+            "seed {seed}: product {product} stock does not add up"
+        );
+        assert_eq!(
+            reserved, 0,
+            "seed {seed}: product {product} still has reserved stock"
+        );
+        assert_eq!(
+            committed,
+            *committed_expected.get(product).unwrap_or(&0),
+            "seed {seed}: product {product} committed != confirmed orders"
+        );
+    }
+
+    let check = payments::check_ledger(&payments_db).await.unwrap();
+    assert!(
+        check.mismatched.is_empty() && check.unbalanced_txns.is_empty(),
+        "seed {seed}: ledger {check:?}"
+    );
+    let balances: i64 = sqlx::query("SELECT CAST(COALESCE(SUM(balance_minor), 0) AS BIGINT) AS s FROM accounts WHERE kind = 'CUSTOMER'")
+        .fetch_one(&payments_db)
+        .await
+        .unwrap()
+        .try_get("s")
+        .unwrap();
+    assert_eq!(
+        balances + captured_total,
+        world.deposits,
+        "seed {seed}: money was created or destroyed"
+    );
+    eprintln!(
+        "chaos invariants hold (seed {seed}): {} orders, {confirmed} confirmed (charged and committed once), {cancelled} cancelled (nothing held or charged), stock and ledger balance",
+        status.len()
+    );
+}
+
+/// Stops and starts the test's own PostgreSQL server.
+struct PgControl {
+    dir: std::path::PathBuf,
+}
+
+impl PgControl {
+    fn ctl(&self, action: &str) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-postgres.sh");
+        let status = std::process::Command::new(script)
+            .arg(action)
+            .env("MESH_PG_DIR", &self.dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "postgres {action}");
+    }
+    fn stop(&self) {
+        self.ctl("pause");
+    }
+    fn start(&self) {
+        self.ctl("resume");
+    }
+}
+
+impl Drop for PgControl {
+    fn drop(&mut self) {
+        self.ctl("stop");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_sqlite() {
+    chaos(Db::Sqlite, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_postgres() {
+    // Its own server, since the database is stopped mid-run.
+    if Db::postgres().is_none() {
+        return;
+    }
+    // Directly under the temp dir: the postgres user must be able to reach it.
+    let dir = std::env::temp_dir().join(format!("mesh-chaos-{}", std::process::id()));
+    let port = 26000 + (std::process::id() % 1000) as u16;
+    let out = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/test-postgres.sh"
+    ))
+    .env("MESH_PG_DIR", dir.join("pg"))
+    .env("MESH_PG_PORT", port.to_string())
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let control = PgControl {
+        dir: dir.join("pg"),
+    };
+    chaos(Db::Postgres(url), Some(control)).await;
+}
