@@ -219,3 +219,81 @@ async fn the_same_charge_sent_concurrently_charges_once_postgres() {
     let Some(db) = Db::postgres() else { return };
     concurrent_same_key_charges(db).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_reservation_expires_and_releases_its_stock() {
+    use shop_api::inventory::v1::{
+        CommitReservationRequest, CreateProductRequest, GetProductRequest, LineItem,
+        ReserveStockRequest, inventory_service_client::InventoryServiceClient,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let url = format!("sqlite://{}", dir.path().join("inventory.db").display());
+    let _inventory = Proc::spawn(
+        "inventory",
+        addr,
+        &[
+            "--database-url".into(),
+            url,
+            "--reservation-ttl-secs".into(),
+            "1".into(),
+        ],
+    );
+    wait_serving(addr).await;
+    let mut client = InventoryServiceClient::new(common::channel(addr).await);
+    let product = client
+        .create_product(CreateProductRequest {
+            sku: "TTL".into(),
+            name: "ttl".into(),
+            price: usd(10),
+            initial_stock: 5,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .product_id;
+    let reservation_id = uuid::Uuid::new_v4().to_string();
+    client
+        .reserve_stock(ReserveStockRequest {
+            reservation_id: reservation_id.clone(),
+            items: vec![LineItem {
+                product_id: product.clone(),
+                quantity: 4,
+            }],
+        })
+        .await
+        .unwrap();
+    let stock = |p: shop_api::inventory::v1::Product| (p.available, p.reserved);
+    let now = client
+        .get_product(GetProductRequest {
+            product_id: product.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stock(now), (1, 4));
+    let start = Instant::now();
+    loop {
+        let p = client
+            .get_product(GetProductRequest {
+                product_id: product.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if stock(p.clone()) == (5, 0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the saga never came back, but the stock is still held: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A saga that comes back too late cannot commit the released stock.
+    let err = client
+        .commit_reservation(CommitReservationRequest { reservation_id })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+}

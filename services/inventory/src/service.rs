@@ -255,7 +255,10 @@ impl InventoryService {
 
     /// Releases reservations past their expiry until `stop` is cancelled.
     pub async fn release_expired_forever(self, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        // Check twice per TTL, between every 100 ms and every 5 s.
+        let every =
+            (self.reservation_ttl / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
