@@ -290,6 +290,7 @@ impl auth_service_server::AuthService for AuthService {
             aud: self.inner.audience.clone(),
             exp,
             iat: now,
+            nbf: None,
         };
         let token = self.keys().signing.sign(&claims).map_err(|e| {
             tracing::error!("signing failed: {e}");

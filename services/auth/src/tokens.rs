@@ -29,6 +29,10 @@ pub struct Claims {
     pub exp: i64,
     /// Issued at, Unix seconds.
     pub iat: i64,
+    /// Not before, Unix seconds. Typed here so a non-numeric `nbf` fails
+    /// to decode instead of being skipped by the library's check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
 }
 
 /// Why a token was refused.
@@ -158,6 +162,7 @@ mod tests {
             aud: "aud".into(),
             exp: now + exp_offset,
             iat: now,
+            nbf: None,
         }
     }
 
@@ -194,5 +199,77 @@ mod tests {
             verifier.verify("a.b.c"),
             Err(TokenError::Malformed)
         ));
+    }
+
+    fn b64(json: &str) -> String {
+        URL_SAFE_NO_PAD.encode(json)
+    }
+
+    /// A token with this header and payload JSON, signed by `key`.
+    fn signed_raw(key: &SigningKey, header: &str, payload: &str) -> String {
+        let message = format!("{}.{}", b64(header), b64(payload));
+        let sig = jsonwebtoken::crypto::sign(message.as_bytes(), &key.encoding, Algorithm::EdDSA)
+            .unwrap();
+        format!("{message}.{sig}")
+    }
+
+    #[test]
+    fn refuses_every_classic_jwt_attack() {
+        let (key, _) = SigningKey::generate().unwrap();
+        let verifier =
+            TokenVerifier::new("iss", "aud", [(key.kid.as_str(), key.x.as_str())]).unwrap();
+        let now = shop_kit::time::now_millis() / 1000;
+        let kid = key.kid.clone();
+        let payload = |exp: &str, extra: &str| {
+            format!(r#"{{"sub":"u","name":"n","iss":"iss","aud":"aud","iat":{now}{exp}{extra}}}"#)
+        };
+        let good = payload(&format!(r#","exp":{}"#, now + 60), "");
+        let header = format!(r#"{{"alg":"EdDSA","kid":"{kid}","typ":"JWT"}}"#);
+        assert!(verifier.verify(&signed_raw(&key, &header, &good)).is_ok(), "control");
+
+        let refuse = |token: String, why: &str| {
+            assert!(verifier.verify(&token).is_err(), "accepted: {why}");
+        };
+        // alg: none, no signature.
+        let none = format!(r#"{{"alg":"none","kid":"{kid}"}}"#);
+        refuse(format!("{}.{}.", b64(&none), b64(&good)), "alg none");
+        // HS256 "signed" with the public key as the HMAC secret.
+        let hs = jsonwebtoken::encode(
+            &Header {
+                kid: Some(kid.clone()),
+                ..Header::new(Algorithm::HS256)
+            },
+            &serde_json::from_str::<serde_json::Value>(&good).unwrap(),
+            &EncodingKey::from_secret(key.x.as_bytes()),
+        )
+        .unwrap();
+        refuse(hs, "HS256 with the public key");
+        // An algorithm that is not allowed, even over a valid EdDSA signature.
+        let es = format!(r#"{{"alg":"ES256","kid":"{kid}"}}"#);
+        refuse(signed_raw(&key, &es, &good), "alg ES256");
+        // Expired beyond the leeway; exp and nbf as strings; no exp.
+        let expired = payload(&format!(r#","exp":{}"#, now - 120), "");
+        refuse(signed_raw(&key, &header, &expired), "expired");
+        let string_exp = payload(&format!(r#","exp":"{}""#, now + 60), "");
+        refuse(signed_raw(&key, &header, &string_exp), "exp as a string");
+        let string_nbf = payload(&format!(r#","exp":{}"#, now + 60), &format!(r#","nbf":"{now}""#));
+        refuse(signed_raw(&key, &header, &string_nbf), "nbf as a string");
+        refuse(signed_raw(&key, &header, &payload("", "")), "no exp");
+        // Wrong audience, wrong issuer.
+        let wrong_aud = good.replace(r#""aud":"aud""#, r#""aud":"other""#);
+        refuse(signed_raw(&key, &header, &wrong_aud), "wrong aud");
+        let wrong_iss = good.replace(r#""iss":"iss""#, r#""iss":"evil""#);
+        refuse(signed_raw(&key, &header, &wrong_iss), "wrong iss");
+        // Unknown and hostile key ids are only looked up, never used.
+        for bad_kid in ["unknown", "../../etc/passwd", "' OR 1=1 --", ""] {
+            let h = format!(r#"{{"alg":"EdDSA","kid":"{bad_kid}"}}"#);
+            let result = verifier.verify(&signed_raw(&key, &h, &good));
+            assert!(matches!(result, Err(TokenError::UnknownKey)), "kid {bad_kid:?}");
+        }
+        // A token of a key that has left the set (rotated out and expired).
+        let (old, _) = SigningKey::generate().unwrap();
+        let old_header = format!(r#"{{"alg":"EdDSA","kid":"{}"}}"#, old.kid);
+        let result = verifier.verify(&signed_raw(&old, &old_header, &good));
+        assert!(matches!(result, Err(TokenError::UnknownKey)));
     }
 }
