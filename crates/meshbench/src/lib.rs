@@ -285,11 +285,12 @@ pub async fn run(
         .mesh
         .server_with(limits, tls)
         .map_err(Error::Setup)?
-        .add_service(EchoServiceServer::new(Echo::new(
-            config.id,
-            config.delay_ms,
-            next,
-        )))
+        .add_service(
+            EchoServiceServer::new(Echo::new(config.id, config.delay_ms, next))
+                .max_decoding_message_size(config.mesh.max_request_bytes)
+                .max_encoding_message_size(config.mesh.max_response_bytes)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+        )
         .serve(listener, shutdown)
         .await?;
     Ok(())

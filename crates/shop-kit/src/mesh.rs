@@ -30,6 +30,12 @@ pub struct MeshArgs {
     /// Milliseconds between reporting NOT_SERVING and closing on SIGTERM.
     #[arg(long, env = "DRAIN_GRACE_MS", default_value_t = 0)]
     pub drain_grace_ms: u64,
+    /// Largest request message accepted, in bytes, after decompression.
+    #[arg(long, env = "MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+    /// Largest response message sent, in bytes.
+    #[arg(long, env = "MAX_RESPONSE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_response_bytes: usize,
     /// Milliseconds a TLS handshake may take before the connection is dropped.
     #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
     pub tls_handshake_timeout_ms: u64,
@@ -50,6 +56,14 @@ impl MeshArgs {
         }
         if !(100..=60_000).contains(&self.tls_handshake_timeout_ms) {
             problems.push("--tls-handshake-timeout-ms: must be 100 to 60000".into());
+        }
+        for (flag, value) in [
+            ("--max-request-bytes", self.max_request_bytes),
+            ("--max-response-bytes", self.max_response_bytes),
+        ] {
+            if !(1024..=64 * 1024 * 1024).contains(&value) {
+                problems.push(format!("{flag}: must be 1024 to 67108864, got {value}"));
+            }
         }
         if self.drain_grace_ms > 60_000 {
             problems.push("--drain-grace-ms: must be at most 60000".into());

@@ -105,11 +105,12 @@ pub async fn run(
     )
     .await?;
     let tls = config.mesh.tls().map_err(Error::Setup)?;
-    let server = config
-        .mesh
-        .server(tls)
-        .map_err(Error::Setup)?
-        .add_service(AuthServiceServer::new(service));
+    let server = config.mesh.server(tls).map_err(Error::Setup)?.add_service(
+        AuthServiceServer::new(service)
+            .max_decoding_message_size(config.mesh.max_request_bytes)
+            .max_encoding_message_size(config.mesh.max_response_bytes)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+    );
     shop_kit::serve(server, pool, listener, shutdown).await?;
     Ok(())
 }

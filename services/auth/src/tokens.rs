@@ -225,7 +225,10 @@ mod tests {
         };
         let good = payload(&format!(r#","exp":{}"#, now + 60), "");
         let header = format!(r#"{{"alg":"EdDSA","kid":"{kid}","typ":"JWT"}}"#);
-        assert!(verifier.verify(&signed_raw(&key, &header, &good)).is_ok(), "control");
+        assert!(
+            verifier.verify(&signed_raw(&key, &header, &good)).is_ok(),
+            "control"
+        );
 
         let refuse = |token: String, why: &str| {
             assert!(verifier.verify(&token).is_err(), "accepted: {why}");
@@ -252,7 +255,10 @@ mod tests {
         refuse(signed_raw(&key, &header, &expired), "expired");
         let string_exp = payload(&format!(r#","exp":"{}""#, now + 60), "");
         refuse(signed_raw(&key, &header, &string_exp), "exp as a string");
-        let string_nbf = payload(&format!(r#","exp":{}"#, now + 60), &format!(r#","nbf":"{now}""#));
+        let string_nbf = payload(
+            &format!(r#","exp":{}"#, now + 60),
+            &format!(r#","nbf":"{now}""#),
+        );
         refuse(signed_raw(&key, &header, &string_nbf), "nbf as a string");
         refuse(signed_raw(&key, &header, &payload("", "")), "no exp");
         // Wrong audience, wrong issuer.
@@ -264,7 +270,10 @@ mod tests {
         for bad_kid in ["unknown", "../../etc/passwd", "' OR 1=1 --", ""] {
             let h = format!(r#"{{"alg":"EdDSA","kid":"{bad_kid}"}}"#);
             let result = verifier.verify(&signed_raw(&key, &h, &good));
-            assert!(matches!(result, Err(TokenError::UnknownKey)), "kid {bad_kid:?}");
+            assert!(
+                matches!(result, Err(TokenError::UnknownKey)),
+                "kid {bad_kid:?}"
+            );
         }
         // A token of a key that has left the set (rotated out and expired).
         let (old, _) = SigningKey::generate().unwrap();

@@ -70,14 +70,12 @@ pub async fn run(
 ) -> Result<(), Error> {
     let pool = shop_kit::db::connect(&config.database_url, &MIGRATOR).await?;
     let tls = config.mesh.tls().map_err(Error::Setup)?;
-    let server =
-        config
-            .mesh
-            .server(tls)
-            .map_err(Error::Setup)?
-            .add_service(PaymentsServiceServer::new(PaymentsService::new(
-                pool.clone(),
-            )));
+    let server = config.mesh.server(tls).map_err(Error::Setup)?.add_service(
+        PaymentsServiceServer::new(PaymentsService::new(pool.clone()))
+            .max_decoding_message_size(config.mesh.max_request_bytes)
+            .max_encoding_message_size(config.mesh.max_response_bytes)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+    );
     shop_kit::serve(server, pool, listener, shutdown).await?;
     Ok(())
 }
