@@ -74,3 +74,70 @@ async fn message_limits_hold_at_the_edge_over_it_far_over_it_and_gzipped() {
     // And honest clients are still served.
     client.echo(request_of(200)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brute_force_logins_hit_the_limit_while_another_caller_still_logs_in() {
+    use shop_api::auth::v1::{
+        LoginRequest, RegisterRequest, auth_service_client::AuthServiceClient,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let url = format!("sqlite://{}", dir.path().join("auth.db").display());
+    let _auth = Proc::spawn("auth", addr, &["--database-url".into(), url]);
+    wait_serving(addr).await;
+    let from = |ip: &str| {
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .local_address(Some(ip.parse().unwrap()))
+            .connect_lazy()
+    };
+    let mut attacker = AuthServiceClient::new(from("127.0.0.1"));
+    let mut owner = AuthServiceClient::new(from("127.0.0.2"));
+    attacker
+        .register(RegisterRequest {
+            username: "victim".into(),
+            password: "the-real-password".into(),
+        })
+        .await
+        .unwrap();
+    let login = |password: &str| LoginRequest {
+        username: "victim".into(),
+        password: password.into(),
+    };
+    let mut limited = None;
+    for attempt in 0..10 {
+        match attacker.login(login(&format!("guess-{attempt}"))).await {
+            Err(s) if s.code() == Code::Unauthenticated => continue,
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                limited = Some((attempt, s));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let (attempt, status) = limited.expect("the limit was never hit");
+    assert_eq!(
+        attempt, 5,
+        "five failures are allowed per account and caller"
+    );
+    assert!(
+        status.message().contains("retry in"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.metadata().get("retry-after").is_some(),
+        "a retry hint"
+    );
+    // Even the right password is refused from the limited caller...
+    let err = attacker
+        .login(login("the-real-password"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    // ...while the owner, calling from elsewhere, gets in.
+    owner
+        .login(login("the-real-password"))
+        .await
+        .expect("another caller is unaffected");
+}

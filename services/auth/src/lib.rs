@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod limit;
 mod password;
 mod service;
 mod tokens;

@@ -32,6 +32,7 @@ struct Inner {
     /// Hash checked when the user does not exist, so both failures cost the same.
     dummy_hash: String,
     last_reload: tokio::sync::Mutex<tokio::time::Instant>,
+    limiter: crate::limit::LoginLimiter,
 }
 
 struct Keys {
@@ -65,6 +66,7 @@ impl AuthService {
                 keys: RwLock::new(Arc::new(keys)),
                 dummy_hash,
                 last_reload: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+                limiter: crate::limit::LoginLimiter::default(),
             }),
         })
     }
@@ -211,6 +213,24 @@ fn password_field(value: &str) -> Result<&str, Status> {
 
 const BAD_LOGIN: &str = "invalid username or password";
 
+/// Who is logging in, for the brute-force limits: the verified workload
+/// identity if any, else the peer address.
+fn caller_key<T>(request: &Request<T>) -> String {
+    let peer = request.extensions().get::<mesh_client::tls::PeerInfo>();
+    match peer {
+        Some(p) if p.identity.is_some() => p
+            .identity
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_default(),
+        Some(p) => p
+            .remote_addr
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default(),
+        None => "unknown".into(),
+    }
+}
+
 #[tonic::async_trait]
 impl auth_service_server::AuthService for AuthService {
     async fn register(
@@ -252,9 +272,19 @@ impl auth_service_server::AuthService for AuthService {
         &self,
         request: Request<LoginRequest>,
     ) -> Result<Response<LoginResponse>, Status> {
+        let caller = caller_key(&request);
         let req = request.into_inner();
         if req.username.is_empty() {
             return Err(validate::invalid("username", "is required"));
+        }
+        if let Err(wait) = self.inner.limiter.check(&caller, &req.username) {
+            let secs = wait.as_secs().max(1);
+            let mut status =
+                Status::resource_exhausted(format!("too many failed logins; retry in {secs} s"));
+            if let Ok(value) = secs.to_string().parse() {
+                status.metadata_mut().insert("retry-after", value);
+            }
+            return Err(status);
         }
         if req.password.is_empty() {
             return Err(validate::invalid("password", "is required"));
@@ -279,8 +309,12 @@ impl auth_service_server::AuthService for AuthService {
         let matches = password::verify(req.password, hash).await;
         let user_id = match (user_id, matches) {
             (Some(id), true) => id,
-            _ => return Err(Status::unauthenticated(BAD_LOGIN)),
+            _ => {
+                self.inner.limiter.failed(&caller, &req.username);
+                return Err(Status::unauthenticated(BAD_LOGIN));
+            }
         };
+        self.inner.limiter.succeeded(&caller, &req.username);
         let now = time::now_millis() / 1000;
         let exp = now + self.inner.ttl.as_secs() as i64;
         let claims = Claims {
