@@ -141,3 +141,78 @@ async fn brute_force_logins_hit_the_limit_while_another_caller_still_logs_in() {
         .await
         .expect("another caller is unaffected");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_keys_rotate_and_old_tokens_verify_until_they_expire() {
+    use shop_api::auth::v1::{
+        GetPublicKeysRequest, LoginRequest, RegisterRequest, VerifyTokenRequest,
+        auth_service_client::AuthServiceClient,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let url = format!("sqlite://{}", dir.path().join("auth.db").display());
+    let _auth = Proc::spawn(
+        "auth",
+        addr,
+        &[
+            "--database-url".into(),
+            url,
+            "--signing-key-max-age-secs".into(),
+            "2".into(),
+        ],
+    );
+    wait_serving(addr).await;
+    let mut auth = AuthServiceClient::new(common::channel(addr).await);
+    auth.register(RegisterRequest {
+        username: "rot".into(),
+        password: "rotation-pass".into(),
+    })
+    .await
+    .unwrap();
+    let login = || LoginRequest {
+        username: "rot".into(),
+        password: "rotation-pass".into(),
+    };
+    let kid = |token: &str| {
+        use base64::Engine;
+        let header = token.split('.').next().unwrap();
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&json).unwrap()["kid"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let old = auth.login(login()).await.unwrap().into_inner().access_token;
+    let start = tokio::time::Instant::now();
+    let new = loop {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let token = auth.login(login()).await.unwrap().into_inner().access_token;
+        if kid(&token) != kid(&old) {
+            break token;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "the key never rotated"
+        );
+    };
+    let published: Vec<String> = auth
+        .get_public_keys(GetPublicKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| k.kid)
+        .collect();
+    assert!(
+        published.contains(&kid(&old)) && published.contains(&kid(&new)),
+        "old and new published: {published:?}"
+    );
+    for token in [old, new] {
+        auth.verify_token(VerifyTokenRequest { token })
+            .await
+            .expect("tokens of both keys verify");
+    }
+}

@@ -43,6 +43,10 @@ pub struct Config {
     /// Lifetime of issued tokens, in seconds (60 to 86400).
     #[arg(long, env = "TOKEN_TTL_SECS", default_value_t = 3600)]
     pub token_ttl_secs: u64,
+    /// Rotate the signing key once it is this old, in seconds (default 30
+    /// days). The old key keeps verifying until its last token expires.
+    #[arg(long, env = "SIGNING_KEY_MAX_AGE_SECS", default_value_t = 30 * 86_400)]
+    pub signing_key_max_age_secs: u64,
 }
 
 impl shop_kit::ServiceConfig for Config {
@@ -60,6 +64,9 @@ impl shop_kit::ServiceConfig for Config {
                 "--token-ttl-secs: must be 60 to 86400, got {}",
                 self.token_ttl_secs
             ));
+        }
+        if self.signing_key_max_age_secs < 2 {
+            problems.push("--signing-key-max-age-secs: must be at least 2".into());
         }
         if self.issuer.is_empty() {
             problems.push("--issuer: must not be empty".into());
@@ -105,6 +112,11 @@ pub async fn run(
         Duration::from_secs(config.token_ttl_secs),
     )
     .await?;
+    let rotation = tokio::spawn(
+        service
+            .clone()
+            .rotate_forever(Duration::from_secs(config.signing_key_max_age_secs)),
+    );
     let tls = config.mesh.tls().map_err(Error::Setup)?;
     let server = config.mesh.server(tls).map_err(Error::Setup)?.add_service(
         AuthServiceServer::new(service)
@@ -113,6 +125,7 @@ pub async fn run(
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
     );
     shop_kit::serve(server, pool, listener, shutdown).await?;
+    rotation.abort();
     Ok(())
 }
 

@@ -75,6 +75,65 @@ impl AuthService {
         self.inner.keys.read().expect("key lock poisoned").clone()
     }
 
+    /// Rotates the signing key whenever it is older than `max_age`: a new
+    /// key signs from then on, the old one is retired but still verifies
+    /// until the last token it signed has expired.
+    pub async fn rotate_forever(self, max_age: Duration) {
+        let every = (max_age / 4).clamp(Duration::from_millis(500), Duration::from_secs(600));
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = self.rotate_if_older_than(max_age).await {
+                tracing::warn!("signing key rotation failed, will retry: {e}");
+            }
+        }
+    }
+
+    async fn rotate_if_older_than(&self, max_age: Duration) -> Result<(), Error> {
+        let inner = &self.inner;
+        let keys_error = |e: sqlx::Error| Error::Keys(e.to_string());
+        let now = time::now_millis();
+        let active: Option<i64> = sqlx::query(
+            "SELECT MAX(created_at) AS newest FROM signing_keys WHERE retired_at IS NULL",
+        )
+        .fetch_one(&inner.pool)
+        .await
+        .map_err(keys_error)?
+        .try_get("newest")
+        .map_err(keys_error)?;
+        if active.is_some_and(|created| now - created < max_age.as_millis() as i64) {
+            return Ok(());
+        }
+        let (key, stored) = SigningKey::generate().map_err(Error::Keys)?;
+        let mut tx = inner.pool.begin().await.map_err(keys_error)?;
+        sqlx::query("UPDATE signing_keys SET retired_at = $1 WHERE retired_at IS NULL")
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(keys_error)?;
+        sqlx::query(
+            "INSERT INTO signing_keys (kid, private_key, public_key, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&key.kid)
+        .bind(&stored)
+        .bind(&key.x)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(keys_error)?;
+        tx.commit().await.map_err(keys_error)?;
+        tracing::info!(kid = %key.kid, "signing key rotated");
+        let keys = load_keys(
+            &inner.pool,
+            &inner.issuer,
+            &inner.audience,
+            inner.ttl,
+            false,
+        )
+        .await?;
+        *inner.keys.write().expect("key lock poisoned") = Arc::new(keys);
+        Ok(())
+    }
+
     /// Verifies a token, reloading keys once if it names a key this replica
     /// has not seen (another replica may have created it).
     pub async fn verify(&self, token: &str) -> Result<Claims, TokenError> {
