@@ -269,4 +269,31 @@ mod tests {
                 .contains("rules[0].methods[0]")
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn policies_never_panic_and_health_is_always_allowed(
+            text in "\\PC{0,300}",
+            caller in proptest::option::of("\\PC{0,60}"),
+            method in "\\PC{0,60}",
+        ) {
+            if let Ok(p) = serde_json::from_str::<AuthorizationPolicy>(&text) {
+                let _ = p.validate();
+                let _ = p.allows(caller.as_deref(), &method);
+                proptest::prop_assert!(p.allows(caller.as_deref(), "grpc.health.v1.Health/Check"));
+            }
+        }
+
+        #[test]
+        fn an_exact_rule_allows_only_its_caller(tail in "[a-z]{1,12}", other in "[a-z]{1,12}") {
+            let me = format!("spiffe://t.local/ns/a/sa/{tail}");
+            let json = format!(r#"{{"rules":[{{"callers":["{me}"],"methods":["p.S/M"]}}]}}"#);
+            let p: AuthorizationPolicy = serde_json::from_str(&json).unwrap();
+            p.validate().unwrap();
+            proptest::prop_assert!(p.allows(Some(&me), "p.S/M"));
+            proptest::prop_assert!(!p.allows(Some(&me), "p.S/Other"));
+            let them = format!("spiffe://t.local/ns/a/sa/{other}");
+            proptest::prop_assert_eq!(p.allows(Some(&them), "p.S/M"), other == tail);
+        }
+    }
 }

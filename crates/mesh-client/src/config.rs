@@ -608,4 +608,47 @@ mod tests {
         let err = MeshConfig::from_json(r#"{"loadBalancingPolicy":"random"}"#).unwrap_err();
         assert!(err.to_string().contains("random"), "{err}");
     }
+
+    proptest::proptest! {
+        // Any text: parsed or refused with a named field, never a panic.
+        #[test]
+        fn the_config_parser_never_panics(text in "\\PC{0,400}") {
+            if let Err(e) = MeshConfig::from_json(&text) {
+                proptest::prop_assert!(e.to_string().starts_with("invalid mesh config: "));
+            }
+        }
+
+        #[test]
+        fn structured_configs_validate_or_name_the_field(
+            attempts in 0u32..10,
+            backoff in "[0-9]{1,4}(ms|s|m|)",
+            ratio in -1.0f32..2.0,
+            percent in 0u32..200,
+        ) {
+            let json = format!(
+                r#"{{"retryPolicy":{{"maxAttempts":{attempts},"initialBackoff":"{backoff}"}},
+                    "retryBudget":{{"retryRatio":{ratio}}},
+                    "outlierDetection":{{"maxEjectionPercent":{percent}}}}}"#
+            );
+            match MeshConfig::from_json(&json) {
+                Ok(c) => {
+                    proptest::prop_assert!((1..=5).contains(&c.retry_policy.max_attempts));
+                    proptest::prop_assert!((0.0..=1.0).contains(&c.retry_budget.retry_ratio));
+                    proptest::prop_assert!(c.outlier_detection.max_ejection_percent <= 100);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    proptest::prop_assert!(
+                        msg.contains("retryPolicy") || msg.contains("retryBudget") || msg.contains("outlierDetection") || msg.contains("initialBackoff") || msg.contains("duration") || msg.contains("unit"),
+                        "{}", msg
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn durations_parse_or_refuse(text in "\\PC{0,20}") {
+            let _ = duration_str::parse(&text);
+        }
+    }
 }

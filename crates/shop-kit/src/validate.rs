@@ -167,4 +167,37 @@ mod tests {
         assert!(page_size("page_size", 101).is_err());
         assert!(quantity("q", 0).is_err());
     }
+
+    proptest::proptest! {
+        // Outside input never panics a validator, and what passes obeys the rule.
+        #[test]
+        fn validators_never_panic_and_accept_only_valid_input(input in "\\PC{0,300}") {
+            if let Ok(id) = uuid("f", &input) {
+                proptest::prop_assert_eq!(::uuid::Uuid::parse_str(&id).unwrap().to_string(), id);
+            }
+            if let Ok(t) = text("f", &input, 1, 200) {
+                let n = t.chars().count();
+                proptest::prop_assert!((1..=200).contains(&n) && !t.chars().any(char::is_control));
+            }
+            if let Ok(k) = idempotency_key("f", &input) {
+                proptest::prop_assert!(k.len() <= 128 && k.bytes().all(|b| b.is_ascii_graphic()));
+            }
+            if let Ok(c) = currency("f", &input) {
+                proptest::prop_assert!(CURRENCIES.contains(&c));
+            }
+            let errors = [uuid("f", &input).err(), text("f", &input, 1, 200).err(), idempotency_key("f", &input).err()];
+            for status in errors.into_iter().flatten() {
+                proptest::prop_assert_eq!(status.code(), tonic::Code::InvalidArgument);
+                proptest::prop_assert!(status.message().starts_with("f: "));
+            }
+        }
+
+        #[test]
+        fn money_rules_hold_for_any_amount(amount in proptest::num::i64::ANY, code in "[A-Z]{3}") {
+            match positive_money("amount", Some(&money(&code, amount))) {
+                Ok((c, a)) => proptest::prop_assert!(a > 0 && a <= MAX_AMOUNT_MINOR && CURRENCIES.contains(&c)),
+                Err(status) => proptest::prop_assert_eq!(status.code(), tonic::Code::InvalidArgument),
+            }
+        }
+    }
 }

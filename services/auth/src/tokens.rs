@@ -281,4 +281,22 @@ mod tests {
         let result = verifier.verify(&signed_raw(&old, &old_header, &good));
         assert!(matches!(result, Err(TokenError::UnknownKey)));
     }
+
+    proptest::proptest! {
+        // Random text and a real token with one byte changed never verify.
+        #[test]
+        fn garbage_and_tampered_tokens_never_verify(garbage in "\\PC{0,400}", at in 0usize..400, byte in 0u8..128) {
+            let (key, _) = SigningKey::generate().unwrap();
+            let verifier = TokenVerifier::new("iss", "aud", [(key.kid.as_str(), key.x.as_str())]).unwrap();
+            proptest::prop_assert!(verifier.verify(&garbage).is_err());
+            let token = key.sign(&claims(60)).unwrap();
+            let mut bytes = token.clone().into_bytes();
+            let i = at % bytes.len();
+            if bytes[i] != byte && byte.is_ascii_graphic() {
+                bytes[i] = byte;
+                let tampered = String::from_utf8(bytes).unwrap();
+                proptest::prop_assert!(verifier.verify(&tampered).is_err(), "{} verified", tampered);
+            }
+        }
+    }
 }
