@@ -47,6 +47,14 @@ pub struct ServerConfig {
     pub max_pending_accept_reset_streams: usize,
     /// Largest header list accepted, in bytes. Default 16 KiB.
     pub max_header_list_size: u32,
+    /// Calls one connection may have in progress; beyond it that
+    /// connection's calls are shed with `RESOURCE_EXHAUSTED`. Default 256.
+    pub concurrency_limit_per_connection: usize,
+    /// Connections older than this are sent GOAWAY (clients reconnect, which
+    /// rebalances long-lived connections). Default 1 h.
+    pub max_connection_age: Duration,
+    /// Time in-flight calls get after a max-age GOAWAY. Default 30 s.
+    pub max_connection_age_grace: Duration,
     /// HTTP/2 PING interval. Default 30 s.
     pub keepalive_interval: Duration,
     /// Close a connection whose PING is not answered in this long. Default 10 s.
@@ -66,6 +74,9 @@ impl Default for ServerConfig {
             max_local_error_reset_streams: 256,
             max_pending_accept_reset_streams: 32,
             max_header_list_size: 16 * 1024,
+            concurrency_limit_per_connection: 256,
+            max_connection_age: Duration::from_secs(3600),
+            max_connection_age_grace: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             drain_grace: Duration::ZERO,
@@ -253,6 +264,10 @@ impl MeshServer {
             .http2_max_local_error_reset_streams(Some(config.max_local_error_reset_streams))
             .http2_max_pending_accept_reset_streams(Some(config.max_pending_accept_reset_streams))
             .http2_max_header_list_size(config.max_header_list_size)
+            .concurrency_limit_per_connection(config.concurrency_limit_per_connection)
+            .load_shed(true)
+            .max_connection_age(config.max_connection_age)
+            .max_connection_age_grace(config.max_connection_age_grace)
             .http2_keepalive_interval(Some(config.keepalive_interval))
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .tcp_nodelay(true)
