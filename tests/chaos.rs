@@ -456,7 +456,7 @@ impl PgControl {
 impl Drop for PgControl {
     fn drop(&mut self) {
         self.ctl("stop");
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(self.dir.parent().unwrap_or(&self.dir));
     }
 }
 
