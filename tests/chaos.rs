@@ -145,7 +145,7 @@ async fn chaos(db: Db, pg_control: Option<PgControl>) {
     let n_orders: usize = std::env::var("CHAOS_ORDERS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(300);
     eprintln!("chaos: seed {seed} ({n_orders} orders; replay with CHAOS_SEED={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
     let shop = Shop::start(&db).await;

@@ -193,15 +193,16 @@ where
         for header in IDENTITY_HEADERS {
             req.headers_mut().remove(*header);
         }
-        let Some(policy) = &self.policy else {
-            return Either::Right(self.inner.call(req));
-        };
         let method = req.uri().path().trim_start_matches('/');
         let caller = req
             .extensions()
             .get::<PeerInfo>()
             .and_then(|p| p.identity.as_ref())
             .map(|id| id.as_str());
+        tracing::debug!(caller = caller.unwrap_or("-"), method, "inbound call");
+        let Some(policy) = &self.policy else {
+            return Either::Right(self.inner.call(req));
+        };
         if policy.allows(caller, method) {
             return Either::Right(self.inner.call(req));
         }

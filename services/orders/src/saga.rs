@@ -7,9 +7,13 @@
 //! transitions are compare-and-set on the step.
 //!
 //! Transient failures (the callee unavailable, a deadline) are retried with
-//! backoff. A forward step that keeps failing transiently gives up and
-//! compensates after [`FORWARD_ATTEMPTS`]; compensations never give up,
-//! because an order must end CONFIRMED or CANCELLED with nothing held.
+//! backoff. Reserving and charging give up and compensate after
+//! [`FORWARD_ATTEMPTS`] transient failures; committing (the money is taken)
+//! and the compensations never give up, because an order must end
+//! CONFIRMED or CANCELLED with nothing held and nothing owed. The chaos
+//! test found the case this guards: a commit that succeeded while its
+//! answer was lost, followed by a refund, left stock sold and money
+//! returned.
 
 use std::{
     collections::HashSet,
@@ -182,7 +186,10 @@ impl Saga {
                 }
                 Err(status) => {
                     attempts += 1;
-                    let forward = matches!(step, Step::Reserve | Step::Charge | Step::Commit);
+                    // Once charged, the commit is retried until it succeeds or the
+                    // reservation is gone for good: giving up would refund an order
+                    // whose stock may already be committed.
+                    let forward = matches!(step, Step::Reserve | Step::Charge);
                     if forward && attempts >= FORWARD_ATTEMPTS {
                         let reason = format!(
                             "step {} failed {attempts} times, last: {}: {}",
