@@ -113,6 +113,39 @@ pub fn quantity(field: &str, value: i64) -> Result<i64, Status> {
     Ok(value)
 }
 
+/// Validated line items from `(product_id, quantity)` pairs: 1 to 50 of
+/// them, UUID ids, quantities 1 to 10000, each product once. Returns
+/// `(position in the request, canonical id, quantity)` sorted by id (a
+/// fixed order, so transactions lock rows in the same order).
+pub fn line_items<'a>(
+    items: impl ExactSizeIterator<Item = (&'a str, i64)>,
+) -> Result<Vec<(usize, String, i64)>, Status> {
+    if items.len() == 0 {
+        return Err(invalid("items", "must hold at least one item"));
+    }
+    if items.len() > 50 {
+        return Err(invalid(
+            "items",
+            format!("must hold at most 50 items, got {}", items.len()),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(items.len());
+    for (i, (product_id, quantity)) in items.enumerate() {
+        let id = uuid(&format!("items[{i}].product_id"), product_id)?;
+        let quantity = self::quantity(&format!("items[{i}].quantity"), quantity)?;
+        if !seen.insert(id.clone()) {
+            return Err(invalid(
+                &format!("items[{i}].product_id"),
+                format!("product {id} is listed twice; combine the quantities"),
+            ));
+        }
+        out.push((i, id, quantity));
+    }
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    Ok(out)
+}
+
 /// A page size: 1 to 100, 0 meaning the default of 50.
 pub fn page_size(field: &str, value: i32) -> Result<i64, Status> {
     match value {

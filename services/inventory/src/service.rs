@@ -1,4 +1,4 @@
-use std::{collections::HashSet, time::Duration};
+use std::time::Duration;
 
 use shop_api::inventory::v1::{
     AdjustStockRequest, CommitReservationRequest, CreateProductRequest, GetProductRequest,
@@ -57,33 +57,13 @@ fn sku(value: &str) -> Result<&str, Status> {
     Ok(value)
 }
 
-/// Validated line items: unique products, sane quantities.
+/// Validated line items, in lock order.
 fn line_items(items: &[LineItem]) -> Result<Vec<(String, i64)>, Status> {
-    if items.is_empty() {
-        return Err(validate::invalid("items", "must hold at least one item"));
-    }
-    if items.len() > 50 {
-        return Err(validate::invalid(
-            "items",
-            format!("must hold at most 50 items, got {}", items.len()),
-        ));
-    }
-    let mut seen = HashSet::new();
-    let mut out = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        let id = validate::uuid(&format!("items[{i}].product_id"), &item.product_id)?;
-        let quantity = validate::quantity(&format!("items[{i}].quantity"), item.quantity)?;
-        if !seen.insert(id.clone()) {
-            return Err(validate::invalid(
-                &format!("items[{i}].product_id"),
-                format!("product {id} is listed twice; combine the quantities"),
-            ));
-        }
-        out.push((id, quantity));
-    }
-    // A fixed lock order across transactions avoids deadlocks in PostgreSQL.
-    out.sort();
-    Ok(out)
+    let items = items.iter().map(|i| (i.product_id.as_str(), i.quantity));
+    Ok(validate::line_items(items)?
+        .into_iter()
+        .map(|(_, id, quantity)| (id, quantity))
+        .collect())
 }
 
 fn state_name(state: ReservationState) -> &'static str {

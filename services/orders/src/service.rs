@@ -1,4 +1,4 @@
-use std::{collections::HashSet, pin::Pin, time::Duration};
+use std::{pin::Pin, time::Duration};
 
 use futures::Stream;
 use mesh_client::MeshChannel;
@@ -158,31 +158,13 @@ impl orders_service_server::OrdersService for OrdersService {
     ) -> Result<Response<Order>, Status> {
         let user_id = self.user(request.metadata()).await?;
         let req = request.into_inner();
-        if req.items.is_empty() {
-            return Err(validate::invalid("items", "must hold at least one item"));
-        }
-        if req.items.len() > 50 {
-            return Err(validate::invalid(
-                "items",
-                format!("must hold at most 50 items, got {}", req.items.len()),
-            ));
-        }
-        let mut seen = HashSet::new();
-        let mut wanted = Vec::with_capacity(req.items.len());
-        for (i, item) in req.items.iter().enumerate() {
-            let id = validate::uuid(&format!("items[{i}].product_id"), &item.product_id)?;
-            let quantity = validate::quantity(&format!("items[{i}].quantity"), item.quantity)?;
-            if !seen.insert(id.clone()) {
-                return Err(validate::invalid(
-                    &format!("items[{i}].product_id"),
-                    format!("product {id} is listed twice; combine the quantities"),
-                ));
-            }
-            wanted.push((i, id, quantity));
-        }
+        let wanted = validate::line_items(
+            req.items
+                .iter()
+                .map(|i| (i.product_id.as_str(), i.quantity)),
+        )?;
         let account_id = validate::uuid("payment_account_id", &req.payment_account_id)?;
         let key = validate::idempotency_key("idempotency_key", &req.idempotency_key)?;
-        wanted.sort_by(|a, b| a.1.cmp(&b.1));
         let digest = std::iter::once(account_id.clone())
             .chain(wanted.iter().map(|(_, id, q)| format!("{id}x{q}")))
             .collect::<Vec<_>>()
