@@ -103,23 +103,13 @@ impl AuthService {
         if active.is_some_and(|created| now - created < max_age.as_millis() as i64) {
             return Ok(());
         }
-        let (key, stored) = SigningKey::generate().map_err(Error::Keys)?;
         let mut tx = inner.pool.begin().await.map_err(keys_error)?;
         sqlx::query("UPDATE signing_keys SET retired_at = $1 WHERE retired_at IS NULL")
             .bind(now)
             .execute(&mut *tx)
             .await
             .map_err(keys_error)?;
-        sqlx::query(
-            "INSERT INTO signing_keys (kid, private_key, public_key, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(&key.kid)
-        .bind(&stored)
-        .bind(&key.x)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(keys_error)?;
+        let key = create_key(&mut *tx, now).await?;
         tx.commit().await.map_err(keys_error)?;
         tracing::info!(kid = %key.kid, "signing key rotated");
         let keys = load_keys(
@@ -166,6 +156,25 @@ impl AuthService {
     }
 }
 
+/// Generates a signing key and stores it as active.
+async fn create_key<'e>(
+    executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    now: i64,
+) -> Result<SigningKey, Error> {
+    let (key, stored) = SigningKey::generate().map_err(Error::Keys)?;
+    sqlx::query(
+        "INSERT INTO signing_keys (kid, private_key, public_key, created_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(&key.kid)
+    .bind(&stored)
+    .bind(&key.x)
+    .bind(now)
+    .execute(executor)
+    .await
+    .map_err(|e| Error::Keys(e.to_string()))?;
+    Ok(key)
+}
+
 async fn load_keys(
     pool: &AnyPool,
     issuer: &str,
@@ -200,18 +209,7 @@ async fn load_keys(
     let signing = match signing {
         Some(key) => key,
         None if create => {
-            let (key, stored) = SigningKey::generate().map_err(Error::Keys)?;
-            sqlx::query(
-                "INSERT INTO signing_keys (kid, private_key, public_key, created_at) \
-                 VALUES ($1, $2, $3, $4)",
-            )
-            .bind(&key.kid)
-            .bind(&stored)
-            .bind(&key.x)
-            .bind(now)
-            .execute(pool)
-            .await
-            .map_err(keys_error)?;
+            let key = create_key(pool, now).await?;
             tracing::info!(kid = %key.kid, "created a token signing key");
             loaded.push((key.kid.clone(), key.x.clone()));
             key

@@ -66,6 +66,26 @@ fn charge_outcome(charge: Charge) -> Result<Charge, Status> {
     }
 }
 
+/// The answer to a charge request whose key is already stored: the first
+/// outcome for the same request, ALREADY_EXISTS for a different one (a
+/// voided key refuses any request).
+fn repeat_outcome(
+    first: Charge,
+    account_id: &str,
+    currency: &str,
+    amount: i64,
+) -> Result<Charge, Status> {
+    let same = first.account_id == account_id
+        && first.amount.as_ref() == Some(&validate::money(currency, amount));
+    if first.state() != ChargeState::Voided && !same {
+        return Err(Status::already_exists(format!(
+            "idempotency_key {:?} was already used for a different charge; use a new key",
+            first.idempotency_key
+        )));
+    }
+    charge_outcome(first)
+}
+
 impl PaymentsService {
     /// The service over `pool`.
     pub fn new(pool: AnyPool) -> Self {
@@ -247,15 +267,7 @@ impl payments_service_server::PaymentsService for PaymentsService {
         let mut tx = self.pool.begin().await.map_err(db::status)?;
 
         if let Some(first) = Self::charge_by_key(&mut tx, key).await? {
-            let voided = first.state() == ChargeState::Voided;
-            let same = first.account_id == id
-                && first.amount.as_ref() == Some(&validate::money(currency, amount));
-            if !voided && !same {
-                return Err(Status::already_exists(format!(
-                    "idempotency_key {key:?} was already used for a different charge; use a new key"
-                )));
-            }
-            return charge_outcome(first).map(Response::new);
+            return repeat_outcome(first, &id, currency, amount).map(Response::new);
         }
 
         let account = Self::account_in(&mut tx, &id).await?;
@@ -285,14 +297,7 @@ impl payments_service_server::PaymentsService for PaymentsService {
                 let first = Self::charge_by_key(&mut tx, key).await?.ok_or_else(|| {
                     Status::aborted("a concurrent charge with this key was rolled back; retry")
                 })?;
-                let same = first.account_id == id
-                    && first.amount.as_ref() == Some(&validate::money(currency, amount));
-                if first.state() != ChargeState::Voided && !same {
-                    return Err(Status::already_exists(format!(
-                        "idempotency_key {key:?} was already used for a different charge; use a new key"
-                    )));
-                }
-                return charge_outcome(first).map(Response::new);
+                return repeat_outcome(first, &id, currency, amount).map(Response::new);
             }
             return Err(db::status(e));
         }
