@@ -359,14 +359,6 @@ impl MeshConfig {
         Ok(())
     }
 
-    /// The default deadline for calls to `target` (any method).
-    pub fn timeout_for(&self, target: &str) -> Duration {
-        self.targets
-            .get(target)
-            .and_then(|t| t.timeout)
-            .unwrap_or(self.default_timeout)
-    }
-
     /// The balancing policy of `target`.
     pub fn lb_policy_for(&self, target: &str) -> LbPolicy {
         self.targets
@@ -567,8 +559,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.default_timeout, Duration::from_millis(1500));
-        assert_eq!(config.timeout_for("inv"), Duration::from_millis(250));
-        assert_eq!(config.timeout_for("other"), Duration::from_millis(1500));
+        assert_eq!(
+            config.call_policy("inv", "/b.T/M").timeout,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            config.call_policy("other", "/b.T/M").timeout,
+            Duration::from_millis(1500)
+        );
         let p = config.call_policy("inv", "/a.S/M");
         assert_eq!(p.timeout, Duration::from_millis(20));
         assert_eq!(p.retry.max_attempts, 5, "service wildcard applies");
