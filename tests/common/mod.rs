@@ -77,6 +77,16 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin` with `args` plus `--listen addr`.
     pub fn spawn(name: &str, addr: SocketAddr, args: &[String]) -> Proc {
+        Proc::spawn_env(name, addr, args, &[])
+    }
+
+    /// [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_env(
+        name: &str,
+        addr: SocketAddr,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Proc {
         let child = Command::new(bin(name))
             .arg("--listen")
             .arg(addr.to_string())
@@ -85,6 +95,7 @@ impl Proc {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
@@ -230,6 +241,18 @@ pub struct Shop {
     pub tls: bool,
     /// The flags each process was started with, to restart it.
     pub args: std::collections::HashMap<&'static str, Vec<String>>,
+    /// Each process's admin port (metrics, liveness, readiness).
+    pub admin: std::collections::HashMap<&'static str, SocketAddr>,
+    env: Vec<(String, String)>,
+}
+
+/// How to start the shop.
+#[derive(Clone, Debug, Default)]
+pub struct ShopOptions {
+    /// mTLS with the shop's authorization policy.
+    pub tls: bool,
+    /// Extra environment for every process.
+    pub env: Vec<(String, String)>,
 }
 
 pub const TRUST_DOMAIN: &str = "shop.test";
@@ -307,14 +330,37 @@ impl Shop {
     /// test CA and the shop's authorization policy, and the test calls as
     /// the operator.
     pub async fn start_with(db: &Db, tls: bool) -> Shop {
+        Shop::start_opts(
+            db,
+            ShopOptions {
+                tls,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// Starts the shop as `options` say.
+    pub async fn start_opts(db: &Db, options: ShopOptions) -> Shop {
+        let ShopOptions { tls, env } = options;
         let dir = tempfile::tempdir().unwrap();
+        let admin: std::collections::HashMap<&'static str, SocketAddr> =
+            ["auth", "inventory", "payments", "orders"]
+                .into_iter()
+                .map(|name| (name, free_addr()))
+                .collect();
         let mut urls = std::collections::HashMap::new();
         for name in ["auth", "inventory", "payments", "orders"] {
             urls.insert(name, db.create(dir.path(), name).await);
         }
         let pki = tls.then(|| TestPki::new(&dir.path().join("certs")));
         let db_args = |name: &str| {
-            let mut args = vec!["--database-url".to_string(), urls[name].clone()];
+            let mut args = vec![
+                "--database-url".to_string(),
+                urls[name].clone(),
+                "--admin-addr".into(),
+                admin[name].to_string(),
+            ];
             if let Some(pki) = &pki {
                 let policy = dir.path().join(format!("{name}.policy.json"));
                 std::fs::write(&policy, shop_policy(name)).unwrap();
@@ -333,9 +379,9 @@ impl Shop {
         for name in ["auth", "inventory", "payments"] {
             args.insert(name, db_args(name));
         }
-        let auth = Proc::spawn("auth", free_addr(), &args["auth"]);
-        let inventory = Proc::spawn("inventory", free_addr(), &args["inventory"]);
-        let payments = Proc::spawn("payments", free_addr(), &args["payments"]);
+        let auth = Proc::spawn_env("auth", free_addr(), &args["auth"], &env);
+        let inventory = Proc::spawn_env("inventory", free_addr(), &args["inventory"], &env);
+        let payments = Proc::spawn_env("payments", free_addr(), &args["payments"], &env);
         let mut orders_args = db_args("orders");
         orders_args.extend([
             "--auth-target".into(),
@@ -345,7 +391,7 @@ impl Shop {
             "--payments-target".into(),
             format!("static:///{}", payments.addr),
         ]);
-        let orders = Proc::spawn("orders", free_addr(), &orders_args);
+        let orders = Proc::spawn_env("orders", free_addr(), &orders_args, &env);
         args.insert("orders", orders_args);
         let mut mesh = mesh_client::Mesh::from_config(mesh_client::MeshConfig::default())
             .unwrap()
@@ -365,6 +411,8 @@ impl Shop {
             mesh,
             tls,
             args,
+            admin,
+            env,
         };
         for (p, name) in [
             (&shop.auth, "auth"),
@@ -391,7 +439,7 @@ impl Shop {
     pub async fn restart(&mut self, name: &'static str) {
         let addr = self.proc_mut(name).addr;
         let args = self.args[name].clone();
-        *self.proc_mut(name) = Proc::spawn(name, addr, &args);
+        *self.proc_mut(name) = Proc::spawn_env(name, addr, &args, &self.env);
         wait_serving_on(self.channel(addr, name)).await;
     }
 
@@ -486,4 +534,25 @@ pub fn which(tool: &str) -> Option<PathBuf> {
             .map(|dir| dir.join(tool))
             .find(|path| path.is_file())
     })
+}
+
+/// `GET http://addr{path}`: the status and body (plain HTTP/1.1, for admin ports).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("HTTP/1.1 handshake");
+    tokio::spawn(conn);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.expect("admin response");
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }

@@ -6,6 +6,7 @@
 //! lets it through, to roll a policy out safely.
 
 use std::{
+    collections::HashSet,
     sync::Arc,
     task::{Context, Poll},
 };
@@ -15,7 +16,7 @@ use serde::Deserialize;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use crate::{MeshError, tls::PeerInfo};
+use crate::{MeshError, telemetry::RpcPath, tls::PeerInfo};
 
 /// Request headers that claim an identity. They are never trusted and are
 /// removed before the service sees the request.
@@ -149,12 +150,15 @@ impl AuthorizationPolicy {
 #[derive(Clone, Debug)]
 pub(crate) struct AuthzLayer {
     policy: Option<Arc<AuthorizationPolicy>>,
+    // Paths the server serves: denials of others are counted as `unknown`.
+    known: Arc<HashSet<String>>,
 }
 
 impl AuthzLayer {
-    pub(crate) fn new(policy: Option<AuthorizationPolicy>) -> Self {
+    pub(crate) fn new(policy: Option<AuthorizationPolicy>, known: Arc<HashSet<String>>) -> Self {
         Self {
             policy: policy.map(Arc::new),
+            known,
         }
     }
 }
@@ -165,16 +169,15 @@ impl<S> Layer<S> for AuthzLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Authz {
             inner,
-            policy: self.policy.clone(),
+            layer: self.clone(),
         }
     }
 }
 
-/// The service made by [`AuthzLayer`].
 #[derive(Clone, Debug)]
 pub(crate) struct Authz<S> {
     inner: S,
-    policy: Option<Arc<AuthorizationPolicy>>,
+    layer: AuthzLayer,
 }
 
 impl<S, B> Service<http::Request<B>> for Authz<S>
@@ -200,12 +203,17 @@ where
             .and_then(|p| p.identity.as_ref())
             .map(|id| id.as_str());
         tracing::debug!(caller = caller.unwrap_or("-"), method, "inbound call");
-        let Some(policy) = &self.policy else {
+        let Some(policy) = &self.layer.policy else {
             return Either::Right(self.inner.call(req));
         };
         if policy.allows(caller, method) {
             return Either::Right(self.inner.call(req));
         }
+        let path = match self.layer.known.contains(req.uri().path()) {
+            true => RpcPath::parse(req.uri().path()),
+            false => RpcPath::unknown(),
+        };
+        crate::telemetry::metrics().denied(&path, caller, policy.mode == AuthzMode::Audit);
         let who = caller.unwrap_or("an unauthenticated caller (no client certificate identity)");
         match policy.mode {
             AuthzMode::Audit => {

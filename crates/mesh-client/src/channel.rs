@@ -22,6 +22,7 @@ use crate::{
     methods::MethodTable,
     resolve,
     retry::{Budget, Retry},
+    telemetry::rpc::ClientTelemetryLayer,
     tls::{MeshTls, SpiffeId, io::Connector},
 };
 
@@ -98,6 +99,7 @@ impl Mesh {
     /// identity comes from the target's `identity` in the config or from
     /// [`Mesh::channel_with_identity`].
     pub fn with_tls(mut self, tls: Arc<MeshTls>) -> Self {
+        crate::telemetry::metrics().watch_certificate(&tls);
         self.tls = Some(tls);
         self
     }
@@ -120,28 +122,8 @@ impl Mesh {
     /// blocks and works before the target is up. Must be called inside a
     /// tokio runtime. See [`Target`] for the accepted forms.
     pub fn channel(&self, target: &str) -> Result<MeshChannel, MeshError> {
-        let identity = self
-            .config
-            .load()
-            .targets
-            .get(target)
-            .and_then(|t| t.identity.clone());
-        match (&self.tls, identity) {
-            (Some(_), None) => Err(MeshError::InvalidConfig {
-                field: format!("targets[{target:?}].identity"),
-                reason: "with mTLS every target needs the SPIFFE ID its servers must present"
-                    .into(),
-            }),
-            (_, identity) => self.build_channel(
-                target,
-                identity.map(|i| i.parse()).transpose().map_err(|reason| {
-                    MeshError::InvalidConfig {
-                        field: format!("targets[{target:?}].identity"),
-                        reason,
-                    }
-                })?,
-            ),
-        }
+        let identity = self.identity_for(target, None)?;
+        self.build_channel(&peer_name(target, identity.as_ref()), target, identity)
     }
 
     /// A channel to `target` whose servers must present `identity` (a
@@ -151,24 +133,66 @@ impl Mesh {
         target: &str,
         identity: &str,
     ) -> Result<MeshChannel, MeshError> {
-        let identity: SpiffeId = identity
-            .parse()
-            .map_err(|reason| MeshError::InvalidConfig {
-                field: "identity".into(),
-                reason,
-            })?;
-        self.build_channel(target, Some(identity))
+        let identity = self.identity_for(target, Some(identity))?;
+        self.build_channel(&peer_name(target, identity.as_ref()), target, identity)
+    }
+
+    /// Like [`Mesh::channel`] or, with `identity`, [`Mesh::channel_with_identity`],
+    /// naming the peer `name` in metrics and spans. Without a name a
+    /// channel's peer is its identity's service account, else the DNS
+    /// target's first label, else the target itself.
+    pub fn channel_named(
+        &self,
+        name: &str,
+        target: &str,
+        identity: Option<&str>,
+    ) -> Result<MeshChannel, MeshError> {
+        let identity = self.identity_for(target, identity)?;
+        self.build_channel(name, target, identity)
+    }
+
+    /// The identity `target`'s servers must present: `explicit`, else the
+    /// target's configured one; required when the mesh speaks mTLS.
+    fn identity_for(
+        &self,
+        target: &str,
+        explicit: Option<&str>,
+    ) -> Result<Option<SpiffeId>, MeshError> {
+        let (field, identity) = match explicit {
+            Some(identity) => ("identity".to_owned(), Some(identity.to_owned())),
+            None => (
+                format!("targets[{target:?}].identity"),
+                self.config
+                    .load()
+                    .targets
+                    .get(target)
+                    .and_then(|t| t.identity.clone()),
+            ),
+        };
+        if self.tls.is_some() && identity.is_none() {
+            return Err(MeshError::InvalidConfig {
+                field,
+                reason: "with mTLS every target needs the SPIFFE ID its servers must present"
+                    .into(),
+            });
+        }
+        identity
+            .map(|i| i.parse())
+            .transpose()
+            .map_err(|reason| MeshError::InvalidConfig { field, reason })
     }
 
     fn build_channel(
         &self,
+        peer: &str,
         target: &str,
         identity: Option<SpiffeId>,
     ) -> Result<MeshChannel, MeshError> {
         let parsed: Target = target.parse()?;
         let config = self.config.load();
         let reresolve = Arc::new(Notify::new());
-        let set = EndpointSet::new(Arc::from(target), reresolve.clone());
+        let set = EndpointSet::new(Arc::from(target), Arc::from(peer), reresolve.clone());
+        crate::telemetry::metrics().watch_endpoints(&set);
         let changes = resolve::spawn(parsed, config.dns_refresh, reresolve);
         let endpoint_config = config.endpoint.clone();
         let tls = self.tls.clone();
@@ -197,7 +221,12 @@ impl Mesh {
             move |path: &str| config.load().call_policy(&target, path).timeout
         };
         let stack = ServiceBuilder::new()
-            // Outermost: every call gets its deadline before anything can wait.
+            // Outermost: the call's span and metrics cover everything below.
+            .layer(ClientTelemetryLayer::new(
+                Arc::from(peer),
+                Arc::from(target),
+            ))
+            // Every call gets its deadline before anything can wait.
             .layer(DeadlineLayer::with_policy(Arc::new(timeouts)))
             // Then retries and hedges, each attempt balanced afresh.
             .service(retry);
@@ -205,6 +234,22 @@ impl Mesh {
             inner: BoxCloneSyncService::new(stack),
             set,
         })
+    }
+}
+
+/// The name a target gets in metrics and spans when none is given.
+fn peer_name(target: &str, identity: Option<&SpiffeId>) -> String {
+    if let Some(account) = identity.and_then(SpiffeId::service_account) {
+        return account.to_owned();
+    }
+    match target.strip_prefix("dns:///") {
+        Some(host) => host
+            .split(['.', ':'])
+            .next()
+            .filter(|h| !h.is_empty())
+            .unwrap_or(host)
+            .to_owned(),
+        None => target.to_owned(),
     }
 }
 

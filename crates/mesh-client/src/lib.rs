@@ -39,6 +39,7 @@
 
 pub mod authz;
 mod balance;
+mod body;
 mod channel;
 mod config;
 pub mod deadline;
@@ -48,6 +49,7 @@ mod methods;
 mod resolve;
 mod retry;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 
 pub use channel::{Mesh, MeshChannel};

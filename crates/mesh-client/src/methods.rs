@@ -61,6 +61,11 @@ impl MethodTable {
         Ok(())
     }
 
+    /// Every registered path.
+    pub(crate) fn paths(&self) -> impl Iterator<Item = &str> {
+        self.methods.keys().map(String::as_str)
+    }
+
     /// What is known of `path`; `None` for a method in no registered descriptor.
     pub fn get(&self, path: &str) -> Option<MethodInfo> {
         self.methods.get(path).copied()

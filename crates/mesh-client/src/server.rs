@@ -11,7 +11,7 @@
 //! GOAWAY and lets in-flight calls finish, for at most
 //! [`ServerConfig::drain_timeout`].
 
-use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
+use std::{collections::HashSet, convert::Infallible, future::Future, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::Notify};
 use tokio_util::sync::CancellationToken;
@@ -22,9 +22,10 @@ use tower::{
 };
 
 use crate::{
-    MeshError,
+    MeshError, MethodTable,
     authz::{AuthorizationPolicy, AuthzLayer},
     deadline::InboundDeadlineLayer,
+    telemetry::rpc::ServerTelemetryLayer,
     tls::{MeshTls, io::accept_loop},
 };
 
@@ -95,6 +96,7 @@ pub struct MeshServer {
     draining: CancellationToken,
     tls: Option<Arc<MeshTls>>,
     authorization: Option<AuthorizationPolicy>,
+    admin: Option<std::net::TcpListener>,
 }
 
 impl std::fmt::Debug for MeshServer {
@@ -118,7 +120,16 @@ impl MeshServer {
             draining: CancellationToken::new(),
             tls: None,
             authorization: None,
+            admin: None,
         }
+    }
+
+    /// Serves the admin endpoints (`/metrics`, `/live`, `/ready`; see
+    /// [`crate::telemetry::admin`]) on `listener` while the server runs.
+    /// `/ready` follows the server's overall health status.
+    pub fn admin(mut self, listener: std::net::TcpListener) -> Self {
+        self.admin = Some(listener);
+        self
     }
 
     /// Serves mutual TLS with this workload identity: every client must
@@ -126,6 +137,7 @@ impl MeshServer {
     /// SPIFFE ID becomes the caller identity ([`crate::tls::caller_identity`]).
     /// Without this the server speaks plaintext.
     pub fn tls(mut self, tls: Arc<MeshTls>) -> Self {
+        crate::telemetry::metrics().watch_certificate(&tls);
         self.tls = Some(tls);
         self
     }
@@ -252,9 +264,24 @@ impl MeshServer {
             self.tls.clone(),
             stop_accepting,
         ));
+        let known = Arc::new(known_paths(sets)?);
+        let stop_admin = CancellationToken::new();
+        let _stop_admin_on_return = stop_admin.clone().drop_guard();
+        if let Some(listener) = self.admin {
+            listener.set_nonblocking(true)?;
+            let listener = TcpListener::from_std(listener)?;
+            tracing::info!(admin = %listener.local_addr()?, "admin port: /metrics /live /ready");
+            tokio::spawn(crate::telemetry::admin::serve(
+                listener,
+                readiness(reporter.clone()),
+                stop_admin,
+            ));
+        }
         let layers = ServiceBuilder::new()
-            // Outermost after TLS: who may call what, before any work is done.
-            .layer(AuthzLayer::new(self.authorization))
+            // Outermost: every call is measured and traced, even refused ones.
+            .layer(ServerTelemetryLayer::new((*known).clone()))
+            // Then who may call what, before any work is done.
+            .layer(AuthzLayer::new(self.authorization, known))
             .layer(LoadShedLayer::new())
             .layer(GlobalConcurrencyLimitLayer::new(config.concurrency_limit))
             .layer(InboundDeadlineLayer)
@@ -340,6 +367,42 @@ fn reflection_builder<'a>(
         builder = builder.with_service_name(*name);
     }
     builder
+}
+
+/// Every path this server can answer, for bounded metric labels.
+fn known_paths(sets: &[&[u8]]) -> Result<HashSet<String>, MeshError> {
+    let mut table = MethodTable::default();
+    table.add_encoded(tonic_health::pb::FILE_DESCRIPTOR_SET)?;
+    for set in sets {
+        table.add_encoded(set)?;
+    }
+    let mut known: HashSet<String> = table.paths().map(str::to_owned).collect();
+    for version in ["v1", "v1alpha"] {
+        known.insert(format!(
+            "/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+        ));
+    }
+    Ok(known)
+}
+
+/// Ready when the whole server reports SERVING (not draining, certificate
+/// valid, dependencies up).
+fn readiness(reporter: HealthReporter) -> crate::telemetry::admin::Readiness {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response, health_server::Health};
+    let health = Arc::new(tonic_health::server::HealthService::from_health_reporter(
+        reporter,
+    ));
+    Arc::new(move || {
+        let health = health.clone();
+        Box::pin(async move {
+            let request = tonic::Request::new(HealthCheckRequest {
+                service: String::new(),
+            });
+            health.check(request).await.is_ok_and(|r| {
+                r.into_inner().status == health_check_response::ServingStatus::Serving as i32
+            })
+        })
+    })
 }
 
 fn invalid_descriptors(e: tonic_reflection::server::Error) -> MeshError {

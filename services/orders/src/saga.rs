@@ -36,6 +36,7 @@ use sqlx::AnyPool;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 use crate::store::{self, Step};
 
@@ -114,15 +115,19 @@ impl Saga {
             return;
         }
         let saga = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = saga.drive(&order_id).await {
-                tracing::warn!(%order_id, "saga paused, the recovery sweep resumes it: {e}");
+        // The saga's calls belong to the trace of the call that started it.
+        tokio::spawn(
+            async move {
+                if let Err(e) = saga.drive(&order_id).await {
+                    tracing::warn!(%order_id, "saga paused, the recovery sweep resumes it: {e}");
+                }
+                saga.running
+                    .lock()
+                    .expect("saga lock poisoned")
+                    .remove(&order_id);
             }
-            saga.running
-                .lock()
-                .expect("saga lock poisoned")
-                .remove(&order_id);
-        });
+            .in_current_span(),
+        );
     }
 
     /// Resumes unfinished orders now and then periodically, until `stop`.

@@ -36,6 +36,8 @@ use crate::{
 /// The endpoints of one target, as the resolver last reported them.
 pub(crate) struct EndpointSet {
     pub(crate) target: Arc<str>,
+    /// The name metrics and spans give the target (a service name).
+    pub(crate) peer: Arc<str>,
     endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
     next: AtomicUsize,
     /// Notified after a connection failure, so DNS can re-resolve at once.
@@ -68,9 +70,10 @@ pub(crate) enum NoEndpoint {
 }
 
 impl EndpointSet {
-    pub(crate) fn new(target: Arc<str>, reresolve: Arc<Notify>) -> Arc<Self> {
+    pub(crate) fn new(target: Arc<str>, peer: Arc<str>, reresolve: Arc<Notify>) -> Arc<Self> {
         Arc::new(Self {
             target,
+            peer,
             endpoints: RwLock::new(Arc::new(Vec::new())),
             next: AtomicUsize::new(0),
             reresolve,
@@ -243,6 +246,7 @@ impl EndpointSet {
         let cap = (total * policy.max_ejection_percent as usize) / 100;
         let may_eject = ejected < cap.max(1).min(total);
         if let Verdict::Ejected(time) = endpoint.record_failure(now, policy, may_eject) {
+            crate::telemetry::metrics().ejected(&self.peer);
             tracing::warn!(target = %self.target, addr = %endpoint.addr, ?time, "endpoint ejected after consecutive failures");
         }
     }
@@ -254,7 +258,7 @@ mod tests {
     use std::time::Duration;
 
     async fn set_of(n: u16) -> Arc<EndpointSet> {
-        let set = EndpointSet::new("t".into(), Arc::default());
+        let set = EndpointSet::new("t".into(), "t".into(), Arc::default());
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         for port in 1..=n {
             tx.send(Change::Insert(SocketAddr::from(([127, 0, 0, 1], port)), ()))
@@ -278,7 +282,7 @@ mod tests {
 
     #[tokio::test]
     async fn empty_set_fails_fast() {
-        let set = EndpointSet::new("t".into(), Arc::default());
+        let set = EndpointSet::new("t".into(), "t".into(), Arc::default());
         assert!(matches!(
             set.pick(LbPolicy::P2c, &[]),
             Err(NoEndpoint::Empty)

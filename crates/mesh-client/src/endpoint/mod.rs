@@ -9,7 +9,6 @@
 //! because that type owns its service and needs `&mut` for every call, while
 //! an endpoint is shared by concurrent calls.
 
-mod body;
 mod health;
 
 use std::{
@@ -24,7 +23,7 @@ use std::{
 use tokio::time::Instant;
 use tonic::{Code, transport::Channel};
 
-pub(crate) use body::{ObservedBody, header_status};
+pub(crate) use crate::body::{ObservedBody, header_status};
 pub(crate) use health::watch_health;
 
 use crate::config::{EndpointConfig, OutlierDetection};

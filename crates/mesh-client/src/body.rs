@@ -52,7 +52,10 @@ where
         let polled = this.inner.poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(trailers), Some(report)) = (frame.trailers_ref(), this.report.take()) {
+                // Only a trailers frame ends the call; data frames leave the report armed.
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(report) = this.report.take()
+                {
                     report(Some(grpc_status(trailers).unwrap_or(Code::Unknown)));
                 }
             }

@@ -1,0 +1,100 @@
+//! The admin HTTP port: `/metrics` (OpenMetrics text), `/live` and `/ready`.
+//!
+//! Plain HTTP/1.1 on its own port, so Prometheus, kubelet probes and the
+//! live view reach it without a workload certificate. It exposes no
+//! request data, only aggregates.
+
+use std::{convert::Infallible, future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::metrics;
+
+/// Connections the admin port serves at once; more wait in the backlog.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Answers whether the process is ready for traffic.
+pub type Readiness = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
+/// Serves the admin endpoints on `listener` until `stop` is cancelled.
+///
+/// `/live` answers 200 while the process runs; `/ready` answers 200 when
+/// `ready` says so and 503 otherwise (while draining, or while a
+/// dependency is down); `/metrics` serves [`metrics::Metrics::encode`].
+pub async fn serve(listener: TcpListener, ready: Readiness, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
+        };
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("admin port: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let ready = ready.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let ready = ready.clone();
+                async move { Ok::<_, Infallible>(respond(req, ready).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn respond<B>(req: http::Request<B>, ready: Readiness) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+    }
+    match req.uri().path() {
+        "/metrics" => Response::builder()
+            .header(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from(metrics().encode())))
+            .expect("static headers are valid"),
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" => {
+            if ready().await {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics, /live or /ready\n",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("static headers are valid")
+}

@@ -1,0 +1,476 @@
+//! Golden metrics of the process, in one Prometheus registry.
+//!
+//! Every mesh channel and mesh server records into the process-wide
+//! [`Metrics`] (like a sidecar, which exports one set per pod). Label values
+//! are bounded: methods are those of the registered contracts (others are
+//! `unknown`), peers are target names or verified SPIFFE IDs, codes are the
+//! 17 gRPC codes. No request ids, addresses of callers or user input.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, OnceLock, RwLock, Weak},
+    time::{Duration, UNIX_EPOCH},
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+use tonic::Code;
+
+use crate::{balance::EndpointSet, tls::MeshTls};
+
+/// Which way a call went, seen from this process.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    /// A call this process received.
+    Inbound,
+    /// A call this process made.
+    Outbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// Labels of request, latency and in-flight series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RpcLabels {
+    direction: &'static str,
+    peer: Arc<str>,
+    rpc_service: Arc<str>,
+    rpc_method: Arc<str>,
+}
+
+/// [`RpcLabels`] plus the call's outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ResponseLabels {
+    direction: &'static str,
+    peer: Arc<str>,
+    rpc_service: Arc<str>,
+    rpc_method: Arc<str>,
+    grpc_code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    peer: Arc<str>,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DenialLabels {
+    rpc_service: Arc<str>,
+    rpc_method: Arc<str>,
+    caller: Arc<str>,
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabels {
+    identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProcessLabels {
+    service: String,
+    identity: String,
+}
+
+/// Latency bucket bounds in seconds: fine below a millisecond, where
+/// loopback and in-cluster calls live, up to the longest default deadlines.
+const LATENCY_BUCKETS: [f64; 17] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// The process's golden metrics. Get it with [`metrics()`].
+pub struct Metrics {
+    registry: RwLock<Registry>,
+    requests: Family<RpcLabels, Counter>,
+    responses: Family<ResponseLabels, Counter>,
+    latency: Family<RpcLabels, Histogram, fn() -> Histogram>,
+    in_flight: Family<RpcLabels, Gauge>,
+    retries: Family<RpcLabels, Counter>,
+    hedges: Family<RpcLabels, Counter>,
+    budget_exhausted: Family<PeerLabels, Counter>,
+    ejections: Family<PeerLabels, Counter>,
+    endpoints: Family<EndpointLabels, Gauge>,
+    denials: Family<DenialLabels, Counter>,
+    cert_expiry: Family<IdentityLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    process: Family<ProcessLabels, Gauge>,
+    // Looked at on each scrape; weak so a dropped channel's set goes away.
+    sets: Mutex<Vec<Weak<EndpointSet>>>,
+    certificates: Mutex<Vec<Weak<MeshTls>>>,
+    service: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// The process-wide metrics, created on first use.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let metrics = Self {
+            registry: RwLock::new(Registry::with_prefix("mesh")),
+            requests: Family::default(),
+            responses: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            in_flight: Family::default(),
+            retries: Family::default(),
+            hedges: Family::default(),
+            budget_exhausted: Family::default(),
+            ejections: Family::default(),
+            endpoints: Family::default(),
+            denials: Family::default(),
+            cert_expiry: Family::default(),
+            process: Family::default(),
+            sets: Mutex::default(),
+            certificates: Mutex::default(),
+            service: Mutex::default(),
+        };
+        {
+            let mut r = metrics.registry.write().expect("registry lock");
+            r.register(
+                "requests",
+                "Calls started, by direction, peer and method",
+                metrics.requests.clone(),
+            );
+            r.register(
+                "responses",
+                "Calls finished, by direction, peer, method and gRPC status code",
+                metrics.responses.clone(),
+            );
+            r.register_with_unit(
+                "response_latency",
+                "Time from request to the end of the response (its trailers)",
+                Unit::Seconds,
+                metrics.latency.clone(),
+            );
+            r.register(
+                "in_flight_requests",
+                "Calls started and not yet finished",
+                metrics.in_flight.clone(),
+            );
+            r.register(
+                "retries",
+                "Retry attempts sent (not counting first attempts)",
+                metrics.retries.clone(),
+            );
+            r.register(
+                "hedges",
+                "Hedged attempts sent (not counting first attempts)",
+                metrics.hedges.clone(),
+            );
+            r.register(
+                "retry_budget_exhausted",
+                "Retries or hedges not sent because the retry budget was spent",
+                metrics.budget_exhausted.clone(),
+            );
+            r.register(
+                "endpoint_ejections",
+                "Endpoints ejected for consecutive failures",
+                metrics.ejections.clone(),
+            );
+            r.register(
+                "endpoints",
+                "Endpoints per target by state (ready, ejected, reconnecting, unhealthy)",
+                metrics.endpoints.clone(),
+            );
+            r.register(
+                "authorization_denials",
+                "Inbound calls the authorization policy denied (or would deny, in audit mode)",
+                metrics.denials.clone(),
+            );
+            r.register_with_unit(
+                "certificate_expiry_timestamp",
+                "When this workload's certificate expires (Unix time)",
+                Unit::Seconds,
+                metrics.cert_expiry.clone(),
+            );
+            r.register(
+                "process_info",
+                "The service this process runs and its workload identity",
+                metrics.process.clone(),
+            );
+        }
+        metrics
+    }
+
+    /// Registers more metrics (the application's own) to be served with
+    /// the mesh's on the admin port. Names get the `mesh_` prefix.
+    pub fn register(&self, f: impl FnOnce(&mut Registry)) {
+        f(&mut self.registry.write().expect("registry lock"));
+    }
+
+    /// Names the service this process runs in `mesh_process_info` (with
+    /// its workload identity once mTLS is on); the live view labels the
+    /// process with it.
+    pub fn set_service(&self, service: &str) {
+        *self.service.lock().expect("metrics lock") = Some(service.to_owned());
+    }
+
+    /// Every metric in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        self.refresh_gauges();
+        let mut out = String::new();
+        encode(&mut out, &self.registry.read().expect("registry lock"))
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Gauges read from live state at scrape time, not kept up per call.
+    fn refresh_gauges(&self) {
+        let sets: Vec<Arc<EndpointSet>> = {
+            let mut sets = self.sets.lock().expect("metrics lock");
+            sets.retain(|s| s.strong_count() > 0);
+            sets.iter().filter_map(Weak::upgrade).collect()
+        };
+        self.endpoints.clear();
+        for set in sets {
+            let mut counts: HashMap<&'static str, i64> = HashMap::new();
+            for state in set.snapshot().iter().map(|e| e.snapshot()) {
+                let name = if state.ejected {
+                    "ejected"
+                } else if state.reconnecting {
+                    "reconnecting"
+                } else if state.serving == Some(false) {
+                    "unhealthy"
+                } else {
+                    "ready"
+                };
+                *counts.entry(name).or_default() += 1;
+            }
+            for state in ["ready", "ejected", "reconnecting", "unhealthy"] {
+                self.endpoints
+                    .get_or_create(&EndpointLabels {
+                        peer: set.peer.clone(),
+                        state,
+                    })
+                    .set(counts.get(state).copied().unwrap_or(0));
+            }
+        }
+        let certificates: Vec<Arc<MeshTls>> = {
+            let mut certs = self.certificates.lock().expect("metrics lock");
+            certs.retain(|c| c.strong_count() > 0);
+            certs.iter().filter_map(Weak::upgrade).collect()
+        };
+        self.cert_expiry.clear();
+        self.process.clear();
+        if let Some(service) = self.service.lock().expect("metrics lock").clone() {
+            let identity = certificates
+                .first()
+                .map(|t| t.identity().as_str().to_owned());
+            self.process
+                .get_or_create(&ProcessLabels {
+                    service,
+                    identity: identity.unwrap_or_default(),
+                })
+                .set(1);
+        }
+        for tls in certificates {
+            let at = tls
+                .expires_at()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO);
+            self.cert_expiry
+                .get_or_create(&IdentityLabels {
+                    identity: tls.identity().as_str().to_owned(),
+                })
+                .set(at.as_secs_f64());
+        }
+    }
+
+    pub(crate) fn watch_endpoints(&self, set: &Arc<EndpointSet>) {
+        self.sets
+            .lock()
+            .expect("metrics lock")
+            .push(Arc::downgrade(set));
+    }
+
+    pub(crate) fn watch_certificate(&self, tls: &Arc<MeshTls>) {
+        let mut certs = self.certificates.lock().expect("metrics lock");
+        if !certs
+            .iter()
+            .any(|c| c.upgrade().is_some_and(|c| Arc::ptr_eq(&c, tls)))
+        {
+            certs.push(Arc::downgrade(tls));
+        }
+    }
+
+    pub(crate) fn retry(&self, peer: &Arc<str>, path: &str, hedge: bool) {
+        let labels = &RpcLabels::new(Direction::Outbound, peer.clone(), &RpcPath::parse(path));
+        if hedge {
+            self.hedges.get_or_create(labels).inc();
+        } else {
+            self.retries.get_or_create(labels).inc();
+        }
+    }
+
+    pub(crate) fn budget_exhausted(&self, peer: &Arc<str>) {
+        self.budget_exhausted
+            .get_or_create(&PeerLabels { peer: peer.clone() })
+            .inc();
+    }
+
+    pub(crate) fn ejected(&self, peer: &Arc<str>) {
+        self.ejections
+            .get_or_create(&PeerLabels { peer: peer.clone() })
+            .inc();
+    }
+
+    pub(crate) fn denied(&self, path: &RpcPath, caller: Option<&str>, audit: bool) {
+        self.denials
+            .get_or_create(&DenialLabels {
+                rpc_service: path.service.clone(),
+                rpc_method: path.method.clone(),
+                caller: Arc::from(caller.unwrap_or("unauthenticated")),
+                mode: if audit { "audit" } else { "enforce" },
+            })
+            .inc();
+    }
+}
+
+/// A gRPC path split for labels and span attributes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub(crate) struct RpcPath {
+    pub(crate) service: Arc<str>,
+    pub(crate) method: Arc<str>,
+}
+
+impl RpcPath {
+    /// `/pkg.Service/Method` → (`pkg.Service`, `Method`); anything else is unknown.
+    pub(crate) fn parse(path: &str) -> Self {
+        match path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .filter(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'))
+        {
+            Some((service, method)) => Self {
+                service: Arc::from(service),
+                method: Arc::from(method),
+            },
+            None => Self::unknown(),
+        }
+    }
+
+    pub(crate) fn unknown() -> Self {
+        Self {
+            service: Arc::from("unknown"),
+            method: Arc::from("unknown"),
+        }
+    }
+}
+
+/// The series one (direction, peer, method) records into, resolved once and
+/// cached so a call costs no label hashing.
+#[derive(Debug)]
+pub(crate) struct CallSeries {
+    pub(crate) labels: RpcLabels,
+    requests: Counter,
+    latency: Histogram,
+    in_flight: Gauge,
+    responses: [OnceLock<Counter>; 17],
+}
+
+impl RpcLabels {
+    pub(crate) fn rpc_service(&self) -> &str {
+        &self.rpc_service
+    }
+
+    pub(crate) fn rpc_method(&self) -> &str {
+        &self.rpc_method
+    }
+
+    fn new(direction: Direction, peer: Arc<str>, path: &RpcPath) -> Self {
+        Self {
+            direction: direction.as_str(),
+            peer,
+            rpc_service: path.service.clone(),
+            rpc_method: path.method.clone(),
+        }
+    }
+}
+
+impl CallSeries {
+    pub(crate) fn new(direction: Direction, peer: Arc<str>, path: &RpcPath) -> Self {
+        let m = metrics();
+        let labels = RpcLabels::new(direction, peer, path);
+        Self {
+            requests: m.requests.get_or_create_owned(&labels),
+            latency: m.latency.get_or_create_owned(&labels),
+            in_flight: m.in_flight.get_or_create_owned(&labels),
+            labels,
+            responses: Default::default(),
+        }
+    }
+
+    pub(crate) fn started(&self) {
+        self.requests.inc();
+        self.in_flight.inc();
+    }
+
+    pub(crate) fn finished(&self, code: Code, elapsed: Duration) {
+        self.in_flight.dec();
+        self.latency.observe(elapsed.as_secs_f64());
+        self.responses[code as usize]
+            .get_or_init(|| {
+                let l = &self.labels;
+                metrics().responses.get_or_create_owned(&ResponseLabels {
+                    direction: l.direction,
+                    peer: l.peer.clone(),
+                    rpc_service: l.rpc_service.clone(),
+                    rpc_method: l.rpc_method.clone(),
+                    grpc_code: code_name(code),
+                })
+            })
+            .inc();
+    }
+}
+
+/// The canonical name of a gRPC status code, as in the gRPC spec and
+/// OpenTelemetry's conventions.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
