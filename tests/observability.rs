@@ -614,6 +614,21 @@ async fn admin_port_counts_every_call_exactly() {
         && l.get("service").map(String::as_str) == Some("mesh-echo")
         && *v == 1.0));
 
+    // What a kubelet gRPC probe does: Health/Check over plaintext HTTP/2
+    // on the admin port (the gRPC port wants a client certificate).
+    let mut probe =
+        tonic_health::pb::health_client::HealthClient::new(common::channel(front_admin).await);
+    let health = probe
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("gRPC health on the admin port")
+        .into_inner();
+    assert_eq!(
+        health.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
     assert_eq!(http_get(front_admin, "/live").await.0, 200);
     assert_eq!(http_get(front_admin, "/ready").await.0, 200);
     assert_eq!(http_get(front_admin, "/nope").await.0, 404);

@@ -124,7 +124,8 @@ impl MeshServer {
         }
     }
 
-    /// Serves the admin endpoints (`/metrics`, `/live`, `/ready`; see
+    /// Serves the admin endpoints (`/metrics`, `/live`, `/ready`, and
+    /// `grpc.health.v1.Health` in plaintext for kubelet gRPC probes; see
     /// [`crate::telemetry::admin`]) on `listener` while the server runs.
     /// `/ready` follows the server's overall health status.
     pub fn admin(mut self, listener: std::net::TcpListener) -> Self {
@@ -274,6 +275,9 @@ impl MeshServer {
             tokio::spawn(crate::telemetry::admin::serve(
                 listener,
                 readiness(reporter.clone()),
+                Some(tonic_health::pb::health_server::HealthServer::new(
+                    tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+                )),
                 stop_admin,
             ));
         }

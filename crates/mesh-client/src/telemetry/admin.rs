@@ -1,17 +1,24 @@
-//! The admin HTTP port: `/metrics` (OpenMetrics text), `/live` and `/ready`.
+//! The admin port: `/metrics` (OpenMetrics text), `/live` and `/ready`
+//! over HTTP/1.1, and `grpc.health.v1.Health` over plaintext HTTP/2.
 //!
-//! Plain HTTP/1.1 on its own port, so Prometheus, kubelet probes and the
-//! live view reach it without a workload certificate. It exposes no
-//! request data, only aggregates.
+//! Its own plaintext port, so Prometheus, kubelet probes (HTTP or native
+//! gRPC, which cannot present a workload certificate) and the live view
+//! reach it. It exposes no request data, only aggregates and health.
 
 use std::{convert::Infallible, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tower::ServiceExt;
 
 use super::metrics;
 
@@ -21,12 +28,22 @@ const MAX_CONNECTIONS: usize = 64;
 /// Answers whether the process is ready for traffic.
 pub type Readiness = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
 
+/// The gRPC health service the admin port answers (the server's own).
+pub type HealthGrpc =
+    tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>;
+
 /// Serves the admin endpoints on `listener` until `stop` is cancelled.
 ///
 /// `/live` answers 200 while the process runs; `/ready` answers 200 when
 /// `ready` says so and 503 otherwise (while draining, or while a
-/// dependency is down); `/metrics` serves [`metrics::Metrics::encode`].
-pub async fn serve(listener: TcpListener, ready: Readiness, stop: CancellationToken) {
+/// dependency is down); `/metrics` serves [`metrics::Metrics::encode`];
+/// HTTP/2 requests to `/grpc.health.v1.Health/*` go to `health`.
+pub async fn serve(
+    listener: TcpListener,
+    ready: Readiness,
+    health: Option<HealthGrpc>,
+    stop: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -44,17 +61,26 @@ pub async fn serve(listener: TcpListener, ready: Readiness, stop: CancellationTo
                 }
             },
         };
-        let ready = ready.clone();
-        let stop = stop.clone();
+        let (ready, health, stop) = (ready.clone(), health.clone(), stop.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let ready = ready.clone();
-                async move { Ok::<_, Infallible>(respond(req, ready).await) }
+            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let (ready, health) = (ready.clone(), health.clone());
+                async move {
+                    if let Some(health) =
+                        health.filter(|_| req.uri().path().starts_with("/grpc.health.v1.Health/"))
+                    {
+                        return health.oneshot(req.map(Body::new)).await;
+                    }
+                    Ok::<_, Infallible>(respond(req, ready).await.map(Body::new))
+                }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
+                .header_read_timeout(Duration::from_secs(10));
+            builder.http2().max_concurrent_streams(16);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
                 _ = stop.cancelled() => {}

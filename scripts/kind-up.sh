@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# From zero to the shop on a local kind cluster:
+#   scripts/kind-up.sh            # cluster, images, certificates, manifests
+# Needs docker, kind and kubectl. Re-running rebuilds and reloads the images.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CLUSTER=${KIND_CLUSTER:-shop}
+SERVICES="auth inventory payments orders"
+
+if ! kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
+    kind create cluster --name "$CLUSTER" --config k8s/kind-config.yaml
+fi
+
+for svc in $SERVICES; do
+    docker build --build-arg SERVICE="$svc" -t "mesh-shop/$svc:dev" .
+    kind load docker-image --name "$CLUSTER" "mesh-shop/$svc:dev"
+done
+
+# Workload certificates (dev CA kept in .shop/k8s-certs) as TLS Secrets.
+mkdir -p k8s/overlays/kind/generated
+cargo run --quiet -p shopctl -- certs --out .shop/k8s-certs \
+    --k8s-secrets k8s/overlays/kind/generated/tls-secrets.yaml
+
+kubectl apply -k k8s/overlays/kind
+kubectl -n shop rollout status statefulset/postgres --timeout=180s
+for svc in $SERVICES; do
+    kubectl -n shop rollout status "deployment/$svc" --timeout=180s
+done
+echo "The shop runs in namespace shop; orders answers on 127.0.0.1:50054."
