@@ -9,7 +9,7 @@ mod common;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use base64::Engine;
@@ -69,21 +69,16 @@ fn render(dir: &Path) -> String {
 
 /// `kubernetes-validate --strict` on `yaml`: Ok, or its complaints.
 fn validate(yaml: &str) -> Result<(), String> {
-    let mut child = Command::new("kubernetes-validate")
-        .args(["--strict", "--quiet", "-k", KUBERNETES_VERSION, "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubernetes-validate");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = common::run_with_input(
+        Command::new("kubernetes-validate").args([
+            "--strict",
+            "--quiet",
+            "-k",
+            KUBERNETES_VERSION,
+            "-",
+        ]),
+        yaml.as_bytes(),
+    );
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -99,23 +94,13 @@ fn validate(yaml: &str) -> Result<(), String> {
 /// YAML documents as JSON values, through PyYAML (installed with
 /// kubernetes-validate), so the test needs no YAML crate.
 fn documents(yaml: &str) -> Vec<Value> {
-    let mut child = Command::new("python3")
-        .args([
+    let output = common::run_with_input(
+        Command::new("python3").args([
             "-c",
             "import sys, json, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+        ]),
+        yaml.as_bytes(),
+    );
     assert!(
         output.status.success(),
         "PyYAML could not read the manifests"

@@ -24,9 +24,7 @@ use opentelemetry_proto::tonic::{
 use shop_api::{
     common::v1::Money,
     echo::v1::{ChainRequest, EchoRequest, Fault, echo_service_client::EchoServiceClient},
-    inventory::v1::CreateProductRequest,
     orders::v1::{GetOrderRequest, OrderStatus, PlaceOrderItem, PlaceOrderRequest},
-    payments::v1::{DepositRequest, OpenAccountRequest},
 };
 use tonic::Code;
 
@@ -133,41 +131,14 @@ fn usd(amount_minor: i64) -> Option<Money> {
     })
 }
 
-/// A user with money and a product with stock: what an order needs.
 async fn customer(shop: &Shop, name: &str) -> (String, String, String) {
-    let (user_id, token) = shop.user(name).await;
-    let product = shop
-        .inventory()
-        .await
-        .create_product(CreateProductRequest {
-            sku: format!("SKU-{name}"),
-            name: format!("product of {name}"),
-            price: usd(100),
-            initial_stock: 100_000,
-        })
-        .await
-        .expect("create product")
-        .into_inner()
-        .product_id;
-    let mut payments = shop.payments().await;
-    let account = payments
-        .open_account(OpenAccountRequest {
-            owner_id: user_id,
-            currency_code: "USD".into(),
-        })
-        .await
-        .expect("open account")
-        .into_inner()
-        .account_id;
-    payments
-        .deposit(DepositRequest {
-            account_id: account.clone(),
-            amount: usd(100_000_000),
-            idempotency_key: format!("dep-{name}"),
-        })
-        .await
-        .expect("deposit");
-    (token, product, account)
+    common::customer(
+        shop.auth().await,
+        shop.inventory().await,
+        shop.payments().await,
+        name,
+    )
+    .await
 }
 
 fn order(product: &str, account: &str, key: String) -> PlaceOrderRequest {
@@ -340,21 +311,10 @@ for family in text_string_to_metric_families(sys.stdin.read()):
         out.append([s.name, s.labels, s.value])
 print(json.dumps(out))
 "#;
-    let mut child = Command::new("python3")
-        .args(["-c", SCRIPT])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .ok()?;
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = common::run_with_input(
+        Command::new("python3").args(["-c", SCRIPT]),
+        text.as_bytes(),
+    );
     if !output.status.success() {
         let err = String::from_utf8_lossy(&output.stderr);
         if err.contains("No module named 'prometheus_client'") {

@@ -20,16 +20,13 @@ use std::{
 
 use common::{Db, Proc, TestPki, authed, dns::TestDns, http_get, shop_policy};
 use shop_api::{
-    common::v1::Money,
-    inventory::v1::{CreateProductRequest, inventory_service_client::InventoryServiceClient},
+    auth::v1::auth_service_client::AuthServiceClient,
+    inventory::v1::inventory_service_client::InventoryServiceClient,
     orders::v1::{
         GetOrderRequest, OrderStatus, PlaceOrderItem, PlaceOrderRequest,
         orders_service_client::OrdersServiceClient,
     },
-    payments::v1::{
-        DepositRequest, GetAccountRequest, OpenAccountRequest,
-        payments_service_client::PaymentsServiceClient,
-    },
+    payments::v1::{GetAccountRequest, payments_service_client::PaymentsServiceClient},
 };
 use tonic::Code;
 
@@ -224,11 +221,26 @@ impl Cluster {
     }
 }
 
-fn usd(amount_minor: i64) -> Option<Money> {
-    Some(Money {
-        currency_code: "USD".into(),
-        amount_minor,
-    })
+/// A PlaceOrder for one unit, with a deadline.
+fn place_request(
+    token: &str,
+    product: &str,
+    account: &str,
+    key: String,
+) -> tonic::Request<PlaceOrderRequest> {
+    let mut request = authed(
+        token,
+        PlaceOrderRequest {
+            items: vec![PlaceOrderItem {
+                product_id: product.into(),
+                quantity: 1,
+            }],
+            payment_account_id: account.into(),
+            idempotency_key: key,
+        },
+    );
+    request.set_timeout(Duration::from_secs(10));
+    request
 }
 
 /// Continuous shop traffic as users make it, through orders only: place an
@@ -277,18 +289,12 @@ impl Traffic {
                         && started.elapsed() < Duration::from_secs(180)
                     {
                         n += 1;
-                        let mut request = authed(
+                        let request = place_request(
                             &token,
-                            PlaceOrderRequest {
-                                items: vec![PlaceOrderItem {
-                                    product_id: product.clone(),
-                                    quantity: 1,
-                                }],
-                                payment_account_id: account.clone(),
-                                idempotency_key: format!("{phase}-{worker}-{n}"),
-                            },
+                            &product,
+                            &account,
+                            format!("{phase}-{worker}-{n}"),
                         );
-                        request.set_timeout(Duration::from_secs(10));
                         calls.fetch_add(1, Ordering::Relaxed);
                         match orders.place_order(request).await {
                             Ok(order) => {
@@ -372,54 +378,16 @@ async fn the_shop_survives_what_kubernetes_does_to_it() {
     let Some(db) = Db::postgres() else { return };
     let mut cluster = Cluster::start(&db, 2).await;
 
-    // A customer, through the front door and the operator's tools.
+    // A customer, made with the operator's tools; users call orders only.
     let mut orders = OrdersServiceClient::new(cluster.channel("orders"));
-    let mut auth =
-        shop_api::auth::v1::auth_service_client::AuthServiceClient::new(cluster.channel("auth"));
-    auth.register(shop_api::auth::v1::RegisterRequest {
-        username: "kube".into(),
-        password: "correct-horse-battery".into(),
-    })
-    .await
-    .unwrap();
-    let token = auth
-        .login(shop_api::auth::v1::LoginRequest {
-            username: "kube".into(),
-            password: "correct-horse-battery".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .access_token;
-    let product = InventoryServiceClient::new(cluster.channel("inventory"))
-        .create_product(CreateProductRequest {
-            sku: "KUBE-1".into(),
-            name: "A cluster".into(),
-            price: usd(1),
-            initial_stock: 1_000_000,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .product_id;
     let mut payments = PaymentsServiceClient::new(cluster.channel("payments"));
-    let account = payments
-        .open_account(OpenAccountRequest {
-            owner_id: "kube".into(),
-            currency_code: "USD".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .account_id;
-    payments
-        .deposit(DepositRequest {
-            account_id: account.clone(),
-            amount: usd(1_000_000_000),
-            idempotency_key: "kube-dep".into(),
-        })
-        .await
-        .unwrap();
+    let (token, product, account) = common::customer(
+        AuthServiceClient::new(cluster.channel("auth")),
+        InventoryServiceClient::new(cluster.channel("inventory")),
+        payments.clone(),
+        "kube",
+    )
+    .await;
 
     // 1. Rolling restart of every service, one pod at a time (surge one,
     //    then drain one), under continuous traffic: no user call fails.
@@ -515,21 +483,7 @@ async fn the_shop_survives_what_kubernetes_does_to_it() {
     );
     // Orders checks the payment account when it takes an order, so the
     // user gets the same fast, clear answer instead of an order that hangs.
-    let place = |key: &str| {
-        let mut request = authed(
-            &token,
-            PlaceOrderRequest {
-                items: vec![PlaceOrderItem {
-                    product_id: product.clone(),
-                    quantity: 1,
-                }],
-                payment_account_id: account.clone(),
-                idempotency_key: key.into(),
-            },
-        );
-        request.set_timeout(Duration::from_secs(10));
-        request
-    };
+    let place = |key: &str| place_request(&token, &product, &account, key.into());
     let started = Instant::now();
     let err = orders
         .place_order(place("during-outage"))

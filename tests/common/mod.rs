@@ -470,26 +470,33 @@ impl Shop {
 
     /// Registers a fresh user and returns `(user_id, bearer token)`.
     pub async fn user(&self, name: &str) -> (String, String) {
-        let mut auth = self.auth().await;
-        let password = "correct-horse-battery".to_string();
-        let user = auth
-            .register(RegisterRequest {
-                username: name.into(),
-                password: password.clone(),
-            })
-            .await
-            .expect("register")
-            .into_inner();
-        let login = auth
-            .login(LoginRequest {
-                username: name.into(),
-                password,
-            })
-            .await
-            .expect("login")
-            .into_inner();
-        (user.user_id, login.access_token)
+        user(self.auth().await, name).await
     }
+}
+
+/// Registers a fresh user through `auth` and returns `(user_id, bearer token)`.
+pub async fn user(
+    mut auth: AuthServiceClient<mesh_client::MeshChannel>,
+    name: &str,
+) -> (String, String) {
+    let password = "correct-horse-battery".to_string();
+    let user = auth
+        .register(RegisterRequest {
+            username: name.into(),
+            password: password.clone(),
+        })
+        .await
+        .expect("register")
+        .into_inner();
+    let login = auth
+        .login(LoginRequest {
+            username: name.into(),
+            password,
+        })
+        .await
+        .expect("login")
+        .into_inner();
+    (user.user_id, login.access_token)
 }
 
 /// Adds `authorization: Bearer <token>` to a request.
@@ -555,4 +562,69 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let status = response.status().as_u16();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// What an order needs, made through these clients: a user's token, a
+/// product with plenty of stock and an account of theirs with plenty of
+/// money. Returns `(token, product_id, account_id)`.
+pub async fn customer(
+    auth: AuthServiceClient<mesh_client::MeshChannel>,
+    mut inventory: InventoryServiceClient<mesh_client::MeshChannel>,
+    mut payments: PaymentsServiceClient<mesh_client::MeshChannel>,
+    name: &str,
+) -> (String, String, String) {
+    use shop_api::{
+        common::v1::Money,
+        inventory::v1::CreateProductRequest,
+        payments::v1::{DepositRequest, OpenAccountRequest},
+    };
+    let usd = |amount_minor| {
+        Some(Money {
+            currency_code: "USD".into(),
+            amount_minor,
+        })
+    };
+    let (user_id, token) = user(auth, name).await;
+    let product = inventory
+        .create_product(CreateProductRequest {
+            sku: format!("SKU-{name}"),
+            name: format!("product of {name}"),
+            price: usd(100),
+            initial_stock: 1_000_000,
+        })
+        .await
+        .expect("create product")
+        .into_inner()
+        .product_id;
+    let account = payments
+        .open_account(OpenAccountRequest {
+            owner_id: user_id,
+            currency_code: "USD".into(),
+        })
+        .await
+        .expect("open account")
+        .into_inner()
+        .account_id;
+    payments
+        .deposit(DepositRequest {
+            account_id: account.clone(),
+            amount: usd(1_000_000_000),
+            idempotency_key: format!("dep-{name}"),
+        })
+        .await
+        .expect("deposit");
+    (token, product, account)
+}
+
+/// Runs `cmd` with `input` on its stdin and returns what it printed.
+pub fn run_with_input(cmd: &mut Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
 }

@@ -472,50 +472,45 @@ impl View {
     }
 
     fn print_table(&self, out: &mut impl Write) -> std::io::Result<()> {
-        let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}%", v * 100.0));
-        let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}ms"));
-        writeln!(
-            out,
-            "{:<24} {:>9} {:>9} {:>10} {:>10} {:>10}",
-            "SERVICE (inbound)", "RPS", "SUCCESS", "P50", "P95", "P99"
-        )?;
-        for s in &self.services {
-            let r = &s.row;
-            writeln!(
-                out,
-                "{:<24} {:>9.1} {:>9} {:>10} {:>10} {:>10}",
-                s.service,
-                r.rps,
-                pct(r.success_rate),
-                ms(r.p50_ms),
-                ms(r.p95_ms),
-                ms(r.p99_ms)
-            )?;
-        }
+        let services = self.services.iter().map(|s| (s.service.clone(), &s.row));
+        print_section(out, "SERVICE (inbound)", services)?;
         writeln!(out)?;
-        writeln!(
-            out,
-            "{:<24} {:>9} {:>9} {:>10} {:>10} {:>10}",
-            "EDGE (caller -> callee)", "RPS", "SUCCESS", "P50", "P95", "P99"
-        )?;
-        for e in &self.edges {
-            let r = &e.row;
-            writeln!(
-                out,
-                "{:<24} {:>9.1} {:>9} {:>10} {:>10} {:>10}",
-                format!("{} -> {}", e.from, e.to),
-                r.rps,
-                pct(r.success_rate),
-                ms(r.p50_ms),
-                ms(r.p95_ms),
-                ms(r.p99_ms)
-            )?;
-        }
+        let edges = self
+            .edges
+            .iter()
+            .map(|e| (format!("{} -> {}", e.from, e.to), &e.row));
+        print_section(out, "EDGE (caller -> callee)", edges)?;
         for addr in &self.unreachable {
             writeln!(out, "unreachable: {addr}")?;
         }
         writeln!(out, "(over the last {:.1}s)", self.window_seconds)
     }
+}
+
+fn print_section<'a>(
+    out: &mut impl Write,
+    title: &str,
+    rows: impl Iterator<Item = (String, &'a Row)>,
+) -> std::io::Result<()> {
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}%", v * 100.0));
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}ms"));
+    writeln!(
+        out,
+        "{title:<24} {:>9} {:>9} {:>10} {:>10} {:>10}",
+        "RPS", "SUCCESS", "P50", "P95", "P99"
+    )?;
+    for (name, r) in rows {
+        writeln!(
+            out,
+            "{name:<24} {:>9.1} {:>9} {:>10} {:>10} {:>10}",
+            r.rps,
+            pct(r.success_rate),
+            ms(r.p50_ms),
+            ms(r.p95_ms),
+            ms(r.p99_ms)
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
