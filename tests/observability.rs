@@ -24,7 +24,7 @@ use opentelemetry_proto::tonic::{
 use shop_api::{
     common::v1::Money,
     echo::v1::{ChainRequest, EchoRequest, Fault, echo_service_client::EchoServiceClient},
-    orders::v1::{GetOrderRequest, OrderStatus, PlaceOrderItem, PlaceOrderRequest},
+    orders::v1::{GetOrderRequest, OrderStatus},
 };
 use tonic::Code;
 
@@ -141,17 +141,6 @@ async fn customer(shop: &Shop, name: &str) -> (String, String, String) {
     .await
 }
 
-fn order(product: &str, account: &str, key: String) -> PlaceOrderRequest {
-    PlaceOrderRequest {
-        items: vec![PlaceOrderItem {
-            product_id: product.into(),
-            quantity: 1,
-        }],
-        payment_account_id: account.into(),
-        idempotency_key: key,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_place_order_is_one_trace_across_three_processes() {
     let (collector, otlp) = Collector::start().await;
@@ -175,7 +164,7 @@ async fn one_place_order_is_one_trace_across_three_processes() {
     // orders server span must name.
     let trace_id: [u8; 16] = rand::random();
     let root: [u8; 8] = rand::random();
-    let mut request = authed(&token, order(&product, &account, "traced-1".into()));
+    let mut request = common::place_request(&token, &product, &account, "traced-1".into());
     request.metadata_mut().insert(
         "traceparent",
         format!("00-{}-{}-01", hex(&trace_id), hex(&root))
@@ -691,9 +680,11 @@ async fn live_view_shows_every_edge_under_load() {
             {
                 n += 1;
                 orders
-                    .place_order(authed(
+                    .place_order(common::place_request(
                         &token,
-                        order(&product, &account, format!("view-{n}")),
+                        &product,
+                        &account,
+                        format!("view-{n}"),
                     ))
                     .await
                     .expect("place order");

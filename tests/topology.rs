@@ -18,14 +18,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Db, Proc, TestPki, authed, dns::TestDns, http_get, shop_policy};
+use common::{Db, Proc, TestPki, authed, dns::TestDns, http_get, place_request, shop_policy};
 use shop_api::{
     auth::v1::auth_service_client::AuthServiceClient,
     inventory::v1::inventory_service_client::InventoryServiceClient,
-    orders::v1::{
-        GetOrderRequest, OrderStatus, PlaceOrderItem, PlaceOrderRequest,
-        orders_service_client::OrdersServiceClient,
-    },
+    orders::v1::{GetOrderRequest, OrderStatus, orders_service_client::OrdersServiceClient},
     payments::v1::{GetAccountRequest, payments_service_client::PaymentsServiceClient},
 };
 use tonic::Code;
@@ -219,28 +216,6 @@ impl Cluster {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
-}
-
-/// A PlaceOrder for one unit, with a deadline.
-fn place_request(
-    token: &str,
-    product: &str,
-    account: &str,
-    key: String,
-) -> tonic::Request<PlaceOrderRequest> {
-    let mut request = authed(
-        token,
-        PlaceOrderRequest {
-            items: vec![PlaceOrderItem {
-                product_id: product.into(),
-                quantity: 1,
-            }],
-            payment_account_id: account.into(),
-            idempotency_key: key,
-        },
-    );
-    request.set_timeout(Duration::from_secs(10));
-    request
 }
 
 /// Continuous shop traffic as users make it, through orders only: place an

@@ -628,3 +628,25 @@ pub fn run_with_input(cmd: &mut Command, input: &[u8]) -> std::process::Output {
     child.stdin.take().unwrap().write_all(input).unwrap();
     child.wait_with_output().unwrap()
 }
+
+/// A PlaceOrder for one unit, with a deadline.
+pub fn place_request(
+    token: &str,
+    product: &str,
+    account: &str,
+    key: String,
+) -> tonic::Request<shop_api::orders::v1::PlaceOrderRequest> {
+    let mut request = authed(
+        token,
+        shop_api::orders::v1::PlaceOrderRequest {
+            items: vec![shop_api::orders::v1::PlaceOrderItem {
+                product_id: product.into(),
+                quantity: 1,
+            }],
+            payment_account_id: account.into(),
+            idempotency_key: key,
+        },
+    );
+    request.set_timeout(Duration::from_secs(10));
+    request
+}
