@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLUSTER=${KIND_CLUSTER:-shop}
-SERVICES="auth inventory payments orders"
+SERVICES="auth inventory payments orders gateway"
 
 if ! kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
     kind create cluster --name "$CLUSTER" --config k8s/kind-config.yaml
@@ -26,4 +26,4 @@ kubectl -n shop rollout status statefulset/postgres --timeout=180s
 for svc in $SERVICES; do
     kubectl -n shop rollout status "deployment/$svc" --timeout=180s
 done
-echo "The shop runs in namespace shop; orders answers on 127.0.0.1:50054."
+echo "The shop runs in namespace shop; its gateway answers on 127.0.0.1:50055."

@@ -243,6 +243,8 @@ pub struct Shop {
     pub args: std::collections::HashMap<&'static str, Vec<String>>,
     /// Each process's admin port (metrics, liveness, readiness).
     pub admin: std::collections::HashMap<&'static str, SocketAddr>,
+    /// The test CA, when the shop runs mTLS.
+    pub pki: Option<TestPki>,
     env: Vec<(String, String)>,
 }
 
@@ -314,9 +316,25 @@ pub fn shop_policy(service: &str) -> String {
         "payments" => &["mesh.payments.v1.PaymentsService/*"],
         _ => &[],
     };
+    let from_gateway: &[&str] = match service {
+        "auth" => &[
+            "mesh.auth.v1.AuthService/Register",
+            "mesh.auth.v1.AuthService/Login",
+            "mesh.auth.v1.AuthService/GetPublicKeys",
+        ],
+        "inventory" => &[
+            "mesh.inventory.v1.InventoryService/GetProduct",
+            "mesh.inventory.v1.InventoryService/ListProducts",
+        ],
+        "orders" => &["mesh.orders.v1.OrdersService/*"],
+        _ => &[],
+    };
     let mut rules = vec![serde_json::json!({"callers": [identity("operator")], "methods": ["*"]})];
     if !from_orders.is_empty() {
         rules.push(serde_json::json!({"callers": [identity("orders")], "methods": from_orders}));
+    }
+    if !from_gateway.is_empty() {
+        rules.push(serde_json::json!({"callers": [identity("gateway")], "methods": from_gateway}));
     }
     serde_json::json!({"authorization": {"rules": rules}}).to_string()
 }
@@ -413,6 +431,7 @@ impl Shop {
             args,
             admin,
             env,
+            pki,
         };
         for (p, name) in [
             (&shop.auth, "auth"),

@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::{
-    Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer,
+    Service, ServiceBuilder, ServiceExt, limit::GlobalConcurrencyLimitLayer,
+    load_shed::LoadShedLayer,
 };
 
 use crate::{
@@ -97,7 +98,13 @@ pub struct MeshServer {
     tls: Option<Arc<MeshTls>>,
     authorization: Option<AuthorizationPolicy>,
     admin: Option<std::net::TcpListener>,
+    fallback: Option<FallbackService>,
+    grpc_web: Option<Vec<http::HeaderValue>>,
 }
+
+/// A service for every path no added service claims (a proxy).
+type FallbackService =
+    tower::util::BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
 
 impl std::fmt::Debug for MeshServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -121,7 +128,36 @@ impl MeshServer {
             tls: None,
             authorization: None,
             admin: None,
+            fallback: None,
+            grpc_web: None,
         }
+    }
+
+    /// Sends every call no added service claims to `svc` (a proxy, such
+    /// as an edge gateway). `names` are the services it answers for: they
+    /// get health statuses and, if their descriptors are registered,
+    /// reflection, like added services.
+    pub fn fallback<S>(mut self, names: &[&'static str], svc: S) -> Self
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.service_names.extend_from_slice(names);
+        self.fallback = Some(FallbackService::new(svc));
+        self
+    }
+
+    /// Also accepts gRPC-Web (HTTP/1.1 and HTTP/2, binary and text), so a
+    /// browser can call the services, with CORS allowing exactly
+    /// `allowed_origins` (a preflight from any other origin gets no
+    /// `access-control-allow-origin`, so the browser refuses the call).
+    pub fn grpc_web(mut self, allowed_origins: Vec<http::HeaderValue>) -> Self {
+        self.grpc_web = Some(allowed_origins);
+        self
     }
 
     /// Serves the admin endpoints (`/metrics`, `/live`, `/ready`, and
@@ -281,8 +317,16 @@ impl MeshServer {
                 stop_admin,
             ));
         }
+        let web = self.grpc_web.clone().map(|origins| {
+            ServiceBuilder::new()
+                .layer(cors(origins))
+                .layer(tonic_web::GrpcWebLayer::new())
+                .into_inner()
+        });
         let layers = ServiceBuilder::new()
-            // Outermost: every call is measured and traced, even refused ones.
+            // Browsers' gRPC-Web becomes gRPC before anything else looks at it.
+            .option_layer(web)
+            // Then every call is measured and traced, even refused ones.
             .layer(ServerTelemetryLayer::new((*known).clone()))
             // Then who may call what, before any work is done.
             .layer(AuthzLayer::new(self.authorization, known))
@@ -302,8 +346,16 @@ impl MeshServer {
             .http2_keepalive_interval(Some(config.keepalive_interval))
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .tcp_nodelay(true)
+            .accept_http1(self.grpc_web.is_some())
             .layer(layers)
-            .add_routes(routes.routes())
+            .add_routes(match self.fallback {
+                None => routes.routes(),
+                Some(fallback) => tonic::service::Routes::from(
+                    routes.routes().into_axum_router().fallback_service(
+                        fallback.map_request(|r: http::Request<axum::body::Body>| r.map(Body::new)),
+                    ),
+                ),
+            })
             .serve_with_incoming_shutdown(incoming, signal);
 
         let drain_deadline = async {
@@ -371,6 +423,31 @@ fn reflection_builder<'a>(
         builder = builder.with_service_name(*name);
     }
     builder
+}
+
+/// CORS for gRPC-Web: the origins given, the headers grpc-web clients send
+/// and the ones they must read.
+fn cors(origins: Vec<http::HeaderValue>) -> tower_http::cors::CorsLayer {
+    use http::{HeaderName, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let header = HeaderName::from_static;
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header("content-type"),
+            header("x-grpc-web"),
+            header("x-user-agent"),
+            header("grpc-timeout"),
+            header("authorization"),
+        ])
+        .expose_headers([
+            header("grpc-status"),
+            header("grpc-message"),
+            header("grpc-status-details-bin"),
+            header("retry-after"),
+        ])
+        .max_age(Duration::from_secs(600))
 }
 
 /// Every path this server can answer, for bounded metric labels.

@@ -148,12 +148,23 @@ impl MeshArgs {
         limits: ServerConfig,
         tls: Option<Arc<MeshTls>>,
     ) -> Result<MeshServer, String> {
+        self.server_describing(limits, tls, shop_api::FILE_DESCRIPTOR_SET)
+    }
+
+    /// [`MeshArgs::server_with`] whose reflection describes `descriptors`
+    /// instead of the shop's whole contract set.
+    pub fn server_describing(
+        &self,
+        limits: ServerConfig,
+        tls: Option<Arc<MeshTls>>,
+        descriptors: &'static [u8],
+    ) -> Result<MeshServer, String> {
         let config = ServerConfig {
             drain_grace: Duration::from_millis(self.drain_grace_ms),
             ..limits
         };
         let mut server = MeshServer::new(config)
-            .descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+            .descriptor_set(descriptors)
             .authorization(self.config()?.authorization);
         if let Some(tls) = tls {
             server = server.tls(tls);

@@ -15,7 +15,7 @@ use mesh_client::tls::{
 };
 
 /// The shop's workloads.
-pub const SERVICES: [&str; 4] = ["auth", "inventory", "payments", "orders"];
+pub const SERVICES: [&str; 5] = ["auth", "inventory", "payments", "orders", "gateway"];
 /// The identity that may call everything (people with grpcurl).
 pub const OPERATOR: &str = "operator";
 
@@ -35,7 +35,7 @@ pub struct CertArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "auth,inventory,payments,orders,operator"
+        default_value = "auth,inventory,payments,orders,gateway,operator"
     )]
     pub workloads: Vec<String>,
     /// Extra DNS names for every server certificate.

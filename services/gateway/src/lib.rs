@@ -1,0 +1,237 @@
+//! The shop's edge gateway: the one entry that faces the outside.
+//!
+//! It serves the public methods of the shop (a route table, checked
+//! against the contracts at start) and forwards each call over the mesh,
+//! with the gateway's own workload identity, to the service that owns it;
+//! internal methods (charges, reservations, token checks) answer
+//! `PERMISSION_DENIED`. Routes marked `auth: required` need a valid token
+//! from auth: the gateway verifies it with auth's public keys (refreshed on
+//! rotation), refuses bad ones with `UNAUTHENTICATED`, and forwards the
+//! verified subject in `x-verified-subject` (services still verify the
+//! token themselves). Every caller (user, or source address for anonymous
+//! calls) has a token bucket; over it, `RESOURCE_EXHAUSTED` with
+//! `retry-after`. Browsers call it with gRPC-Web on the same port, with
+//! CORS for the configured origins. Health, reflection of the public
+//! surface only, metrics and traces come from the mesh server.
+
+#![forbid(unsafe_code)]
+
+pub mod keys;
+pub mod proxy;
+pub mod routes;
+
+use std::{
+    collections::HashMap, ffi::OsString, future::Future, net::SocketAddr, num::NonZeroU32,
+    path::PathBuf, process::ExitCode,
+};
+
+use clap::Parser;
+use mesh_client::server::ServerConfig;
+use shop_api::auth::v1::auth_service_client::AuthServiceClient;
+use tokio::net::TcpListener;
+
+pub use proxy::{Gateway, RateLimit};
+pub use routes::{AuthMode, DEFAULT_ROUTES, RouteTable, UPSTREAMS};
+
+/// Configuration of the gateway, from flags or environment.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "gateway", about = "The shop's edge gateway")]
+pub struct Config {
+    /// Address the public gRPC (and gRPC-Web) port listens on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:50050")]
+    pub listen: SocketAddr,
+    /// Where the auth service is, as a mesh target.
+    #[arg(long, env = "AUTH_TARGET", default_value = "static:///127.0.0.1:50051")]
+    pub auth_target: String,
+    /// Where the inventory service is, as a mesh target.
+    #[arg(
+        long,
+        env = "INVENTORY_TARGET",
+        default_value = "static:///127.0.0.1:50052"
+    )]
+    pub inventory_target: String,
+    /// Where the orders service is, as a mesh target.
+    #[arg(
+        long,
+        env = "ORDERS_TARGET",
+        default_value = "static:///127.0.0.1:50054"
+    )]
+    pub orders_target: String,
+    /// Route table (JSON); the built-in one when unset (see `routes.json`).
+    #[arg(long, env = "ROUTES")]
+    pub routes: Option<PathBuf>,
+    /// Sustained requests per second allowed per caller.
+    #[arg(long, env = "RATE_LIMIT_PER_SECOND", default_value_t = 20)]
+    pub rate_limit_per_second: u32,
+    /// Requests a caller may make at once above the sustained rate.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 40)]
+    pub rate_limit_burst: u32,
+    /// Web origins allowed to call with gRPC-Web (CORS), e.g.
+    /// `https://shop.example`; repeat or separate with commas.
+    #[arg(
+        long = "cors-allowed-origin",
+        env = "CORS_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_allowed_origins: Vec<String>,
+    /// Issuer of the tokens auth signs.
+    #[arg(long, env = "TOKEN_ISSUER", default_value = "mesh-shop-auth")]
+    pub token_issuer: String,
+    /// Audience of the tokens auth signs.
+    #[arg(long, env = "TOKEN_AUDIENCE", default_value = "mesh-shop")]
+    pub token_audience: String,
+    /// Identity (for calls into the mesh), mesh policy, admin port, drain.
+    #[command(flatten)]
+    pub mesh: shop_kit::MeshArgs,
+}
+
+impl Config {
+    /// The route table from `--routes` or the built-in one, validated.
+    pub fn route_table(&self) -> Result<RouteTable, Vec<String>> {
+        let text = match &self.routes {
+            None => DEFAULT_ROUTES.to_owned(),
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| vec![format!("--routes: cannot read {}: {e}", path.display())])?,
+        };
+        RouteTable::from_json(&text, shop_api::FILE_DESCRIPTOR_SET)
+    }
+
+    fn targets(&self) -> [(&'static str, &str); 3] {
+        [
+            ("auth", &self.auth_target),
+            ("inventory", &self.inventory_target),
+            ("orders", &self.orders_target),
+        ]
+    }
+}
+
+impl shop_kit::ServiceConfig for Config {
+    fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Err(mut route_problems) = self.route_table() {
+            problems.append(&mut route_problems);
+        }
+        for (flag, value) in [
+            ("--rate-limit-per-second", self.rate_limit_per_second),
+            ("--rate-limit-burst", self.rate_limit_burst),
+        ] {
+            if !(1..=1_000_000).contains(&value) {
+                problems.push(format!("{flag}: must be 1 to 1000000, got {value}"));
+            }
+        }
+        for origin in &self.cors_allowed_origins {
+            let ok = (origin.starts_with("https://") || origin.starts_with("http://"))
+                && !origin.ends_with('/')
+                && http::HeaderValue::from_str(origin).is_ok();
+            if !ok {
+                problems.push(format!(
+                    "--cors-allowed-origin: {origin:?} is not an origin like https://shop.example"
+                ));
+            }
+        }
+        for (name, target) in self.targets() {
+            if let Err(e) = target.parse::<mesh_client::Target>() {
+                problems.push(format!("--{name}-target: {e}"));
+            }
+        }
+        problems.extend(self.mesh.problems());
+        problems
+    }
+}
+
+/// Why the gateway stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// TLS material, routes or the mesh policy could not be used.
+    #[error("{0}")]
+    Setup(String),
+    /// The mesh or the server failed.
+    #[error(transparent)]
+    Mesh(#[from] mesh_client::MeshError),
+}
+
+/// Runs the gateway on `listener` until `shutdown` completes, then drains.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let routes = config
+        .route_table()
+        .map_err(|p| Error::Setup(p.join("; ")))?;
+    let tls = config.mesh.tls().map_err(Error::Setup)?;
+    let mesh = config.mesh.mesh(tls.clone())?;
+    let mut upstreams = HashMap::new();
+    for (name, target) in config.targets() {
+        upstreams.insert(
+            name,
+            config.mesh.channel(&mesh, tls.is_some(), target, name)?,
+        );
+    }
+    let keys = keys::KeyCache::new(
+        AuthServiceClient::new(upstreams["auth"].clone()),
+        &config.token_issuer,
+        &config.token_audience,
+    );
+    let limit = RateLimit {
+        per_second: NonZeroU32::new(config.rate_limit_per_second).expect("checked"),
+        burst: NonZeroU32::new(config.rate_limit_burst).expect("checked"),
+    };
+    // Reflection and health name the public services; the strings live as
+    // long as the process (built once at start).
+    let names: Vec<&'static str> = routes
+        .services()
+        .into_iter()
+        .map(|s| &*Box::leak(s.to_owned().into_boxed_str()))
+        .collect();
+    let public: &'static [u8] = Box::leak(
+        routes
+            .public_descriptors(shop_api::FILE_DESCRIPTOR_SET)
+            .into_boxed_slice(),
+    );
+    let gateway = Gateway::new(routes, upstreams, keys, limit);
+    let origins = config
+        .cors_allowed_origins
+        .iter()
+        .map(|o| http::HeaderValue::from_str(o).expect("checked"))
+        .collect();
+    // The public port speaks plaintext: TLS for the outside is terminated
+    // in front of it (a load balancer or ingress). Calls into the mesh use
+    // the gateway's own identity over mTLS.
+    let server = config
+        .mesh
+        .server_describing(ServerConfig::default(), None, public)
+        .map_err(Error::Setup)?
+        .grpc_web(origins)
+        .fallback(&names, gateway.clone());
+    let housekeeping = {
+        let (gateway, draining) = (gateway.clone(), server.draining());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(keys::REFRESH_EVERY);
+            loop {
+                tokio::select! {
+                    _ = draining.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = gateway.keys().refresh(true).await {
+                    tracing::warn!("token keys not refreshed: {}", e.message());
+                }
+                gateway.forget_idle_callers();
+            }
+        })
+    };
+    server.serve(listener, shutdown).await?;
+    housekeeping.abort();
+    Ok(())
+}
+
+/// The process entry point: `args` are the command line.
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    shop_kit::service_main("gateway", args, |config: Config, listener, shutdown| {
+        run(config, listener, shutdown)
+    })
+}

@@ -1,0 +1,188 @@
+//! The gateway's one service: every call that reaches it is checked
+//! against the route table, authenticated and rate limited as its route
+//! says, and forwarded over the mesh to the service that owns it.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::IpAddr,
+    num::NonZeroU32,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
+use governor::{
+    DefaultKeyedRateLimiter, Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+};
+use mesh_client::{MeshChannel, tls::PeerInfo};
+use orders::VERIFIED_SUBJECT_HEADER;
+use tonic::{Status, body::Body};
+use tower::{Service, ServiceExt};
+
+use crate::{
+    keys::KeyCache,
+    routes::{AuthMode, RouteTable},
+};
+
+/// Per-caller request rate limit.
+#[derive(Clone, Copy, Debug)]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    pub per_second: NonZeroU32,
+    /// Requests allowed at once above the sustained rate.
+    pub burst: NonZeroU32,
+}
+
+/// The proxy service (cheap to clone).
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    routes: RouteTable,
+    upstreams: HashMap<&'static str, MeshChannel>,
+    keys: KeyCache,
+    limiter: DefaultKeyedRateLimiter<String>,
+    limit: RateLimit,
+}
+
+impl Gateway {
+    /// A gateway sending routed calls to `upstreams` (by upstream name).
+    pub fn new(
+        routes: RouteTable,
+        upstreams: HashMap<&'static str, MeshChannel>,
+        keys: KeyCache,
+        limit: RateLimit,
+    ) -> Self {
+        let quota = Quota::per_second(limit.per_second).allow_burst(limit.burst);
+        Self {
+            inner: Arc::new(Inner {
+                routes,
+                upstreams,
+                keys,
+                limiter: RateLimiter::keyed(quota),
+                limit,
+            }),
+        }
+    }
+
+    /// Forgets callers idle long enough to have a full bucket again, so the
+    /// limiter's memory follows the active callers, not all callers ever.
+    pub fn forget_idle_callers(&self) {
+        self.inner.limiter.retain_recent();
+        self.inner.limiter.shrink_to_fit();
+    }
+
+    /// The key cache, to refresh it in the background.
+    pub fn keys(&self) -> &KeyCache {
+        &self.inner.keys
+    }
+}
+
+impl Service<http::Request<Body>> for Gateway {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            Ok(inner
+                .forward(req)
+                .await
+                .unwrap_or_else(|status| status.into_http()))
+        })
+    }
+}
+
+fn bearer(headers: &http::HeaderMap) -> Result<&str, Status> {
+    let value = headers.get(http::header::AUTHORIZATION).ok_or_else(|| {
+        Status::unauthenticated(
+            "missing authorization metadata; send `authorization: Bearer <token>` with a token from mesh.auth.v1.AuthService/Login",
+        )
+    })?;
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Status::unauthenticated("authorization metadata must be `Bearer <token>`"))
+}
+
+impl Inner {
+    async fn forward(&self, mut req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
+        let path = req.uri().path().to_owned();
+        let method = path.trim_start_matches('/');
+        let Some(route) = self.routes.get(&path).cloned() else {
+            return Err(if self.routes.is_known(&path) {
+                Status::permission_denied(format!(
+                    "{method} is internal to the shop and not reachable through the gateway"
+                ))
+            } else {
+                Status::unimplemented(format!("the gateway does not serve {method}"))
+            });
+        };
+        // Only the gateway says who the user is; a caller's own claim is dropped.
+        req.headers_mut().remove(VERIFIED_SUBJECT_HEADER);
+        let caller = match route.auth {
+            AuthMode::Required => {
+                let claims = self.keys.verify(bearer(req.headers())?).await?;
+                let value = http::HeaderValue::from_str(&claims.sub).map_err(|_| {
+                    Status::unauthenticated("the token's subject is not a valid header value")
+                })?;
+                req.headers_mut().insert(VERIFIED_SUBJECT_HEADER, value);
+                format!("user {}", claims.sub)
+            }
+            AuthMode::None => {
+                let ip = req
+                    .extensions()
+                    .get::<PeerInfo>()
+                    .and_then(|p| p.remote_addr)
+                    .map(|a| a.ip())
+                    .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+                format!("address {ip}")
+            }
+        };
+        if let Err(not_until) = self.limiter.check_key(&caller) {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            return Err(rate_limited(&caller, self.limit, wait));
+        }
+        let channel = self
+            .upstreams
+            .get(route.upstream)
+            .expect("routes name only configured upstreams")
+            .clone();
+        channel.oneshot(req).await.map_err(Status::from_error)
+    }
+}
+
+/// `RESOURCE_EXHAUSTED` with when to come back, in the standard
+/// `retry-after` (seconds) and gRPC's `grpc-retry-pushback-ms`.
+fn rate_limited(caller: &str, limit: RateLimit, wait: Duration) -> Status {
+    let mut status = Status::resource_exhausted(format!(
+        "rate limit of {}/s (burst {}) exceeded for {caller}; retry in {} ms",
+        limit.per_second,
+        limit.burst,
+        wait.as_millis().max(1)
+    ));
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    if let Ok(v) = seconds.max(1).to_string().parse() {
+        status.metadata_mut().insert("retry-after", v);
+    }
+    if let Ok(v) = wait.as_millis().max(1).to_string().parse() {
+        status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+    }
+    status
+}
