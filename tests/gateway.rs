@@ -30,8 +30,9 @@ use tonic::{Code, transport::Channel};
 
 const ORIGIN: &str = "https://shop.example";
 
-/// A gateway process in front of `shop`, with its own workload identity.
-fn gateway(shop: &Shop, extra: &[&str]) -> (Proc, SocketAddr) {
+/// A gateway process in front of `shop`, with its own workload identity
+/// (sending inventory calls to `inventory`, if given, instead of the shop's).
+fn gateway(shop: &Shop, inventory: Option<String>, extra: &[&str]) -> (Proc, SocketAddr) {
     let pki = shop.pki.as_ref().expect("the shop runs mTLS");
     let addr = free_addr();
     let mut args = vec![
@@ -42,7 +43,7 @@ fn gateway(shop: &Shop, extra: &[&str]) -> (Proc, SocketAddr) {
         "--auth-target".into(),
         format!("static:///{}", shop.auth.addr),
         "--inventory-target".into(),
-        format!("static:///{}", shop.inventory.addr),
+        inventory.unwrap_or_else(|| format!("static:///{}", shop.inventory.addr)),
         "--orders-target".into(),
         format!("static:///{}", shop.orders.addr),
         "--cors-allowed-origin".into(),
@@ -63,7 +64,7 @@ async fn start() -> (Shop, Proc, Channel) {
         },
     )
     .await;
-    let (proc, addr) = gateway(&shop, &[]);
+    let (proc, addr) = gateway(&shop, None, &[]);
     common::wait_serving(addr).await;
     (shop, proc, common::channel(addr).await)
 }
@@ -277,6 +278,7 @@ async fn each_caller_has_its_own_rate_limit() {
     .await;
     let (_gw_proc, addr) = gateway(
         &shop,
+        None,
         &["--rate-limit-per-second", "1", "--rate-limit-burst", "3"],
     );
     common::wait_serving(addr).await;
@@ -438,26 +440,17 @@ async fn a_backend_replica_dies_under_load_and_no_idempotent_call_fails() {
     args[admin + 1] = free_addr().to_string();
     let replica = Proc::spawn("inventory", free_addr(), &args);
     common::wait_serving_on(shop.channel(replica.addr, "inventory")).await;
-    let addr = free_addr();
-    let pki = shop.pki.as_ref().unwrap();
-    let gw_proc = Proc::spawn(
-        "gateway",
-        addr,
+    let (gw_proc, addr) = gateway(
+        &shop,
+        Some(format!(
+            "static:///{},{}",
+            shop.inventory.addr, replica.addr
+        )),
         &[
-            "--tls-dir".to_string(),
-            pki.issue("gateway").display().to_string(),
-            "--trust-domain".into(),
-            common::TRUST_DOMAIN.into(),
-            "--auth-target".into(),
-            format!("static:///{}", shop.auth.addr),
-            "--inventory-target".into(),
-            format!("static:///{},{}", shop.inventory.addr, replica.addr),
-            "--orders-target".into(),
-            format!("static:///{}", shop.orders.addr),
-            "--rate-limit-per-second".into(),
-            "1000000".into(),
-            "--rate-limit-burst".into(),
-            "1000000".into(),
+            "--rate-limit-per-second",
+            "1000000",
+            "--rate-limit-burst",
+            "1000000",
         ],
     );
     common::wait_serving(addr).await;

@@ -35,3 +35,22 @@ pub async fn serve(
     readiness.abort();
     result
 }
+
+/// The token of an `authorization: Bearer <token>` value (`value` is the
+/// header as text, `None` when absent), or `UNAUTHENTICATED` saying what
+/// to send.
+pub fn bearer_token(value: Option<&str>) -> Result<&str, tonic::Status> {
+    let value = value.ok_or_else(|| {
+        tonic::Status::unauthenticated(
+            "missing authorization metadata; send `authorization: Bearer <token>` with a token from mesh.auth.v1.AuthService/Login",
+        )
+    })?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            tonic::Status::unauthenticated("authorization metadata must be `Bearer <token>`")
+        })
+}

@@ -103,24 +103,6 @@ impl Service<http::Request<Body>> for Gateway {
     }
 }
 
-fn bearer(headers: &http::HeaderMap) -> Result<&str, Status> {
-    let value = headers.get(http::header::AUTHORIZATION).ok_or_else(|| {
-        Status::unauthenticated(
-            "missing authorization metadata; send `authorization: Bearer <token>` with a token from mesh.auth.v1.AuthService/Login",
-        )
-    })?;
-    value
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| Status::unauthenticated("authorization metadata must be `Bearer <token>`"))
-}
-
 impl Inner {
     async fn forward(&self, mut req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
         let path = req.uri().path().to_owned();
@@ -138,7 +120,10 @@ impl Inner {
         req.headers_mut().remove(VERIFIED_SUBJECT_HEADER);
         let caller = match route.auth {
             AuthMode::Required => {
-                let claims = self.keys.verify(bearer(req.headers())?).await?;
+                let header = req.headers().get(http::header::AUTHORIZATION);
+                // A header that is not text reads as a malformed one.
+                let token = shop_kit::bearer_token(header.map(|v| v.to_str().unwrap_or("")))?;
+                let claims = self.keys.verify(token).await?;
                 let value = http::HeaderValue::from_str(&claims.sub).map_err(|_| {
                     Status::unauthenticated("the token's subject is not a valid header value")
                 })?;

@@ -77,23 +77,9 @@ impl OrdersService {
 
     /// The user id of the request's bearer token, verified by auth.
     async fn user(&self, metadata: &MetadataMap) -> Result<String, Status> {
-        let value = metadata.get("authorization").ok_or_else(|| {
-            Status::unauthenticated(
-                "missing authorization metadata; send `authorization: Bearer <token>` with a token from auth Login",
-            )
-        })?;
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                Status::unauthenticated("authorization metadata must be `Bearer <token>`")
-            })?;
+        let header = metadata.get("authorization");
+        // A header that is not text reads as a malformed one.
+        let token = shop_kit::bearer_token(header.map(|v| v.to_str().unwrap_or("")))?;
         let verified = self
             .auth
             .clone()
