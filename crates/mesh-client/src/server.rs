@@ -66,6 +66,10 @@ pub struct ServerConfig {
     /// Longest wait for in-flight calls once draining. Default 25 s, under
     /// Kubernetes' default 30 s termination grace period.
     pub drain_timeout: Duration,
+    /// Continue the caller's trace from its `traceparent`. Default true;
+    /// false for a server that faces the outside, so outsiders cannot pick
+    /// trace ids or force sampling inside the shop.
+    pub trust_trace_context: bool,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +87,7 @@ impl Default for ServerConfig {
             keepalive_timeout: Duration::from_secs(10),
             drain_grace: Duration::ZERO,
             drain_timeout: Duration::from_secs(25),
+            trust_trace_context: true,
         }
     }
 }
@@ -327,7 +332,10 @@ impl MeshServer {
             // Browsers' gRPC-Web becomes gRPC before anything else looks at it.
             .option_layer(web)
             // Then every call is measured and traced, even refused ones.
-            .layer(ServerTelemetryLayer::new((*known).clone()))
+            .layer(ServerTelemetryLayer::new(
+                (*known).clone(),
+                config.trust_trace_context,
+            ))
             // Then who may call what, before any work is done.
             .layer(AuthzLayer::new(self.authorization, known))
             .layer(LoadShedLayer::new())

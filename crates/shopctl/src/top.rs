@@ -416,24 +416,32 @@ struct View {
     edges: Vec<EdgeRow>,
     /// Admin addresses that did not answer.
     unreachable: Vec<String>,
+    /// Admin addresses that answered now but not at the window's start.
+    warming_up: Vec<String>,
 }
 
 impl View {
     fn between(before: &[Scrape], after: &[Scrape], window: f64) -> View {
         let mut sums: BTreeMap<Key, Totals> = BTreeMap::new();
         let mut unreachable = Vec::new();
+        let mut warming_up = Vec::new();
         for (addr, samples) in after {
             let Some(samples) = samples else {
                 unreachable.push(addr.to_string());
                 continue;
             };
             let now = totals(samples);
-            let then = before
+            // Without a reading at the start of the window (the process was
+            // unreachable then) its rate over the window is unknown: skip it.
+            let Some(then) = before
                 .iter()
                 .find(|(a, _)| a == addr)
                 .and_then(|(_, s)| s.as_ref())
                 .map(|s| totals(s))
-                .unwrap_or_default();
+            else {
+                warming_up.push(addr.to_string());
+                continue;
+            };
             for (key, t) in now {
                 sums.entry(key.clone())
                     .or_default()
@@ -468,6 +476,7 @@ impl View {
             services,
             edges,
             unreachable,
+            warming_up,
         }
     }
 
@@ -482,6 +491,9 @@ impl View {
         print_section(out, "EDGE (caller -> callee)", edges)?;
         for addr in &self.unreachable {
             writeln!(out, "unreachable: {addr}")?;
+        }
+        for addr in &self.warming_up {
+            writeln!(out, "warming up (no earlier reading): {addr}")?;
         }
         writeln!(out, "(over the last {:.1}s)", self.window_seconds)
     }

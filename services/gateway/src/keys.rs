@@ -48,7 +48,7 @@ impl KeyCache {
         let current = self.verifier.read().expect("key lock").clone();
         let verifier = match current {
             Some(verifier) => verifier,
-            None => self.refresh(true).await?,
+            None => self.refresh(false).await?,
         };
         match verifier.verify(token) {
             Err(TokenError::UnknownKey) => {
@@ -59,16 +59,24 @@ impl KeyCache {
         }
     }
 
-    /// Fetches the keys now (unless another call just did, and `force` is
-    /// false) and returns the verifier in force afterwards.
+    /// Fetches the keys now (unless one was attempted less than a second
+    /// ago, successful or not, and `force` is false) and returns the
+    /// verifier in force afterwards. Callers queue on one fetch at a time,
+    /// so auth sees at most one `GetPublicKeys` per second from calls.
     pub async fn refresh(&self, force: bool) -> Result<Arc<TokenVerifier>, Status> {
         let mut last = self.last_refresh.lock().await;
-        if !force
-            && last.is_some_and(|at| at.elapsed() < MIN_REFRESH_GAP)
-            && let Some(current) = self.verifier.read().expect("key lock").clone()
-        {
-            return Ok(current);
+        if !force && last.is_some_and(|at| at.elapsed() < MIN_REFRESH_GAP) {
+            return self
+                .verifier
+                .read()
+                .expect("key lock")
+                .clone()
+                .ok_or_else(|| {
+                    Status::unavailable("token keys from auth are not available yet; retry shortly")
+                });
         }
+        // Counted from the attempt, so a failing auth is not asked again at once.
+        *last = Some(Instant::now());
         let keys = self
             .auth
             .clone()
@@ -91,7 +99,6 @@ impl KeyCache {
             .map_err(|e| Status::unavailable(format!("auth published unusable keys: {e}")))?,
         );
         *self.verifier.write().expect("key lock") = Some(verifier.clone());
-        *last = Some(Instant::now());
         tracing::debug!(keys = keys.len(), "token keys refreshed");
         Ok(verifier)
     }

@@ -204,7 +204,14 @@ pub async fn run(
     // the gateway's own identity over mTLS.
     let server = config
         .mesh
-        .server_describing(ServerConfig::default(), None, public)
+        .server_describing(
+            ServerConfig {
+                trust_trace_context: false,
+                ..ServerConfig::default()
+            },
+            None,
+            public,
+        )
         .map_err(Error::Setup)?
         .grpc_web(origins)
         .fallback(&names, gateway.clone());

@@ -104,6 +104,16 @@ impl Service<http::Request<Body>> for Gateway {
 }
 
 impl Inner {
+    /// Takes one request from `caller`'s bucket, or says when to retry.
+    fn check(&self, caller: &str) -> Result<(), Status> {
+        self.limiter
+            .check_key(&caller.to_owned())
+            .map_err(|not_until| {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                rate_limited(caller, self.limit, wait)
+            })
+    }
+
     async fn forward(&self, mut req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
         let path = req.uri().path().to_owned();
         let method = path.trim_start_matches('/');
@@ -118,32 +128,40 @@ impl Inner {
         };
         // Only the gateway says who the user is; a caller's own claim is dropped.
         req.headers_mut().remove(VERIFIED_SUBJECT_HEADER);
+        let ip = req
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.remote_addr)
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let address = format!("address {ip}");
         let caller = match route.auth {
             AuthMode::Required => {
                 let header = req.headers().get(http::header::AUTHORIZATION);
                 // A header that is not text reads as a malformed one.
-                let token = shop_kit::bearer_token(header.map(|v| v.to_str().unwrap_or("")))?;
-                let claims = self.keys.verify(token).await?;
+                let verified =
+                    match shop_kit::bearer_token(header.map(|v| v.to_str().unwrap_or(""))) {
+                        Ok(token) => self.keys.verify(token).await,
+                        Err(status) => Err(status),
+                    };
+                let claims = match verified {
+                    Ok(claims) => claims,
+                    Err(status) => {
+                        // Refused tokens count against the sender's address,
+                        // so a flood of bad tokens is throttled too.
+                        self.check(&address)?;
+                        return Err(status);
+                    }
+                };
                 let value = http::HeaderValue::from_str(&claims.sub).map_err(|_| {
                     Status::unauthenticated("the token's subject is not a valid header value")
                 })?;
                 req.headers_mut().insert(VERIFIED_SUBJECT_HEADER, value);
                 format!("user {}", claims.sub)
             }
-            AuthMode::None => {
-                let ip = req
-                    .extensions()
-                    .get::<PeerInfo>()
-                    .and_then(|p| p.remote_addr)
-                    .map(|a| a.ip())
-                    .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-                format!("address {ip}")
-            }
+            AuthMode::None => address,
         };
-        if let Err(not_until) = self.limiter.check_key(&caller) {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            return Err(rate_limited(&caller, self.limit, wait));
-        }
+        self.check(&caller)?;
         let channel = self
             .upstreams
             .get(route.upstream)

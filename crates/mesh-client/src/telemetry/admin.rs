@@ -24,6 +24,8 @@ use super::metrics;
 
 /// Connections the admin port serves at once; more wait in the backlog.
 const MAX_CONNECTIONS: usize = 64;
+/// The longest one connection is served.
+const MAX_CONNECTION_TIME: Duration = Duration::from_secs(60);
 
 /// Answers whether the process is ready for traffic.
 pub type Readiness = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
@@ -37,7 +39,7 @@ pub type HealthGrpc =
 /// `/live` answers 200 while the process runs; `/ready` answers 200 when
 /// `ready` says so and 503 otherwise (while draining, or while a
 /// dependency is down); `/metrics` serves [`metrics::Metrics::encode`];
-/// HTTP/2 requests to `/grpc.health.v1.Health/*` go to `health`.
+/// HTTP/2 requests to `/grpc.health.v1.Health/Check` go to `health`.
 pub async fn serve(
     listener: TcpListener,
     ready: Readiness,
@@ -66,8 +68,9 @@ pub async fn serve(
             let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                 let (ready, health) = (ready.clone(), health.clone());
                 async move {
+                    // Probes need Check only; a Watch stream would hold a slot.
                     if let Some(health) =
-                        health.filter(|_| req.uri().path().starts_with("/grpc.health.v1.Health/"))
+                        health.filter(|_| req.uri().path() == "/grpc.health.v1.Health/Check")
                     {
                         return health.oneshot(req.map(Body::new)).await;
                     }
@@ -81,8 +84,10 @@ pub async fn serve(
                 .header_read_timeout(Duration::from_secs(10));
             builder.http2().max_concurrent_streams(16);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
+            // A connection that sends nothing, or stays open, gives its slot
+            // back after a while: probes and scrapes are short.
             tokio::select! {
-                _ = conn => {}
+                _ = tokio::time::timeout(MAX_CONNECTION_TIME, conn) => {}
                 _ = stop.cancelled() => {}
             }
             drop(permit);

@@ -118,6 +118,7 @@ pub struct Metrics {
     sets: Mutex<Vec<Weak<EndpointSet>>>,
     certificates: Mutex<Vec<Weak<MeshTls>>>,
     service: Mutex<Option<String>>,
+    scrape: Mutex<()>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -151,6 +152,7 @@ impl Metrics {
             sets: Mutex::default(),
             certificates: Mutex::default(),
             service: Mutex::default(),
+            scrape: Mutex::default(),
         };
         {
             let mut r = metrics.registry.write().expect("registry lock");
@@ -235,6 +237,8 @@ impl Metrics {
 
     /// Every metric in the OpenMetrics text format.
     pub fn encode(&self) -> String {
+        // One scrape at a time: gauges are cleared and refilled for each.
+        let _scrape = self.scrape.lock().expect("scrape lock");
         self.refresh_gauges();
         let mut out = String::new();
         encode(&mut out, &self.registry.read().expect("registry lock"))
@@ -270,7 +274,8 @@ impl Metrics {
                         peer: set.peer.clone(),
                         state,
                     })
-                    .set(counts.get(state).copied().unwrap_or(0));
+                    // Two channels may name the same peer: their endpoints add up.
+                    .inc_by(counts.get(state).copied().unwrap_or(0));
             }
         }
         let certificates: Vec<Arc<MeshTls>> = {
@@ -321,8 +326,13 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn retry(&self, peer: &Arc<str>, path: &str, hedge: bool) {
-        let labels = &RpcLabels::new(Direction::Outbound, peer.clone(), &RpcPath::parse(path));
+    /// Counts a retry or hedge of the call whose request carried
+    /// `extensions` (labelled as the telemetry layer labelled the call, so
+    /// under its bound on distinct paths).
+    pub(crate) fn retry(&self, extensions: &http::Extensions, hedge: bool) {
+        let Some(CallLabels(labels)) = extensions.get::<CallLabels>() else {
+            return;
+        };
         if hedge {
             self.hedges.get_or_create(labels).inc();
         } else {
@@ -353,6 +363,10 @@ impl Metrics {
             .inc();
     }
 }
+
+/// The labels of a call, carried in its request for the inner layers.
+#[derive(Clone, Debug)]
+pub(crate) struct CallLabels(pub(crate) RpcLabels);
 
 /// A gRPC path split for labels and span attributes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]

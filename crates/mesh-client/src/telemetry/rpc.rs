@@ -22,7 +22,7 @@ use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty, instrument::Instrumented};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::metrics::{CallSeries, Direction, RpcPath};
+use super::metrics::{CallLabels, CallSeries, Direction, RpcPath};
 use crate::{
     BoxError,
     body::{ObservedBody, header_status},
@@ -171,6 +171,8 @@ where
             TraceContextPropagator::new()
                 .inject_context(&cx, &mut HeaderInjector(req.headers_mut()));
         }
+        req.extensions_mut()
+            .insert(CallLabels(series.labels.clone()));
         let fut = span.in_scope(|| self.inner.call(req));
         TelemetryFuture::new(fut, series, span, Side::Client)
     }
@@ -181,17 +183,21 @@ where
 pub(crate) struct ServerTelemetryLayer {
     known: Arc<HashSet<String>>,
     cache: Arc<SeriesCache>,
+    trust_trace_context: bool,
 }
 
 impl ServerTelemetryLayer {
     /// Labels calls by path only for `known` paths (the server's methods);
     /// anything else a client sends is `unknown`.
-    pub(crate) fn new(known: HashSet<String>) -> Self {
+    /// With `trust_trace_context` false, inbound `traceparent` is ignored
+    /// and every call starts a trace (for servers that face the outside).
+    pub(crate) fn new(known: HashSet<String>, trust_trace_context: bool) -> Self {
         let mut cache = SeriesCache::new(Direction::Inbound);
         cache.paths = known.len();
         Self {
             known: Arc::new(known),
             cache: Arc::new(cache),
+            trust_trace_context,
         }
     }
 }
@@ -248,9 +254,11 @@ where
             trace_id = Empty,
         );
         if !span.is_disabled() {
-            let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
-            // Fails only if the span was already entered, which it was not.
-            let _ = span.set_parent(parent);
+            if self.layer.trust_trace_context {
+                let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
+                // Fails only if the span was already entered, which it was not.
+                let _ = span.set_parent(parent);
+            }
             set_rpc_attributes(&span, &series);
             if let Some(caller) = caller {
                 span.set_attribute("client.identity", caller.to_owned());
