@@ -99,6 +99,9 @@ pub enum Error {
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// How long a draining process waits for its running sagas.
+const SAGA_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs the service on `listener` until `shutdown` completes, then drains.
 pub async fn run(
     config: Config,
@@ -119,7 +122,7 @@ pub async fn run(
     let recovery = tokio::spawn(saga.clone().recover_forever(server.draining()));
     let service = OrdersService::new(
         pool.clone(),
-        saga,
+        saga.clone(),
         auth,
         inventory,
         payments,
@@ -133,6 +136,11 @@ pub async fn run(
     );
     shop_kit::serve(server, pool, listener, shutdown).await?;
     recovery.abort();
+    // Sagas this process started finish here rather than wait for another
+    // pod's recovery sweep (bounded: whatever is left is resumed by it).
+    if !saga.wait_idle(SAGA_DRAIN_TIMEOUT).await {
+        tracing::warn!("sagas still running at exit; another orders process resumes them");
+    }
     Ok(())
 }
 

@@ -130,6 +130,21 @@ impl Saga {
         );
     }
 
+    /// Waits until no saga runs in this process, for at most `limit`;
+    /// whether none is left.
+    pub async fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.running.lock().expect("saga lock poisoned").is_empty() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Resumes unfinished orders now and then periodically, until `stop`.
     pub async fn recover_forever(self, stop: CancellationToken) {
         let mut first = true;
