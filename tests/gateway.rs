@@ -20,7 +20,7 @@ use prost::Message;
 use shop_api::{
     auth::v1::{LoginRequest, RegisterRequest, auth_service_client::AuthServiceClient},
     inventory::v1::{
-        GetProductRequest, Product, ReserveStockRequest,
+        GetProductRequest, ListProductsRequest, Product, ReserveStockRequest,
         inventory_service_client::InventoryServiceClient,
     },
     orders::v1::{ListOrdersRequest, orders_service_client::OrdersServiceClient},
@@ -492,4 +492,53 @@ async fn a_backend_replica_dies_under_load_and_no_idempotent_call_fails() {
     assert!(calls > 100, "load ran ({calls} calls)");
     assert_eq!(failures, 0, "{failures} of {calls} idempotent calls failed");
     drop(gw_proc);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_addresses_count_only_from_trusted_proxies() {
+    let shop = Shop::start_opts(
+        &Db::Sqlite,
+        ShopOptions {
+            tls: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let limits = ["--rate-limit-per-second", "1", "--rate-limit-burst", "2"];
+    let trusting = gateway(
+        &shop,
+        None,
+        &[&limits[..], &["--trusted-proxy", "127.0.0.1/32"]].concat(),
+    );
+    let ignoring = gateway(&shop, None, &limits);
+    common::wait_serving(trusting.1).await;
+    common::wait_serving(ignoring.1).await;
+    let list = |channel: Channel, client: &'static str| async move {
+        let mut request = tonic::Request::new(ListProductsRequest::default());
+        request
+            .metadata_mut()
+            .insert("x-forwarded-for", client.parse().unwrap());
+        InventoryServiceClient::new(channel)
+            .list_products(request)
+            .await
+    };
+    // Behind a trusted proxy, each forwarded client has its own bucket.
+    let via_proxy = common::channel(trusting.1).await;
+    for _ in 0..2 {
+        list(via_proxy.clone(), "203.0.113.7").await.unwrap();
+    }
+    let err = list(via_proxy.clone(), "203.0.113.7").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("203.0.113.7"), "{}", err.message());
+    list(via_proxy, "203.0.113.8")
+        .await
+        .expect("another client behind the proxy is unaffected");
+    // From an untrusted peer the header is ignored: one bucket per peer.
+    let direct = common::channel(ignoring.1).await;
+    for _ in 0..2 {
+        list(direct.clone(), "203.0.113.7").await.unwrap();
+    }
+    let err = list(direct, "198.51.100.1").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("127.0.0.1"), "{}", err.message());
 }

@@ -74,6 +74,11 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub cors_allowed_origins: Vec<String>,
+    /// Proxies (addresses or CIDR ranges) in front of the gateway whose
+    /// `x-forwarded-for` names the real client, for per-address limits;
+    /// from anyone else the header is ignored. Repeat or separate with commas.
+    #[arg(long = "trusted-proxy", env = "TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
     /// Issuer of the tokens auth signs.
     #[arg(long, env = "TOKEN_ISSUER", default_value = "mesh-shop-auth")]
     pub token_issuer: String,
@@ -94,6 +99,22 @@ impl Config {
                 .map_err(|e| vec![format!("--routes: cannot read {}: {e}", path.display())])?,
         };
         RouteTable::from_json(&text, shop_api::FILE_DESCRIPTOR_SET)
+    }
+
+    /// `--trusted-proxy` as networks (a bare address is a one-address network).
+    pub fn trusted(&self) -> Result<Vec<ipnet::IpNet>, String> {
+        self.trusted_proxies
+            .iter()
+            .map(|p| {
+                p.parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        format!(
+                            "--trusted-proxy: {p:?} is not an address or CIDR range like 10.0.0.0/8"
+                        )
+                    })
+            })
+            .collect()
     }
 
     fn targets(&self) -> [(&'static str, &str); 3] {
@@ -132,6 +153,9 @@ impl shop_kit::ServiceConfig for Config {
                     "--cors-allowed-origin: {origin:?} is not an origin like https://shop.example"
                 ));
             }
+        }
+        if let Err(e) = self.trusted() {
+            problems.push(e);
         }
         for (name, target) in self.targets() {
             if let Err(e) = target.parse::<mesh_client::Target>() {
@@ -193,7 +217,8 @@ pub async fn run(
             .public_descriptors(shop_api::FILE_DESCRIPTOR_SET)
             .into_boxed_slice(),
     );
-    let gateway = Gateway::new(routes, upstreams, keys, limit);
+    let trusted = config.trusted().map_err(Error::Setup)?;
+    let gateway = Gateway::new(routes, upstreams, keys, limit, trusted);
     let origins = config
         .cors_allowed_origins
         .iter()

@@ -17,6 +17,7 @@ use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
     clock::{Clock, DefaultClock},
 };
+use ipnet::IpNet;
 use mesh_client::{MeshChannel, tls::PeerInfo};
 use orders::VERIFIED_SUBJECT_HEADER;
 use tonic::{Status, body::Body};
@@ -48,15 +49,18 @@ struct Inner {
     keys: KeyCache,
     limiter: DefaultKeyedRateLimiter<String>,
     limit: RateLimit,
+    trusted: Vec<IpNet>,
 }
 
 impl Gateway {
-    /// A gateway sending routed calls to `upstreams` (by upstream name).
+    /// A gateway sending routed calls to `upstreams` (by upstream name),
+    /// believing `x-forwarded-for` only from `trusted` proxies.
     pub fn new(
         routes: RouteTable,
         upstreams: HashMap<&'static str, MeshChannel>,
         keys: KeyCache,
         limit: RateLimit,
+        trusted: Vec<IpNet>,
     ) -> Self {
         let quota = Quota::per_second(limit.per_second).allow_burst(limit.burst);
         Self {
@@ -66,6 +70,7 @@ impl Gateway {
                 keys,
                 limiter: RateLimiter::keyed(quota),
                 limit,
+                trusted,
             }),
         }
     }
@@ -104,6 +109,43 @@ impl Service<http::Request<Body>> for Gateway {
 }
 
 impl Inner {
+    /// Who an anonymous caller is for rate limiting: the TCP peer, or the
+    /// client a trusted proxy names in `x-forwarded-for` (the rightmost
+    /// address that is not itself a trusted proxy). IPv6 clients count per
+    /// /64, which one host can otherwise fill with addresses.
+    fn client_key<B>(&self, req: &http::Request<B>) -> String {
+        let peer = req
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.remote_addr)
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let trusted = |ip: &IpAddr| self.trusted.iter().any(|net| net.contains(ip));
+        let mut client = peer;
+        if trusted(&peer) {
+            let forwarded: Vec<IpAddr> = req
+                .headers()
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|a| a.trim().parse().ok())
+                .collect();
+            if let Some(first_untrusted) = forwarded.iter().rev().find(|ip| !trusted(ip)) {
+                client = *first_untrusted;
+            }
+        }
+        match client {
+            IpAddr::V4(v4) => format!("address {v4}"),
+            IpAddr::V6(v6) => {
+                let net = ipnet::Ipv6Net::new(v6, 64)
+                    .expect("64 is a valid prefix")
+                    .trunc();
+                format!("network {net}")
+            }
+        }
+    }
+
     /// Takes one request from `caller`'s bucket, or says when to retry.
     fn check(&self, caller: &str) -> Result<(), Status> {
         self.limiter
@@ -128,13 +170,7 @@ impl Inner {
         };
         // Only the gateway says who the user is; a caller's own claim is dropped.
         req.headers_mut().remove(VERIFIED_SUBJECT_HEADER);
-        let ip = req
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|p| p.remote_addr)
-            .map(|a| a.ip())
-            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        let address = format!("address {ip}");
+        let address = self.client_key(&req);
         let caller = match route.auth {
             AuthMode::Required => {
                 let header = req.headers().get(http::header::AUTHORIZATION);
