@@ -387,7 +387,11 @@ async fn manifests_agree_with_the_code() {
                 "{name}: {probe} is a gRPC probe of the admin port"
             );
         }
-        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/live");
+        assert_eq!(c["livenessProbe"]["grpc"]["port"].as_i64(), Some(admin));
+        assert_eq!(
+            c["livenessProbe"]["grpc"]["service"],
+            mesh_client::server::LIVENESS_SERVICE
+        );
 
         // Hardening.
         let sc = &c["securityContext"];

@@ -863,3 +863,62 @@ async fn retries_and_ejections_are_span_events() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_stays_serving_while_readiness_drains() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let admin = free_addr();
+    let mut echo = echo_proc(
+        "drainer",
+        admin,
+        &["--drain-grace-ms".into(), "3000".into()],
+        None,
+        &[],
+    );
+    common::wait_serving(echo.addr).await;
+    let mut probe = HealthClient::new(common::channel(admin).await);
+    let check = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let status = |r: Result<
+        tonic::Response<tonic_health::pb::HealthCheckResponse>,
+        tonic::Status,
+    >| { r.ok().map(|r| r.into_inner().status()) };
+    assert_eq!(
+        status(probe.check(check("")).await),
+        Some(ServingStatus::Serving)
+    );
+    assert_eq!(
+        status(
+            probe
+                .check(check(mesh_client::server::LIVENESS_SERVICE))
+                .await
+        ),
+        Some(ServingStatus::Serving)
+    );
+    // SIGTERM: during the drain grace the process is not ready but alive.
+    let _ = nix::sys::signal::kill(echo.pid(), nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while status(probe.check(check("")).await) == Some(ServingStatus::Serving) {
+        assert!(
+            Instant::now() < deadline,
+            "readiness did not drop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(http_get(admin, "/ready").await.0, 503);
+    assert_eq!(
+        status(
+            probe
+                .check(check(mesh_client::server::LIVENESS_SERVICE))
+                .await
+        ),
+        Some(ServingStatus::Serving),
+        "a liveness probe must not restart a draining pod"
+    );
+    assert_eq!(http_get(admin, "/live").await.0, 200);
+    let code = echo.terminate(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0));
+}

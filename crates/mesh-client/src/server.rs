@@ -32,6 +32,11 @@ use crate::{
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
+/// The health-check service name that answers SERVING while the process
+/// runs (for liveness probes); `""` and the services' own names follow
+/// readiness instead.
+pub const LIVENESS_SERVICE: &str = "liveness";
+
 /// Limits and timings of a mesh server. Every limit is explicit: tonic's
 /// own defaults leave several of them unbounded.
 #[derive(Clone, Debug)]
@@ -260,6 +265,12 @@ impl MeshServer {
         let reporter = self.reporter;
         let names = Arc::new(self.service_names);
         set_status(&reporter, &names, ServingStatus::Serving).await;
+        // Liveness is not readiness: SERVING for as long as the process
+        // serves at all, through drains and dependency outages, so a
+        // liveness probe never kills a pod that is only unready.
+        reporter
+            .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+            .await;
         tracing::info!(%addr, services = ?names, "serving");
 
         let drain_started = Arc::new(Notify::new());
