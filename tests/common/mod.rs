@@ -60,11 +60,29 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; loopback only).
+/// A free TCP port on 127.0.0.1 for a process to bind (loopback only).
+///
+/// Ports come from a counter below Linux's ephemeral range (32768+), so an
+/// address handed out here is never handed out again in this test binary,
+/// nor picked by the kernel for someone's port 0, before its process binds
+/// it; each is checked free when handed out.
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
+    use std::sync::{
+        OnceLock,
+        atomic::{AtomicU32, Ordering},
+    };
+    const LOW: u32 = 20_000;
+    const HIGH: u32 = 32_000;
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let next = NEXT.get_or_init(|| AtomicU32::new(LOW + rand::random_range(0..(HIGH - LOW))));
+    for _ in 0..(HIGH - LOW) {
+        let port = LOW + next.fetch_add(1, Ordering::Relaxed) % (HIGH - LOW);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        if TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{HIGH}");
 }
 
 /// A service process, SIGKILLed when dropped.

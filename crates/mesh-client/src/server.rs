@@ -27,7 +27,7 @@ use crate::{
     authz::{AuthorizationPolicy, AuthzLayer},
     deadline::InboundDeadlineLayer,
     telemetry::rpc::ServerTelemetryLayer,
-    tls::{MeshTls, io::accept_loop},
+    tls::{MeshTls, PublicTls, ServerTls, io::accept_loop},
 };
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
@@ -106,6 +106,7 @@ pub struct MeshServer {
     reporter: HealthReporter,
     draining: CancellationToken,
     tls: Option<Arc<MeshTls>>,
+    public_tls: Option<Arc<PublicTls>>,
     authorization: Option<AuthorizationPolicy>,
     admin: Option<std::net::TcpListener>,
     fallback: Option<FallbackService>,
@@ -136,6 +137,7 @@ impl MeshServer {
             reporter: HealthReporter::new(),
             draining: CancellationToken::new(),
             tls: None,
+            public_tls: None,
             authorization: None,
             admin: None,
             fallback: None,
@@ -186,6 +188,14 @@ impl MeshServer {
     pub fn tls(mut self, tls: Arc<MeshTls>) -> Self {
         crate::telemetry::metrics().watch_certificate(&tls);
         self.tls = Some(tls);
+        self
+    }
+
+    /// Serves server-only TLS (clients present no certificate) for a port
+    /// that faces the outside, such as an edge gateway's. Not with
+    /// [`MeshServer::tls`]: a port is either inside the mesh or outside it.
+    pub fn public_tls(mut self, tls: PublicTls) -> Self {
+        self.public_tls = Some(Arc::new(tls));
         self
     }
 
@@ -298,6 +308,17 @@ impl MeshServer {
             }
         };
 
+        let server_tls = match (&self.tls, &self.public_tls) {
+            (Some(_), Some(_)) => {
+                return Err(MeshError::InvalidConfig {
+                    field: "tls".into(),
+                    reason: "a server speaks either the mesh's mTLS or public TLS, not both".into(),
+                });
+            }
+            (Some(mesh), None) => Some(ServerTls::Mesh(mesh.clone())),
+            (None, Some(public)) => Some(ServerTls::Public(public.clone())),
+            (None, None) => None,
+        };
         if let Some(tls) = &self.tls {
             tokio::spawn(watch_certificate(
                 tls.clone(),
@@ -305,7 +326,7 @@ impl MeshServer {
                 names.clone(),
                 self.draining.clone(),
             ));
-        } else {
+        } else if self.public_tls.is_none() {
             tracing::warn!(%addr, "PLAINTEXT: no TLS; callers are not authenticated and traffic is readable on the wire");
         }
         // The accept loop runs until tonic stops polling it: ending it on
@@ -314,7 +335,7 @@ impl MeshServer {
         let _stop_on_return = stop_accepting.clone().drop_guard();
         let incoming = tokio_stream::wrappers::ReceiverStream::new(accept_loop(
             listener,
-            self.tls.clone(),
+            server_tls,
             stop_accepting,
         ));
         let known = Arc::new(known_paths(sets)?);

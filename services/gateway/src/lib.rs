@@ -74,6 +74,11 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub cors_allowed_origins: Vec<String>,
+    /// Directory with `tls.crt` and `tls.key` for server-only TLS on the
+    /// public port (any CA; clients present no certificate). Without it the
+    /// public port is plaintext, for TLS terminated in front of it.
+    #[arg(long, env = "PUBLIC_TLS_DIR")]
+    pub public_tls_dir: Option<PathBuf>,
     /// Proxies (addresses or CIDR ranges) in front of the gateway whose
     /// `x-forwarded-for` names the real client, for per-address limits;
     /// from anyone else the header is ignored. Repeat or separate with commas.
@@ -157,6 +162,12 @@ impl shop_kit::ServiceConfig for Config {
         if let Err(e) = self.trusted() {
             problems.push(e);
         }
+        if let Some(dir) = self.public_tls_dir.as_ref().filter(|d| !d.is_dir()) {
+            problems.push(format!(
+                "--public-tls-dir: {} is not a directory",
+                dir.display()
+            ));
+        }
         for (name, target) in self.targets() {
             if let Err(e) = target.parse::<mesh_client::Target>() {
                 problems.push(format!("--{name}-target: {e}"));
@@ -224,10 +235,22 @@ pub async fn run(
         .iter()
         .map(|o| http::HeaderValue::from_str(o).expect("checked"))
         .collect();
-    // The public port speaks plaintext: TLS for the outside is terminated
-    // in front of it (a load balancer or ingress). Calls into the mesh use
-    // the gateway's own identity over mTLS.
-    let server = config
+    // The public port speaks server-only TLS with --public-tls-dir, else
+    // plaintext behind a load balancer or ingress that terminates TLS.
+    // Calls into the mesh use the gateway's own identity over mTLS.
+    let public_tls = config
+        .public_tls_dir
+        .as_ref()
+        .map(|dir| {
+            mesh_client::tls::PublicTls::load(
+                &dir.join("tls.crt"),
+                &dir.join("tls.key"),
+                std::time::Duration::from_millis(config.mesh.tls_handshake_timeout_ms),
+            )
+            .map_err(|e| Error::Setup(format!("--public-tls-dir: {e}")))
+        })
+        .transpose()?;
+    let mut server = config
         .mesh
         .server_describing(
             ServerConfig {
@@ -240,6 +263,9 @@ pub async fn run(
         .map_err(Error::Setup)?
         .grpc_web(origins)
         .fallback(&names, gateway.clone());
+    if let Some(tls) = public_tls {
+        server = server.public_tls(tls);
+    }
     let housekeeping = {
         let (gateway, draining) = (gateway.clone(), server.draining());
         tokio::spawn(async move {

@@ -20,7 +20,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
-use super::{MeshTls, SpiffeId, identity::leaf_info};
+use super::{MeshTls, ServerTls, SpiffeId, identity::leaf_info};
 
 /// Who is on the other end of an inbound connection. Servers built with
 /// `MeshServer` put it in every request's extensions.
@@ -167,7 +167,7 @@ impl AsyncWrite for MeshStream {
 /// handshaking TLS (bounded by the handshake timeout) off the accept path.
 pub(crate) fn accept_loop(
     listener: TcpListener,
-    tls: Option<Arc<MeshTls>>,
+    tls: Option<ServerTls>,
     stop: CancellationToken,
 ) -> mpsc::Receiver<io::Result<MeshStream>> {
     let (tx, rx) = mpsc::channel(128);
@@ -207,7 +207,7 @@ pub(crate) fn accept_loop(
             };
             let tx = tx.clone();
             tokio::spawn(async move {
-                let acceptor = TlsAcceptor::from(tls.server_config());
+                let acceptor = TlsAcceptor::from(tls.config());
                 match tokio::time::timeout(tls.handshake_timeout(), acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let identity = stream

@@ -56,6 +56,85 @@ pub enum TlsError {
     Invalid(String),
 }
 
+/// Server-only TLS for a port that faces the outside: clients (browsers,
+/// apps) present no certificate; the server presents a certificate from
+/// any CA (a public one, typically). ALPN offers h2 and http/1.1 (for
+/// gRPC-Web). Loaded once; restart to change it.
+#[derive(Clone)]
+pub struct PublicTls {
+    config: Arc<ServerConfig>,
+    handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for PublicTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublicTls").finish_non_exhaustive()
+    }
+}
+
+impl PublicTls {
+    /// The PEM certificate chain at `cert` (leaf first) and the PEM
+    /// private key at `key`.
+    pub fn load(cert: &Path, key: &Path, handshake_timeout: Duration) -> Result<Self, TlsError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|e| TlsError::File {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })
+        };
+        let chain = CertificateDer::pem_slice_iter(&read(cert)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::File {
+                path: cert.to_owned(),
+                reason: format!("not a PEM certificate chain: {e}"),
+            })?;
+        if chain.is_empty() {
+            return Err(TlsError::File {
+                path: cert.to_owned(),
+                reason: "holds no certificate".into(),
+            });
+        }
+        let private = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| TlsError::File {
+            path: key.to_owned(),
+            reason: format!("not a PEM private key: {e}"),
+        })?;
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Invalid(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, private)
+            .map_err(|e| TlsError::Invalid(format!("key does not match the certificate: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Self {
+            config: Arc::new(config),
+            handshake_timeout,
+        })
+    }
+}
+
+/// The TLS a server's port speaks: the mesh's mTLS, or public server-only TLS.
+#[derive(Clone, Debug)]
+pub(crate) enum ServerTls {
+    Mesh(Arc<MeshTls>),
+    Public(Arc<PublicTls>),
+}
+
+impl ServerTls {
+    pub(crate) fn config(&self) -> Arc<ServerConfig> {
+        match self {
+            ServerTls::Mesh(tls) => tls.server_config(),
+            ServerTls::Public(tls) => tls.config.clone(),
+        }
+    }
+
+    pub(crate) fn handshake_timeout(&self) -> Duration {
+        match self {
+            ServerTls::Mesh(tls) => tls.handshake_timeout(),
+            ServerTls::Public(tls) => tls.handshake_timeout,
+        }
+    }
+}
+
 /// Where the workload's TLS files are.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsFiles {
