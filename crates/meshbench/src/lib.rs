@@ -248,16 +248,8 @@ fn async_stream_of(
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-/// Why the echo server stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// TLS material or the mesh policy could not be used.
-    #[error("{0}")]
-    Setup(String),
-    /// The mesh or the server failed.
-    #[error(transparent)]
-    Mesh(#[from] mesh_client::MeshError),
-}
+/// Why the process stopped.
+pub use shop_kit::ServiceError as Error;
 
 /// Runs the echo server until `shutdown`.
 pub async fn run(

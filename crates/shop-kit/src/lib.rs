@@ -14,6 +14,20 @@ pub mod validate;
 pub use entry::{ServiceConfig, service_main, shutdown_signal};
 pub use mesh::MeshArgs;
 
+/// Why a shop process stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// TLS material, routes or the mesh policy could not be used.
+    #[error("{0}")]
+    Setup(String),
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    /// The mesh or the server failed.
+    #[error(transparent)]
+    Mesh(#[from] mesh_client::MeshError),
+}
+
 /// Exit code for bad configuration (`EX_CONFIG`-style usage error, sysexits 64).
 pub const EXIT_BAD_CONFIG: u8 = 64;
 

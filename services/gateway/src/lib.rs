@@ -178,16 +178,8 @@ impl shop_kit::ServiceConfig for Config {
     }
 }
 
-/// Why the gateway stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// TLS material, routes or the mesh policy could not be used.
-    #[error("{0}")]
-    Setup(String),
-    /// The mesh or the server failed.
-    #[error(transparent)]
-    Mesh(#[from] mesh_client::MeshError),
-}
+/// Why the process stopped.
+pub use shop_kit::ServiceError as Error;
 
 /// Runs the gateway on `listener` until `shutdown` completes, then drains.
 pub async fn run(

@@ -53,19 +53,8 @@ impl shop_kit::ServiceConfig for Config {
     }
 }
 
-/// Why the service stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// TLS material or the mesh policy could not be used.
-    #[error("{0}")]
-    Setup(String),
-    /// The database could not be opened or migrated.
-    #[error(transparent)]
-    Db(#[from] shop_kit::db::DbError),
-    /// The server failed.
-    #[error(transparent)]
-    Serve(#[from] mesh_client::MeshError),
-}
+/// Why the process stopped.
+pub use shop_kit::ServiceError as Error;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

@@ -83,19 +83,8 @@ impl shop_kit::ServiceConfig for Config {
     }
 }
 
-/// Why the service stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// TLS material or the mesh policy could not be used.
-    #[error("{0}")]
-    Setup(String),
-    /// The database could not be opened or migrated.
-    #[error(transparent)]
-    Db(#[from] shop_kit::db::DbError),
-    /// The mesh config or a target is invalid, or the server failed.
-    #[error(transparent)]
-    Mesh(#[from] mesh_client::MeshError),
-}
+/// Why the process stopped.
+pub use shop_kit::ServiceError as Error;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
