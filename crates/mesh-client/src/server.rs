@@ -365,7 +365,7 @@ impl MeshServer {
             .option_layer(web)
             // Then every call is measured and traced, even refused ones.
             .layer(ServerTelemetryLayer::new(
-                (*known).clone(),
+                known.clone(),
                 config.trust_trace_context,
             ))
             // Then who may call what, before any work is done.

@@ -219,7 +219,7 @@ impl Retry {
             };
             tracing::debug!(target = %self.inner.set.target, path = parts.uri.path(), attempt = number + 1, ?wait, ?code, "retrying");
             tokio::time::sleep(wait).await;
-            crate::telemetry::metrics().retry(&parts.extensions, false);
+            crate::telemetry::metrics().retry(&self.inner.set.peer, parts.uri.path(), false);
             number += 1;
         }
     }
@@ -255,7 +255,7 @@ impl Retry {
                             last = Some(result);
                             // A non-fatal failure sends the next hedge at once.
                             if more && self.budget.withdraw() {
-                                crate::telemetry::metrics().retry(&parts.extensions, true);
+                                crate::telemetry::metrics().retry(&self.inner.set.peer, parts.uri.path(), true);
                                 tracing::debug!(target = %self.inner.set.target, path = parts.uri.path(), attempt = sent + 1, ?code, "hedging after a non-fatal failure");
                                 launch(&mut sent, &mut running, &mut exclude);
                             } else if running.is_empty() {
@@ -267,7 +267,7 @@ impl Retry {
                 }
                 _ = tokio::time::sleep(policy.hedging_delay), if more => {
                     if self.budget.withdraw() {
-                        crate::telemetry::metrics().retry(&parts.extensions, true);
+                        crate::telemetry::metrics().retry(&self.inner.set.peer, parts.uri.path(), true);
                         tracing::debug!(target = %self.inner.set.target, path = parts.uri.path(), attempt = sent + 1, "hedging");
                         launch(&mut sent, &mut running, &mut exclude);
                     } else {

@@ -326,13 +326,11 @@ impl Metrics {
         }
     }
 
-    /// Counts a retry or hedge of the call whose request carried
-    /// `extensions` (labelled as the telemetry layer labelled the call, so
-    /// under its bound on distinct paths).
-    pub(crate) fn retry(&self, extensions: &http::Extensions, hedge: bool) {
-        let Some(CallLabels(labels)) = extensions.get::<CallLabels>() else {
-            return;
-        };
+    /// Counts a retry or hedge of a call to `path`. Only methods in the
+    /// mesh's registered descriptors are retried or hedged, so the paths
+    /// counted here are bounded by the contracts.
+    pub(crate) fn retry(&self, peer: &Arc<str>, path: &str, hedge: bool) {
+        let labels = &RpcLabels::new(Direction::Outbound, peer.clone(), &RpcPath::parse(path));
         if hedge {
             self.hedges.get_or_create(labels).inc();
         } else {
@@ -363,10 +361,6 @@ impl Metrics {
             .inc();
     }
 }
-
-/// The labels of a call, carried in its request for the inner layers.
-#[derive(Clone, Debug)]
-pub(crate) struct CallLabels(pub(crate) RpcLabels);
 
 /// A gRPC path split for labels and span attributes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]

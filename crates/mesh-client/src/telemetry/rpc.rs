@@ -22,7 +22,7 @@ use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty, instrument::Instrumented};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::metrics::{CallLabels, CallSeries, Direction, RpcPath};
+use super::metrics::{CallSeries, Direction, RpcPath};
 use crate::{
     BoxError,
     body::{ObservedBody, header_status},
@@ -171,8 +171,6 @@ where
             TraceContextPropagator::new()
                 .inject_context(&cx, &mut HeaderInjector(req.headers_mut()));
         }
-        req.extensions_mut()
-            .insert(CallLabels(series.labels.clone()));
         let fut = span.in_scope(|| self.inner.call(req));
         TelemetryFuture::new(fut, series, span, Side::Client)
     }
@@ -191,11 +189,11 @@ impl ServerTelemetryLayer {
     /// anything else a client sends is `unknown`.
     /// With `trust_trace_context` false, inbound `traceparent` is ignored
     /// and every call starts a trace (for servers that face the outside).
-    pub(crate) fn new(known: HashSet<String>, trust_trace_context: bool) -> Self {
+    pub(crate) fn new(known: Arc<HashSet<String>>, trust_trace_context: bool) -> Self {
         let mut cache = SeriesCache::new(Direction::Inbound);
         cache.paths = known.len();
         Self {
-            known: Arc::new(known),
+            known,
             cache: Arc::new(cache),
             trust_trace_context,
         }
