@@ -177,3 +177,30 @@ impl MeshArgs {
         Ok(server)
     }
 }
+
+/// Polls `grpc.health.v1.Health/Check` on `channel` until the server
+/// answers SERVING, for at most `limit`; the error says what it last saw.
+pub async fn wait_serving(
+    channel: mesh_client::MeshChannel,
+    limit: Duration,
+) -> Result<(), String> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let start = std::time::Instant::now();
+    let mut last_error = String::from("no answer yet");
+    let mut client = HealthClient::new(channel);
+    while start.elapsed() < limit {
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        request.set_timeout(Duration::from_secs(1));
+        match client.check(request).await {
+            Ok(resp) if resp.get_ref().status() == ServingStatus::Serving => return Ok(()),
+            Ok(resp) => last_error = format!("health is {:?}", resp.get_ref().status()),
+            Err(status) => last_error = status.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last_error)
+}

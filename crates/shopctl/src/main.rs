@@ -301,7 +301,11 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                 plain_mesh.channel(&target(i))?
             };
             runtime
-                .block_on(wait_serving(channel, Duration::from_secs(30)))
+                .block_on(shop_kit::mesh::wait_serving(
+                    channel,
+                    Duration::from_secs(30),
+                ))
+                .map_err(anyhow::Error::msg)
                 .with_context(|| format!("{name} did not become ready on {}", addr(i)))?;
             endpoints.services.insert(
                 (*name).to_owned(),
@@ -347,29 +351,6 @@ fn spawn_prefixed(name: &str, mut cmd: Command) -> anyhow::Result<Child> {
         }
     });
     Ok(child)
-}
-
-/// Polls `grpc.health.v1.Health/Check` until the server answers SERVING.
-async fn wait_serving(channel: mesh_client::MeshChannel, limit: Duration) -> anyhow::Result<()> {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
-    let start = Instant::now();
-    let mut last_error = String::from("no answer yet");
-    let mut client = HealthClient::new(channel);
-    while start.elapsed() < limit {
-        let mut request = tonic::Request::new(HealthCheckRequest {
-            service: String::new(),
-        });
-        request.set_timeout(Duration::from_secs(1));
-        match client.check(request).await {
-            Ok(resp) if resp.get_ref().status() == ServingStatus::Serving => return Ok(()),
-            Ok(resp) => last_error = format!("health is {:?}", resp.get_ref().status()),
-            Err(status) => last_error = status.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("{last_error}")
 }
 
 /// Returns on Ctrl-C or SIGTERM, or with an error when a service exits.

@@ -19,7 +19,6 @@ use std::{
     },
 };
 
-use rand::Rng;
 use tokio::{sync::Notify, time::Instant};
 use tower::discover::Change;
 
@@ -206,28 +205,44 @@ impl EndpointSet {
                 continue;
             }
             let chosen = match policy {
-                LbPolicy::RoundRobin => probe(self.next.fetch_add(1, Ordering::Relaxed), level),
+                LbPolicy::RoundRobin => {
+                    probe(self.next.fetch_add(1, Ordering::Relaxed), level).cloned()
+                }
                 LbPolicy::P2c => {
-                    let a = rng.random_range(0..n);
-                    let b = if n > 1 {
-                        (a + 1 + rng.random_range(0..n - 1)) % n
-                    } else {
-                        a
-                    };
-                    match (probe(a, level), probe(b, level)) {
-                        (Some(x), Some(y)) => {
-                            if x.load(now) <= y.load(now) {
-                                Some(x)
-                            } else {
-                                Some(y)
-                            }
+                    let lighter = |x: &'_ Arc<Endpoint>, y: &'_ Arc<Endpoint>| {
+                        if x.load(now) <= y.load(now) {
+                            x.clone()
+                        } else {
+                            y.clone()
                         }
-                        (x, y) => x.or(y),
+                    };
+                    let (a, b) = two_distinct(&mut rng, n);
+                    let (x, y) = (&endpoints[a], &endpoints[b]);
+                    if usable(x, level) && usable(y, level) {
+                        Some(lighter(x, y))
+                    } else {
+                        // Draw both among the usable endpoints only: scanning past an
+                        // unusable one would hand its share of picks, unweighed, to
+                        // its neighbour.
+                        let usable_count = endpoints.iter().filter(|e| usable(e, level)).count();
+                        let (ra, rb) = two_distinct(&mut rng, usable_count.max(1));
+                        let mut drawn = endpoints
+                            .iter()
+                            .filter(|e| usable(e, level))
+                            .enumerate()
+                            .filter(|(rank, _)| *rank == ra || *rank == rb)
+                            .map(|(_, e)| e);
+                        match (drawn.next(), drawn.next()) {
+                            // Ties go to the first argument: keep the draw's order.
+                            (Some(low), Some(high)) if ra < rb => Some(lighter(low, high)),
+                            (Some(low), Some(high)) => Some(lighter(high, low)),
+                            (x, _) => x.cloned(),
+                        }
                     }
                 }
             };
             if let Some(endpoint) = chosen {
-                return Ok(endpoint.clone());
+                return Ok(endpoint);
             }
         }
         Err(NoEndpoint::AllUnavailable {
@@ -250,6 +265,17 @@ impl EndpointSet {
             tracing::warn!(target = %self.target, addr = %endpoint.addr, ?time, "endpoint ejected after consecutive failures");
         }
     }
+}
+
+/// Two different indices below `n` (the same one when `n` is 1).
+fn two_distinct(rng: &mut impl rand::Rng, n: usize) -> (usize, usize) {
+    let a = rng.random_range(0..n);
+    let b = if n > 1 {
+        (a + 1 + rng.random_range(0..n - 1)) % n
+    } else {
+        a
+    };
+    (a, b)
 }
 
 #[cfg(test)]
@@ -299,6 +325,24 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(set.pick(LbPolicy::P2c, &[]).unwrap().addr.port(), 2);
         }
+    }
+
+    #[tokio::test]
+    async fn p2c_spreads_evenly_over_the_endpoints_left_after_one_is_ejected() {
+        let set = set_of(3).await;
+        let policy = OutlierDetection {
+            consecutive_failures: 1,
+            ..Default::default()
+        };
+        set.record_failure(&set.snapshot()[2], &policy);
+        let mut picks = [0u32; 3];
+        for _ in 0..3000 {
+            picks[(set.pick(LbPolicy::P2c, &[]).unwrap().addr.port() - 1) as usize] += 1;
+        }
+        assert_eq!(picks[2], 0, "the ejected endpoint is not picked: {picks:?}");
+        // Equal loads: each of the other two wins half of its draws. Scanning
+        // past the ejected one used to give its neighbour two thirds.
+        assert!(picks[0] > 1200 && picks[1] > 1200, "{picks:?}");
     }
 
     #[tokio::test]

@@ -1,0 +1,398 @@
+//! Results: the table on stdout, `results.json`, and one SVG per scenario.
+
+use std::{collections::BTreeMap, path::Path};
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+/// One contender's measurements in one scenario.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub contender: String,
+    /// `closed` (fixed concurrency), `open` (fixed rate) or `memory`.
+    pub mode: String,
+    pub rps: f64,
+    pub calls: u64,
+    pub errors: u64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    /// CPU seconds per process that did this contender's work.
+    pub cpu_s: BTreeMap<String, f64>,
+    /// All those CPU seconds over the successful calls, in µs.
+    pub cpu_us_per_call: f64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub error_examples: Vec<String>,
+    /// Scenario-specific numbers (RSS, recovery time, share of calls ...).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
+}
+
+impl Row {
+    /// CPU µs per call, or `-` where no process's CPU was tracked.
+    pub fn cpu_text(&self) -> String {
+        if self.cpu_s.is_empty() {
+            "-".into()
+        } else {
+            format!("{:.1}", self.cpu_us_per_call)
+        }
+    }
+}
+
+/// A measured ratio or difference and the goal it is held to.
+#[derive(Clone, Debug, Serialize)]
+pub struct Goal {
+    pub what: String,
+    pub value: f64,
+    /// `×` for ratios, `µs`, `MiB`, `calls`, `ms`.
+    pub unit: String,
+    /// The goal in words (`≥ 0.97`), empty when only reported.
+    pub goal: String,
+    pub met: Option<bool>,
+}
+
+impl Goal {
+    pub fn at_least(what: &str, value: f64, unit: &str, goal: f64) -> Goal {
+        Goal {
+            what: what.into(),
+            value,
+            unit: unit.into(),
+            goal: format!("≥ {goal}"),
+            met: Some(value >= goal),
+        }
+    }
+
+    pub fn at_most(what: &str, value: f64, unit: &str, goal: f64) -> Goal {
+        Goal {
+            what: what.into(),
+            value,
+            unit: unit.into(),
+            goal: format!("≤ {goal}"),
+            met: Some(value <= goal),
+        }
+    }
+
+    pub fn report(what: &str, value: f64, unit: &str) -> Goal {
+        Goal {
+            what: what.into(),
+            value,
+            unit: unit.into(),
+            goal: String::new(),
+            met: None,
+        }
+    }
+}
+
+/// One scenario's results.
+#[derive(Clone, Debug, Serialize)]
+pub struct Scenario {
+    pub id: String,
+    pub title: String,
+    /// Load, payload, processes: what a reader needs to reproduce it.
+    pub setup: String,
+    pub rows: Vec<Row>,
+    pub goals: Vec<Goal>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+    /// A measurement over time, plotted as lines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<Timeline>,
+}
+
+/// Lines over time: one per contender.
+#[derive(Clone, Debug, Serialize)]
+pub struct Timeline {
+    pub title: String,
+    pub x: String,
+    pub y: String,
+    pub series: Vec<Series>,
+}
+
+/// One contender's line.
+#[derive(Clone, Debug, Serialize)]
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// `a / b` for ratios of measurements, safe against an empty denominator.
+pub fn ratio(a: f64, b: f64) -> f64 {
+    a / b.max(1e-9)
+}
+
+/// Prints a scenario as a table with its goals.
+pub fn print(s: &Scenario) {
+    println!("\n== {} ({})\n   {}", s.title, s.id, s.setup);
+    let latency = s.rows.iter().any(|r| r.mode != "memory");
+    if latency {
+        println!(
+            "   {:<34} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6} {:>10}",
+            "contender",
+            "mode",
+            "req/s",
+            "p50 µs",
+            "p90 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "errors",
+            "CPU µs/req"
+        );
+    }
+    for r in &s.rows {
+        if r.mode != "memory" {
+            println!(
+                "   {:<34} {:>5} {:>9.0} {:>8} {:>8} {:>8} {:>8} {:>6} {:>10}",
+                r.contender,
+                r.mode,
+                r.rps,
+                r.p50_us,
+                r.p90_us,
+                r.p99_us,
+                r.p999_us,
+                r.errors,
+                r.cpu_text()
+            );
+        }
+        let extra: Vec<String> = r
+            .extra
+            .iter()
+            .map(|(k, v)| format!("{k} = {}", trim(*v)))
+            .collect();
+        if !extra.is_empty() {
+            println!("   {:<34} {}", r.contender, extra.join(", "));
+        }
+        for e in &r.error_examples {
+            println!("   {:<34} error: {e}", "");
+        }
+    }
+    for g in &s.goals {
+        let verdict = match g.met {
+            Some(true) => "  met",
+            Some(false) => "  MISSED",
+            None => "",
+        };
+        let goal = if g.goal.is_empty() {
+            String::new()
+        } else {
+            format!(" (goal {})", g.goal)
+        };
+        println!(
+            "   -> {}: {} {}{goal}{verdict}",
+            g.what,
+            trim(g.value),
+            g.unit
+        );
+    }
+    for n in &s.notes {
+        println!("   note: {n}");
+    }
+}
+
+fn trim(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Writes `<dir>/<id>.svg`: throughput (or memory) bars beside latency
+/// percentiles on a log scale.
+pub fn plot(s: &Scenario, dir: &Path) -> Result<(), String> {
+    let path = dir.join(format!("{}.svg", s.id));
+    let root = SVGBackend::new(&path, (1100, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let root = root
+        .titled(&s.title, ("sans-serif", 20))
+        .map_err(|e| e.to_string())?;
+    let (left, right) = root.split_horizontally(400);
+    let names: Vec<String> = s.rows.iter().map(|r| short(&r.contender)).collect();
+    let memory = s.rows.iter().all(|r| r.mode == "memory");
+    let (bar_label, bars): (&str, Vec<f64>) = if memory {
+        (
+            "resident memory, MiB",
+            s.rows
+                .iter()
+                .map(|r| r.extra.get("rss_mib").copied().unwrap_or(0.0))
+                .collect(),
+        )
+    } else {
+        (
+            "requests per second",
+            s.rows.iter().map(|r| r.rps).collect(),
+        )
+    };
+    bar_chart(&left, bar_label, &names, &bars)?;
+    if !memory {
+        percentile_chart(&right, &names, &s.rows)?;
+    }
+    root.present().map_err(|e| e.to_string())?;
+    if let Some(timeline) = &s.timeline {
+        plot_timeline(timeline, &dir.join(format!("{}-timeline.svg", s.id)))?;
+    }
+    Ok(())
+}
+
+fn plot_timeline(t: &Timeline, path: &Path) -> Result<(), String> {
+    let root = SVGBackend::new(path, (1100, 380)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let points = || t.series.iter().flat_map(|s| s.points.iter());
+    let right = points().map(|p| p.0).fold(0.1, f64::max);
+    let top = points().map(|p| p.1).fold(0.1, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(&t.title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..right, 0f64..top)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc(&t.x)
+        .y_desc(&t.y)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (i, s) in t.series.iter().enumerate() {
+        let color = PALETTE[i % 6];
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                s.points.clone(),
+                color.stroke_width(2),
+            )))
+            .map_err(|e| e.to_string())?
+            .label(s.name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+/// Keeps axis labels short: the part before any parenthesis.
+fn short(name: &str) -> String {
+    name.split(" (").next().unwrap_or(name).to_owned()
+}
+
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(0x4e, 0x79, 0xa7),
+    RGBColor(0xf2, 0x8e, 0x2b),
+    RGBColor(0x59, 0xa1, 0x4f),
+    RGBColor(0xe1, 0x57, 0x59),
+    RGBColor(0x76, 0xb7, 0xb2),
+    RGBColor(0xb0, 0x7a, 0xa1),
+];
+
+fn bar_chart<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    label: &str,
+    names: &[String],
+    values: &[f64],
+) -> Result<(), String> {
+    let top = values.iter().cloned().fold(1.0, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(area)
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..names.len() as f64, 0f64..top)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(names.len() * 2 + 1)
+        .x_label_formatter(&|x| label_at(names, *x))
+        .y_desc(label)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(values.iter().enumerate().map(|(i, v)| {
+            let x = i as f64;
+            Rectangle::new([(x + 0.15, 0.0), (x + 0.85, *v)], PALETTE[i % 6].filled())
+        }))
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(values.iter().enumerate().map(|(i, v)| {
+            Text::new(
+                trim(*v),
+                (i as f64 + 0.3, *v + top * 0.02),
+                ("sans-serif", 13),
+            )
+        }))
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The name of the bar centred at `x`, blank between bars.
+fn label_at(names: &[String], x: f64) -> String {
+    let i = x.floor() as usize;
+    if (x - x.floor() - 0.5).abs() < 0.01 {
+        names.get(i).cloned().unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
+fn percentile_chart<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    names: &[String],
+    rows: &[super::report::Row],
+) -> Result<(), String> {
+    const QUANTILES: [&str; 4] = ["p50", "p90", "p99", "p99.9"];
+    let values: Vec<[f64; 4]> = rows
+        .iter()
+        .map(|r| {
+            [r.p50_us, r.p90_us, r.p99_us, r.p999_us].map(|v| (v.max(1) as f64) / 1000.0) // ms
+        })
+        .collect();
+    let top = values.iter().flatten().cloned().fold(0.01, f64::max) * 2.0;
+    let bottom = values.iter().flatten().cloned().fold(f64::MAX, f64::min) / 2.0;
+    let mut chart = ChartBuilder::on(area)
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..4.0, (bottom..top).log_scale())
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(9)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - x.floor() - 0.5).abs() < 0.01 {
+                QUANTILES.get(i).map(|q| q.to_string()).unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("latency, ms (log scale)")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    let width = 0.8 / names.len().max(1) as f64;
+    for (c, (name, v)) in names.iter().zip(&values).enumerate() {
+        let color = PALETTE[c % 6];
+        chart
+            .draw_series((0..4).map(|q| {
+                let x0 = q as f64 + 0.1 + c as f64 * width;
+                Rectangle::new([(x0, bottom), (x0 + width * 0.9, v[q])], color.filled())
+            }))
+            .map_err(|e| e.to_string())?
+            .label(name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}

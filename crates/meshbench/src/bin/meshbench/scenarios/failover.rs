@@ -1,0 +1,197 @@
+//! Scenario 4: three replicas, one SIGKILLed a third of the way into each
+//! round; failed calls and the time until p99 is back to normal.
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use tonic::transport::{Channel, Endpoint};
+
+use super::Ctx;
+use crate::load::{Acc, Caller, Event, closed_loop, histogram};
+use crate::procs;
+use crate::report::{Goal, Scenario, Series, Timeline};
+
+/// Width of the windows p99 is computed over after the kill.
+const WINDOW_US: u64 = 100_000;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Mesh,
+    Raw,
+}
+
+pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
+    let kinds = [
+        (Kind::Mesh, "mesh P2C (retries, ejection)"),
+        (Kind::Raw, "raw tonic balance_list"),
+    ];
+    let mut accs: Vec<(Acc, Vec<f64>)> = kinds.iter().map(|_| Default::default()).collect();
+    let duration = ctx.failover_duration;
+    let mut series = Vec::new();
+    for r in 0..ctx.plan.rounds {
+        for (i, (kind, name)) in kinds.iter().enumerate() {
+            let (sample, recovery_ms, p99s) = one_round(ctx, *kind, duration).await?;
+            if r == 0 {
+                series.push(Series {
+                    name: name.to_string(),
+                    points: p99s,
+                });
+            }
+            eprintln!(
+                "  round {}/{}: {name}: {} ok, {} failed, p99 normal again after {recovery_ms:.0} ms",
+                r + 1,
+                ctx.plan.rounds,
+                sample.calls,
+                sample.errors
+            );
+            accs[i].0.add(&sample);
+            accs[i].1.push(recovery_ms);
+        }
+    }
+    let rows: Vec<_> = kinds
+        .iter()
+        .zip(&accs)
+        .map(|((_, name), (acc, recoveries))| {
+            let mut row = acc.row(name, "closed");
+            let worst = recoveries.iter().cloned().fold(0.0, f64::max);
+            row.extra
+                .insert("worst time to normal p99, ms".into(), worst);
+            row.extra.insert("failed calls".into(), acc.errors as f64);
+            row
+        })
+        .collect();
+    let goals = vec![
+        Goal::at_most(
+            "mesh failed idempotent calls",
+            rows[0].errors as f64,
+            "calls",
+            0.0,
+        ),
+        Goal::report(
+            "mesh worst time until p99 is normal",
+            rows[0].extra["worst time to normal p99, ms"],
+            "ms",
+        ),
+        Goal::report(
+            "raw tonic failed calls (for contrast)",
+            rows[1].errors as f64,
+            "calls",
+        ),
+    ];
+    Ok(Scenario {
+        id: "failover".into(),
+        title: "Failover: one of 3 replicas SIGKILLed mid-run".into(),
+        setup: format!(
+            "unary Echo (idempotent: NO_SIDE_EFFECTS), {} in flight (closed loop), fresh replicas per round, SIGKILL at {:.1} s of {:.1} s; \"normal\" = no failed call and p99 ≤ 1.25× the worst {} ms window before the kill, in every later window; {} rounds, contenders interleaved",
+            ctx.concurrency,
+            duration.as_secs_f64() / 3.0,
+            duration.as_secs_f64(),
+            WINDOW_US / 1000,
+            ctx.plan.rounds
+        ),
+        rows,
+        goals,
+        notes: vec![],
+        timeline: Some(Timeline {
+            title: format!(
+                "p99 per {} ms window, first round (SIGKILL at {:.1} s)",
+                WINDOW_US / 1000,
+                duration.as_secs_f64() / 3.0
+            ),
+            x: "seconds into the round".into(),
+            y: "p99 of calls started in the window, ms".into(),
+            series,
+        }),
+    })
+}
+
+async fn one_round(
+    ctx: &Ctx,
+    kind: Kind,
+    duration: Duration,
+) -> Result<(crate::load::Sample, f64, Vec<(f64, f64)>), String> {
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        replicas.push(procs::echo(&ctx.dir, &format!("failover-{i}"), &[]).await?);
+    }
+    let caller = match kind {
+        Kind::Mesh => {
+            let target = format!(
+                "static:///{}",
+                replicas
+                    .iter()
+                    .map(|r| r.addr.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let channel = ctx.mesh()?.channel(&target).map_err(|e| e.to_string())?;
+            Caller::mesh_echo(channel, ctx.payload)
+        }
+        Kind::Raw => {
+            let endpoints = replicas.iter().map(|r| {
+                Endpoint::from_shared(format!("http://{}", r.addr))
+                    .expect("valid URI")
+                    .tcp_nodelay(true)
+            });
+            Caller::raw_echo(Channel::balance_list(endpoints), ctx.payload)
+        }
+    };
+    // Warm up so every replica has a connection before the kill.
+    let _ = closed_loop(&caller, ctx.concurrency, ctx.plan.warmup, false).await;
+    let victim = replicas.remove(0);
+    let kill_at = duration / 3;
+    let killer = tokio::spawn(async move {
+        let mut victim = victim;
+        tokio::time::sleep(kill_at).await;
+        victim.kill();
+    });
+    let sample = closed_loop(&caller, ctx.concurrency, duration, true).await;
+    killer.await.map_err(|e| e.to_string())?;
+    let windows = windows(&sample.timeline);
+    let recovery = recovery_ms(&windows, kill_at.as_micros() as u64);
+    let series = windows
+        .iter()
+        .filter_map(|(start, p99, _)| Some((*start as f64 / 1e6, (*p99)? as f64 / 1000.0)))
+        .collect();
+    Ok((sample, recovery, series))
+}
+
+/// p99 of each window of calls (by start time) and whether any failed.
+fn windows(events: &[Event]) -> Vec<(u64, Option<u64>, bool)> {
+    let last = events.iter().map(|e| e.start_us).max().unwrap_or(0);
+    let count = (last / WINDOW_US + 1) as usize;
+    let mut hists: Vec<(Histogram<u64>, bool)> = (0..count).map(|_| (histogram(), false)).collect();
+    for e in events {
+        let w = &mut hists[(e.start_us / WINDOW_US) as usize];
+        w.1 |= !e.ok;
+        let _ = w.0.record(e.latency_us);
+    }
+    hists
+        .iter()
+        .enumerate()
+        .map(|(i, (h, failed))| {
+            let p99 = (!h.is_empty()).then(|| h.value_at_quantile(0.99));
+            (i as u64 * WINDOW_US, p99, *failed)
+        })
+        .collect()
+}
+
+/// How long after `kill_us` the last abnormal window ended (0 when none
+/// was): one with a failed call, or a p99 above 1.25× the worst window
+/// before the kill (windows of a few thousand calls are noisy on two cores).
+fn recovery_ms(windows: &[(u64, Option<u64>, bool)], kill_us: u64) -> f64 {
+    let normal = windows
+        .iter()
+        .filter(|(start, _, _)| start + WINDOW_US <= kill_us)
+        .filter_map(|(_, p99, _)| *p99)
+        .max()
+        .unwrap_or(1) as f64
+        * 1.25;
+    windows
+        .iter()
+        .filter(|(start, _, _)| *start + WINDOW_US > kill_us)
+        .filter(|(_, p99, failed)| *failed || p99.is_some_and(|p| p as f64 > normal))
+        .map(|(start, _, _)| start + WINDOW_US - kill_us)
+        .max()
+        .map_or(0.0, |us| us as f64 / 1000.0)
+}

@@ -1,0 +1,249 @@
+//! Scenario 6: the shop end to end. PlaceOrder (orders → auth, inventory,
+//! payments: the whole saga, every hop over the mesh with mTLS) on SQLite
+//! and on PostgreSQL, interleaved.
+
+use mesh_client::MeshChannel;
+use shop_api::{
+    auth::v1::{LoginRequest, RegisterRequest, auth_service_client::AuthServiceClient},
+    common::v1::Money,
+    inventory::v1::{CreateProductRequest, inventory_service_client::InventoryServiceClient},
+    orders::v1::orders_service_client::OrdersServiceClient,
+    payments::v1::{
+        DepositRequest, OpenAccountRequest, payments_service_client::PaymentsServiceClient,
+    },
+};
+
+use super::Ctx;
+use crate::load::{Caller, Contender, Load, Shopper, interleave, this_process};
+use crate::pki::{self, Pki};
+use crate::procs::{self, Proc};
+use crate::report::{Goal, Scenario};
+
+const SERVICES: [&str; 4] = ["auth", "inventory", "payments", "orders"];
+
+/// The four services on one database kind, and the operator's mesh.
+struct Shop {
+    procs: Vec<Proc>,
+    mesh: mesh_client::Mesh,
+}
+
+impl Shop {
+    fn channel(&self, service: &str) -> Result<MeshChannel, String> {
+        let i = SERVICES
+            .iter()
+            .position(|s| *s == service)
+            .expect("known service");
+        self.mesh
+            .channel_with_identity(
+                &format!("static:///{}", self.procs[i].addr),
+                &pki::identity("shop", service),
+            )
+            .map_err(|e| e.to_string())
+    }
+}
+
+pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
+    let pki = Pki::new(&ctx.dir.join("shop-pki"))?;
+    for who in SERVICES.iter().chain(&["operator"]) {
+        pki.issue("shop", who)?;
+    }
+    let mut shops = vec![("SQLite", start(ctx, &pki, None, "sqlite").await?)];
+    let mut notes = vec![];
+    match &ctx.postgres_url {
+        Some(url) => shops.push(("PostgreSQL", start(ctx, &pki, Some(url), "pg").await?)),
+        None => notes.push(
+            "PostgreSQL not measured: pass --postgres-url (scripts/test-postgres.sh starts one)"
+                .to_string(),
+        ),
+    }
+    let mut contenders = Vec::new();
+    for (name, shop) in &shops {
+        let shopper = customer(shop, &format!("bench{}", std::process::id())).await?;
+        let mut procs = vec![this_process()];
+        procs.extend(shop.procs.iter().map(|p| (p.label.clone(), p.pid())));
+        contenders.push(Contender::new(
+            &format!("PlaceOrder on {name}"),
+            Caller::PlaceOrder(Box::new(shopper)),
+            procs,
+        ));
+    }
+    let concurrency = ctx.shop_concurrency;
+    interleave(&mut contenders, Load::Closed { concurrency }, ctx.plan).await;
+    let rows: Vec<_> = contenders
+        .iter()
+        .map(|c| c.acc.row(&c.name, "closed"))
+        .collect();
+    let goals = rows
+        .iter()
+        .map(|r| Goal::report(&format!("{} throughput", r.contender), r.rps, "orders/s"))
+        .collect();
+    notes.push(
+        "CPU counts the client and the four services; PostgreSQL's own processes are not counted"
+            .into(),
+    );
+    Ok(Scenario {
+        id: "shop".into(),
+        timeline: None,
+        title: "Shop end to end: PlaceOrder saga".into(),
+        setup: format!(
+            "PlaceOrder of one unit ({concurrency} in flight, closed loop): orders verifies the token with auth, reserves stock, charges, commits, confirms; one DB per service; mTLS with authorization policies on every hop; {}",
+            ctx.plan_text()
+        ),
+        rows,
+        goals,
+        notes,
+    })
+}
+
+async fn start(ctx: &Ctx, pki: &Pki, postgres: Option<&String>, tag: &str) -> Result<Shop, String> {
+    let dir = ctx.dir.join(format!("shop-{tag}"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let addrs: Vec<_> = SERVICES.iter().map(|_| procs::free_addr()).collect();
+    let mut procs = Vec::new();
+    for (i, service) in SERVICES.iter().enumerate() {
+        let url = match postgres {
+            Some(admin) => create_database(admin, service).await?,
+            None => format!("sqlite://{}", dir.join(format!("{service}.db")).display()),
+        };
+        let policy = dir.join(format!("{service}.policy.json"));
+        std::fs::write(&policy, policy_for(service)).map_err(|e| e.to_string())?;
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            addrs[i].to_string(),
+            "--database-url".into(),
+            url,
+            "--tls-dir".into(),
+            pki.root.join(service).display().to_string(),
+            "--mesh-config".into(),
+            policy.display().to_string(),
+            "--trust-domain".into(),
+            pki::TRUST_DOMAIN.into(),
+        ];
+        if *service == "orders" {
+            for (j, callee) in SERVICES[..3].iter().enumerate() {
+                args.push(format!("--{callee}-target"));
+                args.push(format!("static:///{}", addrs[j]));
+            }
+        }
+        let log = dir.join(format!("{service}.log"));
+        let mut proc = procs::spawn(service, &procs::sibling(service)?, &args, addrs[i], &log)?;
+        procs::wait_listening(&mut proc, &log).await?;
+        procs.push(proc);
+    }
+    let mesh = ctx.mesh()?.with_tls(pki.load("operator")?);
+    let shop = Shop { procs, mesh };
+    // Listening is not serving: wait for each one's health to say SERVING.
+    for service in SERVICES {
+        crate::scenarios::wait_serving(shop.channel(service)?).await?;
+    }
+    Ok(shop)
+}
+
+/// Who may call what: the operator everything, orders its three callees.
+fn policy_for(service: &str) -> String {
+    let mut rules = vec![serde_json::json!({
+        "callers": [pki::identity("shop", "operator")], "methods": ["*"]
+    })];
+    if service != "orders" {
+        let prefix = match service {
+            "auth" => "mesh.auth.v1.AuthService/*",
+            "inventory" => "mesh.inventory.v1.InventoryService/*",
+            _ => "mesh.payments.v1.PaymentsService/*",
+        };
+        rules.push(serde_json::json!({
+            "callers": [pki::identity("shop", "orders")], "methods": [prefix]
+        }));
+    }
+    serde_json::json!({"authorization": {"rules": rules}}).to_string()
+}
+
+/// A new empty PostgreSQL database for `service`, as a URL.
+async fn create_database(admin: &str, service: &str) -> Result<String, String> {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let name = format!(
+        "bench_{}_{}_{service}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    );
+    let mut conn = sqlx::AnyConnection::connect(admin)
+        .await
+        .map_err(|e| format!("connecting to {admin}: {e}"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .map_err(|e| format!("CREATE DATABASE {name}: {e}"))?;
+    let (base, _) = admin
+        .rsplit_once('/')
+        .ok_or("--postgres-url must end in /<database>")?;
+    Ok(format!("{base}/{name}"))
+}
+
+/// A user with a token, a product with plenty of stock and an account with
+/// plenty of money.
+async fn customer(shop: &Shop, name: &str) -> Result<Shopper, String> {
+    let e = |what: &'static str| move |s: tonic::Status| format!("{what}: {s}");
+    let usd = |amount_minor| {
+        Some(Money {
+            currency_code: "USD".into(),
+            amount_minor,
+        })
+    };
+    let mut auth = AuthServiceClient::new(shop.channel("auth")?);
+    let password = "correct-horse-battery-staple".to_string();
+    let user = auth
+        .register(RegisterRequest {
+            username: name.into(),
+            password: password.clone(),
+        })
+        .await
+        .map_err(e("register"))?
+        .into_inner();
+    let token = auth
+        .login(LoginRequest {
+            username: name.into(),
+            password,
+        })
+        .await
+        .map_err(e("login"))?
+        .into_inner()
+        .access_token;
+    let product = InventoryServiceClient::new(shop.channel("inventory")?)
+        .create_product(CreateProductRequest {
+            sku: format!("SKU-{name}"),
+            name: format!("benchmark product of {name}"),
+            price: usd(100),
+            initial_stock: 100_000_000,
+        })
+        .await
+        .map_err(e("create product"))?
+        .into_inner()
+        .product_id;
+    let mut payments = PaymentsServiceClient::new(shop.channel("payments")?);
+    let account = payments
+        .open_account(OpenAccountRequest {
+            owner_id: user.user_id,
+            currency_code: "USD".into(),
+        })
+        .await
+        .map_err(e("open account"))?
+        .into_inner()
+        .account_id;
+    payments
+        .deposit(DepositRequest {
+            account_id: account.clone(),
+            amount: usd(1_000_000_000_000),
+            idempotency_key: format!("deposit-{name}"),
+        })
+        .await
+        .map_err(e("deposit"))?;
+    Ok(Shopper {
+        orders: OrdersServiceClient::new(shop.channel("orders")?),
+        token,
+        product,
+        account,
+    })
+}

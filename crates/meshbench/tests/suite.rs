@@ -1,0 +1,170 @@
+//! The benchmark suite end to end, in tiny rounds: every scenario runs
+//! against real processes (echo replicas, two HAProxy sidecars, the shop on
+//! SQLite and PostgreSQL) and writes its results. Speed is not asserted
+//! here (benchmarks print numbers; tests check behaviour): what is checked
+//! is that each scenario measured what it claims to, and the behaviours the
+//! mesh promises under it (no failed idempotent call when a replica is
+//! SIGKILLed, the slow replica avoided).
+
+use std::{path::Path, process::Command};
+
+use serde_json::Value;
+
+fn require_all() -> bool {
+    std::env::var("MESH_TEST_REQUIRE_ALL").is_ok_and(|v| v == "1")
+}
+
+fn haproxy_installed() -> bool {
+    let found = [
+        "/usr/sbin/haproxy",
+        "/usr/bin/haproxy",
+        "/usr/local/sbin/haproxy",
+    ]
+    .iter()
+    .any(|p| Path::new(p).exists());
+    if !found && require_all() {
+        panic!("haproxy is not installed (apt-get install -y haproxy) and MESH_TEST_REQUIRE_ALL=1");
+    }
+    found
+}
+
+fn rows<'a>(results: &'a Value, id: &str) -> &'a Vec<Value> {
+    let scenario = results["scenarios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("scenario {id} missing from results.json"));
+    scenario["rows"].as_array().unwrap()
+}
+
+fn row<'a>(rows: &'a [Value], prefix: &str) -> &'a Value {
+    rows.iter()
+        .find(|r| r["contender"].as_str().unwrap().starts_with(prefix))
+        .unwrap_or_else(|| panic!("no contender {prefix}: {rows:?}"))
+}
+
+#[test]
+fn every_scenario_runs_and_reports() {
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshbench"));
+    cmd.args([
+        "suite",
+        "--quick",
+        "--duration",
+        "300ms",
+        "--warmup",
+        "150ms",
+    ])
+    .args(["--rounds", "1", "--concurrency", "8", "--rate", "300"])
+    .arg("--out")
+    .arg(out.path());
+    let sidecar = haproxy_installed();
+    let mut expected = vec!["overhead", "slow-replica", "failover", "memory", "shop"];
+    if sidecar {
+        expected.extend(["sidecar", "sidecar-open"]);
+    }
+    for s in [
+        "overhead",
+        "sidecar",
+        "slow-replica",
+        "failover",
+        "memory",
+        "shop",
+    ] {
+        if s != "sidecar" || sidecar {
+            cmd.args(["--scenario", s]);
+        }
+    }
+    let postgres = std::env::var("MESH_TEST_POSTGRES_URL").ok();
+    cmd.env(
+        "MESH_BENCH_POSTGRES_URL",
+        postgres.clone().unwrap_or_default(),
+    );
+    let output = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).unwrap())
+            .unwrap();
+    assert_eq!(results["failed"].as_array().unwrap().len(), 0, "{results}");
+    let summary = std::fs::read_to_string(out.path().join("summary.md")).unwrap();
+    for id in &expected {
+        let svg = std::fs::read_to_string(out.path().join(format!("{id}.svg")))
+            .unwrap_or_else(|e| panic!("{id}.svg: {e}"));
+        assert!(svg.starts_with("<svg"), "{id}.svg is not an SVG");
+        assert!(summary.contains(&format!("]({id}.svg)")), "{summary}");
+        assert!(
+            stdout.contains(&format!("({id})")),
+            "table of {id} printed: {stdout}"
+        );
+    }
+    assert!(out.path().join("failover-timeline.svg").exists());
+
+    // Every latency contender made calls; nothing failed where nothing was broken.
+    for id in expected.iter().filter(|id| **id != "memory") {
+        for r in rows(&results, id) {
+            assert!(r["calls"].as_u64().unwrap() > 0, "{id}: {r}");
+            assert!(r["p99_us"].as_u64().unwrap() >= r["p50_us"].as_u64().unwrap());
+            if *id != "failover" {
+                assert_eq!(r["errors"], 0, "{id}: {r}");
+            }
+        }
+    }
+    // CPU is charged to every process on a contender's path.
+    if sidecar {
+        let cpu = &row(rows(&results, "sidecar"), "2 HAProxy")["cpu_s"];
+        for process in ["client", "server", "client sidecar", "server sidecar"] {
+            assert!(cpu[process].as_f64().unwrap() > 0.0, "{process}: {cpu}");
+        }
+    }
+
+    // The replica really died (raw tonic saw it); the mesh's retries hid it.
+    let failover = rows(&results, "failover");
+    assert_eq!(row(failover, "mesh")["errors"], 0, "{failover:?}");
+    assert!(
+        row(failover, "raw tonic")["errors"].as_u64().unwrap() > 0,
+        "{failover:?}"
+    );
+
+    // Round robin sends the slow replica its third; P2C avoids it.
+    let balance = rows(&results, "slow-replica");
+    let share = |r: &Value| {
+        r["extra"]["slow replica's share of calls"]
+            .as_f64()
+            .unwrap()
+    };
+    let rr = share(row(balance, "mesh round robin"));
+    assert!((0.25..0.42).contains(&rr), "round robin share {rr}");
+    assert!(share(row(balance, "mesh P2C")) < rr / 2.0, "{balance:?}");
+
+    for r in rows(&results, "memory") {
+        assert!(r["extra"]["rss_mib"].as_f64().unwrap() > 1.0, "{r}");
+    }
+    let shop = rows(&results, "shop");
+    assert!(row(shop, "PlaceOrder on SQLite")["calls"].as_u64().unwrap() > 0);
+    if postgres.is_some_and(|u| !u.is_empty()) {
+        assert!(
+            row(shop, "PlaceOrder on PostgreSQL")["calls"]
+                .as_u64()
+                .unwrap()
+                > 0
+        );
+    } else if require_all() {
+        panic!("MESH_TEST_POSTGRES_URL is not set and MESH_TEST_REQUIRE_ALL=1");
+    }
+}
+
+#[test]
+fn bad_flags_exit_64_naming_each() {
+    let output = Command::new(env!("CARGO_BIN_EXE_meshbench"))
+        .args(["suite", "--rounds", "0", "--rate", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--rounds: must be 1 to 20"), "{stderr}");
+    assert!(stderr.contains("--rate: must be 1 to 50000"), "{stderr}");
+}
