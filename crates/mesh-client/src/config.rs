@@ -82,7 +82,8 @@ impl Default for MeshConfig {
 #[serde(rename_all = "snake_case")]
 pub enum LbPolicy {
     /// Power of two choices over peak-EWMA latency × in-flight requests,
-    /// penalised by recent failures.
+    /// penalised by recent failures; between endpoints of similar latency
+    /// half the picks are random, so bursts of calls spread out.
     #[default]
     P2c,
     /// Each call to the next endpoint in turn (the benchmark baseline).

@@ -153,8 +153,17 @@ impl Endpoint {
 
     /// Peak-EWMA latency × (in-flight + 1) × failure penalty.
     pub(crate) fn load(&self, now: Instant) -> f64 {
+        self.rtt_estimate() * self.queue_cost(now)
+    }
+
+    /// The peak-EWMA latency estimate, in nanoseconds.
+    pub(crate) fn rtt_estimate(&self) -> f64 {
+        f64::from_bits(self.rtt_ns.load(Ordering::Relaxed))
+    }
+
+    /// (in-flight + 1) × failure penalty: the load before latency is weighed.
+    pub(crate) fn queue_cost(&self, now: Instant) -> f64 {
         let pending = f64::from(self.in_flight.load(Ordering::Relaxed)) + 1.0;
-        let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         let penalty = if self.troubled.load(Ordering::Relaxed) {
             let state = self.state();
             decay(
@@ -164,7 +173,7 @@ impl Endpoint {
         } else {
             0.0
         };
-        rtt * pending * (1.0 + PENALTY_WEIGHT * penalty)
+        pending * (1.0 + PENALTY_WEIGHT * penalty)
     }
 
     /// Marks a call in flight until the guard drops.
