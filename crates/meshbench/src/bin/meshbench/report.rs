@@ -202,30 +202,25 @@ fn trim(v: f64) -> String {
 /// percentiles on a log scale.
 pub fn plot(s: &Scenario, dir: &Path) -> Result<(), String> {
     let path = dir.join(format!("{}.svg", s.id));
-    let root = SVGBackend::new(&path, (1100, 420)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let root = root
-        .titled(&s.title, ("sans-serif", 20))
-        .map_err(|e| e.to_string())?;
-    let (left, right) = root.split_horizontally(400);
     let names: Vec<String> = s.rows.iter().map(|r| short(&r.contender)).collect();
     let memory = s.rows.iter().all(|r| r.mode == "memory");
-    let (bar_label, bars): (&str, Vec<f64>) = if memory {
-        (
-            "resident memory, MiB",
-            s.rows
-                .iter()
-                .map(|r| r.extra.get("rss_mib").copied().unwrap_or(0.0))
-                .collect(),
-        )
+    let width = if memory { 480 } else { 1100 };
+    let root = SVGBackend::new(&path, (width, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let root = root
+        .titled(&s.title, ("sans-serif", 18))
+        .map_err(|e| e.to_string())?;
+    if memory {
+        let rss: Vec<f64> = s
+            .rows
+            .iter()
+            .map(|r| r.extra.get("rss_mib").copied().unwrap_or(0.0))
+            .collect();
+        bar_chart(&root, "resident memory, MiB", &names, &rss)?;
     } else {
-        (
-            "requests per second",
-            s.rows.iter().map(|r| r.rps).collect(),
-        )
-    };
-    bar_chart(&left, bar_label, &names, &bars)?;
-    if !memory {
+        let (left, right) = root.split_horizontally(400);
+        let rps: Vec<f64> = s.rows.iter().map(|r| r.rps).collect();
+        bar_chart(&left, "requests per second", &names, &rps)?;
         percentile_chart(&right, &names, &s.rows)?;
     }
     root.present().map_err(|e| e.to_string())?;

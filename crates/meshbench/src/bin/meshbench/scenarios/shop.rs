@@ -157,10 +157,10 @@ fn policy_for(service: &str) -> String {
     serde_json::json!({"authorization": {"rules": rules}}).to_string()
 }
 
-/// A new empty PostgreSQL database for `service`, as a URL.
+/// A new empty PostgreSQL database for `service`, as a URL. Made with
+/// `psql`, not sqlx: sqlx turns on tracing's `log` feature, which would put
+/// a log fallback into every span of the client being measured.
 async fn create_database(admin: &str, service: &str) -> Result<String, String> {
-    use sqlx::Connection;
-    sqlx::any::install_default_drivers();
     let name = format!(
         "bench_{}_{}_{service}",
         std::process::id(),
@@ -169,13 +169,20 @@ async fn create_database(admin: &str, service: &str) -> Result<String, String> {
             .map(|d| d.as_millis())
             .unwrap_or(0)
     );
-    let mut conn = sqlx::AnyConnection::connect(admin)
+    let psql =
+        procs::which("psql").ok_or("psql (PostgreSQL's client) is needed with --postgres-url")?;
+    let output = tokio::process::Command::new(psql)
+        .args([admin, "-v", "ON_ERROR_STOP=1", "-q", "-c"])
+        .arg(format!("CREATE DATABASE {name}"))
+        .output()
         .await
-        .map_err(|e| format!("connecting to {admin}: {e}"))?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .map_err(|e| format!("CREATE DATABASE {name}: {e}"))?;
+        .map_err(|e| format!("running psql: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "CREATE DATABASE {name} on {admin}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
     let (base, _) = admin
         .rsplit_once('/')
         .ok_or("--postgres-url must end in /<database>")?;
