@@ -270,11 +270,13 @@ impl EndpointSet {
 /// Endpoints whose latency estimates differ by more than 2× are compared
 /// by peak-EWMA latency × (in-flight + 1), so a slow endpoint is avoided.
 /// Between endpoints of similar latency, `coin` sends half the draws to `x`
-/// whatever its load (as sampling with replacement does in Envoy's and
-/// gRPC's least-request): always preferring the endpoint with fewer calls
-/// in flight sends a burst of callers woken together all back to the
-/// endpoint that just answered them, and the bursts never break up (with
-/// two replicas, p99 doubled; measured with `meshbench`, docs/benchmarks.md).
+/// as long as `x` is not failing or clearly busier ([`COIN_LIMIT`]):
+/// always preferring the endpoint with fewer calls in flight sends a burst
+/// of callers woken together all back to the endpoint that just answered
+/// them, and the bursts never break up (with two replicas, p99 doubled;
+/// measured with `meshbench`, docs/benchmarks.md). A hung endpoint's calls
+/// pile up, and one that fails is penalised, so either soon exceeds the
+/// limit and gets no more calls by chance.
 fn lighter<'a>(
     x: &'a Arc<Endpoint>,
     y: &'a Arc<Endpoint>,
@@ -285,12 +287,24 @@ fn lighter<'a>(
     if rx > 2.0 * ry || ry > 2.0 * rx {
         return if x.load(now) <= y.load(now) { x } else { y };
     }
-    if coin || x.queue_cost(now) <= y.queue_cost(now) {
+    let (qx, qy) = (x.queue_cost(now), y.queue_cost(now));
+    let pending_x = f64::from(x.in_flight()) + 1.0;
+    // A penalty (recent failures) makes the queue cost exceed the pending count.
+    let chance_allowed = qx <= pending_x
+        && pending_x <= COIN_LIMIT.0 * (f64::from(y.in_flight()) + 1.0) + COIN_LIMIT.1;
+    if (coin && chance_allowed) || qx <= qy {
         x
     } else {
         y
     }
 }
+
+/// The chance pick may go to an endpoint without recent failures whose
+/// calls in flight (+ 1) are at most `.0` × the other's (+ 1) + `.1`: wide
+/// enough for the imbalance bursts of calls make (narrower limits let the
+/// convoys back, measured), narrow enough that a hung endpoint stops getting
+/// calls by chance once a few are stuck on it.
+const COIN_LIMIT: (f64, f64) = (4.0, 8.0);
 
 /// Two different indices below `n` (the same one when `n` is 1).
 fn two_distinct(rng: &mut impl rand::Rng, n: usize) -> (usize, usize) {
@@ -392,6 +406,28 @@ mod tests {
             (1300..1700).contains(&idle),
             "{idle} of 2000 to the idle endpoint"
         );
+    }
+
+    #[tokio::test]
+    async fn p2c_sends_nothing_by_chance_to_an_endpoint_with_calls_piling_up_or_failing() {
+        let set = set_of(2).await;
+        let endpoints = set.snapshot();
+        let now = Instant::now();
+        for e in endpoints.iter() {
+            e.observe_rtt(Duration::from_millis(1), now);
+        }
+        // Port 1 hangs: its calls never answer, so they pile up.
+        let stuck: Vec<_> = (0..16).map(|_| endpoints[0].start()).collect();
+        let _normal = endpoints[1].start();
+        for _ in 0..200 {
+            assert_eq!(set.pick(LbPolicy::P2c, &[]).unwrap().addr.port(), 2);
+        }
+        // Port 2 fails once: penalised, it gets nothing by chance either.
+        drop(stuck);
+        set.record_failure(&endpoints[1], &OutlierDetection::default());
+        for _ in 0..200 {
+            assert_eq!(set.pick(LbPolicy::P2c, &[]).unwrap().addr.port(), 1);
+        }
     }
 
     #[tokio::test]

@@ -156,6 +156,11 @@ impl Endpoint {
         self.rtt_estimate() * self.queue_cost(now)
     }
 
+    /// Calls in flight now.
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     /// The peak-EWMA latency estimate, in nanoseconds.
     pub(crate) fn rtt_estimate(&self) -> f64 {
         f64::from_bits(self.rtt_ns.load(Ordering::Relaxed))

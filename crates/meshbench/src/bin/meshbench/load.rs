@@ -30,29 +30,39 @@ pub fn histogram() -> Histogram<u64> {
 /// What one call of a contender does.
 #[derive(Clone)]
 pub enum Caller {
+    /// Echo through a raw tonic channel, with this payload.
     RawEcho(EchoServiceClient<Channel>, Vec<u8>),
+    /// Echo through a mesh channel, with this payload.
     MeshEcho(EchoServiceClient<MeshChannel>, Vec<u8>),
+    /// PlaceOrder of one unit through the shop.
     PlaceOrder(Box<Shopper>),
 }
 
 /// A customer placing one-unit orders with fresh idempotency keys.
 #[derive(Clone)]
 pub struct Shopper {
+    /// Orders, through the mesh.
     pub orders: OrdersServiceClient<MeshChannel>,
+    /// The customer's access token.
     pub token: String,
+    /// A product with plenty of stock.
     pub product: String,
+    /// The customer's account with plenty of money.
     pub account: String,
 }
 
 impl Caller {
+    /// Echo of `payload` bytes over a raw tonic channel.
     pub fn raw_echo(channel: Channel, payload: usize) -> Caller {
         Caller::RawEcho(EchoServiceClient::new(channel), vec![7; payload])
     }
 
+    /// Echo of `payload` bytes over a mesh channel.
     pub fn mesh_echo(channel: MeshChannel, payload: usize) -> Caller {
         Caller::MeshEcho(EchoServiceClient::new(channel), vec![7; payload])
     }
 
+    /// Makes one call.
     pub async fn call(&mut self) -> Result<(), tonic::Status> {
         match self {
             Caller::RawEcho(client, payload) => client
@@ -98,19 +108,28 @@ impl Caller {
 /// One call's fate, for timelines: start offset and latency in µs.
 #[derive(Clone, Copy)]
 pub struct Event {
+    /// When the call started, µs after the round began.
     pub start_us: u64,
+    /// How long it took, µs.
     pub latency_us: u64,
+    /// Whether it succeeded.
     pub ok: bool,
 }
 
 /// What a round measured.
 pub struct Sample {
+    /// Latency of successful calls, µs.
     pub hist: Histogram<u64>,
+    /// Successful calls.
     pub calls: u64,
+    /// Failed calls (and, in the open loop, calls not started because too
+    /// many were in flight).
     pub errors: u64,
+    /// Wall time of the round.
     pub elapsed: Duration,
     /// The first few distinct error messages, to explain failures.
     pub error_examples: Vec<String>,
+    /// Every call (closed loop with `timeline`).
     pub timeline: Vec<Event>,
     /// Open loop: how late the generator sent its worst call (µs).
     pub max_send_lag_us: u64,
@@ -254,7 +273,7 @@ pub async fn open_loop(
         while tasks.try_join_next().is_some() {}
     }
     let _ = pacer.join();
-    // Every call has a deadline or fails with its connection; still, bound the wait.
+    // A mesh call has a deadline, a raw one may not: bound the wait for stragglers.
     let drained = tokio::time::timeout(Duration::from_secs(15), async {
         while tasks.join_next().await.is_some() {}
     })
@@ -281,28 +300,39 @@ pub async fn open_loop(
 /// How a scenario drives its contenders.
 #[derive(Clone, Copy, Debug)]
 pub enum Load {
+    /// This many calls in flight, each loop starting its next call when the
+    /// last one answers.
     Closed { concurrency: usize },
+    /// Calls started at this rate per second whatever the answers.
     Open { rate: f64 },
 }
 
 /// Warm-up, round length and number of rounds.
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {
+    /// Unmeasured time per contender before the rounds.
     pub warmup: Duration,
+    /// Measured time per round per contender.
     pub duration: Duration,
+    /// Rounds; each runs every contender once.
     pub rounds: usize,
 }
 
 /// One contender: what it calls with, which processes do its work (their
 /// CPU is charged to it), and what it measured so far.
 pub struct Contender {
+    /// Its name in tables.
     pub name: String,
+    /// What one call does.
     pub caller: Caller,
+    /// (label, pid) of every process on its path.
     pub procs: Vec<(String, u32)>,
+    /// What it measured so far.
     pub acc: Acc,
 }
 
 impl Contender {
+    /// A contender that has measured nothing yet.
     pub fn new(name: &str, caller: Caller, procs: Vec<(String, u32)>) -> Contender {
         Contender {
             name: name.to_owned(),
@@ -315,12 +345,19 @@ impl Contender {
 
 /// Totals over the rounds of one contender.
 pub struct Acc {
+    /// Latency of successful calls, µs.
     pub hist: Histogram<u64>,
+    /// Successful calls.
     pub calls: u64,
+    /// Failed calls.
     pub errors: u64,
+    /// Measured wall time.
     pub elapsed: Duration,
+    /// CPU seconds per process label.
     pub cpu: BTreeMap<String, f64>,
+    /// The first few distinct errors.
     pub error_examples: Vec<String>,
+    /// Open loop: the generator's worst lag behind schedule, µs.
     pub max_send_lag_us: u64,
 }
 
@@ -339,6 +376,7 @@ impl Default for Acc {
 }
 
 impl Acc {
+    /// Adds a round.
     pub fn add(&mut self, sample: &Sample) {
         self.hist.add(&sample.hist).expect("same bounds");
         self.calls += sample.calls;
@@ -352,6 +390,7 @@ impl Acc {
         }
     }
 
+    /// The totals as a table row.
     pub fn row(&self, name: &str, mode: &str) -> Row {
         let q = |q: f64| self.hist.value_at_quantile(q);
         let cpu_total: f64 = self.cpu.values().sum();

@@ -27,6 +27,7 @@ pub struct Pki {
 }
 
 impl Pki {
+    /// A fresh CA whose workloads are written under `root`.
     pub fn new(root: &Path) -> Result<Pki, String> {
         let ca =
             DevCa::generate(TRUST_DOMAIN, Duration::from_secs(3600)).map_err(|e| e.to_string())?;

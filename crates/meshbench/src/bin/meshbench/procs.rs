@@ -5,7 +5,7 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU16, Ordering},
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -18,6 +18,7 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -35,8 +36,26 @@ impl Drop for Proc {
     }
 }
 
-/// CPU seconds (user + system) a process has used, from /proc.
+/// CPU seconds a process has used: the sum of its threads' run time from
+/// `/proc/<pid>/task/*/schedstat` (nanoseconds; `/proc/<pid>/stat` counts
+/// in 10 ms ticks, too coarse for a short round), or from `stat` where
+/// schedstat is missing.
 pub fn cpu_seconds(pid: u32) -> f64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+    let from_schedstat: Option<f64> = tasks.ok().and_then(|tasks| {
+        let mut total = 0u64;
+        for task in tasks.flatten() {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+        Some(total as f64 / 1e9)
+    });
+    from_schedstat.unwrap_or_else(|| stat_cpu_seconds(pid))
+}
+
+/// User + system time from `/proc/<pid>/stat`, at 100 ticks per second
+/// (USER_HZ is 100 on every Linux this runs on).
+fn stat_cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -48,12 +67,11 @@ pub fn cpu_seconds(pid: u32) -> f64 {
             .and_then(|f| f.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    // After the command name: utime is field 11, stime 12, at 100 ticks/s
-    // (USER_HZ is 100 on every Linux this runs on).
+    // After the command name: utime is field 11, stime 12.
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`).
+/// A `/proc/self/status` field in KiB (`VmRSS`).
 pub fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -66,19 +84,25 @@ pub fn status_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A loopback port that is free now. Ports come from a counter below the
-/// kernel's ephemeral range, so two processes starting at once never get the
-/// same one (binding port 0 and releasing it can hand one port out twice).
-pub fn free_addr() -> SocketAddr {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 33_000 + (std::process::id() % 50) as u16 * 200;
-    loop {
-        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 200;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+/// A loopback address with a port that is free now. Ports come from
+/// 20000–32000, below the kernel's ephemeral range (32768–60999) so an
+/// outgoing connection cannot take one before its server binds it, handed
+/// out in turn from a start that differs per process, so two processes
+/// starting at once do not get the same one (binding port 0 and releasing
+/// it can hand one port out twice).
+pub fn free_addr() -> Result<SocketAddr, String> {
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % COUNT;
+    for _ in 0..COUNT {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % COUNT;
+        let addr = SocketAddr::from(([127, 0, 0, 1], (FIRST + offset) as u16));
         if TcpListener::bind(addr).is_ok() {
-            return addr;
+            return Ok(addr);
         }
     }
+    Err(format!("no free port in {FIRST}-{}", FIRST + COUNT))
 }
 
 /// A binary built next to this one (`cargo build --release --workspace`).
@@ -144,7 +168,7 @@ pub async fn wait_listening(proc: &mut Proc, log: &Path) -> Result<(), String> {
 
 /// One `mesh-echo` replica.
 pub async fn echo(dir: &Path, label: &str, extra: &[String]) -> Result<Proc, String> {
-    let addr = free_addr();
+    let addr = free_addr()?;
     let mut args = vec![
         "--listen".into(),
         addr.to_string(),
@@ -185,7 +209,7 @@ impl Sidecars {
         };
         let (client_pem, server_pem) = (pem("client-sidecar")?, pem("server-sidecar")?);
         let ca = pki.join("server-sidecar").join("ca.crt");
-        let (client_addr, server_addr) = (free_addr(), free_addr());
+        let (client_addr, server_addr) = (free_addr()?, free_addr()?);
         let common = "global\n  maxconn 4000\n\
              defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n";
         let client_cfg = format!(

@@ -8,21 +8,31 @@ use serde::Serialize;
 /// One contender's measurements in one scenario.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
+    /// Who was measured.
     pub contender: String,
     /// `closed` (fixed concurrency), `open` (fixed rate) or `memory`.
     pub mode: String,
+    /// Successful calls per second.
     pub rps: f64,
+    /// Successful calls.
     pub calls: u64,
+    /// Failed calls.
     pub errors: u64,
+    /// Latency percentiles and maximum of successful calls, µs.
     pub p50_us: u64,
+    /// p90, µs.
     pub p90_us: u64,
+    /// p99, µs.
     pub p99_us: u64,
+    /// p99.9, µs.
     pub p999_us: u64,
+    /// Slowest successful call, µs.
     pub max_us: u64,
     /// CPU seconds per process that did this contender's work.
     pub cpu_s: BTreeMap<String, f64>,
     /// All those CPU seconds over the successful calls, in µs.
     pub cpu_us_per_call: f64,
+    /// The first few distinct errors.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub error_examples: Vec<String>,
     /// Scenario-specific numbers (RSS, recovery time, share of calls ...).
@@ -44,16 +54,20 @@ impl Row {
 /// A measured ratio or difference and the goal it is held to.
 #[derive(Clone, Debug, Serialize)]
 pub struct Goal {
+    /// What is compared.
     pub what: String,
+    /// The measured value.
     pub value: f64,
     /// `×` for ratios, `µs`, `MiB`, `calls`, `ms`.
     pub unit: String,
     /// The goal in words (`≥ 0.97`), empty when only reported.
     pub goal: String,
+    /// Whether the goal holds; `None` when only reported.
     pub met: Option<bool>,
 }
 
 impl Goal {
+    /// A goal met when `value` ≥ `goal`.
     pub fn at_least(what: &str, value: f64, unit: &str, goal: f64) -> Goal {
         Goal {
             what: what.into(),
@@ -64,6 +78,7 @@ impl Goal {
         }
     }
 
+    /// A goal met when `value` ≤ `goal`.
     pub fn at_most(what: &str, value: f64, unit: &str, goal: f64) -> Goal {
         Goal {
             what: what.into(),
@@ -74,6 +89,7 @@ impl Goal {
         }
     }
 
+    /// A number reported without a goal.
     pub fn report(what: &str, value: f64, unit: &str) -> Goal {
         Goal {
             what: what.into(),
@@ -88,12 +104,17 @@ impl Goal {
 /// One scenario's results.
 #[derive(Clone, Debug, Serialize)]
 pub struct Scenario {
+    /// Short name, also the SVG's file name.
     pub id: String,
+    /// Heading of its table and plot.
     pub title: String,
     /// Load, payload, processes: what a reader needs to reproduce it.
     pub setup: String,
+    /// One row per contender.
     pub rows: Vec<Row>,
+    /// Ratios and the goals they are held to.
     pub goals: Vec<Goal>,
+    /// What a reader should know about the numbers.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
     /// A measurement over time, plotted as lines.
@@ -104,16 +125,22 @@ pub struct Scenario {
 /// Lines over time: one per contender.
 #[derive(Clone, Debug, Serialize)]
 pub struct Timeline {
+    /// Heading of the plot.
     pub title: String,
+    /// X axis label.
     pub x: String,
+    /// Y axis label.
     pub y: String,
+    /// One line per contender.
     pub series: Vec<Series>,
 }
 
 /// One contender's line.
 #[derive(Clone, Debug, Serialize)]
 pub struct Series {
+    /// The contender.
     pub name: String,
+    /// (x, y) points.
     pub points: Vec<(f64, f64)>,
 }
 

@@ -13,6 +13,7 @@ use crate::report::{Goal, Scenario, ratio};
 
 const SLOW_MS: i64 = 20;
 
+/// Runs the scenario: P2C and round robin over the same three replicas.
 pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
     let mut replicas = Vec::new();
     for i in 0..3 {

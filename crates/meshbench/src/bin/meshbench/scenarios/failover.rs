@@ -25,6 +25,7 @@ enum Kind {
     Raw,
 }
 
+/// Runs the scenario: each contender on fresh replicas, one killed per round.
 pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
     let kinds = [
         (Kind::Mesh, "mesh P2C (retries, ejection)"),
@@ -166,13 +167,14 @@ async fn one_round(
     let recovery = recovery_ms(&sample.timeline, kill_us);
     let series = windows(&sample.timeline, PLOT_WINDOW_US)
         .iter()
-        .filter_map(|(start, p99, _)| Some((*start as f64 / 1e6, (*p99)? as f64 / 1000.0)))
+        .filter_map(|(start, p99, _, _)| Some((*start as f64 / 1e6, (*p99)? as f64 / 1000.0)))
         .collect();
     Ok((sample, recovery, series))
 }
 
-/// p99 of each `width` window of calls (by start time), and whether any failed.
-fn windows(events: &[Event], width: u64) -> Vec<(u64, Option<u64>, bool)> {
+/// Start, p99, whether any call failed, and the number of calls of each
+/// `width` window of calls (placed by `start_us`).
+fn windows(events: &[Event], width: u64) -> Vec<(u64, Option<u64>, bool, u64)> {
     let last = events.iter().map(|e| e.start_us).max().unwrap_or(0);
     let count = (last / width + 1) as usize;
     let mut hists: Vec<(Histogram<u64>, bool)> = (0..count).map(|_| (histogram(), false)).collect();
@@ -186,33 +188,38 @@ fn windows(events: &[Event], width: u64) -> Vec<(u64, Option<u64>, bool)> {
         .enumerate()
         .map(|(i, (h, failed))| {
             let p99 = (!h.is_empty()).then(|| h.value_at_quantile(0.99));
-            (i as u64 * width, p99, *failed)
+            (i as u64 * width, p99, *failed, h.len())
         })
         .collect()
 }
 
 /// How long after `kill_us` the last abnormal judging window ended (0 when
 /// none was): one with a failed call, or with a p99 above [`NORMAL_P99`]×
-/// the p99 of every call before the kill. Windows are counted from the
-/// kill, so the first one holds the calls the kill interrupted.
+/// the p99 of the calls answered before the kill. Calls are placed by when
+/// they ended, so the calls the kill cut off count after it; windows with
+/// too few calls for a p99 (the last, partial one) are not judged.
 fn recovery_ms(events: &[Event], kill_us: u64) -> f64 {
+    const MIN_CALLS: u64 = 200;
+    let end = |e: &Event| e.start_us + e.latency_us;
     let mut before = histogram();
-    for e in events.iter().filter(|e| e.start_us < kill_us) {
+    for e in events.iter().filter(|e| e.ok && end(e) < kill_us) {
         let _ = before.record(e.latency_us);
     }
     let normal = before.value_at_quantile(0.99) as f64 * NORMAL_P99;
     let after: Vec<Event> = events
         .iter()
-        .filter(|e| e.start_us >= kill_us)
+        .filter(|e| end(e) >= kill_us)
         .map(|e| Event {
-            start_us: e.start_us - kill_us,
+            start_us: end(e) - kill_us,
             ..*e
         })
         .collect();
     windows(&after, JUDGE_WINDOW_US)
         .iter()
-        .filter(|(_, p99, failed)| *failed || p99.is_some_and(|p| p as f64 > normal))
-        .map(|(start, _, _)| start + JUDGE_WINDOW_US)
+        .filter(|(_, p99, failed, calls)| {
+            *failed || (*calls >= MIN_CALLS && p99.is_some_and(|p| p as f64 > normal))
+        })
+        .map(|(start, _, _, _)| start + JUDGE_WINDOW_US)
         .max()
         .map_or(0.0, |us| us as f64 / 1000.0)
 }

@@ -1,7 +1,7 @@
 //! Scenario 5: resident memory of a client process with 4 targets × 3
 //! endpoints, mesh vs raw tonic, each in its own fresh process.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
@@ -16,6 +16,7 @@ pub const ENDPOINTS: usize = 3;
 /// and every lazily built structure exists.
 const CALLS_PER_TARGET: usize = 600;
 
+/// Runs the scenario: mesh and raw client processes in turn, RSS of each.
 pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
     let mut servers = Vec::new();
     for i in 0..TARGETS * ENDPOINTS {
@@ -32,17 +33,19 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
         .collect();
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut results: Vec<(&str, Vec<(u64, u64)>)> = vec![("mesh", vec![]), ("raw", vec![])];
-    let rounds = ctx.plan.rounds.max(2);
+    // An odd count, so the median is a sample.
+    let rounds = ctx.plan.rounds.max(3) | 1;
     for _ in 0..rounds {
         for (mode, samples) in results.iter_mut() {
-            let mut cmd = Command::new(&exe);
-            cmd.args(["memory-client", "--mode", mode]);
+            let mut cmd = tokio::process::Command::new(&exe);
+            cmd.args(["memory-client", "--mode", mode])
+                .kill_on_drop(true);
             for t in &targets {
                 cmd.args(["--target", t]);
             }
-            let out = tokio::task::spawn_blocking(move || cmd.output())
+            let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|_| format!("memory-client --mode {mode} did not finish in 120 s"))?
                 .map_err(|e| e.to_string())?;
             let text = String::from_utf8_lossy(&out.stdout);
             let parsed: serde_json::Value = serde_json::from_str(text.trim()).map_err(|e| {
@@ -83,7 +86,7 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
         timeline: None,
         title: format!("Memory: client with {TARGETS} targets × {ENDPOINTS} endpoints"),
         setup: format!(
-            "a fresh client process per sample (same binary, 2 runtime threads): {CALLS_PER_TARGET} Echo calls per target, 4 at a time, then VmRSS; median of {rounds} samples each, interleaved"
+            "a fresh client process per sample (same binary, a runtime thread per core): {CALLS_PER_TARGET} Echo calls per target, 4 at a time, then VmRSS; median of {rounds} samples each, interleaved"
         ),
         rows,
         goals: vec![Goal::at_most(
@@ -102,15 +105,21 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
 pub async fn client(mode: &str, targets: &[String]) -> Result<(), String> {
     let baseline = status_kib("VmRSS");
     let mut callers = Vec::new();
-    let mesh = crate::scenarios::descriptor_mesh(mesh_client::MeshConfig::default())?;
+    // Only the mesh client holds a mesh (and the contracts' descriptors).
+    let mesh = match mode {
+        "mesh" => Some(crate::scenarios::descriptor_mesh(
+            mesh_client::MeshConfig::default(),
+        )?),
+        _ => None,
+    };
     for target in targets {
-        callers.push(match mode {
-            "mesh" => Caller::mesh_echo(
+        callers.push(match (mode, &mesh) {
+            ("mesh", Some(mesh)) => Caller::mesh_echo(
                 mesh.channel(&format!("static:///{target}"))
                     .map_err(|e| e.to_string())?,
                 64,
             ),
-            "raw" => {
+            ("raw", _) => {
                 let endpoints = target.split(',').map(|a| {
                     Endpoint::from_shared(format!("http://{a}"))
                         .expect("valid URI")
@@ -118,7 +127,7 @@ pub async fn client(mode: &str, targets: &[String]) -> Result<(), String> {
                 });
                 Caller::raw_echo(Channel::balance_list(endpoints), 64)
             }
-            other => return Err(format!("--mode {other}: use mesh or raw")),
+            (other, _) => return Err(format!("--mode {other}: use mesh or raw")),
         });
     }
     for caller in &callers {
@@ -139,7 +148,6 @@ pub async fn client(mode: &str, targets: &[String]) -> Result<(), String> {
             "mode": mode,
             "baseline_kib": baseline,
             "rss_kib": status_kib("VmRSS"),
-            "hwm_kib": status_kib("VmHWM"),
         })
     );
     drop(callers);

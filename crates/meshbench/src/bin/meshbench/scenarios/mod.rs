@@ -29,13 +29,16 @@ pub struct Ctx {
     pub dir: PathBuf,
     /// Closed-loop warm-up, round length and rounds.
     pub plan: Plan,
+    /// Calls in flight in closed-loop scenarios.
     pub concurrency: usize,
+    /// Echo payload bytes.
     pub payload: usize,
     /// Open loop: calls per second, and its own plan.
     pub open_rate: f64,
     pub open_plan: Plan,
     /// Length of each failover round.
     pub failover_duration: Duration,
+    /// Orders in flight in the shop scenario.
     pub shop_concurrency: usize,
     /// Admin URL of a PostgreSQL server for the shop scenario.
     pub postgres_url: Option<String>,
@@ -48,14 +51,12 @@ impl Ctx {
         descriptor_mesh(MeshConfig::default())
     }
 
-    pub fn open_plan(&self) -> Plan {
-        self.open_plan
-    }
-
+    /// The closed-loop plan in words, for a scenario's setup line.
     pub fn plan_text(&self) -> String {
         plan_text(self.plan)
     }
 
+    /// The open-loop plan in words.
     pub fn open_plan_text(&self) -> String {
         plan_text(self.open_plan)
     }

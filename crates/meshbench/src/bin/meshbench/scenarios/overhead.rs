@@ -9,6 +9,7 @@ use crate::pki::{self, Pki};
 use crate::procs;
 use crate::report::{Goal, Scenario, ratio};
 
+/// Runs the scenario: four contenders over one connection each.
 pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
     let pki = Pki::new(&ctx.dir.join("overhead-pki"))?;
     let server_dir = pki.issue("bench", "server")?;

@@ -24,6 +24,8 @@ const SERVICES: [&str; 4] = ["auth", "inventory", "payments", "orders"];
 /// The four services on one database kind, and the operator's mesh.
 struct Shop {
     procs: Vec<Proc>,
+    /// PostgreSQL databases made for this shop, dropped after the run.
+    databases: Vec<String>,
     mesh: mesh_client::Mesh,
 }
 
@@ -42,6 +44,7 @@ impl Shop {
     }
 }
 
+/// Runs the scenario: a shop per database kind, PlaceOrder interleaved.
 pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
     let pki = Pki::new(&ctx.dir.join("shop-pki"))?;
     for who in SERVICES.iter().chain(&["operator"]) {
@@ -73,6 +76,20 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
         .iter()
         .map(|c| c.acc.row(&c.name, "closed"))
         .collect();
+    drop(contenders);
+    for (_, shop) in shops {
+        let Shop {
+            procs, databases, ..
+        } = shop;
+        drop(procs);
+        if let Some(admin) = &ctx.postgres_url {
+            for name in databases {
+                if let Err(e) = psql(admin, &format!("DROP DATABASE IF EXISTS {name}")).await {
+                    notes.push(format!("could not drop {name}: {e}"));
+                }
+            }
+        }
+    }
     let goals = rows
         .iter()
         .map(|r| Goal::report(&format!("{} throughput", r.contender), r.rps, "orders/s"))
@@ -98,11 +115,19 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
 async fn start(ctx: &Ctx, pki: &Pki, postgres: Option<&String>, tag: &str) -> Result<Shop, String> {
     let dir = ctx.dir.join(format!("shop-{tag}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let addrs: Vec<_> = SERVICES.iter().map(|_| procs::free_addr()).collect();
+    let addrs = SERVICES
+        .iter()
+        .map(|_| procs::free_addr())
+        .collect::<Result<Vec<_>, _>>()?;
     let mut procs = Vec::new();
+    let mut databases = Vec::new();
     for (i, service) in SERVICES.iter().enumerate() {
         let url = match postgres {
-            Some(admin) => create_database(admin, service).await?,
+            Some(admin) => {
+                let (name, url) = create_database(admin, service).await?;
+                databases.push(name);
+                url
+            }
             None => format!("sqlite://{}", dir.join(format!("{service}.db")).display()),
         };
         let policy = dir.join(format!("{service}.policy.json"));
@@ -131,7 +156,11 @@ async fn start(ctx: &Ctx, pki: &Pki, postgres: Option<&String>, tag: &str) -> Re
         procs.push(proc);
     }
     let mesh = ctx.mesh()?.with_tls(pki.load("operator")?);
-    let shop = Shop { procs, mesh };
+    let shop = Shop {
+        procs,
+        mesh,
+        databases,
+    };
     // Listening is not serving: wait for each one's health to say SERVING.
     for service in SERVICES {
         crate::scenarios::wait_serving(shop.channel(service)?).await?;
@@ -157,10 +186,45 @@ fn policy_for(service: &str) -> String {
     serde_json::json!({"authorization": {"rules": rules}}).to_string()
 }
 
-/// A new empty PostgreSQL database for `service`, as a URL. Made with
-/// `psql`, not sqlx: sqlx turns on tracing's `log` feature, which would put
-/// a log fallback into every span of the client being measured.
-async fn create_database(admin: &str, service: &str) -> Result<String, String> {
+/// Runs one SQL statement on the PostgreSQL server at `admin` with `psql`
+/// (not sqlx: sqlx turns on tracing's `log` feature, which would put a log
+/// fallback into every span of the client being measured).
+async fn psql(admin: &str, statement: &str) -> Result<(), String> {
+    let psql =
+        procs::which("psql").ok_or("psql (PostgreSQL's client) is needed with --postgres-url")?;
+    let output = tokio::process::Command::new(psql)
+        .args([admin, "-v", "ON_ERROR_STOP=1", "-q", "-c", statement])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(30), output)
+        .await
+        .map_err(|_| format!("psql did not answer in 30 s: {statement}"))?
+        .map_err(|e| format!("running psql: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{statement} on {admin}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// `admin` with its database name replaced by `name` (query kept).
+fn database_url(admin: &str, name: &str) -> Result<String, String> {
+    let (path, query) = match admin.split_once('?') {
+        Some((path, query)) => (path, format!("?{query}")),
+        None => (admin, String::new()),
+    };
+    let (base, _) = path
+        .rsplit_once('/')
+        .filter(|(base, _)| base.contains("//"))
+        .ok_or("--postgres-url must look like postgres://user@host:port/database")?;
+    Ok(format!("{base}/{name}{query}"))
+}
+
+/// A new empty PostgreSQL database for `service`: its name and URL.
+async fn create_database(admin: &str, service: &str) -> Result<(String, String), String> {
     let name = format!(
         "bench_{}_{}_{service}",
         std::process::id(),
@@ -169,24 +233,9 @@ async fn create_database(admin: &str, service: &str) -> Result<String, String> {
             .map(|d| d.as_millis())
             .unwrap_or(0)
     );
-    let psql =
-        procs::which("psql").ok_or("psql (PostgreSQL's client) is needed with --postgres-url")?;
-    let output = tokio::process::Command::new(psql)
-        .args([admin, "-v", "ON_ERROR_STOP=1", "-q", "-c"])
-        .arg(format!("CREATE DATABASE {name}"))
-        .output()
-        .await
-        .map_err(|e| format!("running psql: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "CREATE DATABASE {name} on {admin}: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    let (base, _) = admin
-        .rsplit_once('/')
-        .ok_or("--postgres-url must end in /<database>")?;
-    Ok(format!("{base}/{name}"))
+    let url = database_url(admin, &name)?;
+    psql(admin, &format!("CREATE DATABASE {name}")).await?;
+    Ok((name, url))
 }
 
 /// A user with a token, a product with plenty of stock and an account with

@@ -11,6 +11,7 @@ use crate::report::{Goal, Scenario, ratio};
 /// Istio's published p99 added by two sidecars at 1000 requests/s.
 const ISTIO_ADDED_P99_US: f64 = 298.0;
 
+/// Runs the scenario: closed loop, then open loop; two results.
 pub async fn run(ctx: &Ctx) -> Result<Vec<Scenario>, String> {
     let pki = Pki::new(&ctx.dir.join("sidecar-pki"))?;
     for who in ["server", "client", "client-sidecar", "server-sidecar"] {
@@ -107,7 +108,7 @@ pub async fn run(ctx: &Ctx) -> Result<Vec<Scenario>, String> {
 
     let rate = ctx.open_rate;
     let mut open = contenders();
-    interleave(&mut open, Load::Open { rate }, ctx.open_plan()).await;
+    interleave(&mut open, Load::Open { rate }, ctx.open_plan).await;
     let rows: Vec<_> = open.iter().map(|c| c.acc.row(&c.name, "open")).collect();
     let (mesh_row, side, raw_row) = (&rows[0], &rows[1], &rows[2]);
     let added = |a: u64, b: u64| a as f64 - b as f64;
