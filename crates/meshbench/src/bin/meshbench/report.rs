@@ -41,6 +41,21 @@ pub struct Row {
 }
 
 impl Row {
+    /// The latency table's columns after the contender's name, as text:
+    /// mode, req/s, p50, p90, p99, p99.9, errors, CPU µs/req.
+    pub fn cells(&self) -> [String; 8] {
+        [
+            self.mode.clone(),
+            format!("{:.0}", self.rps),
+            self.p50_us.to_string(),
+            self.p90_us.to_string(),
+            self.p99_us.to_string(),
+            self.p999_us.to_string(),
+            self.errors.to_string(),
+            self.cpu_text(),
+        ]
+    }
+
     /// CPU µs per call, or `-` where no process's CPU was tracked.
     pub fn cpu_text(&self) -> String {
         if self.cpu_s.is_empty() {
@@ -169,17 +184,10 @@ pub fn print(s: &Scenario) {
     }
     for r in &s.rows {
         if r.mode != "memory" {
+            let [mode, rps, p50, p90, p99, p999, errors, cpu] = r.cells();
             println!(
-                "   {:<34} {:>5} {:>9.0} {:>8} {:>8} {:>8} {:>8} {:>6} {:>10}",
-                r.contender,
-                r.mode,
-                r.rps,
-                r.p50_us,
-                r.p90_us,
-                r.p99_us,
-                r.p999_us,
-                r.errors,
-                r.cpu_text()
+                "   {:<34} {mode:>5} {rps:>9} {p50:>8} {p90:>8} {p99:>8} {p999:>8} {errors:>6} {cpu:>10}",
+                r.contender
             );
         }
         let extra: Vec<String> = r

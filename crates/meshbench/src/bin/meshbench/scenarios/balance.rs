@@ -21,14 +21,7 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
         let extra = vec!["--delay-ms".to_string(), delay.to_string()];
         replicas.push(procs::echo(&ctx.dir, &format!("replica-{i}"), &extra).await?);
     }
-    let target = format!(
-        "static:///{}",
-        replicas
-            .iter()
-            .map(|r| r.addr.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let target = super::static_target(&replicas);
     let policy = |lb: &str| -> Result<MeshConfig, String> {
         MeshConfig::from_json(&format!(r#"{{"loadBalancingPolicy": "{lb}"}}"#))
             .map_err(|e| e.to_string())

@@ -132,15 +132,10 @@ async fn one_round(
     }
     let caller = match kind {
         Kind::Mesh => {
-            let target = format!(
-                "static:///{}",
-                replicas
-                    .iter()
-                    .map(|r| r.addr.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
-            let channel = ctx.mesh()?.channel(&target).map_err(|e| e.to_string())?;
+            let channel = ctx
+                .mesh()?
+                .channel(&super::static_target(&replicas))
+                .map_err(|e| e.to_string())?;
             Caller::mesh_echo(channel, ctx.payload)
         }
         Kind::Raw => {

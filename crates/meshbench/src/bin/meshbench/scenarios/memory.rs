@@ -22,15 +22,7 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
     for i in 0..TARGETS * ENDPOINTS {
         servers.push(procs::echo(&ctx.dir, &format!("memory-{i}"), &[]).await?);
     }
-    let targets: Vec<String> = servers
-        .chunks(ENDPOINTS)
-        .map(|c| {
-            c.iter()
-                .map(|s| s.addr.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .collect();
+    let targets: Vec<String> = servers.chunks(ENDPOINTS).map(super::addr_list).collect();
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut results: Vec<(&str, Vec<(u64, u64)>)> = vec![("mesh", vec![]), ("raw", vec![])];
     // An odd count, so the median is a sample.

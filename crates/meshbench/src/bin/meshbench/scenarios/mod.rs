@@ -78,6 +78,20 @@ pub fn descriptor_mesh(config: MeshConfig) -> Result<Mesh, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The addresses of `procs`, comma-separated, as a static target lists them.
+pub fn addr_list(procs: &[crate::procs::Proc]) -> String {
+    procs
+        .iter()
+        .map(|p| p.addr.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A mesh target naming every one of `procs`.
+pub fn static_target(procs: &[crate::procs::Proc]) -> String {
+    format!("static:///{}", addr_list(procs))
+}
+
 /// Waits until the server behind `channel` reports SERVING.
 pub async fn wait_serving(channel: MeshChannel) -> Result<(), String> {
     shop_kit::mesh::wait_serving(channel, Duration::from_secs(30)).await
