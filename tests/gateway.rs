@@ -15,10 +15,9 @@ use std::{
 };
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use common::{Proc, Shop, authed, free_addr, skip_or_fail, which};
+use common::{ORIGIN, Proc, Shop, authed, free_addr, gateway, skip_or_fail, which};
 use prost::Message;
 use shop_api::{
-    auth::v1::{LoginRequest, RegisterRequest, auth_service_client::AuthServiceClient},
     inventory::v1::{
         GetProductRequest, ListProductsRequest, Product, ReserveStockRequest,
         inventory_service_client::InventoryServiceClient,
@@ -27,33 +26,6 @@ use shop_api::{
     payments::v1::{CreateChargeRequest, payments_service_client::PaymentsServiceClient},
 };
 use tonic::{Code, transport::Channel};
-
-const ORIGIN: &str = "https://shop.example";
-
-/// A gateway process in front of `shop`, with its own workload identity
-/// (sending inventory calls to `inventory`, if given, instead of the shop's).
-fn gateway(shop: &Shop, inventory: Option<String>, extra: &[&str]) -> (Proc, SocketAddr) {
-    let pki = shop.pki.as_ref().expect("the shop runs mTLS");
-    let addr = free_addr();
-    let mut args = vec![
-        "--tls-dir".to_string(),
-        pki.issue("gateway").display().to_string(),
-        "--trust-domain".into(),
-        common::TRUST_DOMAIN.into(),
-        "--auth-target".into(),
-        format!("static:///{}", shop.auth.addr),
-        "--inventory-target".into(),
-        inventory.unwrap_or_else(|| format!("static:///{}", shop.inventory.addr)),
-        "--orders-target".into(),
-        format!("static:///{}", shop.orders.addr),
-        "--cors-allowed-origin".into(),
-        ORIGIN.into(),
-        "--admin-addr".into(),
-        free_addr().to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    (Proc::spawn("gateway", addr, &args), addr)
-}
 
 async fn start() -> (Shop, Proc, Channel) {
     let shop = Shop::start_mtls().await;
@@ -64,21 +36,7 @@ async fn start() -> (Shop, Proc, Channel) {
 
 /// Registers and logs in through the gateway; returns the token.
 async fn login(gw: &Channel, name: &str) -> String {
-    let mut auth = AuthServiceClient::new(gw.clone());
-    auth.register(RegisterRequest {
-        username: name.into(),
-        password: "correct-horse-battery".into(),
-    })
-    .await
-    .expect("register through the gateway");
-    auth.login(LoginRequest {
-        username: name.into(),
-        password: "correct-horse-battery".into(),
-    })
-    .await
-    .expect("login through the gateway")
-    .into_inner()
-    .access_token
+    common::gateway_login(gw, name).await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,7 +67,7 @@ async fn restart_keeps_users_and_tokens_and_sigterm_exits_zero() {
 #[tokio::test]
 async fn sigterm_reports_not_serving_and_ends_streams() {
     let shop = common::Shop::start(&common::Db::Sqlite).await;
-    let (_, token) = shop.user("drain").await;
+    let (user_id, token) = shop.user("drain").await;
     // An order left pending (payments is stopped below) gives a watch
     // stream that would never end by itself.
     let mut inventory = shop.inventory().await;
@@ -88,7 +88,7 @@ async fn sigterm_reports_not_serving_and_ends_streams() {
         .payments()
         .await
         .open_account(shop_api::payments::v1::OpenAccountRequest {
-            owner_id: "drain".into(),
+            owner_id: user_id,
             currency_code: "USD".into(),
         })
         .await

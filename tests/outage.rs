@@ -181,6 +181,7 @@ async fn concurrent_same_key_charges(db: Db) {
                         amount: usd(700),
                         idempotency_key: "race-charge".into(),
                         reference: "race".into(),
+                        expected_owner_id: "race".into(),
                     })
                     .await
             })

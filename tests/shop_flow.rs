@@ -361,7 +361,26 @@ async fn shop_flow(db: Db, tls: bool) {
         amount: usd(amount),
         idempotency_key: key.into(),
         reference: "test".into(),
+        expected_owner_id: user_id.clone(),
     };
+    // Payments itself refuses a charge for anyone but the account's owner
+    // (whoever asks), and a missing account reads the same.
+    for (account_id, owner) in [
+        (account.clone(), "bob"),
+        (uuid::Uuid::new_v4().to_string(), user_id.as_str()),
+    ] {
+        assert_status(
+            payments
+                .create_charge(CreateChargeRequest {
+                    account_id,
+                    expected_owner_id: owner.into(),
+                    ..charge("c-foreign", 1000)
+                })
+                .await,
+            Code::PermissionDenied,
+            "expected_owner_id has no account with this id",
+        );
+    }
     let c1 = payments
         .create_charge(charge("c-1", 1000))
         .await

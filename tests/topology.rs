@@ -161,6 +161,9 @@ impl Cluster {
             "--drain-grace-ms".into(),
             "1000".into(),
         ];
+        if service == "payments" {
+            args.extend(["--auth-target".into(), self.target("auth")]);
+        }
         if service == "orders" {
             for (flag, callee) in [
                 ("--auth-target", "auth"),

@@ -388,6 +388,7 @@ async fn validation(db: Db) {
         amount: money("USD", 1),
         idempotency_key: "c".into(),
         reference: reference.into(),
+        expected_owner_id: user_id.clone(),
     };
     check!(
         pay.create_charge(charge(&account, &"r".repeat(201))),
@@ -395,9 +396,17 @@ async fn validation(db: Db) {
         "reference: must be 0 to 200 characters"
     );
     check!(
+        pay.create_charge(CreateChargeRequest {
+            expected_owner_id: String::new(),
+            ..charge(&account, "r")
+        }),
+        InvalidArgument,
+        "expected_owner_id"
+    );
+    check!(
         pay.create_charge(charge(MISSING, "r")),
-        NotFound,
-        "does not exist"
+        PermissionDenied,
+        "expected_owner_id has no account with this id"
     );
     check!(
         pay.refund_charge(RefundChargeRequest {
@@ -487,8 +496,8 @@ async fn validation(db: Db) {
             &token,
             order(vec![(&a.product_id, 1)], MISSING, "o1")
         )),
-        NotFound,
-        "payment_account_id: account"
+        PermissionDenied,
+        "payment_account_id: you have no payment account with this id"
     );
     check!(
         ord.place_order(authed(

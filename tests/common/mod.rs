@@ -325,36 +325,7 @@ impl TestPki {
 
 /// The shop's authorization policy for `service`, as the local run writes it.
 pub fn shop_policy(service: &str) -> String {
-    let from_orders: &[&str] = match service {
-        "auth" => &[
-            "mesh.auth.v1.AuthService/VerifyToken",
-            "mesh.auth.v1.AuthService/GetPublicKeys",
-        ],
-        "inventory" => &["mesh.inventory.v1.InventoryService/*"],
-        "payments" => &["mesh.payments.v1.PaymentsService/*"],
-        _ => &[],
-    };
-    let from_gateway: &[&str] = match service {
-        "auth" => &[
-            "mesh.auth.v1.AuthService/Register",
-            "mesh.auth.v1.AuthService/Login",
-            "mesh.auth.v1.AuthService/GetPublicKeys",
-        ],
-        "inventory" => &[
-            "mesh.inventory.v1.InventoryService/GetProduct",
-            "mesh.inventory.v1.InventoryService/ListProducts",
-        ],
-        "orders" => &["mesh.orders.v1.OrdersService/*"],
-        _ => &[],
-    };
-    let mut rules = vec![serde_json::json!({"callers": [identity("operator")], "methods": ["*"]})];
-    if !from_orders.is_empty() {
-        rules.push(serde_json::json!({"callers": [identity("orders")], "methods": from_orders}));
-    }
-    if !from_gateway.is_empty() {
-        rules.push(serde_json::json!({"callers": [identity("gateway")], "methods": from_gateway}));
-    }
-    serde_json::json!({"authorization": {"rules": rules}}).to_string()
+    shop_kit::policy::mesh_config(service, TRUST_DOMAIN).to_string()
 }
 
 impl Shop {
@@ -417,6 +388,10 @@ impl Shop {
         }
         let auth = Proc::spawn_env("auth", free_addr(), &args["auth"], &env);
         let inventory = Proc::spawn_env("inventory", free_addr(), &args["inventory"], &env);
+        // Payments checks wallet users' tokens with auth's keys.
+        args.get_mut("payments")
+            .unwrap()
+            .extend(["--auth-target".into(), format!("static:///{}", auth.addr)]);
         let payments = Proc::spawn_env("payments", free_addr(), &args["payments"], &env);
         let mut orders_args = db_args("orders");
         orders_args.extend([
@@ -622,6 +597,58 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let status = response.status().as_u16();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The web origin test gateways allow gRPC-Web calls from.
+pub const ORIGIN: &str = "https://shop.example";
+
+/// A gateway process in front of `shop`, with its own workload identity
+/// (sending inventory calls to `inventory`, if given, instead of the shop's).
+pub fn gateway(shop: &Shop, inventory: Option<String>, extra: &[&str]) -> (Proc, SocketAddr) {
+    let pki = shop.pki.as_ref().expect("the shop runs mTLS");
+    let addr = free_addr();
+    let mut args = vec![
+        "--tls-dir".to_string(),
+        pki.issue("gateway").display().to_string(),
+        "--trust-domain".into(),
+        TRUST_DOMAIN.into(),
+        "--auth-target".into(),
+        format!("static:///{}", shop.auth.addr),
+        "--inventory-target".into(),
+        inventory.unwrap_or_else(|| format!("static:///{}", shop.inventory.addr)),
+        "--orders-target".into(),
+        format!("static:///{}", shop.orders.addr),
+        "--payments-target".into(),
+        format!("static:///{}", shop.payments.addr),
+        "--cors-allowed-origin".into(),
+        ORIGIN.into(),
+        "--admin-addr".into(),
+        free_addr().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    (Proc::spawn("gateway", addr, &args), addr)
+}
+
+/// Registers `name` and logs in through the gateway at `gw`, as an end
+/// user would; returns `(user_id, token)`.
+pub async fn gateway_login(gw: &tonic::transport::Channel, name: &str) -> (String, String) {
+    use shop_api::auth::v1::{LoginRequest, RegisterRequest};
+    let mut auth = AuthServiceClient::new(gw.clone());
+    auth.register(RegisterRequest {
+        username: name.into(),
+        password: "correct-horse-battery".into(),
+    })
+    .await
+    .expect("register through the gateway");
+    let login = auth
+        .login(LoginRequest {
+            username: name.into(),
+            password: "correct-horse-battery".into(),
+        })
+        .await
+        .expect("login through the gateway")
+        .into_inner();
+    (login.user_id, login.access_token)
 }
 
 /// What an order needs, made through these clients: a user's token, a

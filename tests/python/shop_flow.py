@@ -24,7 +24,8 @@ def main(auth_addr, inventory_addr, payments_addr, orders_addr):
 
     name = "py" + uuid.uuid4().hex[:8]
     auth.Register(auth_pb2.RegisterRequest(username=name, password="python-password"), timeout=10)
-    token = auth.Login(auth_pb2.LoginRequest(username=name, password="python-password"), timeout=10).access_token
+    login = auth.Login(auth_pb2.LoginRequest(username=name, password="python-password"), timeout=10)
+    token = login.access_token
     md = [("authorization", "Bearer " + token)]
 
     usd = lambda n: money_pb2.Money(currency_code="USD", amount_minor=n)
@@ -32,7 +33,7 @@ def main(auth_addr, inventory_addr, payments_addr, orders_addr):
         inventory_pb2.CreateProductRequest(sku="PY-" + name, name="Python mug", price=usd(700), initial_stock=4),
         timeout=10,
     )
-    account = payments.OpenAccount(payments_pb2.OpenAccountRequest(owner_id=name, currency_code="USD"), timeout=10)
+    account = payments.OpenAccount(payments_pb2.OpenAccountRequest(owner_id=login.user_id, currency_code="USD"), timeout=10)
     payments.Deposit(
         payments_pb2.DepositRequest(account_id=account.account_id, amount=usd(2000), idempotency_key="py-dep"),
         timeout=10,

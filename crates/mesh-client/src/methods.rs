@@ -62,7 +62,7 @@ impl MethodTable {
     }
 
     /// Every registered path.
-    pub(crate) fn paths(&self) -> impl Iterator<Item = &str> {
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
         self.methods.keys().map(String::as_str)
     }
 

@@ -1,14 +1,17 @@
 //! What every shop service shares, so each service crate holds only its
 //! domain: the process entry point (config parsing with exit code 64, logs,
 //! signals), database pools with migrations for SQLite and PostgreSQL, input
-//! validation of shared shapes, and time conversions.
+//! validation of shared shapes, time conversions, and the local check of
+//! end users' tokens.
 
 #![forbid(unsafe_code)]
 
 pub mod db;
 mod entry;
 pub mod mesh;
+pub mod policy;
 pub mod time;
+pub mod token;
 pub mod validate;
 
 pub use entry::{ServiceConfig, service_main, shutdown_signal};

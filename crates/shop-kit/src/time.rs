@@ -18,3 +18,9 @@ pub fn timestamp(millis: i64) -> prost_types::Timestamp {
         nanos: (millis.rem_euclid(1000) * 1_000_000) as i32,
     }
 }
+
+/// A protobuf timestamp as Unix milliseconds (none reads as 0).
+pub fn millis(ts: Option<&prost_types::Timestamp>) -> i64 {
+    ts.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+        .unwrap_or_default()
+}

@@ -155,6 +155,25 @@ pub fn page_size(field: &str, value: i32) -> Result<i64, Status> {
     }
 }
 
+/// A page token for the row after which the next page starts: the row's
+/// creation time (Unix ms) and its id.
+pub fn page_token(created_at_millis: i64, id: &str) -> String {
+    format!("{created_at_millis}.{id}")
+}
+
+/// The position a `page_token` from [`page_token`] names (`None` for the
+/// first page), or `INVALID_ARGUMENT` naming `field`.
+pub fn page_after(field: &str, token: &str) -> Result<Option<(i64, String)>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || invalid(field, "is not a token from a previous response");
+    let (millis, id) = token.split_once('.').ok_or_else(bad)?;
+    let millis = millis.parse().map_err(|_| bad())?;
+    let id = uuid(field, id).map_err(|_| bad())?;
+    Ok(Some((millis, id)))
+}
+
 /// Money as the contracts carry it.
 pub fn money(currency: &str, amount_minor: i64) -> Money {
     Money {

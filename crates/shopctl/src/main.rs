@@ -112,45 +112,10 @@ struct ClientTls {
     identity: String,
 }
 
-/// Who may call what in the local shop: orders calls inventory, payments
-/// and auth's token checks; nobody else calls payments; the operator calls
-/// everything.
+/// Who may call what in the local shop: each workload exactly the methods
+/// it calls, the operator everything (`shop_kit::policy`).
 fn policy(service: &str, trust_domain: &str) -> serde_json::Value {
-    let id = |sa: &str| format!("spiffe://{trust_domain}/ns/shop/sa/{sa}");
-    let mut rules = vec![serde_json::json!({ "callers": [id(certs::OPERATOR)], "methods": ["*"] })];
-    let from_orders = match service {
-        "auth" => vec![
-            "mesh.auth.v1.AuthService/VerifyToken",
-            "mesh.auth.v1.AuthService/GetPublicKeys",
-        ],
-        "inventory" => vec!["mesh.inventory.v1.InventoryService/*"],
-        "payments" => vec!["mesh.payments.v1.PaymentsService/*"],
-        _ => vec![],
-    };
-    if !from_orders.is_empty() {
-        rules.push(serde_json::json!({ "callers": [id("orders")], "methods": from_orders }));
-    }
-    let from_gateway = match service {
-        "auth" => vec![
-            "mesh.auth.v1.AuthService/Register",
-            "mesh.auth.v1.AuthService/Login",
-            "mesh.auth.v1.AuthService/GetPublicKeys",
-        ],
-        "inventory" => vec![
-            "mesh.inventory.v1.InventoryService/GetProduct",
-            "mesh.inventory.v1.InventoryService/ListProducts",
-        ],
-        "orders" => vec!["mesh.orders.v1.OrdersService/*"],
-        _ => vec![],
-    };
-    if !from_gateway.is_empty() {
-        rules.push(serde_json::json!({ "callers": [id("gateway")], "methods": from_gateway }));
-    }
-    if service == "gateway" {
-        // The gateway's own port is public: its callers have no workload identity.
-        return serde_json::json!({});
-    }
-    serde_json::json!({ "authorization": { "mode": "enforce", "rules": rules } })
+    shop_kit::policy::mesh_config(service, trust_domain)
 }
 
 fn main() -> ExitCode {
@@ -272,6 +237,9 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                 cmd.arg("--database-url")
                     .arg(format!("sqlite://{}", database.display()));
             }
+            if *name == "payments" {
+                cmd.args(["--auth-target", &target(0)]);
+            }
             if *name == "orders" {
                 cmd.args(["--auth-target", &target(0)])
                     .args(["--inventory-target", &target(1)])
@@ -280,7 +248,8 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             if public {
                 cmd.args(["--auth-target", &target(0)])
                     .args(["--inventory-target", &target(1)])
-                    .args(["--orders-target", &target(3)]);
+                    .args(["--orders-target", &target(3)])
+                    .args(["--payments-target", &target(2)]);
             }
             cmd.args(["--trust-domain", &args.trust_domain]);
             if client_tls.is_some() {

@@ -1,59 +1,11 @@
-//! JWT issue and verification.
-//!
-//! Verification pins `EdDSA`, requires `exp`, `iss`, `aud` and `sub`, allows
-//! 30 s of clock skew, and uses the token's `kid` only to look a key up in
-//! the known set, never to build a path or a query.
-
-use std::collections::HashMap;
+//! JWT issue. Verification, which every service that checks users shares,
+//! lives in [`shop_kit::token`] and is re-exported here.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use ring::signature::{Ed25519KeyPair, KeyPair};
-use serde::{Deserialize, Serialize};
 
-/// Clock skew tolerated on `exp` and `nbf`, in seconds.
-pub const LEEWAY_SECS: u64 = 30;
-
-/// The claims of a shop access token.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Claims {
-    /// The user id.
-    pub sub: String,
-    /// The username.
-    pub name: String,
-    /// Issuer.
-    pub iss: String,
-    /// Audience.
-    pub aud: String,
-    /// Expiry, Unix seconds.
-    pub exp: i64,
-    /// Issued at, Unix seconds.
-    pub iat: i64,
-    /// Not before, Unix seconds. Typed here so a non-numeric `nbf` fails
-    /// to decode instead of being skipped by the library's check.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nbf: Option<i64>,
-}
-
-/// Why a token was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    /// Not a JWT, or its header cannot be read.
-    #[error("token is malformed")]
-    Malformed,
-    /// No `kid`, or one that is not in the key set.
-    #[error("token was signed by an unknown key")]
-    UnknownKey,
-    /// Signature, algorithm, expiry, issuer or audience check failed.
-    #[error("token is invalid: {0}")]
-    Invalid(String),
-}
-
-impl From<TokenError> for tonic::Status {
-    fn from(err: TokenError) -> Self {
-        tonic::Status::unauthenticated(err.to_string())
-    }
-}
+pub use shop_kit::token::{Claims, LEEWAY_SECS, TokenError, TokenVerifier};
 
 /// An Ed25519 signing key with its id.
 pub(crate) struct SigningKey {
@@ -91,61 +43,6 @@ impl SigningKey {
             ..Header::new(Algorithm::EdDSA)
         };
         jsonwebtoken::encode(&header, claims, &self.encoding).map_err(|e| e.to_string())
-    }
-}
-
-/// Verifies shop access tokens against a set of public keys.
-#[derive(Clone)]
-pub struct TokenVerifier {
-    keys: HashMap<String, DecodingKey>,
-    validation: Validation,
-}
-
-impl std::fmt::Debug for TokenVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenVerifier")
-            .field("kids", &self.keys.keys().collect::<Vec<_>>())
-            .finish_non_exhaustive()
-    }
-}
-
-impl TokenVerifier {
-    /// A verifier for tokens from `issuer` to `audience`, trusting the
-    /// Ed25519 public keys given as `(kid, x)` with `x` base64url.
-    pub fn new<'a>(
-        issuer: &str,
-        audience: &str,
-        keys: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<Self, TokenError> {
-        let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.set_issuer(&[issuer]);
-        validation.set_audience(&[audience]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        validation.leeway = LEEWAY_SECS;
-        validation.validate_nbf = true;
-        let keys = keys
-            .into_iter()
-            .map(|(kid, x)| {
-                DecodingKey::from_ed_components(x)
-                    .map(|key| (kid.to_owned(), key))
-                    .map_err(|e| TokenError::Invalid(format!("bad public key {kid}: {e}")))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Self { keys, validation })
-    }
-
-    /// The claims of `token` if it is valid now.
-    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-        // The algorithm is pinned by `validation`; the header's is only compared.
-        let key = header
-            .kid
-            .as_deref()
-            .and_then(|kid| self.keys.get(kid))
-            .ok_or(TokenError::UnknownKey)?;
-        jsonwebtoken::decode::<Claims>(token, key, &self.validation)
-            .map(|data| data.claims)
-            .map_err(|e| TokenError::Invalid(e.to_string()))
     }
 }
 

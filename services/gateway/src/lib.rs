@@ -16,7 +16,8 @@
 
 #![forbid(unsafe_code)]
 
-pub mod keys;
+/// Token checks at the edge: the same cache of auth's keys the services use.
+pub use shop_kit::token as keys;
 pub mod proxy;
 pub mod routes;
 
@@ -57,6 +58,13 @@ pub struct Config {
         default_value = "static:///127.0.0.1:50054"
     )]
     pub orders_target: String,
+    /// Where the payments service is, as a mesh target.
+    #[arg(
+        long,
+        env = "PAYMENTS_TARGET",
+        default_value = "static:///127.0.0.1:50053"
+    )]
+    pub payments_target: String,
     /// Route table (JSON); the built-in one when unset (see `routes.json`).
     #[arg(long, env = "ROUTES")]
     pub routes: Option<PathBuf>,
@@ -84,12 +92,9 @@ pub struct Config {
     /// from anyone else the header is ignored. Repeat or separate with commas.
     #[arg(long = "trusted-proxy", env = "TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<String>,
-    /// Issuer of the tokens auth signs.
-    #[arg(long, env = "TOKEN_ISSUER", default_value = "mesh-shop-auth")]
-    pub token_issuer: String,
-    /// Audience of the tokens auth signs.
-    #[arg(long, env = "TOKEN_AUDIENCE", default_value = "mesh-shop")]
-    pub token_audience: String,
+    /// Which tokens are accepted.
+    #[command(flatten)]
+    pub tokens: shop_kit::token::TokenArgs,
     /// Identity (for calls into the mesh), mesh policy, admin port, drain.
     #[command(flatten)]
     pub mesh: shop_kit::MeshArgs,
@@ -122,11 +127,12 @@ impl Config {
             .collect()
     }
 
-    fn targets(&self) -> [(&'static str, &str); 3] {
+    fn targets(&self) -> [(&'static str, &str); 4] {
         [
             ("auth", &self.auth_target),
             ("inventory", &self.inventory_target),
             ("orders", &self.orders_target),
+            ("payments", &self.payments_target),
         ]
     }
 }
@@ -199,11 +205,9 @@ pub async fn run(
             config.mesh.channel(&mesh, tls.is_some(), target, name)?,
         );
     }
-    let keys = keys::KeyCache::new(
-        AuthServiceClient::new(upstreams["auth"].clone()),
-        &config.token_issuer,
-        &config.token_audience,
-    );
+    let keys = config
+        .tokens
+        .key_cache(AuthServiceClient::new(upstreams["auth"].clone()));
     let limit = RateLimit {
         per_second: NonZeroU32::new(config.rate_limit_per_second).expect("checked"),
         burst: NonZeroU32::new(config.rate_limit_burst).expect("checked"),

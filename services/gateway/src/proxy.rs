@@ -19,7 +19,7 @@ use governor::{
 };
 use ipnet::IpNet;
 use mesh_client::{MeshChannel, tls::PeerInfo};
-use orders::VERIFIED_SUBJECT_HEADER;
+use shop_kit::token::VERIFIED_SUBJECT_HEADER;
 use tonic::{Status, body::Body};
 use tower::{Service, ServiceExt};
 

@@ -12,7 +12,7 @@ use serde::Deserialize;
 pub const DEFAULT_ROUTES: &str = include_str!("routes.json");
 
 /// The services a route may send calls to; each has a target flag.
-pub const UPSTREAMS: [&str; 3] = ["auth", "inventory", "orders"];
+pub const UPSTREAMS: [&str; 4] = ["auth", "inventory", "orders", "payments"];
 
 /// Whether a route needs a user's token.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -196,6 +196,11 @@ mod tests {
             assert!(t.is_known(internal));
         }
         assert!(!t.services().contains("mesh.payments.v1.PaymentsService"));
+        let deposit = t.get("/mesh.payments.v1.WalletService/Deposit").unwrap();
+        assert_eq!(
+            (deposit.upstream, deposit.auth),
+            ("payments", AuthMode::Required)
+        );
     }
 
     #[test]
@@ -203,7 +208,7 @@ mod tests {
         let problems = table(
             r#"{"routes": [
                 {"methods": ["mesh.nope.v1.X/Y", "mesh.auth.v1.AuthService/Nope", "bad"], "upstream": "auth", "auth": "none"},
-                {"methods": ["mesh.auth.v1.AuthService/Login"], "upstream": "payments", "auth": "none"},
+                {"methods": ["mesh.auth.v1.AuthService/Login"], "upstream": "billing", "auth": "none"},
                 {"methods": ["mesh.auth.v1.AuthService/Login", "mesh.auth.v1.AuthService/Login"], "upstream": "auth", "auth": "none"}
             ]}"#,
         )
@@ -213,7 +218,7 @@ mod tests {
             "no service mesh.nope.v1.X",
             "has no method Nope",
             "\"bad\" is not package.Service/Method",
-            "\"payments\" is not one of",
+            "\"billing\" is not one of",
             "routed more than once",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
@@ -240,6 +245,11 @@ mod tests {
         assert!(methods.contains("mesh.orders.v1.OrdersService/PlaceOrder"));
         assert!(methods.contains("mesh.inventory.v1.InventoryService/GetProduct"));
         assert!(!methods.contains("mesh.inventory.v1.InventoryService/ReserveStock"));
-        assert!(!methods.iter().any(|m| m.starts_with("mesh.payments")));
+        assert!(methods.contains("mesh.payments.v1.WalletService/Deposit"));
+        assert!(
+            !methods
+                .iter()
+                .any(|m| m.starts_with("mesh.payments.v1.PaymentsService"))
+        );
     }
 }

@@ -10,7 +10,7 @@ fn bad_config_exits_64_naming_every_problem() {
     std::fs::write(
         &routes,
         r#"{"routes": [
-            {"methods": ["mesh.payments.v1.PaymentsService/Refund"], "upstream": "payments", "auth": "none"}
+            {"methods": ["mesh.payments.v1.PaymentsService/Refund"], "upstream": "billing", "auth": "none"}
         ]}"#,
     )
     .unwrap();
@@ -25,7 +25,7 @@ fn bad_config_exits_64_naming_every_problem() {
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     for needle in [
-        "routes[0].upstream: \"payments\" is not one of",
+        "routes[0].upstream: \"billing\" is not one of",
         "--rate-limit-per-second: must be 1 to 1000000, got 0",
         "--cors-allowed-origin: \"shop.example\" is not an origin",
         "--orders-target",

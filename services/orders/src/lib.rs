@@ -25,7 +25,8 @@ use shop_api::{
 use tokio::net::TcpListener;
 
 pub use saga::Saga;
-pub use service::{OrdersService, VERIFIED_SUBJECT_HEADER};
+pub use service::OrdersService;
+pub use shop_kit::token::VERIFIED_SUBJECT_HEADER;
 
 /// Configuration of the orders service, from flags or environment.
 #[derive(Clone, Debug, Parser)]
@@ -57,6 +58,9 @@ pub struct Config {
         default_value = "static:///127.0.0.1:50053"
     )]
     pub payments_target: String,
+    /// Which user tokens are accepted (checked here with auth's published keys).
+    #[command(flatten)]
+    pub tokens: shop_kit::token::TokenArgs,
 }
 
 impl shop_kit::ServiceConfig for Config {
@@ -102,17 +106,20 @@ pub async fn run(
     let tls_on = tls.is_some();
     let mesh = config.mesh.mesh(tls.clone())?;
     let channel = |target: &str, service: &str| config.mesh.channel(&mesh, tls_on, target, service);
-    let auth = AuthServiceClient::new(channel(&config.auth_target, "auth")?);
+    let users = shop_kit::token::UserTokens::new(config.tokens.key_cache(AuthServiceClient::new(
+        channel(&config.auth_target, "auth")?,
+    )));
     let inventory = InventoryServiceClient::new(channel(&config.inventory_target, "inventory")?);
     let payments = PaymentsServiceClient::new(channel(&config.payments_target, "payments")?);
 
     let server = config.mesh.server(tls).map_err(Error::Setup)?;
     let saga = Saga::new(pool.clone(), inventory.clone(), payments.clone());
     let recovery = tokio::spawn(saga.clone().recover_forever(server.draining()));
+    let key_refresh = tokio::spawn(users.keys().clone().refresh_until(server.draining()));
     let service = OrdersService::new(
         pool.clone(),
         saga.clone(),
-        auth,
+        users,
         inventory,
         payments,
         server.draining(),
@@ -125,6 +132,7 @@ pub async fn run(
     );
     shop_kit::serve(server, pool, listener, shutdown).await?;
     recovery.abort();
+    key_refresh.abort();
     // Sagas this process started finish here rather than wait for another
     // pod's recovery sweep (bounded: whatever is left is resumed by it).
     if !saga.wait_idle(SAGA_DRAIN_TIMEOUT).await {

@@ -265,6 +265,8 @@ impl Saga {
                     amount: order.total.clone(),
                     idempotency_key: charge_key(&order_id),
                     reference: format!("order {order_id}"),
+                    // Payments checks the account is the user's again.
+                    expected_owner_id: order.user_id.clone(),
                 })
                 .await
                 .map(drop),

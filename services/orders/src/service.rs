@@ -3,7 +3,6 @@ use std::{pin::Pin, time::Duration};
 use futures::Stream;
 use mesh_client::MeshChannel;
 use shop_api::{
-    auth::v1::{VerifyTokenRequest, auth_service_client::AuthServiceClient},
     inventory::v1::{GetProductRequest, inventory_service_client::InventoryServiceClient},
     orders::v1::{
         GetOrderRequest, ListOrdersRequest, ListOrdersResponse, Order, OrderItem, OrderStatus,
@@ -11,26 +10,23 @@ use shop_api::{
     },
     payments::v1::{GetAccountRequest, payments_service_client::PaymentsServiceClient},
 };
-use shop_kit::{db, validate};
+use shop_kit::{db, token::UserTokens, validate};
 use sqlx::AnyPool;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
+use tonic::{Code, Request, Response, Status};
 
 use crate::{
     Saga,
     store::{self, NewOrder},
 };
 
-/// The header an edge gateway sets to the subject of the token it verified.
-pub const VERIFIED_SUBJECT_HEADER: &str = "x-verified-subject";
-
 /// The orders service's gRPC implementation.
 #[derive(Clone)]
 pub struct OrdersService {
     pool: AnyPool,
     saga: Saga,
-    auth: AuthServiceClient<MeshChannel>,
+    users: UserTokens,
     inventory: InventoryServiceClient<MeshChannel>,
     payments: PaymentsServiceClient<MeshChannel>,
     draining: CancellationToken,
@@ -56,11 +52,12 @@ fn callee_status(callee: &str, status: Status) -> Status {
 }
 
 impl OrdersService {
-    /// The service; `draining` ends watch streams when the server drains.
+    /// The service; `users` checks callers' tokens, `draining` ends watch
+    /// streams when the server drains.
     pub fn new(
         pool: AnyPool,
         saga: Saga,
-        auth: AuthServiceClient<MeshChannel>,
+        users: UserTokens,
         inventory: InventoryServiceClient<MeshChannel>,
         payments: PaymentsServiceClient<MeshChannel>,
         draining: CancellationToken,
@@ -68,43 +65,11 @@ impl OrdersService {
         Self {
             pool,
             saga,
-            auth,
+            users,
             inventory,
             payments,
             draining,
         }
-    }
-
-    /// The user id of the request's bearer token, verified by auth.
-    async fn user(&self, metadata: &MetadataMap) -> Result<String, Status> {
-        let header = metadata.get("authorization");
-        // A header that is not text reads as a malformed one.
-        let token = shop_kit::bearer_token(header.map(|v| v.to_str().unwrap_or("")))?;
-        let verified = self
-            .auth
-            .clone()
-            .verify_token(VerifyTokenRequest {
-                token: token.to_owned(),
-            })
-            .await
-            .map_err(|status| match status.code() {
-                Code::Unauthenticated | Code::InvalidArgument => {
-                    Status::unauthenticated(status.message().to_owned())
-                }
-                _ => callee_status("auth", status),
-            })?;
-        let subject = verified.into_inner().subject;
-        // Behind the edge gateway the call also carries the subject the
-        // gateway verified; both checks must name the same user.
-        if let Some(claimed) = metadata.get(VERIFIED_SUBJECT_HEADER)
-            && claimed.as_bytes() != subject.as_bytes()
-        {
-            tracing::warn!(%subject, "the gateway's verified subject does not match the token");
-            return Err(Status::permission_denied(
-                "the verified subject forwarded with the call does not match its token",
-            ));
-        }
-        Ok(subject)
     }
 
     async fn owned_order(&self, user_id: &str, order_id: &str) -> Result<Order, Status> {
@@ -121,6 +86,14 @@ impl OrdersService {
     }
 }
 
+/// The one answer for a payment account that is not the caller's, whether
+/// it belongs to another user or does not exist.
+fn not_your_account() -> Status {
+    Status::permission_denied(
+        "payment_account_id: you have no payment account with this id; open one with mesh.payments.v1.WalletService/OpenAccount",
+    )
+}
+
 fn is_final(order: &Order) -> bool {
     matches!(
         order.status(),
@@ -129,23 +102,10 @@ fn is_final(order: &Order) -> bool {
 }
 
 fn encode_cursor(order: &Order) -> String {
-    let millis = order
-        .created_at
-        .as_ref()
-        .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
-        .unwrap_or_default();
-    format!("{millis}.{}", order.order_id)
-}
-
-fn decode_cursor(token: &str) -> Result<Option<(i64, String)>, Status> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let bad = || validate::invalid("page_token", "is not a token from a previous response");
-    let (millis, id) = token.split_once('.').ok_or_else(bad)?;
-    let millis = millis.parse().map_err(|_| bad())?;
-    let id = validate::uuid("page_token", id).map_err(|_| bad())?;
-    Ok(Some((millis, id)))
+    validate::page_token(
+        shop_kit::time::millis(order.created_at.as_ref()),
+        &order.order_id,
+    )
 }
 
 type OrderStream = Pin<Box<dyn Stream<Item = Result<Order, Status>> + Send>>;
@@ -156,7 +116,7 @@ impl orders_service_server::OrdersService for OrdersService {
         &self,
         request: Request<PlaceOrderRequest>,
     ) -> Result<Response<Order>, Status> {
-        let user_id = self.user(request.metadata()).await?;
+        let user_id = self.users.user(request.metadata()).await?;
         let req = request.into_inner();
         let wanted = validate::line_items(
             req.items
@@ -244,12 +204,16 @@ impl orders_service_server::OrdersService for OrdersService {
             })
             .await
             .map_err(|status| match status.code() {
-                Code::NotFound => Status::not_found(format!(
-                    "payment_account_id: account {account_id} does not exist"
-                )),
+                Code::NotFound => not_your_account(),
                 _ => callee_status("payments", status),
             })?
             .into_inner();
+        // Only the user's own accounts pay; someone else's reads as missing
+        // would, so account ids cannot be probed.
+        if account.owner_id != user_id {
+            tracing::warn!(%user_id, "order refused: the payment account belongs to someone else");
+            return Err(not_your_account());
+        }
         let account_currency = account.balance.map(|b| b.currency_code).unwrap_or_default();
         if account_currency != currency {
             return Err(Status::failed_precondition(format!(
@@ -287,7 +251,7 @@ impl orders_service_server::OrdersService for OrdersService {
         &self,
         request: Request<GetOrderRequest>,
     ) -> Result<Response<Order>, Status> {
-        let user_id = self.user(request.metadata()).await?;
+        let user_id = self.users.user(request.metadata()).await?;
         let order_id = validate::uuid("order_id", &request.get_ref().order_id)?;
         self.owned_order(&user_id, &order_id)
             .await
@@ -298,10 +262,10 @@ impl orders_service_server::OrdersService for OrdersService {
         &self,
         request: Request<ListOrdersRequest>,
     ) -> Result<Response<ListOrdersResponse>, Status> {
-        let user_id = self.user(request.metadata()).await?;
+        let user_id = self.users.user(request.metadata()).await?;
         let req = request.into_inner();
         let limit = validate::page_size("page_size", req.page_size)?;
-        let after = decode_cursor(&req.page_token)?;
+        let after = validate::page_after("page_token", &req.page_token)?;
         let mut orders: Vec<Order> = store::list(&self.pool, &user_id, after, limit + 1)
             .await
             .map_err(db::status)?
@@ -326,7 +290,7 @@ impl orders_service_server::OrdersService for OrdersService {
         &self,
         request: Request<WatchOrderRequest>,
     ) -> Result<Response<Self::WatchOrderStream>, Status> {
-        let user_id = self.user(request.metadata()).await?;
+        let user_id = self.users.user(request.metadata()).await?;
         let order_id = validate::uuid("order_id", &request.get_ref().order_id)?;
         // Subscribe before reading so no change falls between the two.
         let mut events = self.saga.subscribe();

@@ -21,8 +21,27 @@ impl SystemAccount {
     }
 }
 
+/// What a posting is, as the account history shows it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum EntryKind {
+    Deposit,
+    Charge,
+    Refund,
+}
+
+impl EntryKind {
+    fn stored(self) -> &'static str {
+        match self {
+            EntryKind::Deposit => "DEPOSIT",
+            EntryKind::Charge => "CHARGE",
+            EntryKind::Refund => "REFUND",
+        }
+    }
+}
+
 /// Moves `amount` from `system` to the customer `account` (negative moves it
-/// back): two entries summing to zero, and both balances, in `tx`.
+/// back): two entries summing to zero, recorded as `kind` with `reference`,
+/// and both balances, in `tx`.
 ///
 /// Returns `false`, writing nothing, if the customer balance would go
 /// negative.
@@ -32,6 +51,7 @@ pub(crate) async fn post(
     system: SystemAccount,
     currency: &str,
     amount: i64,
+    (kind, reference): (EntryKind, &str),
 ) -> Result<bool, sqlx::Error> {
     let now = time::now_millis();
     let moved = sqlx::query(
@@ -64,14 +84,16 @@ pub(crate) async fn post(
     let txn_id = uuid::Uuid::new_v4().to_string();
     for (who, value) in [(account, amount), (system_id.as_str(), -amount)] {
         sqlx::query(
-            "INSERT INTO ledger_entries (entry_id, txn_id, account_id, amount_minor, created_at) \
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO ledger_entries (entry_id, txn_id, account_id, amount_minor, created_at, kind, reference) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(uuid::Uuid::new_v4().to_string())
         .bind(&txn_id)
         .bind(who)
         .bind(value)
         .bind(now)
+        .bind(kind.stored())
+        .bind(reference)
         .execute(&mut **tx)
         .await?;
     }

@@ -5,15 +5,22 @@
 
 mod ledger;
 mod service;
+mod wallet;
 
 use std::{ffi::OsString, future::Future, net::SocketAddr, process::ExitCode};
 
 use clap::Parser;
-use shop_api::payments::v1::payments_service_server::PaymentsServiceServer;
+use shop_api::{
+    auth::v1::auth_service_client::AuthServiceClient,
+    payments::v1::{
+        payments_service_server::PaymentsServiceServer, wallet_service_server::WalletServiceServer,
+    },
+};
 use tokio::net::TcpListener;
 
 pub use ledger::{LedgerCheck, check_ledger};
 pub use service::PaymentsService;
+pub use wallet::WalletService;
 
 /// Configuration of the payments service, from flags or environment.
 #[derive(Clone, Debug, Parser)]
@@ -28,6 +35,12 @@ pub struct Config {
     /// Identity, mesh policy and drain.
     #[command(flatten)]
     pub mesh: shop_kit::MeshArgs,
+    /// Where the auth service is, as a mesh target (for its token keys).
+    #[arg(long, env = "AUTH_TARGET", default_value = "static:///127.0.0.1:50051")]
+    pub auth_target: String,
+    /// Which user tokens the wallet accepts.
+    #[command(flatten)]
+    pub tokens: shop_kit::token::TokenArgs,
 }
 
 impl shop_kit::ServiceConfig for Config {
@@ -41,6 +54,9 @@ impl shop_kit::ServiceConfig for Config {
             .map(|e| format!("--database-url: {e}"))
             .into_iter()
             .collect();
+        if let Err(e) = self.auth_target.parse::<mesh_client::Target>() {
+            problems.push(format!("--auth-target: {e}"));
+        }
         problems.extend(self.mesh.problems());
         problems
     }
@@ -59,13 +75,33 @@ pub async fn run(
 ) -> Result<(), Error> {
     let pool = shop_kit::db::connect(&config.database_url, &MIGRATOR).await?;
     let tls = config.mesh.tls().map_err(Error::Setup)?;
-    let server = config.mesh.server(tls).map_err(Error::Setup)?.add_service(
-        PaymentsServiceServer::new(PaymentsService::new(pool.clone()))
-            .max_decoding_message_size(config.mesh.max_request_bytes)
-            .max_encoding_message_size(config.mesh.max_response_bytes)
-            .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
-    );
+    let mesh = config.mesh.mesh(tls.clone())?;
+    let auth = config
+        .mesh
+        .channel(&mesh, tls.is_some(), &config.auth_target, "auth")?;
+    let users =
+        shop_kit::token::UserTokens::new(config.tokens.key_cache(AuthServiceClient::new(auth)));
+    let payments = PaymentsService::new(pool.clone());
+    let limits = &config.mesh;
+    let server = config
+        .mesh
+        .server(tls)
+        .map_err(Error::Setup)?
+        .add_service(
+            PaymentsServiceServer::new(payments.clone())
+                .max_decoding_message_size(limits.max_request_bytes)
+                .max_encoding_message_size(limits.max_response_bytes)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+        )
+        .add_service(
+            WalletServiceServer::new(WalletService::new(payments, users.clone()))
+                .max_decoding_message_size(limits.max_request_bytes)
+                .max_encoding_message_size(limits.max_response_bytes)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+        );
+    let key_refresh = tokio::spawn(users.keys().clone().refresh_until(server.draining()));
     shop_kit::serve(server, pool, listener, shutdown).await?;
+    key_refresh.abort();
     Ok(())
 }
 

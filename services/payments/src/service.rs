@@ -6,7 +6,7 @@ use shop_kit::{db, time, validate};
 use sqlx::{Any, AnyPool, Row, Transaction, any::AnyRow};
 use tonic::{Request, Response, Status};
 
-use crate::ledger::{SystemAccount, post};
+use crate::ledger::{EntryKind, SystemAccount, post};
 
 /// The payments service's gRPC implementation.
 #[derive(Clone, Debug)]
@@ -14,7 +14,7 @@ pub struct PaymentsService {
     pool: AnyPool,
 }
 
-fn account_from_row(row: &AnyRow) -> Result<Account, sqlx::Error> {
+pub(crate) fn account_from_row(row: &AnyRow) -> Result<Account, sqlx::Error> {
     Ok(Account {
         account_id: row.try_get("account_id")?,
         owner_id: row.try_get("owner_id")?,
@@ -158,17 +158,10 @@ impl PaymentsService {
         }
         Ok(())
     }
-}
 
-#[tonic::async_trait]
-impl payments_service_server::PaymentsService for PaymentsService {
-    async fn open_account(
-        &self,
-        request: Request<OpenAccountRequest>,
-    ) -> Result<Response<Account>, Status> {
-        let req = request.into_inner();
-        let owner = validate::text("owner_id", &req.owner_id, 1, 128)?;
-        let currency = validate::currency("currency_code", &req.currency_code)?;
+    /// Opens an account for `owner`.
+    pub(crate) async fn open(&self, owner: &str, currency: &str) -> Result<Account, Status> {
+        let currency = validate::currency("currency_code", currency)?;
         let account_id = uuid::Uuid::new_v4().to_string();
         let now = time::now_millis();
         sqlx::query(
@@ -182,36 +175,59 @@ impl payments_service_server::PaymentsService for PaymentsService {
         .execute(&self.pool)
         .await
         .map_err(db::status)?;
-        Ok(Response::new(Account {
+        Ok(Account {
             account_id,
             owner_id: owner.to_owned(),
             balance: Some(validate::money(currency, 0)),
             created_at: Some(time::timestamp(now)),
-        }))
+        })
     }
 
-    async fn get_account(
-        &self,
-        request: Request<GetAccountRequest>,
-    ) -> Result<Response<Account>, Status> {
-        let id = validate::uuid("account_id", &request.get_ref().account_id)?;
+    /// The customer account `id`; with `owner`, only if it is theirs
+    /// (another owner's account is `NOT_FOUND` like a missing one).
+    pub(crate) async fn account(&self, id: &str, owner: Option<&str>) -> Result<Account, Status> {
         let mut tx = self.pool.begin().await.map_err(db::status)?;
-        Self::account_in(&mut tx, &id).await.map(Response::new)
+        Self::owned_account_in(&mut tx, id, owner).await
     }
 
-    async fn deposit(&self, request: Request<DepositRequest>) -> Result<Response<Account>, Status> {
-        let req = request.into_inner();
+    async fn owned_account_in(
+        tx: &mut Transaction<'static, Any>,
+        id: &str,
+        owner: Option<&str>,
+    ) -> Result<Account, Status> {
+        let account = Self::account_in(tx, id).await?;
+        match owner {
+            Some(owner) if account.owner_id != owner => {
+                Err(Status::not_found(format!("account {id} does not exist")))
+            }
+            _ => Ok(account),
+        }
+    }
+
+    /// A deposit into account `req.account_id`; with `owner`, only into an
+    /// account of theirs, and their idempotency keys are theirs alone.
+    pub(crate) async fn deposit_as(
+        &self,
+        req: DepositRequest,
+        owner: Option<&str>,
+    ) -> Result<Account, Status> {
         let id = validate::uuid("account_id", &req.account_id)?;
         let (currency, amount) = validate::positive_money("amount", req.amount.as_ref())?;
         let key = validate::idempotency_key("idempotency_key", &req.idempotency_key)?;
+        // Users' keys live in a namespace of their own, so one user's key
+        // can neither collide with nor reveal another's.
+        let stored_key = match owner {
+            Some(owner) => format!("user:{owner}:{key}"),
+            None => key.to_owned(),
+        };
         let mut tx = self.pool.begin().await.map_err(db::status)?;
-        let account = Self::account_in(&mut tx, &id).await?;
+        let account = Self::owned_account_in(&mut tx, &id, owner).await?;
         Self::currency_matches(&account, currency, "amount.currency_code")?;
         let inserted = sqlx::query(
             "INSERT INTO deposits (idempotency_key, account_id, currency_code, amount_minor, created_at) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
         )
-        .bind(key)
+        .bind(&stored_key)
         .bind(&id)
         .bind(currency)
         .bind(amount)
@@ -224,7 +240,7 @@ impl payments_service_server::PaymentsService for PaymentsService {
             let first = sqlx::query(
                 "SELECT account_id, currency_code, amount_minor FROM deposits WHERE idempotency_key = $1",
             )
-            .bind(key)
+            .bind(&stored_key)
             .fetch_one(&mut *tx)
             .await
             .map_err(db::status)?;
@@ -245,14 +261,49 @@ impl payments_service_server::PaymentsService for PaymentsService {
                     "idempotency_key {key:?} was already used for a different deposit; use a new key"
                 )));
             }
-            return Ok(Response::new(account));
+            return Ok(account);
         }
-        post(&mut tx, &id, SystemAccount::External, currency, amount)
-            .await
-            .map_err(db::status)?;
+        post(
+            &mut tx,
+            &id,
+            SystemAccount::External,
+            currency,
+            amount,
+            (EntryKind::Deposit, key),
+        )
+        .await
+        .map_err(db::status)?;
         let account = Self::account_in(&mut tx, &id).await?;
         tx.commit().await.map_err(db::status)?;
-        Ok(Response::new(account))
+        Ok(account)
+    }
+}
+
+#[tonic::async_trait]
+impl payments_service_server::PaymentsService for PaymentsService {
+    async fn open_account(
+        &self,
+        request: Request<OpenAccountRequest>,
+    ) -> Result<Response<Account>, Status> {
+        let req = request.into_inner();
+        let owner = validate::text("owner_id", &req.owner_id, 1, 128)?;
+        self.open(owner, &req.currency_code)
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_account(
+        &self,
+        request: Request<GetAccountRequest>,
+    ) -> Result<Response<Account>, Status> {
+        let id = validate::uuid("account_id", &request.get_ref().account_id)?;
+        self.account(&id, None).await.map(Response::new)
+    }
+
+    async fn deposit(&self, request: Request<DepositRequest>) -> Result<Response<Account>, Status> {
+        self.deposit_as(request.into_inner(), None)
+            .await
+            .map(Response::new)
     }
 
     async fn create_charge(
@@ -264,13 +315,27 @@ impl payments_service_server::PaymentsService for PaymentsService {
         let (currency, amount) = validate::positive_money("amount", req.amount.as_ref())?;
         let key = validate::idempotency_key("idempotency_key", &req.idempotency_key)?;
         let reference = validate::text("reference", &req.reference, 0, 200)?;
+        let owner = validate::text("expected_owner_id", &req.expected_owner_id, 1, 128)?;
         let mut tx = self.pool.begin().await.map_err(db::status)?;
 
+        // Checked before anything else, the repeat of a key included: money
+        // moves only from an account of the user the charge is for, however
+        // the caller came by the id. Missing and foreign read the same.
+        let account = Self::owned_account_in(&mut tx, &id, Some(owner))
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::NotFound => {
+                    tracing::warn!(account_id = %id, "charge refused: the account is not the expected owner's");
+                    Status::permission_denied(
+                        "account_id: expected_owner_id has no account with this id",
+                    )
+                }
+                _ => status,
+            })?;
         if let Some(first) = Self::charge_by_key(&mut tx, key).await? {
             return repeat_outcome(first, &id, currency, amount).map(Response::new);
         }
 
-        let account = Self::account_in(&mut tx, &id).await?;
         Self::currency_matches(&account, currency, "amount.currency_code")?;
         let now = time::now_millis();
         let charge_id = uuid::Uuid::new_v4().to_string();
@@ -301,9 +366,16 @@ impl payments_service_server::PaymentsService for PaymentsService {
             }
             return Err(db::status(e));
         }
-        let charged = post(&mut tx, &id, SystemAccount::Revenue, currency, -amount)
-            .await
-            .map_err(db::status)?;
+        let charged = post(
+            &mut tx,
+            &id,
+            SystemAccount::Revenue,
+            currency,
+            -amount,
+            (EntryKind::Charge, reference),
+        )
+        .await
+        .map_err(db::status)?;
         if !charged {
             Self::set_charge_state(&mut tx, &charge_id, "DECLINED").await?;
         }
@@ -377,6 +449,7 @@ impl payments_service_server::PaymentsService for PaymentsService {
                 SystemAccount::Revenue,
                 &amount.currency_code,
                 amount.amount_minor,
+                (EntryKind::Refund, &charge.reference),
             )
             .await
             .map_err(db::status)?;
