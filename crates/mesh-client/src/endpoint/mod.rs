@@ -30,6 +30,11 @@ use crate::config::{EndpointConfig, OutlierDetection};
 
 /// Decay window of the latency estimate (tower's default for PeakEwma).
 const RTT_DECAY: Duration = Duration::from_secs(10);
+/// Decay window of the typical (mean) latency that judges whether two
+/// endpoints are alike: short, so it follows the endpoint's latency now,
+/// and not peak-sensitive, so scheduling stalls on a busy host do not make
+/// every endpoint look alike (see `balance::lighter`).
+const TYPICAL_RTT_DECAY: Duration = Duration::from_secs(1);
 /// Latency assumed for an endpoint with no measurements yet.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// Half-life of the failure penalty.
@@ -51,6 +56,8 @@ pub(crate) struct Endpoint {
     /// since `born`): atomics, so the success path takes no lock.
     rtt_ns: AtomicU64,
     rtt_at: AtomicU64,
+    /// Plain EWMA latency (f64 bits, ns) over [`TYPICAL_RTT_DECAY`].
+    typical_rtt_ns: AtomicU64,
     born: Instant,
     /// Set while `state` holds any failure bookkeeping; when clear, the
     /// endpoint is eligible and unpenalised without looking at `state`.
@@ -97,6 +104,7 @@ impl Endpoint {
             health: AtomicU8::new(HEALTH_UNKNOWN),
             rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             rtt_at: AtomicU64::new(0),
+            typical_rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             born: now,
             troubled: AtomicBool::new(false),
             state: Mutex::new(State {
@@ -166,6 +174,11 @@ impl Endpoint {
         f64::from_bits(self.rtt_ns.load(Ordering::Relaxed))
     }
 
+    /// The typical (mean, short-window) latency, in nanoseconds.
+    pub(crate) fn typical_rtt(&self) -> f64 {
+        f64::from_bits(self.typical_rtt_ns.load(Ordering::Relaxed))
+    }
+
     /// (in-flight + 1) × failure penalty: the load before latency is weighed.
     pub(crate) fn queue_cost(&self, now: Instant) -> f64 {
         let pending = f64::from(self.in_flight.load(Ordering::Relaxed)) + 1.0;
@@ -187,22 +200,33 @@ impl Endpoint {
         InFlight(self.clone())
     }
 
-    /// Feeds one response latency into the peak-EWMA estimate.
+    /// Feeds one response latency into the peak-EWMA and typical estimates.
     pub(crate) fn observe_rtt(&self, rtt: Duration, now: Instant) {
         // Racing updates may lose one sample; an estimate does not need more.
         let at = now.saturating_duration_since(self.born).as_nanos() as u64;
+        let last = self.rtt_at.load(Ordering::Relaxed);
+        let elapsed = at.saturating_sub(last) as f64;
         let previous = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         let rtt = rtt.as_nanos() as f64;
         let next = if rtt > previous {
             // Peak: jump up at once, so a slowing endpoint is avoided quickly.
             rtt
         } else {
-            let elapsed = at.saturating_sub(self.rtt_at.load(Ordering::Relaxed)) as f64;
             let weight = (-elapsed / RTT_DECAY.as_nanos() as f64).exp();
             previous * weight + rtt * (1.0 - weight)
         };
+        let typical = f64::from_bits(self.typical_rtt_ns.load(Ordering::Relaxed));
+        // The first measurement replaces the default outright.
+        let weight = if last == 0 {
+            0.0
+        } else {
+            (-elapsed / TYPICAL_RTT_DECAY.as_nanos() as f64).exp()
+        };
+        let typical = typical * weight + rtt * (1.0 - weight);
         self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
-        self.rtt_at.store(at, Ordering::Relaxed);
+        self.typical_rtt_ns
+            .store(typical.to_bits(), Ordering::Relaxed);
+        self.rtt_at.store(at.max(1), Ordering::Relaxed);
     }
 
     pub(crate) fn record_success(&self) {
