@@ -176,7 +176,10 @@ async fn a_commit_that_loses_the_race_with_the_expiry_sweep_is_refused_postgres(
     })
     .await;
     assert_status(answer, Code::FailedPrecondition, "is RELEASED");
-    assert_eq!(state(&mut inv, &reservation).await, ReservationState::Released);
+    assert_eq!(
+        state(&mut inv, &reservation).await,
+        ReservationState::Released
+    );
     assert_eq!(
         stock(&mut inv, &product).await,
         (10, 0, 0),
