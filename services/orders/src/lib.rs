@@ -27,7 +27,7 @@ use shop_api::{
 use tokio::net::TcpListener;
 
 pub use saga::Saga;
-pub use service::{OrdersService, VERIFIED_SUBJECT_HEADER};
+pub use service::{MAX_PENDING_ORDERS_PER_USER, OrdersService, VERIFIED_SUBJECT_HEADER};
 pub use watch::{MAX_WATCHES_PER_USER, WATCH_POLL};
 
 /// Configuration of the orders service, from flags or environment.

@@ -35,6 +35,14 @@ pub struct OrdersService {
     draining: CancellationToken,
 }
 
+/// Orders one user may have PENDING at once. PlaceOrder reserves stock
+/// before it charges, so without a cap a user with an empty account could
+/// hold a product's whole stock reserved; the next order is refused with
+/// `RESOURCE_EXHAUSTED` until one is confirmed or cancelled. (Checked
+/// before the insert, not with it: concurrent placements of one user can
+/// pass it together, at most once each.)
+pub const MAX_PENDING_ORDERS_PER_USER: i64 = 5;
+
 /// A callee's answer as this service's answer: the callee's own words for
 /// caller mistakes, `UNAVAILABLE` naming the callee for outages.
 fn callee_status(callee: &str, status: Status) -> Status {
@@ -180,6 +188,15 @@ impl orders_service_server::OrdersService for OrdersService {
             .map_err(db::status)?
         {
             return repeat(stored);
+        }
+        if store::pending_count(&self.pool, &user_id)
+            .await
+            .map_err(db::status)?
+            >= MAX_PENDING_ORDERS_PER_USER
+        {
+            return Err(Status::resource_exhausted(format!(
+                "you have {MAX_PENDING_ORDERS_PER_USER} orders in progress, the most one user may have; wait until one is confirmed or cancelled"
+            )));
         }
 
         // Price every item now; the order keeps the prices it was placed at.
