@@ -30,7 +30,7 @@ use tonic::{Code, Streaming};
 
 const LONG: Duration = Duration::from_secs(60);
 /// `orders::MAX_PENDING_ORDERS_PER_USER` and `orders::MAX_WATCHES_PER_USER`.
-const MAX_PENDING: usize = 5;
+const MAX_PENDING: usize = 10;
 const MAX_WATCHES: usize = 8;
 
 fn usd(amount_minor: i64) -> Option<Money> {
@@ -289,7 +289,7 @@ async fn pending_orders_and_watch_streams_are_capped_per_user() {
             ))
             .await,
         Code::ResourceExhausted,
-        "you have 5 orders in progress",
+        &format!("you have {MAX_PENDING} orders in progress"),
     );
     // A repeat is still answered with its order.
     let repeat = orders
@@ -492,6 +492,6 @@ async fn cancel_reasons_are_our_own_words_not_a_callees_message() {
     assert_eq!(none.status(), OrderStatus::Cancelled);
     assert_eq!(
         none.cancel_reason,
-        format!("not enough stock for product {scarce}")
+        format!("insufficient stock for product {scarce}")
     );
 }

@@ -29,7 +29,7 @@
 //!   expiry sweep returns the stock.
 //!
 //! `cancel_reason` holds this service's own words ("insufficient funds",
-//! "not enough stock for product X"), never a callee's message, which can
+//! "insufficient stock for product X"), never a callee's message, which can
 //! carry another party's data (a balance); the callee's words go to the log.
 
 use std::{
@@ -426,9 +426,9 @@ fn stock_reason(order: &Order, status: &Status) -> String {
         .find(|i| status.message().contains(&i.product_id));
     match (status.code(), product) {
         (Code::FailedPrecondition, Some(item)) => {
-            format!("not enough stock for product {}", item.product_id)
+            format!("insufficient stock for product {}", item.product_id)
         }
-        (Code::FailedPrecondition, None) => "not enough stock".to_owned(),
+        (Code::FailedPrecondition, None) => "insufficient stock".to_owned(),
         (Code::NotFound, Some(item)) => format!("product {} does not exist", item.product_id),
         (Code::NotFound, None) => "a product of the order does not exist".to_owned(),
         _ => "stock reservation refused".to_owned(),

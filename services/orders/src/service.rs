@@ -38,10 +38,12 @@ pub struct OrdersService {
 /// Orders one user may have PENDING at once. PlaceOrder reserves stock
 /// before it charges, so without a cap a user with an empty account could
 /// hold a product's whole stock reserved; the next order is refused with
-/// `RESOURCE_EXHAUSTED` until one is confirmed or cancelled. (Checked
-/// before the insert, not with it: concurrent placements of one user can
-/// pass it together, at most once each.)
-pub const MAX_PENDING_ORDERS_PER_USER: i64 = 5;
+/// `RESOURCE_EXHAUSTED` until one is confirmed or cancelled. A person has
+/// a handful in progress; 10 leaves room for sagas a rolling restart
+/// pauses (one client ordering ~100/s through one saw up to 5 pending).
+/// Checked before the insert, not with it: concurrent placements of one
+/// user can pass it together, at most once each.
+pub const MAX_PENDING_ORDERS_PER_USER: i64 = 10;
 
 /// A callee's answer as this service's answer: the callee's own words for
 /// caller mistakes, `UNAVAILABLE` naming the callee for outages.
