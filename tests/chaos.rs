@@ -4,6 +4,14 @@
 //! restarts the database once). After recovery settles the invariants are
 //! checked against the services' own databases and printed.
 //!
+//! Once per run, payments refuses orders' RefundCharge for a few seconds
+//! (its mesh policy, `PERMISSION_DENIED`) while charged orders must be
+//! refunded: inventory refuses CommitReservation meanwhile, so charged
+//! orders wait at step commit, and their reservations are released (as
+//! the expiry sweep would). Those orders must wait at step refund until
+//! payments takes refunds again, never end CANCELLED with the money taken
+//! (#23.4); a probe order of its own makes sure at least one is there.
+//!
 //! Replay a seed or run bigger: `CHAOS_SEED=42 CHAOS_ORDERS=2000 cargo test
 //! --workspace --test chaos -- --nocapture`.
 
@@ -15,11 +23,11 @@ use std::{
     time::Duration,
 };
 
-use common::{Db, Shop, authed};
+use common::{Db, Shop, ShopOptions, authed, http_get, shop_policy_refusing_orders};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use shop_api::{
     common::v1::Money,
-    inventory::v1::CreateProductRequest,
+    inventory::v1::{CreateProductRequest, ReleaseReservationRequest},
     orders::v1::{PlaceOrderItem, PlaceOrderRequest},
     payments::v1::{DepositRequest, OpenAccountRequest},
 };
@@ -35,7 +43,13 @@ struct World {
     products: Vec<String>,
     users: Vec<(String, String)>, // (token, account)
     deposits: i64,
+    /// The refund refusal's probe: a rich user of its own and a product
+    /// with stock to spare, so its order surely gets charged.
+    probe: (String, String),
+    probe_product: String,
 }
+
+const PROBE_STOCK: i64 = 1_000;
 
 async fn setup(shop: &Shop, rng: &mut StdRng) -> World {
     let mut products = Vec::new();
@@ -93,21 +107,75 @@ async fn setup(shop: &Shop, rng: &mut StdRng) -> World {
         deposits += amount;
         users.push((token, account));
     }
+    let probe_product = shop
+        .inventory()
+        .await
+        .create_product(CreateProductRequest {
+            sku: "CHAOS-PROBE".into(),
+            name: "refund refusal probe".into(),
+            price: Some(Money {
+                currency_code: "USD".into(),
+                amount_minor: 100,
+            }),
+            initial_stock: PROBE_STOCK,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .product_id;
+    let (user_id, token) = shop.user("chaos-probe").await;
+    let account = shop
+        .payments()
+        .await
+        .open_account(OpenAccountRequest {
+            owner_id: user_id,
+            currency_code: "USD".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .account_id;
+    shop.payments()
+        .await
+        .deposit(DepositRequest {
+            account_id: account.clone(),
+            amount: Some(Money {
+                currency_code: "USD".into(),
+                amount_minor: 100_000,
+            }),
+            idempotency_key: "chaos-dep-probe".into(),
+        })
+        .await
+        .unwrap();
+    deposits += 100_000;
     World {
         products,
         users,
         deposits,
+        probe: (token, account),
+        probe_product,
     }
 }
 
-/// Places one order, retrying with the same key through outages.
-async fn place(shop: &Shop, request: PlaceOrderRequest, token: &str) -> Option<String> {
+/// Places one order, retrying with the same key through outages and
+/// while the user has too many orders in progress. The shop is locked for
+/// reading per attempt only, so the chaos driver can restart services
+/// between attempts.
+async fn place(
+    shop: &tokio::sync::RwLock<Shop>,
+    request: PlaceOrderRequest,
+    token: &str,
+) -> Option<String> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut orders = shop.orders().await;
     while Instant::now() < deadline {
         let mut call = authed(token, request.clone());
         call.set_timeout(Duration::from_secs(5));
-        match orders.place_order(call).await {
+        let answer = {
+            let guard = shop.read().await;
+            let mut orders = guard.orders().await;
+            orders.place_order(call).await
+        };
+        match answer {
             Ok(order) => return Some(order.into_inner().order_id),
             Err(s)
                 if matches!(
@@ -118,6 +186,7 @@ async fn place(shop: &Shop, request: PlaceOrderRequest, token: &str) -> Option<S
                         | Code::Internal
                         | Code::Unknown
                         | Code::Cancelled
+                        | Code::ResourceExhausted
                 ) =>
             {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -148,7 +217,15 @@ async fn chaos(db: Db, pg_control: Option<PgControl>) {
         .unwrap_or(300);
     eprintln!("chaos: seed {seed} ({n_orders} orders; replay with CHAOS_SEED={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
-    let shop = Shop::start(&db).await;
+    // mTLS: the refund refusal is a mesh authorization policy.
+    let shop = Shop::start_opts(
+        &db,
+        ShopOptions {
+            tls: true,
+            ..Default::default()
+        },
+    )
+    .await;
     let world = setup(&shop, &mut rng).await;
 
     // The orders to place, drawn from the seed.
@@ -191,8 +268,7 @@ async fn chaos(db: Db, pg_control: Option<PgControl>) {
                         payment_account_id: account.clone(),
                         idempotency_key: format!("chaos-order-{n}"),
                     };
-                    let guard = shop.read().await;
-                    if let Some(id) = place(&guard, request, token).await {
+                    if let Some(id) = place(&shop, request, token).await {
                         accepted.lock().unwrap().push(id);
                     }
                 }
@@ -203,8 +279,16 @@ async fn chaos(db: Db, pg_control: Option<PgControl>) {
     // The chaos driver: kill and restart services while orders flow.
     let mut events = Vec::new();
     let mut pg_cycled = pg_control.is_none();
+    let refuse_at = rng.random_range(1..=3);
+    let mut probe = None;
     while !workers.iter().all(|w| w.is_finished()) && placing.elapsed() < Duration::from_secs(120) {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..800))).await;
+        if probe.is_none() && events.len() >= refuse_at {
+            let (id, event) = refuse_refunds(&shop, &world, seed).await;
+            probe = Some(id);
+            events.push(event);
+            continue;
+        }
         if !pg_cycled && rng.random_bool(0.3) {
             let pg = pg_control.as_ref().unwrap();
             pg.stop();
@@ -229,10 +313,16 @@ async fn chaos(db: Db, pg_control: Option<PgControl>) {
         pg.start();
         events.push("postgres stop/start".to_string());
     }
+    if probe.is_none() {
+        let (id, event) = refuse_refunds(&shop, &world, seed).await;
+        probe = Some(id);
+        events.push(event);
+    }
     for w in workers {
         w.await.unwrap();
     }
-    let accepted = accepted.lock().unwrap().clone();
+    let mut accepted = accepted.lock().unwrap().clone();
+    accepted.extend(probe);
     eprintln!("chaos: {} events: {events:?}", events.len());
     eprintln!(
         "chaos: {} of {n_orders} orders accepted in {:?}",
@@ -261,6 +351,136 @@ async fn chaos(db: Db, pg_control: Option<PgControl>) {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     check_invariants(&shop, &world, &accepted, seed).await;
+}
+
+/// The series counting orders' refused refund attempts.
+const REFUSED_REFUNDS: &str = "mesh_orders_refund_failures_total{grpc_code=\"PERMISSION_DENIED\"}";
+
+/// `(status, saga_step)` of an order, from the orders database.
+async fn order_state(orders_db: &AnyPool, order_id: &str) -> (String, String) {
+    let row = sqlx::query("SELECT status, saga_step FROM orders WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_one(orders_db)
+        .await
+        .unwrap();
+    (
+        row.try_get("status").unwrap(),
+        row.try_get("saga_step").unwrap(),
+    )
+}
+
+/// Waits (bounded) until the order is at `step`; panics if it ends first.
+async fn wait_step(orders_db: &AnyPool, order_id: &str, step: &str, seed: u64) {
+    let start = Instant::now();
+    loop {
+        let (status, at) = order_state(orders_db, order_id).await;
+        if at == step {
+            return;
+        }
+        assert_eq!(
+            status, "PENDING",
+            "seed {seed}: order {order_id} ended {status} before reaching step {step} while refunds were refused"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "seed {seed}: order {order_id} stuck at step {at}, waiting for {step}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The orders process's count of refused refund attempts.
+async fn refused_refunds(shop: &Shop) -> f64 {
+    let (_, body) = http_get(shop.admin["orders"], "/metrics").await;
+    body.lines()
+        .find_map(|line| line.strip_prefix(REFUSED_REFUNDS)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// Payments refuses orders' refunds for a while, with charged orders
+/// needing one (see the module docs); returns the probe order's id and
+/// what happened.
+async fn refuse_refunds(
+    shop: &tokio::sync::RwLock<Shop>,
+    world: &World,
+    seed: u64,
+) -> (String, String) {
+    let started = Instant::now();
+    {
+        let mut guard = shop.write().await;
+        guard
+            .restart_with_policy(
+                "payments",
+                &shop_policy_refusing_orders("payments", &["PaymentsService/RefundCharge"]),
+            )
+            .await;
+        guard
+            .restart_with_policy(
+                "inventory",
+                &shop_policy_refusing_orders("inventory", &["InventoryService/CommitReservation"]),
+            )
+            .await;
+    }
+    let (token, account) = &world.probe;
+    let request = PlaceOrderRequest {
+        items: vec![PlaceOrderItem {
+            product_id: world.probe_product.clone(),
+            quantity: 1,
+        }],
+        payment_account_id: account.clone(),
+        idempotency_key: "chaos-probe".into(),
+    };
+    let probe = place(shop, request, token)
+        .await
+        .unwrap_or_else(|| panic!("seed {seed}: the probe order was not accepted"));
+    let orders_db = pool(&shop.read().await.urls["orders"]).await;
+    wait_step(&orders_db, &probe, "commit", seed).await;
+    // Every order waiting at commit is charged: release its reservation,
+    // as the expiry sweep would, so its commit fails and it must refund.
+    let waiting: Vec<String> =
+        sqlx::query("SELECT order_id FROM orders WHERE saga_step = 'commit'")
+            .fetch_all(&orders_db)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get("order_id").unwrap())
+            .collect();
+    {
+        let guard = shop.read().await;
+        let mut inventory = guard.inventory().await;
+        for id in &waiting {
+            // Committed just before the refusal began: nothing to release.
+            let _ = inventory
+                .release_reservation(ReleaseReservationRequest {
+                    reservation_id: id.clone(),
+                })
+                .await;
+        }
+    }
+    shop.write().await.restore("inventory").await;
+    wait_step(&orders_db, &probe, "refund", seed).await;
+    let start = Instant::now();
+    while refused_refunds(&*shop.read().await).await < 3.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "seed {seed}: orders did not count its refused refunds"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, step) = order_state(&orders_db, &probe).await;
+    assert_eq!(
+        (status.as_str(), step.as_str()),
+        ("PENDING", "refund"),
+        "seed {seed}: a charged order whose refund is refused waits at step refund"
+    );
+    shop.write().await.restore("payments").await;
+    let event = format!(
+        "refunds refused for {:?}, {} charged orders had their reservation released",
+        started.elapsed(),
+        waiting.len()
+    );
+    (probe, event)
 }
 
 async fn check_invariants(shop: &Shop, world: &World, accepted: &[String], seed: u64) {
@@ -407,6 +627,29 @@ async fn check_invariants(shop: &Shop, world: &World, accepted: &[String], seed:
             "seed {seed}: product {product} committed != confirmed orders"
         );
     }
+
+    // The probe's product: whole, and sold only to confirmed orders.
+    let r =
+        sqlx::query("SELECT available, reserved, committed FROM products WHERE product_id = $1")
+            .bind(&world.probe_product)
+            .fetch_one(&inventory_db)
+            .await
+            .unwrap();
+    let (available, reserved, committed): (i64, i64, i64) = (
+        r.try_get("available").unwrap(),
+        r.try_get("reserved").unwrap(),
+        r.try_get("committed").unwrap(),
+    );
+    assert_eq!(
+        (available + reserved + committed, reserved),
+        (PROBE_STOCK, 0),
+        "seed {seed}: the probe product's stock does not add up"
+    );
+    assert_eq!(
+        committed,
+        *committed_expected.get(&world.probe_product).unwrap_or(&0),
+        "seed {seed}: the probe product's committed != confirmed orders"
+    );
 
     let check = payments::check_ledger(&payments_db).await.unwrap();
     assert!(

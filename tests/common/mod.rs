@@ -328,7 +328,72 @@ pub fn shop_policy(service: &str) -> String {
     shop_kit::policy::mesh_config(service, TRUST_DOMAIN).to_string()
 }
 
+/// [`shop_policy`] for `service`, except that the orders service may not
+/// call the methods named in `refused` (`Service/Method`, e.g.
+/// `PaymentsService/RefundCharge`): orders' wildcard becomes the list of
+/// the service's other methods, read from the contracts.
+pub fn shop_policy_refusing_orders(service: &str, refused: &[&str]) -> String {
+    use prost::Message;
+    let fds = prost_types::FileDescriptorSet::decode(shop_api::FILE_DESCRIPTOR_SET).unwrap();
+    let mut policy: serde_json::Value = serde_json::from_str(&shop_policy(service)).unwrap();
+    let rules = policy["authorization"]["rules"].as_array_mut().unwrap();
+    let orders = rules
+        .iter_mut()
+        .find(|r| r["callers"][0] == identity("orders"))
+        .expect("the shop's policy lets orders call this service");
+    let mut allowed = Vec::new();
+    for pattern in orders["methods"].as_array().unwrap() {
+        let pattern = pattern.as_str().unwrap();
+        let Some(full) = pattern.strip_suffix("/*") else {
+            let short = pattern.rsplit_once('.').map_or(pattern, |(_, m)| m);
+            if !refused.contains(&short) {
+                allowed.push(pattern.to_owned());
+            }
+            continue;
+        };
+        let (package, name) = full.rsplit_once('.').unwrap();
+        let svc = fds
+            .file
+            .iter()
+            .filter(|f| f.package() == package)
+            .flat_map(|f| &f.service)
+            .find(|s| s.name() == name)
+            .expect("service in the contracts");
+        for m in &svc.method {
+            if !refused.contains(&format!("{name}/{}", m.name()).as_str()) {
+                allowed.push(format!("{full}/{}", m.name()));
+            }
+        }
+    }
+    orders["methods"] = serde_json::json!(allowed);
+    policy.to_string()
+}
+
 impl Shop {
+    /// Kills `name` and starts it again with `policy` (a mesh policy JSON,
+    /// see [`shop_policy_refusing_orders`]) instead of its own; the shop
+    /// must run mTLS. [`Shop::restart`] after a kill restores its own.
+    pub async fn restart_with_policy(&mut self, name: &'static str, policy: &str) {
+        let path = self.dir.path().join(format!("{name}.other.policy.json"));
+        std::fs::write(&path, policy).unwrap();
+        let mut args = self.args[name].clone();
+        let at = args
+            .iter()
+            .position(|a| a == "--mesh-config")
+            .expect("a shop with mTLS runs with a mesh policy");
+        args[at + 1] = path.display().to_string();
+        self.proc_mut(name).kill();
+        let addr = self.proc_mut(name).addr;
+        *self.proc_mut(name) = Proc::spawn_env(name, addr, &args, &self.env);
+        wait_serving_on(self.channel(addr, name)).await;
+    }
+
+    /// Kills `name` and starts it again with its own flags and policy.
+    pub async fn restore(&mut self, name: &'static str) {
+        self.proc_mut(name).kill();
+        self.restart(name).await;
+    }
+
     pub async fn start(db: &Db) -> Shop {
         Shop::start_with(db, false).await
     }

@@ -34,6 +34,7 @@ pub const CALLS: &[(&str, &str, &[&str])] = &[
             "mesh.payments.v1.PaymentsService/GetAccount",
             "mesh.payments.v1.PaymentsService/CreateCharge",
             "mesh.payments.v1.PaymentsService/RefundCharge",
+            "mesh.payments.v1.PaymentsService/GetCharge",
         ],
     ),
     (

@@ -74,6 +74,14 @@ fn state_name(state: ReservationState) -> &'static str {
     }
 }
 
+/// Why a reservation in `state` cannot be committed.
+fn released(reservation_id: &str, state: ReservationState) -> Status {
+    Status::failed_precondition(format!(
+        "reservation {reservation_id} is {} (released or expired) and cannot be committed",
+        state_name(state)
+    ))
+}
+
 fn state_from(name: &str) -> ReservationState {
     match name {
         "COMMITTED" => ReservationState::Committed,
@@ -146,7 +154,8 @@ impl InventoryService {
     }
 
     /// Moves a live reservation's stock back to available, or commits it.
-    /// Returns `None` if the reservation was not `RESERVED` any more.
+    /// Returns `false` if the reservation was not `RESERVED` any more (the
+    /// caller must then answer with its real state, not the one it asked for).
     async fn finish(
         tx: &mut Transaction<'static, Any>,
         reservation: &Reservation,
@@ -223,14 +232,40 @@ impl InventoryService {
             }
             _ => {}
         }
-        Self::finish(&mut tx, &reservation, ReservationState::Released)
+        if !Self::finish(&mut tx, &reservation, ReservationState::Released)
             .await
-            .map_err(db::status)?;
+            .map_err(db::status)?
+        {
+            // Finished by someone else between our read and our write.
+            return match Self::current(&mut tx, reservation_id).await? {
+                current if current.state() == ReservationState::Released => Ok(current),
+                current => Err(Status::failed_precondition(format!(
+                    "reservation {reservation_id} was {} meanwhile; committed stock cannot be released",
+                    state_name(current.state())
+                ))),
+            };
+        }
         tx.commit().await.map_err(db::status)?;
         Ok(Reservation {
             state: ReservationState::Released as i32,
             ..reservation
         })
+    }
+
+    /// The reservation as committed now: after a guarded update matched no
+    /// row, a new statement sees the transaction that won (PostgreSQL's
+    /// READ COMMITTED; SQLite serializes writers, so it never gets here
+    /// with a stale read).
+    async fn current(
+        tx: &mut Transaction<'static, Any>,
+        reservation_id: &str,
+    ) -> Result<Reservation, Status> {
+        Self::load_reservation(tx, reservation_id)
+            .await
+            .map_err(db::status)?
+            .ok_or_else(|| {
+                Status::not_found(format!("reservation {reservation_id} does not exist"))
+            })
     }
 
     /// Releases reservations past their expiry until `stop` is cancelled.
@@ -264,11 +299,19 @@ impl InventoryService {
         .map(|row| row.try_get("reservation_id"))
         .collect::<Result<_, _>>()
         .map_err(db::status)?;
+        let mut released = 0;
         for id in &ids {
             tracing::info!(reservation_id = %id, "releasing expired reservation");
-            self.release(id).await?;
+            match self.release(id).await {
+                Ok(_) => released += 1,
+                // Committed since it was listed: not expired any more; the rest still are.
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                    tracing::info!(reservation_id = %id, "not released: {}", status.message());
+                }
+                Err(status) => return Err(status),
+            }
         }
-        Ok(ids.len())
+        Ok(released)
     }
 }
 
@@ -521,16 +564,25 @@ impl inventory_service_server::InventoryService for InventoryService {
             .ok_or_else(|| Status::not_found(format!("reservation {id} does not exist")))?;
         match reservation.state() {
             ReservationState::Committed => return Ok(Response::new(reservation)),
-            ReservationState::Released => {
-                return Err(Status::failed_precondition(format!(
-                    "reservation {id} was released (or expired) and cannot be committed"
-                )));
-            }
+            ReservationState::Released => return Err(released(&id, ReservationState::Released)),
             _ => {}
         }
-        Self::finish(&mut tx, &reservation, ReservationState::Committed)
+        // The guard can miss: the expiry sweeper (or a release) may finish the
+        // reservation between the read above and this write. Answering
+        // COMMITTED then would sell stock that is available again.
+        if !Self::finish(&mut tx, &reservation, ReservationState::Committed)
             .await
-            .map_err(db::status)?;
+            .map_err(db::status)?
+        {
+            let current = Self::current(&mut tx, &id).await?;
+            return match current.state() {
+                ReservationState::Committed => Ok(Response::new(current)),
+                state => {
+                    tracing::warn!(reservation_id = %id, state = state_name(state), "commit lost the race with a release");
+                    Err(released(&id, state))
+                }
+            };
+        }
         tx.commit().await.map_err(db::status)?;
         Ok(Response::new(Reservation {
             state: ReservationState::Committed as i32,

@@ -9,9 +9,11 @@
 
 #![forbid(unsafe_code)]
 
+mod metrics;
 mod saga;
 mod service;
 mod store;
+mod watch;
 
 use std::{ffi::OsString, future::Future, net::SocketAddr, process::ExitCode};
 
@@ -25,8 +27,9 @@ use shop_api::{
 use tokio::net::TcpListener;
 
 pub use saga::Saga;
-pub use service::OrdersService;
+pub use service::{MAX_PENDING_ORDERS_PER_USER, OrdersService};
 pub use shop_kit::token::VERIFIED_SUBJECT_HEADER;
+pub use watch::{MAX_WATCHES_PER_USER, WATCH_POLL};
 
 /// Configuration of the orders service, from flags or environment.
 #[derive(Clone, Debug, Parser)]

@@ -14,6 +14,23 @@
 //! test found the case this guards: a commit that succeeded while its
 //! answer was lost, followed by a refund, left stock sold and money
 //! returned.
+//!
+//! - A commit is retried on every error except inventory's word that the
+//!   reservation is gone (released or expired: `FAILED_PRECONDITION`,
+//!   `NOT_FOUND`, or an answer that is not `COMMITTED`); only then does the
+//!   saga compensate, so a confirmed order always has committed stock.
+//! - A refund is retried on every error, whatever its code, with backoff
+//!   capped at [`BACKOFF_CAP`]: it is idempotent under the charge key, and
+//!   an order abandoned here would be CANCELLED with its money taken. It
+//!   waits at step `refund` (visible as `saga_step`), counted in
+//!   `mesh_orders_refund_failures_total` and logged at error level after
+//!   [`REFUND_ALERT_AFTER`] failures in a row.
+//! - A release refused for good is logged and the order ends: inventory's
+//!   expiry sweep returns the stock.
+//!
+//! `cancel_reason` holds this service's own words ("insufficient funds",
+//! "insufficient stock for product X"), never a callee's message, which can
+//! carry another party's data (a balance); the callee's words go to the log.
 
 use std::{
     collections::HashSet,
@@ -24,26 +41,38 @@ use std::{
 use mesh_client::MeshChannel;
 use shop_api::{
     inventory::v1::{
-        CommitReservationRequest, LineItem, ReleaseReservationRequest, ReserveStockRequest,
-        inventory_service_client::InventoryServiceClient,
+        CommitReservationRequest, LineItem, ReleaseReservationRequest, ReservationState,
+        ReserveStockRequest, inventory_service_client::InventoryServiceClient,
     },
     orders::v1::{Order, OrderStatus},
     payments::v1::{
-        CreateChargeRequest, RefundChargeRequest, payments_service_client::PaymentsServiceClient,
+        ChargeState, CreateChargeRequest, GetChargeRequest, RefundChargeRequest,
+        payments_service_client::PaymentsServiceClient,
     },
 };
 use sqlx::AnyPool;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
-use crate::store::{self, Step};
+use crate::{
+    metrics::metrics,
+    store::{self, Step},
+    watch::Feeds,
+};
 
 /// Forward-step attempts on transient errors before compensating.
 pub const FORWARD_ATTEMPTS: u32 = 6;
 const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// The longest wait between two attempts of a step.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// Failed refund attempts in a row after which each further failure is
+/// logged at error level (about 10 s of failures with the backoff above).
+pub const REFUND_ALERT_AFTER: u32 = 6;
+
+/// `cancel_reason` when the reservation expired or was released before
+/// the order could be completed.
+const RESERVATION_GONE: &str = "the stock reservation expired before the order could be completed";
 /// An unfinished order untouched this long is picked up by the recovery sweep.
 const RECOVERY_IDLE: Duration = Duration::from_secs(15);
 
@@ -58,7 +87,7 @@ pub struct Saga {
     pool: AnyPool,
     inventory: InventoryServiceClient<MeshChannel>,
     payments: PaymentsServiceClient<MeshChannel>,
-    events: broadcast::Sender<Order>,
+    feeds: Feeds,
     /// Orders this process is driving now, so it never drives one twice.
     running: Arc<Mutex<HashSet<String>>>,
 }
@@ -66,7 +95,7 @@ pub struct Saga {
 enum Outcome {
     /// The step took effect.
     Done,
-    /// The step cannot succeed; compensate with this reason.
+    /// The step cannot succeed; compensate with this reason (our own words).
     Failed(String),
 }
 
@@ -94,14 +123,14 @@ impl Saga {
             pool,
             inventory,
             payments,
-            events: broadcast::channel(1024).0,
+            feeds: Feeds::default(),
             running: Arc::default(),
         }
     }
 
-    /// Every order change this process makes.
-    pub fn subscribe(&self) -> broadcast::Receiver<Order> {
-        self.events.subscribe()
+    /// The change feeds watchers of orders subscribe to.
+    pub(crate) fn feeds(&self) -> &Feeds {
+        &self.feeds
     }
 
     /// Drives `order_id` to CONFIRMED or CANCELLED in the background.
@@ -174,9 +203,11 @@ impl Saga {
     }
 
     async fn publish(&self, order_id: &str) -> Result<(), sqlx::Error> {
-        if let Some(stored) = store::load(&self.pool, order_id).await? {
-            // No subscribers is fine.
-            let _ = self.events.send(stored.order);
+        // Read the order back only for its watchers.
+        if self.feeds.is_watched(order_id)
+            && let Some(stored) = store::load(&self.pool, order_id).await?
+        {
+            self.feeds.publish(&stored.order);
         }
         Ok(())
     }
@@ -211,15 +242,26 @@ impl Saga {
                     // whose stock may already be committed.
                     let forward = matches!(step, Step::Reserve | Step::Charge);
                     if forward && attempts >= FORWARD_ATTEMPTS {
-                        let reason = format!(
-                            "step {} failed {attempts} times, last: {}: {}",
-                            step.as_str(),
-                            status.code(),
-                            status.message()
-                        );
-                        (compensation_for(step), OrderStatus::Pending, Some(reason))
+                        tracing::warn!(%order_id, step = step.as_str(), "giving up after {attempts} attempts, compensating; last: {status}");
+                        let reason = match step {
+                            Step::Reserve => "inventory did not answer; no stock was reserved",
+                            _ => "payments did not answer; any charge is refunded",
+                        };
+                        (
+                            compensation_for(step),
+                            OrderStatus::Pending,
+                            Some(reason.to_owned()),
+                        )
                     } else {
-                        tracing::info!(%order_id, step = step.as_str(), attempt = attempts, "transient failure, retrying: {status}");
+                        if step == Step::Refund {
+                            metrics().refund_failed(status.code());
+                            if attempts >= REFUND_ALERT_AFTER {
+                                tracing::error!(%order_id, attempt = attempts, "refund keeps failing; the order's money stays taken until it succeeds: {status}");
+                            } else {
+                                tracing::warn!(%order_id, attempt = attempts, "refund failed, retrying: {status}");
+                            }
+                        }
+                        tracing::info!(%order_id, step = step.as_str(), attempt = attempts, "step failed, retrying: {status}");
                         tokio::time::sleep(jitter(backoff)).await;
                         backoff = (backoff * 2).min(BACKOFF_CAP);
                         continue;
@@ -235,10 +277,11 @@ impl Saga {
         }
     }
 
-    /// Runs one step. `Err` is transient (retry); `Ok(Failed)` is final.
+    /// Runs one step. `Err` is retried (with backoff); `Ok(Failed)` is
+    /// final and starts the compensation.
     async fn run_step(&self, step: Step, order: &Order) -> Result<Outcome, Status> {
         let order_id = order.order_id.clone();
-        let call = match step {
+        match step {
             Step::Reserve => {
                 let items = order
                     .items
@@ -248,36 +291,80 @@ impl Saga {
                         quantity: i.quantity,
                     })
                     .collect();
-                self.inventory
+                let reserved = self
+                    .inventory
                     .clone()
                     .reserve_stock(ReserveStockRequest {
                         reservation_id: order_id,
                         items,
                     })
-                    .await
-                    .map(drop)
+                    .await;
+                match reserved {
+                    // A tombstone: the reservation was released before (an
+                    // expiry); charging for it would only be refunded.
+                    Ok(r) if r.get_ref().state() == ReservationState::Released => {
+                        Ok(Outcome::Failed(RESERVATION_GONE.to_owned()))
+                    }
+                    Ok(_) => Ok(Outcome::Done),
+                    Err(status) if is_transient(&status) => Err(status),
+                    Err(status) => {
+                        tracing::info!(order_id = %order.order_id, "reservation refused: {status}");
+                        Ok(Outcome::Failed(stock_reason(order, &status)))
+                    }
+                }
             }
-            Step::Charge => self
-                .payments
-                .clone()
-                .create_charge(CreateChargeRequest {
-                    account_id: order.payment_account_id.clone(),
-                    amount: order.total.clone(),
-                    idempotency_key: charge_key(&order_id),
-                    reference: format!("order {order_id}"),
-                    // Payments checks the account is the user's again.
-                    expected_owner_id: order.user_id.clone(),
-                })
-                .await
-                .map(drop),
-            Step::Commit => self
-                .inventory
-                .clone()
-                .commit_reservation(CommitReservationRequest {
-                    reservation_id: order_id,
-                })
-                .await
-                .map(drop),
+            Step::Charge => {
+                let charged = self
+                    .payments
+                    .clone()
+                    .create_charge(CreateChargeRequest {
+                        account_id: order.payment_account_id.clone(),
+                        amount: order.total.clone(),
+                        idempotency_key: charge_key(&order_id),
+                        reference: format!("order {order_id}"),
+                        // Payments checks the account is the user's again.
+                        expected_owner_id: order.user_id.clone(),
+                    })
+                    .await;
+                match charged {
+                    Ok(_) => Ok(Outcome::Done),
+                    Err(status) if is_transient(&status) => Err(status),
+                    Err(status) => {
+                        tracing::info!(%order_id, "charge refused: {status}");
+                        Ok(Outcome::Failed(
+                            self.charge_reason(&order_id, &status).await,
+                        ))
+                    }
+                }
+            }
+            Step::Commit => {
+                let committed = self
+                    .inventory
+                    .clone()
+                    .commit_reservation(CommitReservationRequest {
+                        reservation_id: order_id.clone(),
+                    })
+                    .await;
+                match committed {
+                    Ok(r) if r.get_ref().state() == ReservationState::Committed => {
+                        Ok(Outcome::Done)
+                    }
+                    Ok(r) => {
+                        tracing::warn!(%order_id, state = ?r.get_ref().state(), "commit answered a reservation that is not committed");
+                        Ok(Outcome::Failed(RESERVATION_GONE.to_owned()))
+                    }
+                    Err(status)
+                        if matches!(status.code(), Code::FailedPrecondition | Code::NotFound) =>
+                    {
+                        tracing::info!(%order_id, "reservation gone before commit: {status}");
+                        Ok(Outcome::Failed(RESERVATION_GONE.to_owned()))
+                    }
+                    // The money is taken: anything else is retried, never compensated.
+                    Err(status) => Err(status),
+                }
+            }
+            // Every refund error is retried: the key makes a repeat harmless,
+            // and giving up would leave a cancelled order's money taken.
             Step::Refund => self
                 .payments
                 .clone()
@@ -285,33 +372,68 @@ impl Saga {
                     charge_idempotency_key: charge_key(&order_id),
                 })
                 .await
-                .map(drop),
-            Step::Release => self
-                .inventory
-                .clone()
-                .release_reservation(ReleaseReservationRequest {
-                    reservation_id: order_id,
-                })
-                .await
-                .map(drop),
-            Step::Done => Ok(()),
-        };
-        match call {
-            Ok(()) => Ok(Outcome::Done),
-            Err(status) if is_transient(&status) => Err(status),
-            Err(status) => match step {
-                Step::Reserve | Step::Charge | Step::Commit => Ok(Outcome::Failed(format!(
-                    "{} failed: {}",
-                    step.as_str(),
-                    status.message()
-                ))),
-                // A compensation refused for good (bad data) must still end the order.
-                Step::Refund | Step::Release | Step::Done => {
-                    tracing::error!(order_id = %order.order_id, step = step.as_str(), "compensation refused: {status}");
-                    Ok(Outcome::Done)
+                .map(|_| Outcome::Done),
+            Step::Release => {
+                let released = self
+                    .inventory
+                    .clone()
+                    .release_reservation(ReleaseReservationRequest {
+                        reservation_id: order_id,
+                    })
+                    .await;
+                match released {
+                    Ok(_) => Ok(Outcome::Done),
+                    Err(status) if is_transient(&status) => Err(status),
+                    // Refused for good (bad data): the order still ends, and
+                    // inventory's expiry sweep returns any stock held.
+                    Err(status) => {
+                        tracing::error!(order_id = %order.order_id, "release refused: {status}");
+                        Ok(Outcome::Done)
+                    }
                 }
-            },
+            }
+            Step::Done => Ok(Outcome::Done),
         }
+    }
+
+    /// Why a charge was refused, in our words: payments' own message names
+    /// balances, so the stored charge's state tells a decline apart.
+    async fn charge_reason(&self, order_id: &str, status: &Status) -> String {
+        if status.code() == Code::NotFound {
+            return "the payment account does not exist".to_owned();
+        }
+        let charge = self
+            .payments
+            .clone()
+            .get_charge(GetChargeRequest {
+                charge_idempotency_key: charge_key(order_id),
+            })
+            .await;
+        match charge {
+            Ok(c) if c.get_ref().state() == ChargeState::Declined => {
+                "insufficient funds".to_owned()
+            }
+            _ => "payment refused".to_owned(),
+        }
+    }
+}
+
+/// Why stock could not be reserved, in our words. The product named is
+/// one of the order's own (found in inventory's message), never the
+/// message itself.
+fn stock_reason(order: &Order, status: &Status) -> String {
+    let product = order
+        .items
+        .iter()
+        .find(|i| status.message().contains(&i.product_id));
+    match (status.code(), product) {
+        (Code::FailedPrecondition, Some(item)) => {
+            format!("insufficient stock for product {}", item.product_id)
+        }
+        (Code::FailedPrecondition, None) => "insufficient stock".to_owned(),
+        (Code::NotFound, Some(item)) => format!("product {} does not exist", item.product_id),
+        (Code::NotFound, None) => "a product of the order does not exist".to_owned(),
+        _ => "stock reservation refused".to_owned(),
     }
 }
 

@@ -1,4 +1,4 @@
-use std::{pin::Pin, time::Duration};
+use std::pin::Pin;
 
 use futures::Stream;
 use mesh_client::MeshChannel;
@@ -12,7 +12,6 @@ use shop_api::{
 };
 use shop_kit::{db, token::UserTokens, validate};
 use sqlx::AnyPool;
-use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
@@ -32,9 +31,15 @@ pub struct OrdersService {
     draining: CancellationToken,
 }
 
-/// How often a watch re-reads the order, to see changes made by another
-/// replica's saga driver.
-const WATCH_POLL: Duration = Duration::from_secs(1);
+/// Orders one user may have PENDING at once. PlaceOrder reserves stock
+/// before it charges, so without a cap a user with an empty account could
+/// hold a product's whole stock reserved; the next order is refused with
+/// `RESOURCE_EXHAUSTED` until one is confirmed or cancelled. A person has
+/// a handful in progress; 10 leaves room for sagas a rolling restart
+/// pauses (one client ordering ~100/s through one saw up to 5 pending).
+/// Checked before the insert, not with it: concurrent placements of one
+/// user can pass it together, at most once each.
+pub const MAX_PENDING_ORDERS_PER_USER: i64 = 10;
 
 /// A callee's answer as this service's answer: the callee's own words for
 /// caller mistakes, `UNAVAILABLE` naming the callee for outages.
@@ -145,6 +150,15 @@ impl orders_service_server::OrdersService for OrdersService {
             .map_err(db::status)?
         {
             return repeat(stored);
+        }
+        if store::pending_count(&self.pool, &user_id)
+            .await
+            .map_err(db::status)?
+            >= MAX_PENDING_ORDERS_PER_USER
+        {
+            return Err(Status::resource_exhausted(format!(
+                "you have {MAX_PENDING_ORDERS_PER_USER} orders in progress, the most one user may have; wait until one is confirmed or cancelled"
+            )));
         }
 
         // Price every item now; the order keeps the prices it was placed at.
@@ -292,41 +306,43 @@ impl orders_service_server::OrdersService for OrdersService {
     ) -> Result<Response<Self::WatchOrderStream>, Status> {
         let user_id = self.users.user(request.metadata()).await?;
         let order_id = validate::uuid("order_id", &request.get_ref().order_id)?;
-        // Subscribe before reading so no change falls between the two.
-        let mut events = self.saga.subscribe();
+        let feeds = self.saga.feeds();
+        // Taken first, so a refused or failed lookup holds no slot after it.
+        let permit = feeds.permit(&user_id)?;
         let first = self.owned_order(&user_id, &order_id).await?;
-        let this = self.clone();
+        // The order's one feed: a change between the read above and this
+        // subscription is caught by the feed's first read of the database.
+        let mut feed = feeds.subscribe(&self.pool, &first);
+        let draining = self.draining.clone();
         let stream = async_stream(move |tx| async move {
+            let _permit = permit;
             let mut last = first.clone();
             if tx.send(Ok(first)).await.is_err() || is_final(&last) {
                 return;
             }
-            let mut poll = tokio::time::interval(WATCH_POLL);
             loop {
-                let next = tokio::select! {
-                    _ = this.draining.cancelled() => {
+                // Checked before each wait: the feed may already be ahead of
+                // the first read (another watcher's feed, a fast saga).
+                let order = feed.borrow_and_update().clone();
+                if crate::watch::is_newer(&order, &last) {
+                    last = order.clone();
+                    if tx.send(Ok(order)).await.is_err() || is_final(&last) {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = draining.cancelled() => {
                         let _ = tx.send(Err(Status::unavailable(
                             "server is shutting down; watch again to continue",
                         ))).await;
                         return;
                     }
                     _ = tx.closed() => return,
-                    event = events.recv() => match event {
-                        Ok(order) if order.order_id == order_id => Some(order),
-                        Ok(_) => None,
-                        Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
-                            this.owned_order(&user_id, &order_id).await.ok()
-                        }
+                    changed = feed.changed() => if changed.is_err() {
+                        // Cannot happen while we hold a receiver; end cleanly if it does.
+                        let _ = tx.send(Err(Status::unavailable("watch ended; watch again"))).await;
+                        return;
                     },
-                    _ = poll.tick() => this.owned_order(&user_id, &order_id).await.ok(),
-                };
-                let Some(order) = next else { continue };
-                if order.status == last.status && order.saga_step == last.saga_step {
-                    continue;
-                }
-                last = order.clone();
-                if tx.send(Ok(order)).await.is_err() || is_final(&last) {
-                    return;
                 }
             }
         });

@@ -241,6 +241,16 @@ pub(crate) async fn transition(
     Ok(moved == 1)
 }
 
+/// How many of a user's orders are not final yet (PENDING: their saga
+/// still runs, so their stock may be reserved).
+pub(crate) async fn pending_count(pool: &AnyPool, user_id: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query("SELECT COUNT(*) AS n FROM orders WHERE user_id = $1 AND status = 'PENDING'")
+        .bind(user_id)
+        .fetch_one(pool)
+        .await?
+        .try_get("n")
+}
+
 /// Orders whose saga has not finished and that nobody touched since
 /// `idle_since` (Unix ms).
 pub(crate) async fn unfinished(
