@@ -208,3 +208,51 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         run(config, listener, shutdown)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shop_kit::ServiceConfig;
+
+    fn config(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("auth").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn the_trusted_gateway_defaults_to_the_gateway_of_the_trust_domain() {
+        let c = config(&["--trust-domain", "shop.test", "--namespace", "prod"]);
+        assert_eq!(
+            c.trusted_gateway().unwrap().to_string(),
+            "spiffe://shop.test/ns/prod/sa/gateway"
+        );
+        let c = config(&["--trusted-gateway", "spiffe://shop.test/ns/edge/sa/public"]);
+        assert_eq!(
+            c.trusted_gateway().unwrap().to_string(),
+            "spiffe://shop.test/ns/edge/sa/public"
+        );
+    }
+
+    #[test]
+    fn hashing_bound_and_gateway_identity_are_checked() {
+        let c = config(&[]);
+        assert!((2..=MAX_HASHES).contains(&c.max_concurrent_hashes()));
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        let problems = config(&[
+            "--max-concurrent-hashes",
+            "0",
+            "--trusted-gateway",
+            "not-a-spiffe-id",
+        ])
+        .problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("--max-concurrent-hashes: must be 1 to 256, got 0")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("--trusted-gateway")),
+            "{problems:?}"
+        );
+    }
+}
