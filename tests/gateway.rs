@@ -630,8 +630,10 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
         None,
         &[&limits[..], &["--trusted-proxy", "127.0.0.1/32"]].concat(),
     );
-    let ignoring = gateway(&shop, None, &limits);
+    // One at a time: each start rewrites the gateway's certificate files,
+    // and a process reading them mid-rewrite gets a key of another pair.
     common::wait_serving(trusting.1).await;
+    let ignoring = gateway(&shop, None, &limits);
     common::wait_serving(ignoring.1).await;
     let list = |channel: Channel, client: &'static str| async move {
         let mut request = tonic::Request::new(ListProductsRequest::default());
