@@ -13,10 +13,13 @@
 //! several keys at once and counted in all or none, answer with the time
 //! left, and take an attempt back; a general rate-limiting crate brings
 //! more than this needs. Memory is bounded by a hard cap on entries: when
-//! it is reached the entry whose window started first is dropped. A login
-//! creates at most three entries and the process backstop admits at most
-//! [`LOGINS_GLOBAL`] counted logins per window, so with the default cap no
-//! entry of a live window is ever evicted by churn.
+//! it is reached the entry whose window started first is dropped. Logins
+//! and registrations have a limiter each, and an attempt is only counted
+//! (an entry made) while holding a hashing permit, so entries are made no
+//! faster than passwords are hashed: with 4 permits, at most a few
+//! thousand a minute, far below [`MAX_ENTRIES`], so churn evicts no live
+//! window. Hosts with many more permits should expect eviction under a
+//! flood from very many addresses.
 
 use std::{
     collections::{BTreeMap, HashMap},

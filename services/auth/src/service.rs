@@ -51,7 +51,10 @@ struct Inner {
     /// Hash checked when the user does not exist, so both failures cost the same.
     dummy_hash: String,
     last_reload: tokio::sync::Mutex<tokio::time::Instant>,
+    /// Login attempts.
     limiter: Limiter,
+    /// Registrations, apart so their churn cannot evict login counts.
+    registrations: Limiter,
     hashing: Hashing,
 }
 
@@ -99,6 +102,7 @@ impl AuthService {
                 dummy_hash,
                 last_reload: tokio::sync::Mutex::new(tokio::time::Instant::now()),
                 limiter: Limiter::default(),
+                registrations: Limiter::default(),
                 hashing,
             }),
         })
@@ -451,10 +455,13 @@ impl auth_service_server::AuthService for AuthService {
         let req = request.into_inner();
         let name = username(&req.username)?;
         password_field(&req.password)?;
+        // The permit first, so no limiter entry is made without one: the
+        // hashing bound also bounds how fast entries can churn.
+        let permit = self.start_hash()?;
         // Counted before hashing, and kept: an account made is an attempt.
-        let attempt = self
+        let _counted = self
             .inner
-            .limiter
+            .registrations
             .attempt(&limit::register_limits(&client))
             .map_err(|wait| {
                 exhausted(
@@ -467,13 +474,6 @@ impl auth_service_server::AuthService for AuthService {
                     wait,
                 )
             })?;
-        let permit = match self.start_hash() {
-            Ok(permit) => permit,
-            Err(status) => {
-                self.inner.limiter.refund(attempt, |_| false);
-                return Err(status);
-            }
-        };
         let hash = password::hash(req.password.clone(), permit)
             .await
             .map_err(|e| {
@@ -520,6 +520,9 @@ impl auth_service_server::AuthService for AuthService {
         if req.username.len() > 64 || req.password.len() > 128 {
             return Err(Status::unauthenticated(BAD_LOGIN));
         }
+        // The permit first, so no limiter entry is made without one: the
+        // hashing bound also bounds how fast entries can churn.
+        let permit = self.start_hash()?;
         // Counted before the password is checked, in one step with the
         // check, so parallel guesses are counted too; taken back below for
         // a login that succeeds or is never tried.
@@ -533,13 +536,6 @@ impl auth_service_server::AuthService for AuthService {
                     wait,
                 )
             })?;
-        let permit = match self.start_hash() {
-            Ok(permit) => permit,
-            Err(status) => {
-                self.inner.limiter.refund(attempt, |_| false);
-                return Err(status);
-            }
-        };
         let row = match sqlx::query("SELECT user_id, password_hash FROM users WHERE username = $1")
             .bind(&req.username)
             .fetch_optional(&self.inner.pool)
