@@ -62,13 +62,14 @@ pub struct Config {
     /// 30 s leeway); replicas sharing a database must share
     /// `--token-ttl-secs`.
     ///
-    /// Signing keys are stored in the `signing_keys` table as PKCS#8
-    /// documents, readable by anyone who can read the database. In
-    /// production the database credentials come from a Kubernetes Secret,
-    /// backups are encrypted, and keys are short-lived (this flag) and
-    /// deleted after use; a deployment that must withstand a leaked
-    /// database dump wraps them with an envelope key held outside the
-    /// database (a KMS or a Secret mounted only into auth). That wrapping
+    /// Signing keys are stored in the `signing_keys` table as unencrypted
+    /// PKCS#8 documents, readable by anyone who can read the database.
+    /// What protects them is access to it: the database login is the
+    /// `auth-db` Kubernetes Secret, mounted only into auth, and keys are
+    /// short-lived (this flag) and deleted after use. Production
+    /// should also encrypt the volume and backups and, to withstand a
+    /// leaked dump, wrap each key with an envelope key held outside the
+    /// database (a KMS, or a Secret mounted only into auth); that wrapping
     /// is not built.
     #[arg(long, env = "SIGNING_KEY_MAX_AGE_SECS", default_value_t = 30 * 86_400)]
     pub signing_key_max_age_secs: u64,
