@@ -211,32 +211,51 @@ async fn tokens_are_checked_at_the_edge() {
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
 }
 
+/// `message` as sent by `client` through a trusted proxy (`x-forwarded-for`).
+fn forwarded<T>(client: &str, mut request: tonic::Request<T>) -> tonic::Request<T> {
+    request
+        .metadata_mut()
+        .insert("x-forwarded-for", client.parse().unwrap());
+    request
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_caller_has_its_own_rate_limit() {
     let shop = Shop::start_mtls().await;
     let (_gw_proc, addr) = gateway(
         &shop,
         None,
-        &["--rate-limit-per-second", "1", "--rate-limit-burst", "3"],
+        &[
+            "--rate-limit-per-second",
+            "1",
+            "--rate-limit-burst",
+            "3",
+            "--trusted-proxy",
+            "127.0.0.1/32",
+        ],
     );
     common::wait_serving(addr).await;
     let gw = common::channel(addr).await;
-    // Users made inside, so the anonymous bucket of 127.0.0.1 is not spent.
+    // Users made inside, so no address bucket here is spent on them.
     let (_, token_a) = shop.user("carol").await;
     let (_, token_b) = shop.user("dave").await;
     let mut orders = OrdersServiceClient::new(gw);
+    let list =
+        |token: &str, client: &str| forwarded(client, authed(token, ListOrdersRequest::default()));
     for i in 0..3 {
         orders
-            .list_orders(authed(&token_a, ListOrdersRequest::default()))
+            .list_orders(list(&token_a, "203.0.113.1"))
             .await
             .unwrap_or_else(|e| panic!("call {i} within the burst: {e}"));
     }
+    // From a fresh address the user's own bucket is what is empty.
     let err = orders
-        .list_orders(authed(&token_a, ListOrdersRequest::default()))
+        .list_orders(list(&token_a, "203.0.113.2"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
     assert!(err.message().contains("rate limit"), "{}", err.message());
+    assert!(err.message().contains("user"), "{}", err.message());
     let retry_after: u64 = err
         .metadata()
         .get("retry-after")
@@ -249,9 +268,157 @@ async fn each_caller_has_its_own_rate_limit() {
     assert!(err.metadata().get("grpc-retry-pushback-ms").is_some());
     // Another caller is unaffected.
     orders
-        .list_orders(authed(&token_b, ListOrdersRequest::default()))
+        .list_orders(list(&token_b, "203.0.113.3"))
         .await
         .expect("another caller's bucket is full");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_accounts_from_one_address_share_its_bucket() {
+    let shop = Shop::start_mtls().await;
+    let (_gw_proc, addr) = gateway(
+        &shop,
+        None,
+        &["--rate-limit-per-second", "1", "--rate-limit-burst", "3"],
+    );
+    common::wait_serving(addr).await;
+    let (_, token_a) = shop.user("erin").await;
+    let (_, token_b) = shop.user("fred").await;
+    let mut orders = OrdersServiceClient::new(common::channel(addr).await);
+    // Alternating two accounts from one address: the address's bucket
+    // drains twice as fast as either user's, so it is the one that says no.
+    // Before the fix valid tokens skipped it and each account had its own
+    // full share.
+    let mut refused = None;
+    for i in 0..20 {
+        let token = if i % 2 == 0 { &token_a } else { &token_b };
+        match orders
+            .list_orders(authed(token, ListOrdersRequest::default()))
+            .await
+        {
+            Ok(_) => {}
+            Err(err) => {
+                refused = Some(err);
+                break;
+            }
+        }
+    }
+    let err = refused.expect("the address was never limited");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(
+        err.message().contains("address 127.0.0.1"),
+        "the address's bucket refused: {}",
+        err.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_guessing_passwords_locks_out_nobody_else() {
+    let shop = Shop::start_mtls().await;
+    let (_gw_proc, addr) = gateway(&shop, None, &["--trusted-proxy", "127.0.0.1/32"]);
+    common::wait_serving(addr).await;
+    let gw = common::channel(addr).await;
+    let (x, y, w) = ("203.0.113.1", "203.0.113.2", "203.0.113.3");
+    let mut auth = AuthServiceClient::new(gw);
+    for name in ["ann", "yuri"] {
+        auth.register(forwarded(
+            y,
+            tonic::Request::new(RegisterRequest {
+                username: name.into(),
+                password: "correct-horse-battery".into(),
+            }),
+        ))
+        .await
+        .unwrap();
+    }
+    let attempt = |client: &str, name: &str, password: &str| {
+        forwarded(
+            client,
+            tonic::Request::new(LoginRequest {
+                username: name.into(),
+                password: password.into(),
+            }),
+        )
+    };
+    let limited = |err: tonic::Status| {
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+        assert!(
+            err.message().contains("too many failed logins"),
+            "{}",
+            err.message()
+        );
+    };
+    // Five wrong passwords for ann from X lock ann for X...
+    for i in 0..5 {
+        let err = auth
+            .login(attempt(x, "ann", &format!("guess-{i}")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "guess {i}: {err}");
+    }
+    limited(
+        auth.login(attempt(x, "ann", "correct-horse-battery"))
+            .await
+            .unwrap_err(),
+    );
+    // ...not for Y (before the fix every login through the gateway was one
+    // caller to auth, and ann was locked out for everybody).
+    auth.login(attempt(y, "ann", "correct-horse-battery"))
+        .await
+        .expect("ann logs in from another client");
+    // X floods wrong passwords over many accounts until auth stops it...
+    let mut flood_stopped = false;
+    for i in 0..40 {
+        match auth
+            .login(attempt(x, &format!("nobody{i}"), "wrong-password"))
+            .await
+        {
+            Err(err) if err.code() == Code::Unauthenticated => {}
+            Err(err) => {
+                limited(err);
+                flood_stopped = true;
+                break;
+            }
+            Ok(_) => panic!("a wrong password logged in"),
+        }
+    }
+    assert!(flood_stopped, "X's flood was never limited");
+    // ...and Y still logs in.
+    auth.login(attempt(y, "yuri", "correct-horse-battery"))
+        .await
+        .expect("yuri logs in while X is limited");
+
+    // A client that names another client itself gains nothing: the gateway
+    // replaces the claim with what it saw.
+    for i in 0..5 {
+        let mut request = attempt(w, "yuri", &format!("guess-{i}"));
+        request
+            .metadata_mut()
+            .insert("x-shop-client", format!("address {y}").parse().unwrap());
+        let err = auth.login(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    }
+    limited(
+        auth.login(attempt(w, "yuri", "correct-horse-battery"))
+            .await
+            .unwrap_err(),
+    );
+    // A direct caller that is not the gateway (the operator, over mTLS)
+    // cannot speak for a client either: its failures are its own.
+    let mut direct = shop.auth().await;
+    for i in 0..6 {
+        let mut request = tonic::Request::new(LoginRequest {
+            username: "yuri".into(),
+            password: format!("guess-{i}"),
+        });
+        request
+            .metadata_mut()
+            .insert("x-shop-client", format!("address {y}").parse().unwrap());
+        let _ = direct.login(request).await.unwrap_err();
+    }
+    auth.login(attempt(y, "yuri", "correct-horse-battery"))
+        .await
+        .expect("yuri is not locked out for Y by others' claims to be Y");
 }
 
 /// One HTTP/1.1 request; returns status, headers and body.
@@ -421,8 +588,10 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
         None,
         &[&limits[..], &["--trusted-proxy", "127.0.0.1/32"]].concat(),
     );
-    let ignoring = gateway(&shop, None, &limits);
+    // One at a time: each start rewrites the gateway's certificate files,
+    // and a process reading them mid-rewrite gets a key of another pair.
     common::wait_serving(trusting.1).await;
+    let ignoring = gateway(&shop, None, &limits);
     common::wait_serving(ignoring.1).await;
     let list = |channel: Channel, client: &'static str| async move {
         let mut request = tonic::Request::new(ListProductsRequest::default());

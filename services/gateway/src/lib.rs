@@ -8,9 +8,10 @@
 //! from auth: the gateway verifies it with auth's public keys (refreshed on
 //! rotation), refuses bad ones with `UNAUTHENTICATED`, and forwards the
 //! verified subject in `x-verified-subject` (services still verify the
-//! token themselves). Every caller (user, or source address for anonymous
-//! calls) has a token bucket; over it, `RESOURCE_EXHAUSTED` with
-//! `retry-after`. Browsers call it with gRPC-Web on the same port, with
+//! token themselves). Every source address has a token bucket, and every
+//! user too (a call with a valid token takes from both); over it,
+//! `RESOURCE_EXHAUSTED` with `retry-after`. The source address goes to the
+//! services in `x-shop-client`, for auth's per-client login limits. Browsers call it with gRPC-Web on the same port, with
 //! CORS for the configured origins. Health, reflection of the public
 //! surface only, metrics and traces come from the mesh server.
 

@@ -12,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+use auth::CLIENT_HEADER;
 use futures::future::BoxFuture;
 use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
@@ -109,10 +110,9 @@ impl Service<http::Request<Body>> for Gateway {
 }
 
 impl Inner {
-    /// Who an anonymous caller is for rate limiting: the TCP peer, or the
-    /// client a trusted proxy names in `x-forwarded-for` (the rightmost
-    /// address that is not itself a trusted proxy). IPv6 clients count per
-    /// /64, which one host can otherwise fill with addresses.
+    /// Who the end client is, for rate limiting here and in auth: the TCP
+    /// peer, or the client a trusted proxy names in `x-forwarded-for` (see
+    /// [`forwarded_client`]), as [`client_key`] spells it.
     fn client_key<B>(&self, req: &http::Request<B>) -> String {
         let peer = req
             .extensions()
@@ -120,30 +120,14 @@ impl Inner {
             .and_then(|p| p.remote_addr)
             .map(|a| a.ip())
             .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        let trusted = |ip: &IpAddr| self.trusted.iter().any(|net| net.contains(ip));
-        let mut client = peer;
-        if trusted(&peer) {
-            let forwarded: Vec<IpAddr> = req
-                .headers()
-                .get_all("x-forwarded-for")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .filter_map(|a| a.trim().parse().ok())
-                .collect();
-            if let Some(first_untrusted) = forwarded.iter().rev().find(|ip| !trusted(ip)) {
-                client = *first_untrusted;
-            }
-        }
-        match client {
-            IpAddr::V4(v4) => format!("address {v4}"),
-            IpAddr::V6(v6) => {
-                let net = ipnet::Ipv6Net::new(v6, 64)
-                    .expect("64 is a valid prefix")
-                    .trunc();
-                format!("network {net}")
-            }
-        }
+        let hops = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            // A header that is not text is garbage: walking stops there.
+            .flat_map(|v| v.to_str().unwrap_or("\u{0}").split(','))
+            .collect::<Vec<_>>();
+        client_key(forwarded_client(peer, &hops, &self.trusted))
     }
 
     /// Takes one request from `caller`'s bucket, or says when to retry.
@@ -168,9 +152,16 @@ impl Inner {
                 Status::unimplemented(format!("the gateway does not serve {method}"))
             });
         };
-        // Only the gateway says who the user is; a caller's own claim is dropped.
+        // Only the gateway says who the user is and where the call comes
+        // from; a caller's own claims are dropped.
         req.headers_mut().remove(VERIFIED_SUBJECT_HEADER);
+        req.headers_mut().remove(CLIENT_HEADER);
         let address = self.client_key(&req);
+        // Auth limits logins per end client with it (trusting it only from
+        // the gateway's identity). A key is always a valid header value.
+        if let Ok(value) = http::HeaderValue::from_str(&address) {
+            req.headers_mut().insert(CLIENT_HEADER, value);
+        }
         let caller = match route.auth {
             AuthMode::Required => {
                 let header = req.headers().get(http::header::AUTHORIZATION);
@@ -193,6 +184,11 @@ impl Inner {
                     Status::unauthenticated("the token's subject is not a valid header value")
                 })?;
                 req.headers_mut().insert(VERIFIED_SUBJECT_HEADER, value);
+                // Both buckets: the address's, so one client with many
+                // accounts gets no more than one address's share, and the
+                // user's, so one account spread over many addresses does not
+                // either.
+                self.check(&address)?;
                 format!("user {}", claims.sub)
             }
             AuthMode::None => address,
@@ -204,6 +200,74 @@ impl Inner {
             .expect("routes name only configured upstreams")
             .clone();
         channel.oneshot(req).await.map_err(Status::from_error)
+    }
+}
+
+/// The end client of a call that `peer` sent with `x-forwarded-for` hops
+/// `hops` (left to right, as the header lists them).
+///
+/// Only a peer in `trusted` is believed, and then the list is walked from
+/// the right, each hop having been written by the one after it: a trusted
+/// proxy's hop is believed and walking goes on, the first untrusted hop is
+/// the client. Walking stops at the first hop that is not an address (a
+/// forged or mangled entry), so the client is then the last good hop
+/// reached and never an address to the left of garbage. A hop may carry a
+/// port (`1.2.3.4:5678`, `[::1]:80`), which is dropped; IPv4-mapped IPv6
+/// addresses (`::ffff:1.2.3.4`) are their IPv4 address, so they do not all
+/// share one IPv6 /64.
+pub fn forwarded_client(peer: IpAddr, hops: &[&str], trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    let mut client = canonical(peer);
+    if !is_trusted(&client) {
+        return client;
+    }
+    for hop in hops.iter().rev() {
+        let Some(ip) = parse_hop(hop) else {
+            break;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    client
+}
+
+/// One `x-forwarded-for` entry as an address, without its port.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    let ip = hop
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| {
+            hop.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .and_then(|h| h.parse::<std::net::Ipv6Addr>().ok())
+                .map(IpAddr::V6)
+        })?;
+    Some(canonical(ip))
+}
+
+/// IPv4-mapped IPv6 addresses as the IPv4 address they are.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The rate-limit key of a client address: IPv4 clients per address, IPv6
+/// clients per /64, which one host can otherwise fill with addresses.
+pub fn client_key(client: IpAddr) -> String {
+    match client {
+        IpAddr::V4(v4) => format!("address {v4}"),
+        IpAddr::V6(v6) => {
+            let net = ipnet::Ipv6Net::new(v6, 64)
+                .expect("64 is a valid prefix")
+                .trunc();
+            format!("network {net}")
+        }
     }
 }
 
@@ -224,4 +288,123 @@ fn rate_limited(caller: &str, limit: RateLimit, wait: Duration) -> Status {
         status.metadata_mut().insert("grpc-retry-pushback-ms", v);
     }
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn the_header_counts_only_from_a_trusted_peer() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        assert_eq!(
+            forwarded_client(ip("198.51.100.1"), &["203.0.113.7"], &trusted),
+            ip("198.51.100.1")
+        );
+        assert_eq!(
+            forwarded_client(ip("10.0.0.1"), &["203.0.113.7"], &trusted),
+            ip("203.0.113.7")
+        );
+        assert_eq!(
+            forwarded_client(ip("10.0.0.1"), &[], &trusted),
+            ip("10.0.0.1")
+        );
+    }
+
+    #[test]
+    fn walks_from_the_right_through_trusted_proxies() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        // The client's own claim (leftmost) is not believed past an
+        // untrusted hop.
+        let hops = ["1.1.1.1", "203.0.113.7", "10.0.0.2"];
+        assert_eq!(
+            forwarded_client(ip("10.0.0.1"), &hops, &trusted),
+            ip("203.0.113.7")
+        );
+        // All hops trusted: the leftmost one is where the call came from.
+        assert_eq!(
+            forwarded_client(ip("10.0.0.1"), &["10.0.0.3", "10.0.0.2"], &trusted),
+            ip("10.0.0.3")
+        );
+    }
+
+    #[test]
+    fn garbage_stops_the_walk_and_never_names_an_address_left_of_it() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let peer = ip("10.0.0.1");
+        // Before the fix "unknown" was skipped and the attacker's
+        // 192.0.2.66 became the client.
+        for garbage in ["unknown", "", "not-an-ip", "1.2.3", "[::1", "1.2.3.4:x"] {
+            assert_eq!(
+                forwarded_client(peer, &["192.0.2.66", garbage], &trusted),
+                peer,
+                "{garbage:?}"
+            );
+            assert_eq!(
+                forwarded_client(peer, &["192.0.2.66", garbage, "10.0.0.2"], &trusted),
+                ip("10.0.0.2"),
+                "{garbage:?} behind a trusted hop"
+            );
+            assert_eq!(
+                forwarded_client(peer, &[garbage, "203.0.113.7"], &trusted),
+                ip("203.0.113.7"),
+                "{garbage:?} left of the client is never reached"
+            );
+        }
+    }
+
+    #[test]
+    fn ports_are_stripped() {
+        let trusted = nets(&["10.0.0.0/8", "fd00::/8"]);
+        let peer = ip("10.0.0.1");
+        assert_eq!(
+            forwarded_client(peer, &["1.2.3.4:5678"], &trusted),
+            ip("1.2.3.4")
+        );
+        assert_eq!(
+            forwarded_client(peer, &["[2001:db8::1]:80"], &trusted),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            forwarded_client(peer, &["[2001:db8::1]"], &trusted),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            forwarded_client(peer, &[" 1.2.3.4 ", " 10.0.0.9:443"], &trusted),
+            ip("1.2.3.4"),
+            "a trusted hop with a port is still trusted"
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_ipv4() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let peer = ip("10.0.0.1");
+        let a = forwarded_client(peer, &["::ffff:192.0.2.1"], &trusted);
+        let b = forwarded_client(peer, &["::ffff:192.0.2.2"], &trusted);
+        assert_eq!(a, ip("192.0.2.1"));
+        assert_ne!(client_key(a), client_key(b), "not one ::/64 bucket");
+        // A mapped peer is matched against IPv4 trusted ranges too.
+        assert_eq!(
+            forwarded_client(ip("::ffff:10.0.0.1"), &["203.0.113.7"], &trusted),
+            ip("203.0.113.7")
+        );
+        assert_eq!(client_key(a), "address 192.0.2.1");
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_64() {
+        assert_eq!(
+            client_key(ip("2001:db8:1:2:3:4:5:6")),
+            "network 2001:db8:1:2::/64"
+        );
+    }
 }
