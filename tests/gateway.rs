@@ -18,6 +18,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use common::{ORIGIN, Proc, Shop, authed, free_addr, gateway, skip_or_fail, which};
 use prost::Message;
 use shop_api::{
+    auth::v1::{LoginRequest, RegisterRequest, auth_service_client::AuthServiceClient},
     inventory::v1::{
         GetProductRequest, ListProductsRequest, Product, ReserveStockRequest,
         inventory_service_client::InventoryServiceClient,

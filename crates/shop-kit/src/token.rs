@@ -27,6 +27,11 @@ use tonic::{Status, metadata::MetadataMap};
 /// services that check the token themselves refuse a call where the two differ.
 pub const VERIFIED_SUBJECT_HEADER: &str = "x-verified-subject";
 
+/// Metadata in which the edge gateway names the end client of a call (its
+/// rate-limit key, like `address 203.0.113.7`). The gateway drops any value
+/// a client sends; auth believes it only from the gateway's identity.
+pub const CLIENT_HEADER: &str = "x-shop-client";
+
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
 pub const LEEWAY_SECS: u64 = 30;
 

@@ -28,10 +28,9 @@ use tokio::net::TcpListener;
 
 pub use service::{AuthService, Options};
 
-/// Metadata in which the edge gateway names the end client of a call (its
-/// rate-limit key, like `address 203.0.113.7`). The gateway drops any value
-/// a client sends; auth believes it only from [`Config::trusted_gateway`].
-pub const CLIENT_HEADER: &str = "x-shop-client";
+/// Metadata in which the edge gateway names the end client of a call; auth
+/// believes it only from [`Config::trusted_gateway`].
+pub use shop_kit::token::CLIENT_HEADER;
 pub use tokens::{Claims, TokenError, TokenVerifier};
 
 /// Configuration of the auth service, from flags or environment.

@@ -12,7 +12,6 @@ use std::{
     time::Duration,
 };
 
-use auth::CLIENT_HEADER;
 use futures::future::BoxFuture;
 use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
@@ -20,7 +19,7 @@ use governor::{
 };
 use ipnet::IpNet;
 use mesh_client::{MeshChannel, tls::PeerInfo};
-use shop_kit::token::VERIFIED_SUBJECT_HEADER;
+use shop_kit::token::{CLIENT_HEADER, VERIFIED_SUBJECT_HEADER};
 use tonic::{Status, body::Body};
 use tower::{Service, ServiceExt};
 
