@@ -229,6 +229,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                 .chain([&certs::OPERATOR])
                 .map(|s| s.to_string())
                 .collect(),
+            operator: false,
             extra_dns: vec![],
             valid_hours: 24,
             k8s_secrets: None,
