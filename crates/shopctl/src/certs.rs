@@ -189,7 +189,9 @@ pub fn run(mut args: CertArgs) -> anyhow::Result<()> {
         println!("Kubernetes Secrets: {}", path.display());
     }
     if args.operator {
-        println!("The operator certificate expires in {OPERATOR_VALID_HOURS} h; run this again for a new one.");
+        println!(
+            "The operator certificate expires in {OPERATOR_VALID_HOURS} h; run this again for a new one."
+        );
     }
     Ok(())
 }

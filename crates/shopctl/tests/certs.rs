@@ -54,8 +54,14 @@ fn certs_writes_private_ca_spiffe_certificates_and_secrets() {
 
     let yaml = std::fs::read_to_string(&secrets).unwrap();
     assert_eq!(yaml.matches("kind: Secret").count(), 5, "{yaml}");
-    assert!(!yaml.contains("operator"), "the operator identity stays out: {yaml}");
-    assert!(!out.join("operator").exists(), "no operator certificate unless asked");
+    assert!(
+        !yaml.contains("operator"),
+        "the operator identity stays out: {yaml}"
+    );
+    assert!(
+        !out.join("operator").exists(),
+        "no operator certificate unless asked"
+    );
     assert!(yaml.contains("name: gateway-tls"));
     assert!(yaml.contains("name: payments-tls") && yaml.contains("type: kubernetes.io/tls"));
 
