@@ -28,14 +28,19 @@ const SPAN: u16 = 5 * REPLICAS;
 /// 12000..20000: below `common::free_addr`'s range and Linux's ephemeral
 /// ports, so no other test's process is handed one of them.
 fn free_block() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const SLOTS: u64 = (20_000 - 12_000) / (2 * SPAN as u64);
+    // One counter for the binary, so two tests never try the same block.
+    static NEXT: AtomicU64 = AtomicU64::new(u64::MAX);
     let seed = std::process::id() as u64
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .subsec_nanos() as u64;
-    let slots = (20_000 - 12_000) / (2 * SPAN as u64);
-    for attempt in 0..slots {
-        let base = 12_000 + ((seed + attempt) % slots) * 2 * SPAN as u64;
+    let _ = NEXT.compare_exchange(u64::MAX, seed % SLOTS, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..SLOTS {
+        let slot = NEXT.fetch_add(1, Ordering::SeqCst) % SLOTS;
+        let base = 12_000 + slot * 2 * SPAN as u64;
         let all_free = (0..2 * SPAN as u64).all(|i| {
             TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], (base + i) as u16))).is_ok()
         });
@@ -119,10 +124,11 @@ async fn up_restarts_a_killed_replica_while_its_peer_serves_every_read() {
         .expect("the test took more than 300 s");
 }
 
-async fn restart_under_traffic() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let log = dir.path().join("up.log");
+/// Starts `shopctl up` in `dir/state` on a free block of ports with
+/// `extra` flags and waits until it has written endpoints.json.
+async fn start_up(dir: &Path, extra: &[&str]) -> (Up, PathBuf) {
+    let state = dir.join("state");
+    let log = dir.join("up.log");
     let base = free_block();
     let child = Command::new(bin("shopctl"))
         .arg("up")
@@ -130,7 +136,7 @@ async fn restart_under_traffic() {
         .arg(&state)
         .args(["--base-port", &base.to_string()])
         .args(["--admin-base-port", &(base + SPAN).to_string()])
-        .args(["--replicas", &REPLICAS.to_string()])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -142,7 +148,6 @@ async fn restart_under_traffic() {
         state: state.clone(),
         log,
     };
-
     // Ready once endpoints.json is written (after every replica served).
     let endpoints_path = state.join("endpoints.json");
     let start = Instant::now();
@@ -160,6 +165,37 @@ async fn restart_under_traffic() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    (up, endpoints_path)
+}
+
+/// SIGTERM drains everything: exit 0, no service process left.
+async fn stop_up(mut up: Up) {
+    let pids = up.pids();
+    nix::sys::signal::kill(Pid::from_raw(up.child.id() as i32), Signal::SIGTERM).unwrap();
+    let start = Instant::now();
+    let exit = loop {
+        if let Some(exit) = up.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "shopctl up did not stop in 60 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(exit.success(), "{exit}:\n{}", up.log());
+    for pid in pids {
+        assert!(
+            nix::sys::signal::kill(Pid::from_raw(pid), None).is_err(),
+            "service pid {pid} outlived shopctl up"
+        );
+    }
+}
+
+async fn restart_under_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, endpoints_path) = start_up(dir.path(), &["--replicas", &REPLICAS.to_string()]).await;
+    let state = up.state.clone();
     let endpoints: Value =
         serde_json::from_str(&std::fs::read_to_string(&endpoints_path).unwrap()).unwrap();
     let inventory = &endpoints["services"]["inventory"];
@@ -356,30 +392,9 @@ async fn restart_under_traffic() {
         assert_eq!(mode(&path), 0o600, "{}", path.display());
     }
 
-    // SIGTERM drains everything and exits 0.
-    let pids = up.pids();
-    nix::sys::signal::kill(Pid::from_raw(up.child.id() as i32), Signal::SIGTERM).unwrap();
-    let start = Instant::now();
-    let exit = loop {
-        if let Some(exit) = up.child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "shopctl up did not stop in 60 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(exit.success(), "{exit}:\n{}", up.log());
-    for pid in pids {
-        assert!(
-            nix::sys::signal::kill(Pid::from_raw(pid), None).is_err(),
-            "service pid {pid} outlived shopctl up"
-        );
-    }
     assert!(up.log().contains("restarted inventory-1"), "{}", up.log());
+    stop_up(up).await;
 }
-
 /// Exposing the shop takes an explicit flag, and plaintext never leaves
 /// loopback: both refused with exit code 64 and a message saying why,
 /// before anything is started or written.
@@ -418,4 +433,36 @@ fn up_refuses_non_loopback_hosts_unless_asked_and_plaintext_beyond_loopback() {
     }
     let out = run(&["--replicas", "9"]);
     assert!(!out.status.success(), "--replicas 9 was accepted");
+}
+
+/// Plaintext has no identities, so `shopctl up --plaintext` writes no
+/// authorization policy at all (and removes one a TLS run left behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_up_writes_no_authorization_policy() {
+    tokio::time::timeout(Duration::from_secs(240), async {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join("state/mesh/payments.json");
+        std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+        std::fs::write(&stale, r#"{"authorization":{"mode":"enforce","rules":[]}}"#).unwrap();
+        let (up, endpoints_path) = start_up(dir.path(), &["--plaintext"]).await;
+        let endpoints: Value =
+            serde_json::from_str(&std::fs::read_to_string(&endpoints_path).unwrap()).unwrap();
+        assert!(endpoints["tls"].is_null());
+        assert!(
+            !up.state.join("mesh").exists(),
+            "a policy directory is left"
+        );
+        for pid in up.pids() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            assert!(
+                !cmdline.contains("--mesh-config") && !cmdline.contains("--tls-dir"),
+                "{cmdline}"
+            );
+        }
+        assert!(up.log().contains("no authorization policy"), "{}", up.log());
+        stop_up(up).await;
+    })
+    .await
+    .expect("the test took more than 240 s");
 }
