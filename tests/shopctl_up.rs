@@ -466,3 +466,65 @@ async fn plaintext_up_writes_no_authorization_policy() {
     .await
     .expect("the test took more than 240 s");
 }
+
+/// Processes whose command line names `dir` (the services of one test's
+/// `shopctl up`, whose database and certificate paths are under it).
+fn processes_under(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) && cmdline.contains(" serve ") {
+            found.push(cmdline);
+        }
+    }
+    found
+}
+
+/// SIGTERM while the shop is still starting drains what was started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_starting_stops_what_was_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let base = free_block();
+    let mut child = Command::new(bin("shopctl"))
+        .arg("up")
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--base-port", &base.to_string()])
+        .args(["--admin-base-port", &(base + SPAN).to_string()])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the first service process runs, then stop mid-start.
+    let start = Instant::now();
+    while processes_under(&state).is_empty() {
+        assert!(child.try_wait().unwrap().is_none(), "shopctl up exited");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "nothing started in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nix::sys::signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let start = Instant::now();
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("shopctl up did not stop in 60 s of SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit}");
+    let left = processes_under(&state);
+    assert!(left.is_empty(), "left running: {left:?}");
+}

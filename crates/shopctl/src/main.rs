@@ -481,6 +481,14 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let _entered = runtime.enter();
+    // Ctrl-C and SIGTERM are caught from here on, also while starting: an
+    // early stop still drains what was started.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    runtime.spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    runtime.block_on(tokio::task::yield_now());
     let id = |sa: &str| format!("spiffe://{}/ns/shop/sa/{sa}", args.trust_domain);
     let certs_dir = state_dir.join("certs");
     let mesh_dir = state_dir.join("mesh");
@@ -619,15 +627,20 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                     } else {
                         plain_mesh.channel(&single)?
                     };
-                    runtime
-                        .block_on(shop_kit::mesh::wait_serving(
-                            channel,
-                            Duration::from_secs(30),
-                        ))
-                        .map_err(anyhow::Error::msg)
-                        .with_context(|| {
-                            format!("{} did not become ready on {}", replica.label, replica.addr)
-                        })?;
+                    let mut stopped = stop.clone();
+                    let ready = runtime.block_on(async {
+                        tokio::select! {
+                            ready = shop_kit::mesh::wait_serving(channel, Duration::from_secs(30)) => Some(ready),
+                            _ = stopped.wait_for(|stop| *stop) => None,
+                        }
+                    });
+                    let Some(ready) = ready else {
+                        eprintln!("shopctl: stopped before the shop was ready");
+                        return Ok(());
+                    };
+                    ready.map_err(anyhow::Error::msg).with_context(|| {
+                        format!("{} did not become ready on {}", replica.label, replica.addr)
+                    })?;
                 }
             }
             endpoints.services.insert(
@@ -656,7 +669,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         write_private(&path, &serde_json::to_string_pretty(&endpoints)?)?;
         write_status(&status_path, &replicas, false)?;
         print_banner(&endpoints, &path, n);
-        runtime.block_on(supervise(&mut replicas, &exe, &status_path))
+        runtime.block_on(supervise(&mut replicas, &exe, &status_path, stop.clone()))
     })();
     // Close this process's own connections first: a draining server waits for
     // its clients to go away.
@@ -688,13 +701,16 @@ fn spawn_prefixed(name: &str, mut cmd: Command) -> anyhow::Result<Child> {
 
 /// Keeps every replica running until Ctrl-C or SIGTERM: one that exits is
 /// started again after its backoff, and `status.json` follows each change.
-async fn supervise(replicas: &mut [Replica], exe: &Path, status: &Path) -> anyhow::Result<()> {
+async fn supervise(
+    replicas: &mut [Replica],
+    exe: &Path,
+    status: &Path,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = &mut stop => return Ok(()),
+            _ = stop.wait_for(|stop| *stop) => return Ok(()),
             _ = tick.tick() => {
                 let now = Instant::now();
                 let mut changed = false;
