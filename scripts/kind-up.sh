@@ -16,7 +16,10 @@ for svc in $SERVICES; do
     kind load docker-image --name "$CLUSTER" "mesh-shop/$svc:dev"
 done
 
-# Workload certificates (dev CA kept in .shop/k8s-certs) as TLS Secrets.
+# Workload certificates (dev CA kept in .shop/k8s-certs) as TLS Secrets. The
+# operator's all-access certificate is not among them: it stays out of the
+# cluster (`shopctl certs --out .shop/k8s-certs --operator` issues one locally,
+# valid for an hour).
 mkdir -p k8s/overlays/kind/generated
 cargo run --quiet -p shopctl -- certs --out .shop/k8s-certs \
     --k8s-secrets k8s/overlays/kind/generated/tls-secrets.yaml
@@ -27,3 +30,4 @@ for svc in $SERVICES; do
     kubectl -n shop rollout status "deployment/$svc" --timeout=180s
 done
 echo "The shop runs in namespace shop; its gateway answers on 127.0.0.1:50055."
+echo "Operator certificate (1 h): cargo run -p shopctl -- certs --out .shop/k8s-certs --operator"

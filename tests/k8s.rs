@@ -587,6 +587,57 @@ async fn manifests_agree_with_the_code() {
         );
     }
 
+    // The database init script hands passwords to psql as variables
+    // (quoted by psql), never pasted into the SQL text by the shell.
+    let init = cluster
+        .of_kind("ConfigMap")
+        .find(|m| {
+            m["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("postgres-init"))
+        })
+        .expect("the postgres-init ConfigMap")["data"]["init.sh"]
+        .as_str()
+        .unwrap();
+    assert!(
+        init.contains("<<'SQL'") && !init.contains("<<SQL"),
+        "init.sh's SQL heredoc must be quoted (no shell expansion)"
+    );
+    let sql = init.split("<<'SQL'").nth(1).unwrap();
+    assert!(
+        !sql.contains('$') && sql.contains("PASSWORD :'password'"),
+        "init.sh must pass passwords as psql variables: {sql}"
+    );
+
+    // No operator identity in the cluster: only workload certificates are
+    // Secrets (the operator's is issued locally, short-lived, on demand).
+    for secret in cluster.of_kind("Secret") {
+        let name = secret["metadata"]["name"].as_str().unwrap();
+        assert!(!name.contains("operator"), "Secret {name} in the cluster");
+        let Some(crt) = secret["data"]["tls.crt"].as_str() else {
+            continue;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        for key in ["tls.crt", "tls.key", "ca.crt"] {
+            let pem = base64::engine::general_purpose::STANDARD
+                .decode(secret["data"][key].as_str().unwrap_or(crt))
+                .unwrap();
+            std::fs::write(dir.path().join(key), pem).unwrap();
+        }
+        let tls = mesh_client::tls::MeshTls::load(mesh_client::tls::TlsFiles::in_dir(dir.path()))
+            .unwrap_or_else(|e| panic!("Secret {name}'s certificate does not load: {e}"));
+        let sa = tls
+            .identity()
+            .as_str()
+            .strip_prefix(&identity(""))
+            .unwrap_or_else(|| panic!("Secret {name} holds {}", tls.identity().as_str()))
+            .to_owned();
+        assert!(
+            SERVICES.contains(&sa.as_str()),
+            "Secret {name} holds the identity {sa}, which is no workload"
+        );
+    }
+
     // The host reaches the gateway (and only the gateway) through kind's port mapping.
     let kind_config = std::fs::read_to_string(repo().join("k8s/kind-config.yaml")).unwrap();
     let node_ports: Vec<&Value> = cluster

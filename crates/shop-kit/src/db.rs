@@ -39,6 +39,15 @@ pub enum DbError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    /// Creating the SQLite file (mode 0600) failed.
+    #[error("cannot create the database file {path}: {source}")]
+    CreateFile {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Creating the SQLite file's directory failed.
     #[error("cannot create the directory for {path}: {source}")]
     CreateDir {
@@ -73,23 +82,49 @@ pub fn backend(url: &str) -> Result<Backend, String> {
     }
 }
 
-/// The URL without its password, for logs and errors.
+/// The URL without its secrets, for logs and errors: the password of the
+/// user info (`user:***@host`) and the value of every query parameter whose
+/// name says it is a secret (`password`, `sslpassword`, anything with
+/// `pass`, `secret` or `token` in its name, any case).
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut out = match (base.find("://"), base.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
+            let userinfo = &base[scheme_end + 3..at];
             match userinfo.find(':') {
                 Some(colon) => format!(
                     "{}{}:***{}",
-                    &url[..scheme_end + 3],
+                    &base[..scheme_end + 3],
                     &userinfo[..colon],
-                    &url[at..]
+                    &base[at..]
                 ),
-                None => url.to_owned(),
+                None => base.to_owned(),
             }
         }
-        _ => url.to_owned(),
+        _ => base.to_owned(),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((name, _)) if is_secret_param(name) => format!("{name}=***"),
+                _ => param.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
+}
+
+fn is_secret_param(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["pass", "secret", "token"]
+        .iter()
+        .any(|word| name.contains(word))
 }
 
 /// Opens a pool and applies `migrator`.
@@ -150,8 +185,16 @@ fn sqlite_url(url: &str) -> Result<String, DbError> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty() && path != ":memory:");
     if let Some(dir) = dir {
-        std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
+        create_private_dir(dir).map_err(|source| DbError::CreateDir {
             path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    let in_memory = path.is_empty() || path.starts_with(':') || url.contains("mode=memory");
+    let may_create = !url.contains("mode=") || url.contains("mode=rwc");
+    if !in_memory && may_create {
+        create_private_file(Path::new(path)).map_err(|source| DbError::CreateFile {
+            path: path.to_owned(),
             source,
         })?;
     }
@@ -162,6 +205,38 @@ fn sqlite_url(url: &str) -> Result<String, DbError> {
     } else {
         format!("{url}?mode=rwc")
     })
+}
+
+/// Creates `dir` and its missing parents with mode 0700 (the data of one
+/// service is nobody else's business); existing directories are left as
+/// they are.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}
+
+/// Creates an empty database file with mode 0600 if there is none, before
+/// SQLite opens it: SQLite would create it with 0644 (less the umask), and
+/// its `-wal` and `-shm` files take the main file's mode.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Keeps health in step with the database: NOT_SERVING (for `""` and each
@@ -269,6 +344,61 @@ mod tests {
             "postgres://shop:***@db:5432/orders"
         );
         assert_eq!(redact("sqlite:///tmp/a.db"), "sqlite:///tmp/a.db");
+        assert_eq!(
+            redact("sqlite:///tmp/a.db?mode=rwc"),
+            "sqlite:///tmp/a.db?mode=rwc"
+        );
+    }
+
+    #[test]
+    fn redacts_secrets_in_the_query() {
+        assert_eq!(
+            redact("postgres://db:5432/orders?user=shop&password=s3cret"),
+            "postgres://db:5432/orders?user=shop&password=***"
+        );
+        assert_eq!(
+            redact(
+                "postgresql://shop:pw@db/orders?sslmode=verify-full&sslpassword=k3y&PassWord=x&application_name=a@b"
+            ),
+            "postgresql://shop:***@db/orders?sslmode=verify-full&sslpassword=***&PassWord=***&application_name=a@b"
+        );
+        // An `@` in the query is not the end of the user info.
+        assert_eq!(
+            redact("postgres://db/orders?application_name=x@y&auth_token=t"),
+            "postgres://db/orders?application_name=x@y&auth_token=***"
+        );
+        for url in [
+            "postgres://u:topsecret@h/d?password=topsecret",
+            "postgres://h/d?sslpassword=topsecret&client_secret=topsecret",
+        ] {
+            assert!(!redact(url).contains("topsecret"), "{}", redact(url));
+        }
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn creates_sqlite_files_private() {
+        use std::os::unix::fs::PermissionsExt;
+        static MIGRATOR: Migrator = Migrator::DEFAULT;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let file = data.join("shop.db");
+        let pool = connect(&format!("sqlite://{}", file.display()), &MIGRATOR)
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE t (x BIGINT)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&file), 0o600);
+        // WAL mode: SQLite gives -wal and -shm the main file's mode.
+        for suffix in ["-wal", "-shm"] {
+            let side = data.join(format!("shop.db{suffix}"));
+            assert_eq!(mode(&side), 0o600, "{}", side.display());
+        }
+        pool.close().await;
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! `shopctl certs`: a development mesh CA and SPIFFE workload certificates,
 //! as files and optionally as Kubernetes Secret manifests.
+//!
+//! The operator's identity (allowed to call everything) never goes into a
+//! cluster: `--k8s-secrets` refuses it, and `--operator` issues it on
+//! demand, locally, valid for [`OPERATOR_VALID_HOURS`] only.
 
 use std::{
     net::IpAddr,
@@ -18,6 +22,9 @@ use mesh_client::tls::{
 pub const SERVICES: [&str; 5] = ["auth", "inventory", "payments", "orders", "gateway"];
 /// The identity that may call everything (people with grpcurl).
 pub const OPERATOR: &str = "operator";
+/// Lifetime of an operator certificate from `shopctl certs --operator`:
+/// an all-access credential should not outlive the task it was made for.
+pub const OPERATOR_VALID_HOURS: u64 = 1;
 
 /// What to issue.
 #[derive(clap::Args, Clone, Debug)]
@@ -31,20 +38,25 @@ pub struct CertArgs {
     /// Namespace in the identities (and of the Secrets).
     #[arg(long, default_value = "shop")]
     pub namespace: String,
-    /// Workloads to issue for; `operator` is a client identity for people.
+    /// Workloads to issue for (the operator is not one: see `--operator`).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "auth,inventory,payments,orders,gateway,operator"
+        default_value = "auth,inventory,payments,orders,gateway"
     )]
     pub workloads: Vec<String>,
+    /// Issue only the operator's client certificate (calls everything),
+    /// into `<out>/operator`, valid for 1 hour; for grpcurl from this machine.
+    #[arg(long, conflicts_with_all = ["workloads", "k8s_secrets", "valid_hours"])]
+    pub operator: bool,
     /// Extra DNS names for every server certificate.
     #[arg(long = "dns")]
     pub extra_dns: Vec<String>,
     /// Certificate lifetime in hours.
     #[arg(long, default_value_t = 24)]
     pub valid_hours: u64,
-    /// Also write the certificates as Kubernetes TLS Secrets (one YAML file).
+    /// Also write the certificates as Kubernetes TLS Secrets (one YAML
+    /// file); never the operator's.
     #[arg(long)]
     pub k8s_secrets: Option<PathBuf>,
 }
@@ -122,6 +134,11 @@ pub fn issue(args: &CertArgs, force: bool) -> anyhow::Result<Vec<(String, PathBu
             write_workload(&dir, &issued, &ca.cert_pem)?;
         }
         if args.k8s_secrets.is_some() {
+            if workload == OPERATOR {
+                // Defence in depth (run() refuses this): the all-access
+                // identity stays out of every cluster.
+                bail!("the operator's certificate is never written as a Kubernetes Secret");
+            }
             secrets.push_str(&secret_yaml(workload, &args.namespace, &dir)?);
         }
         dirs.push((workload.clone(), dir));
@@ -146,9 +163,18 @@ fn secret_yaml(workload: &str, namespace: &str, dir: &Path) -> anyhow::Result<St
 }
 
 /// `shopctl certs`.
-pub fn run(args: CertArgs) -> anyhow::Result<()> {
+pub fn run(mut args: CertArgs) -> anyhow::Result<()> {
     if args.valid_hours == 0 || args.valid_hours > 24 * 90 {
         bail!("--valid-hours must be 1 to 2160");
+    }
+    if args.operator {
+        args.workloads = vec![OPERATOR.to_string()];
+        args.valid_hours = OPERATOR_VALID_HOURS;
+    } else if args.workloads.iter().any(|w| w == OPERATOR) {
+        bail!(
+            "the operator is not a workload: its certificate calls everything, so it is issued \
+             on its own, locally and for {OPERATOR_VALID_HOURS} h, with `shopctl certs --operator`"
+        );
     }
     let dirs = issue(&args, true)?;
     for (workload, dir) in dirs {
@@ -161,6 +187,11 @@ pub fn run(args: CertArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.k8s_secrets {
         println!("Kubernetes Secrets: {}", path.display());
+    }
+    if args.operator {
+        println!(
+            "The operator certificate expires in {OPERATOR_VALID_HOURS} h; run this again for a new one."
+        );
     }
     Ok(())
 }

@@ -4,7 +4,10 @@
 //! Per service (its inbound calls from every caller) and per edge (caller →
 //! callee, from the caller's outbound calls): request rate, success rate
 //! (gRPC `OK` over all responses) and p50/p95/p99 latency, over the window
-//! between two scrapes. Health checks and reflection are left out.
+//! between two scrapes. Health checks and reflection are left out. With
+//! the endpoints file of `shopctl up`, every replica is scraped and the
+//! supervisor's `status.json` beside it adds a line per process: its pid,
+//! state and how often it was restarted.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -58,6 +61,11 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
     } else {
         args.admin.clone()
     };
+    // The supervisor's view, when the shop is one `shopctl up` runs.
+    let status_path = args
+        .admin
+        .is_empty()
+        .then(|| args.endpoints.with_file_name("status.json"));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -72,7 +80,8 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
             }
             let current = scrape_all(&targets).await;
             let now = Instant::now();
-            let view = View::between(&previous, &current, (now - taken).as_secs_f64());
+            let mut view = View::between(&previous, &current, (now - taken).as_secs_f64());
+            view.processes = status_path.as_deref().map(read_status).unwrap_or_default();
             let mut out = std::io::stdout().lock();
             if args.json {
                 writeln!(out, "{}", serde_json::to_string(&view)?)?;
@@ -101,6 +110,14 @@ struct EndpointsFile {
 #[derive(serde::Deserialize)]
 struct EndpointEntry {
     admin: Option<String>,
+    /// Every replica (files from before replicas list only `admin`).
+    #[serde(default)]
+    replicas: Vec<ReplicaEntry>,
+}
+
+#[derive(serde::Deserialize)]
+struct ReplicaEntry {
+    admin: String,
 }
 
 fn from_endpoints(path: &PathBuf) -> anyhow::Result<Vec<SocketAddr>> {
@@ -114,12 +131,18 @@ fn from_endpoints(path: &PathBuf) -> anyhow::Result<Vec<SocketAddr>> {
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let mut addrs = Vec::new();
     for (name, entry) in file.services {
-        let Some(admin) = entry.admin else { continue };
-        addrs.push(
-            admin
-                .parse()
-                .with_context(|| format!("{name}'s admin address {admin:?}"))?,
-        );
+        let admins: Vec<String> = if entry.replicas.is_empty() {
+            entry.admin.into_iter().collect()
+        } else {
+            entry.replicas.into_iter().map(|r| r.admin).collect()
+        };
+        for admin in admins {
+            addrs.push(
+                admin
+                    .parse()
+                    .with_context(|| format!("{name}'s admin address {admin:?}"))?,
+            );
+        }
     }
     if addrs.is_empty() {
         bail!("{} lists no admin addresses", path.display());
@@ -418,6 +441,19 @@ struct View {
     unreachable: Vec<String>,
     /// Admin addresses that answered now but not at the window's start.
     warming_up: Vec<String>,
+    /// Every process `shopctl up` supervises, from its `status.json`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    processes: Vec<crate::ProcessStatus>,
+}
+
+/// The processes in `shopctl up`'s status file; none if it is missing or
+/// unreadable (the view is still useful without them).
+fn read_status(path: &std::path::Path) -> Vec<crate::ProcessStatus> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<crate::Status>(&text).ok())
+        .map(|status| status.processes)
+        .unwrap_or_default()
 }
 
 impl View {
@@ -477,6 +513,7 @@ impl View {
             edges,
             unreachable,
             warming_up,
+            processes: Vec::new(),
         }
     }
 
@@ -489,6 +526,26 @@ impl View {
             .iter()
             .map(|e| (format!("{} -> {}", e.from, e.to), &e.row));
         print_section(out, "EDGE (caller -> callee)", edges)?;
+        if !self.processes.is_empty() {
+            writeln!(out)?;
+            writeln!(
+                out,
+                "{:<24} {:>21} {:>8} {:>11} {:>9}  LAST EXIT",
+                "PROCESS", "ADDRESS", "PID", "STATE", "RESTARTS"
+            )?;
+            for p in &self.processes {
+                writeln!(
+                    out,
+                    "{:<24} {:>21} {:>8} {:>11} {:>9}  {}",
+                    format!("{}[{}]", p.service, p.replica),
+                    p.address,
+                    p.pid.map_or("-".to_string(), |pid| pid.to_string()),
+                    p.state,
+                    p.restarts,
+                    p.last_exit.as_deref().unwrap_or("-")
+                )?;
+            }
+        }
         for addr in &self.unreachable {
             writeln!(out, "unreachable: {addr}")?;
         }

@@ -53,7 +53,15 @@ fn certs_writes_private_ca_spiffe_certificates_and_secrets() {
     assert!(text.starts_with("-----BEGIN CERTIFICATE-----"));
 
     let yaml = std::fs::read_to_string(&secrets).unwrap();
-    assert_eq!(yaml.matches("kind: Secret").count(), 6, "{yaml}");
+    assert_eq!(yaml.matches("kind: Secret").count(), 5, "{yaml}");
+    assert!(
+        !yaml.contains("operator"),
+        "the operator identity stays out: {yaml}"
+    );
+    assert!(
+        !out.join("operator").exists(),
+        "no operator certificate unless asked"
+    );
     assert!(yaml.contains("name: gateway-tls"));
     assert!(yaml.contains("name: payments-tls") && yaml.contains("type: kubernetes.io/tls"));
 
@@ -67,4 +75,54 @@ fn certs_writes_private_ca_spiffe_certificates_and_secrets() {
         .unwrap();
     assert!(again.status.success());
     assert_eq!(std::fs::read(out.join("ca/ca.crt")).unwrap(), ca_before);
+}
+
+/// The operator's all-access identity is issued on demand, locally, for an
+/// hour, and never as a Kubernetes Secret.
+#[test]
+fn operator_certificate_is_local_short_lived_and_never_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let shopctl = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shopctl"));
+        cmd.arg("certs").arg("--out").arg(&out);
+        cmd
+    };
+    let run = shopctl().arg("--operator").output().unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let pem = std::fs::read(out.join("operator/tls.crt")).unwrap();
+    let left = mesh_client::tls::certificate_expiry(&pem)
+        .unwrap()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(
+        left <= std::time::Duration::from_secs(3600) && left > std::time::Duration::from_secs(3000),
+        "{left:?}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let key = std::fs::metadata(out.join("operator/tls.key")).unwrap();
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+    // Only the operator: no workload certificates came with it.
+    assert!(!out.join("orders").exists());
+
+    // Asking for it as a workload, or as a Secret, is refused.
+    let secrets = dir.path().join("secrets.yaml");
+    for args in [
+        vec!["--workloads", "orders,operator"],
+        vec!["--workloads", "operator", "--k8s-secrets"],
+        vec!["--operator", "--k8s-secrets"],
+    ] {
+        let mut cmd = shopctl();
+        cmd.args(&args);
+        if args.contains(&"--k8s-secrets") {
+            cmd.arg(&secrets);
+        }
+        let run = cmd.output().unwrap();
+        assert!(!run.status.success(), "{args:?} was accepted");
+        assert!(!secrets.exists(), "{args:?} wrote Secrets");
+    }
 }

@@ -170,7 +170,13 @@ impl DevCa {
 }
 
 /// Writes `contents` to `path` atomically (temp file + rename), with mode
-/// 0600 when `private`.
+/// 0600 when `private` (0644 otherwise), set explicitly whatever the umask.
+///
+/// Neither the temp file nor `path` is followed if it is a symlink: the temp
+/// file is created new (`O_EXCL`, `O_NOFOLLOW`), so a file or link planted
+/// at its name is never written through (a leftover is unlinked, not
+/// followed, and creation retried once), and `rename` replaces a link at
+/// `path` instead of writing to what it points at.
 pub fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), TlsError> {
     let io = |e: std::io::Error| TlsError::File {
         path: path.to_owned(),
@@ -182,17 +188,40 @@ pub fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), TlsE
         ".{}.tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
     ));
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    let mode = if private { 0o600 } else { 0o644 };
+    let open = || {
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(mode).custom_flags(libc::O_NOFOLLOW);
+        }
+        options.open(&tmp)
+    };
+    let mut file = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // A leftover of a crashed write, or something planted: remove
+            // the name itself (never what a link points at) and start anew.
+            fs::remove_file(&tmp).map_err(io)?;
+            open().map_err(io)?
+        }
+        other => other.map_err(io)?,
+    };
     #[cfg(unix)]
     {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(if private { 0o600 } else { 0o644 });
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(io)?;
     }
-    let mut file = options.open(&tmp).map_err(io)?;
-    file.write_all(contents.as_bytes()).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)
+    let written = file
+        .write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.map_err(io)
 }
 
 /// Writes a workload's `tls.crt`, `tls.key` (0600) and `ca.crt` into `dir`.
@@ -200,4 +229,49 @@ pub fn write_workload(dir: &Path, issued: &Issued, bundle_pem: &str) -> Result<(
     write_file(&dir.join("tls.crt"), &issued.cert_pem, false)?;
     write_file(&dir.join("tls.key"), &issued.key_pem, true)?;
     write_file(&dir.join("ca.crt"), bundle_pem, false)
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn write_file_follows_no_symlink_at_the_temp_name_or_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "untouched").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
+
+        // A link planted where the temp file goes.
+        let key = dir.path().join("tls.key");
+        symlink(&victim, dir.path().join(".tls.key.tmp")).unwrap();
+        write_file(&key, "SECRET", true).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched");
+        assert_eq!(mode(&victim), 0o644);
+        assert_eq!(fs::read_to_string(&key).unwrap(), "SECRET");
+        assert!(fs::symlink_metadata(&key).unwrap().file_type().is_file());
+        assert_eq!(mode(&key), 0o600);
+        assert!(!dir.path().join(".tls.key.tmp").exists());
+
+        // A link planted at the target itself is replaced, not written through.
+        let cert = dir.path().join("tls.crt");
+        symlink(&victim, &cert).unwrap();
+        write_file(&cert, "PUBLIC", false).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched");
+        assert!(fs::symlink_metadata(&cert).unwrap().file_type().is_file());
+        assert_eq!(mode(&cert), 0o644);
+
+        // A stale temp file (a crashed write) does not block the next write,
+        // and rewriting a public file as private narrows its mode.
+        fs::write(dir.path().join(".tls.crt.tmp"), "stale").unwrap();
+        write_file(&cert, "NOW PRIVATE", true).unwrap();
+        assert_eq!(fs::read_to_string(&cert).unwrap(), "NOW PRIVATE");
+        assert_eq!(mode(&cert), 0o600);
+    }
 }
