@@ -17,7 +17,7 @@ use crate::{
     BoxError, MeshConfig, MeshError, Target,
     balance::{Balancer, EndpointSet},
     config::EndpointConfig,
-    deadline::DeadlineLayer,
+    deadline::{CallDeadline, DeadlineLayer},
     endpoint::EndpointState,
     methods::MethodTable,
     resolve,
@@ -218,7 +218,14 @@ impl Mesh {
         };
         let timeouts = {
             let (config, target) = (self.config.clone(), target.to_owned());
-            move |path: &str| config.load().call_policy(&target, path).timeout
+            move |path: &str| {
+                let config = config.load();
+                let policy = config.call_policy(&target, path);
+                CallDeadline {
+                    default: policy.timeout,
+                    max: policy.max_timeout,
+                }
+            }
         };
         let stack = ServiceBuilder::new()
             // Outermost: the call's span and metrics cover everything below.
@@ -226,8 +233,9 @@ impl Mesh {
                 Arc::from(peer),
                 Arc::from(target),
             ))
-            // Every call gets its deadline before anything can wait.
-            .layer(DeadlineLayer::with_policy(Arc::new(timeouts)))
+            // Every call gets its deadline, never past maxTimeout, before
+            // anything can wait.
+            .layer(DeadlineLayer::with_limits(Arc::new(timeouts)))
             // Then retries and hedges, each attempt balanced afresh.
             .service(retry);
         Ok(MeshChannel {

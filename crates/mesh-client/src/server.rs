@@ -2,7 +2,8 @@
 //!
 //! Layers, outer to inner: load shedding (`RESOURCE_EXHAUSTED` at once when
 //! the process is at its concurrency limit, instead of queueing into the
-//! caller's deadline) → inbound deadline capture (for propagation) → the
+//! caller's deadline) → inbound deadline capture (for propagation, cut to
+//! [`ServerConfig::max_inbound_deadline`]) → the
 //! service. Alongside the service it serves `grpc.health.v1.Health` and
 //! reflection (v1 and v1alpha) limited to what this server implements.
 //!
@@ -75,6 +76,13 @@ pub struct ServerConfig {
     /// false for a server that faces the outside, so outsiders cannot pick
     /// trace ids or force sampling inside the shop.
     pub trust_trace_context: bool,
+    /// The longest inbound deadline passed on to the calls a handler makes:
+    /// a `grpc-timeout` longer than this (a caller asking for
+    /// `99999999H`) is cut to it for propagation, so the caller cannot
+    /// choose how long every service behind this one holds resources.
+    /// Outgoing calls are also cut to their own `maxTimeout`. Default 30 s
+    /// ([`crate::deadline::DEFAULT_MAX_TIMEOUT`]).
+    pub max_inbound_deadline: Duration,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +101,7 @@ impl Default for ServerConfig {
             drain_grace: Duration::ZERO,
             drain_timeout: Duration::from_secs(25),
             trust_trace_context: true,
+            max_inbound_deadline: crate::deadline::DEFAULT_MAX_TIMEOUT,
         }
     }
 }
@@ -372,7 +381,7 @@ impl MeshServer {
             .layer(AuthzLayer::new(self.authorization, known))
             .layer(LoadShedLayer::new())
             .layer(GlobalConcurrencyLimitLayer::new(config.concurrency_limit))
-            .layer(InboundDeadlineLayer)
+            .layer(InboundDeadlineLayer::new(config.max_inbound_deadline))
             .into_inner();
         let server = Server::builder()
             .max_concurrent_streams(config.max_concurrent_streams)

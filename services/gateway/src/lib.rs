@@ -90,6 +90,12 @@ pub struct Config {
     /// Audience of the tokens auth signs.
     #[arg(long, env = "TOKEN_AUDIENCE", default_value = "mesh-shop")]
     pub token_audience: String,
+    /// Longest deadline, in milliseconds, an outside caller's `grpc-timeout`
+    /// may give the calls the gateway makes for it; a longer one (even
+    /// `99999999H`) is cut to this at the edge. Calls into the mesh are
+    /// also cut to the mesh config's `maxTimeout` (default 30 s).
+    #[arg(long, env = "MAX_INBOUND_DEADLINE_MS", default_value_t = 30_000)]
+    pub max_inbound_deadline_ms: u64,
     /// Identity (for calls into the mesh), mesh policy, admin port, drain.
     #[command(flatten)]
     pub mesh: shop_kit::MeshArgs,
@@ -158,6 +164,12 @@ impl shop_kit::ServiceConfig for Config {
                     "--cors-allowed-origin: {origin:?} is not an origin like https://shop.example"
                 ));
             }
+        }
+        if !(100..=600_000).contains(&self.max_inbound_deadline_ms) {
+            problems.push(format!(
+                "--max-inbound-deadline-ms: must be 100 to 600000, got {}",
+                self.max_inbound_deadline_ms
+            ));
         }
         if let Err(e) = self.trusted() {
             problems.push(e);
@@ -247,6 +259,10 @@ pub async fn run(
         .server_describing(
             ServerConfig {
                 trust_trace_context: false,
+                // Outsiders do not choose how long the shop works for them.
+                max_inbound_deadline: std::time::Duration::from_millis(
+                    config.max_inbound_deadline_ms,
+                ),
                 ..ServerConfig::default()
             },
             None,
