@@ -203,8 +203,30 @@ impl Inner {
             .get(route.upstream)
             .expect("routes name only configured upstreams")
             .clone();
-        channel.oneshot(req).await.map_err(Status::from_error)
+        channel
+            .oneshot(req)
+            .await
+            .map_err(|e| for_outside(route.upstream, method, e))
     }
+}
+
+/// A mesh or transport failure as an outside caller sees it: its code and
+/// a generic message. The mesh's own message names pod addresses, targets
+/// and SPIFFE identities, which stay in the gateway's log. (A status the
+/// upstream service answered with is a response, not an error, and passes
+/// through unchanged.)
+fn for_outside(upstream: &str, method: &str, error: mesh_client::BoxError) -> Status {
+    let status = Status::from_error(error);
+    tracing::warn!(upstream, method, code = ?status.code(), "call into the mesh failed: {}", status.message());
+    let message = match status.code() {
+        tonic::Code::DeadlineExceeded => {
+            format!("{upstream} did not answer within the call's deadline")
+        }
+        tonic::Code::Cancelled => format!("the call to {upstream} was cancelled"),
+        tonic::Code::ResourceExhausted => format!("{upstream} is overloaded; retry shortly"),
+        _ => format!("{upstream} is temporarily unavailable; retry shortly"),
+    };
+    Status::new(status.code(), message)
 }
 
 /// `RESOURCE_EXHAUSTED` with when to come back, in the standard
