@@ -522,3 +522,131 @@ async fn a_connection_that_never_finishes_tls_is_dropped_after_the_handshake_tim
     );
     assert!(echo.wait_logged("TLS handshake timed out").await);
 }
+
+/// Replaces `path` whole (write beside it, then rename), as a config
+/// management tool or a Kubernetes ConfigMap update does.
+fn rewrite(path: &Path, text: &str) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+impl TlsEcho {
+    /// Waits (at most `limit`) until `needle` was logged at least `times` times.
+    async fn wait_logged_times(&self, needle: &str, times: usize, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            let n = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .count();
+            if n >= times {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+}
+
+/// Calls Echo as `mesh`'s workload until the outcome is `want` (Ok, or an
+/// error code), for at most 30 s; returns the last outcome.
+async fn echo_until(
+    mesh: &Mesh,
+    addr: SocketAddr,
+    want: Option<Code>,
+) -> Result<(), tonic::Status> {
+    let start = Instant::now();
+    loop {
+        let mut request = tonic::Request::new(EchoRequest::default());
+        request.set_timeout(Duration::from_secs(5));
+        let got = client(mesh, addr, &identity("echo"))
+            .echo(request)
+            .await
+            .map(drop);
+        if got.as_ref().err().map(|e| e.code()) == want || start.elapsed() > Duration::from_secs(30)
+        {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_caller_is_denied_without_a_restart_and_a_broken_policy_keeps_the_last_good_one()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let policy = |callers: &[String]| {
+        serde_json::json!({"authorization": {"rules": [
+            {"callers": callers, "methods": ["mesh.echo.v1.EchoService/*"]}]}})
+        .to_string()
+    };
+    let (orders_id, operator_id) = (identity("orders"), identity("operator"));
+    let tls_dir = pki.issue("echo");
+    let echo = TlsEcho::start(
+        &tls_dir,
+        Some(&policy(&[orders_id.clone(), operator_id.clone()])),
+    );
+    let policy_file = tls_dir.with_extension("policy.json");
+    let (orders, operator) = (mesh_as(&pki, "orders"), mesh_as(&pki, "operator"));
+    let addr = echo.proc.addr;
+    wait_serving_on(
+        operator
+            .channel_with_identity(&format!("static:///{addr}"), &identity("echo"))
+            .unwrap(),
+    )
+    .await;
+    echo_until(&orders, addr, None)
+        .await
+        .expect("orders is allowed at first");
+
+    // Revoked in the file: denied on a later call, the process untouched.
+    let pid = echo.proc.pid();
+    rewrite(&policy_file, &policy(std::slice::from_ref(&operator_id)));
+    let err = echo_until(&orders, addr, Some(Code::PermissionDenied))
+        .await
+        .expect_err("orders still allowed 30 s after its revocation");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains(&orders_id), "{}", err.message());
+    assert_eq!(echo.proc.pid(), pid);
+    echo_until(&operator, addr, None)
+        .await
+        .expect("the operator is still allowed");
+
+    // A broken file and one that drops the policy are refused loudly; the
+    // revocation stays in force.
+    let refused = "mesh config change REFUSED";
+    rewrite(&policy_file, r#"{"authorization": {"rules": [{"callers": ["#);
+    assert!(
+        echo.wait_logged_times(refused, 1, Duration::from_secs(30))
+            .await,
+        "no error logged for a broken policy file: {:?}",
+        echo.log.lock().unwrap()
+    );
+    rewrite(&policy_file, "{}");
+    assert!(
+        echo.wait_logged_times(refused, 2, Duration::from_secs(30))
+            .await,
+        "no error logged for a file without a policy: {:?}",
+        echo.log.lock().unwrap()
+    );
+    assert!(echo.logged("removes the authorization policy"));
+    let err = client(&orders, addr, &identity("echo"))
+        .echo(EchoRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    echo_until(&operator, addr, None)
+        .await
+        .expect("the operator is still allowed");
+
+    // The watcher survived the bad files: allowing orders again works.
+    rewrite(&policy_file, &policy(&[orders_id, operator_id]));
+    echo_until(&orders, addr, None)
+        .await
+        .expect("orders allowed again after the policy was restored");
+}

@@ -4,6 +4,15 @@
 //! rule lists both its caller and its method. `grpc.health.v1.Health` is
 //! always allowed, so probes work. Audit mode logs what would be denied and
 //! lets it through, to roll a policy out safely.
+//!
+//! A server built with [`crate::server::MeshServer::authorization_from`]
+//! follows the policy in its [`crate::Mesh`]'s config, so a policy file
+//! read with [`crate::Mesh::from_file`] is enforced as it changes: a
+//! revocation takes effect within the file check interval (2 s), without a
+//! restart. A changed file that does not validate is refused loudly and the
+//! last good policy stays in force; so is a change that would drop the
+//! policy altogether (turning deny-by-default into allow-all takes a
+//! restart, not a file edit).
 
 use std::{
     collections::HashSet,
@@ -16,7 +25,7 @@ use serde::Deserialize;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use crate::{MeshError, telemetry::RpcPath, tls::PeerInfo};
+use crate::{MeshError, channel::ConfigHandle, telemetry::RpcPath, tls::PeerInfo};
 
 /// Request headers that claim an identity. They are never trusted and are
 /// removed before the service sees the request.
@@ -146,20 +155,33 @@ impl AuthorizationPolicy {
     }
 }
 
+/// Where a server's policy comes from.
+#[derive(Clone, Debug)]
+pub(crate) enum PolicySource {
+    /// Fixed when the server was built (`None`: no authorization).
+    Fixed(Option<Arc<AuthorizationPolicy>>),
+    /// The `authorization` of a mesh's live config, read at each call
+    /// (a lock-free-in-practice read lock and an `Arc` clone, no allocation).
+    Live(ConfigHandle),
+}
+
+impl Default for PolicySource {
+    fn default() -> Self {
+        PolicySource::Fixed(None)
+    }
+}
+
 /// Server layer: strips claimed-identity headers and enforces the policy.
 #[derive(Clone, Debug)]
 pub(crate) struct AuthzLayer {
-    policy: Option<Arc<AuthorizationPolicy>>,
+    policy: PolicySource,
     // Paths the server serves: denials of others are counted as `unknown`.
     known: Arc<HashSet<String>>,
 }
 
 impl AuthzLayer {
-    pub(crate) fn new(policy: Option<AuthorizationPolicy>, known: Arc<HashSet<String>>) -> Self {
-        Self {
-            policy: policy.map(Arc::new),
-            known,
-        }
+    pub(crate) fn new(policy: PolicySource, known: Arc<HashSet<String>>) -> Self {
+        Self { policy, known }
     }
 }
 
@@ -203,7 +225,15 @@ where
             .and_then(|p| p.identity.as_ref())
             .map(|id| id.as_str());
         tracing::debug!(caller = caller.unwrap_or("-"), method, "inbound call");
-        let Some(policy) = &self.layer.policy else {
+        let live;
+        let policy = match &self.layer.policy {
+            PolicySource::Fixed(policy) => policy.as_deref(),
+            PolicySource::Live(config) => {
+                live = config.load();
+                live.authorization.as_ref()
+            }
+        };
+        let Some(policy) = policy else {
             return Either::Right(self.inner.call(req));
         };
         if policy.allows(caller, method) {

@@ -25,7 +25,7 @@ use tower::{
 
 use crate::{
     MeshError, MethodTable,
-    authz::{AuthorizationPolicy, AuthzLayer},
+    authz::{AuthorizationPolicy, AuthzLayer, PolicySource},
     deadline::InboundDeadlineLayer,
     telemetry::rpc::ServerTelemetryLayer,
     tls::{MeshTls, PublicTls, ServerTls, io::accept_loop},
@@ -116,7 +116,7 @@ pub struct MeshServer {
     draining: CancellationToken,
     tls: Option<Arc<MeshTls>>,
     public_tls: Option<Arc<PublicTls>>,
-    authorization: Option<AuthorizationPolicy>,
+    authorization: PolicySource,
     admin: Option<std::net::TcpListener>,
     fallback: Option<FallbackService>,
     grpc_web: Option<Vec<http::HeaderValue>>,
@@ -147,7 +147,7 @@ impl MeshServer {
             draining: CancellationToken::new(),
             tls: None,
             public_tls: None,
-            authorization: None,
+            authorization: PolicySource::default(),
             admin: None,
             fallback: None,
             grpc_web: None,
@@ -211,7 +211,16 @@ impl MeshServer {
     /// Authorizes every call against `policy` (deny by default; see
     /// [`AuthorizationPolicy`]).
     pub fn authorization(mut self, policy: Option<AuthorizationPolicy>) -> Self {
-        self.authorization = policy;
+        self.authorization = PolicySource::Fixed(policy.map(Arc::new));
+        self
+    }
+
+    /// Authorizes every call against the `authorization` policy in
+    /// `mesh`'s config as it is at that call, so a policy file the mesh
+    /// watches ([`crate::Mesh::from_file`]) is enforced as it changes,
+    /// without a restart; see [`crate::authz`] for what a bad change does.
+    pub fn authorization_from(mut self, mesh: &crate::Mesh) -> Self {
+        self.authorization = PolicySource::Live(mesh.config_handle());
         self
     }
 

@@ -18,7 +18,8 @@ pub struct MeshArgs {
     #[arg(long, env = "TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
     /// Mesh policy file (JSON): timeouts, retries, balancing, authorization.
-    /// Re-read when it changes.
+    /// Re-read when it changes (checked every 2 s); a change that does not
+    /// validate is logged as an error and the last good policy stays.
     #[arg(long, env = "MESH_CONFIG")]
     pub mesh_config: Option<PathBuf>,
     /// SPIFFE trust domain of the shop's workloads.
@@ -136,8 +137,9 @@ impl MeshArgs {
         mesh.channel_named(service, target, identity.as_deref())
     }
 
-    /// The server every shop service runs: TLS, authorization policy and
-    /// drain from these flags, reflection of the shop's contracts.
+    /// The server every shop service runs: TLS, authorization policy (kept
+    /// current from `--mesh-config`) and drain from these flags, reflection
+    /// of the shop's contracts.
     pub fn server(&self, tls: Option<Arc<MeshTls>>) -> Result<MeshServer, String> {
         self.server_with(ServerConfig::default(), tls)
     }
@@ -163,9 +165,15 @@ impl MeshArgs {
             drain_grace: Duration::from_millis(self.drain_grace_ms),
             ..limits
         };
-        let mut server = MeshServer::new(config)
-            .descriptor_set(descriptors)
-            .authorization(self.config()?.authorization);
+        let mut server = MeshServer::new(config).descriptor_set(descriptors);
+        server = match &self.mesh_config {
+            // The policy follows the file as it changes (revocations apply
+            // without a restart), through the mesh's one config watcher.
+            Some(path) => server.authorization_from(
+                &Mesh::from_file(path).map_err(|e| format!("{}: {e}", path.display()))?,
+            ),
+            None => server.authorization(None),
+        };
         if let Some(tls) = tls {
             server = server.tls(tls);
         }
