@@ -620,7 +620,10 @@ async fn a_revoked_caller_is_denied_without_a_restart_and_a_broken_policy_keeps_
     // A broken file and one that drops the policy are refused loudly; the
     // revocation stays in force.
     let refused = "mesh config change REFUSED";
-    rewrite(&policy_file, r#"{"authorization": {"rules": [{"callers": ["#);
+    rewrite(
+        &policy_file,
+        r#"{"authorization": {"rules": [{"callers": ["#,
+    );
     assert!(
         echo.wait_logged_times(refused, 1, Duration::from_secs(30))
             .await,
@@ -649,4 +652,99 @@ async fn a_revoked_caller_is_denied_without_a_restart_and_a_broken_policy_keeps_
     echo_until(&orders, addr, None)
         .await
         .expect("orders allowed again after the policy was restored");
+}
+
+/// Open file descriptors of this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_that_never_handshake_cannot_pin_more_than_the_handshake_limit() {
+    use mesh_client::server::{MeshServer, ServerConfig};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    const LIMIT: usize = 4;
+    const IDLE: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let tls = mesh_client::tls::MeshTls::load_with_handshake_timeout(
+        mesh_client::tls::TlsFiles::in_dir(pki.issue("echo")),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        MeshServer::new(ServerConfig {
+            max_concurrent_handshakes: LIMIT,
+            ..ServerConfig::default()
+        })
+        .tls(tls)
+        .serve(listener, async {
+            let _ = stopped.await;
+        }),
+    );
+
+    // A patient client: its connection may wait behind the idle ones.
+    pki.issue("orders");
+    let orders = Mesh::from_config(
+        MeshConfig::from_json(r#"{"maxTimeout":"120s","endpoint":{"connectTimeout":"100s"}}"#)
+            .unwrap(),
+    )
+    .unwrap()
+    .with_tls(pki.load("orders"));
+    let target = format!("static:///{addr}");
+    wait_serving_on(
+        orders
+            .channel_with_identity(&target, &identity("echo"))
+            .unwrap(),
+    )
+    .await;
+    // A second channel makes its own connection, after the idle ones.
+    let mut health = HealthClient::new(
+        orders
+            .channel_with_identity(&target, &identity("echo"))
+            .unwrap(),
+    );
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let (tasks_before, fds_before) = (metrics.num_alive_tasks(), open_fds());
+
+    let mut idle = Vec::new();
+    for _ in 0..IDLE {
+        idle.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let call = tokio::spawn(async move {
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        request.set_timeout(Duration::from_secs(110));
+        health.check(request).await
+    });
+    let (mut peak_tasks, mut peak_fds) = (0, 0);
+    let start = Instant::now();
+    while !call.is_finished() && start.elapsed() < Duration::from_secs(120) {
+        peak_tasks = peak_tasks.max(metrics.num_alive_tasks());
+        peak_fds = peak_fds.max(open_fds());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = call.await.unwrap().expect("the real client was served");
+    assert_eq!(answer.into_inner().status(), ServingStatus::Serving);
+    // Each handshaking connection is a task and a descriptor on the server
+    // side; the idle ones beyond the limit wait in the kernel's backlog.
+    // Slack: the client's own connection tasks and the test's.
+    assert!(
+        peak_tasks <= tasks_before + LIMIT + 16,
+        "{peak_tasks} tasks alive with {IDLE} idle connections (before: {tasks_before}, limit {LIMIT})"
+    );
+    assert!(
+        peak_fds <= fds_before + IDLE + LIMIT + 16,
+        "{peak_fds} descriptors open with {IDLE} idle connections (before: {fds_before}, limit {LIMIT})"
+    );
+    drop(idle);
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
 }

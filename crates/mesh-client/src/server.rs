@@ -83,6 +83,13 @@ pub struct ServerConfig {
     /// Outgoing calls are also cut to their own `maxTimeout`. Default 30 s
     /// ([`crate::deadline::DEFAULT_MAX_TIMEOUT`]).
     pub max_inbound_deadline: Duration,
+    /// TLS handshakes the listener runs at once. At the limit it stops
+    /// accepting, so further connections wait in the kernel's accept
+    /// backlog (not accepted and closed: see the `tls::io` module docs for
+    /// why) until a handshake finishes or times out. Bounds the tasks and
+    /// memory that connections which never complete a handshake can pin.
+    /// Must be at least 1. Default 256.
+    pub max_concurrent_handshakes: usize,
 }
 
 impl Default for ServerConfig {
@@ -102,6 +109,7 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(25),
             trust_trace_context: true,
             max_inbound_deadline: crate::deadline::DEFAULT_MAX_TIMEOUT,
+            max_concurrent_handshakes: 256,
         }
     }
 }
@@ -326,6 +334,12 @@ impl MeshServer {
             }
         };
 
+        if config.max_concurrent_handshakes == 0 {
+            return Err(MeshError::InvalidConfig {
+                field: "max_concurrent_handshakes".into(),
+                reason: "must be at least 1 (0 would never accept a TLS connection)".into(),
+            });
+        }
         let server_tls = match (&self.tls, &self.public_tls) {
             (Some(_), Some(_)) => {
                 return Err(MeshError::InvalidConfig {
@@ -354,6 +368,7 @@ impl MeshServer {
         let incoming = tokio_stream::wrappers::ReceiverStream::new(accept_loop(
             listener,
             server_tls,
+            config.max_concurrent_handshakes,
             stop_accepting,
         ));
         let known = Arc::new(known_paths(sets)?);
