@@ -415,7 +415,10 @@ async fn a_caller_chosen_deadline_is_cut_to_the_configured_maximum() {
         .map(|h| (h.server_id.as_str(), h.timeout_ms))
         .collect();
     assert_eq!(seen.len(), 2, "{seen:?}");
-    assert!(seen[0].1 > 1_000_000_000, "a saw the caller's deadline: {seen:?}");
+    assert!(
+        seen[0].1 > 1_000_000_000,
+        "a saw the caller's deadline: {seen:?}"
+    );
     assert!(
         seen[1].1 > 0 && seen[1].1 <= 2_000,
         "b got more than a's maxTimeout: {seen:?}"

@@ -692,7 +692,10 @@ mod tests {
         // The built-in default (10 s) under a shorter maximum is cut at
         // each call, not refused.
         let c = MeshConfig::from_json(r#"{"maxTimeout":"5s"}"#).unwrap();
-        assert_eq!(c.call_policy("t", "/a.S/M").max_timeout, Duration::from_secs(5));
+        assert_eq!(
+            c.call_policy("t", "/a.S/M").max_timeout,
+            Duration::from_secs(5)
+        );
         // A more specific maximum may allow a longer default.
         MeshConfig::from_json(
             r#"{"maxTimeout":"1s","defaultTimeout":"1s",

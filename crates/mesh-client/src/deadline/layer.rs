@@ -302,10 +302,7 @@ mod tests {
     }
 
     fn request(timeout: Option<&str>) -> http::Request<()> {
-        let mut req = http::Request::builder()
-            .uri("/a.S/M")
-            .body(())
-            .unwrap();
+        let mut req = http::Request::builder().uri("/a.S/M").body(()).unwrap();
         if let Some(t) = timeout {
             req.headers_mut()
                 .insert(GRPC_TIMEOUT, HeaderValue::from_str(t).unwrap());
@@ -371,8 +368,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_legacy_constructors_cap_at_30s() {
-        let (sent, waited) =
-            cut_after(DeadlineLayer::new(Duration::from_secs(1)), request(Some(HUGE))).await;
+        let (sent, waited) = cut_after(
+            DeadlineLayer::new(Duration::from_secs(1)),
+            request(Some(HUGE)),
+        )
+        .await;
         assert!(sent <= DEFAULT_MAX_TIMEOUT, "sent {sent:?}");
         assert_eq!(waited, DEFAULT_MAX_TIMEOUT);
     }
