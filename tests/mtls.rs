@@ -731,6 +731,10 @@ async fn idle_connections_that_never_handshake_cannot_pin_more_than_the_handshak
         peak_fds = peak_fds.max(open_fds());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    eprintln!(
+        "{IDLE} idle connections, limit {LIMIT}: served after {:?}; tasks {tasks_before} -> peak {peak_tasks}, descriptors {fds_before} -> peak {peak_fds}",
+        start.elapsed()
+    );
     let answer = call.await.unwrap().expect("the real client was served");
     assert_eq!(answer.into_inner().status(), ServingStatus::Serving);
     // Each handshaking connection is a task and a descriptor on the server

@@ -12,7 +12,10 @@
 //! calls) has a token bucket; over it, `RESOURCE_EXHAUSTED` with
 //! `retry-after`. Browsers call it with gRPC-Web on the same port, with
 //! CORS for the configured origins. Health, reflection of the public
-//! surface only, metrics and traces come from the mesh server.
+//! surface only, metrics and traces come from the mesh server. An outside
+//! caller's deadline is cut to `--max-inbound-deadline-ms` before it
+//! travels into the mesh, and failures inside the mesh reach it as generic
+//! messages (no addresses, targets or identities; the detail is logged).
 
 #![forbid(unsafe_code)]
 
