@@ -667,7 +667,7 @@ async fn idle_connections_that_never_handshake_cannot_pin_more_than_the_handshak
     };
 
     const LIMIT: usize = 4;
-    const IDLE: usize = 64;
+    const IDLE: usize = 40;
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new(dir.path());
     let tls = mesh_client::tls::MeshTls::load_with_handshake_timeout(
@@ -689,14 +689,21 @@ async fn idle_connections_that_never_handshake_cannot_pin_more_than_the_handshak
         }),
     );
 
-    // A patient client: its connection may wait behind the idle ones.
-    pki.issue("orders");
+    // A patient client: its connection waits in the backlog behind the idle
+    // ones (IDLE / LIMIT handshake timeouts), and its own handshake timer
+    // runs meanwhile.
     let orders = Mesh::from_config(
         MeshConfig::from_json(r#"{"maxTimeout":"120s","endpoint":{"connectTimeout":"100s"}}"#)
             .unwrap(),
     )
     .unwrap()
-    .with_tls(pki.load("orders"));
+    .with_tls(
+        mesh_client::tls::MeshTls::load_with_handshake_timeout(
+            mesh_client::tls::TlsFiles::in_dir(pki.issue("orders")),
+            Duration::from_secs(100),
+        )
+        .unwrap(),
+    );
     let target = format!("static:///{addr}");
     wait_serving_on(
         orders
@@ -704,12 +711,6 @@ async fn idle_connections_that_never_handshake_cannot_pin_more_than_the_handshak
             .unwrap(),
     )
     .await;
-    // A second channel makes its own connection, after the idle ones.
-    let mut health = HealthClient::new(
-        orders
-            .channel_with_identity(&target, &identity("echo"))
-            .unwrap(),
-    );
     let metrics = tokio::runtime::Handle::current().metrics();
     let (tasks_before, fds_before) = (metrics.num_alive_tasks(), open_fds());
 
@@ -717,6 +718,12 @@ async fn idle_connections_that_never_handshake_cannot_pin_more_than_the_handshak
     for _ in 0..IDLE {
         idle.push(TcpStream::connect(addr).await.unwrap());
     }
+    // A second channel makes its own connection, queued behind the idle ones.
+    let mut health = HealthClient::new(
+        orders
+            .channel_with_identity(&target, &identity("echo"))
+            .unwrap(),
+    );
     let call = tokio::spawn(async move {
         let mut request = tonic::Request::new(HealthCheckRequest {
             service: String::new(),
@@ -739,7 +746,8 @@ async fn idle_connections_that_never_handshake_cannot_pin_more_than_the_handshak
     assert_eq!(answer.into_inner().status(), ServingStatus::Serving);
     // Each handshaking connection is a task and a descriptor on the server
     // side; the idle ones beyond the limit wait in the kernel's backlog.
-    // Slack: the client's own connection tasks and the test's.
+    // Slack: the second channel's tasks (resolver, endpoint, health watch,
+    // connection) and the test's.
     assert!(
         peak_tasks <= tasks_before + LIMIT + 16,
         "{peak_tasks} tasks alive with {IDLE} idle connections (before: {tasks_before}, limit {LIMIT})"
