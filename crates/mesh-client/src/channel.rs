@@ -395,3 +395,29 @@ impl Service<http::Request<Body>> for MeshChannel {
         self.inner.call(req)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_may_change_the_policy_but_not_drop_it_or_break_it() {
+        let policy = r#"{"authorization":{"rules":[{"callers":["*"],"methods":["a.S/M"]}]}}"#;
+        let with = MeshConfig::from_json(policy).unwrap();
+        let without = MeshConfig::default();
+        let err = check_reload(&with, "{}").unwrap_err().to_string();
+        assert!(err.contains("authorization"), "{err}");
+        assert!(check_reload(&with, r#"{"authorization":"#).is_err());
+        let narrower = r#"{"authorization":{"rules":[{"callers":["spiffe://t/ns/a/sa/b"],"methods":["a.S/M"]}]}}"#;
+        let next = check_reload(&with, narrower).unwrap();
+        assert!(
+            !next
+                .authorization
+                .unwrap()
+                .allows(Some("spiffe://t/ns/a/sa/c"), "a.S/M")
+        );
+        // Without a policy in force, any valid file is taken.
+        assert!(check_reload(&without, "{}").is_ok());
+        assert!(check_reload(&without, policy).is_ok());
+    }
+}

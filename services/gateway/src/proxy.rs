@@ -217,7 +217,16 @@ impl Inner {
 /// through unchanged.)
 fn for_outside(upstream: &str, method: &str, error: mesh_client::BoxError) -> Status {
     let status = Status::from_error(error);
-    tracing::warn!(upstream, method, code = ?status.code(), "call into the mesh failed: {}", status.message());
+    match status.code() {
+        // Mostly the caller's own doing (its deadline, its hang-up), and
+        // counted in the metrics: not a line per call an outsider can force.
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            tracing::debug!(upstream, method, code = ?status.code(), "call into the mesh failed: {}", status.message())
+        }
+        _ => {
+            tracing::warn!(upstream, method, code = ?status.code(), "call into the mesh failed: {}", status.message())
+        }
+    }
     let message = match status.code() {
         tonic::Code::DeadlineExceeded => {
             format!("{upstream} did not answer within the call's deadline")
