@@ -17,7 +17,10 @@ use std::{
 };
 
 use common::{Proc, TestPki, free_addr, identity};
-use mesh_client::server::{MeshServer, ServerConfig};
+use mesh_client::{
+    authz::AuthorizationPolicy,
+    server::{MeshServer, ServerConfig},
+};
 use shop_api::{
     auth::v1::{RegisterRequest, auth_service_client::AuthServiceClient},
     inventory::v1::{
@@ -71,17 +74,25 @@ struct Edge {
     _dir: tempfile::TempDir,
     _gateway: Proc,
     gateway: SocketAddr,
-    /// Where nothing listens (auth's target).
+    /// Auth's target: where nothing listens, or the stand-in auth.
     dead: SocketAddr,
     inventory: SocketAddr,
     /// The `grpc-timeout` of each listing the inventory received.
     seen: Arc<Mutex<Vec<Option<Duration>>>>,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _stop: (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ),
 }
 
 /// A gateway cutting inbound deadlines to 1 s, in front of a stand-in
 /// inventory (mTLS, identity `inventory`) and a dead auth.
 async fn edge() -> Edge {
+    edge_with(None).await
+}
+
+/// [`edge`], with a stand-in auth enforcing `auth_policy` instead of a dead one.
+async fn edge_with(auth_policy: Option<AuthorizationPolicy>) -> Edge {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new(dir.path());
     pki.issue("inventory");
@@ -99,7 +110,27 @@ async fn edge() -> Edge {
             }),
     );
 
-    let (addr, dead) = (free_addr(), free_addr());
+    let (addr, mut dead) = (free_addr(), free_addr());
+    let (_stop_auth, stopped_auth) = tokio::sync::oneshot::channel::<()>();
+    if let Some(policy) = auth_policy {
+        pki.issue("auth");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        dead = listener.local_addr().unwrap();
+        tokio::spawn(
+            MeshServer::new(ServerConfig::default())
+                .tls(pki.load("auth"))
+                .authorization(Some(policy))
+                .fallback(
+                    &["mesh.auth.v1.AuthService"],
+                    StandIn {
+                        seen: Arc::default(),
+                    },
+                )
+                .serve(listener, async {
+                    let _ = stopped_auth.await;
+                }),
+        );
+    }
     let args: Vec<String> = [
         "--tls-dir",
         pki.issue("gateway").to_str().unwrap(),
@@ -126,7 +157,7 @@ async fn edge() -> Edge {
         dead,
         inventory: inventory_addr,
         seen,
-        _stop: stop,
+        _stop: (stop, _stop_auth),
     }
 }
 
@@ -202,4 +233,36 @@ async fn an_upstream_that_is_down_is_reported_without_internal_detail() {
         "auth is temporarily unavailable; retry shortly"
     );
     edge.assert_generic(err.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_refusing_the_gateway_does_not_reveal_its_identity() {
+    // auth's policy lets only the operator in, not the gateway.
+    let policy: AuthorizationPolicy = serde_json::from_value(serde_json::json!(
+        {"rules": [{"callers": [identity("operator")], "methods": ["*"]}]}
+    ))
+    .unwrap();
+    let edge = edge_with(Some(policy)).await;
+    let mut auth = AuthServiceClient::new(common::channel(edge.gateway).await);
+    let err = auth
+        .register(RegisterRequest {
+            username: "ann".into(),
+            password: "correct-horse-battery".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        err.message().starts_with("auth could not serve the call"),
+        "{}",
+        err.message()
+    );
+    edge.assert_generic(err.message());
+    assert!(
+        err.metadata()
+            .get(mesh_client::authz::REFUSED_BY_HEADER)
+            .is_none(),
+        "{:?}",
+        err.metadata()
+    );
 }

@@ -36,6 +36,12 @@ pub const IDENTITY_HEADERS: &[&str] = &[
     "x-caller-identity",
 ];
 
+/// Response header on a denial made by this layer (value
+/// `authorization`), so a proxy can tell the mesh refusing *it* from the
+/// service's own answer: the denial names the proxy's identity, which an
+/// outside caller should not learn.
+pub const REFUSED_BY_HEADER: &str = "mesh-refused-by";
+
 /// Enforce the rules, or only log what they would deny.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -255,7 +261,12 @@ where
                 let status = tonic::Status::permission_denied(format!(
                     "{who} is not allowed to call {method}"
                 ));
-                Either::Left(ready(Ok(status.into_http())))
+                let mut response: http::Response<Body> = status.into_http();
+                response.headers_mut().insert(
+                    REFUSED_BY_HEADER,
+                    http::HeaderValue::from_static("authorization"),
+                );
+                Either::Left(ready(Ok(response)))
             }
         }
     }

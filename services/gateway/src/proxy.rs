@@ -203,10 +203,31 @@ impl Inner {
             .get(route.upstream)
             .expect("routes name only configured upstreams")
             .clone();
-        channel
+        let response = channel
             .oneshot(req)
             .await
-            .map_err(|e| for_outside(route.upstream, method, e))
+            .map_err(|e| for_outside(route.upstream, method, e))?;
+        if let Some(by) = response
+            .headers()
+            .get(mesh_client::authz::REFUSED_BY_HEADER)
+        {
+            // The upstream's mesh refused the gateway itself (its policy
+            // does not list the gateway): a fault of the shop, and the
+            // denial names the gateway's identity.
+            let detail = response.headers().get("grpc-message");
+            tracing::warn!(
+                upstream = route.upstream,
+                method,
+                ?by,
+                ?detail,
+                "the upstream's mesh refused the gateway"
+            );
+            return Err(Status::internal(format!(
+                "{} could not serve the call; this is a fault of the shop, not of the call",
+                route.upstream
+            )));
+        }
+        Ok(response)
     }
 }
 
