@@ -587,9 +587,11 @@ async fn a_revoked_caller_is_denied_without_a_restart_and_a_broken_policy_keeps_
     };
     let (orders_id, operator_id) = (identity("orders"), identity("operator"));
     let tls_dir = pki.issue("echo");
-    let echo = TlsEcho::start(
+    let admin = free_addr();
+    let echo = TlsEcho::start_with(
         &tls_dir,
         Some(&policy(&[orders_id.clone(), operator_id.clone()])),
+        &["--admin-addr", &admin.to_string()],
     );
     let policy_file = tls_dir.with_extension("policy.json");
     let (orders, operator) = (mesh_as(&pki, "orders"), mesh_as(&pki, "operator"));
@@ -652,6 +654,13 @@ async fn a_revoked_caller_is_denied_without_a_restart_and_a_broken_policy_keeps_
     echo_until(&orders, addr, None)
         .await
         .expect("orders allowed again after the policy was restored");
+    let (_, metrics) = common::http_get(admin, "/metrics").await;
+    for line in [
+        "mesh_config_reloads_total{outcome=\"applied\"} 2",
+        "mesh_config_reloads_total{outcome=\"refused\"} 2",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in {metrics}");
+    }
 }
 
 /// Open file descriptors of this process.
@@ -752,6 +761,17 @@ async fn idle_connections_that_never_handshake_cannot_pin_more_than_the_handshak
         peak_tasks <= tasks_before + LIMIT + 16,
         "{peak_tasks} tasks alive with {IDLE} idle connections (before: {tasks_before}, limit {LIMIT})"
     );
+    // Every idle connection ahead of the client timed out, and each is
+    // counted though the log says only a few lines a second.
+    let timed_out = mesh_client::telemetry::metrics()
+        .encode()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("mesh_tls_handshake_failures_total{outcome=\"timed_out\"} ")
+                .map(|n| n.parse::<usize>().unwrap())
+        })
+        .unwrap_or(0);
+    assert!(timed_out >= IDLE - LIMIT, "{timed_out} timeouts counted");
     assert!(
         peak_fds <= fds_before + IDLE + LIMIT + 16,
         "{peak_fds} descriptors open with {IDLE} idle connections (before: {fds_before}, limit {LIMIT})"

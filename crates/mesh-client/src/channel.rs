@@ -300,12 +300,16 @@ async fn reload_forever(path: PathBuf, mut last: String, config: ConfigHandle) {
         match check_reload(&config.load(), &text) {
             Ok(next) => {
                 tracing::info!(path = %path.display(), "mesh config reloaded");
+                crate::telemetry::metrics().config_reload("applied");
                 config.store(next);
             }
-            Err(e) => tracing::error!(
-                path = %path.display(),
-                "mesh config change REFUSED, the last good config (timeouts, retries, authorization policy) stays in force: {e}"
-            ),
+            Err(e) => {
+                crate::telemetry::metrics().config_reload("refused");
+                tracing::error!(
+                    path = %path.display(),
+                    "mesh config change REFUSED, the last good config (timeouts, retries, authorization policy) stays in force: {e}"
+                )
+            }
         }
         last = text;
     }

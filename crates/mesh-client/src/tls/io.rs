@@ -340,19 +340,25 @@ pub(crate) fn accept_loop(
                             }))
                             .await;
                     }
-                    Ok(Err(e)) => log_handshake_failure(
-                        &failures,
-                        remote,
-                        format_args!("TLS handshake refused: {e}"),
-                    ),
-                    Err(_) => log_handshake_failure(
-                        &failures,
-                        remote,
-                        format_args!(
-                            "TLS handshake timed out after {:?}; connection dropped",
-                            tls.handshake_timeout()
-                        ),
-                    ),
+                    Ok(Err(e)) => {
+                        crate::telemetry::metrics().handshake_failed("refused");
+                        log_handshake_failure(
+                            &failures,
+                            remote,
+                            format_args!("TLS handshake refused: {e}"),
+                        )
+                    }
+                    Err(_) => {
+                        crate::telemetry::metrics().handshake_failed("timed_out");
+                        log_handshake_failure(
+                            &failures,
+                            remote,
+                            format_args!(
+                                "TLS handshake timed out after {:?}; connection dropped",
+                                tls.handshake_timeout()
+                            ),
+                        )
+                    }
                 }
             });
         }
