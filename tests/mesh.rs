@@ -372,6 +372,74 @@ async fn deadlines_propagate_across_three_hops_and_expiry_stops_the_chain() {
     );
 }
 
+/// Chain with a `grpc-timeout` a hostile caller picked, sent as is (a plain
+/// tonic channel: the mesh client would cut it).
+fn huge_deadline_chain() -> tonic::Request<ChainRequest> {
+    let mut request = tonic::Request::new(ChainRequest {});
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "99999999H".parse().unwrap());
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_chosen_deadline_is_cut_to_the_configured_maximum() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("a.json");
+    std::fs::write(&policy, r#"{"maxTimeout":"2s"}"#).unwrap();
+    let b = echo("b", free_addr(), &[]);
+    let a = echo(
+        "a",
+        free_addr(),
+        &[
+            "--next",
+            &format!("static:///{}", b.addr),
+            "--mesh-config",
+            policy.to_str().unwrap(),
+        ],
+    );
+    for p in [&a, &b] {
+        wait_serving(p.addr).await;
+    }
+    let mut client = control(a.addr).await;
+
+    // a saw the caller's 11 400 years; what a passed on to b is its maxTimeout.
+    let hops = client
+        .chain(huge_deadline_chain())
+        .await
+        .unwrap()
+        .into_inner()
+        .hops;
+    let seen: Vec<(&str, i64)> = hops
+        .iter()
+        .map(|h| (h.server_id.as_str(), h.timeout_ms))
+        .collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(
+        seen[0].1 > 1_000_000_000,
+        "a saw the caller's deadline: {seen:?}"
+    );
+    assert!(
+        seen[1].1 > 0 && seen[1].1 <= 2_000,
+        "b got more than a's maxTimeout: {seen:?}"
+    );
+
+    // b hangs for a minute: the call is cut at a's maximum, not the caller's.
+    set_fault(
+        b.addr,
+        Fault {
+            delay_ms: 60_000,
+            ..Default::default()
+        },
+    )
+    .await;
+    let result = tokio::time::timeout(Duration::from_secs(40), client.chain(huge_deadline_chain()))
+        .await
+        .expect("the call was not cut at a's 2 s maxTimeout");
+    let err = result.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_stay_within_the_budget_obey_pushback_and_spare_non_idempotent_calls() {
     let procs = replicas(1).await;

@@ -522,3 +522,261 @@ async fn a_connection_that_never_finishes_tls_is_dropped_after_the_handshake_tim
     );
     assert!(echo.wait_logged("TLS handshake timed out").await);
 }
+
+/// Replaces `path` whole (write beside it, then rename), as a config
+/// management tool or a Kubernetes ConfigMap update does.
+fn rewrite(path: &Path, text: &str) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+impl TlsEcho {
+    /// Waits (at most `limit`) until `needle` was logged at least `times` times.
+    async fn wait_logged_times(&self, needle: &str, times: usize, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            let n = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .count();
+            if n >= times {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+}
+
+/// Calls Echo as `mesh`'s workload until the outcome is `want` (Ok, or an
+/// error code), for at most 30 s; returns the last outcome.
+async fn echo_until(
+    mesh: &Mesh,
+    addr: SocketAddr,
+    want: Option<Code>,
+) -> Result<(), tonic::Status> {
+    let start = Instant::now();
+    loop {
+        let mut request = tonic::Request::new(EchoRequest::default());
+        request.set_timeout(Duration::from_secs(5));
+        let got = client(mesh, addr, &identity("echo"))
+            .echo(request)
+            .await
+            .map(drop);
+        if got.as_ref().err().map(|e| e.code()) == want || start.elapsed() > Duration::from_secs(30)
+        {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_caller_is_denied_without_a_restart_and_a_broken_policy_keeps_the_last_good_one()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let policy = |callers: &[String]| {
+        serde_json::json!({"authorization": {"rules": [
+            {"callers": callers, "methods": ["mesh.echo.v1.EchoService/*"]}]}})
+        .to_string()
+    };
+    let (orders_id, operator_id) = (identity("orders"), identity("operator"));
+    let tls_dir = pki.issue("echo");
+    let admin = free_addr();
+    let echo = TlsEcho::start_with(
+        &tls_dir,
+        Some(&policy(&[orders_id.clone(), operator_id.clone()])),
+        &["--admin-addr", &admin.to_string()],
+    );
+    let policy_file = tls_dir.with_extension("policy.json");
+    let (orders, operator) = (mesh_as(&pki, "orders"), mesh_as(&pki, "operator"));
+    let addr = echo.proc.addr;
+    wait_serving_on(
+        operator
+            .channel_with_identity(&format!("static:///{addr}"), &identity("echo"))
+            .unwrap(),
+    )
+    .await;
+    echo_until(&orders, addr, None)
+        .await
+        .expect("orders is allowed at first");
+
+    // Revoked in the file: denied on a later call, the process untouched.
+    let pid = echo.proc.pid();
+    rewrite(&policy_file, &policy(std::slice::from_ref(&operator_id)));
+    let err = echo_until(&orders, addr, Some(Code::PermissionDenied))
+        .await
+        .expect_err("orders still allowed 30 s after its revocation");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains(&orders_id), "{}", err.message());
+    assert_eq!(echo.proc.pid(), pid);
+    echo_until(&operator, addr, None)
+        .await
+        .expect("the operator is still allowed");
+
+    // A broken file and one that drops the policy are refused loudly; the
+    // revocation stays in force.
+    let refused = "mesh config change REFUSED";
+    rewrite(
+        &policy_file,
+        r#"{"authorization": {"rules": [{"callers": ["#,
+    );
+    assert!(
+        echo.wait_logged_times(refused, 1, Duration::from_secs(30))
+            .await,
+        "no error logged for a broken policy file: {:?}",
+        echo.log.lock().unwrap()
+    );
+    rewrite(&policy_file, "{}");
+    assert!(
+        echo.wait_logged_times(refused, 2, Duration::from_secs(30))
+            .await,
+        "no error logged for a file without a policy: {:?}",
+        echo.log.lock().unwrap()
+    );
+    assert!(echo.logged("removes the authorization policy"));
+    let err = client(&orders, addr, &identity("echo"))
+        .echo(EchoRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    echo_until(&operator, addr, None)
+        .await
+        .expect("the operator is still allowed");
+
+    // The watcher survived the bad files: allowing orders again works.
+    rewrite(&policy_file, &policy(&[orders_id, operator_id]));
+    echo_until(&orders, addr, None)
+        .await
+        .expect("orders allowed again after the policy was restored");
+    let (_, metrics) = common::http_get(admin, "/metrics").await;
+    for line in [
+        "mesh_config_reloads_total{outcome=\"applied\"} 2",
+        "mesh_config_reloads_total{outcome=\"refused\"} 2",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in {metrics}");
+    }
+}
+
+/// Open file descriptors of this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_that_never_handshake_cannot_pin_more_than_the_handshake_limit() {
+    use mesh_client::server::{MeshServer, ServerConfig};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    const LIMIT: usize = 4;
+    const IDLE: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let tls = mesh_client::tls::MeshTls::load_with_handshake_timeout(
+        mesh_client::tls::TlsFiles::in_dir(pki.issue("echo")),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        MeshServer::new(ServerConfig {
+            max_concurrent_handshakes: LIMIT,
+            ..ServerConfig::default()
+        })
+        .tls(tls)
+        .serve(listener, async {
+            let _ = stopped.await;
+        }),
+    );
+
+    // A patient client: its connection waits in the backlog behind the idle
+    // ones (IDLE / LIMIT handshake timeouts), and its own handshake timer
+    // runs meanwhile.
+    let orders = Mesh::from_config(
+        MeshConfig::from_json(r#"{"maxTimeout":"120s","endpoint":{"connectTimeout":"100s"}}"#)
+            .unwrap(),
+    )
+    .unwrap()
+    .with_tls(
+        mesh_client::tls::MeshTls::load_with_handshake_timeout(
+            mesh_client::tls::TlsFiles::in_dir(pki.issue("orders")),
+            Duration::from_secs(100),
+        )
+        .unwrap(),
+    );
+    let target = format!("static:///{addr}");
+    wait_serving_on(
+        orders
+            .channel_with_identity(&target, &identity("echo"))
+            .unwrap(),
+    )
+    .await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let (tasks_before, fds_before) = (metrics.num_alive_tasks(), open_fds());
+
+    let mut idle = Vec::new();
+    for _ in 0..IDLE {
+        idle.push(TcpStream::connect(addr).await.unwrap());
+    }
+    // A second channel makes its own connection, queued behind the idle ones.
+    let mut health = HealthClient::new(
+        orders
+            .channel_with_identity(&target, &identity("echo"))
+            .unwrap(),
+    );
+    let call = tokio::spawn(async move {
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        request.set_timeout(Duration::from_secs(110));
+        health.check(request).await
+    });
+    let (mut peak_tasks, mut peak_fds) = (0, 0);
+    let start = Instant::now();
+    while !call.is_finished() && start.elapsed() < Duration::from_secs(120) {
+        peak_tasks = peak_tasks.max(metrics.num_alive_tasks());
+        peak_fds = peak_fds.max(open_fds());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "{IDLE} idle connections, limit {LIMIT}: served after {:?}; tasks {tasks_before} -> peak {peak_tasks}, descriptors {fds_before} -> peak {peak_fds}",
+        start.elapsed()
+    );
+    let answer = call.await.unwrap().expect("the real client was served");
+    assert_eq!(answer.into_inner().status(), ServingStatus::Serving);
+    // Each handshaking connection is a task and a descriptor on the server
+    // side; the idle ones beyond the limit wait in the kernel's backlog.
+    // Slack: the second channel's tasks (resolver, endpoint, health watch,
+    // connection) and the test's.
+    assert!(
+        peak_tasks <= tasks_before + LIMIT + 16,
+        "{peak_tasks} tasks alive with {IDLE} idle connections (before: {tasks_before}, limit {LIMIT})"
+    );
+    // Every idle connection ahead of the client timed out, and each is
+    // counted though the log says only a few lines a second.
+    let timed_out = mesh_client::telemetry::metrics()
+        .encode()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("mesh_tls_handshake_failures_total{outcome=\"timed_out\"} ")
+                .map(|n| n.parse::<usize>().unwrap())
+        })
+        .unwrap_or(0);
+    assert!(timed_out >= IDLE - LIMIT, "{timed_out} timeouts counted");
+    assert!(
+        peak_fds <= fds_before + IDLE + LIMIT + 16,
+        "{peak_fds} descriptors open with {IDLE} idle connections (before: {fds_before}, limit {LIMIT})"
+    );
+    drop(idle);
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
+}

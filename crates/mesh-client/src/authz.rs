@@ -4,6 +4,15 @@
 //! rule lists both its caller and its method. `grpc.health.v1.Health` is
 //! always allowed, so probes work. Audit mode logs what would be denied and
 //! lets it through, to roll a policy out safely.
+//!
+//! A server built with [`crate::server::MeshServer::authorization_from`]
+//! follows the policy in its [`crate::Mesh`]'s config, so a policy file
+//! read with [`crate::Mesh::from_file`] is enforced as it changes: a
+//! revocation takes effect within the file check interval (2 s), without a
+//! restart. A changed file that does not validate is refused loudly and the
+//! last good policy stays in force; so is a change that would drop the
+//! policy altogether (turning deny-by-default into allow-all takes a
+//! restart, not a file edit).
 
 use std::{
     collections::HashSet,
@@ -16,7 +25,7 @@ use serde::Deserialize;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use crate::{MeshError, telemetry::RpcPath, tls::PeerInfo};
+use crate::{MeshError, channel::ConfigHandle, telemetry::RpcPath, tls::PeerInfo};
 
 /// Request headers that claim an identity. They are never trusted and are
 /// removed before the service sees the request.
@@ -26,6 +35,12 @@ pub const IDENTITY_HEADERS: &[&str] = &[
     "x-mesh-caller",
     "x-caller-identity",
 ];
+
+/// Response header on a denial made by this layer (value
+/// `authorization`), so a proxy can tell the mesh refusing *it* from the
+/// service's own answer: the denial names the proxy's identity, which an
+/// outside caller should not learn.
+pub const REFUSED_BY_HEADER: &str = "mesh-refused-by";
 
 /// Enforce the rules, or only log what they would deny.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -146,20 +161,33 @@ impl AuthorizationPolicy {
     }
 }
 
+/// Where a server's policy comes from.
+#[derive(Clone, Debug)]
+pub(crate) enum PolicySource {
+    /// Fixed when the server was built (`None`: no authorization).
+    Fixed(Option<Arc<AuthorizationPolicy>>),
+    /// The `authorization` of a mesh's live config, read at each call
+    /// (a lock-free-in-practice read lock and an `Arc` clone, no allocation).
+    Live(ConfigHandle),
+}
+
+impl Default for PolicySource {
+    fn default() -> Self {
+        PolicySource::Fixed(None)
+    }
+}
+
 /// Server layer: strips claimed-identity headers and enforces the policy.
 #[derive(Clone, Debug)]
 pub(crate) struct AuthzLayer {
-    policy: Option<Arc<AuthorizationPolicy>>,
+    policy: PolicySource,
     // Paths the server serves: denials of others are counted as `unknown`.
     known: Arc<HashSet<String>>,
 }
 
 impl AuthzLayer {
-    pub(crate) fn new(policy: Option<AuthorizationPolicy>, known: Arc<HashSet<String>>) -> Self {
-        Self {
-            policy: policy.map(Arc::new),
-            known,
-        }
+    pub(crate) fn new(policy: PolicySource, known: Arc<HashSet<String>>) -> Self {
+        Self { policy, known }
     }
 }
 
@@ -203,7 +231,15 @@ where
             .and_then(|p| p.identity.as_ref())
             .map(|id| id.as_str());
         tracing::debug!(caller = caller.unwrap_or("-"), method, "inbound call");
-        let Some(policy) = &self.layer.policy else {
+        let live;
+        let policy = match &self.layer.policy {
+            PolicySource::Fixed(policy) => policy.as_deref(),
+            PolicySource::Live(config) => {
+                live = config.load();
+                live.authorization.as_ref()
+            }
+        };
+        let Some(policy) = policy else {
             return Either::Right(self.inner.call(req));
         };
         if policy.allows(caller, method) {
@@ -225,7 +261,12 @@ where
                 let status = tonic::Status::permission_denied(format!(
                     "{who} is not allowed to call {method}"
                 ));
-                Either::Left(ready(Ok(status.into_http())))
+                let mut response: http::Response<Body> = status.into_http();
+                response.headers_mut().insert(
+                    REFUSED_BY_HEADER,
+                    http::HeaderValue::from_static("authorization"),
+                );
+                Either::Left(ready(Ok(response)))
             }
         }
     }

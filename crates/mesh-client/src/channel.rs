@@ -17,7 +17,7 @@ use crate::{
     BoxError, MeshConfig, MeshError, Target,
     balance::{Balancer, EndpointSet},
     config::EndpointConfig,
-    deadline::DeadlineLayer,
+    deadline::{CallDeadline, DeadlineLayer},
     endpoint::EndpointState,
     methods::MethodTable,
     resolve,
@@ -73,8 +73,10 @@ impl Mesh {
 
     /// A mesh whose policy is read from a JSON file and re-read whenever the
     /// file changes (checked every 2 s). A changed file that does not
-    /// validate is logged and ignored; the last good policy stays. Must be
-    /// called inside a tokio runtime.
+    /// validate is logged as an error and ignored; the last good policy
+    /// stays, and so it does when a change would remove the
+    /// `authorization` policy (fail closed: switching authorization off
+    /// takes a restart). Must be called inside a tokio runtime.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, MeshError> {
         let path = path.as_ref().to_path_buf();
         let text = read(&path)?;
@@ -107,6 +109,11 @@ impl Mesh {
     /// The policy in force now.
     pub fn config(&self) -> Arc<MeshConfig> {
         self.config.load()
+    }
+
+    /// The live config, for a server that follows its reloads.
+    pub(crate) fn config_handle(&self) -> ConfigHandle {
+        self.config.clone()
     }
 
     /// Replaces the policy; channels use it from their next call.
@@ -218,7 +225,14 @@ impl Mesh {
         };
         let timeouts = {
             let (config, target) = (self.config.clone(), target.to_owned());
-            move |path: &str| config.load().call_policy(&target, path).timeout
+            move |path: &str| {
+                let config = config.load();
+                let policy = config.call_policy(&target, path);
+                CallDeadline {
+                    default: policy.timeout,
+                    max: policy.max_timeout,
+                }
+            }
         };
         let stack = ServiceBuilder::new()
             // Outermost: the call's span and metrics cover everything below.
@@ -226,8 +240,9 @@ impl Mesh {
                 Arc::from(peer),
                 Arc::from(target),
             ))
-            // Every call gets its deadline before anything can wait.
-            .layer(DeadlineLayer::with_policy(Arc::new(timeouts)))
+            // Every call gets its deadline, never past maxTimeout, before
+            // anything can wait.
+            .layer(DeadlineLayer::with_limits(Arc::new(timeouts)))
             // Then retries and hedges, each attempt balanced afresh.
             .service(retry);
         Ok(MeshChannel {
@@ -260,25 +275,56 @@ fn read(path: &Path) -> Result<String, MeshError> {
     })
 }
 
+/// How often [`Mesh::from_file`] checks its file.
+const RELOAD_EVERY: Duration = Duration::from_secs(2);
+
 async fn reload_forever(path: PathBuf, mut last: String, config: ConfigHandle) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut tick = tokio::time::interval(RELOAD_EVERY);
+    let mut unreadable = false;
     loop {
         tick.tick().await;
-        let Ok(text) = tokio::fs::read_to_string(&path).await else {
-            continue;
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => text,
+            Err(e) => {
+                // Once per outage, not every tick.
+                if !std::mem::replace(&mut unreadable, true) {
+                    tracing::error!(path = %path.display(), "mesh config file unreadable, keeping the last good config (including its authorization policy): {e}");
+                }
+                continue;
+            }
         };
+        unreadable = false;
         if text == last {
             continue;
         }
-        match MeshConfig::from_json(&text) {
+        match check_reload(&config.load(), &text) {
             Ok(next) => {
                 tracing::info!(path = %path.display(), "mesh config reloaded");
+                crate::telemetry::metrics().config_reload("applied");
                 config.store(next);
             }
-            Err(e) => tracing::warn!(path = %path.display(), "mesh config change ignored: {e}"),
+            Err(e) => {
+                crate::telemetry::metrics().config_reload("refused");
+                tracing::error!(
+                    path = %path.display(),
+                    "mesh config change REFUSED, the last good config (timeouts, retries, authorization policy) stays in force: {e}"
+                )
+            }
         }
         last = text;
     }
+}
+
+/// The config a changed file brings, if it may replace `current`.
+fn check_reload(current: &MeshConfig, text: &str) -> Result<MeshConfig, MeshError> {
+    let next = MeshConfig::from_json(text)?;
+    if current.authorization.is_some() && next.authorization.is_none() {
+        return Err(MeshError::InvalidConfig {
+            field: "authorization".into(),
+            reason: "the change removes the authorization policy, which would allow every caller; restart to turn authorization off".into(),
+        });
+    }
+    Ok(next)
 }
 
 /// One HTTP/2 connection to `addr`, made on first use (over mTLS when the
@@ -351,5 +397,31 @@ impl Service<http::Request<Body>> for MeshChannel {
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         self.inner.call(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_may_change_the_policy_but_not_drop_it_or_break_it() {
+        let policy = r#"{"authorization":{"rules":[{"callers":["*"],"methods":["a.S/M"]}]}}"#;
+        let with = MeshConfig::from_json(policy).unwrap();
+        let without = MeshConfig::default();
+        let err = check_reload(&with, "{}").unwrap_err().to_string();
+        assert!(err.contains("authorization"), "{err}");
+        assert!(check_reload(&with, r#"{"authorization":"#).is_err());
+        let narrower = r#"{"authorization":{"rules":[{"callers":["spiffe://t/ns/a/sa/b"],"methods":["a.S/M"]}]}}"#;
+        let next = check_reload(&with, narrower).unwrap();
+        assert!(
+            !next
+                .authorization
+                .unwrap()
+                .allows(Some("spiffe://t/ns/a/sa/c"), "a.S/M")
+        );
+        // Without a policy in force, any valid file is taken.
+        assert!(check_reload(&without, "{}").is_ok());
+        assert!(check_reload(&without, policy).is_ok());
     }
 }

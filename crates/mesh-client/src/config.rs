@@ -15,7 +15,7 @@ use crate::MeshError;
 /// Process-wide mesh policy.
 ///
 /// ```json
-/// { "defaultTimeout": "5s",
+/// { "defaultTimeout": "5s", "maxTimeout": "30s",
 ///   "retryPolicy": { "maxAttempts": 3, "initialBackoff": "50ms", "maxBackoff": "1s",
 ///                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"] },
 ///   "targets": { "dns:///inventory.shop.svc.cluster.local:50052": {
@@ -27,9 +27,16 @@ use crate::MeshError;
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct MeshConfig {
     /// Deadline given to a call that has neither an explicit nor an
-    /// inherited one. Default 10 s.
+    /// inherited one. Default 10 s; cut to `maxTimeout` if longer.
     #[serde(with = "duration_str")]
     pub default_timeout: Duration,
+    /// The longest deadline any outgoing call gets, whatever asked for it:
+    /// an explicit `grpc-timeout`, the deadline inherited from the inbound
+    /// call being handled (which an outside caller may have chosen) or a
+    /// configured default. Longer ones are cut to this. Default 30 s;
+    /// targets and methods may set their own (the most specific wins).
+    #[serde(with = "duration_str")]
+    pub max_timeout: Duration,
     /// `p2c` (default: power of two choices over peak-EWMA load) or
     /// `round_robin`.
     pub load_balancing_policy: LbPolicy,
@@ -62,6 +69,7 @@ impl Default for MeshConfig {
     fn default() -> Self {
         Self {
             default_timeout: Duration::from_secs(10),
+            max_timeout: crate::deadline::DEFAULT_MAX_TIMEOUT,
             load_balancing_policy: LbPolicy::P2c,
             retry_policy: RetryPolicy::default(),
             hedging_policy: None,
@@ -97,6 +105,9 @@ pub struct TargetConfig {
     /// Default deadline for calls to this target.
     #[serde(with = "duration_str::option")]
     pub timeout: Option<Duration>,
+    /// Overrides [`MeshConfig::max_timeout`] for calls to this target.
+    #[serde(with = "duration_str::option")]
+    pub max_timeout: Option<Duration>,
     /// Overrides [`MeshConfig::load_balancing_policy`].
     pub load_balancing_policy: Option<LbPolicy>,
     /// Overrides [`MeshConfig::retry_policy`].
@@ -118,6 +129,10 @@ pub struct MethodConfig {
     /// Default deadline for calls to this method.
     #[serde(with = "duration_str::option")]
     pub timeout: Option<Duration>,
+    /// Overrides the target's (or the process's) `maxTimeout` for calls to
+    /// this method.
+    #[serde(with = "duration_str::option")]
+    pub max_timeout: Option<Duration>,
     /// Retry policy of this method.
     pub retry_policy: Option<RetryPolicy>,
     /// Hedging policy of this method.
@@ -273,6 +288,7 @@ impl Default for EndpointConfig {
 #[derive(Clone, Debug)]
 pub(crate) struct CallPolicy<'a> {
     pub(crate) timeout: Duration,
+    pub(crate) max_timeout: Duration,
     pub(crate) retry: &'a RetryPolicy,
     pub(crate) hedging: Option<&'a HedgingPolicy>,
 }
@@ -291,6 +307,7 @@ impl MeshConfig {
     /// Checks every value is in range; reports the first bad field.
     pub fn validate(&self) -> Result<(), MeshError> {
         check_timeout("defaultTimeout", self.default_timeout)?;
+        check_timeout("maxTimeout", self.max_timeout)?;
         check_timeout("endpoint.connectTimeout", self.endpoint.connect_timeout)?;
         check_timeout("dnsRefresh", self.dns_refresh)?;
         check_retry("retryPolicy", &self.retry_policy)?;
@@ -329,8 +346,13 @@ impl MeshConfig {
             {
                 return Err(invalid(&at("identity"), &e));
             }
+            if let Some(t) = target.max_timeout {
+                check_timeout(&at("maxTimeout"), t)?;
+            }
+            let target_max = target.max_timeout.unwrap_or(self.max_timeout);
             if let Some(t) = target.timeout {
                 check_timeout(&at("timeout"), t)?;
+                check_within(&at("timeout"), t, target_max)?;
             }
             if let Some(r) = &target.retry_policy {
                 check_retry(&at("retryPolicy"), r)?;
@@ -346,8 +368,12 @@ impl MeshConfig {
                         "must be package.Service/Method or package.Service/*",
                     ));
                 }
+                if let Some(t) = m.max_timeout {
+                    check_timeout(&at("maxTimeout"), t)?;
+                }
                 if let Some(t) = m.timeout {
                     check_timeout(&at("timeout"), t)?;
+                    check_within(&at("timeout"), t, m.max_timeout.unwrap_or(target_max))?;
                 }
                 if let Some(r) = &m.retry_policy {
                     check_retry(&at("retryPolicy"), r)?;
@@ -390,6 +416,10 @@ impl MeshConfig {
                 .and_then(|m| m.timeout)
                 .or(target_config.and_then(|t| t.timeout))
                 .unwrap_or(self.default_timeout),
+            max_timeout: pick(&|m| m.max_timeout.is_some())
+                .and_then(|m| m.max_timeout)
+                .or(target_config.and_then(|t| t.max_timeout))
+                .unwrap_or(self.max_timeout),
             retry: pick(&|m| m.retry_policy.is_some())
                 .and_then(|m| m.retry_policy.as_ref())
                 .or(target_config.and_then(|t| t.retry_policy.as_ref()))
@@ -423,6 +453,20 @@ fn check_timeout(field: &str, value: Duration) -> Result<(), MeshError> {
         return Err(invalid(
             field,
             &format!("must be between 1ms and 24h, got {value:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A timeout written for a target or method that is longer than the
+/// maximum applying to it would be cut at every call: refuse it so the file
+/// says what happens. (The process-wide `defaultTimeout` is cut, not
+/// refused, so lowering `maxTimeout` alone is enough.)
+fn check_within(field: &str, timeout: Duration, max: Duration) -> Result<(), MeshError> {
+    if timeout > max {
+        return Err(invalid(
+            field,
+            &format!("{timeout:?} exceeds the maxTimeout of {max:?} that applies to it"),
         ));
     }
     Ok(())
@@ -608,6 +652,58 @@ mod tests {
         assert!(err.to_string().contains("random"), "{err}");
     }
 
+    #[test]
+    fn max_timeouts_default_to_30s_and_the_most_specific_wins() {
+        let config = MeshConfig::from_json(
+            r#"{"maxTimeout":"20s","targets":{"inv":{"maxTimeout":"5s",
+                "methods":{"a.S/M":{"maxTimeout":"1s"},"a.S/*":{"maxTimeout":"2s"}}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(MeshConfig::default().max_timeout, Duration::from_secs(30));
+        let max = |target: &str, path: &str| config.call_policy(target, path).max_timeout;
+        assert_eq!(max("other", "/a.S/M"), Duration::from_secs(20));
+        assert_eq!(max("inv", "/b.T/M"), Duration::from_secs(5));
+        assert_eq!(max("inv", "/a.S/Other"), Duration::from_secs(2));
+        assert_eq!(max("inv", "/a.S/M"), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_timeout_over_its_maximum_is_refused_by_name() {
+        for (json, field) in [
+            (r#"{"maxTimeout":"0s"}"#, "maxTimeout"),
+            (r#"{"maxTimeout":"1500m"}"#, "maxTimeout"),
+            (r#"{"maxTimout":"1s"}"#, "maxTimout"),
+            (
+                r#"{"maxTimeout":"5s","targets":{"inv":{"timeout":"6s"}}}"#,
+                "targets[\"inv\"].timeout",
+            ),
+            (
+                r#"{"targets":{"inv":{"maxTimeout":"1s","methods":{"a.S/M":{"timeout":"2s"}}}}}"#,
+                "targets[\"inv\"].methods[\"a.S/M\"].timeout",
+            ),
+            (
+                r#"{"targets":{"inv":{"methods":{"a.S/M":{"maxTimeout":"x"}}}}}"#,
+                "no unit",
+            ),
+        ] {
+            let err = MeshConfig::from_json(json).unwrap_err().to_string();
+            assert!(err.contains(field), "{json}: {err}");
+        }
+        // The built-in default (10 s) under a shorter maximum is cut at
+        // each call, not refused.
+        let c = MeshConfig::from_json(r#"{"maxTimeout":"5s"}"#).unwrap();
+        assert_eq!(
+            c.call_policy("t", "/a.S/M").max_timeout,
+            Duration::from_secs(5)
+        );
+        // A more specific maximum may allow a longer default.
+        MeshConfig::from_json(
+            r#"{"maxTimeout":"1s","defaultTimeout":"1s",
+                "targets":{"batch":{"maxTimeout":"5m","timeout":"2m"}}}"#,
+        )
+        .unwrap();
+    }
+
     proptest::proptest! {
         // Any text: parsed or refused with a named field, never a panic.
         #[test]
@@ -639,6 +735,34 @@ mod tests {
                     let msg = e.to_string();
                     proptest::prop_assert!(
                         msg.contains("retryPolicy") || msg.contains("retryBudget") || msg.contains("outlierDetection") || msg.contains("initialBackoff") || msg.contains("duration") || msg.contains("unit"),
+                        "{}", msg
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn timeouts_never_exceed_their_maximum_once_parsed(
+            max in "[0-9]{1,3}(ms|s|m|h|)",
+            timeout in "[0-9]{1,3}(ms|s|m|)",
+            method_max in proptest::option::of("[0-9]{1,3}(ms|s|m)"),
+        ) {
+            let method_max = method_max
+                .map(|m| format!(r#","maxTimeout":"{m}""#))
+                .unwrap_or_default();
+            let json = format!(
+                r#"{{"maxTimeout":"{max}","targets":{{"t":{{"methods":{{"a.S/M":
+                    {{"timeout":"{timeout}"{method_max}}}}}}}}}}}"#
+            );
+            match MeshConfig::from_json(&json) {
+                Ok(c) => {
+                    let p = c.call_policy("t", "/a.S/M");
+                    proptest::prop_assert!(p.timeout <= p.max_timeout);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    proptest::prop_assert!(
+                        msg.contains("maxTimeout") || msg.contains("timeout") || msg.contains("unit"),
                         "{}", msg
                     );
                 }

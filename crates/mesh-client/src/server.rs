@@ -2,7 +2,8 @@
 //!
 //! Layers, outer to inner: load shedding (`RESOURCE_EXHAUSTED` at once when
 //! the process is at its concurrency limit, instead of queueing into the
-//! caller's deadline) → inbound deadline capture (for propagation) → the
+//! caller's deadline) → inbound deadline capture (for propagation, cut to
+//! [`ServerConfig::max_inbound_deadline`]) → the
 //! service. Alongside the service it serves `grpc.health.v1.Health` and
 //! reflection (v1 and v1alpha) limited to what this server implements.
 //!
@@ -24,7 +25,7 @@ use tower::{
 
 use crate::{
     MeshError, MethodTable,
-    authz::{AuthorizationPolicy, AuthzLayer},
+    authz::{AuthorizationPolicy, AuthzLayer, PolicySource},
     deadline::InboundDeadlineLayer,
     telemetry::rpc::ServerTelemetryLayer,
     tls::{MeshTls, PublicTls, ServerTls, io::accept_loop},
@@ -75,6 +76,20 @@ pub struct ServerConfig {
     /// false for a server that faces the outside, so outsiders cannot pick
     /// trace ids or force sampling inside the shop.
     pub trust_trace_context: bool,
+    /// The longest inbound deadline passed on to the calls a handler makes:
+    /// a `grpc-timeout` longer than this (a caller asking for
+    /// `99999999H`) is cut to it for propagation, so the caller cannot
+    /// choose how long every service behind this one holds resources.
+    /// Outgoing calls are also cut to their own `maxTimeout`. Default 30 s
+    /// ([`crate::deadline::DEFAULT_MAX_TIMEOUT`]).
+    pub max_inbound_deadline: Duration,
+    /// TLS handshakes the listener runs at once. At the limit it stops
+    /// accepting, so further connections wait in the kernel's accept
+    /// backlog (not accepted and closed: see the `tls::io` module docs for
+    /// why) until a handshake finishes or times out. Bounds the tasks and
+    /// memory that connections which never complete a handshake can pin.
+    /// Must be at least 1. Default 256.
+    pub max_concurrent_handshakes: usize,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +108,8 @@ impl Default for ServerConfig {
             drain_grace: Duration::ZERO,
             drain_timeout: Duration::from_secs(25),
             trust_trace_context: true,
+            max_inbound_deadline: crate::deadline::DEFAULT_MAX_TIMEOUT,
+            max_concurrent_handshakes: 256,
         }
     }
 }
@@ -107,7 +124,7 @@ pub struct MeshServer {
     draining: CancellationToken,
     tls: Option<Arc<MeshTls>>,
     public_tls: Option<Arc<PublicTls>>,
-    authorization: Option<AuthorizationPolicy>,
+    authorization: PolicySource,
     admin: Option<std::net::TcpListener>,
     fallback: Option<FallbackService>,
     grpc_web: Option<Vec<http::HeaderValue>>,
@@ -138,7 +155,7 @@ impl MeshServer {
             draining: CancellationToken::new(),
             tls: None,
             public_tls: None,
-            authorization: None,
+            authorization: PolicySource::default(),
             admin: None,
             fallback: None,
             grpc_web: None,
@@ -202,7 +219,16 @@ impl MeshServer {
     /// Authorizes every call against `policy` (deny by default; see
     /// [`AuthorizationPolicy`]).
     pub fn authorization(mut self, policy: Option<AuthorizationPolicy>) -> Self {
-        self.authorization = policy;
+        self.authorization = PolicySource::Fixed(policy.map(Arc::new));
+        self
+    }
+
+    /// Authorizes every call against the `authorization` policy in
+    /// `mesh`'s config as it is at that call, so a policy file the mesh
+    /// watches ([`crate::Mesh::from_file`]) is enforced as it changes,
+    /// without a restart; see [`crate::authz`] for what a bad change does.
+    pub fn authorization_from(mut self, mesh: &crate::Mesh) -> Self {
+        self.authorization = PolicySource::Live(mesh.config_handle());
         self
     }
 
@@ -308,6 +334,12 @@ impl MeshServer {
             }
         };
 
+        if config.max_concurrent_handshakes == 0 {
+            return Err(MeshError::InvalidConfig {
+                field: "max_concurrent_handshakes".into(),
+                reason: "must be at least 1 (0 would never accept a TLS connection)".into(),
+            });
+        }
         let server_tls = match (&self.tls, &self.public_tls) {
             (Some(_), Some(_)) => {
                 return Err(MeshError::InvalidConfig {
@@ -336,6 +368,7 @@ impl MeshServer {
         let incoming = tokio_stream::wrappers::ReceiverStream::new(accept_loop(
             listener,
             server_tls,
+            config.max_concurrent_handshakes,
             stop_accepting,
         ));
         let known = Arc::new(known_paths(sets)?);
@@ -372,7 +405,7 @@ impl MeshServer {
             .layer(AuthzLayer::new(self.authorization, known))
             .layer(LoadShedLayer::new())
             .layer(GlobalConcurrencyLimitLayer::new(config.concurrency_limit))
-            .layer(InboundDeadlineLayer)
+            .layer(InboundDeadlineLayer::new(config.max_inbound_deadline))
             .into_inner();
         let server = Server::builder()
             .max_concurrent_streams(config.max_concurrent_streams)

@@ -18,7 +18,8 @@ pub struct MeshArgs {
     #[arg(long, env = "TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
     /// Mesh policy file (JSON): timeouts, retries, balancing, authorization.
-    /// Re-read when it changes.
+    /// Re-read when it changes (checked every 2 s); a change that does not
+    /// validate is logged as an error and the last good policy stays.
     #[arg(long, env = "MESH_CONFIG")]
     pub mesh_config: Option<PathBuf>,
     /// SPIFFE trust domain of the shop's workloads.
@@ -43,6 +44,11 @@ pub struct MeshArgs {
     /// Milliseconds a TLS handshake may take before the connection is dropped.
     #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
     pub tls_handshake_timeout_ms: u64,
+    /// The mesh read from `--mesh-config`, made once and shared by the
+    /// client ([`MeshArgs::mesh`]) and the server's authorization
+    /// ([`MeshArgs::server`]): one file watcher, one policy in force.
+    #[arg(skip)]
+    file_mesh: Arc<std::sync::Mutex<Option<Mesh>>>,
 }
 
 impl MeshArgs {
@@ -110,10 +116,21 @@ impl MeshArgs {
             .transpose()
     }
 
+    /// The mesh following `path`, started on first use.
+    fn file_mesh(&self, path: &std::path::Path) -> Result<Mesh, MeshError> {
+        let mut cached = self.file_mesh.lock().expect("mesh lock");
+        if let Some(mesh) = cached.as_ref() {
+            return Ok(mesh.clone());
+        }
+        let mesh = Mesh::from_file(path)?;
+        *cached = Some(mesh.clone());
+        Ok(mesh)
+    }
+
     /// The process's mesh (client side), knowing the shop's contracts.
     pub fn mesh(&self, tls: Option<Arc<MeshTls>>) -> Result<Mesh, MeshError> {
         let mesh = match &self.mesh_config {
-            Some(path) => Mesh::from_file(path)?,
+            Some(path) => self.file_mesh(path)?,
             None => Mesh::from_config(MeshConfig::default())?,
         }
         .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)?;
@@ -136,8 +153,9 @@ impl MeshArgs {
         mesh.channel_named(service, target, identity.as_deref())
     }
 
-    /// The server every shop service runs: TLS, authorization policy and
-    /// drain from these flags, reflection of the shop's contracts.
+    /// The server every shop service runs: TLS, authorization policy (kept
+    /// current from `--mesh-config`) and drain from these flags, reflection
+    /// of the shop's contracts.
     pub fn server(&self, tls: Option<Arc<MeshTls>>) -> Result<MeshServer, String> {
         self.server_with(ServerConfig::default(), tls)
     }
@@ -163,9 +181,17 @@ impl MeshArgs {
             drain_grace: Duration::from_millis(self.drain_grace_ms),
             ..limits
         };
-        let mut server = MeshServer::new(config)
-            .descriptor_set(descriptors)
-            .authorization(self.config()?.authorization);
+        let mut server = MeshServer::new(config).descriptor_set(descriptors);
+        server = match &self.mesh_config {
+            // The policy follows the file as it changes (revocations apply
+            // without a restart), through the mesh's one config watcher.
+            Some(path) => server.authorization_from(
+                &self
+                    .file_mesh(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
+            ),
+            None => server.authorization(None),
+        };
         if let Some(tls) = tls {
             server = server.tls(tls);
         }

@@ -13,7 +13,10 @@
 //! `RESOURCE_EXHAUSTED` with `retry-after`. The source address goes to the
 //! services in `x-shop-client`, for auth's per-client login limits. Browsers call it with gRPC-Web on the same port, with
 //! CORS for the configured origins. Health, reflection of the public
-//! surface only, metrics and traces come from the mesh server.
+//! surface only, metrics and traces come from the mesh server. An outside
+//! caller's deadline is cut to `--max-inbound-deadline-ms` before it
+//! travels into the mesh, and failures inside the mesh reach it as generic
+//! messages (no addresses, targets or identities; the detail is logged).
 
 #![forbid(unsafe_code)]
 
@@ -96,6 +99,12 @@ pub struct Config {
     /// Which tokens are accepted.
     #[command(flatten)]
     pub tokens: shop_kit::token::TokenArgs,
+    /// Longest deadline, in milliseconds, an outside caller's `grpc-timeout`
+    /// may give the calls the gateway makes for it; a longer one (even
+    /// `99999999H`) is cut to this at the edge. Calls into the mesh are
+    /// also cut to the mesh config's `maxTimeout` (default 30 s).
+    #[arg(long, env = "MAX_INBOUND_DEADLINE_MS", default_value_t = 30_000)]
+    pub max_inbound_deadline_ms: u64,
     /// Identity (for calls into the mesh), mesh policy, admin port, drain.
     #[command(flatten)]
     pub mesh: shop_kit::MeshArgs,
@@ -165,6 +174,12 @@ impl shop_kit::ServiceConfig for Config {
                     "--cors-allowed-origin: {origin:?} is not an origin like https://shop.example"
                 ));
             }
+        }
+        if !(100..=600_000).contains(&self.max_inbound_deadline_ms) {
+            problems.push(format!(
+                "--max-inbound-deadline-ms: must be 100 to 600000, got {}",
+                self.max_inbound_deadline_ms
+            ));
         }
         if let Err(e) = self.trusted() {
             problems.push(e);
@@ -252,6 +267,10 @@ pub async fn run(
         .server_describing(
             ServerConfig {
                 trust_trace_context: false,
+                // Outsiders do not choose how long the shop works for them.
+                max_inbound_deadline: std::time::Duration::from_millis(
+                    config.max_inbound_deadline_ms,
+                ),
                 ..ServerConfig::default()
             },
             None,

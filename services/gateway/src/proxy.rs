@@ -198,7 +198,31 @@ impl Inner {
             .get(route.upstream)
             .expect("routes name only configured upstreams")
             .clone();
-        channel.oneshot(req).await.map_err(Status::from_error)
+        let response = channel
+            .oneshot(req)
+            .await
+            .map_err(|e| for_outside(route.upstream, method, e))?;
+        if let Some(by) = response
+            .headers()
+            .get(mesh_client::authz::REFUSED_BY_HEADER)
+        {
+            // The upstream's mesh refused the gateway itself (its policy
+            // does not list the gateway): a fault of the shop, and the
+            // denial names the gateway's identity.
+            let detail = response.headers().get("grpc-message");
+            tracing::warn!(
+                upstream = route.upstream,
+                method,
+                ?by,
+                ?detail,
+                "the upstream's mesh refused the gateway"
+            );
+            return Err(Status::internal(format!(
+                "{} could not serve the call; this is a fault of the shop, not of the call",
+                route.upstream
+            )));
+        }
+        Ok(response)
     }
 }
 
@@ -268,6 +292,34 @@ pub fn client_key(client: IpAddr) -> String {
             format!("network {net}")
         }
     }
+}
+
+/// A mesh or transport failure as an outside caller sees it: its code and
+/// a generic message. The mesh's own message names pod addresses, targets
+/// and SPIFFE identities, which stay in the gateway's log. (A status the
+/// upstream service answered with is a response, not an error, and passes
+/// through unchanged.)
+fn for_outside(upstream: &str, method: &str, error: mesh_client::BoxError) -> Status {
+    let status = Status::from_error(error);
+    match status.code() {
+        // Mostly the caller's own doing (its deadline, its hang-up), and
+        // counted in the metrics: not a line per call an outsider can force.
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            tracing::debug!(upstream, method, code = ?status.code(), "call into the mesh failed: {}", status.message())
+        }
+        _ => {
+            tracing::warn!(upstream, method, code = ?status.code(), "call into the mesh failed: {}", status.message())
+        }
+    }
+    let message = match status.code() {
+        tonic::Code::DeadlineExceeded => {
+            format!("{upstream} did not answer within the call's deadline")
+        }
+        tonic::Code::Cancelled => format!("the call to {upstream} was cancelled"),
+        tonic::Code::ResourceExhausted => format!("{upstream} is overloaded; retry shortly"),
+        _ => format!("{upstream} is temporarily unavailable; retry shortly"),
+    };
+    Status::new(status.code(), message)
 }
 
 /// `RESOURCE_EXHAUSTED` with when to come back, in the standard

@@ -20,14 +20,36 @@ const GRPC_TIMEOUT: &str = "grpc-timeout";
 /// The default timeout of a call, by gRPC path.
 pub type TimeoutPolicy = Arc<dyn Fn(&str) -> Duration + Send + Sync>;
 
+/// The default and the longest deadline of a call, by gRPC path.
+pub type DeadlinePolicy = Arc<dyn Fn(&str) -> CallDeadline + Send + Sync>;
+
+/// The longest deadline a call gets when nothing configures one (30 s):
+/// long enough for any unary call of the shop, short enough that a caller
+/// cannot pin work in every service of a chain for hours.
+pub const DEFAULT_MAX_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What bounds one call's deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallDeadline {
+    /// The deadline of a call that has neither its own nor an inherited one.
+    pub default: Duration,
+    /// The longest deadline the call may have from now, whoever asked for
+    /// a longer one.
+    pub max: Duration,
+}
+
 /// Client layer: gives every call a deadline, sends it as `grpc-timeout`, and
 /// fails the call with `DEADLINE_EXCEEDED` when it passes.
 ///
-/// The deadline is the earliest of the call's own (`Request::set_timeout`)
-/// and the inherited inbound one; with neither, the method's default from now.
+/// The deadline is the earliest of the call's own (`grpc-timeout`, as
+/// `Request::set_timeout` sets it) and the inherited inbound one; with
+/// neither, the method's default from now. Whichever it is, it is cut to
+/// the method's maximum from now: the explicit and the inherited deadline
+/// may come from an outside caller (`grpc-timeout: 99999999H` through a
+/// gateway), and must not override what the mesh config allows.
 #[derive(Clone)]
 pub struct DeadlineLayer {
-    default: TimeoutPolicy,
+    policy: DeadlinePolicy,
 }
 
 impl std::fmt::Debug for DeadlineLayer {
@@ -37,14 +59,29 @@ impl std::fmt::Debug for DeadlineLayer {
 }
 
 impl DeadlineLayer {
-    /// A layer whose calls without a deadline get `default`.
+    /// A layer whose calls without a deadline get `default`; no call gets
+    /// more than [`DEFAULT_MAX_TIMEOUT`] or `default`, whichever is longer.
     pub fn new(default: Duration) -> Self {
-        Self::with_policy(Arc::new(move |_: &str| default))
+        let max = default.max(DEFAULT_MAX_TIMEOUT);
+        Self::with_limits(Arc::new(move |_: &str| CallDeadline { default, max }))
     }
 
-    /// A layer whose calls without a deadline get `policy(path)`.
+    /// A layer whose calls without a deadline get `policy(path)`; no call
+    /// gets more than [`DEFAULT_MAX_TIMEOUT`] or its default, whichever is
+    /// longer.
     pub fn with_policy(policy: TimeoutPolicy) -> Self {
-        Self { default: policy }
+        Self::with_limits(Arc::new(move |path: &str| {
+            let default = policy(path);
+            CallDeadline {
+                default,
+                max: default.max(DEFAULT_MAX_TIMEOUT),
+            }
+        }))
+    }
+
+    /// A layer whose calls get the default and the maximum `policy(path)`.
+    pub fn with_limits(policy: DeadlinePolicy) -> Self {
+        Self { policy }
     }
 }
 
@@ -54,7 +91,7 @@ impl<S> Layer<S> for DeadlineLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Deadline {
             inner,
-            default: self.default.clone(),
+            policy: self.policy.clone(),
         }
     }
 }
@@ -63,7 +100,7 @@ impl<S> Layer<S> for DeadlineLayer {
 #[derive(Clone)]
 pub struct Deadline<S> {
     inner: S,
-    default: TimeoutPolicy,
+    policy: DeadlinePolicy,
 }
 
 impl<S, B, RB> Service<http::Request<B>> for Deadline<S>
@@ -81,17 +118,20 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let now = Instant::now();
+        let limits = (self.policy)(req.uri().path());
+        // Cut before adding: `99999999H` from now is no instant to compute with.
         let explicit = req
             .headers()
             .get(GRPC_TIMEOUT)
             .and_then(|v| v.to_str().ok())
             .and_then(decode_grpc_timeout)
-            .map(|d| now + d);
+            .map(|d| now + d.min(limits.max));
         let deadline = match (explicit, inbound_deadline()) {
             (Some(a), Some(b)) => a.min(b),
             (Some(d), None) | (None, Some(d)) => d,
-            (None, None) => now + (self.default)(req.uri().path()),
-        };
+            (None, None) => now + limits.default,
+        }
+        .min(now + limits.max);
         let budget = deadline.saturating_duration_since(now);
         if budget.is_zero() {
             return DeadlineFuture {
@@ -158,15 +198,40 @@ where
 }
 
 /// Server layer: captures the inbound `grpc-timeout` so outbound calls made
-/// while handling the request inherit the remaining time.
-#[derive(Clone, Debug, Default)]
-pub struct InboundDeadlineLayer;
+/// while handling the request inherit the remaining time, cut to a
+/// maximum so a caller cannot hand the whole chain behind this server a
+/// deadline of its choosing.
+///
+/// Only what is propagated is cut; the `grpc-timeout` header itself is left
+/// as it came (tonic's server honours it for the handler, which only ever
+/// makes the call end sooner).
+#[derive(Clone, Debug)]
+pub struct InboundDeadlineLayer {
+    max: Duration,
+}
+
+impl Default for InboundDeadlineLayer {
+    /// Inbound deadlines cut to [`DEFAULT_MAX_TIMEOUT`].
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_TIMEOUT)
+    }
+}
+
+impl InboundDeadlineLayer {
+    /// Propagates inbound deadlines of at most `max` from arrival.
+    pub fn new(max: Duration) -> Self {
+        Self { max }
+    }
+}
 
 impl<S> Layer<S> for InboundDeadlineLayer {
     type Service = InboundDeadline<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        InboundDeadline { inner }
+        InboundDeadline {
+            inner,
+            max: self.max,
+        }
     }
 }
 
@@ -174,6 +239,7 @@ impl<S> Layer<S> for InboundDeadlineLayer {
 #[derive(Clone, Debug)]
 pub struct InboundDeadline<S> {
     inner: S,
+    max: Duration,
 }
 
 impl<S, B> Service<http::Request<B>> for InboundDeadline<S>
@@ -193,11 +259,136 @@ where
             .headers()
             .get(GRPC_TIMEOUT)
             .and_then(|v| v.to_str().ok())
-            .and_then(decode_grpc_timeout);
+            .and_then(decode_grpc_timeout)
+            .map(|timeout| timeout.min(self.max));
         let fut = self.inner.call(req);
         match timeout {
             Some(timeout) => Either::Left(INBOUND_DEADLINE.scope(Instant::now() + timeout, fut)),
             None => Either::Right(fut),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tower::ServiceExt;
+
+    use super::*;
+
+    const HUGE: &str = "99999999H";
+
+    /// A backend that never answers and remembers the `grpc-timeout` it got.
+    fn black_hole() -> (
+        Arc<Mutex<Option<Duration>>>,
+        tower::util::BoxCloneSyncService<http::Request<()>, http::Response<()>, BoxError>,
+    ) {
+        let seen = Arc::new(Mutex::new(None));
+        let sink = seen.clone();
+        let svc = tower::service_fn(move |req: http::Request<()>| {
+            *sink.lock().unwrap() = req
+                .headers()
+                .get(GRPC_TIMEOUT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(decode_grpc_timeout);
+            futures::future::pending::<Result<http::Response<()>, BoxError>>()
+        });
+        (seen, tower::util::BoxCloneSyncService::new(svc))
+    }
+
+    fn limits(default: Duration, max: Duration) -> DeadlineLayer {
+        DeadlineLayer::with_limits(Arc::new(move |_: &str| CallDeadline { default, max }))
+    }
+
+    fn request(timeout: Option<&str>) -> http::Request<()> {
+        let mut req = http::Request::builder().uri("/a.S/M").body(()).unwrap();
+        if let Some(t) = timeout {
+            req.headers_mut()
+                .insert(GRPC_TIMEOUT, HeaderValue::from_str(t).unwrap());
+        }
+        req
+    }
+
+    /// Runs one call against a black hole; returns the `grpc-timeout` sent
+    /// and how long (in paused tokio time) until DEADLINE_EXCEEDED.
+    async fn cut_after(layer: DeadlineLayer, req: http::Request<()>) -> (Duration, Duration) {
+        let (seen, backend) = black_hole();
+        let start = Instant::now();
+        let err = layer.layer(backend).oneshot(req).await.unwrap_err();
+        let status = err.downcast::<tonic::Status>().unwrap();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status}");
+        let sent = seen.lock().unwrap().expect("grpc-timeout sent");
+        (sent, start.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_explicit_deadline_is_cut_to_the_maximum() {
+        let max = Duration::from_secs(5);
+        let layer = limits(Duration::from_secs(1), max);
+        let (sent, waited) = cut_after(layer, request(Some(HUGE))).await;
+        assert!(sent <= max, "sent {sent:?}");
+        assert_eq!(waited, max);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_inherited_deadline_is_cut_to_the_maximum() {
+        let max = Duration::from_secs(5);
+        let far = Instant::now() + Duration::from_secs(10 * 365 * 86_400);
+        let (sent, waited) = super::super::with_deadline(
+            far,
+            cut_after(limits(Duration::from_secs(1), max), request(None)),
+        )
+        .await;
+        assert!(sent <= max, "sent {sent:?}");
+        assert_eq!(waited, max);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_default_over_the_maximum_is_cut_too() {
+        let max = Duration::from_secs(2);
+        let (sent, waited) = cut_after(limits(Duration::from_secs(60), max), request(None)).await;
+        assert!(sent <= max, "sent {sent:?}");
+        assert_eq!(waited, max);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shorter_deadlines_are_kept() {
+        let layer = limits(Duration::from_secs(10), Duration::from_secs(30));
+        let (_, waited) = cut_after(layer.clone(), request(Some("2S"))).await;
+        assert_eq!(waited, Duration::from_secs(2));
+        let inherited = Instant::now() + Duration::from_secs(3);
+        let (_, waited) =
+            super::super::with_deadline(inherited, cut_after(layer.clone(), request(Some(HUGE))))
+                .await;
+        assert_eq!(waited, Duration::from_secs(3));
+        let (_, waited) = cut_after(layer, request(None)).await;
+        assert_eq!(waited, Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_legacy_constructors_cap_at_30s() {
+        let (sent, waited) = cut_after(
+            DeadlineLayer::new(Duration::from_secs(1)),
+            request(Some(HUGE)),
+        )
+        .await;
+        assert!(sent <= DEFAULT_MAX_TIMEOUT, "sent {sent:?}");
+        assert_eq!(waited, DEFAULT_MAX_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_server_propagates_at_most_its_maximum() {
+        let max = Duration::from_secs(30);
+        let handler = tower::service_fn(|_req: http::Request<()>| async {
+            Ok::<_, BoxError>(super::super::remaining())
+        });
+        let server = InboundDeadlineLayer::new(max).layer(handler);
+        let left = server.clone().oneshot(request(Some(HUGE))).await.unwrap();
+        assert_eq!(left, Some(max));
+        let left = server.clone().oneshot(request(Some("5S"))).await.unwrap();
+        assert_eq!(left, Some(Duration::from_secs(5)));
+        let left = server.oneshot(request(None)).await.unwrap();
+        assert_eq!(left, None, "no inbound deadline, none invented");
     }
 }

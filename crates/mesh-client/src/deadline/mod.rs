@@ -7,11 +7,21 @@
 //! inbound deadline around the handler's future; the client layer
 //! ([`DeadlineLayer`]) reads it from there. Work spawned onto other tasks
 //! (a saga worker) deliberately does not inherit it.
+//!
+//! Every deadline has a ceiling. A deadline is a promise to hold resources
+//! (a connection slot, a database transaction, a retry budget) for that long
+//! in every service of a chain, and the caller at the edge chooses it: the
+//! server layer cuts what it propagates to `ServerConfig::max_inbound_deadline`
+//! and the client layer cuts every outgoing deadline, explicit, inherited or
+//! default, to the method's `maxTimeout` from the mesh config.
 
 mod layer;
 mod timeout;
 
-pub use layer::{DeadlineLayer, InboundDeadlineLayer};
+pub use layer::{
+    CallDeadline, DEFAULT_MAX_TIMEOUT, DeadlineLayer, DeadlinePolicy, InboundDeadlineLayer,
+    TimeoutPolicy,
+};
 pub use timeout::{decode_grpc_timeout, encode_grpc_timeout};
 
 use std::{future::Future, time::Duration};

@@ -78,6 +78,11 @@ struct DenialLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IdentityLabels {
     identity: String,
 }
@@ -112,6 +117,8 @@ pub struct Metrics {
     ejections: Family<PeerLabels, Counter>,
     endpoints: Family<EndpointLabels, Gauge>,
     denials: Family<DenialLabels, Counter>,
+    config_reloads: Family<OutcomeLabels, Counter>,
+    handshake_failures: Family<OutcomeLabels, Counter>,
     cert_expiry: Family<IdentityLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     process: Family<ProcessLabels, Gauge>,
     // Looked at on each scrape; weak so a dropped channel's set goes away.
@@ -147,6 +154,8 @@ impl Metrics {
             ejections: Family::default(),
             endpoints: Family::default(),
             denials: Family::default(),
+            config_reloads: Family::default(),
+            handshake_failures: Family::default(),
             cert_expiry: Family::default(),
             process: Family::default(),
             sets: Mutex::default(),
@@ -206,6 +215,16 @@ impl Metrics {
                 "authorization_denials",
                 "Inbound calls the authorization policy denied (or would deny, in audit mode)",
                 metrics.denials.clone(),
+            );
+            r.register(
+                "config_reloads",
+                "Changes of the mesh config file, applied or refused (the last good config stays)",
+                metrics.config_reloads.clone(),
+            );
+            r.register(
+                "tls_handshake_failures",
+                "Inbound TLS handshakes that failed (refused or timed out), logged or not",
+                metrics.handshake_failures.clone(),
             );
             r.register_with_unit(
                 "certificate_expiry_timestamp",
@@ -347,6 +366,20 @@ impl Metrics {
     pub(crate) fn ejected(&self, peer: &Arc<str>) {
         self.ejections
             .get_or_create(&PeerLabels { peer: peer.clone() })
+            .inc();
+    }
+
+    /// A changed mesh config file was `applied` or `refused`.
+    pub(crate) fn config_reload(&self, outcome: &'static str) {
+        self.config_reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// An inbound TLS handshake was `refused` or `timed_out`.
+    pub(crate) fn handshake_failed(&self, outcome: &'static str) {
+        self.handshake_failures
+            .get_or_create(&OutcomeLabels { outcome })
             .inc();
     }
 

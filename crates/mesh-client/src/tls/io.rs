@@ -1,5 +1,28 @@
 //! Connections: the server's accept loop (TLS handshake with a timeout,
 //! peer identity captured) and the client's connector.
+//!
+//! A TLS listener handshakes at most `max_handshakes` connections at once.
+//! At the limit it stops accepting, so new connections wait in the
+//! kernel's accept backlog rather than being accepted and closed at once:
+//!
+//! - a connection waiting in the backlog costs this process nothing (no
+//!   file descriptor, no task, no buffers); one accepted only to be closed
+//!   costs an accept, a descriptor and a close, which a flood makes the
+//!   process do at the flood's rate;
+//! - a burst of legitimate reconnects (every client of a restarted
+//!   replica at once) is smoothed instead of refused: each waits a moment
+//!   for a slot, where closing would fail them all into reconnect backoff
+//!   and a log line each;
+//! - when the backlog itself is full the kernel refuses or SYN-cookies new
+//!   connections, which is its well-tried flood handling.
+//!
+//! Neither choice tells a slow attacker from a client, so under a sustained
+//! flood of idle connections both starve new clients; the handshake timeout
+//! bounds how long each slot is held, and waiting clients are served as
+//! slots free up, in arrival order.
+//!
+//! Failed handshakes are logged through a [`LogLimiter`]: a flood of them
+//! is a few lines a second with a count of the rest, not a line each.
 
 use std::{
     io,
@@ -14,7 +37,8 @@ use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{Semaphore, mpsc},
+    time::Instant,
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
@@ -163,16 +187,97 @@ impl AsyncWrite for MeshStream {
     }
 }
 
+/// Rate limit of a log line that an outsider can trigger at will: at most
+/// `burst` lines per second; the first line after a quiet spell says how
+/// many were left out.
+#[derive(Debug)]
+pub(crate) struct LogLimiter {
+    burst: u32,
+    state: std::sync::Mutex<LogWindow>,
+}
+
+#[derive(Debug)]
+struct LogWindow {
+    started: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    /// The window lines are counted in.
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    pub(crate) fn new(burst: u32) -> Self {
+        Self {
+            burst,
+            state: std::sync::Mutex::new(LogWindow {
+                started: None,
+                logged: 0,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// Whether to log a line at `now`: `Some(n)` with the number of lines
+    /// suppressed since the last one logged, or `None` to stay quiet.
+    pub(crate) fn check(&self, now: Instant) -> Option<u64> {
+        let mut w = self.state.lock().expect("log limiter lock");
+        if w.started
+            .is_none_or(|s| now.saturating_duration_since(s) >= Self::WINDOW)
+        {
+            w.started = Some(now);
+            w.logged = 0;
+        }
+        if w.logged < self.burst {
+            w.logged += 1;
+            Some(std::mem::take(&mut w.suppressed))
+        } else {
+            w.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// Handshake failure lines a listener logs per second at most.
+const HANDSHAKE_LOG_BURST: u32 = 5;
+
+/// Logs a failed handshake unless too many were logged this second.
+fn log_handshake_failure(limiter: &LogLimiter, remote: SocketAddr, what: std::fmt::Arguments<'_>) {
+    match limiter.check(Instant::now()) {
+        Some(0) => tracing::warn!(%remote, "{what}"),
+        Some(suppressed) => tracing::warn!(
+            %remote,
+            suppressed,
+            "{what} ({suppressed} more TLS handshake failures not logged, at most {HANDSHAKE_LOG_BURST} a second)"
+        ),
+        None => tracing::debug!(%remote, "{what}"),
+    }
+}
+
 /// Accepts connections until `stop` or until the receiver is dropped,
-/// handshaking TLS (bounded by the handshake timeout) off the accept path.
+/// handshaking TLS (bounded by the handshake timeout, at most
+/// `max_handshakes` at once; see the module docs) off the accept path.
 pub(crate) fn accept_loop(
     listener: TcpListener,
     tls: Option<ServerTls>,
+    max_handshakes: usize,
     stop: CancellationToken,
 ) -> mpsc::Receiver<io::Result<MeshStream>> {
     let (tx, rx) = mpsc::channel(128);
+    let slots = Arc::new(Semaphore::new(max_handshakes));
+    let failures = Arc::new(LogLimiter::new(HANDSHAKE_LOG_BURST));
     tokio::spawn(async move {
         loop {
+            // With TLS, a handshake slot first: at the limit, new
+            // connections wait in the kernel's backlog.
+            let slot = match &tls {
+                None => None,
+                Some(_) => tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tx.closed() => return,
+                    slot = slots.clone().acquire_owned() => Some(slot.expect("the semaphore is never closed")),
+                },
+            };
             let (tcp, remote) = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tx.closed() => return,
@@ -180,7 +285,9 @@ pub(crate) fn accept_loop(
                     Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of file descriptors and the like: back off, do not spin.
-                        tracing::warn!("accept failed: {e}");
+                        if let Some(suppressed) = failures.check(Instant::now()) {
+                            tracing::warn!(suppressed, "accept failed: {e}");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -205,10 +312,14 @@ pub(crate) fn accept_loop(
                 }
                 continue;
             };
-            let tx = tx.clone();
+            let (tx, failures) = (tx.clone(), failures.clone());
             tokio::spawn(async move {
                 let acceptor = TlsAcceptor::from(tls.config());
-                match tokio::time::timeout(tls.handshake_timeout(), acceptor.accept(tcp)).await {
+                let handshake =
+                    tokio::time::timeout(tls.handshake_timeout(), acceptor.accept(tcp)).await;
+                // The slot is for the handshake only, not the connection's life.
+                drop(slot);
+                match handshake {
                     Ok(Ok(stream)) => {
                         let identity = stream
                             .get_ref()
@@ -229,9 +340,24 @@ pub(crate) fn accept_loop(
                             }))
                             .await;
                     }
-                    Ok(Err(e)) => tracing::warn!(%remote, "TLS handshake refused: {e}"),
+                    Ok(Err(e)) => {
+                        crate::telemetry::metrics().handshake_failed("refused");
+                        log_handshake_failure(
+                            &failures,
+                            remote,
+                            format_args!("TLS handshake refused: {e}"),
+                        )
+                    }
                     Err(_) => {
-                        tracing::warn!(%remote, timeout = ?tls.handshake_timeout(), "TLS handshake timed out; connection dropped")
+                        crate::telemetry::metrics().handshake_failed("timed_out");
+                        log_handshake_failure(
+                            &failures,
+                            remote,
+                            format_args!(
+                                "TLS handshake timed out after {:?}; connection dropped",
+                                tls.handshake_timeout()
+                            ),
+                        )
                     }
                 }
             });
@@ -283,5 +409,40 @@ impl tower::Service<http::Uri> for Connector {
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
             Ok(TokioIo::new(MaybeTls::Tls(Box::new(stream))))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_limiter_lets_a_burst_through_then_counts_the_rest() {
+        let limiter = LogLimiter::new(2);
+        let t0 = Instant::now();
+        assert_eq!(limiter.check(t0), Some(0));
+        assert_eq!(limiter.check(t0), Some(0));
+        for i in 1..=1000u64 {
+            assert_eq!(limiter.check(t0 + Duration::from_micros(i)), None);
+        }
+        // The next window's first line reports what was left out.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(limiter.check(t1), Some(1000));
+        assert_eq!(limiter.check(t1), Some(0));
+        assert_eq!(limiter.check(t1), None);
+        assert_eq!(limiter.check(t1 + Duration::from_millis(999)), None);
+        assert_eq!(limiter.check(t1 + Duration::from_secs(5)), Some(2));
+    }
+
+    #[test]
+    fn a_flood_logs_at_most_a_burst_a_second() {
+        let limiter = LogLimiter::new(HANDSHAKE_LOG_BURST);
+        let t0 = Instant::now();
+        // 100 000 failures over 10 s.
+        let logged = (0..100_000u64)
+            .filter(|i| limiter.check(t0 + Duration::from_micros(i * 100)).is_some())
+            .count();
+        assert!(logged <= 10 * HANDSHAKE_LOG_BURST as usize + 1, "{logged}");
+        assert!(logged >= 10, "{logged}");
     }
 }

@@ -1,0 +1,268 @@
+//! What an outside caller can and cannot learn or choose through the edge
+//! gateway: a deadline it picks is cut at the edge, and failures inside the
+//! mesh reach it as generic messages (the detail stays in the gateway's
+//! log), while the services' own answers pass through unchanged.
+//!
+//! The gateway is the real process over mTLS; behind it, an in-process
+//! "inventory" that never answers listings and refuses a bad GetProduct,
+//! and an auth address where nothing listens.
+
+mod common;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use common::{Proc, TestPki, free_addr, identity};
+use mesh_client::{
+    authz::AuthorizationPolicy,
+    server::{MeshServer, ServerConfig},
+};
+use shop_api::{
+    auth::v1::{RegisterRequest, auth_service_client::AuthServiceClient},
+    inventory::v1::{
+        GetProductRequest, ListProductsRequest, inventory_service_client::InventoryServiceClient,
+    },
+};
+use tonic::{Code, Status, body::Body};
+
+/// The validation message the stand-in inventory answers GetProduct with.
+const VALIDATION: &str = "product_id: must be a UUID, got \"nope\"";
+
+/// The stand-in inventory: refuses GetProduct as the real one refuses a
+/// bad id, and never answers anything else.
+#[derive(Clone)]
+struct StandIn {
+    seen: Arc<Mutex<Vec<Option<Duration>>>>,
+}
+
+impl tonic::codegen::Service<http::Request<Body>> for StandIn {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let seen = self.seen.clone();
+        Box::pin(async move {
+            if req.uri().path().ends_with("/GetProduct") {
+                return Ok(Status::invalid_argument(VALIDATION).into_http());
+            }
+            seen.lock().unwrap().push(
+                req.headers()
+                    .get("grpc-timeout")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(mesh_client::deadline::decode_grpc_timeout),
+            );
+            // A backend that hangs; the call ends when the caller gives up.
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            Ok(Status::internal("still here after 10 minutes").into_http())
+        })
+    }
+}
+
+struct Edge {
+    _dir: tempfile::TempDir,
+    _gateway: Proc,
+    gateway: SocketAddr,
+    /// Auth's target: where nothing listens, or the stand-in auth.
+    dead: SocketAddr,
+    inventory: SocketAddr,
+    /// The `grpc-timeout` of each listing the inventory received.
+    seen: Arc<Mutex<Vec<Option<Duration>>>>,
+    _stop: (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ),
+}
+
+/// A gateway cutting inbound deadlines to 1 s, in front of a stand-in
+/// inventory (mTLS, identity `inventory`) and a dead auth.
+async fn edge() -> Edge {
+    edge_with(None).await
+}
+
+/// [`edge`], with a stand-in auth enforcing `auth_policy` instead of a dead one.
+async fn edge_with(auth_policy: Option<AuthorizationPolicy>) -> Edge {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    pki.issue("inventory");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let inventory = StandIn { seen: seen.clone() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let inventory_addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        MeshServer::new(ServerConfig::default())
+            .tls(pki.load("inventory"))
+            .fallback(&["mesh.inventory.v1.InventoryService"], inventory)
+            .serve(listener, async {
+                let _ = stopped.await;
+            }),
+    );
+
+    let (addr, mut dead) = (free_addr(), free_addr());
+    let (_stop_auth, stopped_auth) = tokio::sync::oneshot::channel::<()>();
+    if let Some(policy) = auth_policy {
+        pki.issue("auth");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        dead = listener.local_addr().unwrap();
+        tokio::spawn(
+            MeshServer::new(ServerConfig::default())
+                .tls(pki.load("auth"))
+                .authorization(Some(policy))
+                .fallback(
+                    &["mesh.auth.v1.AuthService"],
+                    StandIn {
+                        seen: Arc::default(),
+                    },
+                )
+                .serve(listener, async {
+                    let _ = stopped_auth.await;
+                }),
+        );
+    }
+    let args: Vec<String> = [
+        "--tls-dir",
+        pki.issue("gateway").to_str().unwrap(),
+        "--trust-domain",
+        common::TRUST_DOMAIN,
+        "--auth-target",
+        &format!("static:///{dead}"),
+        "--inventory-target",
+        &format!("static:///{inventory_addr}"),
+        "--orders-target",
+        &format!("static:///{dead}"),
+        "--max-inbound-deadline-ms",
+        "1000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let gateway = Proc::spawn("gateway", addr, &args);
+    common::wait_serving(addr).await;
+    Edge {
+        _dir: dir,
+        _gateway: gateway,
+        gateway: addr,
+        dead,
+        inventory: inventory_addr,
+        seen,
+        _stop: (stop, _stop_auth),
+    }
+}
+
+impl Edge {
+    /// Panics if `message` names anything inside the mesh.
+    fn assert_generic(&self, message: &str) {
+        for inside in [
+            self.dead.to_string(),
+            self.dead.port().to_string(),
+            self.inventory.to_string(),
+            self.inventory.port().to_string(),
+            "127.0.0.1".into(),
+            "static:".into(),
+            "spiffe:".into(),
+            identity("inventory"),
+            identity("gateway"),
+        ] {
+            assert!(
+                !message.contains(&inside),
+                "{message:?} names {inside:?} inside the mesh"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_an_outside_caller_picks_is_cut_at_the_edge() {
+    let edge = edge().await;
+    let mut inventory = InventoryServiceClient::new(common::channel(edge.gateway).await);
+    let mut request = tonic::Request::new(ListProductsRequest::default());
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "99999999H".parse().unwrap());
+    let err = tokio::time::timeout(Duration::from_secs(25), inventory.list_products(request))
+        .await
+        .expect("the call ran past the gateway's 1 s inbound maximum")
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    edge.assert_generic(err.message());
+    let seen = edge.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let passed_on = seen[0].expect("the gateway sent a deadline");
+    assert!(
+        passed_on <= Duration::from_secs(1),
+        "the gateway passed on {passed_on:?}"
+    );
+
+    // The service's own answer passes through as it was.
+    let err = inventory
+        .get_product(GetProductRequest {
+            product_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(err.message(), VALIDATION);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_is_down_is_reported_without_internal_detail() {
+    let edge = edge().await;
+    let mut auth = AuthServiceClient::new(common::channel(edge.gateway).await);
+    let err = auth
+        .register(RegisterRequest {
+            username: "ann".into(),
+            password: "correct-horse-battery".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "auth is temporarily unavailable; retry shortly"
+    );
+    edge.assert_generic(err.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_refusing_the_gateway_does_not_reveal_its_identity() {
+    // auth's policy lets only the operator in, not the gateway.
+    let policy: AuthorizationPolicy = serde_json::from_value(serde_json::json!(
+        {"rules": [{"callers": [identity("operator")], "methods": ["*"]}]}
+    ))
+    .unwrap();
+    let edge = edge_with(Some(policy)).await;
+    let mut auth = AuthServiceClient::new(common::channel(edge.gateway).await);
+    let err = auth
+        .register(RegisterRequest {
+            username: "ann".into(),
+            password: "correct-horse-battery".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        err.message().starts_with("auth could not serve the call"),
+        "{}",
+        err.message()
+    );
+    edge.assert_generic(err.message());
+    assert!(
+        err.metadata()
+            .get(mesh_client::authz::REFUSED_BY_HEADER)
+            .is_none(),
+        "{:?}",
+        err.metadata()
+    );
+}
