@@ -38,17 +38,17 @@ pub enum Caller {
     PlaceOrder(Box<Shopper>),
 }
 
-/// A customer placing one-unit orders with fresh idempotency keys.
+/// Customers placing one-unit orders with fresh idempotency keys, taking
+/// turns (orders caps the orders one user may have in progress, so one
+/// user cannot stand for a crowd).
 #[derive(Clone)]
 pub struct Shopper {
     /// Orders, through the mesh.
     pub orders: OrdersServiceClient<MeshChannel>,
-    /// The customer's access token.
-    pub token: String,
+    /// Each customer's access token and account with plenty of money.
+    pub customers: std::sync::Arc<Vec<(String, String)>>,
     /// A product with plenty of stock.
     pub product: String,
-    /// The customer's account with plenty of money.
-    pub account: String,
 }
 
 impl Caller {
@@ -79,22 +79,21 @@ impl Caller {
                 .map(drop),
             Caller::PlaceOrder(shopper) => {
                 static NEXT: AtomicU64 = AtomicU64::new(0);
-                let key = format!(
-                    "bench-{}-{}",
-                    std::process::id(),
-                    NEXT.fetch_add(1, Ordering::Relaxed)
-                );
+                let n = NEXT.fetch_add(1, Ordering::Relaxed);
+                let key = format!("bench-{}-{n}", std::process::id());
+                let (token, account) =
+                    &shopper.customers[n as usize % shopper.customers.len().max(1)];
                 let mut request = tonic::Request::new(PlaceOrderRequest {
                     items: vec![PlaceOrderItem {
                         product_id: shopper.product.clone(),
                         quantity: 1,
                     }],
-                    payment_account_id: shopper.account.clone(),
+                    payment_account_id: account.clone(),
                     idempotency_key: key,
                 });
                 request.metadata_mut().insert(
                     "authorization",
-                    format!("Bearer {}", shopper.token)
+                    format!("Bearer {token}")
                         .parse()
                         .map_err(|_| tonic::Status::internal("token is not ASCII"))?,
                 );

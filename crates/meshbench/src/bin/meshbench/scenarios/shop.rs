@@ -61,7 +61,7 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
     }
     let mut contenders = Vec::new();
     for (name, shop) in &shops {
-        let shopper = customer(shop, &format!("bench{}", std::process::id())).await?;
+        let shopper = customers(shop, &format!("bench{}", std::process::id())).await?;
         let mut procs = vec![this_process()];
         procs.extend(shop.procs.iter().map(|p| (p.label.clone(), p.pid())));
         contenders.push(Contender::new(
@@ -103,7 +103,7 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
         timeline: None,
         title: "Shop end to end: PlaceOrder saga".into(),
         setup: format!(
-            "PlaceOrder of one unit ({concurrency} in flight, closed loop): orders verifies the token with auth, reserves stock, charges, commits, confirms; one DB per service; mTLS with authorization policies on every hop; {}",
+            "PlaceOrder of one unit ({concurrency} in flight, closed loop): orders verifies the token locally with auth's keys, reserves stock, charges, commits, confirms; one DB per service; mTLS with authorization policies on every hop; {}",
             ctx.plan_text()
         ),
         rows,
@@ -238,9 +238,40 @@ async fn create_database(admin: &str, service: &str) -> Result<(String, String),
     Ok((name, url))
 }
 
-/// A user with a token, a product with plenty of stock and an account with
-/// plenty of money.
-async fn customer(shop: &Shop, name: &str) -> Result<Shopper, String> {
+/// How many customers take turns: enough that none reaches orders' cap on
+/// orders in progress, few enough for auth's registration limit per caller.
+const CUSTOMERS: usize = 16;
+
+/// [`CUSTOMERS`] users with tokens and accounts with plenty of money, and a
+/// product with plenty of stock.
+async fn customers(shop: &Shop, name: &str) -> Result<Shopper, String> {
+    let mut all = Vec::with_capacity(CUSTOMERS);
+    for i in 0..CUSTOMERS {
+        all.push(customer(shop, &format!("{name}-{i}")).await?);
+    }
+    let product = InventoryServiceClient::new(shop.channel("inventory")?)
+        .create_product(CreateProductRequest {
+            sku: format!("SKU-{name}"),
+            name: format!("benchmark product of {name}"),
+            price: Some(Money {
+                currency_code: "USD".into(),
+                amount_minor: 100,
+            }),
+            initial_stock: 100_000_000,
+        })
+        .await
+        .map_err(|s| format!("create product: {s}"))?
+        .into_inner()
+        .product_id;
+    Ok(Shopper {
+        orders: OrdersServiceClient::new(shop.channel("orders")?),
+        customers: std::sync::Arc::new(all),
+        product,
+    })
+}
+
+/// A user with a token and an account with plenty of money.
+async fn customer(shop: &Shop, name: &str) -> Result<(String, String), String> {
     let e = |what: &'static str| move |s: tonic::Status| format!("{what}: {s}");
     let usd = |amount_minor| {
         Some(Money {
@@ -267,17 +298,6 @@ async fn customer(shop: &Shop, name: &str) -> Result<Shopper, String> {
         .map_err(e("login"))?
         .into_inner()
         .access_token;
-    let product = InventoryServiceClient::new(shop.channel("inventory")?)
-        .create_product(CreateProductRequest {
-            sku: format!("SKU-{name}"),
-            name: format!("benchmark product of {name}"),
-            price: usd(100),
-            initial_stock: 100_000_000,
-        })
-        .await
-        .map_err(e("create product"))?
-        .into_inner()
-        .product_id;
     let mut payments = PaymentsServiceClient::new(shop.channel("payments")?);
     let account = payments
         .open_account(OpenAccountRequest {
@@ -296,10 +316,5 @@ async fn customer(shop: &Shop, name: &str) -> Result<Shopper, String> {
         })
         .await
         .map_err(e("deposit"))?;
-    Ok(Shopper {
-        orders: OrdersServiceClient::new(shop.channel("orders")?),
-        token,
-        product,
-        account,
-    })
+    Ok((token, account))
 }
