@@ -362,17 +362,34 @@ async fn pending_orders_and_watch_streams_are_capped_per_user() {
 
     // Payments back: every order ends, every watcher sees it.
     shop.restore("payments").await;
+    // The mesh refusing orders (the policy) is retried like an outage,
+    // never taken for payments' answer: an order whose retries outlast the
+    // refusal is charged and confirmed, one whose retries ran out is
+    // cancelled with its charge key voided.
     for stream in streams {
         let end = last(stream).await;
-        assert_eq!(end.status(), OrderStatus::Cancelled);
-        assert_eq!(end.cancel_reason, "payment refused");
+        match end.status() {
+            OrderStatus::Confirmed => {}
+            OrderStatus::Cancelled => assert_eq!(
+                end.cancel_reason,
+                "payments did not answer; any charge is refunded"
+            ),
+            other => panic!("watch ended at {other:?}"),
+        }
     }
     for order in &placed {
         let done = wait_final(&shop, &ann, order).await;
-        assert_eq!(done.status(), OrderStatus::Cancelled);
-        assert_eq!(charge_state(&shop, order).await, ChargeState::Voided);
+        let charge = charge_state(&shop, order).await;
+        match done.status() {
+            OrderStatus::Cancelled => assert_eq!(charge, ChargeState::Voided),
+            OrderStatus::Confirmed => assert_eq!(charge, ChargeState::Captured),
+            other => panic!("{order} ended {other:?}"),
+        }
     }
-    assert_eq!(last(bob_stream).await.status(), OrderStatus::Cancelled);
+    assert!(matches!(
+        last(bob_stream).await.status(),
+        OrderStatus::Cancelled | OrderStatus::Confirmed
+    ));
     orders
         .place_order(place_request(
             &ann,

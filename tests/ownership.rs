@@ -514,3 +514,56 @@ async fn workloads_hold_only_the_methods_they_call() {
         "authorization",
     );
 }
+
+/// A wallet is a test stand-in for a card payment, with limits: a user's
+/// account holds at most `payments::WALLET_MAX_BALANCE_MINOR` after a
+/// deposit, and a user opens at most `payments::MAX_ACCOUNTS_PER_USER`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wallets_cannot_mint_money_or_accounts_without_end() {
+    let shop = Shop::start_mtls().await;
+    let (_, token) = shop.user("minter").await;
+    let mut wallet = WalletServiceClient::new(shop.channel(shop.payments.addr, "payments"));
+    let open = |wallet: &mut WalletServiceClient<mesh_client::MeshChannel>| {
+        let mut wallet = wallet.clone();
+        let token = token.clone();
+        async move {
+            wallet
+                .open_account(authed(
+                    &token,
+                    OpenWalletAccountRequest {
+                        currency_code: "USD".into(),
+                    },
+                ))
+                .await
+        }
+    };
+    let account = open(&mut wallet).await.unwrap().into_inner().account_id;
+    let full = payments::WALLET_MAX_BALANCE_MINOR;
+    let deposit = |amount, key: &str| {
+        authed(
+            &token,
+            DepositRequest {
+                account_id: account.clone(),
+                amount: usd(amount),
+                idempotency_key: key.into(),
+            },
+        )
+    };
+    wallet
+        .deposit(deposit(full, "fill"))
+        .await
+        .expect("up to the limit");
+    assert_status(
+        wallet.deposit(deposit(1, "one-more")).await,
+        Code::FailedPrecondition,
+        "over its limit",
+    );
+    for _ in 1..payments::MAX_ACCOUNTS_PER_USER {
+        open(&mut wallet).await.expect("within the account limit");
+    }
+    assert_status(
+        open(&mut wallet).await,
+        Code::ResourceExhausted,
+        "the most one user may open",
+    );
+}

@@ -324,6 +324,18 @@ fn check_reload(current: &MeshConfig, text: &str) -> Result<MeshConfig, MeshErro
             reason: "the change removes the authorization policy, which would allow every caller; restart to turn authorization off".into(),
         });
     }
+    // Audit mode lets every call through too: the same downgrade.
+    let enforcing = |c: &MeshConfig| {
+        c.authorization
+            .as_ref()
+            .is_some_and(|p| p.mode == crate::authz::AuthzMode::Enforce)
+    };
+    if enforcing(current) && !enforcing(&next) {
+        return Err(MeshError::InvalidConfig {
+            field: "authorization.mode".into(),
+            reason: "the change turns enforcement into audit, which would allow every caller; restart to audit".into(),
+        });
+    }
     Ok(next)
 }
 
@@ -420,6 +432,10 @@ mod tests {
                 .unwrap()
                 .allows(Some("spiffe://t/ns/a/sa/c"), "a.S/M")
         );
+        let audit =
+            r#"{"authorization":{"mode":"audit","rules":[{"callers":["*"],"methods":["a.S/M"]}]}}"#;
+        let err = check_reload(&with, audit).unwrap_err().to_string();
+        assert!(err.contains("audit"), "{err}");
         // Without a policy in force, any valid file is taken.
         assert!(check_reload(&without, "{}").is_ok());
         assert!(check_reload(&without, policy).is_ok());

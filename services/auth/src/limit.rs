@@ -2,9 +2,11 @@
 //! a call is refused with `RESOURCE_EXHAUSTED` and the time left, before any
 //! password work.
 //!
-//! Logins count per end client, per (account, end client) and per process
-//! (a high backstop against many clients at once); registrations count per
-//! end client. An attempt is counted *before* its password is hashed, in
+//! Logins count per end client, per (account, end client) and per account
+//! over all clients (a high backstop against guessing one password from
+//! many addresses); registrations count per end client. There is no
+//! per-process count: any limit every client shares lets fifty addresses
+//! lock everybody out of logging in. An attempt is counted *before* its password is hashed, in
 //! one step with the check, so parallel guesses cannot all pass a check
 //! that none of them has counted yet; a successful login takes its attempt
 //! back.
@@ -33,9 +35,10 @@ pub(crate) const LOGINS_PER_CLIENT: u32 = 20;
 /// Login attempts (not succeeded) one end client may make per window
 /// against one account.
 pub(crate) const LOGINS_PER_ACCOUNT: u32 = 5;
-/// Login attempts (not succeeded) per window over all clients of one
-/// process: a backstop against guessing spread over many addresses.
-pub(crate) const LOGINS_GLOBAL: u32 = 1_000;
+/// Login attempts (not succeeded) per window against one account over all
+/// clients: a backstop against guessing one password from many addresses.
+/// Reaching it locks that account (only) for the rest of the window.
+pub(crate) const LOGINS_PER_ACCOUNT_ALL_CLIENTS: u32 = 100;
 /// Registrations one end client may make per window.
 pub(crate) const REGISTRATIONS_PER_CLIENT: u32 = 20;
 /// The length of a window.
@@ -202,11 +205,14 @@ pub(crate) fn account_key(client: &str, username: &str) -> String {
     format!("login-account {username} {client}")
 }
 
-/// The limiter keys of a login of `username` by `client`: per process, per
-/// client, per (account, client).
+/// The limiter keys of a login of `username` by `client`: per account over
+/// all clients, per client, per (account, client).
 pub(crate) fn login_limits(client: &str, username: &str) -> [(String, u32); 3] {
     [
-        ("logins".to_owned(), LOGINS_GLOBAL),
+        (
+            format!("login-user {username}"),
+            LOGINS_PER_ACCOUNT_ALL_CLIENTS,
+        ),
         (format!("login-client {client}"), LOGINS_PER_CLIENT),
         (account_key(client, username), LOGINS_PER_ACCOUNT),
     ]
@@ -298,16 +304,26 @@ mod tests {
     }
 
     #[test]
-    fn the_process_backstop_holds_over_many_clients() {
+    fn guessing_one_account_from_many_clients_locks_that_account_only() {
         let limiter = Limiter::default();
         let now = Instant::now();
-        for i in 0..LOGINS_GLOBAL {
+        for i in 0..LOGINS_PER_ACCOUNT_ALL_CLIENTS {
             fail(&limiter, &format!("client{i}"), "ann", 1, now);
         }
         assert!(
             limiter
-                .attempt_at(&login_limits("fresh", "fresh"), now)
+                .attempt_at(&login_limits("fresh", "ann"), now)
                 .is_err()
+        );
+        // Failures spread over many accounts and clients lock out nobody
+        // else: no count is shared by every client.
+        for i in 0..2_000 {
+            fail(&limiter, &format!("other{i}"), &format!("user{i}"), 1, now);
+        }
+        assert!(
+            limiter
+                .attempt_at(&login_limits("fresh", "bob"), now)
+                .is_ok()
         );
     }
 

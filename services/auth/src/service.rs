@@ -596,8 +596,23 @@ impl auth_service_server::AuthService for AuthService {
         &self,
         _request: Request<GetPublicKeysRequest>,
     ) -> Result<Response<GetPublicKeysResponse>, Status> {
+        // Another replica may have rotated: the keys published are the
+        // database's (looked at most once a second), so a verifier's cache
+        // never replaces a new key with this replica's stale set.
+        let keys = {
+            let mut last = self.inner.last_reload.lock().await;
+            if last.elapsed() < KEY_RELOAD_INTERVAL {
+                self.keys()
+            } else {
+                *last = tokio::time::Instant::now();
+                self.current_keys().await.unwrap_or_else(|e| {
+                    tracing::warn!("publishing this replica's keys; cannot read newer ones: {e}");
+                    self.keys()
+                })
+            }
+        };
         Ok(Response::new(GetPublicKeysResponse {
-            keys: self.keys().public.clone(),
+            keys: keys.public.clone(),
         }))
     }
 
@@ -753,5 +768,30 @@ mod tests {
         let new = a.keys().signing.kid.clone();
         assert_ne!(new, old);
         assert_eq!(b.current_keys().await.unwrap().signing.kid, new);
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_did_not_rotate_publishes_the_new_key() {
+        use auth_service_server::AuthService as _;
+        let db = TempDb::new();
+        let a = service(&db).await;
+        let b = service(&db).await;
+        a.rotation_turn(Duration::from_secs(2), time::now_millis() + 10_000)
+            .await
+            .unwrap();
+        let new = a.keys().signing.kid.clone();
+        // Past the reload gap, b's published keys are the database's, so a
+        // verifier refreshing from b learns the key a signs with now.
+        tokio::time::sleep(KEY_RELOAD_INTERVAL).await;
+        let published = b
+            .get_public_keys(Request::new(GetPublicKeysRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .keys;
+        assert!(
+            published.iter().any(|k| k.kid == new),
+            "b published {published:?}, not {new}"
+        );
     }
 }

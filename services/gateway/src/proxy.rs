@@ -161,7 +161,11 @@ impl Inner {
         if let Ok(value) = http::HeaderValue::from_str(&address) {
             req.headers_mut().insert(CLIENT_HEADER, value);
         }
-        let caller = match route.auth {
+        // The address's bucket first, before any token work: one client's
+        // flood (good tokens or bad) is throttled before it costs a
+        // signature check or waits on a key refresh.
+        self.check(&address)?;
+        match route.auth {
             AuthMode::Required => {
                 let header = req.headers().get(http::header::AUTHORIZATION);
                 // A header that is not text reads as a malformed one.
@@ -170,29 +174,19 @@ impl Inner {
                         Ok(token) => self.keys.verify(token).await,
                         Err(status) => Err(status),
                     };
-                let claims = match verified {
-                    Ok(claims) => claims,
-                    Err(status) => {
-                        // Refused tokens count against the sender's address,
-                        // so a flood of bad tokens is throttled too.
-                        self.check(&address)?;
-                        return Err(status);
-                    }
-                };
+                let claims = verified?;
                 let value = http::HeaderValue::from_str(&claims.sub).map_err(|_| {
                     Status::unauthenticated("the token's subject is not a valid header value")
                 })?;
                 req.headers_mut().insert(VERIFIED_SUBJECT_HEADER, value);
-                // Both buckets: the address's, so one client with many
-                // accounts gets no more than one address's share, and the
-                // user's, so one account spread over many addresses does not
-                // either.
-                self.check(&address)?;
-                format!("user {}", claims.sub)
+                // Both buckets: the address's (taken above), so one client
+                // with many accounts gets no more than one address's share,
+                // and the user's, so one account spread over many addresses
+                // does not either.
+                self.check(&format!("user {}", claims.sub))?;
             }
-            AuthMode::None => address,
-        };
-        self.check(&caller)?;
+            AuthMode::None => {}
+        }
         let channel = self
             .upstreams
             .get(route.upstream)

@@ -100,6 +100,16 @@ enum Outcome {
 }
 
 fn is_transient(status: &Status) -> bool {
+    // The mesh refusing orders itself (a policy being edited) says nothing
+    // of the order: retried like an outage, never taken as the callee's no.
+    if status
+        .metadata()
+        .get(mesh_client::authz::REFUSED_BY_HEADER)
+        .is_some()
+    {
+        tracing::error!("the mesh refused orders' own call (authorization policy?): {status}");
+        return true;
+    }
     matches!(
         status.code(),
         Code::Unavailable

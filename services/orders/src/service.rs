@@ -42,11 +42,14 @@ pub struct OrdersService {
 pub const MAX_PENDING_ORDERS_PER_USER: i64 = 10;
 
 /// A callee's answer as this service's answer: the callee's own words for
-/// caller mistakes, `UNAVAILABLE` naming the callee for outages.
+/// caller mistakes, `UNAVAILABLE` naming only the callee for outages.
 fn callee_status(callee: &str, status: Status) -> Status {
     match status.code() {
         Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => {
-            Status::unavailable(format!("{callee} is unavailable: {}", status.message()))
+            // The mesh's own words name pods, targets and identities: they
+            // go to the log, the caller hears which service is down.
+            tracing::warn!("{callee} is unavailable: {status}");
+            Status::unavailable(format!("{callee} is unavailable; retry shortly"))
         }
         Code::Unknown | Code::Internal | Code::DataLoss | Code::Unimplemented => {
             tracing::error!("{callee} failed: {status}");

@@ -21,6 +21,15 @@ impl SystemAccount {
     }
 }
 
+/// The most any customer account may hold, in minor units: far enough from
+/// `i64::MAX` that no sum of balances or movements can overflow (on SQLite
+/// an overflowing integer would silently become a float).
+pub(crate) const MAX_BALANCE_MINOR: i64 = 1_000_000_000_000_000;
+
+/// The most a user's own wallet account may hold after a deposit (the
+/// shop's stand-in for a card payment), in minor units.
+pub const WALLET_MAX_BALANCE_MINOR: i64 = 1_000_000_000;
+
 /// What a posting is, as the account history shows it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum EntryKind {
@@ -44,7 +53,7 @@ impl EntryKind {
 /// and both balances, in `tx`.
 ///
 /// Returns `false`, writing nothing, if the customer balance would go
-/// negative.
+/// negative or above `ceiling` (at most [`MAX_BALANCE_MINOR`]).
 pub(crate) async fn post(
     tx: &mut Transaction<'static, Any>,
     account: &str,
@@ -52,14 +61,16 @@ pub(crate) async fn post(
     currency: &str,
     amount: i64,
     (kind, reference): (EntryKind, &str),
+    ceiling: i64,
 ) -> Result<bool, sqlx::Error> {
     let now = time::now_millis();
     let moved = sqlx::query(
         "UPDATE accounts SET balance_minor = balance_minor + $1 \
-         WHERE account_id = $2 AND balance_minor + $1 >= 0",
+         WHERE account_id = $2 AND balance_minor + $1 >= 0 AND balance_minor + $1 <= $3",
     )
     .bind(amount)
     .bind(account)
+    .bind(ceiling.min(MAX_BALANCE_MINOR))
     .execute(&mut **tx)
     .await?
     .rows_affected();

@@ -18,9 +18,10 @@ use shop_api::{
 };
 use tokio::net::TcpListener;
 
+pub use ledger::WALLET_MAX_BALANCE_MINOR;
 pub use ledger::{LedgerCheck, check_ledger};
 pub use service::PaymentsService;
-pub use wallet::WalletService;
+pub use wallet::{MAX_ACCOUNTS_PER_USER, WalletService};
 
 /// Configuration of the payments service, from flags or environment.
 #[derive(Clone, Debug, Parser)]

@@ -6,7 +6,7 @@ use shop_kit::{db, time, validate};
 use sqlx::{Any, AnyPool, Row, Transaction, any::AnyRow};
 use tonic::{Request, Response, Status};
 
-use crate::ledger::{EntryKind, SystemAccount, post};
+use crate::ledger::{EntryKind, MAX_BALANCE_MINOR, SystemAccount, WALLET_MAX_BALANCE_MINOR, post};
 
 /// The payments service's gRPC implementation.
 #[derive(Clone, Debug)]
@@ -263,16 +263,29 @@ impl PaymentsService {
             }
             return Ok(account);
         }
-        post(
+        let ceiling = if owner.is_some() {
+            WALLET_MAX_BALANCE_MINOR
+        } else {
+            MAX_BALANCE_MINOR
+        };
+        let posted = post(
             &mut tx,
             &id,
             SystemAccount::External,
             currency,
             amount,
             (EntryKind::Deposit, key),
+            ceiling,
         )
         .await
         .map_err(db::status)?;
+        if !posted {
+            let balance = account.balance.map(|b| b.amount_minor).unwrap_or_default();
+            return Err(Status::failed_precondition(format!(
+                "amount: the account would hold {} {currency}, over its limit of {ceiling} (balance {balance})",
+                balance.saturating_add(amount)
+            )));
+        }
         let account = Self::account_in(&mut tx, &id).await?;
         tx.commit().await.map_err(db::status)?;
         Ok(account)
@@ -373,6 +386,7 @@ impl payments_service_server::PaymentsService for PaymentsService {
             currency,
             -amount,
             (EntryKind::Charge, reference),
+            MAX_BALANCE_MINOR,
         )
         .await
         .map_err(db::status)?;
@@ -450,6 +464,9 @@ impl payments_service_server::PaymentsService for PaymentsService {
                 &amount.currency_code,
                 amount.amount_minor,
                 (EntryKind::Refund, &charge.reference),
+                // Giving back what was taken may exceed a wallet's deposit
+                // limit, never the hard one: a refund always lands.
+                MAX_BALANCE_MINOR,
             )
             .await
             .map_err(db::status)?;

@@ -14,6 +14,10 @@ use tonic::{Request, Response, Status};
 
 use crate::service::{PaymentsService, account_from_row};
 
+/// Accounts one user may open (each currency's system accounts and rows
+/// are the payments database's, so a user may not make them without end).
+pub const MAX_ACCOUNTS_PER_USER: i64 = 10;
+
 /// The wallet's gRPC implementation, over the payments service's accounts.
 #[derive(Clone, Debug)]
 pub struct WalletService {
@@ -59,6 +63,19 @@ impl wallet_service_server::WalletService for WalletService {
         request: Request<OpenWalletAccountRequest>,
     ) -> Result<Response<Account>, Status> {
         let owner = self.users.user(request.metadata()).await?;
+        let held: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM accounts WHERE owner_id = $1 AND kind = 'CUSTOMER'",
+        )
+        .bind(&owner)
+        .fetch_one(self.payments.pool())
+        .await
+        .and_then(|row| row.try_get("n"))
+        .map_err(db::status)?;
+        if held >= MAX_ACCOUNTS_PER_USER {
+            return Err(Status::resource_exhausted(format!(
+                "you have {held} accounts, the most one user may open"
+            )));
+        }
         let account = self
             .payments
             .open(&owner, &request.get_ref().currency_code)
