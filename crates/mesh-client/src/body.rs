@@ -1,4 +1,5 @@
 use std::{
+    future::Future,
     pin::Pin,
     task::{Context, Poll},
 };
@@ -87,4 +88,245 @@ where
 /// The status in a response's headers (a trailers-only response).
 pub(crate) fn header_status(response: &http::Response<tonic::body::Body>) -> Option<Code> {
     grpc_status(response.headers())
+}
+
+pin_project! {
+    /// A response body that fails with `DEADLINE_EXCEEDED` once the call's
+    /// deadline passes. The deadline layer's timer covers only the wait for
+    /// the response headers; without this a stream whose server has sent
+    /// its headers and then stalls outlives its deadline forever (the
+    /// interop case `timeout_on_sleeping_server`). Dropping the body after
+    /// the error resets the HTTP/2 stream, which cancels the call at the
+    /// server.
+    pub(crate) struct DeadlineBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        budget: std::time::Duration,
+        expired: bool,
+    }
+}
+
+impl<B> Body for DeadlineBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<crate::BoxError>,
+{
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        if *this.expired {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if this.sleep.poll(cx).is_ready() {
+            *this.expired = true;
+            return Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(format!(
+                "the response did not end within the call's deadline of {:?}",
+                this.budget
+            ))
+            .into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.expired || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Client layer under the deadline layer: holds the whole response body,
+/// not only its headers, to the `grpc-timeout` the deadline layer set.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct BodyDeadlineLayer;
+
+impl<S> tower::Layer<S> for BodyDeadlineLayer {
+    type Service = BodyDeadline<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BodyDeadline { inner }
+    }
+}
+
+/// The service made by [`BodyDeadlineLayer`].
+#[derive(Clone, Debug)]
+pub(crate) struct BodyDeadline<S> {
+    inner: S,
+}
+
+impl<S, RB> tower::Service<http::Request<tonic::body::Body>> for BodyDeadline<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<crate::BoxError>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let budget = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::deadline::decode_grpc_timeout);
+        let deadline = budget.map(|b| (tokio::time::Instant::now() + b, b));
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let response = fut.await?;
+            Ok(match deadline {
+                None => response.map(tonic::body::Body::new),
+                Some((at, budget)) => response.map(|inner| {
+                    tonic::body::Body::new(DeadlineBody {
+                        inner,
+                        sleep: tokio::time::sleep_until(at),
+                        budget,
+                        expired: false,
+                    })
+                }),
+            })
+        })
+    }
+}
+
+/// What a server answers when a call's deadline passes.
+fn deadline_exceeded(budget: std::time::Duration) -> tonic::Status {
+    tonic::Status::deadline_exceeded(format!("the call's deadline of {budget:?} passed"))
+}
+
+pin_project! {
+    /// A server's response body that, once the call's deadline passes,
+    /// ends with trailers saying `DEADLINE_EXCEEDED` (dropping the
+    /// handler's stream, which cancels it), as the reference servers do.
+    pub(crate) struct ServerDeadlineBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        budget: std::time::Duration,
+        done: bool,
+    }
+}
+
+impl<B> Body for ServerDeadlineBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if this.sleep.poll(cx).is_ready() {
+            *this.done = true;
+            let status = deadline_exceeded(*this.budget);
+            let trailers = status.into_http::<()>().into_parts().0.headers;
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Server layer: a call still running when its `grpc-timeout` passes ends
+/// with `DEADLINE_EXCEEDED`, whether the handler has not answered yet or is
+/// streaming its response, as gRPC's reference servers do. Without it
+/// tonic answers a late handler with `CANCELLED` ("Timeout expired") and
+/// never ends a stream whose handler stalls.
+///
+/// The deadline is taken 1 ms early so this answer, not tonic's own timer
+/// around the same call, is the one sent; the caller's deadline began
+/// before the request crossed the network, so the server still ends the
+/// call no earlier than the caller gives up.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ServerDeadlineLayer;
+
+impl<S> tower::Layer<S> for ServerDeadlineLayer {
+    type Service = ServerDeadline<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ServerDeadline { inner }
+    }
+}
+
+/// The service made by [`ServerDeadlineLayer`].
+#[derive(Clone, Debug)]
+pub(crate) struct ServerDeadline<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for ServerDeadline<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let budget = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::deadline::decode_grpc_timeout);
+        let fut = self.inner.call(req);
+        let Some(budget) = budget else {
+            return Box::pin(fut);
+        };
+        let early = budget.saturating_sub(std::time::Duration::from_millis(1));
+        let at = tokio::time::Instant::now() + early;
+        Box::pin(async move {
+            let response = match tokio::time::timeout_at(at, fut).await {
+                Ok(response) => response?,
+                // The handler is dropped: it is cancelled.
+                Err(_) => return Ok(deadline_exceeded(budget).into_http()),
+            };
+            Ok(response.map(|inner| {
+                tonic::body::Body::new(ServerDeadlineBody {
+                    inner,
+                    sleep: tokio::time::sleep_until(at),
+                    budget,
+                    done: false,
+                })
+            }))
+        })
+    }
 }

@@ -228,6 +228,8 @@ impl Mesh {
             ))
             // Every call gets its deadline before anything can wait.
             .layer(DeadlineLayer::with_policy(Arc::new(timeouts)))
+            // The deadline holds for the whole response, streams included.
+            .layer(crate::body::BodyDeadlineLayer)
             // Then retries and hedges, each attempt balanced afresh.
             .service(retry);
         Ok(MeshChannel {

@@ -373,6 +373,10 @@ impl MeshServer {
             .layer(LoadShedLayer::new())
             .layer(GlobalConcurrencyLimitLayer::new(config.concurrency_limit))
             .layer(InboundDeadlineLayer)
+            // A call past its deadline ends with DEADLINE_EXCEEDED, as at
+            // the reference servers (tonic alone says CANCELLED, or nothing
+            // for a stalled stream).
+            .layer(crate::body::ServerDeadlineLayer)
             .into_inner();
         let server = Server::builder()
             .max_concurrent_streams(config.max_concurrent_streams)
