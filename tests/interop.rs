@@ -14,9 +14,11 @@ mod common;
 
 use std::{
     collections::BTreeMap,
+    io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -179,8 +181,12 @@ fn grpcio_client(port: u16, security: Security<'_>) -> Command {
     command
 }
 
-/// A grpcio TestService process, with server-only TLS from `tls_dir`.
-fn grpcio_server(addr: SocketAddr, tls_dir: Option<&Path>) -> Proc {
+/// The lines a server process printed, collected as it runs.
+type Printed = Arc<Mutex<Vec<String>>>;
+
+/// A grpcio TestService process, with server-only TLS from `tls_dir`, and
+/// what it prints (it reports each call its client cancelled).
+fn grpcio_server(addr: SocketAddr, tls_dir: Option<&Path>) -> (Proc, Printed) {
     let mut command = Command::new("python3");
     command
         .arg(script("server.py"))
@@ -192,11 +198,32 @@ fn grpcio_server(addr: SocketAddr, tls_dir: Option<&Path>) -> Proc {
             format!("--tls_key_file={}", dir.join("tls.key").display()),
         ]);
     }
-    let child = command
+    let mut child = command
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .spawn()
         .expect("starting the grpcio server");
-    Proc::adopt("grpcio interop server", addr, child)
+    let printed = Printed::default();
+    let stdout = child.stdout.take().expect("piped stdout");
+    let sink = printed.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (Proc::adopt("grpcio interop server", addr, child), printed)
+}
+
+/// Waits (at most 10 s) until the server printed `line`.
+async fn printed(printed: &Printed, line: &str) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if printed.lock().unwrap().iter().any(|l| l == line) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 /// A mesh `interop-server` process with these extra flags.
@@ -248,8 +275,12 @@ async fn the_interop_cases_pass_between_the_mesh_and_grpcio_both_ways() {
         ],
     );
     let mesh_secure = mesh_server(free_addr(), &[format!("--tls-dir={}", mesh_mtls.display())]);
-    let grpcio_plain = grpcio_server(free_addr(), None);
-    let grpcio_secure = grpcio_server(free_addr(), Some(&grpcio_tls));
+    // The mesh's client and grpcio's own have a grpcio server each, so what
+    // a server saw comes from one client.
+    let (grpcio_plain, plain_printed) = grpcio_server(free_addr(), None);
+    let (grpcio_secure, secure_printed) = grpcio_server(free_addr(), Some(&grpcio_tls));
+    let (control_plain, _) = grpcio_server(free_addr(), None);
+    let (control_secure, _) = grpcio_server(free_addr(), Some(&grpcio_tls));
     // Health answers over plaintext only on the plaintext server; the
     // others are ready once they listen.
     wait_serving(mesh_plain.addr).await;
@@ -258,6 +289,8 @@ async fn the_interop_cases_pass_between_the_mesh_and_grpcio_both_ways() {
         (&mesh_secure, "interop-server (mTLS)"),
         (&grpcio_plain, "the grpcio server"),
         (&grpcio_secure, "the grpcio server (TLS)"),
+        (&control_plain, "the grpcio server (control)"),
+        (&control_secure, "the grpcio server (control, TLS)"),
     ] {
         wait_listening(proc.addr, what).await;
     }
@@ -288,7 +321,7 @@ async fn the_interop_cases_pass_between_the_mesh_and_grpcio_both_ways() {
         ),
         (
             "grpcio→grpcio",
-            grpcio_client(port(&grpcio_plain), Security::Plaintext),
+            grpcio_client(port(&control_plain), Security::Plaintext),
             "grpcio",
         ),
         (
@@ -308,7 +341,7 @@ async fn the_interop_cases_pass_between_the_mesh_and_grpcio_both_ways() {
         ),
         (
             "grpcio→grpcio TLS",
-            grpcio_client(port(&grpcio_secure), tls()),
+            grpcio_client(port(&control_secure), tls()),
             "grpcio",
         ),
     ];
@@ -360,6 +393,30 @@ async fn the_interop_cases_pass_between_the_mesh_and_grpcio_both_ways() {
         }
         table.push('\n');
     }
+    // A cancellation must reach the server: after cancel_after_first_response
+    // the reference server's handler was running, so it must see the cancel.
+    for (direction, lines) in [
+        ("mesh→grpcio", &plain_printed),
+        ("mesh→grpcio TLS", &secure_printed),
+    ] {
+        let case = "cancel_after_first_response";
+        let ran = results[directions.iter().position(|d| *d == direction).unwrap()]
+            .get(case)
+            .is_some_and(|r| r.is_ok());
+        if !ran {
+            continue;
+        }
+        let seen = printed(lines, "cancelled FullDuplexCall").await;
+        table.push_str(&format!(
+            "{direction} {case}: the grpcio server saw the cancellation: {}\n",
+            if seen { "yes" } else { "NO" }
+        ));
+        if !seen {
+            failures.push(format!(
+                "{direction} {case}: the grpcio server never saw the cancellation (10 s)"
+            ));
+        }
+    }
     for (server, case, why) in NOT_APPLICABLE {
         table.push_str(&format!("n/a: {case} against {server}: {why}\n"));
     }
@@ -383,5 +440,7 @@ async fn the_interop_cases_pass_between_the_mesh_and_grpcio_both_ways() {
         mesh_secure,
         grpcio_plain,
         grpcio_secure,
+        control_plain,
+        control_secure,
     ));
 }

@@ -44,6 +44,27 @@ def payload(size, context):
     return messages_pb2.Payload(body=b"\x00" * size)
 
 
+def report_cancellation(method, context):
+    """Prints "cancelled <method>" when the client cancels the call, so
+    the test can check that a cancellation reached this server."""
+
+    def done():
+        # Still time left when the call ended unfinished: the client
+        # cancelled it (not the deadline).
+        remaining = context.time_remaining()
+        if not finished and (remaining is None or remaining > 0):
+            print(f"cancelled {method}", flush=True)
+
+    finished = False
+    context.add_callback(done)
+
+    def finish():
+        nonlocal finished
+        finished = True
+
+    return finish
+
+
 def respond(parameters, context):
     for p in parameters:
         if p.interval_us > 0:
@@ -76,14 +97,20 @@ class TestService(test_pb2_grpc.TestServiceServicer):
         echo_status(request, context)
 
     def StreamingInputCall(self, request_iterator, context):
+        finish = report_cancellation("StreamingInputCall", context)
         total = sum(len(r.payload.body) for r in request_iterator)
+        finish()
         return messages_pb2.StreamingInputCallResponse(aggregated_payload_size=total)
 
     def FullDuplexCall(self, request_iterator, context):
+        finish = report_cancellation("FullDuplexCall", context)
         echo_metadata(context)
         for request in request_iterator:
+            if request.HasField("response_status") and request.response_status.code != 0:
+                finish()  # ended by the requested status, not cancelled
             echo_status(request, context)
             yield from respond(request.response_parameters, context)
+        finish()
 
     def HalfDuplexCall(self, request_iterator, context):
         echo_metadata(context)
