@@ -20,7 +20,7 @@ use shop_api::echo::v1::{
     ChainRequest, EchoRequest, EchoStreamRequest, Fault, GetStatsRequest,
     echo_service_client::EchoServiceClient,
 };
-use shop_api::grpc::testing::test_service_client::TestServiceClient;
+use shop_api::grpc::testing::{StreamingOutputCallRequest, test_service_client::TestServiceClient};
 use tokio::time::Instant;
 use tonic::Code;
 
@@ -470,6 +470,89 @@ async fn a_call_to_a_server_that_never_answers_fails_with_deadline_exceeded() {
             "stream, {budget_ms} ms: {err:?}"
         );
     }
+}
+
+/// An HTTP/2 server that answers one call with its response headers and
+/// one empty message, then reports how the client's request stream ended:
+/// `Ok(())` for a half-close, `Err(reason)` for a reset.
+async fn one_message_server() -> (
+    SocketAddr,
+    tokio::sync::oneshot::Receiver<Result<(), String>>,
+) {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (report, reported) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(tcp).await.unwrap();
+        let (request, mut respond) = connection.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while connection.accept().await.is_some() {} });
+        let response = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let mut send = respond.send_response(response, false).unwrap();
+        send.send_data(bytes::Bytes::from_static(&[0; 5]), false)
+            .unwrap();
+        let mut body = request.into_body();
+        let outcome = loop {
+            match body.data().await {
+                Some(Ok(_)) => continue,
+                None => break Ok(()),
+                Some(Err(e)) => break Err(format!("{:?}", e.reason())),
+            }
+        };
+        let _ = report.send(outcome);
+        // Keep the response open: only the client ends this call.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(send);
+    });
+    (addr, reported)
+}
+
+/// Regression (interop `cancel_after_first_response` against grpcio): a
+/// caller that dropped a bidirectional call after its first response did
+/// not cancel it: hyper kept sending the request side, so the server never
+/// heard of it until the request stream ended, and then saw a half-close,
+/// a normal end. The reference cancels with RST_STREAM(CANCEL) at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_stream_cancels_the_call_at_the_server() {
+    let (addr, reported) = one_message_server().await;
+    let config = MeshConfig {
+        health_checks: false,
+        ..Default::default()
+    };
+    let channel = mesh(config).channel(&format!("static:///{addr}")).unwrap();
+    let mut client = TestServiceClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(StreamingOutputCallRequest::default())
+        .await
+        .unwrap();
+    let mut responses = client
+        .full_duplex_call(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    responses
+        .message()
+        .await
+        .unwrap()
+        .expect("the first response");
+    // Cancel: drop the call, keeping the request stream open (it could
+    // still be sending).
+    drop(responses);
+    let outcome = tokio::time::timeout(Duration::from_secs(15), reported)
+        .await
+        .expect("the server saw neither a reset nor a half-close in 15 s")
+        .unwrap();
+    drop(tx);
+    assert_eq!(
+        outcome,
+        Err("Some(CANCEL)".to_owned()),
+        "the server saw a half-close, not a cancellation"
+    );
 }
 
 /// One unary call over a bare HTTP/2 connection, which (unlike tonic's

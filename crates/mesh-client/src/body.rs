@@ -90,21 +90,50 @@ pub(crate) fn header_status(response: &http::Response<tonic::body::Body>) -> Opt
     grpc_status(response.headers())
 }
 
+/// Tells a call's request body that the caller gave up on the response.
+struct Abandon(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Abandon {
+    /// The response ended normally: nothing to cancel.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+
+    fn fire(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        self.fire();
+    }
+}
+
 pin_project! {
-    /// A response body that fails with `DEADLINE_EXCEEDED` once the call's
-    /// deadline passes. The deadline layer's timer covers only the wait for
-    /// the response headers; without this a stream whose server has sent
-    /// its headers and then stalls outlives its deadline forever (the
-    /// interop case `timeout_on_sleeping_server`). Dropping the body after
-    /// the error resets the HTTP/2 stream, which cancels the call at the
-    /// server.
+    /// A client's response body that holds the call to its deadline and
+    /// cancels the call when it is given up on.
+    ///
+    /// - The deadline layer's timer covers only the wait for the response
+    ///   headers; without this a stream whose server has sent its headers
+    ///   and then stalls outlives its deadline forever (the interop case
+    ///   `timeout_on_sleeping_server`). It fails with `DEADLINE_EXCEEDED`.
+    /// - Dropped before its trailers (the caller cancelled), or expired, it
+    ///   makes the request body fail with `CANCEL` ([`CancellableBody`]), so
+    ///   the server gets RST_STREAM(CANCEL) at once. Without it hyper keeps
+    ///   sending an abandoned bidirectional call's requests, and when the
+    ///   caller then drops its request stream the server sees a half-close:
+    ///   a normal end, not a cancellation (`cancel_after_first_response`).
     pub(crate) struct DeadlineBody<B> {
         #[pin]
         inner: B,
         #[pin]
-        sleep: tokio::time::Sleep,
+        sleep: Option<tokio::time::Sleep>,
         budget: std::time::Duration,
         expired: bool,
+        abandon: Abandon,
     }
 }
 
@@ -125,10 +154,19 @@ where
             return Poll::Ready(None);
         }
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            match &frame {
+                None => this.abandon.disarm(),
+                Some(Ok(f)) if f.is_trailers() => this.abandon.disarm(),
+                Some(Ok(_)) => {}
+                Some(Err(_)) => this.abandon.fire(),
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        if this.sleep.poll(cx).is_ready() {
+        if let Some(sleep) = this.sleep.as_pin_mut()
+            && sleep.poll(cx).is_ready()
+        {
             *this.expired = true;
+            this.abandon.fire();
             return Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(format!(
                 "the response did not end within the call's deadline of {:?}",
                 this.budget
@@ -147,8 +185,60 @@ where
     }
 }
 
+pin_project! {
+    /// A client's request body that fails with the HTTP/2 error `CANCEL`
+    /// once its response was given up on ([`DeadlineBody`]); hyper then
+    /// resets the stream with that code.
+    pub(crate) struct CancellableBody<B> {
+        #[pin]
+        inner: B,
+        abandoned: Option<tokio::sync::oneshot::Receiver<()>>,
+    }
+}
+
+impl<B> Body for CancellableBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<crate::BoxError>,
+{
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        if let Some(abandoned) = this.abandoned.as_mut() {
+            match Pin::new(abandoned).poll(cx) {
+                Poll::Ready(Ok(())) => {
+                    *this.abandoned = None;
+                    let cancel: crate::BoxError = Box::new(h2::Error::from(h2::Reason::CANCEL));
+                    return Poll::Ready(Some(Err(cancel)));
+                }
+                // The response ended normally.
+                Poll::Ready(Err(_)) => *this.abandoned = None,
+                Poll::Pending => {}
+            }
+        }
+        this.inner
+            .poll_frame(cx)
+            .map(|f| f.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Client layer under the deadline layer: holds the whole response body,
-/// not only its headers, to the `grpc-timeout` the deadline layer set.
+/// not only its headers, to the `grpc-timeout` the deadline layer set, and
+/// cancels the call (RST_STREAM `CANCEL`) when its response is dropped
+/// unfinished or expires ([`DeadlineBody`]).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct BodyDeadlineLayer;
 
@@ -187,21 +277,26 @@ where
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(crate::deadline::decode_grpc_timeout);
-        let deadline = budget.map(|b| (tokio::time::Instant::now() + b, b));
+        let at = budget.map(|b| tokio::time::Instant::now() + b);
+        let (abandon, abandoned) = tokio::sync::oneshot::channel();
+        let req = req.map(|inner| {
+            tonic::body::Body::new(CancellableBody {
+                inner,
+                abandoned: Some(abandoned),
+            })
+        });
         let fut = self.inner.call(req);
         Box::pin(async move {
             let response = fut.await?;
-            Ok(match deadline {
-                None => response.map(tonic::body::Body::new),
-                Some((at, budget)) => response.map(|inner| {
-                    tonic::body::Body::new(DeadlineBody {
-                        inner,
-                        sleep: tokio::time::sleep_until(at),
-                        budget,
-                        expired: false,
-                    })
-                }),
-            })
+            Ok(response.map(|inner| {
+                tonic::body::Body::new(DeadlineBody {
+                    inner,
+                    sleep: at.map(tokio::time::sleep_until),
+                    budget: budget.unwrap_or_default(),
+                    expired: false,
+                    abandon: Abandon(Some(abandon)),
+                })
+            }))
         })
     }
 }
