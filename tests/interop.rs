@@ -203,6 +203,12 @@ fn grpcio_server(addr: SocketAddr, tls_dir: Option<&Path>) -> (Proc, Printed) {
         .stdout(Stdio::piped())
         .spawn()
         .expect("starting the grpcio server");
+    let printed = collect_stdout(&mut child);
+    (Proc::adopt("grpcio interop server", addr, child), printed)
+}
+
+/// Collects what `child` prints on stdout, line by line, as it runs.
+fn collect_stdout(child: &mut std::process::Child) -> Printed {
     let printed = Printed::default();
     let stdout = child.stdout.take().expect("piped stdout");
     let sink = printed.clone();
@@ -211,7 +217,7 @@ fn grpcio_server(addr: SocketAddr, tls_dir: Option<&Path>) -> (Proc, Printed) {
             sink.lock().unwrap().push(line);
         }
     });
-    (Proc::adopt("grpcio interop server", addr, child), printed)
+    printed
 }
 
 /// Waits (at most 10 s) until the server printed `line`.
@@ -226,16 +232,19 @@ async fn printed(printed: &Printed, line: &str) -> bool {
     false
 }
 
-/// A mesh `interop-server` process with these extra flags.
-fn mesh_server(addr: SocketAddr, flags: &[String]) -> Proc {
-    let child = Command::new(bin("interop-server"))
+/// A mesh `interop-server` process with these extra flags, and what it
+/// prints (it reports each call its client cancelled).
+fn mesh_server(addr: SocketAddr, flags: &[String]) -> (Proc, Printed) {
+    let mut child = Command::new(bin("interop-server"))
         .arg(format!("--port={}", addr.port()))
         .args(flags)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .spawn()
         .expect("starting interop-server");
-    Proc::adopt("interop-server", addr, child)
+    let printed = collect_stdout(&mut child);
+    (Proc::adopt("interop-server", addr, child), printed)
 }
 
 fn applicable(server: &str) -> Vec<&'static str> {
@@ -266,17 +275,19 @@ async fn the_interop_cases_pass_between_the_mesh_and_grpcio_both_ways() {
     let client_tls = pki.issue("interop-client");
     let ca_file = client_tls.join("ca.crt");
 
-    let mesh_plain = mesh_server(free_addr(), &[]);
-    let mesh_public = mesh_server(
+    // Each client has servers of its own, so what a server saw comes from
+    // one client.
+    let (mesh_plain, mesh_plain_printed) = mesh_server(free_addr(), &[]);
+    let (mesh_for_mesh, mesh_for_mesh_printed) = mesh_server(free_addr(), &[]);
+    let (mesh_public, mesh_public_printed) = mesh_server(
         free_addr(),
         &[
             "--use_tls=true".into(),
             format!("--public-tls-dir={}", mesh_public_tls.display()),
         ],
     );
-    let mesh_secure = mesh_server(free_addr(), &[format!("--tls-dir={}", mesh_mtls.display())]);
-    // The mesh's client and grpcio's own have a grpcio server each, so what
-    // a server saw comes from one client.
+    let (mesh_secure, mesh_secure_printed) =
+        mesh_server(free_addr(), &[format!("--tls-dir={}", mesh_mtls.display())]);
     let (grpcio_plain, plain_printed) = grpcio_server(free_addr(), None);
     let (grpcio_secure, secure_printed) = grpcio_server(free_addr(), Some(&grpcio_tls));
     let (control_plain, _) = grpcio_server(free_addr(), None);
@@ -284,6 +295,7 @@ async fn the_interop_cases_pass_between_the_mesh_and_grpcio_both_ways() {
     // Health answers over plaintext only on the plaintext server; the
     // others are ready once they listen.
     wait_serving(mesh_plain.addr).await;
+    wait_serving(mesh_for_mesh.addr).await;
     for (proc, what) in [
         (&mesh_public, "interop-server (TLS)"),
         (&mesh_secure, "interop-server (mTLS)"),
@@ -316,7 +328,7 @@ async fn the_interop_cases_pass_between_the_mesh_and_grpcio_both_ways() {
         ),
         (
             "mesh→mesh",
-            mesh_client(port(&mesh_plain), Security::Plaintext),
+            mesh_client(port(&mesh_for_mesh), Security::Plaintext),
             "mesh",
         ),
         (
@@ -394,10 +406,14 @@ async fn the_interop_cases_pass_between_the_mesh_and_grpcio_both_ways() {
         table.push('\n');
     }
     // A cancellation must reach the server: after cancel_after_first_response
-    // the reference server's handler was running, so it must see the cancel.
+    // the server's handler was running, so it must see the cancel.
     for (direction, lines) in [
         ("mesh→grpcio", &plain_printed),
         ("mesh→grpcio TLS", &secure_printed),
+        ("grpcio→mesh", &mesh_plain_printed),
+        ("grpcio→mesh TLS", &mesh_public_printed),
+        ("mesh→mesh", &mesh_for_mesh_printed),
+        ("mesh→mesh mTLS", &mesh_secure_printed),
     ] {
         let case = "cancel_after_first_response";
         let ran = results[directions.iter().position(|d| *d == direction).unwrap()]
@@ -408,12 +424,12 @@ async fn the_interop_cases_pass_between_the_mesh_and_grpcio_both_ways() {
         }
         let seen = printed(lines, "cancelled FullDuplexCall").await;
         table.push_str(&format!(
-            "{direction} {case}: the grpcio server saw the cancellation: {}\n",
+            "{direction} {case}: the server saw the cancellation: {}\n",
             if seen { "yes" } else { "NO" }
         ));
         if !seen {
             failures.push(format!(
-                "{direction} {case}: the grpcio server never saw the cancellation (10 s)"
+                "{direction} {case}: the server never saw the cancellation (10 s)"
             ));
         }
     }
@@ -436,6 +452,7 @@ async fn the_interop_cases_pass_between_the_mesh_and_grpcio_both_ways() {
     );
     drop((
         mesh_plain,
+        mesh_for_mesh,
         mesh_public,
         mesh_secure,
         grpcio_plain,

@@ -356,11 +356,66 @@ where
     }
 }
 
+pin_project! {
+    /// A server's request body on which the client's cancellation is an
+    /// error. tonic's decoder turns a request stream that fails with
+    /// `CANCELLED` (the client's RST_STREAM(CANCEL)) into a clean end of
+    /// stream, so a handler took a cancelled upload for a complete one
+    /// (the interop case `cancel_after_first_response` against a mesh
+    /// server). The cancellation reaches the handler as `UNKNOWN` with a
+    /// message saying so, the one code tonic lets through.
+    pub(crate) struct CancelVisibleBody<B> {
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B> Body for CancelVisibleBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<crate::BoxError>,
+{
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx).map(|frame| {
+            frame.map(|f| {
+                f.map_err(|e| {
+                    let status = tonic::Status::from_error(e.into());
+                    if status.code() == Code::Cancelled {
+                        tonic::Status::unknown(format!(
+                            "the client cancelled the call ({})",
+                            status.message()
+                        ))
+                    } else {
+                        status
+                    }
+                })
+            })
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Server layer: a call still running when its `grpc-timeout` passes ends
 /// with `DEADLINE_EXCEEDED`, whether the handler has not answered yet or is
 /// streaming its response, as gRPC's reference servers do. Without it
 /// tonic answers a late handler with `CANCELLED` ("Timeout expired") and
 /// never ends a stream whose handler stalls.
+///
+/// It also makes a client's cancellation visible to the handler
+/// ([`CancelVisibleBody`]).
 ///
 /// The deadline is taken 1 ms early so this answer, not tonic's own timer
 /// around the same call, is the one sent; the caller's deadline began
@@ -385,8 +440,13 @@ pub(crate) struct ServerDeadline<S> {
 
 impl<S, B> tower::Service<http::Request<B>> for ServerDeadline<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+        >,
     S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<crate::BoxError>,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
@@ -402,6 +462,7 @@ where
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(crate::deadline::decode_grpc_timeout);
+        let req = req.map(|inner| tonic::body::Body::new(CancelVisibleBody { inner }));
         let fut = self.inner.call(req);
         let Some(budget) = budget else {
             return Box::pin(fut);

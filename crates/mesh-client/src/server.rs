@@ -375,7 +375,8 @@ impl MeshServer {
             .layer(InboundDeadlineLayer)
             // A call past its deadline ends with DEADLINE_EXCEEDED, as at
             // the reference servers (tonic alone says CANCELLED, or nothing
-            // for a stalled stream).
+            // for a stalled stream), and a client's cancellation reaches the
+            // handler as an error, not as the end of its request stream.
             .layer(crate::body::ServerDeadlineLayer)
             .into_inner();
         let server = Server::builder()

@@ -274,6 +274,15 @@ impl TestService for Interop {
         request: Request<Streaming<StreamingOutputCallRequest>>,
     ) -> Result<Response<Self::FullDuplexCallStream>, Status> {
         let mut inbound = request.into_inner();
+        let deadline = mesh_client::deadline::inbound_deadline();
+        // Printed on stdout so a test can check that a client's
+        // cancellation reached the handler (not the deadline: that is
+        // the server's own doing).
+        let report_cancelled = move || {
+            if deadline.is_none_or(|d| tokio::time::Instant::now() < d) {
+                println!("cancelled FullDuplexCall");
+            }
+        };
         Ok(Response::new(self.spawn_stream(|this, tx| async move {
             loop {
                 match inbound.message().await {
@@ -286,11 +295,15 @@ impl TestService for Interop {
                             .respond(req.response_type, &req.response_parameters, &tx)
                             .await
                         {
+                            if tx.is_closed() {
+                                report_cancelled();
+                            }
                             return;
                         }
                     }
                     Ok(None) => return,
                     Err(status) => {
+                        report_cancelled();
                         let _ = tx.send(Err(status)).await;
                         return;
                     }
