@@ -64,3 +64,12 @@ pub mod orders {
         tonic::include_proto!("mesh.orders.v1");
     }
 }
+
+/// The gRPC project's interop test contract (`grpc.testing`), for the
+/// conformance matrix against the reference implementation.
+pub mod grpc {
+    /// `grpc.testing`.
+    pub mod testing {
+        tonic::include_proto!("grpc.testing");
+    }
+}

@@ -17,8 +17,10 @@ use std::{
 use common::{Proc, dns::TestDns, free_addr, wait_serving};
 use mesh_client::{LbPolicy, Mesh, MeshChannel, MeshConfig};
 use shop_api::echo::v1::{
-    ChainRequest, EchoRequest, Fault, GetStatsRequest, echo_service_client::EchoServiceClient,
+    ChainRequest, EchoRequest, EchoStreamRequest, Fault, GetStatsRequest,
+    echo_service_client::EchoServiceClient,
 };
+use shop_api::grpc::testing::{StreamingOutputCallRequest, test_service_client::TestServiceClient};
 use tokio::time::Instant;
 use tonic::Code;
 
@@ -438,6 +440,264 @@ async fn a_caller_chosen_deadline_is_cut_to_the_configured_maximum() {
         .expect("the call was not cut at a's 2 s maxTimeout");
     let err = result.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+}
+
+/// Regression (interop `timeout_on_sleeping_server`): the deadline covered
+/// only the wait for response headers, so a stream whose server had
+/// answered and then stalled outlived its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stalls_after_its_headers_ends_at_the_deadline() {
+    let server = echo("s", free_addr(), &[]);
+    wait_serving(server.addr).await;
+    let channel = mesh(MeshConfig::default())
+        .channel(&format!("static:///{}", server.addr))
+        .unwrap();
+    let mut client = EchoServiceClient::new(channel);
+    // The first message comes at once, the second only after 10 s: far
+    // past the call's 1 s deadline.
+    let mut request = tonic::Request::new(EchoStreamRequest {
+        count: 2,
+        interval_ms: 10_000,
+    });
+    request.set_timeout(Duration::from_secs(1));
+    let outcome = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut stream = client.echo_stream(request).await?.into_inner();
+        let mut messages = 0;
+        while stream.message().await?.is_some() {
+            messages += 1;
+        }
+        Ok::<_, tonic::Status>(messages)
+    })
+    .await
+    .expect("the stream outlived its deadline by 14 s");
+    let err = outcome.expect_err("the stream ended OK inside a 1 s deadline with a 10 s gap");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+}
+
+/// An HTTP/2 server that accepts every call and never answers any.
+async fn silent_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                let mut held = Vec::new();
+                while let Some(Ok(call)) = connection.accept().await {
+                    held.push(call);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Regression (interop `timeout_on_sleeping_server` against grpcio): when
+/// a server had not answered by the deadline, the mesh reported tonic's
+/// connection-level timer, `CANCELLED` "Timeout expired", about half the
+/// time instead of `DEADLINE_EXCEEDED` (whichever timer was polled first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_to_a_server_that_never_answers_fails_with_deadline_exceeded() {
+    let addr = silent_server().await;
+    let config = MeshConfig {
+        health_checks: false,
+        ..Default::default()
+    };
+    let channel = mesh(config).channel(&format!("static:///{addr}")).unwrap();
+    let mut unary = EchoServiceClient::new(channel.clone());
+    let mut streaming = TestServiceClient::new(channel);
+    for budget_ms in [1, 2, 5, 10, 20, 50, 100, 1, 2, 5, 10, 20] {
+        let budget = Duration::from_millis(budget_ms);
+        let mut request = tonic::Request::new(EchoRequest::default());
+        request.set_timeout(budget);
+        let err = tokio::time::timeout(Duration::from_secs(15), unary.echo(request))
+            .await
+            .expect("no outcome 15 s past the deadline")
+            .expect_err("a server that never answers answered");
+        assert_eq!(
+            err.code(),
+            Code::DeadlineExceeded,
+            "unary, {budget_ms} ms: {err:?}"
+        );
+
+        // A bidirectional call whose request stream stays open.
+        let mut request = tonic::Request::new(tokio_stream::pending());
+        request.set_timeout(budget);
+        let err =
+            tokio::time::timeout(Duration::from_secs(15), streaming.full_duplex_call(request))
+                .await
+                .expect("no outcome 15 s past the deadline")
+                .expect_err("a server that never answers answered");
+        assert_eq!(
+            err.code(),
+            Code::DeadlineExceeded,
+            "stream, {budget_ms} ms: {err:?}"
+        );
+    }
+}
+
+/// An HTTP/2 server that answers one call with its response headers and
+/// one empty message, then reports how the client's request stream ended:
+/// `Ok(())` for a half-close, `Err(reason)` for a reset.
+async fn one_message_server() -> (
+    SocketAddr,
+    tokio::sync::oneshot::Receiver<Result<(), String>>,
+) {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (report, reported) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(tcp).await.unwrap();
+        let (request, mut respond) = connection.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while connection.accept().await.is_some() {} });
+        let response = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let mut send = respond.send_response(response, false).unwrap();
+        send.send_data(bytes::Bytes::from_static(&[0; 5]), false)
+            .unwrap();
+        let mut body = request.into_body();
+        let outcome = loop {
+            match body.data().await {
+                Some(Ok(_)) => continue,
+                None => break Ok(()),
+                Some(Err(e)) => break Err(format!("{:?}", e.reason())),
+            }
+        };
+        let _ = report.send(outcome);
+        // Keep the response open: only the client ends this call.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(send);
+    });
+    (addr, reported)
+}
+
+/// Regression (interop `cancel_after_first_response` against grpcio): a
+/// caller that dropped a bidirectional call after its first response did
+/// not cancel it: hyper kept sending the request side, so the server never
+/// heard of it until the request stream ended, and then saw a half-close,
+/// a normal end. The reference cancels with RST_STREAM(CANCEL) at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_stream_cancels_the_call_at_the_server() {
+    let (addr, reported) = one_message_server().await;
+    let config = MeshConfig {
+        health_checks: false,
+        ..Default::default()
+    };
+    let channel = mesh(config).channel(&format!("static:///{addr}")).unwrap();
+    let mut client = TestServiceClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(StreamingOutputCallRequest::default())
+        .await
+        .unwrap();
+    let mut responses = client
+        .full_duplex_call(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    responses
+        .message()
+        .await
+        .unwrap()
+        .expect("the first response");
+    // Cancel: drop the call, keeping the request stream open (it could
+    // still be sending).
+    drop(responses);
+    let outcome = tokio::time::timeout(Duration::from_secs(15), reported)
+        .await
+        .expect("the server saw neither a reset nor a half-close in 15 s")
+        .unwrap();
+    drop(tx);
+    assert_eq!(
+        outcome,
+        Err("Some(CANCEL)".to_owned()),
+        "the server saw a half-close, not a cancellation"
+    );
+}
+
+/// One unary call over a bare HTTP/2 connection, which (unlike tonic's
+/// and the mesh's clients) keeps no timer of its own, so the status
+/// returned is the server's answer: (`grpc-status`, `grpc-message`).
+async fn raw_unary(addr: SocketAddr, path: &str, timeout: &str) -> (String, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(())
+        .unwrap();
+    let (response, mut body) = send.send_request(request, false).unwrap();
+    // One empty message: flag 0, length 0.
+    body.send_data(bytes::Bytes::from_static(&[0; 5]), true)
+        .unwrap();
+    let response = response.await.unwrap();
+    let field = |headers: &http::HeaderMap, name: &str| {
+        headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    if response.headers().contains_key("grpc-status") {
+        // Trailers-only.
+        let h = response.headers();
+        return (field(h, "grpc-status"), field(h, "grpc-message"));
+    }
+    let mut stream = response.into_body();
+    while let Some(data) = stream.data().await {
+        data.unwrap();
+    }
+    let trailers = stream.trailers().await.unwrap().unwrap_or_default();
+    (
+        field(&trailers, "grpc-status"),
+        field(&trailers, "grpc-message"),
+    )
+}
+
+/// Regression (interop, server side): a mesh server answered a handler
+/// still running at its deadline with tonic's `CANCELLED` ("Timeout
+/// expired"), not `DEADLINE_EXCEEDED` as gRPC's servers do, and never
+/// ended a response stream that stalled past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_ends_calls_past_their_deadline_with_deadline_exceeded() {
+    let server = echo("s", free_addr(), &["--delay-ms", "5000"]);
+    wait_serving(server.addr).await;
+
+    let (status, message) = tokio::time::timeout(
+        Duration::from_secs(15),
+        raw_unary(server.addr, "/mesh.echo.v1.EchoService/Echo", "500m"),
+    )
+    .await
+    .expect("no answer 14 s past a 500 ms deadline");
+    assert_eq!(status, "4", "unary: grpc-status {status} {message:?}");
+
+    // A stream whose handler answered, sent one message and stalls: tonic's
+    // client enforces nothing after the headers, so only the server ends it.
+    set_fault(server.addr, Fault::default()).await;
+    let mut client = EchoServiceClient::new(common::channel(server.addr).await);
+    let mut request = tonic::Request::new(EchoStreamRequest {
+        count: 2,
+        interval_ms: 10_000,
+    });
+    request.set_timeout(Duration::from_secs(1));
+    let outcome = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut stream = client.echo_stream(request).await?.into_inner();
+        while stream.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    })
+    .await
+    .expect("the server kept the stream open 14 s past its deadline");
+    let err = outcome.expect_err("the stream ended OK inside a 1 s deadline with a 10 s gap");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "stream: {err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

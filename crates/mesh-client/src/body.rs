@@ -1,4 +1,5 @@
 use std::{
+    future::Future,
     pin::Pin,
     task::{Context, Poll},
 };
@@ -87,4 +88,401 @@ where
 /// The status in a response's headers (a trailers-only response).
 pub(crate) fn header_status(response: &http::Response<tonic::body::Body>) -> Option<Code> {
     grpc_status(response.headers())
+}
+
+/// Tells a call's request body that the caller gave up on the response.
+struct Abandon(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Abandon {
+    /// The response ended normally: nothing to cancel.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+
+    fn fire(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        self.fire();
+    }
+}
+
+pin_project! {
+    /// A client's response body that holds the call to its deadline and
+    /// cancels the call when it is given up on.
+    ///
+    /// - The deadline layer's timer covers only the wait for the response
+    ///   headers; without this a stream whose server has sent its headers
+    ///   and then stalls outlives its deadline forever (the interop case
+    ///   `timeout_on_sleeping_server`). It fails with `DEADLINE_EXCEEDED`.
+    /// - Dropped before its trailers (the caller cancelled), or expired, it
+    ///   makes the request body fail with `CANCEL` ([`CancellableBody`]), so
+    ///   the server gets RST_STREAM(CANCEL) at once. Without it hyper keeps
+    ///   sending an abandoned bidirectional call's requests, and when the
+    ///   caller then drops its request stream the server sees a half-close:
+    ///   a normal end, not a cancellation (`cancel_after_first_response`).
+    pub(crate) struct DeadlineBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+        budget: std::time::Duration,
+        expired: bool,
+        abandon: Abandon,
+    }
+}
+
+impl<B> Body for DeadlineBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<crate::BoxError>,
+{
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        if *this.expired {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            match &frame {
+                None => this.abandon.disarm(),
+                Some(Ok(f)) if f.is_trailers() => this.abandon.disarm(),
+                Some(Ok(_)) => {}
+                Some(Err(_)) => this.abandon.fire(),
+            }
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if let Some(sleep) = this.sleep.as_pin_mut()
+            && sleep.poll(cx).is_ready()
+        {
+            *this.expired = true;
+            this.abandon.fire();
+            return Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(format!(
+                "the response did not end within the call's deadline of {:?}",
+                this.budget
+            ))
+            .into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.expired || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// A client's request body that fails with the HTTP/2 error `CANCEL`
+    /// once its response was given up on ([`DeadlineBody`]); hyper then
+    /// resets the stream with that code.
+    pub(crate) struct CancellableBody<B> {
+        #[pin]
+        inner: B,
+        abandoned: Option<tokio::sync::oneshot::Receiver<()>>,
+    }
+}
+
+impl<B> Body for CancellableBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<crate::BoxError>,
+{
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        if let Some(abandoned) = this.abandoned.as_mut() {
+            match Pin::new(abandoned).poll(cx) {
+                Poll::Ready(Ok(())) => {
+                    *this.abandoned = None;
+                    let cancel: crate::BoxError = Box::new(h2::Error::from(h2::Reason::CANCEL));
+                    return Poll::Ready(Some(Err(cancel)));
+                }
+                // The response ended normally.
+                Poll::Ready(Err(_)) => *this.abandoned = None,
+                Poll::Pending => {}
+            }
+        }
+        this.inner
+            .poll_frame(cx)
+            .map(|f| f.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Client layer under the deadline layer: holds the whole response body,
+/// not only its headers, to the `grpc-timeout` the deadline layer set, and
+/// cancels the call (RST_STREAM `CANCEL`) when its response is dropped
+/// unfinished or expires ([`DeadlineBody`]).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct BodyDeadlineLayer;
+
+impl<S> tower::Layer<S> for BodyDeadlineLayer {
+    type Service = BodyDeadline<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BodyDeadline { inner }
+    }
+}
+
+/// The service made by [`BodyDeadlineLayer`].
+#[derive(Clone, Debug)]
+pub(crate) struct BodyDeadline<S> {
+    inner: S,
+}
+
+impl<S, RB> tower::Service<http::Request<tonic::body::Body>> for BodyDeadline<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<crate::BoxError>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let budget = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::deadline::decode_grpc_timeout);
+        let at = budget.map(|b| tokio::time::Instant::now() + b);
+        let (abandon, abandoned) = tokio::sync::oneshot::channel();
+        let req = req.map(|inner| {
+            tonic::body::Body::new(CancellableBody {
+                inner,
+                abandoned: Some(abandoned),
+            })
+        });
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let response = fut.await?;
+            Ok(response.map(|inner| {
+                tonic::body::Body::new(DeadlineBody {
+                    inner,
+                    sleep: at.map(tokio::time::sleep_until),
+                    budget: budget.unwrap_or_default(),
+                    expired: false,
+                    abandon: Abandon(Some(abandon)),
+                })
+            }))
+        })
+    }
+}
+
+/// What a server answers when a call's deadline passes.
+fn deadline_exceeded(budget: std::time::Duration) -> tonic::Status {
+    tonic::Status::deadline_exceeded(format!("the call's deadline of {budget:?} passed"))
+}
+
+pin_project! {
+    /// A server's response body that, once the call's deadline passes,
+    /// ends with trailers saying `DEADLINE_EXCEEDED` (dropping the
+    /// handler's stream, which cancels it), as the reference servers do.
+    pub(crate) struct ServerDeadlineBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        budget: std::time::Duration,
+        done: bool,
+    }
+}
+
+impl<B> Body for ServerDeadlineBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if this.sleep.poll(cx).is_ready() {
+            *this.done = true;
+            let status = deadline_exceeded(*this.budget);
+            let trailers = status.into_http::<()>().into_parts().0.headers;
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// A server's request body on which the client's cancellation is an
+    /// error. tonic's decoder turns a request stream that fails with
+    /// `CANCELLED` (the client's RST_STREAM(CANCEL)) into a clean end of
+    /// stream, so a handler took a cancelled upload for a complete one
+    /// (the interop case `cancel_after_first_response` against a mesh
+    /// server). The cancellation reaches the handler as `UNKNOWN` with a
+    /// message saying so, the one code tonic lets through.
+    pub(crate) struct CancelVisibleBody<B> {
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B> Body for CancelVisibleBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<crate::BoxError>,
+{
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx).map(|frame| {
+            frame.map(|f| {
+                f.map_err(|e| {
+                    let status = tonic::Status::from_error(e.into());
+                    if status.code() == Code::Cancelled {
+                        tonic::Status::unknown(format!(
+                            "the client cancelled the call ({})",
+                            status.message()
+                        ))
+                    } else {
+                        status
+                    }
+                })
+            })
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Server layer: a call still running when its `grpc-timeout` passes ends
+/// with `DEADLINE_EXCEEDED`, whether the handler has not answered yet or is
+/// streaming its response, as gRPC's reference servers do. Without it
+/// tonic answers a late handler with `CANCELLED` ("Timeout expired") and
+/// never ends a stream whose handler stalls.
+///
+/// It also makes a client's cancellation visible to the handler
+/// ([`CancelVisibleBody`]).
+///
+/// The deadline is taken 1 ms early so this answer, not tonic's own timer
+/// around the same call, is the one sent; the caller's deadline began
+/// before the request crossed the network, so the server still ends the
+/// call no earlier than the caller gives up.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ServerDeadlineLayer;
+
+impl<S> tower::Layer<S> for ServerDeadlineLayer {
+    type Service = ServerDeadline<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ServerDeadline { inner }
+    }
+}
+
+/// The service made by [`ServerDeadlineLayer`].
+#[derive(Clone, Debug)]
+pub(crate) struct ServerDeadline<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for ServerDeadline<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+        >,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<crate::BoxError>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let budget = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::deadline::decode_grpc_timeout);
+        let req = req.map(|inner| tonic::body::Body::new(CancelVisibleBody { inner }));
+        let fut = self.inner.call(req);
+        let Some(budget) = budget else {
+            return Box::pin(fut);
+        };
+        let early = budget.saturating_sub(std::time::Duration::from_millis(1));
+        let at = tokio::time::Instant::now() + early;
+        Box::pin(async move {
+            let response = match tokio::time::timeout_at(at, fut).await {
+                Ok(response) => response?,
+                // The handler is dropped: it is cancelled.
+                Err(_) => return Ok(deadline_exceeded(budget).into_http()),
+            };
+            Ok(response.map(|inner| {
+                tonic::body::Body::new(ServerDeadlineBody {
+                    inner,
+                    sleep: tokio::time::sleep_until(at),
+                    budget,
+                    done: false,
+                })
+            }))
+        })
+    }
 }

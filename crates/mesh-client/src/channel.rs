@@ -243,6 +243,8 @@ impl Mesh {
             // Every call gets its deadline, never past maxTimeout, before
             // anything can wait.
             .layer(DeadlineLayer::with_limits(Arc::new(timeouts)))
+            // The deadline holds for the whole response, streams included.
+            .layer(crate::body::BodyDeadlineLayer)
             // Then retries and hedges, each attempt balanced afresh.
             .service(retry);
         Ok(MeshChannel {

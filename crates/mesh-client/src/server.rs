@@ -406,6 +406,11 @@ impl MeshServer {
             .layer(LoadShedLayer::new())
             .layer(GlobalConcurrencyLimitLayer::new(config.concurrency_limit))
             .layer(InboundDeadlineLayer::new(config.max_inbound_deadline))
+            // A call past its deadline ends with DEADLINE_EXCEEDED, as at
+            // the reference servers (tonic alone says CANCELLED, or nothing
+            // for a stalled stream), and a client's cancellation reaches the
+            // handler as an error, not as the end of its request stream.
+            .layer(crate::body::ServerDeadlineLayer)
             .into_inner();
         let server = Server::builder()
             .max_concurrent_streams(config.max_concurrent_streams)

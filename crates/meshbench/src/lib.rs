@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod interop;
+
 use std::{
     ffi::OsString,
     future::Future,

@@ -64,6 +64,14 @@ impl CallError {
                     last_error.as_deref().unwrap_or("no detail")
                 ))
             }
+            // tonic's connection keeps its own timer on `grpc-timeout` and
+            // calls its expiry CANCELLED; it is this call's deadline, which
+            // gRPC reports as DEADLINE_EXCEEDED.
+            CallError::Transport { addr, source, .. } if timed_out(source.as_ref()) => {
+                tonic::Status::deadline_exceeded(format!(
+                    "{target} endpoint {addr}: no response within the call's deadline"
+                ))
+            }
             CallError::Transport { addr, source, .. } => {
                 let status = tonic::Status::from_error(source);
                 tonic::Status::new(
@@ -76,6 +84,18 @@ impl CallError {
             )),
         }
     }
+}
+
+/// Whether a transport error is tonic's own `grpc-timeout` timer expiring.
+fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(err) = source {
+        if err.downcast_ref::<tonic::TimeoutExpired>().is_some() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Whether a transport error proves the request never reached the server.
