@@ -1,7 +1,7 @@
 use std::{
     future::Future,
     pin::Pin,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
 };
 
 use bytes::Bytes;
@@ -167,11 +167,24 @@ where
         {
             *this.expired = true;
             this.abandon.fire();
-            return Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(format!(
-                "the response did not end within the call's deadline of {:?}",
-                this.budget
-            ))
-            .into())));
+            // Trailers, not a body error: a proxy in front (the gateway)
+            // passes DEADLINE_EXCEEDED on as such, where a body error would
+            // reach its caller as an INTERNAL stream reset, and telemetry
+            // records the code.
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert(
+                "grpc-status",
+                http::HeaderValue::from(tonic::Code::DeadlineExceeded as i32),
+            );
+            // Printable ASCII only, so no percent-encoding is needed.
+            let message = format!(
+                "the response did not end within the call's deadline of {} ms",
+                this.budget.as_millis()
+            );
+            if let Ok(value) = http::HeaderValue::from_str(&message) {
+                trailers.insert("grpc-message", value);
+            }
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
         Poll::Pending
     }
@@ -221,9 +234,18 @@ where
                 Poll::Pending => {}
             }
         }
-        this.inner
-            .poll_frame(cx)
-            .map(|f| f.map(|f| f.map_err(Into::into)))
+        let frame = ready!(this.inner.poll_frame(cx));
+        // The response may have been given up on while the inner body was
+        // polled (another thread dropped both halves at once): a reset, not
+        // an end of stream the server would take for a finished request.
+        if frame.is_none()
+            && let Some(mut abandoned) = this.abandoned.take()
+            && abandoned.try_recv().is_ok()
+        {
+            let cancel: crate::BoxError = Box::new(h2::Error::from(h2::Reason::CANCEL));
+            return Poll::Ready(Some(Err(cancel)));
+        }
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

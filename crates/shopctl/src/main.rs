@@ -542,10 +542,16 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             arg(&args.trust_domain);
             if client_tls.is_some() {
                 let policy_path = mesh_dir.join(format!("{name}.json"));
-                write_private(
-                    &policy_path,
-                    &serde_json::to_string_pretty(&policy(name, &args.trust_domain))?,
-                )?;
+                let mut config = policy(name, &args.trust_domain);
+                if *name == "gateway" {
+                    // A watch through the gateway may outlast the 10 s
+                    // default deadline (and the 30 s ceiling) of other calls.
+                    config["targets"] = serde_json::json!({ target(3): { "methods": {
+                        "mesh.orders.v1.OrdersService/WatchOrder":
+                            { "timeout": "300s", "maxTimeout": "300s" }
+                    } } });
+                }
+                write_private(&policy_path, &serde_json::to_string_pretty(&config)?)?;
                 common.push("--tls-dir".into());
                 common.push(certs_dir.join(name).into());
                 common.push("--mesh-config".into());
