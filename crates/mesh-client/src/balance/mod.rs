@@ -26,7 +26,7 @@ use tower::discover::Change;
 
 mod service;
 
-pub(crate) use service::{Balancer, CallError, Exclude, Picked, Served};
+pub(crate) use service::{Balancer, CallError, Exclude, Picked, Served, timed_out};
 
 use crate::{
     config::{LbPolicy, OutlierDetection},

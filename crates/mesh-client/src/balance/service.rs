@@ -87,7 +87,7 @@ impl CallError {
 }
 
 /// Whether a transport error is tonic's own `grpc-timeout` timer expiring.
-fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(err);
     while let Some(err) = source {
         if err.downcast_ref::<tonic::TimeoutExpired>().is_some() {
@@ -203,7 +203,12 @@ impl Service<http::Request<Body>> for Balancer {
                         tracing::debug!(target = %set.target, addr = %endpoint.addr, ?wait, "connect failed; backing off: {err}");
                         set.reresolve.notify_one();
                     }
-                    set.record_failure(&endpoint, &config.outlier_detection);
+                    // The call's own deadline running out says nothing of
+                    // the endpoint (DEADLINE_EXCEEDED in a response is not an
+                    // endpoint failure either); only real failures eject.
+                    if !timed_out(&*err) {
+                        set.record_failure(&endpoint, &config.outlier_detection);
+                    }
                     return Err(CallError::Transport {
                         addr: endpoint.addr,
                         never_sent: never_sent(&*err),

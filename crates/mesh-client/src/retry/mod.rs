@@ -86,6 +86,10 @@ fn classify(result: &Attempt) -> Outcome {
             },
             _ => Outcome::Final,
         },
+        // The call's deadline is gone: nothing to retry or hedge with.
+        Err(CallError::Transport { source, .. }) if crate::balance::timed_out(source.as_ref()) => {
+            Outcome::Final
+        }
         Err(CallError::Transport { never_sent, .. }) => Outcome::Failed {
             code: Code::Unavailable,
             pushback: Pushback::None,
