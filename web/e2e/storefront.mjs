@@ -74,6 +74,23 @@ run(() =>
     await page.waitForFunction(() => document.querySelector("#accounts .balance")?.textContent === "25.00 USD");
     await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true });
     check(problems.length === 0, `the page had problems:\n${problems.join("\n")}`);
-    console.log(JSON.stringify({ refusal, badQuantity, statuses: seen }));
+    // CORS stays strict: a page of any other origin cannot call the
+    // gateway (the browser refuses once the preflight allows no origin).
+    const gatewayUrl = await page.evaluate(async () => (await (await fetch("/config.json")).json()).gatewayUrl);
+    await page.goto("data:text/html,<p>elsewhere</p>");
+    const foreign = await page.evaluate(async (gw) => {
+      try {
+        const r = await fetch(`${gw}/mesh.inventory.v1.InventoryService/ListProducts`, {
+          method: "POST",
+          headers: { "content-type": "application/grpc-web+proto", "x-grpc-web": "1" },
+          body: new Uint8Array([0, 0, 0, 0, 0]),
+        });
+        return `answered ${r.status}`;
+      } catch (e) {
+        return `refused: ${e}`;
+      }
+    }, gatewayUrl);
+    check(foreign.startsWith("refused"), `a page of another origin called the gateway: ${foreign}`);
+    console.log(JSON.stringify({ refusal, badQuantity, statuses: seen, foreign }));
   }),
 );
