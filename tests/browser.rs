@@ -172,17 +172,22 @@ struct Up {
     storefront: String,
     dashboard: String,
     endpoints: Value,
+    /// A port held for the test's whole run.
+    _taken: Option<TcpListener>,
 }
 
 impl Up {
     /// Starts `shopctl up` (`REPLICAS` per service) in `dir` and waits
-    /// until it has written endpoints.json.
-    async fn start(dir: &Path, web: &Path) -> Up {
+    /// until it has written endpoints.json; with `dashboard_taken`, another
+    /// process holds the dashboard's port meanwhile.
+    async fn start(dir: &Path, web: &Path, dashboard_taken: bool) -> Up {
         let state = dir.join("state");
         let log = dir.join("up.log");
         let base = free_block();
         let n = 5 * REPLICAS;
         let (storefront, dashboard) = (base + 2 * n, base + 2 * n + 1);
+        let taken = dashboard_taken
+            .then(|| TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], dashboard))).unwrap());
         let child = Command::new(bin("shopctl"))
             .arg("up")
             .arg("--state-dir")
@@ -207,6 +212,7 @@ impl Up {
             storefront: format!("http://127.0.0.1:{storefront}/"),
             dashboard: format!("http://127.0.0.1:{dashboard}/"),
             endpoints: Value::Null,
+            _taken: taken,
         };
         let path = state.join("endpoints.json");
         let start = Instant::now();
@@ -334,7 +340,14 @@ async fn storefront_orders_live_shows_server_errors_and_refuses_the_signed_out()
     let Some(browser) = browser() else { return };
     tokio::time::timeout(Duration::from_secs(600), async {
         let dir = tempfile::tempdir().unwrap();
-        let up = Up::start(dir.path(), &browser.web).await;
+        // The dashboard's port is taken: the shop and its storefront start
+        // anyway, and say what is left out.
+        let up = Up::start(dir.path(), &browser.web, true).await;
+        let log = up.log_text();
+        assert!(
+            log.contains("dashboard not served: cannot bind"),
+            "no note of the taken port:\n{log}"
+        );
         up.stock("MUG-1", 1250, 100).await;
         let shot = screenshot("storefront.png");
         let printed = browser
@@ -361,7 +374,7 @@ async fn dashboard_draws_every_edge_with_moving_rates_and_shows_a_killed_replica
     let Some(browser) = browser() else { return };
     tokio::time::timeout(Duration::from_secs(600), async {
         let dir = tempfile::tempdir().unwrap();
-        let up = Up::start(dir.path(), &browser.web).await;
+        let up = Up::start(dir.path(), &browser.web, false).await;
         let product = up.stock("TEA-1", 100, 1_000_000).await;
         let load = load(up.gateway(), product).await;
         let shot = screenshot("dashboard.png");

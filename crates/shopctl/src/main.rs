@@ -101,10 +101,12 @@ struct UpArgs {
     /// out, with a note saying how to build it.
     #[arg(long, env = "SHOP_WEB_DIR", default_value = "web/dist")]
     web_dir: PathBuf,
-    /// Port of the storefront (plain HTTP on --host).
+    /// Port of the storefront (plain HTTP on --host); 0 serves none. A
+    /// port that is taken leaves the storefront out, with a note.
     #[arg(long, env = "SHOP_STOREFRONT_PORT", default_value_t = 8055)]
     storefront_port: u16,
-    /// Port of the mesh dashboard (plain HTTP on --host).
+    /// Port of the mesh dashboard (plain HTTP on --host); 0 serves none. A
+    /// port that is taken leaves the dashboard out, with a note.
     #[arg(long, env = "SHOP_DASHBOARD_PORT", default_value_t = 8056)]
     dashboard_port: u16,
 }
@@ -266,14 +268,14 @@ fn check_up_args(args: &UpArgs) -> Result<(), String> {
         ("--dashboard-port", args.dashboard_port),
     ] {
         let p = u32::from(port);
-        if port == 0 || (a..a + span).contains(&p) || (b..b + span).contains(&p) {
+        if (a..a + span).contains(&p) || (b..b + span).contains(&p) {
             return Err(format!(
-                "{flag} {port}: must be 1 to 65535 and outside the {span} ports from \
-                 --base-port {a} and from --admin-base-port {b}"
+                "{flag} {port}: must be outside the {span} ports from --base-port {a} and \
+                 from --admin-base-port {b} (0 serves no page)"
             ));
         }
     }
-    if args.storefront_port == args.dashboard_port {
+    if args.storefront_port == args.dashboard_port && args.dashboard_port != 0 {
         return Err(format!(
             "--storefront-port and --dashboard-port are both {}",
             args.dashboard_port

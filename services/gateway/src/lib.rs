@@ -12,7 +12,9 @@
 //! user too (a call with a valid token takes from both); over it,
 //! `RESOURCE_EXHAUSTED` with `retry-after`. The source address goes to the
 //! services in `x-shop-client`, for auth's per-client login limits. Browsers call it with gRPC-Web on the same port, with
-//! CORS for the configured origins. Health, reflection of the public
+//! CORS for the configured origins (with `--static-dir` it also serves a
+//! built web app, the storefront, on a second port, whose origin CORS then
+//! allows too). Health, reflection of the public
 //! surface only, metrics and traces come from the mesh server. An outside
 //! caller's deadline is cut to `--max-inbound-deadline-ms` before it
 //! travels into the mesh, and failures inside the mesh reach it as generic
@@ -115,7 +117,8 @@ pub struct Config {
     pub static_listen: Option<SocketAddr>,
     /// The gateway's URL as the web app's browsers reach it (given to the
     /// pages in `/config.json`); by default `http://` (or `https://` with
-    /// `--public-tls-dir`) and `--listen`.
+    /// `--public-tls-dir`) and `--listen`. Set it when browsers reach the
+    /// gateway by another name (a wildcard `--listen`, an ingress).
     #[arg(long, env = "STATIC_GATEWAY_URL", requires = "static_dir")]
     pub static_gateway_url: Option<String>,
     /// Identity (for calls into the mesh), mesh policy, admin port, drain.
@@ -173,6 +176,7 @@ impl Config {
                 origins.push(format!("http://localhost:{}", at.port()));
             }
         }
+        origins.sort();
         origins.dedup();
         origins
     }
