@@ -394,6 +394,7 @@ async fn dashboard_draws_every_edge_with_moving_rates_and_shows_a_killed_replica
             )
             .await;
         eprintln!("{printed}");
+        standalone_dashboard(&up, &browser.web).await;
         load.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let (ok, failed) = load.task.await.unwrap();
         eprintln!("load: {ok} rounds, {failed} failed calls");
@@ -630,5 +631,73 @@ async fn gateway_serves_the_web_app_on_its_own_port_and_cors_admits_only_its_ori
             !answer.contains("access-control-allow-origin: *"),
             "{answer}"
         );
+    }
+}
+
+/// `shopctl dashboard` on its own, reading the endpoints file of `up`:
+/// its `/api/view` names every edge of the shop; without a built page it
+/// refuses to start and says how to build one.
+async fn standalone_dashboard(up: &Up, web: &Path) {
+    let endpoints = up.state.join("endpoints.json");
+    let missing = Command::new(bin("shopctl"))
+        .arg("dashboard")
+        .arg("--endpoints")
+        .arg(&endpoints)
+        .args(["--listen", &common::free_addr().to_string()])
+        .args(["--web-dir", "/nonexistent"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success() && stderr.contains("npm ci && npm run build"),
+        "{stderr}"
+    );
+    let at = common::free_addr();
+    let mut dashboard = Command::new(bin("shopctl"))
+        .arg("dashboard")
+        .arg("--endpoints")
+        .arg(&endpoints)
+        .args(["--listen", &at.to_string(), "--interval", "0.5"])
+        .arg("--web-dir")
+        .arg(web.join("dist/dashboard"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let view = loop {
+        let view = match tokio::net::TcpStream::connect(at).await {
+            Ok(_) => {
+                let (status, body) = common::http_get(at, "/api/view").await;
+                assert_eq!(status, 200, "{body}");
+                serde_json::from_str::<Value>(&body).unwrap()
+            }
+            Err(_) => Value::Null,
+        };
+        if view["seq"].as_u64().unwrap_or(0) >= 1 {
+            break view;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "shopctl dashboard gave no view in 60 s: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = dashboard.kill();
+    let _ = dashboard.wait();
+    let known: Vec<String> = view["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            format!(
+                "{}>{}",
+                t["from"].as_str().unwrap(),
+                t["to"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for edge in SHOP_EDGES.split(',') {
+        assert!(known.iter().any(|k| k == edge), "{edge} not in {known:?}");
     }
 }
