@@ -6,7 +6,8 @@
 //! Files are loaded at start, not looked up per request, so a request can
 //! only ever name a file that was in the directory then: no path from the
 //! outside reaches the file system. Limits are explicit ([`MAX_FILES`],
-//! [`MAX_TOTAL_BYTES`], [`MAX_CONNECTIONS`], [`HEADER_READ_TIMEOUT`]); only
+//! [`MAX_TOTAL_BYTES`], [`MAX_CONNECTIONS`], [`HEADER_READ_TIMEOUT`],
+//! [`MAX_CONNECTION_AGE`]); only
 //! `GET` and `HEAD` are served; every answer carries a strict
 //! `Content-Security-Policy`, `nosniff`, `no-referrer` and `DENY` framing.
 //! A server on a loopback address answers only requests whose `Host` is a
@@ -33,6 +34,12 @@ pub const MAX_TOTAL_BYTES: u64 = 32 * 1024 * 1024;
 pub const MAX_CONNECTIONS: usize = 256;
 /// How long a client may take to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one connection is served; then it is closed gracefully (the
+/// answer in progress finishes, within [`CLOSE_GRACE`]), so idle
+/// keep-alive connections cannot hold every slot for good.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(120);
+/// How long a connection past its age may finish its answer.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// One answer: its content type and body.
 #[derive(Clone, Debug)]
@@ -174,12 +181,19 @@ impl Site {
                     let site = site.clone();
                     async move { Ok::<_, Infallible>(site.answer(req, loopback_only).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
+                let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
                     .max_buf_size(64 * 1024)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                    .serve_connection(TokioIo::new(stream), service);
+                let mut connection = std::pin::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => {}
+                    _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
+                    }
+                }
                 drop(slot);
             });
         }
