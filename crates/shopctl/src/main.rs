@@ -15,7 +15,9 @@
 #![forbid(unsafe_code)]
 
 mod certs;
+mod dashboard;
 mod top;
+mod web;
 
 use std::{
     ffi::OsString,
@@ -47,6 +49,9 @@ enum Cmd {
     /// Live view of request rate, success rate and latency per service and
     /// per edge, scraped from the admin ports.
     Top(top::TopArgs),
+    /// The mesh in a browser: service graph, golden metrics over time,
+    /// endpoints by state, retries and ejections, from the admin ports.
+    Dashboard(dashboard::DashboardArgs),
     /// Run one service in this process (what `up` starts per service).
     #[command(hide = true)]
     Serve {
@@ -90,6 +95,20 @@ struct UpArgs {
     /// a trusted network only; never with `--plaintext`).
     #[arg(long)]
     allow_non_loopback: bool,
+    /// The built web apps (`npm ci && npm run build` in web/): `shop/`, the
+    /// storefront, served by the first gateway process, and `dashboard/`,
+    /// the mesh dashboard, served by shopctl itself. A missing one is left
+    /// out, with a note saying how to build it.
+    #[arg(long, env = "SHOP_WEB_DIR", default_value = "web/dist")]
+    web_dir: PathBuf,
+    /// Port of the storefront (plain HTTP on --host); 0 serves none. A
+    /// port that is taken leaves the storefront out, with a note.
+    #[arg(long, env = "SHOP_STOREFRONT_PORT", default_value_t = 8055)]
+    storefront_port: u16,
+    /// Port of the mesh dashboard (plain HTTP on --host); 0 serves none. A
+    /// port that is taken leaves the dashboard out, with a note.
+    #[arg(long, env = "SHOP_DASHBOARD_PORT", default_value_t = 8056)]
+    dashboard_port: u16,
 }
 
 /// The most processes `--replicas` starts per service (five services: 40
@@ -169,6 +188,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Dashboard(args) => match dashboard::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("shopctl dashboard: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Top(args) => match top::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
@@ -235,6 +261,24 @@ fn check_up_args(args: &UpArgs) -> Result<(), String> {
     if a < b + span && b < a + span {
         return Err(format!(
             "--base-port {a} and --admin-base-port {b} overlap: each needs {span} ports"
+        ));
+    }
+    for (flag, port) in [
+        ("--storefront-port", args.storefront_port),
+        ("--dashboard-port", args.dashboard_port),
+    ] {
+        let p = u32::from(port);
+        if (a..a + span).contains(&p) || (b..b + span).contains(&p) {
+            return Err(format!(
+                "{flag} {port}: must be outside the {span} ports from --base-port {a} and \
+                 from --admin-base-port {b} (0 serves no page)"
+            ));
+        }
+    }
+    if args.storefront_port == args.dashboard_port && args.dashboard_port != 0 {
+        return Err(format!(
+            "--storefront-port and --dashboard-port are both {}",
+            args.dashboard_port
         ));
     }
     Ok(())
@@ -503,6 +547,12 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     };
     let plain_mesh = mesh_client::Mesh::from_config(mesh_client::MeshConfig::default())?;
     let status_path = state_dir.join("status.json");
+    let web = web::WebApps::find(
+        &args.web_dir,
+        args.host,
+        args.storefront_port,
+        args.dashboard_port,
+    );
     let mut replicas: Vec<Replica> = Vec::new();
     let mut endpoints = Endpoints {
         services: Default::default(),
@@ -567,6 +617,9 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                     admin(i, r).to_string().into(),
                 ]);
                 argv.extend(common.iter().cloned());
+                if public && r == 0 {
+                    argv.extend(web.gateway_args());
+                }
                 let replica = Replica {
                     service: name,
                     index: r,
@@ -643,6 +696,9 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         write_private(&path, &serde_json::to_string_pretty(&endpoints)?)?;
         write_status(&status_path, &replicas, false)?;
         print_banner(&endpoints, &path, n);
+        let admins = replicas.iter().map(|r| r.admin).collect();
+        web.start_dashboard(admins, status_path.clone(), stop.clone())?;
+        web.print_urls();
         runtime.block_on(supervise(&mut replicas, &exe, &status_path, stop.clone()))
     })();
     // Close this process's own connections first: a draining server waits for

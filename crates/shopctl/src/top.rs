@@ -120,7 +120,7 @@ struct ReplicaEntry {
     admin: String,
 }
 
-fn from_endpoints(path: &PathBuf) -> anyhow::Result<Vec<SocketAddr>> {
+pub(crate) fn from_endpoints(path: &PathBuf) -> anyhow::Result<Vec<SocketAddr>> {
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
             "reading {} (start the shop with `shopctl up`, or pass --admin ADDR)",
@@ -151,9 +151,9 @@ fn from_endpoints(path: &PathBuf) -> anyhow::Result<Vec<SocketAddr>> {
 }
 
 /// One scrape of one process: `None` if it could not be reached.
-type Scrape = (SocketAddr, Option<Vec<Sample>>);
+pub(crate) type Scrape = (SocketAddr, Option<Vec<Sample>>);
 
-async fn scrape_all(targets: &[SocketAddr]) -> Vec<Scrape> {
+pub(crate) async fn scrape_all(targets: &[SocketAddr]) -> Vec<Scrape> {
     let scrapes = targets.iter().map(|addr| async move {
         let samples = tokio::time::timeout(SCRAPE_TIMEOUT, fetch_metrics(*addr))
             .await
@@ -189,7 +189,7 @@ pub struct Sample {
 }
 
 impl Sample {
-    fn label(&self, name: &str) -> &str {
+    pub(crate) fn label(&self, name: &str) -> &str {
         self.labels.get(name).map(String::as_str).unwrap_or("")
     }
 }
@@ -433,7 +433,7 @@ struct EdgeRow {
 
 /// One snapshot: rates over the window between two scrapes.
 #[derive(Debug, Serialize)]
-struct View {
+pub(crate) struct View {
     window_seconds: f64,
     services: Vec<ServiceRow>,
     edges: Vec<EdgeRow>,
@@ -443,12 +443,12 @@ struct View {
     warming_up: Vec<String>,
     /// Every process `shopctl up` supervises, from its `status.json`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    processes: Vec<crate::ProcessStatus>,
+    pub(crate) processes: Vec<crate::ProcessStatus>,
 }
 
 /// The processes in `shopctl up`'s status file; none if it is missing or
 /// unreadable (the view is still useful without them).
-fn read_status(path: &std::path::Path) -> Vec<crate::ProcessStatus> {
+pub(crate) fn read_status(path: &std::path::Path) -> Vec<crate::ProcessStatus> {
     std::fs::read_to_string(path)
         .ok()
         .and_then(|text| serde_json::from_str::<crate::Status>(&text).ok())
@@ -457,7 +457,7 @@ fn read_status(path: &std::path::Path) -> Vec<crate::ProcessStatus> {
 }
 
 impl View {
-    fn between(before: &[Scrape], after: &[Scrape], window: f64) -> View {
+    pub(crate) fn between(before: &[Scrape], after: &[Scrape], window: f64) -> View {
         let mut sums: BTreeMap<Key, Totals> = BTreeMap::new();
         let mut unreachable = Vec::new();
         let mut warming_up = Vec::new();

@@ -12,7 +12,9 @@
 //! user too (a call with a valid token takes from both); over it,
 //! `RESOURCE_EXHAUSTED` with `retry-after`. The source address goes to the
 //! services in `x-shop-client`, for auth's per-client login limits. Browsers call it with gRPC-Web on the same port, with
-//! CORS for the configured origins. Health, reflection of the public
+//! CORS for the configured origins (with `--static-dir` it also serves a
+//! built web app, the storefront, on a second port, whose origin CORS then
+//! allows too). Health, reflection of the public
 //! surface only, metrics and traces come from the mesh server. An outside
 //! caller's deadline is cut to `--max-inbound-deadline-ms` before it
 //! travels into the mesh, and failures inside the mesh reach it as generic
@@ -105,6 +107,20 @@ pub struct Config {
     /// also cut to the mesh config's `maxTimeout` (default 30 s).
     #[arg(long, env = "MAX_INBOUND_DEADLINE_MS", default_value_t = 30_000)]
     pub max_inbound_deadline_ms: u64,
+    /// A built web app (the storefront, `web/dist/shop`) to serve on
+    /// `--static-listen`, a second, plain HTTP/1.1 port: its pages call
+    /// this gateway with gRPC-Web, and its own origin is allowed by CORS.
+    #[arg(long, env = "STATIC_DIR", requires = "static_listen")]
+    pub static_dir: Option<PathBuf>,
+    /// Address the web app of `--static-dir` is served on.
+    #[arg(long, env = "STATIC_LISTEN", requires = "static_dir")]
+    pub static_listen: Option<SocketAddr>,
+    /// The gateway's URL as the web app's browsers reach it (given to the
+    /// pages in `/config.json`); by default `http://` (or `https://` with
+    /// `--public-tls-dir`) and `--listen`. Set it when browsers reach the
+    /// gateway by another name (a wildcard `--listen`, an ingress).
+    #[arg(long, env = "STATIC_GATEWAY_URL", requires = "static_dir")]
+    pub static_gateway_url: Option<String>,
     /// Identity (for calls into the mesh), mesh policy, admin port, drain.
     #[command(flatten)]
     pub mesh: shop_kit::MeshArgs,
@@ -135,6 +151,34 @@ impl Config {
                     })
             })
             .collect()
+    }
+
+    /// The gateway URL the web app calls (see `--static-gateway-url`).
+    pub fn gateway_url(&self) -> String {
+        self.static_gateway_url.clone().unwrap_or_else(|| {
+            let scheme = if self.public_tls_dir.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}", self.listen)
+        })
+    }
+
+    /// The origins CORS allows: `--cors-allowed-origin`, and the web app's
+    /// own when the gateway serves one (as `http://` and the address, and
+    /// for a loopback address also as `http://localhost`).
+    pub fn allowed_origins(&self) -> Vec<String> {
+        let mut origins = self.cors_allowed_origins.clone();
+        if let Some(at) = self.static_listen {
+            origins.push(format!("http://{at}"));
+            if at.ip().is_loopback() {
+                origins.push(format!("http://localhost:{}", at.port()));
+            }
+        }
+        origins.sort();
+        origins.dedup();
+        origins
     }
 
     fn targets(&self) -> [(&'static str, &str); 4] {
@@ -183,6 +227,25 @@ impl shop_kit::ServiceConfig for Config {
         }
         if let Err(e) = self.trusted() {
             problems.push(e);
+        }
+        if let Some(url) = &self.static_gateway_url {
+            let ok = (url.starts_with("https://") || url.starts_with("http://"))
+                && !url.ends_with('/')
+                && !url.contains(|c: char| c.is_whitespace() || c == ';' || c == '\'');
+            if !ok {
+                problems.push(format!(
+                    "--static-gateway-url: {url:?} is not a URL like https://api.shop.example"
+                ));
+            }
+        }
+        if let Some(dir) = self.static_dir.as_ref().filter(|d| !d.is_dir()) {
+            problems.push(format!(
+                "--static-dir: {} is not a directory (build it: `npm ci && npm run build` in web/)",
+                dir.display()
+            ));
+        }
+        if self.static_listen.is_some_and(|at| at == self.listen) {
+            problems.push("--static-listen: must differ from --listen".to_owned());
         }
         if let Some(dir) = self.public_tls_dir.as_ref().filter(|d| !d.is_dir()) {
             problems.push(format!(
@@ -243,10 +306,34 @@ pub async fn run(
     let trusted = config.trusted().map_err(Error::Setup)?;
     let gateway = Gateway::new(routes, upstreams, keys, limit, trusted);
     let origins = config
-        .cors_allowed_origins
+        .allowed_origins()
         .iter()
         .map(|o| http::HeaderValue::from_str(o).expect("checked"))
         .collect();
+    // The storefront's port is bound before the gRPC server starts, so a
+    // bad address fails the start, not a background task.
+    let site = match (&config.static_dir, config.static_listen) {
+        (Some(dir), Some(at)) => {
+            let gateway_url = config.gateway_url();
+            let site = shop_kit::site::Site::load(dir, std::slice::from_ref(&gateway_url))
+                .map_err(|e| Error::Setup(format!("--static-dir: {e}")))?
+                .with_asset(
+                    "/config.json",
+                    shop_kit::site::Asset {
+                        content_type: "application/json",
+                        body: serde_json::json!({ "gatewayUrl": gateway_url })
+                            .to_string()
+                            .into(),
+                    },
+                );
+            let listener = TcpListener::bind(at)
+                .await
+                .map_err(|e| Error::Setup(format!("--static-listen {at}: {e}")))?;
+            tracing::info!(%at, dir = %dir.display(), "serving the web app");
+            Some((site, listener))
+        }
+        _ => None,
+    };
     // The public port speaks server-only TLS with --public-tls-dir, else
     // plaintext behind a load balancer or ingress that terminates TLS.
     // Calls into the mesh use the gateway's own identity over mTLS.
@@ -282,6 +369,10 @@ pub async fn run(
     if let Some(tls) = public_tls {
         server = server.public_tls(tls);
     }
+    let web = site.map(|(site, listener)| {
+        let draining = server.draining();
+        tokio::spawn(async move { site.serve(listener, draining.cancelled_owned()).await })
+    });
     let housekeeping = {
         let (gateway, draining) = (gateway.clone(), server.draining());
         tokio::spawn(async move {
@@ -300,6 +391,9 @@ pub async fn run(
     };
     server.serve(listener, shutdown).await?;
     housekeeping.abort();
+    if let Some(web) = web {
+        web.abort();
+    }
     Ok(())
 }
 
