@@ -787,3 +787,279 @@ async fn a_healed_partition_brings_traffic_back_without_a_thundering_herd() {
         );
     }
 }
+
+/// A PostgreSQL server in its own pod (a throwaway cluster, `fsync` off).
+struct PgPod {
+    pod: Pod,
+    /// Removed when dropped (after the bed has stopped the server).
+    _dir: tempfile::TempDir,
+}
+
+impl PgPod {
+    /// Starts PostgreSQL in a new pod of `bed`, or `None` (a skip) without it.
+    fn start(bed: &NetBed) -> Option<PgPod> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| d.flatten().map(|e| e.path().join("bin")).max());
+        let Some(bin) = bin.filter(|b| b.join("pg_ctl").exists()) else {
+            common::skip_or_fail("PostgreSQL (apt-get install -y postgresql) is not installed")?;
+            unreachable!()
+        };
+        let pod = bed.pod("postgres");
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let as_pg = |cmd: &mut std::process::Command| {
+            let out = cmd.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        as_pg(
+            std::process::Command::new("chown")
+                .arg("postgres")
+                .arg(dir.path()),
+        );
+        as_pg(
+            std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(bin.join("initdb"))
+                .args(["-A", "trust", "-U", "postgres", "-D"])
+                .arg(&data),
+        );
+        let conf = format!(
+            "listen_addresses = '{}'\nport = 5432\nunix_socket_directories = '{}'\nfsync = off\nmax_connections = 100\n",
+            pod.addr,
+            dir.path().display()
+        );
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut file, conf.as_bytes()).unwrap();
+        // The bed's pods only (trust: a throwaway cluster nothing else reaches).
+        let mut hba = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("pg_hba.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut hba, b"host all all 198.18.0.0/24 trust\n").unwrap();
+        let runuser = std::path::Path::new("/usr/sbin/runuser");
+        as_pg(
+            bed.command(&pod, runuser)
+                .args(["-u", "postgres", "--"])
+                .arg(bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(dir.path().join("server.log"))
+                .args(["-w", "start"]),
+        );
+        Some(PgPod { pod, _dir: dir })
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@{}:5432/postgres", self.pod.addr)
+    }
+}
+
+/// Scenario 6 (one service): PostgreSQL blackholed for 20 s under reads
+/// of two inventory replicas: both report NOT_SERVING, calls fail with
+/// UNAVAILABLE or DEADLINE_EXCEEDED and none outlives its deadline, and
+/// the service recovers once the database is reachable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_database_turns_its_service_not_serving_and_calls_fail_within_their_deadline()
+{
+    use shop_api::common::v1::Money;
+    use shop_api::inventory::v1::{
+        CreateProductRequest, GetProductRequest, inventory_service_client::InventoryServiceClient,
+    };
+    let Some(bed) = NetBed::new() else {
+        return;
+    };
+    let client = bed.pod("client");
+    let Some(pg) = PgPod::start(&bed) else {
+        return;
+    };
+    let rt = NsRuntime::new(&client);
+    let mut replicas = Vec::new();
+    for i in 0..2 {
+        let pod = bed.pod(&format!("inventory{i}"));
+        let addr = SocketAddr::from((pod.addr, 50052));
+        let child = bed
+            .command(&pod, &bin("inventory"))
+            .args(["--listen", &addr.to_string(), "--database-url", &pg.url()])
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        replicas.push((pod, Proc::adopt("inventory", addr, child)));
+        rt.run(common::wait_serving(addr)).await;
+    }
+    let target = format!(
+        "static:///{}",
+        replicas
+            .iter()
+            .map(|(_, p)| p.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let channel = rt
+        .run(async move {
+            Mesh::from_config(MeshConfig::default())
+                .unwrap()
+                .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+                .unwrap()
+                .channel(&target)
+                .unwrap()
+        })
+        .await;
+    let product = {
+        let mut inv = InventoryServiceClient::new(channel.clone());
+        rt.run(async move {
+            inv.create_product(CreateProductRequest {
+                sku: "NETFAULTS-1".into(),
+                name: "netfaults".into(),
+                price: Some(Money {
+                    currency_code: "USD".into(),
+                    amount_minor: 100,
+                }),
+                initial_stock: 10,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .product_id
+        })
+        .await
+    };
+    let start = Instant::now() + Duration::from_millis(100);
+    let (cut, heal, end) = (
+        Duration::from_secs(3),
+        Duration::from_secs(23),
+        Duration::from_secs(40),
+    );
+    let reads = {
+        let channel = channel.clone();
+        rt.spawn(async move {
+            let tasks: Vec<_> = (0..4)
+                .map(|_| {
+                    let mut inv = InventoryServiceClient::new(channel.clone());
+                    let product = product.clone();
+                    tokio::spawn(async move {
+                        let mut samples = Vec::new();
+                        tokio::time::sleep_until(start).await;
+                        while Instant::now() < start + end && samples.len() < 50_000 {
+                            let began = Instant::now();
+                            let mut request = tonic::Request::new(GetProductRequest {
+                                product_id: product.clone(),
+                            });
+                            request.set_timeout(DEADLINE);
+                            let (code, message) = match inv.get_product(request).await {
+                                Ok(_) => (Code::Ok, String::new()),
+                                Err(s) => (s.code(), s.message().to_owned()),
+                            };
+                            samples.push(Sample {
+                                at: began - start,
+                                took: began.elapsed(),
+                                code,
+                                server: None,
+                                message,
+                            });
+                            if code != Code::Ok {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                        samples
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap());
+            }
+            all.sort_by_key(|s| s.at);
+            all
+        })
+    };
+    // When both replicas are seen NOT_SERVING, and SERVING again.
+    let watch = {
+        let channel = channel.clone();
+        rt.spawn(async move {
+            let (mut down, mut up) = (None, None);
+            tokio::time::sleep_until(start + cut).await;
+            while Instant::now() < start + end {
+                let states = channel.endpoint_states();
+                let all = |v: Option<bool>| states.iter().all(|s| s.serving == v);
+                let now = Instant::now() - start;
+                if down.is_none() && all(Some(false)) {
+                    down = Some(now - cut);
+                }
+                if down.is_some() && up.is_none() && now >= heal && all(Some(true)) {
+                    up = Some(now - heal);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (down, up)
+        })
+    };
+    tokio::time::sleep_until(start + cut).await;
+    bed.blackhole(&pg.pod);
+    tokio::time::sleep_until(start + heal).await;
+    bed.heal(&pg.pod);
+    let samples = reads.await.unwrap();
+    let (down, up) = watch.await.unwrap();
+    let during: Vec<Sample> = samples
+        .iter()
+        .filter(|s| s.at >= cut && s.at < heal)
+        .cloned()
+        .collect();
+    let fails = failed(&during);
+    let slow_fails = fails
+        .iter()
+        .filter(|s| s.took > Duration::from_millis(2500))
+        .count();
+    let mut fail_took: Vec<Duration> = fails.iter().map(|s| s.took).collect();
+    fail_took.sort();
+    let back = samples
+        .iter()
+        .find(|s| s.at >= heal && s.code == Code::Ok)
+        .map(|s| s.at - heal);
+    println!(
+        "NETFAULTS database blackhole 20 s: both replicas NOT_SERVING after {down:?}, SERVING again {up:?} after the heal; \
+         calls during the outage {} {:?}; failures' duration p50 {:?} max {:?}, {} over 2.5 s; first success {back:?} after the heal; \
+         after the heal {:?}; first failure {:?}",
+        during.len(),
+        codes(&during),
+        fail_took.get(fail_took.len() / 2),
+        fail_took.last(),
+        slow_fails,
+        codes(
+            &samples
+                .iter()
+                .filter(|s| s.at >= heal)
+                .cloned()
+                .collect::<Vec<_>>()
+        ),
+        fails.first(),
+    );
+    assert_none_hung("reads", &samples);
+    for s in &fails {
+        assert!(
+            matches!(s.code, Code::Unavailable | Code::DeadlineExceeded),
+            "a read failed with {:?}: {}",
+            s.code,
+            s.message
+        );
+    }
+    assert!(down.is_some(), "the replicas never reported NOT_SERVING");
+    assert!(back.is_some(), "reads never succeeded again after the heal");
+    drop(channel);
+    drop(rt);
+    drop(replicas);
+    let prefix = bed.prefix.clone();
+    // The bed first: it kills PostgreSQL with its pod, then its files go.
+    drop(bed);
+    drop(pg);
+    assert!(NetBed::leftovers(&prefix).is_empty());
+}
