@@ -174,6 +174,13 @@ impl EndpointSet {
         self.resolved.load(Ordering::Acquire)
     }
 
+    /// Whether there are endpoints and every one reports NOT_SERVING (a
+    /// shared dependency down, or all draining).
+    pub(crate) fn all_not_serving(&self) -> bool {
+        let endpoints = self.snapshot();
+        !endpoints.is_empty() && endpoints.iter().all(|e| e.is_not_serving())
+    }
+
     /// Picks an endpoint for one call, avoiding `exclude` when possible.
     pub(crate) fn pick(
         &self,
