@@ -677,7 +677,7 @@ async fn p2c_prefers_the_near_zone_and_keeps_the_far_one_health_checked() {
             .collect::<Vec<_>>(),
     );
     assert_no_idempotent_failure("zones p2c", &p2c);
-    assert!(near(&p2c) > 0.6, "near share {:.3}", near(&p2c));
+    assert!(near(&p2c) > 0.55, "near share {:.3}", near(&p2c));
     assert!(
         near(&p2c) > near(&rr),
         "p2c {:.3} rr {:.3}",
@@ -865,8 +865,10 @@ impl PgPod {
 
 /// Scenario 6 (one service): PostgreSQL blackholed for 20 s under reads
 /// of two inventory replicas: both report NOT_SERVING, calls fail with
-/// UNAVAILABLE or DEADLINE_EXCEEDED and none outlives its deadline, and
-/// the service recovers once the database is reachable again.
+/// UNAVAILABLE or DEADLINE_EXCEEDED within about one pool timeout (the
+/// mesh does not retry while every replica is NOT_SERVING) and none
+/// outlives its deadline, and the service recovers once the database is
+/// reachable again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_database_turns_its_service_not_serving_and_calls_fail_within_their_deadline()
 {
@@ -1053,6 +1055,21 @@ async fn a_blackholed_database_turns_its_service_not_serving_and_calls_fail_with
         );
     }
     assert!(down.is_some(), "the replicas never reported NOT_SERVING");
+    // Reads started once both replicas report NOT_SERVING fail within about
+    // one pool acquire timeout (1 s), not one per attempt. (Reads whose
+    // query was on the wire at the cut wait for TCP until their deadline:
+    // the services have no client-side query timeout.)
+    let known_down = cut + down.unwrap() + Duration::from_millis(500);
+    let slow_after: Vec<&&Sample> = fails
+        .iter()
+        .filter(|s| s.at >= known_down && s.at < heal && s.took > Duration::from_millis(2500))
+        .collect();
+    assert!(
+        slow_after.is_empty(),
+        "{} reads failed after more than 2.5 s while every replica was NOT_SERVING; first {:?}",
+        slow_after.len(),
+        slow_after.first()
+    );
     assert!(back.is_some(), "reads never succeeded again after the heal");
     drop(channel);
     drop(rt);
