@@ -33,7 +33,12 @@ fn normalise(name: &str) -> String {
 
 impl TestDns {
     pub async fn start() -> TestDns {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        TestDns::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A server bound to `addr` (in a test bed, a pod's address).
+    pub async fn start_on(addr: SocketAddr) -> TestDns {
+        let socket = UdpSocket::bind(addr).await.unwrap();
         let addr = socket.local_addr().unwrap();
         let records: Table = Arc::default();
         let table = records.clone();

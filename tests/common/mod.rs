@@ -9,6 +9,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod dns;
+pub mod netbed;
 
 use std::{
     net::{SocketAddr, TcpListener},

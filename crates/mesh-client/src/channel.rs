@@ -351,7 +351,6 @@ fn connect_lazy(
 ) -> Channel {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .expect("a socket address is a valid URI authority")
-        .connect_timeout(settings.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(settings.keepalive_interval)
         .keep_alive_timeout(settings.keepalive_timeout)
@@ -360,6 +359,7 @@ fn connect_lazy(
         addr,
         tls,
         expected,
+        connect_timeout: settings.connect_timeout,
     })
 }
 

@@ -256,10 +256,21 @@ pub struct EndpointConfig {
     /// Give up connecting after this long. Default 1 s.
     #[serde(with = "duration_str")]
     pub connect_timeout: Duration,
-    /// HTTP/2 PING interval. Default 30 s.
+    /// Send an HTTP/2 PING after this long without reading a frame from
+    /// the endpoint. Default 5 s.
+    ///
+    /// With `keepalive_timeout`, this bounds how long a connection to a
+    /// peer that went silent (no RST: a blackholed node, a partition)
+    /// lives: at most interval + timeout (8 s) after its last frame. That
+    /// must be shorter than the calls' deadlines (10 s by default), so the
+    /// idempotent calls in flight on it fail as a broken connection in
+    /// time to be retried elsewhere; with the former 30 s + 10 s they all
+    /// ended DEADLINE_EXCEEDED (tests/netfaults.rs). A peer that polices
+    /// pings (grpc-go's servers allow one per 5 min without data) needs a
+    /// longer interval for its target's process.
     #[serde(with = "duration_str")]
     pub keepalive_interval: Duration,
-    /// Close the connection if a PING is not answered in this long. Default 10 s.
+    /// Close the connection if a PING is not answered in this long. Default 3 s.
     #[serde(with = "duration_str")]
     pub keepalive_timeout: Duration,
     /// First wait before reconnecting to an endpoint that refused a
@@ -276,8 +287,8 @@ impl Default for EndpointConfig {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(1),
-            keepalive_interval: Duration::from_secs(30),
-            keepalive_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(3),
             reconnect_backoff: Duration::from_secs(1),
             reconnect_backoff_max: Duration::from_secs(120),
         }
@@ -309,6 +320,11 @@ impl MeshConfig {
         check_timeout("defaultTimeout", self.default_timeout)?;
         check_timeout("maxTimeout", self.max_timeout)?;
         check_timeout("endpoint.connectTimeout", self.endpoint.connect_timeout)?;
+        check_timeout(
+            "endpoint.keepaliveInterval",
+            self.endpoint.keepalive_interval,
+        )?;
+        check_timeout("endpoint.keepaliveTimeout", self.endpoint.keepalive_timeout)?;
         check_timeout("dnsRefresh", self.dns_refresh)?;
         check_retry("retryPolicy", &self.retry_policy)?;
         if let Some(h) = &self.hedging_policy {
@@ -650,6 +666,20 @@ mod tests {
         );
         let err = MeshConfig::from_json(r#"{"loadBalancingPolicy":"random"}"#).unwrap_err();
         assert!(err.to_string().contains("random"), "{err}");
+    }
+
+    #[test]
+    fn a_silent_connection_dies_before_a_default_deadline_runs_out() {
+        // A blackholed peer's connection lives interval + timeout after its
+        // last frame; idempotent calls on it are retried elsewhere only if
+        // that comes before their deadline.
+        let c = MeshConfig::default();
+        assert!(c.endpoint.keepalive_interval + c.endpoint.keepalive_timeout < c.default_timeout);
+        let err = MeshConfig::from_json(r#"{"endpoint":{"keepaliveInterval":"0s"}}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("endpoint.keepaliveInterval"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -174,6 +174,13 @@ impl EndpointSet {
         self.resolved.load(Ordering::Acquire)
     }
 
+    /// Whether there are endpoints and every one reports NOT_SERVING (a
+    /// shared dependency down, or all draining).
+    pub(crate) fn all_not_serving(&self) -> bool {
+        let endpoints = self.snapshot();
+        !endpoints.is_empty() && endpoints.iter().all(|e| e.is_not_serving())
+    }
+
     /// Picks an endpoint for one call, avoiding `exclude` when possible.
     pub(crate) fn pick(
         &self,
@@ -186,13 +193,20 @@ impl EndpointSet {
             return Err(NoEndpoint::Empty);
         }
         let now = Instant::now();
-        // Preference levels: eligible and not excluded; eligible; then
-        // "panic mode" (as Envoy does): when every endpoint is ejected or
+        // Preference levels: eligible, not excluded and seen SERVING by its
+        // health watch; eligible and not excluded; eligible; then "panic
+        // mode" (as Envoy does): when every endpoint is ejected or
         // draining, trying one beats failing every call. Endpoints that
         // cannot even be connected to are never tried before their backoff.
+        // The first level keeps calls off an endpoint whose connection is
+        // still being made while others are up (gRPC picks only READY
+        // subchannels): a new endpoint behind dropped SYNs held every call
+        // that picked it for the connect timeout, one after another
+        // (tests/netfaults.rs); without health watching it is skipped.
         let usable = |e: &Endpoint, level: u8| match level {
-            0 => e.is_eligible(now) && !exclude.contains(&e.addr),
-            1 => e.is_eligible(now),
+            0 => e.is_serving() && e.is_eligible(now) && !exclude.contains(&e.addr),
+            1 => e.is_eligible(now) && !exclude.contains(&e.addr),
+            2 => e.is_eligible(now),
             _ => !e.is_reconnecting(now),
         };
         // Scan forward from a start index to the first usable endpoint.
@@ -202,14 +216,17 @@ impl EndpointSet {
                 .find(|e| usable(e, level))
         };
         let mut rng = rand::rng();
-        for level in 0..3u8 {
-            if level == 1 && exclude.is_empty() {
+        // One turn per pick, whichever level takes it.
+        let turn = match policy {
+            LbPolicy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed),
+            LbPolicy::P2c => 0,
+        };
+        for level in 0..4u8 {
+            if level == 2 && exclude.is_empty() {
                 continue;
             }
             let chosen = match policy {
-                LbPolicy::RoundRobin => {
-                    probe(self.next.fetch_add(1, Ordering::Relaxed), level).cloned()
-                }
+                LbPolicy::RoundRobin => probe(turn, level).cloned(),
                 LbPolicy::P2c => {
                     let coin = rand::Rng::random_bool(&mut rng, 0.5);
                     let lighter =
@@ -491,6 +508,32 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(set.pick(LbPolicy::P2c, &avoid).unwrap().addr.port(), 3);
         }
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_not_yet_seen_serving_is_skipped_while_another_is_up() {
+        let set = set_of(3).await;
+        let endpoints = set.snapshot();
+        // Nothing watched yet (or no health checks): every endpoint is used,
+        // round robin still takes each in turn.
+        let ports: Vec<u16> = (0..6)
+            .map(|_| set.pick(LbPolicy::RoundRobin, &[]).unwrap().addr.port())
+            .collect();
+        for port in 1..=3 {
+            assert_eq!(ports.iter().filter(|p| **p == port).count(), 2, "{ports:?}");
+        }
+        // Ports 1 and 2 answered their health watch; port 3 is still
+        // connecting (its SYNs may be going nowhere).
+        endpoints[0].set_serving(true);
+        endpoints[1].set_serving(true);
+        for policy in [LbPolicy::P2c, LbPolicy::RoundRobin] {
+            for _ in 0..200 {
+                assert_ne!(set.pick(policy, &[]).unwrap().addr.port(), 3, "{policy:?}");
+            }
+        }
+        // Excluding both serving ones (a retry) still finds the third.
+        let tried = [endpoints[0].addr, endpoints[1].addr];
+        assert_eq!(set.pick(LbPolicy::P2c, &tried).unwrap().addr.port(), 3);
     }
 
     #[tokio::test]

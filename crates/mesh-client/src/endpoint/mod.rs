@@ -306,6 +306,12 @@ impl Endpoint {
         self.health.store(value, Ordering::Relaxed);
     }
 
+    /// Whether the health watch has seen the endpoint SERVING (so its
+    /// connection is up), or its server has no health service.
+    pub(crate) fn is_serving(&self) -> bool {
+        self.health.load(Ordering::Relaxed) == HEALTH_SERVING
+    }
+
     pub(crate) fn is_not_serving(&self) -> bool {
         self.health.load(Ordering::Relaxed) == HEALTH_NOT_SERVING
     }

@@ -209,6 +209,14 @@ impl Retry {
             if !retryable || number >= policy.max_attempts || pushback == Pushback::Stop {
                 return result;
             }
+            // Every endpoint says it cannot serve (their database is down):
+            // panic mode gave the call one attempt; more would only
+            // multiply the outage's latency (two inventory replicas with
+            // PostgreSQL blackholed answered in 3 x the 1 s pool timeout,
+            // tests/netfaults.rs) and the load on what is broken.
+            if self.inner.set.all_not_serving() {
+                return result;
+            }
             if !self.budget.withdraw() {
                 crate::telemetry::metrics().budget_exhausted(&self.inner.set.peer);
                 tracing::debug!(target = %self.inner.set.target, path = parts.uri.path(), "retry budget exhausted; not retrying");

@@ -374,6 +374,12 @@ pub(crate) struct Connector {
     pub(crate) addr: SocketAddr,
     pub(crate) tls: Option<Arc<MeshTls>>,
     pub(crate) expected: Option<SpiffeId>,
+    /// Bounds TCP connect and TLS handshake together. Kept here, not as
+    /// tonic's `connect_timeout`: tonic applies that outside its
+    /// `ConnectError`, so a connect that timed out (SYNs dropped: a
+    /// blackholed node) looked like an error on a sent request (never
+    /// retried, `UNKNOWN`, no reconnect backoff) instead of a failed connect.
+    pub(crate) connect_timeout: std::time::Duration,
 }
 
 /// A dialled connection.
@@ -390,7 +396,8 @@ impl tower::Service<http::Uri> for Connector {
 
     fn call(&mut self, _uri: http::Uri) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move {
+        let limit = self.connect_timeout;
+        let connect = async move {
             let tcp = TcpStream::connect(this.addr).await?;
             tcp.set_nodelay(true)?;
             let Some(tls) = this.tls else {
@@ -408,6 +415,14 @@ impl tower::Service<http::Uri> for Connector {
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
             Ok(TokioIo::new(MaybeTls::Tls(Box::new(stream))))
+        };
+        Box::pin(async move {
+            tokio::time::timeout(limit, connect).await.map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within the connect timeout of {limit:?}"),
+                )
+            })?
         })
     }
 }
