@@ -1,7 +1,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -14,35 +14,19 @@ use tonic::{
 use tower::{Service, ServiceBuilder, util::BoxCloneSyncService};
 
 use crate::{
-    BoxError, MeshConfig, MeshError, Target,
+    BoxError,
+    authz::AuthzMode,
     balance::{Balancer, EndpointSet},
-    config::EndpointConfig,
+    config::{ConfigHandle, EndpointConfig, MeshConfig},
     deadline::{CallDeadline, DeadlineLayer},
     endpoint::EndpointState,
+    error::MeshError,
     methods::MethodTable,
-    resolve,
+    resolve::{self, Target},
     retry::{Budget, Retry},
-    telemetry::rpc::ClientTelemetryLayer,
+    telemetry::{metrics::Metrics, rpc::ClientTelemetryLayer},
     tls::{MeshTls, SpiffeId, io::Connector},
 };
-
-/// The live config, swapped whole on reload; calls take a cheap snapshot.
-#[derive(Clone, Debug)]
-pub(crate) struct ConfigHandle(Arc<RwLock<Arc<MeshConfig>>>);
-
-impl ConfigHandle {
-    fn new(config: MeshConfig) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(config))))
-    }
-
-    pub(crate) fn load(&self) -> Arc<MeshConfig> {
-        self.0.read().expect("config lock").clone()
-    }
-
-    fn store(&self, config: MeshConfig) {
-        *self.0.write().expect("config lock") = Arc::new(config);
-    }
-}
 
 /// The mesh of one process: its policy, what it knows about methods, and
 /// the factory of its channels.
@@ -53,22 +37,46 @@ pub struct Mesh {
     config: ConfigHandle,
     methods: Arc<MethodTable>,
     tls: Option<Arc<MeshTls>>,
+    metrics: Metrics,
 }
 
 impl Mesh {
-    /// A mesh with this policy (validated here).
+    /// A mesh with this policy (validated here), recording into the
+    /// process's default metrics ([`crate::telemetry::metrics()`]).
     pub fn from_config(config: MeshConfig) -> Result<Self, MeshError> {
-        config.validate()?;
         Ok(Self {
-            config: ConfigHandle::new(config),
+            config: ConfigHandle::new(config)?,
             methods: Arc::new(MethodTable::default()),
             tls: None,
+            metrics: crate::telemetry::metrics::metrics().clone(),
         })
     }
 
-    /// A mesh with built-in defaults.
+    /// Like [`Mesh::from_config`], for a config known to be valid.
+    ///
+    /// # Panics
+    ///
+    /// If `config` does not validate (the panic message names the field);
+    /// use [`Mesh::from_config`] for a config read from outside.
     pub fn new(config: MeshConfig) -> Self {
         Self::from_config(config).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Records this mesh's metrics (calls, retries, ejections, endpoints,
+    /// certificate expiry, config reloads) in `metrics` instead of the
+    /// process default, so two meshes in one process keep their series
+    /// apart. Channels made before keep recording where they did.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        if let Some(tls) = &self.tls {
+            metrics.add_source(tls);
+        }
+        self.metrics = metrics;
+        self
+    }
+
+    /// Where this mesh's channels record their metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// A mesh whose policy is read from a JSON file and re-read whenever the
@@ -81,7 +89,12 @@ impl Mesh {
         let path = path.as_ref().to_path_buf();
         let text = read(&path)?;
         let mesh = Self::from_config(MeshConfig::from_json(&text)?)?;
-        tokio::spawn(reload_forever(path, text, mesh.config.clone()));
+        tokio::spawn(reload_forever(
+            path,
+            text,
+            mesh.config.clone(),
+            mesh.metrics.clone(),
+        ));
         Ok(mesh)
     }
 
@@ -101,7 +114,7 @@ impl Mesh {
     /// identity comes from the target's `identity` in the config or from
     /// [`Mesh::channel_with_identity`].
     pub fn with_tls(mut self, tls: Arc<MeshTls>) -> Self {
-        crate::telemetry::metrics().watch_certificate(&tls);
+        self.metrics.add_source(&tls);
         self.tls = Some(tls);
         self
     }
@@ -111,16 +124,19 @@ impl Mesh {
         self.config.load()
     }
 
-    /// The live config, for a server that follows its reloads.
-    pub(crate) fn config_handle(&self) -> ConfigHandle {
+    /// The live config, for a server or a layer that follows its reloads.
+    pub fn config_handle(&self) -> ConfigHandle {
         self.config.clone()
+    }
+
+    /// What the mesh knows about methods (from registered descriptors).
+    pub fn methods(&self) -> Arc<MethodTable> {
+        self.methods.clone()
     }
 
     /// Replaces the policy; channels use it from their next call.
     pub fn reload(&self, config: MeshConfig) -> Result<(), MeshError> {
-        config.validate()?;
-        self.config.store(config);
-        Ok(())
+        self.config.reload(config)
     }
 
     /// A channel to `target` that any tonic-generated client accepts.
@@ -198,8 +214,12 @@ impl Mesh {
         let parsed: Target = target.parse()?;
         let config = self.config.load();
         let reresolve = Arc::new(Notify::new());
-        let set = EndpointSet::new(Arc::from(target), Arc::from(peer), reresolve.clone());
-        crate::telemetry::metrics().watch_endpoints(&set);
+        let set = EndpointSet::new(
+            Arc::from(target),
+            Arc::from(peer),
+            reresolve.clone(),
+            self.metrics.clone(),
+        );
         let changes = resolve::spawn(parsed, config.dns_refresh, reresolve);
         let endpoint_config = config.endpoint.clone();
         let tls = self.tls.clone();
@@ -222,6 +242,7 @@ impl Mesh {
                 budget.min_retries_per_second,
                 budget.retry_ratio,
             )),
+            metrics: self.metrics.clone(),
         };
         let timeouts = {
             let (config, target) = (self.config.clone(), target.to_owned());
@@ -239,6 +260,7 @@ impl Mesh {
             .layer(ClientTelemetryLayer::new(
                 Arc::from(peer),
                 Arc::from(target),
+                self.metrics.clone(),
             ))
             // Every call gets its deadline, never past maxTimeout, before
             // anything can wait.
@@ -280,7 +302,7 @@ fn read(path: &Path) -> Result<String, MeshError> {
 /// How often [`Mesh::from_file`] checks its file.
 const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
-async fn reload_forever(path: PathBuf, mut last: String, config: ConfigHandle) {
+async fn reload_forever(path: PathBuf, mut last: String, config: ConfigHandle, metrics: Metrics) {
     let mut tick = tokio::time::interval(RELOAD_EVERY);
     let mut unreadable = false;
     loop {
@@ -302,11 +324,11 @@ async fn reload_forever(path: PathBuf, mut last: String, config: ConfigHandle) {
         match check_reload(&config.load(), &text) {
             Ok(next) => {
                 tracing::info!(path = %path.display(), "mesh config reloaded");
-                crate::telemetry::metrics().config_reload("applied");
+                metrics.config_reload("applied");
                 config.store(next);
             }
             Err(e) => {
-                crate::telemetry::metrics().config_reload("refused");
+                metrics.config_reload("refused");
                 tracing::error!(
                     path = %path.display(),
                     "mesh config change REFUSED, the last good config (timeouts, retries, authorization policy) stays in force: {e}"
@@ -330,7 +352,7 @@ fn check_reload(current: &MeshConfig, text: &str) -> Result<MeshConfig, MeshErro
     let enforcing = |c: &MeshConfig| {
         c.authorization
             .as_ref()
-            .is_some_and(|p| p.mode == crate::authz::AuthzMode::Enforce)
+            .is_some_and(|p| p.mode == AuthzMode::Enforce)
     };
     if enforcing(current) && !enforcing(&next) {
         return Err(MeshError::InvalidConfig {

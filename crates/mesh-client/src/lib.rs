@@ -52,10 +52,13 @@ pub mod server;
 pub mod telemetry;
 pub mod tls;
 
+#[cfg(test)]
+mod layering;
+
 pub use channel::{Mesh, MeshChannel};
 pub use config::{
-    EndpointConfig, HedgingPolicy, LbPolicy, MeshConfig, MethodConfig, OutlierDetection,
-    RetryBudget, RetryPolicy, TargetConfig,
+    ConfigHandle, EndpointConfig, HedgingPolicy, LbPolicy, MeshConfig, MethodConfig,
+    OutlierDetection, RetryBudget, RetryPolicy, TargetConfig,
 };
 pub use endpoint::EndpointState;
 pub use error::MeshError;

@@ -24,10 +24,16 @@ use tower::{
 };
 
 use crate::{
-    MeshError, MethodTable,
-    authz::{AuthorizationPolicy, AuthzLayer, PolicySource},
+    authz::{
+        AuthorizationPolicy,
+        layer::{AuthzLayer, PolicySource},
+    },
+    body::ServerDeadlineLayer,
+    channel::Mesh,
     deadline::InboundDeadlineLayer,
-    telemetry::rpc::ServerTelemetryLayer,
+    error::MeshError,
+    methods::MethodTable,
+    telemetry::{admin, metrics::Metrics, rpc::ServerTelemetryLayer},
     tls::{MeshTls, PublicTls, ServerTls, io::accept_loop},
 };
 
@@ -128,6 +134,7 @@ pub struct MeshServer {
     admin: Option<std::net::TcpListener>,
     fallback: Option<FallbackService>,
     grpc_web: Option<Vec<http::HeaderValue>>,
+    metrics: Metrics,
 }
 
 /// A service for every path no added service claims (a proxy).
@@ -159,7 +166,21 @@ impl MeshServer {
             admin: None,
             fallback: None,
             grpc_web: None,
+            metrics: crate::telemetry::metrics::metrics().clone(),
         }
+    }
+
+    /// Records the server's metrics (inbound calls, denials, handshake
+    /// failures, certificate expiry) in `metrics` and serves those on the
+    /// admin port, instead of the process default
+    /// ([`crate::telemetry::metrics()`]). Give it the mesh's
+    /// ([`Mesh::metrics`]) to serve the client side's series too.
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        if let Some(tls) = &self.tls {
+            metrics.add_source(tls);
+        }
+        self.metrics = metrics;
+        self
     }
 
     /// Sends every call no added service claims to `svc` (a proxy, such
@@ -203,7 +224,7 @@ impl MeshServer {
     /// SPIFFE ID becomes the caller identity ([`crate::tls::caller_identity`]).
     /// Without this the server speaks plaintext.
     pub fn tls(mut self, tls: Arc<MeshTls>) -> Self {
-        crate::telemetry::metrics().watch_certificate(&tls);
+        self.metrics.add_source(&tls);
         self.tls = Some(tls);
         self
     }
@@ -227,7 +248,7 @@ impl MeshServer {
     /// `mesh`'s config as it is at that call, so a policy file the mesh
     /// watches ([`crate::Mesh::from_file`]) is enforced as it changes,
     /// without a restart; see [`crate::authz`] for what a bad change does.
-    pub fn authorization_from(mut self, mesh: &crate::Mesh) -> Self {
+    pub fn authorization_from(mut self, mesh: &Mesh) -> Self {
         self.authorization = PolicySource::Live(mesh.config_handle());
         self
     }
@@ -370,6 +391,7 @@ impl MeshServer {
             server_tls,
             config.max_concurrent_handshakes,
             stop_accepting,
+            self.metrics.clone(),
         ));
         let known = Arc::new(known_paths(sets)?);
         let stop_admin = CancellationToken::new();
@@ -378,8 +400,9 @@ impl MeshServer {
             listener.set_nonblocking(true)?;
             let listener = TcpListener::from_std(listener)?;
             tracing::info!(admin = %listener.local_addr()?, "admin port: /metrics /live /ready");
-            tokio::spawn(crate::telemetry::admin::serve(
+            tokio::spawn(admin::serve(
                 listener,
+                self.metrics.clone(),
                 readiness(reporter.clone()),
                 Some(tonic_health::pb::health_server::HealthServer::new(
                     tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
@@ -400,9 +423,10 @@ impl MeshServer {
             .layer(ServerTelemetryLayer::new(
                 known.clone(),
                 config.trust_trace_context,
+                self.metrics.clone(),
             ))
             // Then who may call what, before any work is done.
-            .layer(AuthzLayer::new(self.authorization, known))
+            .layer(AuthzLayer::new(self.authorization, known, self.metrics))
             .layer(LoadShedLayer::new())
             .layer(GlobalConcurrencyLimitLayer::new(config.concurrency_limit))
             .layer(InboundDeadlineLayer::new(config.max_inbound_deadline))
@@ -410,7 +434,7 @@ impl MeshServer {
             // the reference servers (tonic alone says CANCELLED, or nothing
             // for a stalled stream), and a client's cancellation reaches the
             // handler as an error, not as the end of its request stream.
-            .layer(crate::body::ServerDeadlineLayer)
+            .layer(ServerDeadlineLayer)
             .into_inner();
         let server = Server::builder()
             .max_concurrent_streams(config.max_concurrent_streams)
@@ -546,7 +570,7 @@ fn known_paths(sets: &[&[u8]]) -> Result<HashSet<String>, MeshError> {
 
 /// Ready when the whole server reports SERVING (not draining, certificate
 /// valid, dependencies up).
-fn readiness(reporter: HealthReporter) -> crate::telemetry::admin::Readiness {
+fn readiness(reporter: HealthReporter) -> admin::Readiness {
     use tonic_health::pb::{HealthCheckRequest, health_check_response, health_server::Health};
     let health = Arc::new(tonic_health::server::HealthService::from_health_reporter(
         reporter,

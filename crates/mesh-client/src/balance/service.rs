@@ -15,7 +15,7 @@ use tower::{Service, ServiceExt};
 use super::{EndpointSet, NoEndpoint};
 use crate::{
     BoxError,
-    channel::ConfigHandle,
+    config::ConfigHandle,
     endpoint::{ObservedBody, header_status, is_endpoint_failure},
 };
 

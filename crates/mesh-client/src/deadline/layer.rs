@@ -23,10 +23,7 @@ pub type TimeoutPolicy = Arc<dyn Fn(&str) -> Duration + Send + Sync>;
 /// The default and the longest deadline of a call, by gRPC path.
 pub type DeadlinePolicy = Arc<dyn Fn(&str) -> CallDeadline + Send + Sync>;
 
-/// The longest deadline a call gets when nothing configures one (30 s):
-/// long enough for any unary call of the shop, short enough that a caller
-/// cannot pin work in every service of a chain for hours.
-pub const DEFAULT_MAX_TIMEOUT: Duration = Duration::from_secs(30);
+pub use crate::config::DEFAULT_MAX_TIMEOUT;
 
 /// What bounds one call's deadline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -40,10 +40,11 @@ use tower::Service;
 use crate::{
     BoxError,
     balance::{Balancer, CallError, Exclude, Picked, Served},
-    channel::ConfigHandle,
+    config::ConfigHandle,
     config::{HedgingPolicy, RetryPolicy},
     endpoint::header_status,
     methods::MethodTable,
+    telemetry::metrics::Metrics,
 };
 
 type Attempt = Result<http::Response<Body>, CallError>;
@@ -55,6 +56,7 @@ pub(crate) struct Retry {
     pub(crate) config: ConfigHandle,
     pub(crate) methods: Arc<MethodTable>,
     pub(crate) budget: Arc<Budget>,
+    pub(crate) metrics: Metrics,
 }
 
 /// How an attempt ended, for the retry decision.
@@ -210,7 +212,7 @@ impl Retry {
                 return result;
             }
             if !self.budget.withdraw() {
-                crate::telemetry::metrics().budget_exhausted(&self.inner.set.peer);
+                self.metrics.budget_exhausted(&self.inner.set.peer);
                 tracing::debug!(target = %self.inner.set.target, path = parts.uri.path(), "retry budget exhausted; not retrying");
                 return result;
             }
@@ -223,7 +225,8 @@ impl Retry {
             };
             tracing::debug!(target = %self.inner.set.target, path = parts.uri.path(), attempt = number + 1, ?wait, ?code, "retrying");
             tokio::time::sleep(wait).await;
-            crate::telemetry::metrics().retry(&self.inner.set.peer, parts.uri.path(), false);
+            self.metrics
+                .retry(&self.inner.set.peer, parts.uri.path(), false);
             number += 1;
         }
     }
@@ -259,7 +262,7 @@ impl Retry {
                             last = Some(result);
                             // A non-fatal failure sends the next hedge at once.
                             if more && self.budget.withdraw() {
-                                crate::telemetry::metrics().retry(&self.inner.set.peer, parts.uri.path(), true);
+                                self.metrics.retry(&self.inner.set.peer, parts.uri.path(), true);
                                 tracing::debug!(target = %self.inner.set.target, path = parts.uri.path(), attempt = sent + 1, ?code, "hedging after a non-fatal failure");
                                 launch(&mut sent, &mut running, &mut exclude);
                             } else if running.is_empty() {
@@ -271,11 +274,11 @@ impl Retry {
                 }
                 _ = tokio::time::sleep(policy.hedging_delay), if more => {
                     if self.budget.withdraw() {
-                        crate::telemetry::metrics().retry(&self.inner.set.peer, parts.uri.path(), true);
+                        self.metrics.retry(&self.inner.set.peer, parts.uri.path(), true);
                         tracing::debug!(target = %self.inner.set.target, path = parts.uri.path(), attempt = sent + 1, "hedging");
                         launch(&mut sent, &mut running, &mut exclude);
                     } else {
-                        crate::telemetry::metrics().budget_exhausted(&self.inner.set.peer);
+                        self.metrics.budget_exhausted(&self.inner.set.peer);
                         sent = policy.max_attempts;
                     }
                 }

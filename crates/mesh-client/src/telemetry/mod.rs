@@ -12,14 +12,15 @@
 //!   through a batch processor with a bounded queue that drops rather than
 //!   blocks (`OTEL_BSP_*` tune it); `OTEL_SERVICE_NAME`,
 //!   `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_TRACES_SAMPLER(_ARG)` are honoured.
-//! - **Metrics**: [`metrics()`] holds the process's golden metrics, served
-//!   in the OpenMetrics text format by the [`admin`] port.
+//! - **Metrics**: a [`Metrics`] handle per mesh and server (by default the
+//!   process's, [`metrics()`]) holds the golden metrics, served in the
+//!   OpenMetrics text format by the [`admin`] port.
 //! - **Logs**: `tracing` events to stderr, filtered by `RUST_LOG` (default
 //!   `info`), human-readable or JSON (`LOG_FORMAT=json`); lines logged
 //!   while handling a call carry its `trace_id`.
 
 pub mod admin;
-mod metrics;
+pub(crate) mod metrics;
 pub(crate) mod rpc;
 
 use opentelemetry::trace::TracerProvider as _;
@@ -29,7 +30,6 @@ use tracing_subscriber::{
     EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt,
 };
 
-pub(crate) use metrics::RpcPath;
 pub use metrics::{Direction, Metrics, code_name, metrics};
 
 /// What [`init`] set up; call [`Telemetry::shutdown`] before exiting so
