@@ -16,14 +16,15 @@ use tower::{Service, ServiceBuilder, util::BoxCloneSyncService};
 use crate::{
     BoxError,
     authz::AuthzMode,
-    balance::{Balancer, EndpointSet},
+    balance::{BalanceLayer, EndpointSet},
+    body::BodyDeadlineLayer,
     config::{ConfigHandle, EndpointConfig, MeshConfig},
     deadline::{CallDeadline, DeadlineLayer},
-    endpoint::EndpointState,
+    endpoint::{Connection, EndpointState},
     error::MeshError,
     methods::MethodTable,
     resolve::{self, Target},
-    retry::{Budget, Retry},
+    retry::RetryLayer,
     telemetry::{metrics::Metrics, rpc::ClientTelemetryLayer},
     tls::{MeshTls, SpiffeId, io::Connector},
 };
@@ -229,21 +230,6 @@ impl Mesh {
             config.health_checks,
         ));
 
-        let budget = &config.retry_budget;
-        let retry = Retry {
-            inner: Balancer {
-                set: set.clone(),
-                config: self.config.clone(),
-            },
-            config: self.config.clone(),
-            methods: self.methods.clone(),
-            budget: Arc::new(Budget::new(
-                budget.ttl,
-                budget.min_retries_per_second,
-                budget.retry_ratio,
-            )),
-            metrics: self.metrics.clone(),
-        };
         let timeouts = {
             let (config, target) = (self.config.clone(), target.to_owned());
             move |path: &str| {
@@ -266,9 +252,17 @@ impl Mesh {
             // anything can wait.
             .layer(DeadlineLayer::with_limits(Arc::new(timeouts)))
             // The deadline holds for the whole response, streams included.
-            .layer(crate::body::BodyDeadlineLayer)
-            // Then retries and hedges, each attempt balanced afresh.
-            .service(retry);
+            .layer(BodyDeadlineLayer)
+            // Then retries and hedges within the budget, by the live policy.
+            .layer(
+                RetryLayer::new(target, self.config.clone(), self.methods.clone())
+                    .named(peer)
+                    .metrics(self.metrics.clone()),
+            )
+            // Each attempt to one endpoint of the live set, balanced afresh.
+            .layer(BalanceLayer::new(set.clone(), self.config.clone()))
+            // On that endpoint's own HTTP/2 connection.
+            .service(Connection);
         Ok(MeshChannel {
             inner: BoxCloneSyncService::new(stack),
             set,
@@ -463,5 +457,80 @@ mod tests {
         // Without a policy in force, any valid file is taken.
         assert!(check_reload(&without, "{}").is_ok());
         assert!(check_reload(&without, policy).is_ok());
+    }
+
+    /// The value of `mesh_config_reloads_total{outcome=..}` in the process default.
+    fn reloads(outcome: &str) -> u64 {
+        crate::telemetry::metrics()
+            .encode()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "mesh_config_reloads_total{{outcome=\"{outcome}\"}} "
+                ))
+                .map(|n| n.parse().unwrap())
+            })
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_config_file_applies_at_the_next_check_and_a_broken_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.json");
+        std::fs::write(&path, r#"{"defaultTimeout":"1s"}"#).unwrap();
+        let mesh = Mesh::from_file(&path).unwrap();
+        let (applied, refused) = (reloads("applied"), reloads("refused"));
+        std::fs::write(&path, r#"{"defaultTimeout":"3s"}"#).unwrap();
+        // Bounded: at most fifty checks (of paused time).
+        for _ in 0..50 {
+            if mesh.config().default_timeout == Duration::from_secs(3) {
+                break;
+            }
+            tokio::time::sleep(RELOAD_EVERY).await;
+        }
+        assert_eq!(mesh.config().default_timeout, Duration::from_secs(3));
+        assert_eq!(reloads("applied"), applied + 1);
+
+        std::fs::write(&path, r#"{"defaultTimeout":"#).unwrap();
+        for _ in 0..50 {
+            if reloads("refused") > refused {
+                break;
+            }
+            tokio::time::sleep(RELOAD_EVERY).await;
+        }
+        assert_eq!(reloads("refused"), refused + 1);
+        assert_eq!(
+            mesh.config().default_timeout,
+            Duration::from_secs(3),
+            "the last good config stays"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_mesh_with_its_own_metrics_keeps_its_series_apart_and_drops_them_with_the_channel() {
+        let own = Metrics::new();
+        let mesh = Mesh::new(MeshConfig::default()).with_metrics(own.clone());
+        let other = Mesh::new(MeshConfig::default()).with_metrics(Metrics::new());
+        let channel = mesh.channel("static:///127.0.0.1:9").unwrap();
+        let line = "mesh_endpoints{peer=\"static:///127.0.0.1:9\",state=\"ready\"} 1";
+        for _ in 0..200 {
+            if own.encode().contains(line) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(own.encode().contains(line), "{}", own.encode());
+        assert!(!other.metrics().encode().contains("static:///127.0.0.1:9"));
+        assert!(
+            !crate::telemetry::metrics()
+                .encode()
+                .contains("static:///127.0.0.1:9"),
+            "not in the process default either"
+        );
+        drop(channel);
+        assert!(
+            !own.encode().contains("mesh_endpoints{"),
+            "a dropped channel's endpoints are no longer reported"
+        );
     }
 }

@@ -47,7 +47,7 @@ mod endpoint;
 mod error;
 mod methods;
 mod resolve;
-mod retry;
+pub mod retry;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

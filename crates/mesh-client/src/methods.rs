@@ -62,6 +62,12 @@ impl MethodTable {
         Ok(())
     }
 
+    /// Adds (or replaces) what is known of one method, for a contract whose
+    /// descriptor does not say it (`path` is `/package.Service/Method`).
+    pub fn insert(&mut self, path: &str, info: MethodInfo) {
+        self.methods.insert(path.to_owned(), info);
+    }
+
     /// Every registered path.
     pub fn paths(&self) -> impl Iterator<Item = &str> {
         self.methods.keys().map(String::as_str)

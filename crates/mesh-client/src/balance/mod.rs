@@ -26,7 +26,7 @@ use tower::discover::Change;
 
 mod service;
 
-pub(crate) use service::{Balancer, CallError, Exclude, Picked, Served, timed_out};
+pub(crate) use service::{BalanceLayer, CallError, Exclude, Picked, Served, timed_out};
 
 use crate::{
     config::{LbPolicy, OutlierDetection},
@@ -361,6 +361,9 @@ fn two_distinct(rng: &mut impl rand::Rng, n: usize) -> (usize, usize) {
     };
     (a, b)
 }
+
+#[cfg(test)]
+mod layer_tests;
 
 #[cfg(test)]
 mod tests {
