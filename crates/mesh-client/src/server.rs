@@ -1,11 +1,18 @@
 //! The mesh server: what every service's gRPC server is built with.
 //!
-//! Layers, outer to inner: load shedding (`RESOURCE_EXHAUSTED` at once when
-//! the process is at its concurrency limit, instead of queueing into the
-//! caller's deadline) → inbound deadline capture (for propagation, cut to
-//! [`ServerConfig::max_inbound_deadline`]) → the
-//! service. Alongside the service it serves `grpc.health.v1.Health` and
-//! reflection (v1 and v1alpha) limited to what this server implements.
+//! Layers, outer to inner, after the TLS accept (which makes the peer's
+//! SPIFFE ID the caller identity): gRPC-Web translation, when enabled
+//! ([`MeshServer::grpc_web`]) → telemetry (a span and the golden metrics
+//! for every call, refused ones included) → authorization (claimed-identity
+//! headers stripped, then `PERMISSION_DENIED` for what the policy does not
+//! allow) → load shedding (`RESOURCE_EXHAUSTED` at once when the process is
+//! at its concurrency limit, instead of queueing into the caller's
+//! deadline) → the process-wide concurrency limit → inbound deadline
+//! capture (for propagation, cut to [`ServerConfig::max_inbound_deadline`])
+//! → the call's deadline enforced on the response (`DEADLINE_EXCEEDED`,
+//! streams included) → the service. Alongside the service it serves
+//! `grpc.health.v1.Health` and reflection (v1 and v1alpha) limited to what
+//! this server implements.
 //!
 //! Shutdown drains: health flips to `NOT_SERVING`, the server waits
 //! [`ServerConfig::drain_grace`] so balancers notice, then sends HTTP/2
