@@ -66,7 +66,9 @@ impl Mesh {
     /// Records this mesh's metrics (calls, retries, ejections, endpoints,
     /// certificate expiry, config reloads) in `metrics` instead of the
     /// process default, so two meshes in one process keep their series
-    /// apart. Channels made before keep recording where they did.
+    /// apart. Channels made before keep recording where they did, and so
+    /// does the file watch of [`Mesh::from_file`] (its reload counts go
+    /// to the process default).
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         if let Some(tls) = &self.tls {
             metrics.add_source(tls);

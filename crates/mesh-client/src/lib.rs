@@ -53,6 +53,12 @@
 //! ([`Mesh`]/[`MeshChannel`], [`server::MeshServer`]). The drawing is in
 //! `docs/mesh-client-modules.md`; a unit test fails on an upward use or a
 //! cycle.
+//!
+//! Cargo features, all on by default (`default-features = false` leaves
+//! them out): `otlp` (trace export over OTLP/gRPC from
+//! [`telemetry::init`]), `grpc-web` (`MeshServer::grpc_web`), `admin` (the
+//! admin port: `MeshServer::admin`, `telemetry::admin`); and, off by
+//! default, `dev-ca` (a development CA, `tls::dev`).
 
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub)]

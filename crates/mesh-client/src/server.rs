@@ -40,7 +40,7 @@ use crate::{
     deadline::InboundDeadlineLayer,
     error::MeshError,
     methods::MethodTable,
-    telemetry::{admin, metrics::Metrics, rpc::ServerTelemetryLayer},
+    telemetry::{metrics::Metrics, rpc::ServerTelemetryLayer},
     tls::{MeshTls, PublicTls, ServerTls, io::accept_loop},
 };
 
@@ -138,6 +138,7 @@ pub struct MeshServer {
     tls: Option<Arc<MeshTls>>,
     public_tls: Option<Arc<PublicTls>>,
     authorization: PolicySource,
+    #[cfg(feature = "admin")]
     admin: Option<std::net::TcpListener>,
     fallback: Option<FallbackService>,
     grpc_web: Option<Vec<http::HeaderValue>>,
@@ -170,6 +171,7 @@ impl MeshServer {
             tls: None,
             public_tls: None,
             authorization: PolicySource::default(),
+            #[cfg(feature = "admin")]
             admin: None,
             fallback: None,
             grpc_web: None,
@@ -212,6 +214,8 @@ impl MeshServer {
     /// browser can call the services, with CORS allowing exactly
     /// `allowed_origins` (a preflight from any other origin gets no
     /// `access-control-allow-origin`, so the browser refuses the call).
+    /// With the `grpc-web` feature (on by default).
+    #[cfg(feature = "grpc-web")]
     pub fn grpc_web(mut self, allowed_origins: Vec<http::HeaderValue>) -> Self {
         self.grpc_web = Some(allowed_origins);
         self
@@ -220,7 +224,9 @@ impl MeshServer {
     /// Serves the admin endpoints (`/metrics`, `/live`, `/ready`, and
     /// `grpc.health.v1.Health` in plaintext for kubelet gRPC probes; see
     /// [`crate::telemetry::admin`]) on `listener` while the server runs.
-    /// `/ready` follows the server's overall health status.
+    /// `/ready` follows the server's overall health status. With the
+    /// `admin` feature (on by default).
+    #[cfg(feature = "admin")]
     pub fn admin(mut self, listener: std::net::TcpListener) -> Self {
         self.admin = Some(listener);
         self
@@ -403,11 +409,12 @@ impl MeshServer {
         let known = Arc::new(known_paths(sets)?);
         let stop_admin = CancellationToken::new();
         let _stop_admin_on_return = stop_admin.clone().drop_guard();
+        #[cfg(feature = "admin")]
         if let Some(listener) = self.admin {
             listener.set_nonblocking(true)?;
             let listener = TcpListener::from_std(listener)?;
             tracing::info!(admin = %listener.local_addr()?, "admin port: /metrics /live /ready");
-            tokio::spawn(admin::serve(
+            tokio::spawn(crate::telemetry::admin::serve(
                 listener,
                 self.metrics.clone(),
                 readiness(reporter.clone()),
@@ -417,12 +424,15 @@ impl MeshServer {
                 stop_admin,
             ));
         }
+        #[cfg(feature = "grpc-web")]
         let web = self.grpc_web.clone().map(|origins| {
             ServiceBuilder::new()
                 .layer(cors(origins))
                 .layer(tonic_web::GrpcWebLayer::new())
                 .into_inner()
         });
+        #[cfg(not(feature = "grpc-web"))]
+        let web: Option<tower::layer::util::Identity> = None;
         let layers = ServiceBuilder::new()
             // Browsers' gRPC-Web becomes gRPC before anything else looks at it.
             .option_layer(web)
@@ -536,6 +546,7 @@ fn reflection_builder<'a>(
 
 /// CORS for gRPC-Web: the origins given, the headers grpc-web clients send
 /// and the ones they must read.
+#[cfg(feature = "grpc-web")]
 fn cors(origins: Vec<http::HeaderValue>) -> tower_http::cors::CorsLayer {
     use http::{HeaderName, Method};
     use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -577,7 +588,8 @@ fn known_paths(sets: &[&[u8]]) -> Result<HashSet<String>, MeshError> {
 
 /// Ready when the whole server reports SERVING (not draining, certificate
 /// valid, dependencies up).
-fn readiness(reporter: HealthReporter) -> admin::Readiness {
+#[cfg(feature = "admin")]
+fn readiness(reporter: HealthReporter) -> crate::telemetry::admin::Readiness {
     use tonic_health::pb::{HealthCheckRequest, health_check_response, health_server::Health};
     let health = Arc::new(tonic_health::server::HealthService::from_health_reporter(
         reporter,
