@@ -14,18 +14,11 @@
 //! policy altogether (turning deny-by-default into allow-all takes a
 //! restart, not a file edit).
 
-use std::{
-    collections::HashSet,
-    sync::Arc,
-    task::{Context, Poll},
-};
+pub(crate) mod layer;
 
-use futures::future::{Either, Ready, ready};
 use serde::Deserialize;
-use tonic::body::Body;
-use tower::{Layer, Service};
 
-use crate::{MeshError, channel::ConfigHandle, telemetry::RpcPath, tls::PeerInfo};
+use crate::{error::MeshError, tls::identity::SpiffeId};
 
 /// Request headers that claim an identity. They are never trusted and are
 /// removed before the service sees the request.
@@ -124,7 +117,7 @@ impl AuthorizationPolicy {
             for (j, caller) in rule.callers.iter().enumerate() {
                 let ok = caller == "*"
                     || (caller.ends_with('*') && caller.starts_with("spiffe://"))
-                    || caller.parse::<crate::tls::SpiffeId>().is_ok();
+                    || caller.parse::<SpiffeId>().is_ok();
                 if !ok {
                     return Err(bad(
                         format!("authorization.rules[{i}].callers[{j}]"),
@@ -158,117 +151,6 @@ impl AuthorizationPolicy {
             rule.callers.iter().any(|p| caller_matches(p, caller))
                 && rule.methods.iter().any(|p| method_matches(p, method))
         })
-    }
-}
-
-/// Where a server's policy comes from.
-#[derive(Clone, Debug)]
-pub(crate) enum PolicySource {
-    /// Fixed when the server was built (`None`: no authorization).
-    Fixed(Option<Arc<AuthorizationPolicy>>),
-    /// The `authorization` of a mesh's live config, read at each call
-    /// (a lock-free-in-practice read lock and an `Arc` clone, no allocation).
-    Live(ConfigHandle),
-}
-
-impl Default for PolicySource {
-    fn default() -> Self {
-        PolicySource::Fixed(None)
-    }
-}
-
-/// Server layer: strips claimed-identity headers and enforces the policy.
-#[derive(Clone, Debug)]
-pub(crate) struct AuthzLayer {
-    policy: PolicySource,
-    // Paths the server serves: denials of others are counted as `unknown`.
-    known: Arc<HashSet<String>>,
-}
-
-impl AuthzLayer {
-    pub(crate) fn new(policy: PolicySource, known: Arc<HashSet<String>>) -> Self {
-        Self { policy, known }
-    }
-}
-
-impl<S> Layer<S> for AuthzLayer {
-    type Service = Authz<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Authz {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub(crate) struct Authz<S> {
-    inner: S,
-    layer: AuthzLayer,
-}
-
-impl<S, B> Service<http::Request<B>> for Authz<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>>,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = Either<Ready<Result<http::Response<Body>, S::Error>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        for header in IDENTITY_HEADERS {
-            req.headers_mut().remove(*header);
-        }
-        let method = req.uri().path().trim_start_matches('/');
-        let caller = req
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|p| p.identity.as_ref())
-            .map(|id| id.as_str());
-        tracing::debug!(caller = caller.unwrap_or("-"), method, "inbound call");
-        let live;
-        let policy = match &self.layer.policy {
-            PolicySource::Fixed(policy) => policy.as_deref(),
-            PolicySource::Live(config) => {
-                live = config.load();
-                live.authorization.as_ref()
-            }
-        };
-        let Some(policy) = policy else {
-            return Either::Right(self.inner.call(req));
-        };
-        if policy.allows(caller, method) {
-            return Either::Right(self.inner.call(req));
-        }
-        let path = match self.layer.known.contains(req.uri().path()) {
-            true => RpcPath::parse(req.uri().path()),
-            false => RpcPath::unknown(),
-        };
-        crate::telemetry::metrics().denied(&path, caller, policy.mode == AuthzMode::Audit);
-        let who = caller.unwrap_or("an unauthenticated caller (no client certificate identity)");
-        match policy.mode {
-            AuthzMode::Audit => {
-                tracing::warn!(caller = who, method, "authorization audit: would deny");
-                Either::Right(self.inner.call(req))
-            }
-            AuthzMode::Enforce => {
-                tracing::info!(caller = who, method, "authorization denied");
-                let status = tonic::Status::permission_denied(format!(
-                    "{who} is not allowed to call {method}"
-                ));
-                let mut response: http::Response<Body> = status.into_http();
-                response.headers_mut().insert(
-                    REFUSED_BY_HEADER,
-                    http::HeaderValue::from_static("authorization"),
-                );
-                Either::Left(ready(Ok(response)))
-            }
-        }
     }
 }
 

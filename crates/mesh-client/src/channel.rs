@@ -1,7 +1,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -14,35 +14,20 @@ use tonic::{
 use tower::{Service, ServiceBuilder, util::BoxCloneSyncService};
 
 use crate::{
-    BoxError, MeshConfig, MeshError, Target,
-    balance::{Balancer, EndpointSet},
-    config::EndpointConfig,
+    BoxError,
+    authz::AuthzMode,
+    balance::{BalanceLayer, EndpointSet},
+    body::BodyDeadlineLayer,
+    config::{ConfigHandle, EndpointConfig, MeshConfig},
     deadline::{CallDeadline, DeadlineLayer},
-    endpoint::EndpointState,
+    endpoint::{Connection, EndpointState},
+    error::MeshError,
     methods::MethodTable,
-    resolve,
-    retry::{Budget, Retry},
-    telemetry::rpc::ClientTelemetryLayer,
+    resolve::{self, Target},
+    retry::RetryLayer,
+    telemetry::{metrics::Metrics, rpc::ClientTelemetryLayer},
     tls::{MeshTls, SpiffeId, io::Connector},
 };
-
-/// The live config, swapped whole on reload; calls take a cheap snapshot.
-#[derive(Clone, Debug)]
-pub(crate) struct ConfigHandle(Arc<RwLock<Arc<MeshConfig>>>);
-
-impl ConfigHandle {
-    fn new(config: MeshConfig) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(config))))
-    }
-
-    pub(crate) fn load(&self) -> Arc<MeshConfig> {
-        self.0.read().expect("config lock").clone()
-    }
-
-    fn store(&self, config: MeshConfig) {
-        *self.0.write().expect("config lock") = Arc::new(config);
-    }
-}
 
 /// The mesh of one process: its policy, what it knows about methods, and
 /// the factory of its channels.
@@ -53,22 +38,48 @@ pub struct Mesh {
     config: ConfigHandle,
     methods: Arc<MethodTable>,
     tls: Option<Arc<MeshTls>>,
+    metrics: Metrics,
 }
 
 impl Mesh {
-    /// A mesh with this policy (validated here).
+    /// A mesh with this policy (validated here), recording into the
+    /// process's default metrics ([`crate::telemetry::metrics()`]).
     pub fn from_config(config: MeshConfig) -> Result<Self, MeshError> {
-        config.validate()?;
         Ok(Self {
-            config: ConfigHandle::new(config),
+            config: ConfigHandle::new(config)?,
             methods: Arc::new(MethodTable::default()),
             tls: None,
+            metrics: crate::telemetry::metrics::metrics().clone(),
         })
     }
 
-    /// A mesh with built-in defaults.
+    /// Like [`Mesh::from_config`], for a config known to be valid.
+    ///
+    /// # Panics
+    ///
+    /// If `config` does not validate (the panic message names the field);
+    /// use [`Mesh::from_config`] for a config read from outside.
     pub fn new(config: MeshConfig) -> Self {
         Self::from_config(config).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Records this mesh's metrics (calls, retries, ejections, endpoints,
+    /// certificate expiry, config reloads) in `metrics` instead of the
+    /// process default, so two meshes in one process keep their series
+    /// apart. Channels made before keep recording where they did, and so
+    /// does the file watch of [`Mesh::from_file`] (its reload counts go
+    /// to the process default).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        if let Some(tls) = &self.tls {
+            metrics.add_source(tls);
+        }
+        self.metrics = metrics;
+        self
+    }
+
+    /// Where this mesh's channels record their metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// A mesh whose policy is read from a JSON file and re-read whenever the
@@ -81,7 +92,12 @@ impl Mesh {
         let path = path.as_ref().to_path_buf();
         let text = read(&path)?;
         let mesh = Self::from_config(MeshConfig::from_json(&text)?)?;
-        tokio::spawn(reload_forever(path, text, mesh.config.clone()));
+        tokio::spawn(reload_forever(
+            path,
+            text,
+            mesh.config.clone(),
+            mesh.metrics.clone(),
+        ));
         Ok(mesh)
     }
 
@@ -101,7 +117,7 @@ impl Mesh {
     /// identity comes from the target's `identity` in the config or from
     /// [`Mesh::channel_with_identity`].
     pub fn with_tls(mut self, tls: Arc<MeshTls>) -> Self {
-        crate::telemetry::metrics().watch_certificate(&tls);
+        self.metrics.add_source(&tls);
         self.tls = Some(tls);
         self
     }
@@ -111,16 +127,19 @@ impl Mesh {
         self.config.load()
     }
 
-    /// The live config, for a server that follows its reloads.
-    pub(crate) fn config_handle(&self) -> ConfigHandle {
+    /// The live config, for a server or a layer that follows its reloads.
+    pub fn config_handle(&self) -> ConfigHandle {
         self.config.clone()
+    }
+
+    /// What the mesh knows about methods (from registered descriptors).
+    pub fn methods(&self) -> Arc<MethodTable> {
+        self.methods.clone()
     }
 
     /// Replaces the policy; channels use it from their next call.
     pub fn reload(&self, config: MeshConfig) -> Result<(), MeshError> {
-        config.validate()?;
-        self.config.store(config);
-        Ok(())
+        self.config.reload(config)
     }
 
     /// A channel to `target` that any tonic-generated client accepts.
@@ -198,8 +217,12 @@ impl Mesh {
         let parsed: Target = target.parse()?;
         let config = self.config.load();
         let reresolve = Arc::new(Notify::new());
-        let set = EndpointSet::new(Arc::from(target), Arc::from(peer), reresolve.clone());
-        crate::telemetry::metrics().watch_endpoints(&set);
+        let set = EndpointSet::new(
+            Arc::from(target),
+            Arc::from(peer),
+            reresolve.clone(),
+            self.metrics.clone(),
+        );
         let changes = resolve::spawn(parsed, config.dns_refresh, reresolve);
         let endpoint_config = config.endpoint.clone();
         let tls = self.tls.clone();
@@ -209,20 +232,6 @@ impl Mesh {
             config.health_checks,
         ));
 
-        let budget = &config.retry_budget;
-        let retry = Retry {
-            inner: Balancer {
-                set: set.clone(),
-                config: self.config.clone(),
-            },
-            config: self.config.clone(),
-            methods: self.methods.clone(),
-            budget: Arc::new(Budget::new(
-                budget.ttl,
-                budget.min_retries_per_second,
-                budget.retry_ratio,
-            )),
-        };
         let timeouts = {
             let (config, target) = (self.config.clone(), target.to_owned());
             move |path: &str| {
@@ -239,14 +248,23 @@ impl Mesh {
             .layer(ClientTelemetryLayer::new(
                 Arc::from(peer),
                 Arc::from(target),
+                self.metrics.clone(),
             ))
             // Every call gets its deadline, never past maxTimeout, before
             // anything can wait.
             .layer(DeadlineLayer::with_limits(Arc::new(timeouts)))
             // The deadline holds for the whole response, streams included.
-            .layer(crate::body::BodyDeadlineLayer)
-            // Then retries and hedges, each attempt balanced afresh.
-            .service(retry);
+            .layer(BodyDeadlineLayer)
+            // Then retries and hedges within the budget, by the live policy.
+            .layer(
+                RetryLayer::new(target, self.config.clone(), self.methods.clone())
+                    .named(peer)
+                    .metrics(self.metrics.clone()),
+            )
+            // Each attempt to one endpoint of the live set, balanced afresh.
+            .layer(BalanceLayer::new(set.clone(), self.config.clone()))
+            // On that endpoint's own HTTP/2 connection.
+            .service(Connection);
         Ok(MeshChannel {
             inner: BoxCloneSyncService::new(stack),
             set,
@@ -280,7 +298,7 @@ fn read(path: &Path) -> Result<String, MeshError> {
 /// How often [`Mesh::from_file`] checks its file.
 const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
-async fn reload_forever(path: PathBuf, mut last: String, config: ConfigHandle) {
+async fn reload_forever(path: PathBuf, mut last: String, config: ConfigHandle, metrics: Metrics) {
     let mut tick = tokio::time::interval(RELOAD_EVERY);
     let mut unreadable = false;
     loop {
@@ -302,11 +320,11 @@ async fn reload_forever(path: PathBuf, mut last: String, config: ConfigHandle) {
         match check_reload(&config.load(), &text) {
             Ok(next) => {
                 tracing::info!(path = %path.display(), "mesh config reloaded");
-                crate::telemetry::metrics().config_reload("applied");
+                metrics.config_reload("applied");
                 config.store(next);
             }
             Err(e) => {
-                crate::telemetry::metrics().config_reload("refused");
+                metrics.config_reload("refused");
                 tracing::error!(
                     path = %path.display(),
                     "mesh config change REFUSED, the last good config (timeouts, retries, authorization policy) stays in force: {e}"
@@ -330,7 +348,7 @@ fn check_reload(current: &MeshConfig, text: &str) -> Result<MeshConfig, MeshErro
     let enforcing = |c: &MeshConfig| {
         c.authorization
             .as_ref()
-            .is_some_and(|p| p.mode == crate::authz::AuthzMode::Enforce)
+            .is_some_and(|p| p.mode == AuthzMode::Enforce)
     };
     if enforcing(current) && !enforcing(&next) {
         return Err(MeshError::InvalidConfig {
@@ -441,5 +459,80 @@ mod tests {
         // Without a policy in force, any valid file is taken.
         assert!(check_reload(&without, "{}").is_ok());
         assert!(check_reload(&without, policy).is_ok());
+    }
+
+    /// The value of `mesh_config_reloads_total{outcome=..}` in the process default.
+    fn reloads(outcome: &str) -> u64 {
+        crate::telemetry::metrics()
+            .encode()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "mesh_config_reloads_total{{outcome=\"{outcome}\"}} "
+                ))
+                .map(|n| n.parse().unwrap())
+            })
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_config_file_applies_at_the_next_check_and_a_broken_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.json");
+        std::fs::write(&path, r#"{"defaultTimeout":"1s"}"#).unwrap();
+        let mesh = Mesh::from_file(&path).unwrap();
+        let (applied, refused) = (reloads("applied"), reloads("refused"));
+        std::fs::write(&path, r#"{"defaultTimeout":"3s"}"#).unwrap();
+        // Bounded: at most fifty checks (of paused time).
+        for _ in 0..50 {
+            if mesh.config().default_timeout == Duration::from_secs(3) {
+                break;
+            }
+            tokio::time::sleep(RELOAD_EVERY).await;
+        }
+        assert_eq!(mesh.config().default_timeout, Duration::from_secs(3));
+        assert_eq!(reloads("applied"), applied + 1);
+
+        std::fs::write(&path, r#"{"defaultTimeout":"#).unwrap();
+        for _ in 0..50 {
+            if reloads("refused") > refused {
+                break;
+            }
+            tokio::time::sleep(RELOAD_EVERY).await;
+        }
+        assert_eq!(reloads("refused"), refused + 1);
+        assert_eq!(
+            mesh.config().default_timeout,
+            Duration::from_secs(3),
+            "the last good config stays"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_mesh_with_its_own_metrics_keeps_its_series_apart_and_drops_them_with_the_channel() {
+        let own = Metrics::new();
+        let mesh = Mesh::new(MeshConfig::default()).with_metrics(own.clone());
+        let other = Mesh::new(MeshConfig::default()).with_metrics(Metrics::new());
+        let channel = mesh.channel("static:///127.0.0.1:9").unwrap();
+        let line = "mesh_endpoints{peer=\"static:///127.0.0.1:9\",state=\"ready\"} 1";
+        for _ in 0..200 {
+            if own.encode().contains(line) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(own.encode().contains(line), "{}", own.encode());
+        assert!(!other.metrics().encode().contains("static:///127.0.0.1:9"));
+        assert!(
+            !crate::telemetry::metrics()
+                .encode()
+                .contains("static:///127.0.0.1:9"),
+            "not in the process default either"
+        );
+        drop(channel);
+        assert!(
+            !own.encode().contains("mesh_endpoints{"),
+            "a dropped channel's endpoints are no longer reported"
+        );
     }
 }

@@ -5,12 +5,58 @@
 //! `hedgingPolicy`, `retryThrottling`-like budgets) the same name is used.
 //! Unknown keys are rejected, and every error names the field.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use serde::Deserialize;
 use tonic::Code;
 
-use crate::MeshError;
+use crate::error::MeshError;
+
+/// The longest deadline a call gets when nothing configures one (30 s):
+/// long enough for any unary call of the shop, short enough that a caller
+/// cannot pin work in every service of a chain for hours.
+pub const DEFAULT_MAX_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The live config, swapped whole on reload; calls take a cheap snapshot.
+///
+/// What a [`crate::Mesh`] hands its layers (and a user hands a layer taken
+/// alone, such as [`crate::retry::RetryLayer`]): each call reads the config
+/// in force at that moment, so a reload applies from the next call.
+#[derive(Clone, Debug)]
+pub struct ConfigHandle(Arc<RwLock<Arc<MeshConfig>>>);
+
+impl ConfigHandle {
+    /// A handle holding `config`, validated here.
+    pub fn new(config: MeshConfig) -> Result<Self, MeshError> {
+        config.validate()?;
+        Ok(Self::new_validated(config))
+    }
+
+    pub(crate) fn new_validated(config: MeshConfig) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(config))))
+    }
+
+    /// The config in force now.
+    pub fn load(&self) -> Arc<MeshConfig> {
+        self.0.read().expect("config lock").clone()
+    }
+
+    /// Replaces the config (validated here); calls use it from their next
+    /// attempt.
+    pub fn reload(&self, config: MeshConfig) -> Result<(), MeshError> {
+        config.validate()?;
+        self.store(config);
+        Ok(())
+    }
+
+    pub(crate) fn store(&self, config: MeshConfig) {
+        *self.0.write().expect("config lock") = Arc::new(config);
+    }
+}
 
 /// Process-wide mesh policy.
 ///
@@ -69,7 +115,7 @@ impl Default for MeshConfig {
     fn default() -> Self {
         Self {
             default_timeout: Duration::from_secs(10),
-            max_timeout: crate::deadline::DEFAULT_MAX_TIMEOUT,
+            max_timeout: DEFAULT_MAX_TIMEOUT,
             load_balancing_policy: LbPolicy::P2c,
             retry_policy: RetryPolicy::default(),
             hedging_policy: None,
@@ -358,7 +404,7 @@ impl MeshConfig {
             if let Some(Err(e)) = target
                 .identity
                 .as_ref()
-                .map(|id| id.parse::<crate::tls::SpiffeId>())
+                .map(|id| id.parse::<crate::tls::identity::SpiffeId>())
             {
                 return Err(invalid(&at("identity"), &e));
             }

@@ -19,23 +19,49 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Client layers, outer to inner, per call:
+//! Client layers, outer to inner, per call (one `ServiceBuilder` in
+//! `channel.rs`, from the call to the connection):
 //!
-//! 1. **deadline**: explicit, inherited from the inbound call being handled,
-//!    or the method's default; sent as `grpc-timeout`
+//! 1. **telemetry**: a span per call (OpenTelemetry's RPC conventions, W3C
+//!    trace context injected) and the golden metrics ([`telemetry`]);
+//! 2. **deadline**: explicit, inherited from the inbound call being handled,
+//!    or the method's default, never past its maximum; sent as
+//!    `grpc-timeout` and held for the whole response, streams included
 //!    ([`deadline`]);
-//! 2. **retry**: gRFC A6 retries and hedging for idempotent methods (read
+//! 3. **retry**: gRFC A6 retries and hedging for idempotent methods (read
 //!    from the proto descriptors), transparent retries of requests that
-//!    never left, all within a retry budget;
-//! 3. **balance**: power of two choices over peak-EWMA load with a failure
+//!    never left, all within a retry budget ([`retry::RetryLayer`]);
+//! 4. **balance**: power of two choices over peak-EWMA load with a failure
 //!    penalty (or round robin), over a live endpoint set from a resolver
 //!    (static list, DNS, file), skipping ejected, draining and
 //!    reconnecting endpoints;
-//! 4. **endpoint**: one HTTP/2 connection per address with keepalive,
+//! 5. **endpoint**: one HTTP/2 connection per address with keepalive,
 //!    connect timeout and reconnect backoff, client-side health watching and
 //!    outlier ejection.
+//!
+//! The deadline and retry layers are ordinary tower layers a client can
+//! use alone, over a plain tonic `Channel` (`examples/layers_over_a_channel.rs`).
+//! Metrics are a [`telemetry::Metrics`] handle each [`Mesh`] and server
+//! passes to the layers it builds (the process default unless given
+//! another).
+//!
+//! The modules form four layers, each using only itself and those below:
+//! vocabulary (errors, config and [`ConfigHandle`], method and path types,
+//! authorization policy data, identities, the metrics handle) ←
+//! mechanisms (resolvers, endpoints, deadlines, TLS I/O) ← middleware
+//! (balance, retry, telemetry, authorization layers) ← assembly
+//! ([`Mesh`]/[`MeshChannel`], [`server::MeshServer`]). The drawing is in
+//! `docs/mesh-client-modules.md`; a unit test fails on an upward use or a
+//! cycle.
+//!
+//! Cargo features, all on by default (`default-features = false` leaves
+//! them out): `otlp` (trace export over OTLP/gRPC from
+//! [`telemetry::init`]), `grpc-web` (`MeshServer::grpc_web`), `admin` (the
+//! admin port: `MeshServer::admin`, `telemetry::admin`); and, off by
+//! default, `dev-ca` (a development CA, `tls::dev`).
 
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub mod authz;
 mod balance;
@@ -47,15 +73,18 @@ mod endpoint;
 mod error;
 mod methods;
 mod resolve;
-mod retry;
+pub mod retry;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
 
+#[cfg(test)]
+mod layering;
+
 pub use channel::{Mesh, MeshChannel};
 pub use config::{
-    EndpointConfig, HedgingPolicy, LbPolicy, MeshConfig, MethodConfig, OutlierDetection,
-    RetryBudget, RetryPolicy, TargetConfig,
+    ConfigHandle, EndpointConfig, HedgingPolicy, LbPolicy, MeshConfig, MethodConfig,
+    OutlierDetection, RetryBudget, RetryPolicy, TargetConfig,
 };
 pub use endpoint::EndpointState;
 pub use error::MeshError;

@@ -1,13 +1,14 @@
 //! What the mesh knows about each method from the contracts' descriptors:
 //! whether it is safe to retry (`idempotency_level`) and whether its request
-//! is a single message that can be buffered for replay.
+//! is a single message that can be buffered for replay; and gRPC paths split
+//! into service and method for labels.
 
 use std::collections::HashMap;
 
 use prost::Message;
 use prost_types::{FileDescriptorSet, method_options::IdempotencyLevel};
 
-use crate::MeshError;
+use crate::error::MeshError;
 
 /// Facts about one method.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,6 +62,12 @@ impl MethodTable {
         Ok(())
     }
 
+    /// Adds (or replaces) what is known of one method, for a contract whose
+    /// descriptor does not say it (`path` is `/package.Service/Method`).
+    pub fn insert(&mut self, path: &str, info: MethodInfo) {
+        self.methods.insert(path.to_owned(), info);
+    }
+
     /// Every registered path.
     pub fn paths(&self) -> impl Iterator<Item = &str> {
         self.methods.keys().map(String::as_str)
@@ -69,5 +76,36 @@ impl MethodTable {
     /// What is known of `path`; `None` for a method in no registered descriptor.
     pub fn get(&self, path: &str) -> Option<MethodInfo> {
         self.methods.get(path).copied()
+    }
+}
+
+/// A gRPC path split for labels and span attributes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub(crate) struct RpcPath {
+    pub(crate) service: std::sync::Arc<str>,
+    pub(crate) method: std::sync::Arc<str>,
+}
+
+impl RpcPath {
+    /// `/pkg.Service/Method` → (`pkg.Service`, `Method`); anything else is unknown.
+    pub(crate) fn parse(path: &str) -> Self {
+        match path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .filter(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'))
+        {
+            Some((service, method)) => Self {
+                service: service.into(),
+                method: method.into(),
+            },
+            None => Self::unknown(),
+        }
+    }
+
+    pub(crate) fn unknown() -> Self {
+        Self {
+            service: "unknown".into(),
+            method: "unknown".into(),
+        }
     }
 }

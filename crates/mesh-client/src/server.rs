@@ -1,11 +1,18 @@
 //! The mesh server: what every service's gRPC server is built with.
 //!
-//! Layers, outer to inner: load shedding (`RESOURCE_EXHAUSTED` at once when
-//! the process is at its concurrency limit, instead of queueing into the
-//! caller's deadline) → inbound deadline capture (for propagation, cut to
-//! [`ServerConfig::max_inbound_deadline`]) → the
-//! service. Alongside the service it serves `grpc.health.v1.Health` and
-//! reflection (v1 and v1alpha) limited to what this server implements.
+//! Layers, outer to inner, after the TLS accept (which makes the peer's
+//! SPIFFE ID the caller identity): gRPC-Web translation, when enabled
+//! ([`MeshServer::grpc_web`]) → telemetry (a span and the golden metrics
+//! for every call, refused ones included) → authorization (claimed-identity
+//! headers stripped, then `PERMISSION_DENIED` for what the policy does not
+//! allow) → load shedding (`RESOURCE_EXHAUSTED` at once when the process is
+//! at its concurrency limit, instead of queueing into the caller's
+//! deadline) → the process-wide concurrency limit → inbound deadline
+//! capture (for propagation, cut to [`ServerConfig::max_inbound_deadline`])
+//! → the call's deadline enforced on the response (`DEADLINE_EXCEEDED`,
+//! streams included) → the service. Alongside the service it serves
+//! `grpc.health.v1.Health` and reflection (v1 and v1alpha) limited to what
+//! this server implements.
 //!
 //! Shutdown drains: health flips to `NOT_SERVING`, the server waits
 //! [`ServerConfig::drain_grace`] so balancers notice, then sends HTTP/2
@@ -24,10 +31,16 @@ use tower::{
 };
 
 use crate::{
-    MeshError, MethodTable,
-    authz::{AuthorizationPolicy, AuthzLayer, PolicySource},
+    authz::{
+        AuthorizationPolicy,
+        layer::{AuthzLayer, PolicySource},
+    },
+    body::ServerDeadlineLayer,
+    channel::Mesh,
     deadline::InboundDeadlineLayer,
-    telemetry::rpc::ServerTelemetryLayer,
+    error::MeshError,
+    methods::MethodTable,
+    telemetry::{metrics::Metrics, rpc::ServerTelemetryLayer},
     tls::{MeshTls, PublicTls, ServerTls, io::accept_loop},
 };
 
@@ -125,9 +138,11 @@ pub struct MeshServer {
     tls: Option<Arc<MeshTls>>,
     public_tls: Option<Arc<PublicTls>>,
     authorization: PolicySource,
+    #[cfg(feature = "admin")]
     admin: Option<std::net::TcpListener>,
     fallback: Option<FallbackService>,
     grpc_web: Option<Vec<http::HeaderValue>>,
+    metrics: Metrics,
 }
 
 /// A service for every path no added service claims (a proxy).
@@ -156,10 +171,25 @@ impl MeshServer {
             tls: None,
             public_tls: None,
             authorization: PolicySource::default(),
+            #[cfg(feature = "admin")]
             admin: None,
             fallback: None,
             grpc_web: None,
+            metrics: crate::telemetry::metrics::metrics().clone(),
         }
+    }
+
+    /// Records the server's metrics (inbound calls, denials, handshake
+    /// failures, certificate expiry) in `metrics` and serves those on the
+    /// admin port, instead of the process default
+    /// ([`crate::telemetry::metrics()`]). Give it the mesh's
+    /// ([`Mesh::metrics`]) to serve the client side's series too.
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        if let Some(tls) = &self.tls {
+            metrics.add_source(tls);
+        }
+        self.metrics = metrics;
+        self
     }
 
     /// Sends every call no added service claims to `svc` (a proxy, such
@@ -184,6 +214,8 @@ impl MeshServer {
     /// browser can call the services, with CORS allowing exactly
     /// `allowed_origins` (a preflight from any other origin gets no
     /// `access-control-allow-origin`, so the browser refuses the call).
+    /// With the `grpc-web` feature (on by default).
+    #[cfg(feature = "grpc-web")]
     pub fn grpc_web(mut self, allowed_origins: Vec<http::HeaderValue>) -> Self {
         self.grpc_web = Some(allowed_origins);
         self
@@ -192,7 +224,9 @@ impl MeshServer {
     /// Serves the admin endpoints (`/metrics`, `/live`, `/ready`, and
     /// `grpc.health.v1.Health` in plaintext for kubelet gRPC probes; see
     /// [`crate::telemetry::admin`]) on `listener` while the server runs.
-    /// `/ready` follows the server's overall health status.
+    /// `/ready` follows the server's overall health status. With the
+    /// `admin` feature (on by default).
+    #[cfg(feature = "admin")]
     pub fn admin(mut self, listener: std::net::TcpListener) -> Self {
         self.admin = Some(listener);
         self
@@ -203,7 +237,7 @@ impl MeshServer {
     /// SPIFFE ID becomes the caller identity ([`crate::tls::caller_identity`]).
     /// Without this the server speaks plaintext.
     pub fn tls(mut self, tls: Arc<MeshTls>) -> Self {
-        crate::telemetry::metrics().watch_certificate(&tls);
+        self.metrics.add_source(&tls);
         self.tls = Some(tls);
         self
     }
@@ -227,7 +261,7 @@ impl MeshServer {
     /// `mesh`'s config as it is at that call, so a policy file the mesh
     /// watches ([`crate::Mesh::from_file`]) is enforced as it changes,
     /// without a restart; see [`crate::authz`] for what a bad change does.
-    pub fn authorization_from(mut self, mesh: &crate::Mesh) -> Self {
+    pub fn authorization_from(mut self, mesh: &Mesh) -> Self {
         self.authorization = PolicySource::Live(mesh.config_handle());
         self
     }
@@ -370,16 +404,19 @@ impl MeshServer {
             server_tls,
             config.max_concurrent_handshakes,
             stop_accepting,
+            self.metrics.clone(),
         ));
         let known = Arc::new(known_paths(sets)?);
         let stop_admin = CancellationToken::new();
         let _stop_admin_on_return = stop_admin.clone().drop_guard();
+        #[cfg(feature = "admin")]
         if let Some(listener) = self.admin {
             listener.set_nonblocking(true)?;
             let listener = TcpListener::from_std(listener)?;
             tracing::info!(admin = %listener.local_addr()?, "admin port: /metrics /live /ready");
             tokio::spawn(crate::telemetry::admin::serve(
                 listener,
+                self.metrics.clone(),
                 readiness(reporter.clone()),
                 Some(tonic_health::pb::health_server::HealthServer::new(
                     tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
@@ -387,12 +424,15 @@ impl MeshServer {
                 stop_admin,
             ));
         }
+        #[cfg(feature = "grpc-web")]
         let web = self.grpc_web.clone().map(|origins| {
             ServiceBuilder::new()
                 .layer(cors(origins))
                 .layer(tonic_web::GrpcWebLayer::new())
                 .into_inner()
         });
+        #[cfg(not(feature = "grpc-web"))]
+        let web: Option<tower::layer::util::Identity> = None;
         let layers = ServiceBuilder::new()
             // Browsers' gRPC-Web becomes gRPC before anything else looks at it.
             .option_layer(web)
@@ -400,9 +440,10 @@ impl MeshServer {
             .layer(ServerTelemetryLayer::new(
                 known.clone(),
                 config.trust_trace_context,
+                self.metrics.clone(),
             ))
             // Then who may call what, before any work is done.
-            .layer(AuthzLayer::new(self.authorization, known))
+            .layer(AuthzLayer::new(self.authorization, known, self.metrics))
             .layer(LoadShedLayer::new())
             .layer(GlobalConcurrencyLimitLayer::new(config.concurrency_limit))
             .layer(InboundDeadlineLayer::new(config.max_inbound_deadline))
@@ -410,7 +451,7 @@ impl MeshServer {
             // the reference servers (tonic alone says CANCELLED, or nothing
             // for a stalled stream), and a client's cancellation reaches the
             // handler as an error, not as the end of its request stream.
-            .layer(crate::body::ServerDeadlineLayer)
+            .layer(ServerDeadlineLayer)
             .into_inner();
         let server = Server::builder()
             .max_concurrent_streams(config.max_concurrent_streams)
@@ -505,6 +546,7 @@ fn reflection_builder<'a>(
 
 /// CORS for gRPC-Web: the origins given, the headers grpc-web clients send
 /// and the ones they must read.
+#[cfg(feature = "grpc-web")]
 fn cors(origins: Vec<http::HeaderValue>) -> tower_http::cors::CorsLayer {
     use http::{HeaderName, Method};
     use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -546,6 +588,7 @@ fn known_paths(sets: &[&[u8]]) -> Result<HashSet<String>, MeshError> {
 
 /// Ready when the whole server reports SERVING (not draining, certificate
 /// valid, dependencies up).
+#[cfg(feature = "admin")]
 fn readiness(reporter: HealthReporter) -> crate::telemetry::admin::Readiness {
     use tonic_health::pb::{HealthCheckRequest, health_check_response, health_server::Health};
     let health = Arc::new(tonic_health::server::HealthService::from_health_reporter(

@@ -26,12 +26,13 @@ use tower::discover::Change;
 
 mod service;
 
-pub(crate) use service::{Balancer, CallError, Exclude, Picked, Served, timed_out};
+pub(crate) use service::{BalanceLayer, CallError, Exclude, NoneServing, Picked, Served, timed_out};
 
 use crate::{
     config::{LbPolicy, OutlierDetection},
     endpoint::{Endpoint, Verdict, watch_health},
     resolve::Changes,
+    telemetry::metrics::{GaugeSource, Metrics, Scrape},
 };
 
 /// The endpoints of one target, as the resolver last reported them.
@@ -49,6 +50,8 @@ pub(crate) struct EndpointSet {
     /// Cancelled when the last channel using this set is dropped, which
     /// stops resolution and closes the connections.
     dropped: tokio_util::sync::CancellationToken,
+    /// Where ejections are counted and the set reports its endpoints.
+    metrics: Metrics,
 }
 
 impl Drop for EndpointSet {
@@ -71,8 +74,16 @@ pub(crate) enum NoEndpoint {
 }
 
 impl EndpointSet {
-    pub(crate) fn new(target: Arc<str>, peer: Arc<str>, reresolve: Arc<Notify>) -> Arc<Self> {
-        Arc::new(Self {
+    /// An empty set for `target` (named `peer` in metrics), counting its
+    /// ejections in `metrics` and reporting its endpoints there at each
+    /// scrape for as long as it lives.
+    pub(crate) fn new(
+        target: Arc<str>,
+        peer: Arc<str>,
+        reresolve: Arc<Notify>,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        let set = Arc::new(Self {
             target,
             peer,
             endpoints: RwLock::new(Arc::new(Vec::new())),
@@ -81,7 +92,10 @@ impl EndpointSet {
             changed: Notify::new(),
             resolved: false.into(),
             dropped: tokio_util::sync::CancellationToken::new(),
-        })
+            metrics: metrics.clone(),
+        });
+        metrics.add_source(&set);
+        set
     }
 
     pub(crate) fn snapshot(&self) -> Arc<Vec<Arc<Endpoint>>> {
@@ -276,8 +290,33 @@ impl EndpointSet {
         let cap = (total * policy.max_ejection_percent as usize) / 100;
         let may_eject = ejected < cap.max(1).min(total);
         if let Verdict::Ejected(time) = endpoint.record_failure(now, policy, may_eject) {
-            crate::telemetry::metrics().ejected(&self.peer);
+            self.metrics.ejected(&self.peer);
             tracing::warn!(target = %self.target, addr = %endpoint.addr, ?time, "endpoint ejected after consecutive failures");
+        }
+    }
+}
+
+/// The set reports how many of its endpoints are in each state.
+impl GaugeSource for EndpointSet {
+    fn collect(&self, scrape: &mut Scrape<'_>) {
+        let mut counts = [0i64; 4];
+        for state in self.snapshot().iter().map(|e| e.snapshot()) {
+            let at = if state.ejected {
+                1
+            } else if state.reconnecting {
+                2
+            } else if state.serving == Some(false) {
+                3
+            } else {
+                0
+            };
+            counts[at] += 1;
+        }
+        for (state, count) in ["ready", "ejected", "reconnecting", "unhealthy"]
+            .into_iter()
+            .zip(counts)
+        {
+            scrape.endpoints(&self.peer, state, count);
         }
     }
 }
@@ -341,12 +380,15 @@ fn two_distinct(rng: &mut impl rand::Rng, n: usize) -> (usize, usize) {
 }
 
 #[cfg(test)]
+mod layer_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
 
     async fn set_of(n: u16) -> Arc<EndpointSet> {
-        let set = EndpointSet::new("t".into(), "t".into(), Arc::default());
+        let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         for port in 1..=n {
             tx.send(Change::Insert(SocketAddr::from(([127, 0, 0, 1], port)), ()))
@@ -370,7 +412,7 @@ mod tests {
 
     #[tokio::test]
     async fn empty_set_fails_fast() {
-        let set = EndpointSet::new("t".into(), "t".into(), Arc::default());
+        let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
         assert!(matches!(
             set.pick(LbPolicy::P2c, &[]),
             Err(NoEndpoint::Empty)

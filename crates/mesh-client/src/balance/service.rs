@@ -1,5 +1,6 @@
-//! The balancer as a service: pick an endpoint, call it on its connection,
-//! and feed the outcome back into load and failure accounting.
+//! The balancer as a layer: pick an endpoint, send the request to it
+//! through the service below (the endpoint's connection), and feed the
+//! outcome back into load and failure accounting.
 
 use std::{
     net::SocketAddr,
@@ -10,17 +11,17 @@ use std::{
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 use tonic::{Code, body::Body};
-use tower::{Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
 use super::{EndpointSet, NoEndpoint};
 use crate::{
     BoxError,
-    channel::ConfigHandle,
-    endpoint::{ObservedBody, header_status, is_endpoint_failure},
+    config::ConfigHandle,
+    endpoint::{ObservedBody, SendTo, header_status, is_endpoint_failure},
 };
 
 /// How long a call waits for a target's first resolution.
-const FIRST_RESOLUTION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+pub(super) const FIRST_RESOLUTION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Addresses an attempt should avoid (earlier attempts of the same call).
 #[derive(Clone, Debug, Default)]
@@ -34,7 +35,14 @@ pub(crate) struct Picked(pub(crate) Arc<OnceLock<SocketAddr>>);
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Served(pub(crate) SocketAddr);
 
-/// Why an attempt failed below the gRPC layer.
+/// On a failed (trailers-only) response: every endpoint of the set reported
+/// NOT_SERVING when it came back, so another attempt would only add load
+/// to what is broken (the layer above stops retrying).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NoneServing;
+
+/// Why an attempt failed below the gRPC layer: the balancer's error, which
+/// the retry layer reads (see `retry::RetryLayer`).
 #[derive(Debug)]
 pub(crate) enum CallError {
     /// No endpoint could take the call.
@@ -82,6 +90,30 @@ impl CallError {
             CallError::AttemptTimeout(after) => tonic::Status::deadline_exceeded(format!(
                 "{target}: attempt got no response within its per-attempt timeout of {after:?}"
             )),
+        }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::NoEndpoint(NoEndpoint::Empty) => write!(f, "no endpoints"),
+            CallError::NoEndpoint(NoEndpoint::AllUnavailable { total, .. }) => {
+                write!(f, "all {total} endpoints failed to connect")
+            }
+            CallError::Transport { addr, source, .. } => write!(f, "endpoint {addr}: {source}"),
+            CallError::AttemptTimeout(after) => {
+                write!(f, "no response within the per-attempt timeout of {after:?}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for CallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CallError::Transport { source, .. } => Some(source.as_ref()),
+            _ => None,
         }
     }
 }
@@ -145,25 +177,73 @@ fn is_connect_error(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Sends each call to one endpoint of the set.
+/// Balances each request over the endpoints of a live set.
+///
+/// # Contract
+///
+/// - Above: honours the [`Exclude`] extension (addresses to avoid when
+///   another endpoint is eligible), fills a [`Picked`] extension with the
+///   address chosen, and marks a failed trailers-only response with
+///   [`Served`] (and [`NoneServing`] when every endpoint reports
+///   NOT_SERVING). Fails with [`CallError`] (never with a status), so the
+///   layer above can tell "never sent" from "sent and failed".
+/// - Below: the request goes to the inner service with a [`SendTo`]
+///   extension naming the chosen endpoint; the inner service sends it on
+///   that endpoint's connection (`endpoint::Connection`). Its response or
+///   error is what the endpoint's load and failure accounting learn from.
 #[derive(Clone)]
-pub(crate) struct Balancer {
-    pub(crate) set: Arc<EndpointSet>,
-    pub(crate) config: ConfigHandle,
+pub(crate) struct BalanceLayer {
+    set: Arc<EndpointSet>,
+    config: ConfigHandle,
 }
 
-impl Service<http::Request<Body>> for Balancer {
+impl BalanceLayer {
+    /// Over the endpoints of `set`, by the balancing, outlier-detection
+    /// and connection policy `config` holds at each call.
+    pub(crate) fn new(set: Arc<EndpointSet>, config: ConfigHandle) -> Self {
+        Self { set, config }
+    }
+}
+
+impl<S> Layer<S> for BalanceLayer {
+    type Service = Balance<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Balance {
+            inner,
+            set: self.set.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The service made by [`BalanceLayer`].
+#[derive(Clone)]
+pub(crate) struct Balance<S> {
+    inner: S,
+    set: Arc<EndpointSet>,
+    config: ConfigHandle,
+}
+
+impl<S> Service<http::Request<Body>> for Balance<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
     type Response = http::Response<Body>;
     type Error = CallError;
     type Future = BoxFuture<'static, Result<Self::Response, CallError>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness is per endpoint, judged when one is picked.
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         let set = self.set.clone();
         let config = self.config.load();
+        let inner = self.inner.clone();
         Box::pin(async move {
             if !set.is_resolved() {
                 // A resolver that cannot answer must not hold calls until their
@@ -181,13 +261,10 @@ impl Service<http::Request<Body>> for Balancer {
             if let Some(picked) = req.extensions().get::<Picked>() {
                 let _ = picked.0.set(endpoint.addr);
             }
+            req.extensions_mut().insert(SendTo(endpoint.clone()));
             let in_flight = endpoint.start();
             let started = Instant::now();
-            let mut channel = endpoint.channel.clone();
-            let result = match channel.ready().await {
-                Ok(ready) => ready.call(req).await,
-                Err(e) => Err(e),
-            };
+            let result = inner.oneshot(req).await;
             let now = Instant::now();
             drop(in_flight);
             let response = match result {
@@ -229,6 +306,9 @@ impl Service<http::Request<Body>> for Balancer {
                 let mut response = response;
                 if code != Code::Ok {
                     response.extensions_mut().insert(Served(endpoint.addr));
+                    if set.all_not_serving() {
+                        response.extensions_mut().insert(NoneServing);
+                    }
                 }
                 return Ok(response);
             }

@@ -23,10 +23,7 @@ pub type TimeoutPolicy = Arc<dyn Fn(&str) -> Duration + Send + Sync>;
 /// The default and the longest deadline of a call, by gRPC path.
 pub type DeadlinePolicy = Arc<dyn Fn(&str) -> CallDeadline + Send + Sync>;
 
-/// The longest deadline a call gets when nothing configures one (30 s):
-/// long enough for any unary call of the shop, short enough that a caller
-/// cannot pin work in every service of a chain for hours.
-pub const DEFAULT_MAX_TIMEOUT: Duration = Duration::from_secs(30);
+pub use crate::config::DEFAULT_MAX_TIMEOUT;
 
 /// What bounds one call's deadline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -390,5 +387,74 @@ mod tests {
         assert_eq!(left, Some(Duration::from_secs(5)));
         let left = server.oneshot(request(None)).await.unwrap();
         assert_eq!(left, None, "no inbound deadline, none invented");
+    }
+
+    /// The deadline layer over a `tower-test` mock, with limits 10 s / 30 s.
+    fn over_mock() -> (
+        Deadline<tower_test::mock::Mock<http::Request<()>, http::Response<()>>>,
+        tower_test::mock::Handle<http::Request<()>, http::Response<()>>,
+    ) {
+        let (mock, handle) = tower_test::mock::pair();
+        let layer = limits(Duration::from_secs(10), Duration::from_secs(30));
+        (layer.layer(mock), handle)
+    }
+
+    fn sent_timeout(req: &http::Request<()>) -> Duration {
+        req.headers()
+            .get(GRPC_TIMEOUT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(decode_grpc_timeout)
+            .expect("grpc-timeout sent")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_inherits_what_is_left_of_the_inbound_deadline_and_expires_with_it() {
+        let (svc, mut handle) = over_mock();
+        let start = Instant::now();
+        let inbound = start + Duration::from_secs(3);
+        let call = tokio::spawn(super::super::with_deadline(inbound, async move {
+            // A second of the handler's own work first.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            svc.oneshot(request(None)).await
+        }));
+        let (req, _never_answered) = handle.next_request().await.unwrap();
+        assert_eq!(sent_timeout(&req), Duration::from_secs(2), "what is left");
+        let err = call.await.unwrap().unwrap_err();
+        let status = err.downcast::<tonic::Status>().unwrap();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status}");
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(3),
+            "at the inbound deadline"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_whose_inherited_deadline_has_passed_is_never_sent() {
+        let (svc, mut handle) = over_mock();
+        let past = Instant::now();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let err = super::super::with_deadline(past, svc.clone().oneshot(request(Some("5S"))))
+            .await
+            .unwrap_err();
+        let status = err.downcast::<tonic::Status>().unwrap();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(
+            status.message().contains("before the call was sent"),
+            "{status}"
+        );
+        let next = tokio::time::timeout(Duration::from_secs(1), handle.next_request()).await;
+        assert!(next.is_err(), "nothing reached the service below");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_within_the_deadline_passes_through_untouched() {
+        let (svc, mut handle) = over_mock();
+        let call = tokio::spawn(svc.oneshot(request(Some("500m"))));
+        let (req, answer) = handle.next_request().await.unwrap();
+        assert_eq!(sent_timeout(&req), Duration::from_millis(500));
+        tokio::time::advance(Duration::from_millis(499)).await;
+        answer.send_response(http::Response::builder().status(200).body(()).unwrap());
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
     }
 }

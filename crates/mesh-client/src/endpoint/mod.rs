@@ -20,8 +20,10 @@ use std::{
     time::Duration,
 };
 
+use futures::future::BoxFuture;
 use tokio::time::Instant;
-use tonic::{Code, transport::Channel};
+use tonic::{Code, body::Body, transport::Channel};
+use tower::{Service, ServiceExt};
 
 pub(crate) use crate::body::{ObservedBody, header_status};
 pub(crate) use health::watch_health;
@@ -314,6 +316,40 @@ impl Endpoint {
 
     pub(crate) fn is_not_serving(&self) -> bool {
         self.health.load(Ordering::Relaxed) == HEALTH_NOT_SERVING
+    }
+}
+
+/// Request extension: the endpoint a request is to be sent to (the
+/// balancer's choice), read by [`Connection`].
+#[derive(Clone)]
+pub(crate) struct SendTo(pub(crate) Arc<Endpoint>);
+
+/// The innermost client service: sends each request on the HTTP/2
+/// connection of the endpoint its [`SendTo`] extension names.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Connection;
+
+impl Service<http::Request<Body>> for Connection {
+    type Response = http::Response<Body>;
+    type Error = crate::BoxError;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // Each endpoint's connection is made ready per call.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        let Some(SendTo(endpoint)) = req.extensions_mut().remove::<SendTo>() else {
+            return Box::pin(futures::future::ready(Err(
+                "no endpoint chosen for the request (the balancer sets one)".into(),
+            )));
+        };
+        let channel = endpoint.channel.clone();
+        Box::pin(async move { Ok(channel.oneshot(req).await?) })
     }
 }
 

@@ -19,6 +19,12 @@
 //! from the server overrides the backoff, and a negative one stops retries.
 //! Mechanism (the replayable body and the attempt loop) lives here; policy
 //! (attempts, backoff, codes, budget) is configuration.
+//!
+//! [`RetryLayer`] is an ordinary tower layer over any HTTP service that
+//! speaks tonic's body; a mesh channel puts it over the balancer, and a
+//! user may put it over a plain tonic `Channel` (see
+//! `examples/layers_over_a_channel.rs`). Its contract with the layer below
+//! is on the type.
 
 mod body;
 mod budget;
@@ -35,26 +41,121 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use http::HeaderValue;
 use tonic::{Code, body::Body};
-use tower::Service;
+use tower::{Layer, Service, ServiceExt};
 
 use crate::{
     BoxError,
-    balance::{Balancer, CallError, Exclude, Picked, Served},
-    channel::ConfigHandle,
-    config::{HedgingPolicy, RetryPolicy},
+    balance::{CallError, Exclude, NoEndpoint, NoneServing, Picked, Served, timed_out},
+    config::{ConfigHandle, HedgingPolicy, RetryPolicy},
     endpoint::header_status,
-    methods::MethodTable,
+    methods::{MethodInfo, MethodTable},
+    telemetry::metrics::Metrics,
 };
 
-type Attempt = Result<http::Response<Body>, CallError>;
+type Attempt = Result<http::Response<Body>, BoxError>;
 
-/// The retrying, hedging service above the balancer.
+/// Retries and hedges calls to one target by its live config, within a
+/// retry budget shared by every service this layer makes.
+///
+/// # Contract with the service below
+///
+/// - Each attempt is a fresh request (the body replayed from a buffer)
+///   sent with `oneshot` on a clone of the inner service, so the inner
+///   service must be cheap to clone (and `Send + Sync`, as tonic's
+///   `Channel` is); losing hedges are cancelled by dropping their futures.
+/// - Requests carry, as extensions, the addresses earlier attempts went to
+///   (to avoid) and, for hedges, a slot the service below fills with the
+///   address it chose; a failed trailers-only response may carry the
+///   address that answered. The mesh's balancer honours all three; a
+///   service that ignores them loses only the spreading of attempts.
+/// - An error of the balancer's own type says whether the request
+///   provably never reached a server (then any method is retried) and
+///   whether the call's deadline ran out (then nothing is). Any other
+///   error (a plain tonic `Channel`'s) is taken as a transport failure
+///   after which the request may have arrived: only idempotent methods
+///   are retried. A `tonic::Status` error is classified by its code.
+/// - Which methods are idempotent comes from the [`MethodTable`] (the
+///   contracts' `idempotency_level`); unknown methods are sent once.
+/// - Errors leave as `tonic::Status` where the mesh knows what happened,
+///   otherwise as the inner service's error.
 #[derive(Clone)]
-pub(crate) struct Retry {
-    pub(crate) inner: Balancer,
-    pub(crate) config: ConfigHandle,
-    pub(crate) methods: Arc<MethodTable>,
-    pub(crate) budget: Arc<Budget>,
+pub struct RetryLayer {
+    target: Arc<str>,
+    peer: Arc<str>,
+    config: ConfigHandle,
+    methods: Arc<MethodTable>,
+    budget: Arc<Budget>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for RetryLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetryLayer")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RetryLayer {
+    /// Retries calls to `target` (the key of its policy in the config's
+    /// `targets`) by the policy `config` holds at each call, for the
+    /// methods `methods` knows. The retry budget is sized from the config
+    /// now and shared by every service the layer makes; retries are
+    /// counted in the process's default metrics under the peer name
+    /// `target` (see [`RetryLayer::named`], [`RetryLayer::metrics`]).
+    pub fn new(target: &str, config: ConfigHandle, methods: Arc<MethodTable>) -> Self {
+        let budget = config.load().retry_budget.clone();
+        Self {
+            target: Arc::from(target),
+            peer: Arc::from(target),
+            config,
+            methods,
+            budget: Arc::new(Budget::new(
+                budget.ttl,
+                budget.min_retries_per_second,
+                budget.retry_ratio,
+            )),
+            metrics: crate::telemetry::metrics::metrics().clone(),
+        }
+    }
+
+    /// Names the target `peer` in metrics and logs.
+    pub fn named(mut self, peer: &str) -> Self {
+        self.peer = Arc::from(peer);
+        self
+    }
+
+    /// Counts retries, hedges and spent budgets in `metrics`.
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Retry {
+            inner,
+            shared: Arc::new(self.clone()),
+        }
+    }
+}
+
+/// The service made by [`RetryLayer`].
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+    shared: Arc<RetryLayer>,
+}
+
+impl<S> std::fmt::Debug for Retry<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retry")
+            .field("target", &self.shared.target)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How an attempt ended, for the retry decision.
@@ -77,43 +178,53 @@ enum Pushback {
 }
 
 fn classify(result: &Attempt) -> Outcome {
-    match result {
-        Ok(response) => match header_status(response) {
-            Some(code) if code != Code::Ok => Outcome::Failed {
-                code,
-                pushback: pushback(response.headers()),
-                never_sent: false,
-            },
-            _ => Outcome::Final,
-        },
-        // The call's deadline is gone: nothing to retry or hedge with.
-        Err(CallError::Transport { source, .. }) if crate::balance::timed_out(source.as_ref()) => {
-            Outcome::Final
+    let failed = |code, never_sent| Outcome::Failed {
+        code,
+        pushback: Pushback::None,
+        never_sent,
+    };
+    let error = match result {
+        Ok(response) => {
+            return match header_status(response) {
+                Some(code) if code != Code::Ok => Outcome::Failed {
+                    code,
+                    pushback: pushback(response.headers()),
+                    never_sent: false,
+                },
+                _ => Outcome::Final,
+            };
         }
-        Err(CallError::Transport { never_sent, .. }) => Outcome::Failed {
-            code: Code::Unavailable,
-            pushback: Pushback::None,
-            never_sent: *never_sent,
-        },
-        Err(CallError::NoEndpoint(_)) => Outcome::Failed {
-            code: Code::Unavailable,
-            pushback: Pushback::None,
-            never_sent: true,
-        },
-        Err(CallError::AttemptTimeout(_)) => Outcome::Failed {
-            code: Code::DeadlineExceeded,
-            pushback: Pushback::None,
-            never_sent: false,
+        Err(error) => error,
+    };
+    match error.downcast_ref::<CallError>() {
+        // The call's deadline is gone: nothing to retry or hedge with.
+        Some(CallError::Transport { source, .. }) if timed_out(source.as_ref()) => Outcome::Final,
+        Some(CallError::Transport { never_sent, .. }) => failed(Code::Unavailable, *never_sent),
+        Some(CallError::NoEndpoint(_)) => failed(Code::Unavailable, true),
+        Some(CallError::AttemptTimeout(_)) => failed(Code::DeadlineExceeded, false),
+        // Not the balancer's: a plain connection's error, or a status.
+        None if timed_out(error.as_ref()) => Outcome::Final,
+        None => match error.downcast_ref::<tonic::Status>() {
+            Some(status) => failed(status.code(), false),
+            None => failed(Code::Unavailable, false),
         },
     }
 }
 
 /// The endpoint a failed attempt went to, to avoid it on the next one.
+/// Whether the balancer marked a failed answer as coming from a set where
+/// no endpoint serves.
+fn none_serving(result: &Attempt) -> bool {
+    matches!(result, Ok(response) if response.extensions().get::<NoneServing>().is_some())
+}
+
 fn served_by(result: &Attempt) -> Option<std::net::SocketAddr> {
     match result {
         Ok(response) => response.extensions().get::<Served>().map(|s| s.0),
-        Err(CallError::Transport { addr, .. }) => Some(*addr),
-        Err(_) => None,
+        Err(error) => match error.downcast_ref::<CallError>() {
+            Some(CallError::Transport { addr, .. }) => Some(*addr),
+            _ => None,
+        },
     }
 }
 
@@ -138,7 +249,22 @@ fn backoff(policy: &RetryPolicy, retry: u32) -> Duration {
     cap.mul_f64(rand::random::<f64>())
 }
 
-impl Retry {
+impl<S> Retry<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    /// One attempt, nothing buffered or retried.
+    async fn once(&self, req: http::Request<Body>) -> Attempt {
+        let call = self.inner.clone().oneshot(req);
+        call.await.map_err(Into::into)
+    }
+
     fn attempt(
         &self,
         parts: &http::request::Parts,
@@ -163,15 +289,16 @@ impl Retry {
         if !exclude.is_empty() {
             req.extensions_mut().insert(Exclude(exclude.to_vec()));
         }
-        let call = self.inner.clone().call(req);
+        let call = self.inner.clone().oneshot(req);
         let fut = match per_attempt {
             Some(limit) => async move {
-                tokio::time::timeout(limit, call)
-                    .await
-                    .unwrap_or(Err(CallError::AttemptTimeout(limit)))
+                match tokio::time::timeout(limit, call).await {
+                    Ok(result) => result.map_err(Into::into),
+                    Err(_) => Err(Box::new(CallError::AttemptTimeout(limit)) as BoxError),
+                }
             }
             .boxed(),
-            None => call,
+            None => async move { call.await.map_err(Into::into) }.boxed(),
         };
         (fut, picked)
     }
@@ -214,12 +341,12 @@ impl Retry {
             // multiply the outage's latency (two inventory replicas with
             // PostgreSQL blackholed answered in 3 x the 1 s pool timeout,
             // tests/netfaults.rs) and the load on what is broken.
-            if self.inner.set.all_not_serving() {
+            if none_serving(&result) {
                 return result;
             }
-            if !self.budget.withdraw() {
-                crate::telemetry::metrics().budget_exhausted(&self.inner.set.peer);
-                tracing::debug!(target = %self.inner.set.target, path = parts.uri.path(), "retry budget exhausted; not retrying");
+            if !self.shared.budget.withdraw() {
+                self.shared.metrics.budget_exhausted(&self.shared.peer);
+                tracing::debug!(target = %self.shared.target, path = parts.uri.path(), "retry budget exhausted; not retrying");
                 return result;
             }
             if let Some(addr) = served_by(&result) {
@@ -229,9 +356,11 @@ impl Retry {
                 Pushback::After(wait) => wait,
                 _ => backoff(&policy, number),
             };
-            tracing::debug!(target = %self.inner.set.target, path = parts.uri.path(), attempt = number + 1, ?wait, ?code, "retrying");
+            tracing::debug!(target = %self.shared.target, path = parts.uri.path(), attempt = number + 1, ?wait, ?code, "retrying");
             tokio::time::sleep(wait).await;
-            crate::telemetry::metrics().retry(&self.inner.set.peer, parts.uri.path(), false);
+            self.shared
+                .metrics
+                .retry(&self.shared.peer, parts.uri.path(), false);
             number += 1;
         }
     }
@@ -266,9 +395,9 @@ impl Retry {
                         {
                             last = Some(result);
                             // A non-fatal failure sends the next hedge at once.
-                            if more && self.budget.withdraw() {
-                                crate::telemetry::metrics().retry(&self.inner.set.peer, parts.uri.path(), true);
-                                tracing::debug!(target = %self.inner.set.target, path = parts.uri.path(), attempt = sent + 1, ?code, "hedging after a non-fatal failure");
+                            if more && self.shared.budget.withdraw() {
+                                self.shared.metrics.retry(&self.shared.peer, parts.uri.path(), true);
+                                tracing::debug!(target = %self.shared.target, path = parts.uri.path(), attempt = sent + 1, ?code, "hedging after a non-fatal failure");
                                 launch(&mut sent, &mut running, &mut exclude);
                             } else if running.is_empty() {
                                 return last.expect("just set");
@@ -278,69 +407,87 @@ impl Retry {
                     }
                 }
                 _ = tokio::time::sleep(policy.hedging_delay), if more => {
-                    if self.budget.withdraw() {
-                        crate::telemetry::metrics().retry(&self.inner.set.peer, parts.uri.path(), true);
-                        tracing::debug!(target = %self.inner.set.target, path = parts.uri.path(), attempt = sent + 1, "hedging");
+                    if self.shared.budget.withdraw() {
+                        self.shared.metrics.retry(&self.shared.peer, parts.uri.path(), true);
+                        tracing::debug!(target = %self.shared.target, path = parts.uri.path(), attempt = sent + 1, "hedging");
                         launch(&mut sent, &mut running, &mut exclude);
                     } else {
-                        crate::telemetry::metrics().budget_exhausted(&self.inner.set.peer);
+                        self.shared.metrics.budget_exhausted(&self.shared.peer);
                         sent = policy.max_attempts;
                     }
                 }
-                else => return last.unwrap_or(Err(CallError::NoEndpoint(crate::balance::NoEndpoint::Empty))),
+                else => return last.unwrap_or_else(|| Err(Box::new(CallError::NoEndpoint(NoEndpoint::Empty)))),
             }
         }
     }
 }
 
-impl Service<http::Request<Body>> for Retry {
+impl<S> Service<http::Request<Body>> for Retry<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
     type Response = http::Response<Body>;
     type Error = BoxError;
     type Future = BoxFuture<'static, Result<Self::Response, BoxError>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Each attempt waits for its own clone of the inner service.
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let this = self.clone();
-        let target = self.inner.set.target.clone();
         Box::pin(async move {
-            let info = this.methods.get(req.uri().path());
-            this.budget.deposit();
+            let target = this.shared.target.clone();
+            let info = this.shared.methods.get(req.uri().path());
+            this.shared.budget.deposit();
             let result = match info {
                 // Unknown or client-streaming: one attempt, nothing buffered.
                 None
-                | Some(crate::methods::MethodInfo {
+                | Some(MethodInfo {
                     client_streaming: true,
                     ..
-                }) => this.inner.clone().call(req).await,
+                }) => this.once(req).await,
                 Some(info) => {
-                    let config = this.config.load();
+                    let config = this.shared.config.load();
                     let policy = config.call_policy(&target, req.uri().path());
                     let (retry, hedging) = (policy.retry.clone(), policy.hedging.cloned());
                     let (parts, body) = req.into_parts();
                     match body::buffer(body, config.max_replay_bytes).await {
                         Err(status) => return Err(Box::new(status) as BoxError),
                         Ok(body::Buffered::TooLarge(body)) => {
-                            this.inner
-                                .clone()
-                                .call(http::Request::from_parts(parts, body))
-                                .await
+                            this.once(http::Request::from_parts(parts, body)).await
                         }
                         Ok(body::Buffered::Whole(bytes)) => match hedging {
                             Some(hedging) if info.idempotent => {
-                                this.hedge(parts, bytes, hedging).await
+                                this.clone().hedge(parts, bytes, hedging).await
                             }
-                            _ => this.retry_loop(parts, bytes, info.idempotent, retry).await,
+                            _ => {
+                                this.clone()
+                                    .retry_loop(parts, bytes, info.idempotent, retry)
+                                    .await
+                            }
                         },
                     }
                 }
             };
-            result.map_err(|e| Box::new(e.into_status(&target)) as BoxError)
+            // The one mapping of the balancer's failures to a status.
+            result.map_err(|e| match e.downcast::<CallError>() {
+                Ok(e) => Box::new(e.into_status(&target)) as BoxError,
+                Err(e) => e,
+            })
         })
     }
 }
+
+#[cfg(test)]
+mod layer_tests;
 
 #[cfg(test)]
 mod tests {

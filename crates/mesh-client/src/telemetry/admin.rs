@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tower::ServiceExt;
 
-use super::metrics;
+use super::metrics::Metrics;
 
 /// Connections the admin port serves at once; more wait in the backlog.
 const MAX_CONNECTIONS: usize = 64;
@@ -38,10 +38,11 @@ pub type HealthGrpc =
 ///
 /// `/live` answers 200 while the process runs; `/ready` answers 200 when
 /// `ready` says so and 503 otherwise (while draining, or while a
-/// dependency is down); `/metrics` serves [`metrics::Metrics::encode`];
+/// dependency is down); `/metrics` serves `metrics` ([`Metrics::encode`]);
 /// HTTP/2 requests to `/grpc.health.v1.Health/Check` go to `health`.
 pub async fn serve(
     listener: TcpListener,
+    metrics: Metrics,
     ready: Readiness,
     health: Option<HealthGrpc>,
     stop: CancellationToken,
@@ -64,9 +65,10 @@ pub async fn serve(
             },
         };
         let (ready, health, stop) = (ready.clone(), health.clone(), stop.clone());
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                let (ready, health) = (ready.clone(), health.clone());
+                let (ready, health, metrics) = (ready.clone(), health.clone(), metrics.clone());
                 async move {
                     // Probes need Check only; a Watch stream would hold a slot.
                     if let Some(health) =
@@ -74,7 +76,7 @@ pub async fn serve(
                     {
                         return health.oneshot(req.map(Body::new)).await;
                     }
-                    Ok::<_, Infallible>(respond(req, ready).await.map(Body::new))
+                    Ok::<_, Infallible>(respond(req, ready, &metrics).await.map(Body::new))
                 }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -95,7 +97,11 @@ pub async fn serve(
     }
 }
 
-async fn respond<B>(req: http::Request<B>, ready: Readiness) -> Response<Full<Bytes>> {
+async fn respond<B>(
+    req: http::Request<B>,
+    ready: Readiness,
+    metrics: &Metrics,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
     }
@@ -105,7 +111,7 @@ async fn respond<B>(req: http::Request<B>, ready: Readiness) -> Response<Full<By
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )
-            .body(Full::new(Bytes::from(metrics().encode())))
+            .body(Full::new(Bytes::from(metrics.encode())))
             .expect("static headers are valid"),
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" => {

@@ -1,15 +1,25 @@
-//! Golden metrics of the process, in one Prometheus registry.
+//! Golden metrics, in a Prometheus registry behind a cheap handle.
 //!
-//! Every mesh channel and mesh server records into the process-wide
-//! [`Metrics`] (like a sidecar, which exports one set per pod). Label values
-//! are bounded: methods are those of the registered contracts (others are
-//! `unknown`), peers are target names or verified SPIFFE IDs, codes are the
-//! 17 gRPC codes. No request ids, addresses of callers or user input.
+//! A [`Metrics`] is a handle to one registry. The assembly (a `Mesh`, a
+//! `MeshServer`) holds one and passes it to the layers it builds; nothing
+//! below reaches for a global. By default every mesh and server of a
+//! process shares the process default ([`metrics()`]), like a sidecar that
+//! exports one set per pod; [`Metrics::new`] gives a mesh a registry of its
+//! own (two meshes in one process, tests).
+//!
+//! Gauges that describe live state (endpoints per state, certificate
+//! expiry) are not kept up per call: their owners register as a
+//! [`GaugeSource`] and are asked at each scrape. This module knows no
+//! owner's type, so it imports nothing from the layers that record here.
+//!
+//! Label values are bounded: methods are those of the registered contracts
+//! (others are `unknown`), peers are target names or verified SPIFFE IDs,
+//! codes are the 17 gRPC codes. No request ids, addresses of callers or
+//! user input.
 
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex, OnceLock, RwLock, Weak},
-    time::{Duration, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use prometheus_client::{
@@ -19,7 +29,7 @@ use prometheus_client::{
 };
 use tonic::Code;
 
-use crate::{balance::EndpointSet, tls::MeshTls};
+use crate::methods::RpcPath;
 
 /// Which way a call went, seen from this process.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -104,8 +114,16 @@ fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
 
-/// The process's golden metrics. Get it with [`metrics()`].
-pub struct Metrics {
+/// A handle to a registry of golden metrics; clones share the registry.
+///
+/// [`metrics()`] is the process default, which every mesh and server uses
+/// unless given another with `Mesh::with_metrics` or
+/// `MeshServer::metrics`.
+#[derive(Clone)]
+pub struct Metrics(Arc<Registered>);
+
+/// The registry and the families it serves.
+struct Registered {
     registry: RwLock<Registry>,
     requests: Family<RpcLabels, Counter>,
     responses: Family<ResponseLabels, Counter>,
@@ -121,11 +139,46 @@ pub struct Metrics {
     handshake_failures: Family<OutcomeLabels, Counter>,
     cert_expiry: Family<IdentityLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     process: Family<ProcessLabels, Gauge>,
-    // Looked at on each scrape; weak so a dropped channel's set goes away.
-    sets: Mutex<Vec<Weak<EndpointSet>>>,
-    certificates: Mutex<Vec<Weak<MeshTls>>>,
+    // Asked on each scrape; weak so a dropped channel's set goes away.
+    sources: Mutex<Vec<Weak<dyn GaugeSource>>>,
     service: Mutex<Option<String>>,
     scrape: Mutex<()>,
+}
+
+/// Live state read into gauges at each scrape, registered by its owner
+/// with [`Metrics::add_source`] (an endpoint set, a certificate).
+///
+/// Not prometheus-client's `Collector`: two channels naming the same peer
+/// add up into one series, and a collector per owner would encode the
+/// family once per owner.
+pub(crate) trait GaugeSource: Send + Sync {
+    /// Reports the current state.
+    fn collect(&self, scrape: &mut Scrape<'_>);
+}
+
+/// What [`GaugeSource`]s report into during one scrape.
+pub(crate) struct Scrape<'a> {
+    endpoints: &'a Family<EndpointLabels, Gauge>,
+    certificates: Vec<(String, SystemTime)>,
+}
+
+impl Scrape<'_> {
+    /// `count` endpoints of the target named `peer` are in `state`
+    /// (`ready`, `ejected`, `reconnecting` or `unhealthy`).
+    pub(crate) fn endpoints(&mut self, peer: &Arc<str>, state: &'static str, count: i64) {
+        self.endpoints
+            .get_or_create(&EndpointLabels {
+                peer: peer.clone(),
+                state,
+            })
+            // Two channels may name the same peer: their endpoints add up.
+            .inc_by(count);
+    }
+
+    /// A workload certificate of `identity` expiring at `expires_at`.
+    pub(crate) fn certificate(&mut self, identity: String, expires_at: SystemTime) {
+        self.certificates.push((identity, expires_at));
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -134,15 +187,25 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-/// The process-wide metrics, created on first use.
+impl Default for Metrics {
+    /// A registry of its own (the same as [`Metrics::new`]).
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The process default metrics, created on first use.
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
 }
 
 impl Metrics {
-    fn new() -> Self {
-        let metrics = Self {
+    /// A registry of its own, with every mesh metric registered and no
+    /// series yet: for a mesh whose series must not mix with others of the
+    /// process (most code uses the process default, [`metrics()`]).
+    pub fn new() -> Self {
+        let metrics = Registered {
             registry: RwLock::new(Registry::with_prefix("mesh")),
             requests: Family::default(),
             responses: Family::default(),
@@ -158,8 +221,7 @@ impl Metrics {
             handshake_failures: Family::default(),
             cert_expiry: Family::default(),
             process: Family::default(),
-            sets: Mutex::default(),
-            certificates: Mutex::default(),
+            sources: Mutex::default(),
             service: Mutex::default(),
             scrape: Mutex::default(),
         };
@@ -238,110 +300,78 @@ impl Metrics {
                 metrics.process.clone(),
             );
         }
-        metrics
+        Self(Arc::new(metrics))
     }
 
     /// Registers more metrics (the application's own) to be served with
     /// the mesh's on the admin port. Names get the `mesh_` prefix.
     pub fn register(&self, f: impl FnOnce(&mut Registry)) {
-        f(&mut self.registry.write().expect("registry lock"));
+        f(&mut self.0.registry.write().expect("registry lock"));
     }
 
     /// Names the service this process runs in `mesh_process_info` (with
     /// its workload identity once mTLS is on); the live view labels the
     /// process with it.
     pub fn set_service(&self, service: &str) {
-        *self.service.lock().expect("metrics lock") = Some(service.to_owned());
+        *self.0.service.lock().expect("metrics lock") = Some(service.to_owned());
     }
 
     /// Every metric in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         // One scrape at a time: gauges are cleared and refilled for each.
-        let _scrape = self.scrape.lock().expect("scrape lock");
+        let _scrape = self.0.scrape.lock().expect("scrape lock");
         self.refresh_gauges();
         let mut out = String::new();
-        encode(&mut out, &self.registry.read().expect("registry lock"))
+        encode(&mut out, &self.0.registry.read().expect("registry lock"))
             .expect("writing to a String cannot fail");
         out
     }
 
     /// Gauges read from live state at scrape time, not kept up per call.
     fn refresh_gauges(&self) {
-        let sets: Vec<Arc<EndpointSet>> = {
-            let mut sets = self.sets.lock().expect("metrics lock");
-            sets.retain(|s| s.strong_count() > 0);
-            sets.iter().filter_map(Weak::upgrade).collect()
+        let m = &*self.0;
+        let sources: Vec<Arc<dyn GaugeSource>> = {
+            let mut sources = m.sources.lock().expect("metrics lock");
+            sources.retain(|s| s.strong_count() > 0);
+            sources.iter().filter_map(Weak::upgrade).collect()
         };
-        self.endpoints.clear();
-        for set in sets {
-            let mut counts: HashMap<&'static str, i64> = HashMap::new();
-            for state in set.snapshot().iter().map(|e| e.snapshot()) {
-                let name = if state.ejected {
-                    "ejected"
-                } else if state.reconnecting {
-                    "reconnecting"
-                } else if state.serving == Some(false) {
-                    "unhealthy"
-                } else {
-                    "ready"
-                };
-                *counts.entry(name).or_default() += 1;
-            }
-            for state in ["ready", "ejected", "reconnecting", "unhealthy"] {
-                self.endpoints
-                    .get_or_create(&EndpointLabels {
-                        peer: set.peer.clone(),
-                        state,
-                    })
-                    // Two channels may name the same peer: their endpoints add up.
-                    .inc_by(counts.get(state).copied().unwrap_or(0));
-            }
+        m.endpoints.clear();
+        let mut scrape = Scrape {
+            endpoints: &m.endpoints,
+            certificates: Vec::new(),
+        };
+        for source in sources {
+            source.collect(&mut scrape);
         }
-        let certificates: Vec<Arc<MeshTls>> = {
-            let mut certs = self.certificates.lock().expect("metrics lock");
-            certs.retain(|c| c.strong_count() > 0);
-            certs.iter().filter_map(Weak::upgrade).collect()
-        };
-        self.cert_expiry.clear();
-        self.process.clear();
-        if let Some(service) = self.service.lock().expect("metrics lock").clone() {
-            let identity = certificates
-                .first()
-                .map(|t| t.identity().as_str().to_owned());
-            self.process
+        m.cert_expiry.clear();
+        m.process.clear();
+        if let Some(service) = m.service.lock().expect("metrics lock").clone() {
+            let identity = scrape.certificates.first().map(|(id, _)| id.clone());
+            m.process
                 .get_or_create(&ProcessLabels {
                     service,
                     identity: identity.unwrap_or_default(),
                 })
                 .set(1);
         }
-        for tls in certificates {
-            let at = tls
-                .expires_at()
+        for (identity, expires_at) in scrape.certificates {
+            let at = expires_at
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or(Duration::ZERO);
-            self.cert_expiry
-                .get_or_create(&IdentityLabels {
-                    identity: tls.identity().as_str().to_owned(),
-                })
+            m.cert_expiry
+                .get_or_create(&IdentityLabels { identity })
                 .set(at.as_secs_f64());
         }
     }
 
-    pub(crate) fn watch_endpoints(&self, set: &Arc<EndpointSet>) {
-        self.sets
-            .lock()
-            .expect("metrics lock")
-            .push(Arc::downgrade(set));
-    }
-
-    pub(crate) fn watch_certificate(&self, tls: &Arc<MeshTls>) {
-        let mut certs = self.certificates.lock().expect("metrics lock");
-        if !certs
-            .iter()
-            .any(|c| c.upgrade().is_some_and(|c| Arc::ptr_eq(&c, tls)))
-        {
-            certs.push(Arc::downgrade(tls));
+    /// Asks `source` for its gauges at every scrape while it lives (held
+    /// weakly; registering the same source twice counts it once).
+    pub(crate) fn add_source<T: GaugeSource + 'static>(&self, source: &Arc<T>) {
+        let mut sources = self.0.sources.lock().expect("metrics lock");
+        let ptr = Arc::as_ptr(source) as *const ();
+        if !sources.iter().any(|s| s.as_ptr() as *const () == ptr) {
+            let weak: Weak<dyn GaugeSource> = Arc::downgrade(source) as Weak<dyn GaugeSource>;
+            sources.push(weak);
         }
     }
 
@@ -351,40 +381,45 @@ impl Metrics {
     pub(crate) fn retry(&self, peer: &Arc<str>, path: &str, hedge: bool) {
         let labels = &RpcLabels::new(Direction::Outbound, peer.clone(), &RpcPath::parse(path));
         if hedge {
-            self.hedges.get_or_create(labels).inc();
+            self.0.hedges.get_or_create(labels).inc();
         } else {
-            self.retries.get_or_create(labels).inc();
+            self.0.retries.get_or_create(labels).inc();
         }
     }
 
     pub(crate) fn budget_exhausted(&self, peer: &Arc<str>) {
-        self.budget_exhausted
+        self.0
+            .budget_exhausted
             .get_or_create(&PeerLabels { peer: peer.clone() })
             .inc();
     }
 
     pub(crate) fn ejected(&self, peer: &Arc<str>) {
-        self.ejections
+        self.0
+            .ejections
             .get_or_create(&PeerLabels { peer: peer.clone() })
             .inc();
     }
 
     /// A changed mesh config file was `applied` or `refused`.
     pub(crate) fn config_reload(&self, outcome: &'static str) {
-        self.config_reloads
+        self.0
+            .config_reloads
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
     }
 
     /// An inbound TLS handshake was `refused` or `timed_out`.
     pub(crate) fn handshake_failed(&self, outcome: &'static str) {
-        self.handshake_failures
+        self.0
+            .handshake_failures
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
     }
 
     pub(crate) fn denied(&self, path: &RpcPath, caller: Option<&str>, audit: bool) {
-        self.denials
+        self.0
+            .denials
             .get_or_create(&DenialLabels {
                 rpc_service: path.service.clone(),
                 rpc_method: path.method.clone(),
@@ -392,37 +427,6 @@ impl Metrics {
                 mode: if audit { "audit" } else { "enforce" },
             })
             .inc();
-    }
-}
-
-/// A gRPC path split for labels and span attributes.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub(crate) struct RpcPath {
-    pub(crate) service: Arc<str>,
-    pub(crate) method: Arc<str>,
-}
-
-impl RpcPath {
-    /// `/pkg.Service/Method` → (`pkg.Service`, `Method`); anything else is unknown.
-    pub(crate) fn parse(path: &str) -> Self {
-        match path
-            .strip_prefix('/')
-            .and_then(|p| p.split_once('/'))
-            .filter(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'))
-        {
-            Some((service, method)) => Self {
-                service: Arc::from(service),
-                method: Arc::from(method),
-            },
-            None => Self::unknown(),
-        }
-    }
-
-    pub(crate) fn unknown() -> Self {
-        Self {
-            service: Arc::from("unknown"),
-            method: Arc::from("unknown"),
-        }
     }
 }
 
@@ -435,6 +439,7 @@ pub(crate) struct CallSeries {
     latency: Histogram,
     in_flight: Gauge,
     responses: [OnceLock<Counter>; 17],
+    families: Family<ResponseLabels, Counter>,
 }
 
 impl RpcLabels {
@@ -457,8 +462,13 @@ impl RpcLabels {
 }
 
 impl CallSeries {
-    pub(crate) fn new(direction: Direction, peer: Arc<str>, path: &RpcPath) -> Self {
-        let m = metrics();
+    pub(crate) fn new(
+        metrics: &Metrics,
+        direction: Direction,
+        peer: Arc<str>,
+        path: &RpcPath,
+    ) -> Self {
+        let m = &*metrics.0;
         let labels = RpcLabels::new(direction, peer, path);
         Self {
             requests: m.requests.get_or_create_owned(&labels),
@@ -466,6 +476,7 @@ impl CallSeries {
             in_flight: m.in_flight.get_or_create_owned(&labels),
             labels,
             responses: Default::default(),
+            families: m.responses.clone(),
         }
     }
 
@@ -480,7 +491,7 @@ impl CallSeries {
         self.responses[code as usize]
             .get_or_init(|| {
                 let l = &self.labels;
-                metrics().responses.get_or_create_owned(&ResponseLabels {
+                self.families.get_or_create_owned(&ResponseLabels {
                     direction: l.direction,
                     peer: l.peer.clone(),
                     rpc_service: l.rpc_service.clone(),

@@ -7,19 +7,23 @@
 //!   `server.address`, `client.identity`). W3C `traceparent`/`tracestate`
 //!   travel in gRPC metadata, so a call across services is one trace.
 //!   Retries, hedges and ejections are span events.
-//! - **Export**: [`init`] exports spans over OTLP/gRPC when the standard
+//! - **Export**: [`init`] (with the `otlp` feature, on by default) exports
+//!   spans over OTLP/gRPC when the standard
 //!   `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set,
 //!   through a batch processor with a bounded queue that drops rather than
 //!   blocks (`OTEL_BSP_*` tune it); `OTEL_SERVICE_NAME`,
 //!   `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_TRACES_SAMPLER(_ARG)` are honoured.
-//! - **Metrics**: [`metrics()`] holds the process's golden metrics, served
-//!   in the OpenMetrics text format by the [`admin`] port.
+//! - **Metrics**: a [`Metrics`] handle per mesh and server (by default the
+//!   process's, [`metrics()`]) holds the golden metrics, served in the
+//!   OpenMetrics text format by the admin port (`admin`, with the `admin`
+//!   feature, on by default).
 //! - **Logs**: `tracing` events to stderr, filtered by `RUST_LOG` (default
 //!   `info`), human-readable or JSON (`LOG_FORMAT=json`); lines logged
 //!   while handling a call carry its `trace_id`.
 
+#[cfg(feature = "admin")]
 pub mod admin;
-mod metrics;
+pub(crate) mod metrics;
 pub(crate) mod rpc;
 
 use opentelemetry::trace::TracerProvider as _;
@@ -29,7 +33,6 @@ use tracing_subscriber::{
     EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt,
 };
 
-pub(crate) use metrics::RpcPath;
 pub use metrics::{Direction, Metrics, code_name, metrics};
 
 /// What [`init`] set up; call [`Telemetry::shutdown`] before exiting so
@@ -86,12 +89,15 @@ pub fn init(service: &str) -> Telemetry {
     if !env_set("OTEL_SERVICE_NAME") {
         resource = resource.with_service_name(service.to_owned());
     }
+    #[cfg_attr(not(feature = "otlp"), allow(unused_mut))]
     let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
     let wanted = (env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
         || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
         && !std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    #[cfg_attr(not(feature = "otlp"), allow(unused_mut))]
     let mut exporting = false;
-    let mut export_error = None;
+    let mut export_error: Option<String> = None;
+    #[cfg(feature = "otlp")]
     if wanted {
         match opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
@@ -103,6 +109,11 @@ pub fn init(service: &str) -> Telemetry {
             }
             Err(e) => export_error = Some(e.to_string()),
         }
+    }
+    #[cfg(not(feature = "otlp"))]
+    if wanted {
+        export_error =
+            Some("mesh-client was built without its `otlp` feature, which exports traces".into());
     }
     // Without an exporter spans are still made: they carry the trace
     // context from inbound calls to outbound ones and into log lines.

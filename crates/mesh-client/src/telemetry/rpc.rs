@@ -22,11 +22,12 @@ use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty, instrument::Instrumented};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::metrics::{CallSeries, Direction, RpcPath};
+use super::metrics::{CallSeries, Direction, Metrics};
 use crate::{
     BoxError,
     body::{ObservedBody, header_status},
-    tls::PeerInfo,
+    methods::RpcPath,
+    tls::io::PeerInfo,
 };
 
 /// Distinct paths one layer keeps series for; calls beyond are labelled
@@ -61,6 +62,7 @@ impl Extractor for HeaderExtractor<'_> {
 /// Series per path for one peer (client side) or per caller and path
 /// (server side), created on first use.
 struct SeriesCache {
+    metrics: Metrics,
     direction: Direction,
     // peer → path → series.
     map: RwLock<HashMap<Box<str>, HashMap<Box<str>, Arc<CallSeries>>>>,
@@ -68,8 +70,9 @@ struct SeriesCache {
 }
 
 impl SeriesCache {
-    fn new(direction: Direction) -> Self {
+    fn new(metrics: Metrics, direction: Direction) -> Self {
         Self {
+            metrics,
             direction,
             map: RwLock::default(),
             paths: 0,
@@ -98,7 +101,14 @@ impl SeriesCache {
         map.entry(peer_key.into())
             .or_default()
             .entry(path_key.into())
-            .or_insert_with(|| Arc::new(CallSeries::new(self.direction, Arc::from(peer_key), &rpc)))
+            .or_insert_with(|| {
+                Arc::new(CallSeries::new(
+                    &self.metrics,
+                    self.direction,
+                    Arc::from(peer_key),
+                    &rpc,
+                ))
+            })
             .clone()
     }
 }
@@ -112,12 +122,13 @@ pub(crate) struct ClientTelemetryLayer {
 }
 
 impl ClientTelemetryLayer {
-    /// Calls to `target`, named `peer` in metrics and spans.
-    pub(crate) fn new(peer: Arc<str>, target: Arc<str>) -> Self {
+    /// Calls to `target`, named `peer` in metrics and spans, recorded
+    /// into `metrics`.
+    pub(crate) fn new(peer: Arc<str>, target: Arc<str>, metrics: Metrics) -> Self {
         Self {
             peer,
             target,
-            cache: Arc::new(SeriesCache::new(Direction::Outbound)),
+            cache: Arc::new(SeriesCache::new(metrics, Direction::Outbound)),
         }
     }
 }
@@ -189,8 +200,13 @@ impl ServerTelemetryLayer {
     /// anything else a client sends is `unknown`.
     /// With `trust_trace_context` false, inbound `traceparent` is ignored
     /// and every call starts a trace (for servers that face the outside).
-    pub(crate) fn new(known: Arc<HashSet<String>>, trust_trace_context: bool) -> Self {
-        let mut cache = SeriesCache::new(Direction::Inbound);
+    /// Calls are recorded into `metrics`.
+    pub(crate) fn new(
+        known: Arc<HashSet<String>>,
+        trust_trace_context: bool,
+        metrics: Metrics,
+    ) -> Self {
+        let mut cache = SeriesCache::new(metrics, Direction::Inbound);
         cache.paths = known.len();
         Self {
             known,

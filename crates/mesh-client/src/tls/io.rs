@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
 use super::{MeshTls, ServerTls, SpiffeId, identity::leaf_info};
+use crate::telemetry::metrics::Metrics;
 
 /// Who is on the other end of an inbound connection. Servers built with
 /// `MeshServer` put it in every request's extensions.
@@ -257,11 +258,13 @@ fn log_handshake_failure(limiter: &LogLimiter, remote: SocketAddr, what: std::fm
 /// Accepts connections until `stop` or until the receiver is dropped,
 /// handshaking TLS (bounded by the handshake timeout, at most
 /// `max_handshakes` at once; see the module docs) off the accept path.
+/// Failed handshakes are counted in `metrics`.
 pub(crate) fn accept_loop(
     listener: TcpListener,
     tls: Option<ServerTls>,
     max_handshakes: usize,
     stop: CancellationToken,
+    metrics: Metrics,
 ) -> mpsc::Receiver<io::Result<MeshStream>> {
     let (tx, rx) = mpsc::channel(128);
     let slots = Arc::new(Semaphore::new(max_handshakes));
@@ -312,7 +315,7 @@ pub(crate) fn accept_loop(
                 }
                 continue;
             };
-            let (tx, failures) = (tx.clone(), failures.clone());
+            let (tx, failures, metrics) = (tx.clone(), failures.clone(), metrics.clone());
             tokio::spawn(async move {
                 let acceptor = TlsAcceptor::from(tls.config());
                 let handshake =
@@ -341,7 +344,7 @@ pub(crate) fn accept_loop(
                             .await;
                     }
                     Ok(Err(e)) => {
-                        crate::telemetry::metrics().handshake_failed("refused");
+                        metrics.handshake_failed("refused");
                         log_handshake_failure(
                             &failures,
                             remote,
@@ -349,7 +352,7 @@ pub(crate) fn accept_loop(
                         )
                     }
                     Err(_) => {
-                        crate::telemetry::metrics().handshake_failed("timed_out");
+                        metrics.handshake_failed("timed_out");
                         log_handshake_failure(
                             &failures,
                             remote,

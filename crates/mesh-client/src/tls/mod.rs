@@ -17,7 +17,7 @@
 
 #[cfg(feature = "dev-ca")]
 pub mod dev;
-mod identity;
+pub(crate) mod identity;
 pub(crate) mod io;
 mod verify;
 
@@ -39,6 +39,8 @@ use rustls::{
 
 use identity::leaf_info;
 use verify::SpiffeServerVerifier;
+
+use crate::telemetry::metrics::{GaugeSource, Scrape};
 
 /// Why TLS material could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -435,5 +437,13 @@ async fn watch(tls: std::sync::Weak<MeshTls>) {
             }
             last_warning = Some(tokio::time::Instant::now());
         }
+    }
+}
+
+/// The owner of the certificate reports its expiry (and the process's
+/// identity) at each scrape of the metrics it is registered with.
+impl GaugeSource for MeshTls {
+    fn collect(&self, scrape: &mut Scrape<'_>) {
+        scrape.certificate(self.identity().as_str().to_owned(), self.expires_at());
     }
 }

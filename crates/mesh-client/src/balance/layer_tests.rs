@@ -1,0 +1,235 @@
+//! The balance layer driven step by step: a `tower-test` mock stands for
+//! the endpoints' connections (each request names its endpoint in a
+//! `SendTo` extension), round robin makes the picks predictable, and
+//! tokio's clock is paused, so ejection times are exact.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::time::Instant;
+use tonic::{Code, body::Body};
+use tower::{Layer, ServiceExt, discover::Change};
+use tower_test::mock;
+
+use super::{BalanceLayer, CallError, EndpointSet, Exclude, NoEndpoint, Picked, Served};
+use crate::{
+    config::{ConfigHandle, MeshConfig},
+    endpoint::{SendTo, header_status},
+    telemetry::metrics::Metrics,
+};
+
+type Handle = mock::Handle<http::Request<Body>, http::Response<Body>>;
+type Balanced = super::service::Balance<mock::Mock<http::Request<Body>, http::Response<Body>>>;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A set of endpoints on ports 1..=n (connections never made).
+async fn set_of(n: u16, metrics: &Metrics) -> Arc<EndpointSet> {
+    let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), metrics.clone());
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    for port in 1..=n {
+        tx.send(Change::Insert(addr(port), ())).await.unwrap();
+    }
+    drop(tx);
+    set.clone()
+        .follow(
+            rx,
+            |addr| {
+                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect_lazy()
+            },
+            false,
+        )
+        .await;
+    set
+}
+
+fn balanced(set: &Arc<EndpointSet>) -> (Balanced, Handle) {
+    let config = ConfigHandle::new(
+        MeshConfig::from_json(
+            r#"{"loadBalancingPolicy":"round_robin",
+                "outlierDetection":{"consecutiveFailures":2,"baseEjectionTime":"5s"}}"#,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let (mock, handle) = mock::pair();
+    (BalanceLayer::new(set.clone(), config).layer(mock), handle)
+}
+
+fn request() -> http::Request<Body> {
+    http::Request::builder()
+        .uri("/t.S/Get")
+        .body(Body::empty())
+        .unwrap()
+}
+
+fn status(code: Code) -> http::Response<Body> {
+    let mut response = http::Response::new(Body::empty());
+    response
+        .headers_mut()
+        .insert("grpc-status", http::HeaderValue::from(code as i32));
+    response
+}
+
+/// Sends one call; the endpoint on port `failing` answers UNAVAILABLE,
+/// the others OK (both trailers-only, so the outcome is known at once).
+/// Returns the port the call went to.
+async fn call(svc: &Balanced, handle: &mut Handle, failing: u16) -> u16 {
+    let call = tokio::spawn(svc.clone().oneshot(request()));
+    let (req, answer) = handle.next_request().await.unwrap();
+    let port = req
+        .extensions()
+        .get::<SendTo>()
+        .expect("an endpoint")
+        .0
+        .addr
+        .port();
+    answer.send_response(status(if port == failing {
+        Code::Unavailable
+    } else {
+        Code::Ok
+    }));
+    let response = call.await.unwrap().unwrap();
+    if port == failing {
+        assert_eq!(header_status(&response), Some(Code::Unavailable));
+        assert_eq!(
+            response.extensions().get::<Served>().map(|s| s.0),
+            Some(addr(port))
+        );
+    } else {
+        assert!(response.extensions().get::<Served>().is_none());
+    }
+    port
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_failing_in_a_row_is_ejected_for_the_ejection_time_then_readmitted() {
+    let metrics = Metrics::new();
+    let set = set_of(2, &metrics).await;
+    let (svc, mut handle) = balanced(&set);
+    // Round robin alternates; port 1 fails twice in a row and is ejected.
+    let mut ports = Vec::new();
+    for _ in 0..4 {
+        ports.push(call(&svc, &mut handle, 1).await);
+    }
+    assert_eq!(ports.iter().filter(|p| **p == 1).count(), 2, "{ports:?}");
+    let ejected_at = Instant::now();
+    for _ in 0..6 {
+        assert_eq!(call(&svc, &mut handle, 1).await, 2, "ejected: no calls");
+    }
+    assert!(
+        metrics
+            .encode()
+            .contains("mesh_endpoint_ejections_total{peer=\"t\"} 1")
+    );
+    assert!(
+        metrics
+            .encode()
+            .contains("mesh_endpoints{peer=\"t\",state=\"ejected\"} 1")
+    );
+
+    // One millisecond short of the ejection time it is still out...
+    tokio::time::advance(Duration::from_secs(5) - Duration::from_millis(1)).await;
+    for _ in 0..4 {
+        assert_eq!(call(&svc, &mut handle, 1).await, 2);
+    }
+    // ...and back at the ejection time.
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(ejected_at.elapsed(), Duration::from_secs(5));
+    let mut ports = Vec::new();
+    for _ in 0..4 {
+        ports.push(call(&svc, &mut handle, 0).await);
+    }
+    assert_eq!(
+        ports.iter().filter(|p| **p == 1).count(),
+        2,
+        "readmitted: {ports:?}"
+    );
+
+    // Readmitted, a success forgives one ejection: the next is 5 s again.
+    let mut failures = 0;
+    while failures < 2 {
+        if call(&svc, &mut handle, 1).await == 1 {
+            failures += 1;
+        }
+    }
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let mut to_one = 0;
+    for _ in 0..4 {
+        if call(&svc, &mut handle, 1).await == 1 {
+            to_one += 1;
+        }
+    }
+    // Back after 5 s and failing again at once, without a success between:
+    // the next ejection is twice as long.
+    assert_eq!(to_one, 2, "readmitted after 5 s, then ejected again");
+    tokio::time::advance(Duration::from_secs(10) - Duration::from_millis(1)).await;
+    for _ in 0..4 {
+        assert_eq!(call(&svc, &mut handle, 0).await, 2, "ejected for 10 s");
+    }
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let mut ports = Vec::new();
+    for _ in 0..4 {
+        ports.push(call(&svc, &mut handle, 0).await);
+    }
+    assert!(ports.contains(&1), "readmitted after 10 s: {ports:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn exclusions_are_honoured_and_the_pick_is_reported() {
+    let set = set_of(3, &Metrics::new()).await;
+    let (svc, mut handle) = balanced(&set);
+    for _ in 0..6 {
+        let picked = Picked::default();
+        let mut req = request();
+        req.extensions_mut().insert(Exclude(vec![addr(1), addr(3)]));
+        req.extensions_mut().insert(picked.clone());
+        let call = tokio::spawn(svc.clone().oneshot(req));
+        let (req, answer) = handle.next_request().await.unwrap();
+        assert_eq!(req.extensions().get::<SendTo>().unwrap().0.addr, addr(2));
+        answer.send_response(http::Response::new(Body::empty()));
+        call.await.unwrap().unwrap();
+        assert_eq!(picked.0.get(), Some(&addr(2)));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transport_failure_names_the_endpoint_and_counts_toward_ejection() {
+    let set = set_of(1, &Metrics::new()).await;
+    let (svc, mut handle) = balanced(&set);
+    for _ in 0..2 {
+        let call = tokio::spawn(svc.clone().oneshot(request()));
+        let (_, answer) = handle.next_request().await.unwrap();
+        answer.send_error("connection reset");
+        match call.await.unwrap() {
+            Err(CallError::Transport {
+                addr: at,
+                never_sent,
+                ..
+            }) => {
+                assert_eq!(at, addr(1));
+                assert!(!never_sent);
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+    assert!(set.snapshot()[0].is_ejected(Instant::now()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_target_that_never_resolves_fails_after_the_first_resolution_wait() {
+    let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
+    let (svc, mut handle) = balanced(&set);
+    let start = Instant::now();
+    let result = svc.clone().oneshot(request()).await;
+    assert!(matches!(
+        result,
+        Err(CallError::NoEndpoint(NoEndpoint::Empty))
+    ));
+    assert_eq!(start.elapsed(), super::service::FIRST_RESOLUTION_WAIT);
+    let next = tokio::time::timeout(Duration::from_secs(1), handle.next_request()).await;
+    assert!(next.is_err(), "nothing sent");
+}

@@ -1,0 +1,423 @@
+//! The retry layer driven step by step: a `tower-test` mock below it
+//! answers each attempt, and tokio's clock is paused, so backoffs, pushback
+//! and hedging delays are exact and nothing sleeps for real.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
+use tokio::time::Instant;
+use tonic::{Code, body::Body};
+use tower::{Layer, Service, ServiceExt};
+use tower_test::mock;
+
+use super::RetryLayer;
+use crate::{
+    BoxError,
+    balance::CallError,
+    config::{ConfigHandle, MeshConfig},
+    endpoint::header_status,
+    methods::{MethodInfo, MethodTable},
+    telemetry::metrics::Metrics,
+};
+
+type Handle = mock::Handle<http::Request<Body>, http::Response<Body>>;
+
+const GET: &str = "/t.S/Get";
+const PUT: &str = "/t.S/Put";
+
+fn methods() -> Arc<MethodTable> {
+    let mut table = MethodTable::default();
+    let info = |idempotent| MethodInfo {
+        idempotent,
+        client_streaming: false,
+    };
+    table.insert(GET, info(true));
+    table.insert(PUT, info(false));
+    Arc::new(table)
+}
+
+fn config(json: &str) -> ConfigHandle {
+    ConfigHandle::new(MeshConfig::from_json(json).unwrap()).unwrap()
+}
+
+fn request(path: &str) -> http::Request<Body> {
+    http::Request::builder()
+        .uri(path)
+        .body(Body::new(http_body_util::Full::new(
+            bytes::Bytes::from_static(b"\0\0\0\0\0"),
+        )))
+        .unwrap()
+}
+
+fn status(code: Code, headers: &[(&'static str, &'static str)]) -> http::Response<Body> {
+    let mut response = http::Response::new(Body::empty());
+    response
+        .headers_mut()
+        .insert("grpc-status", http::HeaderValue::from(code as i32));
+    for (name, value) in headers {
+        response
+            .headers_mut()
+            .insert(*name, http::HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// A response whose headers arrived without a status: committed.
+fn ok() -> http::Response<Body> {
+    http::Response::new(Body::empty())
+}
+
+/// The value of the series `name` whose labels include `labels`, 0 if none.
+fn count(metrics: &Metrics, name: &str, labels: &str) -> u64 {
+    metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Retry over a fresh mock, recording into its own metrics.
+fn retry(
+    json: &str,
+) -> (
+    super::Retry<mock::Mock<http::Request<Body>, http::Response<Body>>>,
+    Handle,
+    Metrics,
+) {
+    let metrics = Metrics::new();
+    let (mock, handle) = mock::pair();
+    let layer = RetryLayer::new("t", config(json), methods()).metrics(metrics.clone());
+    (layer.layer(mock), handle, metrics)
+}
+
+/// No request reaches the mock for a minute (of paused time), or the
+/// service holding the mock is gone (then none can).
+async fn nothing_more(handle: &mut Handle) {
+    let next = tokio::time::timeout(Duration::from_secs(60), handle.next_request()).await;
+    if let Ok(next @ Some(_)) = &next {
+        panic!(
+            "an attempt too many was sent: {:?}",
+            next.as_ref()
+                .map(|(r, _)| (r.uri().clone(), r.headers().clone()))
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idempotent_call_is_retried_on_a_retryable_code_and_nothing_else_is() {
+    let (svc, mut handle, metrics) = retry(r#"{"retryPolicy":{"maxAttempts":3}}"#);
+    let call = tokio::spawn(svc.clone().oneshot(request(GET)));
+    let (first, answer) = handle.next_request().await.unwrap();
+    assert!(first.headers().get("grpc-previous-rpc-attempts").is_none());
+    answer.send_response(status(Code::Unavailable, &[]));
+    let (second, answer) = handle.next_request().await.unwrap();
+    assert_eq!(second.headers()["grpc-previous-rpc-attempts"], "1");
+    answer.send_response(ok());
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(header_status(&response), None, "the retry's answer");
+    assert_eq!(
+        count(&metrics, "mesh_retries_total", "rpc_method=\"Get\""),
+        1
+    );
+
+    // UNAVAILABLE from a method not declared idempotent is final.
+    let call = tokio::spawn(svc.clone().oneshot(request(PUT)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(status(Code::Unavailable, &[]));
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(header_status(&response), Some(Code::Unavailable));
+    nothing_more(&mut handle).await;
+
+    // A code not in retryableStatusCodes is final, idempotent or not.
+    let call = tokio::spawn(svc.clone().oneshot(request(GET)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(status(Code::Internal, &[]));
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(header_status(&response), Some(Code::Internal));
+    nothing_more(&mut handle).await;
+
+    // At most maxAttempts, then the last answer.
+    let call = tokio::spawn(svc.oneshot(request(GET)));
+    for _ in 0..3 {
+        let (_, answer) = handle.next_request().await.unwrap();
+        answer.send_response(status(Code::Unavailable, &[]));
+    }
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(header_status(&response), Some(Code::Unavailable));
+    nothing_more(&mut handle).await;
+    assert_eq!(
+        count(&metrics, "mesh_retries_total", "rpc_method=\"Get\""),
+        3
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_never_left_is_retried_for_any_method_one_that_may_have_is_not() {
+    let (svc, mut handle, _) = retry("{}");
+    let addr: std::net::SocketAddr = "127.0.0.1:7".parse().unwrap();
+    let call = tokio::spawn(svc.clone().oneshot(request(PUT)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_error(CallError::Transport {
+        addr,
+        never_sent: true,
+        source: "connection refused".into(),
+    });
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(ok());
+    assert!(call.await.unwrap().is_ok());
+
+    // Sent, then the connection broke: a mutation may have happened.
+    let call = tokio::spawn(svc.oneshot(request(PUT)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_error(CallError::Transport {
+        addr,
+        never_sent: false,
+        source: "connection reset".into(),
+    });
+    let error = call.await.unwrap().unwrap_err();
+    let status = error.downcast::<tonic::Status>().expect("a status");
+    assert!(status.message().contains("127.0.0.1:7"), "{status}");
+    nothing_more(&mut handle).await;
+}
+
+/// Answers the next attempt with UNAVAILABLE.
+async fn fail_next(handle: &mut Handle) {
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(status(Code::Unavailable, &[]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_exhausted_budget_stops_retries_until_it_refills() {
+    // One retry in reserve, one more per second, none earned by requests.
+    let (svc, mut handle, metrics) =
+        retry(r#"{"retryBudget":{"retryRatio":0.0,"minRetriesPerSecond":1,"ttl":"1s"}}"#);
+    let call = tokio::spawn(svc.clone().oneshot(request(GET)));
+    fail_next(&mut handle).await;
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(ok());
+    assert!(header_status(&call.await.unwrap().unwrap()).is_none());
+
+    // The reserve is spent: the failure is returned, and counted.
+    let call = tokio::spawn(svc.clone().oneshot(request(GET)));
+    fail_next(&mut handle).await;
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(header_status(&response), Some(Code::Unavailable));
+    nothing_more(&mut handle).await;
+    assert_eq!(
+        count(&metrics, "mesh_retry_budget_exhausted_total", "peer=\"t\""),
+        1
+    );
+
+    // A second later (the wait above was a minute) there is one again.
+    let call = tokio::spawn(svc.oneshot(request(GET)));
+    fail_next(&mut handle).await;
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(ok());
+    assert!(header_status(&call.await.unwrap().unwrap()).is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn pushback_sets_the_wait_and_a_negative_one_stops_retrying() {
+    let (svc, mut handle, _) = retry(r#"{"retryPolicy":{"maxAttempts":3}}"#);
+    let call = tokio::spawn(svc.clone().oneshot(request(GET)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    let sent = Instant::now();
+    answer.send_response(status(
+        Code::Unavailable,
+        &[("grpc-retry-pushback-ms", "3000")],
+    ));
+    let (_, answer) = handle.next_request().await.unwrap();
+    // Exactly the server's wait, not the policy's 50 ms jittered backoff.
+    assert_eq!(sent.elapsed(), Duration::from_millis(3000));
+    answer.send_response(ok());
+    assert!(header_status(&call.await.unwrap().unwrap()).is_none());
+
+    for stop in ["-1", "soon"] {
+        let call = tokio::spawn(svc.clone().oneshot(request(GET)));
+        let (_, answer) = handle.next_request().await.unwrap();
+        answer.send_response(status(
+            Code::Unavailable,
+            &[("grpc-retry-pushback-ms", stop)],
+        ));
+        let response = call.await.unwrap().unwrap();
+        assert_eq!(header_status(&response), Some(Code::Unavailable), "{stop}");
+        nothing_more(&mut handle).await;
+    }
+}
+
+/// A wrapper counting attempts whose response futures were dropped before
+/// they finished (cancelled).
+#[derive(Clone)]
+struct CountCancelled<S> {
+    inner: S,
+    cancelled: Arc<AtomicUsize>,
+}
+
+struct Armed(Option<Arc<AtomicUsize>>);
+
+impl Armed {
+    /// The attempt finished: not a cancellation.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        if let Some(count) = self.0.take() {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl<S> Service<http::Request<Body>> for CountCancelled<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let mut armed = Armed(Some(self.cancelled.clone()));
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let result = fut.await;
+            armed.disarm();
+            result
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn hedges_go_out_after_each_delay_and_the_losers_are_cancelled() {
+    let (mock, mut handle) = mock::pair();
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    let metrics = Metrics::new();
+    let svc = RetryLayer::new(
+        "t",
+        config(r#"{"hedgingPolicy":{"maxAttempts":3,"hedgingDelay":"100ms"}}"#),
+        methods(),
+    )
+    .metrics(metrics.clone())
+    .layer(CountCancelled {
+        inner: mock,
+        cancelled: cancelled.clone(),
+    });
+    let start = Instant::now();
+    let call = tokio::spawn(svc.oneshot(request(GET)));
+    let mut answers = Vec::new();
+    for (attempt, at) in [(None, 0), (Some("1"), 100), (Some("2"), 200)] {
+        let (req, answer) = handle.next_request().await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(at));
+        assert_eq!(
+            req.headers()
+                .get("grpc-previous-rpc-attempts")
+                .map(|v| v.to_str().unwrap()),
+            attempt
+        );
+        answers.push(answer);
+    }
+    nothing_more(&mut handle).await;
+    // The second attempt answers first: it wins, the others are dropped.
+    answers.remove(1).send_response(ok());
+    let response = call.await.unwrap().unwrap();
+    assert!(header_status(&response).is_none());
+    assert_eq!(cancelled.load(Ordering::SeqCst), 2, "both losers cancelled");
+    assert_eq!(
+        count(&metrics, "mesh_hedges_total", "rpc_method=\"Get\""),
+        2
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_non_fatal_answer_sends_the_next_hedge_at_once_and_a_fatal_one_ends_the_call() {
+    let (svc, mut handle, _) = retry(r#"{"hedgingPolicy":{"maxAttempts":3,"hedgingDelay":"1s"}}"#);
+    let start = Instant::now();
+    let call = tokio::spawn(svc.clone().oneshot(request(GET)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(status(Code::Unavailable, &[]));
+    let (_, answer) = handle.next_request().await.unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO, "not after the delay");
+    answer.send_response(ok());
+    assert!(header_status(&call.await.unwrap().unwrap()).is_none());
+
+    let call = tokio::spawn(svc.oneshot(request(GET)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(status(Code::InvalidArgument, &[]));
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(header_status(&response), Some(Code::InvalidArgument));
+    nothing_more(&mut handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reloaded_policy_applies_from_the_next_call() {
+    let (mock, mut handle) = mock::pair();
+    let live = config(r#"{"retryPolicy":{"maxAttempts":1}}"#);
+    let svc = RetryLayer::new("t", live.clone(), methods()).layer(mock);
+    let call = tokio::spawn(svc.clone().oneshot(request(GET)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(status(Code::Unavailable, &[]));
+    assert_eq!(
+        header_status(&call.await.unwrap().unwrap()),
+        Some(Code::Unavailable)
+    );
+    nothing_more(&mut handle).await;
+
+    live.reload(MeshConfig::from_json(r#"{"retryPolicy":{"maxAttempts":2}}"#).unwrap())
+        .unwrap();
+    let call = tokio::spawn(svc.oneshot(request(GET)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(status(Code::Unavailable, &[]));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(ok());
+    assert!(header_status(&call.await.unwrap().unwrap()).is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_per_attempt_timeout_retries_and_the_calls_own_expiry_does_not() {
+    let (svc, mut handle, _) = retry(
+        r#"{"retryPolicy":{"maxAttempts":2,"perAttemptRecvTimeout":"1s",
+                  "retryableStatusCodes":["UNAVAILABLE","DEADLINE_EXCEEDED"]}}"#,
+    );
+    let start = Instant::now();
+    let call = tokio::spawn(svc.clone().oneshot(request(GET)));
+    let (_, _silent) = handle.next_request().await.unwrap();
+    let (_, answer) = handle.next_request().await.unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "after the timeout"
+    );
+    answer.send_response(ok());
+    assert!(header_status(&call.await.unwrap().unwrap()).is_none());
+
+    // tonic's own grpc-timeout timer: the call's deadline, nothing to retry.
+    let call = tokio::spawn(svc.oneshot(request(GET)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_error(CallError::Transport {
+        addr: "127.0.0.1:7".parse().unwrap(),
+        never_sent: false,
+        source: Box::new(tonic::TimeoutExpired(())),
+    });
+    let status = call
+        .await
+        .unwrap()
+        .unwrap_err()
+        .downcast::<tonic::Status>()
+        .unwrap();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status}");
+    nothing_more(&mut handle).await;
+}
