@@ -46,6 +46,7 @@ pub mod deadline;
 mod endpoint;
 mod error;
 mod methods;
+pub mod optional;
 mod resolve;
 mod retry;
 pub mod server;
