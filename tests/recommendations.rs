@@ -21,7 +21,7 @@ use std::{
 use common::{
     Db, Proc, Shop, TestPki, authed, free_addr, http_get, identity, shop_policy, skip_or_fail,
 };
-use mesh_client::{Mesh, MeshConfig, MeshChannel};
+use mesh_client::{Mesh, MeshChannel, MeshConfig};
 use nix::sys::signal::{Signal, kill};
 use shop_api::recommendations::v1::{
     RecommendRequest, RecordOrderRequest,
@@ -219,18 +219,63 @@ async fn rust_mesh_client_calls_python_over_mtls_with_secure_naming() {
             .channel_with_identity(&both, &identity("recommendations"))
             .unwrap(),
     );
-    for _ in 0..40 {
-        let answer = recs.recommend(recommend(&["a"])).await.unwrap().into_inner();
-        assert_eq!(answer.product_ids, ["b", "c"], "best first, the cart excluded");
-        assert!(!answer.fallback, "the service never sets fallback");
+    // Eight callers at once: P2C spreads the load over both replicas.
+    let mut callers = Vec::new();
+    for _ in 0..8 {
+        let mut recs = recs.clone();
+        callers.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                let answer = recs
+                    .recommend(recommend(&["a"]))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(
+                    answer.product_ids,
+                    ["b", "c"],
+                    "best first, the cart excluded"
+                );
+                assert!(!answer.fallback, "the service never sets fallback");
+            }
+        }));
+    }
+    for caller in callers {
+        caller.await.unwrap();
     }
     let (on_a, on_b) = (
         inbound_recommends(&a.metrics().await),
         inbound_recommends(&b.metrics().await),
     );
-    println!("P2C over two Python replicas: {on_a} and {on_b} of 40 calls");
-    assert_eq!(on_a + on_b, 40.0);
-    assert!(on_a > 0.0 && on_b > 0.0, "both replicas served: {on_a} / {on_b}");
+    println!("P2C over two Python replicas, 8 callers: {on_a} and {on_b} of 80 calls");
+    assert_eq!(on_a + on_b, 80.0);
+    assert!(
+        on_a > 0.0 && on_b > 0.0,
+        "both replicas served: {on_a} / {on_b}"
+    );
+    // One replica 100 ms slow: P2C sends most calls to the other.
+    a.fault(r#"{"delayMs": 100}"#);
+    let mut callers = Vec::new();
+    for _ in 0..4 {
+        let mut recs = recs.clone();
+        callers.push(tokio::spawn(async move {
+            for _ in 0..15 {
+                recs.recommend(recommend(&["a"])).await.unwrap();
+            }
+        }));
+    }
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    a.fault("{}");
+    let (slow, fast) = (
+        inbound_recommends(&a.metrics().await) - on_a,
+        inbound_recommends(&b.metrics().await) - on_b,
+    );
+    println!("with replica a 100 ms slow: a {slow}, b {fast} of 60 calls");
+    assert!(
+        fast > slow,
+        "P2C preferred the slow replica: {slow} vs {fast}"
+    );
 
     // Bad input: a precise status naming the field.
     let mut bad = recommend(&["a"]);
@@ -251,7 +296,10 @@ async fn rust_mesh_client_calls_python_over_mtls_with_secure_naming() {
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     let took = started.elapsed();
     println!("a 200 ms deadline against a 3 s fault ended after {took:?}");
-    assert!(took < Duration::from_secs(3), "the deadline did not bound the call: {took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "the deadline did not bound the call: {took:?}"
+    );
     a.fault("{}");
     b.fault("{}");
 
@@ -290,7 +338,11 @@ async fn rust_mesh_client_calls_python_over_mtls_with_secure_naming() {
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     // No client certificate at all: no handshake.
     let plain = Mesh::from_config(MeshConfig::default()).unwrap();
-    let mut anonymous = client(plain.channel(&format!("static:///{}", a.proc.addr)).unwrap());
+    let mut anonymous = client(
+        plain
+            .channel(&format!("static:///{}", a.proc.addr))
+            .unwrap(),
+    );
     assert!(anonymous.recommend(recommend(&["a"])).await.is_err());
 
     // Health watch and drain: SIGTERM one replica while calling; it goes
@@ -315,8 +367,14 @@ async fn rust_mesh_client_calls_python_over_mtls_with_secure_naming() {
     let code = a.proc.terminate(Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "a drained process exits 0");
     let (n, failures) = calls.await.unwrap();
-    println!("{n} calls while one replica drained, {} failed", failures.len());
-    assert!(failures.is_empty(), "calls failed during the drain: {failures:?}");
+    println!(
+        "{n} calls while one replica drained, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "calls failed during the drain: {failures:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,7 +395,11 @@ async fn python_store_on_postgres() {
             .channel_with_identity(&recs.target(), &identity("recommendations"))
             .unwrap(),
     );
-    let answer = client.recommend(recommend(&["b"])).await.unwrap().into_inner();
+    let answer = client
+        .recommend(recommend(&["b"]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(answer.product_ids, ["a"]);
     // A second process on the same database sees what the first learned.
     drop(recs);
@@ -348,6 +410,675 @@ async fn python_store_on_postgres() {
             .channel_with_identity(&again.target(), &identity("recommendations"))
             .unwrap(),
     );
-    let answer = client2.recommend(recommend(&["a", "b"])).await.unwrap().into_inner();
+    let answer = client2
+        .recommend(recommend(&["a", "b"]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(answer.product_ids, ["c"]);
+}
+
+/// The gateway in front of `shop`, asking `recs` for recommendations with
+/// its defaults (50 ms budget) and the mesh config the shop gives it
+/// (no retries, 50 ms deadline), generous rate limits for the test's
+/// many calls. Returns the process and its admin address.
+fn gateway_for(shop: &Shop, recs_target: &str, env: &[(String, String)]) -> (Proc, SocketAddr) {
+    let pki = shop.pki.as_ref().expect("the shop runs mTLS");
+    let config = shop.dir.path().join("gateway.mesh.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({ "targets": { recs_target: {
+            "timeout": "50ms", "maxTimeout": "50ms",
+            "retryPolicy": { "maxAttempts": 1 } } } })
+        .to_string(),
+    )
+    .unwrap();
+    let (addr, admin) = (free_addr(), free_addr());
+    let args: Vec<String> = [
+        "--tls-dir",
+        &pki.issue("gateway").display().to_string(),
+        "--trust-domain",
+        common::TRUST_DOMAIN,
+        "--mesh-config",
+        &config.display().to_string(),
+        "--auth-target",
+        &format!("static:///{}", shop.auth.addr),
+        "--inventory-target",
+        &format!("static:///{}", shop.inventory.addr),
+        "--orders-target",
+        &format!("static:///{}", shop.orders.addr),
+        "--payments-target",
+        &format!("static:///{}", shop.payments.addr),
+        "--recommendations-target",
+        recs_target,
+        "--rate-limit-per-second",
+        "100000",
+        "--rate-limit-burst",
+        "100000",
+        "--admin-addr",
+        &admin.to_string(),
+    ]
+    .map(str::to_owned)
+    .into();
+    (Proc::spawn_env("gateway", addr, &args, env), admin)
+}
+
+fn recommend_through(token: &str, products: &[&str]) -> tonic::Request<RecommendRequest> {
+    let mut request = authed(
+        token,
+        RecommendRequest {
+            // Whatever a caller claims, the gateway asks for the token's user.
+            user_id: "someone-else".into(),
+            product_ids: products.iter().map(|p| p.to_string()).collect(),
+            max_results: 0,
+        },
+    );
+    request.set_timeout(Duration::from_secs(10));
+    request
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+/// Parses OpenMetrics text with the Python reference parser
+/// (`prometheus_client.openmetrics.parser`) into `(name, labels, value)`.
+fn parse_with_reference(text: &str) -> Vec<(String, HashMap<String, String>, f64)> {
+    const SCRIPT: &str = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = []
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        out.append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+    let output = common::run_with_input(
+        Command::new("python3").args(["-c", SCRIPT]),
+        text.as_bytes(),
+    );
+    assert!(
+        output.status.success(),
+        "the reference parser rejected /metrics: {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The sum of the samples named `name` whose labels include `want`.
+fn sum(
+    samples: &[(String, HashMap<String, String>, f64)],
+    name: &str,
+    want: &[(&str, &str)],
+) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, labels, _)| {
+            n == name
+                && want
+                    .iter()
+                    .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, _, v)| *v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_degrades_when_recommendations_is_killed_hung_slow_or_failing() {
+    if !python_ready(false) {
+        return;
+    }
+    let shop = Shop::start_mtls().await;
+    let pki = shop.pki.as_ref().unwrap();
+    let mut recs = Recs::start(shop.dir.path(), pki, None, &[]);
+    wait_ready(&shop.mesh, &recs.target()).await;
+    teach(&shop.mesh, &recs.target()).await;
+    let (gateway, gateway_admin) = gateway_for(&shop, &recs.target(), &[]);
+    common::wait_serving(gateway.addr).await;
+    let gw = common::channel(gateway.addr).await;
+    let (_, token) = common::gateway_login(&gw, "degrader").await;
+    let mut through = RecommendationsServiceClient::new(gw.clone());
+
+    // Each phase: sequential user calls; every one must succeed.
+    let mut fallbacks = 0u32;
+    let mut report = Vec::new();
+    let phase =
+        async |name: &str,
+               calls: usize,
+               through: &mut RecommendationsServiceClient<tonic::transport::Channel>| {
+            let mut latencies = Vec::new();
+            let mut fell_back = 0;
+            let mut answered = 0;
+            for _ in 0..calls {
+                let started = Instant::now();
+                let answer = through
+                    .recommend(recommend_through(&token, &["a"]))
+                    .await
+                    .unwrap_or_else(|e| panic!("{name}: a user call failed: {e:?}"))
+                    .into_inner();
+                latencies.push(started.elapsed());
+                if answer.fallback {
+                    assert!(answer.product_ids.is_empty());
+                    fell_back += 1;
+                } else {
+                    assert_eq!(answer.product_ids, ["b", "c"], "{name}");
+                    answered += 1;
+                }
+            }
+            latencies.sort();
+            let line = format!(
+                "{name:<22} calls {calls:>3}  answered {answered:>3}  fallback {fell_back:>3}  p50 {:>7.1?}  p99 {:>7.1?}  max {:>7.1?}",
+                percentile(&latencies, 0.5),
+                percentile(&latencies, 0.99),
+                latencies.last().unwrap()
+            );
+            println!("{line}");
+            (fell_back, answered, line, *latencies.last().unwrap())
+        };
+
+    let (f, answered, line, _) = phase("healthy", 100, &mut through).await;
+    fallbacks += f;
+    report.push(line);
+    assert!(
+        answered > 0,
+        "no call was answered with recommendations while healthy"
+    );
+
+    recs.fault(r#"{"delayMs": 200}"#);
+    let (f, answered, line, worst) = phase("slow (+200 ms)", 60, &mut through).await;
+    fallbacks += f;
+    report.push(line);
+    assert_eq!(
+        answered, 0,
+        "a 200 ms answer came back within a 50 ms budget"
+    );
+    // Never as slow as the fault: the budget bounds the wait (generous
+    // margin for a busy machine; the numbers are printed above).
+    assert!(
+        worst < Duration::from_secs(2),
+        "a user call waited {worst:?}"
+    );
+
+    for code in ["UNAVAILABLE", "INTERNAL"] {
+        recs.fault(&format!(r#"{{"error": "{code}"}}"#));
+        let (f, answered, line, _) = phase(&format!("errors ({code})"), 30, &mut through).await;
+        fallbacks += f;
+        report.push(line);
+        assert_eq!(answered, 0);
+    }
+    recs.fault("{}");
+
+    kill(recs.proc.pid(), Signal::SIGSTOP).unwrap();
+    let (f, answered, line, worst) = phase("hung (SIGSTOP)", 60, &mut through).await;
+    fallbacks += f;
+    report.push(line);
+    assert_eq!(answered, 0);
+    assert!(
+        worst < Duration::from_secs(2),
+        "a user call waited {worst:?}"
+    );
+    kill(recs.proc.pid(), Signal::SIGCONT).unwrap();
+
+    // It comes back by itself: answers again without a restart of anyone
+    // (after the mesh re-admits the endpoint it may have ejected).
+    let started = Instant::now();
+    let mut recovered = false;
+    while started.elapsed() < Duration::from_secs(60) {
+        let answer = through
+            .recommend(recommend_through(&token, &["a"]))
+            .await
+            .expect("a user call failed while recovering")
+            .into_inner();
+        if answer.fallback {
+            fallbacks += 1;
+        } else {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recovered, "recommendations never came back after SIGCONT");
+    println!("recovered after SIGCONT within {:?}", started.elapsed());
+
+    recs.proc.kill();
+    let (f, answered, line, worst) = phase("killed (SIGKILL)", 60, &mut through).await;
+    fallbacks += f;
+    report.push(line);
+    assert_eq!(answered, 0);
+    assert!(
+        worst < Duration::from_secs(2),
+        "a user call waited {worst:?}"
+    );
+
+    // Every fallback answer was counted once, by reason, at the gateway.
+    let (status, text) = http_get(gateway_admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let samples = parse_with_reference(&text);
+    let peer = [
+        ("peer", "recommendations"),
+        (
+            "rpc_service",
+            "mesh.recommendations.v1.RecommendationsService",
+        ),
+        ("rpc_method", "Recommend"),
+    ];
+    let counted = sum(&samples, "mesh_fallbacks_total", &peer);
+    let by_reason: Vec<(&str, f64)> = ["deadline", "unavailable", "error"]
+        .into_iter()
+        .map(|r| {
+            let mut want = peer.to_vec();
+            want.push(("reason", r));
+            (r, sum(&samples, "mesh_fallbacks_total", &want))
+        })
+        .collect();
+    println!("fallbacks answered {fallbacks}, counted {counted} {by_reason:?}");
+    assert_eq!(counted, f64::from(fallbacks));
+    // No retries of an optional dependency: its trouble is not amplified.
+    assert_eq!(
+        sum(
+            &samples,
+            "mesh_retries_total",
+            &[("peer", "recommendations")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        sum(
+            &samples,
+            "mesh_hedges_total",
+            &[("peer", "recommendations")]
+        ),
+        0.0
+    );
+    println!("{}", report.join("\n"));
+}
+
+/// A span as received, with the service that exported it.
+#[derive(Clone, Debug)]
+struct Received {
+    service: String,
+    trace_id: Vec<u8>,
+    span_id: Vec<u8>,
+    parent: Vec<u8>,
+    name: String,
+    kind: i32,
+    attributes: HashMap<String, String>,
+}
+
+/// A test OTLP collector (the official trace service definition, served by
+/// tonic) keeping every span it is sent, as tests/observability.rs has.
+#[derive(Clone, Default)]
+struct Collector(Arc<Mutex<Vec<Received>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value::Value};
+        let text = |kv: &[KeyValue]| -> HashMap<String, String> {
+            kv.iter()
+                .map(|kv| {
+                    let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                        Some(Value::StringValue(s)) => s.clone(),
+                        Some(Value::IntValue(i)) => i.to_string(),
+                        Some(Value::BoolValue(b)) => b.to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    (kv.key.clone(), value)
+                })
+                .collect()
+        };
+        let mut spans = self.0.lock().unwrap();
+        for resource_spans in request.into_inner().resource_spans {
+            let resource = text(
+                &resource_spans
+                    .resource
+                    .map(|r| r.attributes)
+                    .unwrap_or_default(),
+            );
+            let service = resource.get("service.name").cloned().unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    spans.push(Received {
+                        service: service.clone(),
+                        trace_id: span.trace_id.clone(),
+                        span_id: span.span_id.clone(),
+                        parent: span.parent_span_id.clone(),
+                        name: span.name.clone(),
+                        kind: span.kind,
+                        attributes: text(&span.attributes),
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+impl Collector {
+    async fn start() -> (Collector, SocketAddr) {
+        let collector = Collector::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
+                        collector.clone(),
+                    ),
+                )
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (collector, addr)
+    }
+
+    /// Waits (bounded) until a span matching `find` has arrived; returns
+    /// it and every span of its trace.
+    async fn wait_for(
+        &self,
+        what: &str,
+        find: impl Fn(&Received) -> bool,
+    ) -> (Received, Vec<Received>) {
+        let started = Instant::now();
+        loop {
+            let found = self.0.lock().unwrap().iter().find(|s| find(s)).cloned();
+            if let Some(span) = found {
+                // One more batch interval for the rest of the trace.
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                let trace = self
+                    .0
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|s| s.trace_id == span.trace_id)
+                    .cloned()
+                    .collect();
+                return (span, trace);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no {what} span arrived; got {:#?}",
+                self.0.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+const SERVER: i32 = 2; // SpanKind::Server
+const CLIENT: i32 = 3; // SpanKind::Client
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_across_rust_and_python_and_metrics_with_the_rust_names() {
+    if !python_ready(false) {
+        return;
+    }
+    let (collector, otlp) = Collector::start().await;
+    let otel: Vec<(String, String)> = vec![
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+            format!("http://{otlp}"),
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+    ];
+    let mut shop = Shop::start_opts(
+        &Db::Sqlite,
+        common::ShopOptions {
+            tls: true,
+            env: otel.clone(),
+        },
+    )
+    .await;
+    let recs = Recs::start(shop.dir.path(), shop.pki.as_ref().unwrap(), None, &otel);
+    wait_ready(&shop.mesh, &recs.target()).await;
+    // Orders tells recommendations about confirmed orders.
+    shop.args
+        .get_mut("orders")
+        .unwrap()
+        .extend(["--recommendations-target".into(), recs.target()]);
+    shop.restore("orders").await;
+
+    // Rust (the test, then orders) → Python: a confirmed order's
+    // RecordOrder is in PlaceOrder's trace.
+    let (token, product, account) = shop.customer("tracy").await;
+    let trace_id: [u8; 16] = rand::random();
+    let root: [u8; 8] = rand::random();
+    let mut request = common::place_request(&token, &product, &account, "traced-1".into());
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{}-{}-01", hex(&trace_id), hex(&root))
+            .parse()
+            .unwrap(),
+    );
+    let mut orders = shop.orders().await;
+    let placed = orders.place_order(request).await.unwrap().into_inner();
+    let (record, spans) = collector
+        .wait_for("recommendations RecordOrder", |s| {
+            s.service == "recommendations"
+                && s.kind == SERVER
+                && s.name == "mesh.recommendations.v1.RecommendationsService/RecordOrder"
+        })
+        .await;
+    assert_eq!(
+        record.trace_id, trace_id,
+        "RecordOrder continues PlaceOrder's trace"
+    );
+    assert_eq!(record.attributes["rpc.system"], "grpc");
+    assert_eq!(record.attributes["rpc.method"], "RecordOrder");
+    assert_eq!(record.attributes["rpc.grpc.status_code"], "0");
+    assert_eq!(record.attributes["client.identity"], identity("orders"));
+    let by_id: HashMap<&[u8], &Received> = spans.iter().map(|s| (&s.span_id[..], s)).collect();
+    let caller = by_id
+        .get(&record.parent[..])
+        .unwrap_or_else(|| panic!("RecordOrder's parent was not exported: {spans:#?}"));
+    assert_eq!((caller.service.as_str(), caller.kind), ("orders", CLIENT));
+    assert_eq!(caller.attributes["mesh.peer"], "recommendations");
+    let place = spans
+        .iter()
+        .find(|s| s.service == "orders" && s.kind == SERVER && s.name.ends_with("/PlaceOrder"))
+        .expect("PlaceOrder's server span");
+    assert_eq!(place.parent, root);
+    println!(
+        "trace {}: {} spans from {:?}",
+        hex(&trace_id),
+        spans.len(),
+        spans
+            .iter()
+            .map(|s| s.service.as_str())
+            .collect::<HashSet<_>>()
+    );
+    let _ = placed;
+
+    // Rust gateway → Python: Recommend's server span in Python is the
+    // child of the gateway's client span, in the gateway's trace.
+    let (gateway, gateway_admin) = gateway_for(&shop, &recs.target(), &otel);
+    common::wait_serving(gateway.addr).await;
+    let gw = common::channel(gateway.addr).await;
+    let (user_id, token) = common::gateway_login(&gw, "viewer").await;
+    let mut through = RecommendationsServiceClient::new(gw.clone());
+    // Answered (not a fallback) at least once; a busy machine may make a
+    // first call miss the 50 ms budget.
+    let mut answered = 0;
+    let mut fell_back = 0;
+    for _ in 0..50 {
+        let answer = through
+            .recommend(recommend_through(&token, &[&product]))
+            .await
+            .unwrap()
+            .into_inner();
+        if answer.fallback {
+            fell_back += 1;
+        } else {
+            answered += 1;
+            if answered == 5 {
+                break;
+            }
+        }
+    }
+    assert!(answered > 0, "never answered within the budget");
+    let (served, spans) = collector
+        .wait_for("recommendations Recommend", |s| {
+            s.service == "recommendations"
+                && s.kind == SERVER
+                && s.name == "mesh.recommendations.v1.RecommendationsService/Recommend"
+                && s.attributes.get("rpc.grpc.status_code").map(String::as_str) == Some("0")
+        })
+        .await;
+    assert_eq!(served.attributes["client.identity"], identity("gateway"));
+    let by_id: HashMap<&[u8], &Received> = spans.iter().map(|s| (&s.span_id[..], s)).collect();
+    let caller = by_id
+        .get(&served.parent[..])
+        .unwrap_or_else(|| panic!("Recommend's parent was not exported: {spans:#?}"));
+    assert_eq!((caller.service.as_str(), caller.kind), ("gateway", CLIENT));
+    let edge = by_id
+        .get(&caller.parent[..])
+        .expect("the gateway's client span sits in its server span");
+    assert_eq!((edge.service.as_str(), edge.kind), ("gateway", SERVER));
+
+    // Golden metrics: the reference parser reads Python's; names, types,
+    // units and label names are the Rust services' own; the counts agree
+    // on both sides of the call.
+    let python_text = recs.metrics().await;
+    let (_, rust_text) = http_get(gateway_admin, "/metrics").await;
+    let python = parse_with_reference(&python_text);
+    let rust = parse_with_reference(&rust_text);
+    let meta = |text: &str, family: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with('#') && l.split(' ').nth(2) == Some(family))
+            .map(str::to_owned)
+            .collect()
+    };
+    for family in [
+        "mesh_requests",
+        "mesh_responses",
+        "mesh_response_latency_seconds",
+        "mesh_in_flight_requests",
+        "mesh_process_info",
+        "mesh_certificate_expiry_timestamp_seconds",
+    ] {
+        let (p, r) = (meta(&python_text, family), meta(&rust_text, family));
+        assert!(!p.is_empty(), "Python has no {family}");
+        assert_eq!(p, r, "{family}: HELP/TYPE/UNIT differ");
+    }
+    let label_names =
+        |samples: &[(String, HashMap<String, String>, f64)], name: &str, direction: &str| {
+            samples
+                .iter()
+                .filter(|(n, l, _)| {
+                    n == name && l.get("direction").map(String::as_str) == Some(direction)
+                })
+                .map(|(_, l, _)| {
+                    let mut keys: Vec<String> = l.keys().cloned().collect();
+                    keys.sort();
+                    keys
+                })
+                .collect::<HashSet<_>>()
+        };
+    for name in [
+        "mesh_requests_total",
+        "mesh_responses_total",
+        "mesh_response_latency_seconds_bucket",
+        "mesh_in_flight_requests",
+    ] {
+        let (p, r) = (
+            label_names(&python, name, "inbound"),
+            label_names(&rust, name, "inbound"),
+        );
+        assert!(!p.is_empty() && !r.is_empty(), "{name} missing");
+        assert_eq!(p, r, "{name}: label names differ");
+    }
+    let method = [
+        (
+            "rpc_service",
+            "mesh.recommendations.v1.RecommendationsService",
+        ),
+        ("rpc_method", "Recommend"),
+    ];
+    let python_ok = sum(
+        &python,
+        "mesh_responses_total",
+        &[
+            &method[..],
+            &[
+                ("direction", "inbound"),
+                ("peer", &identity("gateway")),
+                ("grpc_code", "OK"),
+            ],
+        ]
+        .concat(),
+    );
+    let rust_ok = sum(
+        &rust,
+        "mesh_responses_total",
+        &[
+            &method[..],
+            &[
+                ("direction", "outbound"),
+                ("peer", "recommendations"),
+                ("grpc_code", "OK"),
+            ],
+        ]
+        .concat(),
+    );
+    println!(
+        "Recommend through the gateway: {answered} answered, {fell_back} fell back; OK seen by Python {python_ok}, by the gateway {rust_ok}"
+    );
+    assert!(
+        python_ok >= f64::from(answered),
+        "Python counted {python_ok} OK for {answered} answers"
+    );
+    assert_eq!(
+        sum(
+            &python,
+            "mesh_response_latency_seconds_count",
+            &[&method[..], &[("direction", "inbound")]].concat()
+        ),
+        sum(
+            &python,
+            "mesh_requests_total",
+            &[&method[..], &[("direction", "inbound")]].concat()
+        ),
+    );
+    assert_eq!(
+        sum(
+            &python,
+            "mesh_in_flight_requests",
+            &[("direction", "inbound"), ("rpc_method", "Recommend")]
+        ),
+        0.0
+    );
+    assert!(python.iter().any(|(n, l, v)| n == "mesh_process_info"
+        && l.get("service").map(String::as_str) == Some("recommendations")
+        && l.get("identity").map(String::as_str) == Some(identity("recommendations").as_str())
+        && *v == 1.0));
+    // The confirmed order reached it (orders → RecordOrder, OK once).
+    assert_eq!(
+        sum(
+            &python,
+            "mesh_responses_total",
+            &[
+                ("rpc_method", "RecordOrder"),
+                ("peer", &identity("orders")),
+                ("grpc_code", "OK")
+            ]
+        ),
+        1.0
+    );
+    let _ = user_id;
 }

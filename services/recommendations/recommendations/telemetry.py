@@ -35,7 +35,9 @@ LATENCY_BUCKETS = (
 )
 RPC = ("direction", "peer", "rpc_service", "rpc_method")
 
-# mesh-client's Rust registry emits no `_created` series.
+# mesh-client's Rust registry emits no `_created` series (and ends each
+# HELP text with a full stop, which the texts below carry for the same
+# exposition).
 prometheus_client.disable_created_metrics()
 
 
@@ -44,43 +46,43 @@ class Metrics:
 
     def __init__(self):
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("mesh_requests", "Calls started, by direction, peer and method", RPC, registry=r)
+        self.requests = Counter("mesh_requests", "Calls started, by direction, peer and method.", RPC, registry=r)
         self.responses = Counter(
             "mesh_responses",
-            "Calls finished, by direction, peer, method and gRPC status code",
+            "Calls finished, by direction, peer, method and gRPC status code.",
             RPC + ("grpc_code",),
             registry=r,
         )
         self.latency = Histogram(
             "mesh_response_latency",
-            "Time from request to the end of the response (its trailers)",
+            "Time from request to the end of the response (its trailers).",
             RPC,
             unit="seconds",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge("mesh_in_flight_requests", "Calls started and not yet finished", RPC, registry=r)
+        self.in_flight = Gauge("mesh_in_flight_requests", "Calls started and not yet finished.", RPC, registry=r)
         self.denials = Counter(
             "mesh_authorization_denials",
-            "Inbound calls the authorization policy denied (or would deny, in audit mode)",
+            "Inbound calls the authorization policy denied (or would deny, in audit mode).",
             ("rpc_service", "rpc_method", "caller", "mode"),
             registry=r,
         )
         self.config_reloads = Counter(
             "mesh_config_reloads",
-            "Changes of the mesh config file, applied or refused (the last good config stays)",
+            "Changes of the mesh config file, applied or refused (the last good config stays).",
             ("outcome",),
             registry=r,
         )
         self.cert_expiry = Gauge(
             "mesh_certificate_expiry_timestamp",
-            "When this workload's certificate expires (Unix time)",
+            "When this workload's certificate expires (Unix time).",
             ("identity",),
             unit="seconds",
             registry=r,
         )
         self.process = Gauge(
-            "mesh_process_info", "The service this process runs and its workload identity", ("service", "identity"), registry=r
+            "mesh_process_info", "The service this process runs and its workload identity.", ("service", "identity"), registry=r
         )
 
     def set_identity(self, service, identity, not_after):
