@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod certs;
+mod python;
 mod top;
 
 use std::{
@@ -90,6 +91,14 @@ struct UpArgs {
     /// a trusted network only; never with `--plaintext`).
     #[arg(long)]
     allow_non_loopback: bool,
+    /// The Python that makes the recommendations service's virtual
+    /// environment (under the state directory, on first run).
+    #[arg(long, env = "SHOP_PYTHON", default_value = "python3")]
+    python: String,
+    /// Run the shop without the recommendations service (the gateway then
+    /// answers Recommend with `fallback: true`).
+    #[arg(long)]
+    without_recommendations: bool,
 }
 
 /// The most processes `--replicas` starts per service (five services: 40
@@ -104,14 +113,22 @@ const RESTART_BACKOFF_CAP: Duration = Duration::from_secs(30);
 const RESTART_STABLE_AFTER: Duration = Duration::from_secs(30);
 
 /// The services in start order (orders calls the first three; the gateway,
-/// the public entry, calls auth, inventory and orders).
-const SERVICES: [(&str, &str); 5] = [
+/// the public entry, calls auth, inventory and orders). Recommendations,
+/// in Python, is an optional dependency of orders and the gateway: started
+/// last, and the shop works without it.
+const SERVICES: [(&str, &str); 6] = [
     ("auth", "mesh.auth.v1.AuthService"),
     ("inventory", "mesh.inventory.v1.InventoryService"),
     ("payments", "mesh.payments.v1.PaymentsService"),
     ("orders", "mesh.orders.v1.OrdersService"),
     ("gateway", "mesh.orders.v1.OrdersService"),
+    (
+        "recommendations",
+        "mesh.recommendations.v1.RecommendationsService",
+    ),
 ];
+/// Index of recommendations in [`SERVICES`] (its ports).
+const RECOMMENDATIONS: usize = 5;
 
 #[derive(Serialize)]
 struct Endpoints {
@@ -218,15 +235,16 @@ fn check_up_args(args: &UpArgs) -> Result<(), String> {
             args.host
         );
     }
-    let span = 5 * u32::from(args.replicas);
+    let span = SERVICES.len() as u32 * u32::from(args.replicas);
     for (flag, base) in [
         ("--base-port", args.base_port),
         ("--admin-base-port", args.admin_base_port),
     ] {
         if base == 0 || u32::from(base) + span - 1 > u32::from(u16::MAX) {
             return Err(format!(
-                "{flag} {base}: {span} ports from it are needed (5 services × {} replicas), \
+                "{flag} {base}: {span} ports from it are needed ({} services × {} replicas), \
                  between 1 and 65535",
+                SERVICES.len(),
                 args.replicas
             ));
         }
@@ -267,7 +285,10 @@ struct Replica {
     label: String,
     addr: SocketAddr,
     admin: SocketAddr,
-    /// Everything after the shopctl executable on its command line.
+    /// What runs it: shopctl itself (`serve <service>`), or the Python
+    /// of the recommendations service's venv.
+    program: Option<PathBuf>,
+    /// Everything after the program on its command line.
     args: Vec<OsString>,
     child: Option<Child>,
     /// When the current process was started.
@@ -283,8 +304,13 @@ struct Replica {
 
 impl Replica {
     fn spawn(&mut self, exe: &Path) -> anyhow::Result<()> {
-        let mut cmd = Command::new(exe);
+        let mut cmd = Command::new(self.program.as_deref().unwrap_or(exe));
         cmd.args(&self.args);
+        if self.program.is_some() {
+            // Python: the package's directory, unbuffered log lines.
+            cmd.current_dir(python::source_dir())
+                .env("PYTHONUNBUFFERED", "1");
+        }
         self.child = Some(spawn_prefixed(&self.label, cmd)?);
         self.started = Instant::now();
         Ok(())
@@ -511,6 +537,14 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         for (i, (name, grpc_service)) in SERVICES.iter().enumerate() {
             let public = *name == "gateway";
+            let program = if i == RECOMMENDATIONS {
+                match recommendations_python(&args, &state_dir) {
+                    Some(python) => Some(python),
+                    None => continue,
+                }
+            } else {
+                None
+            };
             let database = state_dir.join(format!("{name}.db"));
             let mut common: Vec<OsString> = Vec::new();
             let mut arg = |a: &str| common.push(a.into());
@@ -523,12 +557,14 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                     ("--auth-target", 0),
                     ("--inventory-target", 1),
                     ("--payments-target", 2),
+                    ("--recommendations-target", RECOMMENDATIONS),
                 ],
                 "gateway" => &[
                     ("--auth-target", 0),
                     ("--inventory-target", 1),
                     ("--orders-target", 3),
                     ("--payments-target", 2),
+                    ("--recommendations-target", RECOMMENDATIONS),
                 ],
                 // Payments checks wallet users' tokens with auth's keys.
                 "payments" => &[("--auth-target", 0)],
@@ -550,6 +586,10 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                         "mesh.orders.v1.OrdersService/WatchOrder":
                             { "timeout": "300s", "maxTimeout": "300s" }
                     } } });
+                    // An optional dependency: a short deadline, no retries
+                    // (no hedging either: off unless set).
+                    config["targets"][target(RECOMMENDATIONS)] = serde_json::json!({ "timeout": "50ms", "maxTimeout": "50ms",
+                            "retryPolicy": { "maxAttempts": 1 } });
                 }
                 write_private(&policy_path, &serde_json::to_string_pretty(&config)?)?;
                 common.push("--tls-dir".into());
@@ -559,14 +599,19 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             }
             let first = replicas.len();
             for r in 0..n {
-                let mut argv: Vec<OsString> = vec!["serve".into(), (*name).into()];
-                argv.extend([
-                    "--listen".into(),
-                    addr(i, r).to_string().into(),
-                    "--admin-addr".into(),
-                    admin(i, r).to_string().into(),
-                ]);
-                argv.extend(common.iter().cloned());
+                let argv = if program.is_some() {
+                    python::argv(&addr(i, r).to_string(), &admin(i, r).to_string(), &common)
+                } else {
+                    let mut argv: Vec<OsString> = vec!["serve".into(), (*name).into()];
+                    argv.extend([
+                        "--listen".into(),
+                        addr(i, r).to_string().into(),
+                        "--admin-addr".into(),
+                        admin(i, r).to_string().into(),
+                    ]);
+                    argv.extend(common.iter().cloned());
+                    argv
+                };
                 let replica = Replica {
                     service: name,
                     index: r,
@@ -577,6 +622,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                     },
                     addr: addr(i, r),
                     admin: admin(i, r),
+                    program: program.clone(),
                     args: argv,
                     child: None,
                     started: Instant::now(),
@@ -654,6 +700,26 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         let _ = write_status(&status_path, &replicas, true);
     }
     result
+}
+
+/// The recommendations service's interpreter, or `None` (with a warning)
+/// when it is not to run or its Python environment cannot be made: the
+/// shop then runs without it, as it is built to.
+fn recommendations_python(args: &UpArgs, state_dir: &Path) -> Option<PathBuf> {
+    if args.without_recommendations {
+        eprintln!("shopctl: --without-recommendations: Recommend answers fallback: true");
+        return None;
+    }
+    match python::prepare(state_dir, &args.python) {
+        Ok(python) => Some(python),
+        Err(e) => {
+            eprintln!(
+                "shopctl: WARNING: not starting recommendations ({e:#}); the shop runs without \
+                 it (Recommend answers fallback: true)"
+            );
+            None
+        }
+    }
 }
 
 /// Spawns a service with its log lines prefixed by its name.
@@ -769,6 +835,15 @@ fn print_banner(endpoints: &Endpoints, path: &Path, replicas: usize) {
         at("gateway"),
     );
     let p = "grpcurl -plaintext";
+    let recommendations = endpoints.services.get("recommendations").map_or(
+        "not running (Recommend answers fallback: true)".to_owned(),
+        |e| {
+            format!(
+                "{}   Python; optional: the gateway asks it within 50 ms",
+                e.address
+            )
+        },
+    );
     println!(
         r#"
 The shop is running ({mode}, SQLite, {replicas} process(es) per service, restarted if they exit). Ctrl-C stops it; data is kept.
@@ -778,6 +853,7 @@ The shop is running ({mode}, SQLite, {replicas} process(es) per service, restart
   inventory  {inventory}
   payments   {payments}
   orders     {orders}
+  recommendations {recommendations}
 
 Endpoints for scripts: {path}
 Metrics: http://{auth_admin}/metrics (and the next ports: every replica's admin is in {path})
@@ -802,6 +878,10 @@ And orders:
 
   {p} -H "authorization: Bearer $TOKEN" -d '{{"items":[{{"productId":"<PRODUCT_ID>","quantity":"2"}}],"paymentAccountId":"<ACCOUNT_ID>","idempotencyKey":"order-1"}}' {gateway} mesh.orders.v1.OrdersService/PlaceOrder
   {p} -H "authorization: Bearer $TOKEN" -d '{{"orderId":"<ORDER_ID>"}}' {gateway} mesh.orders.v1.OrdersService/WatchOrder
+
+Products bought together (learned from confirmed orders; `fallback: true` when recommendations is slow or down):
+
+  {p} -H "authorization: Bearer $TOKEN" -d '{{"productIds":["<PRODUCT_ID>"]}}' {gateway} mesh.recommendations.v1.RecommendationsService/Recommend
 "#,
         g_what = if endpoints.tls.is_some() {
             "mTLS with the operator's certificate"
