@@ -7,6 +7,7 @@ here reads another service's database: orders are learned from
 `RecordOrder` calls.
 """
 
+import os
 import sqlite3
 import threading
 import time
@@ -58,6 +59,9 @@ class Store:
                         path = path[len(prefix) :]
                         break
                 path = path.split("?", 1)[0]
+                # Only its owner reads the data (SQLite gives its -wal and
+                # -shm files the database file's mode).
+                os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
                 conn = sqlite3.connect(path, timeout=5, check_same_thread=False, isolation_level=None)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA foreign_keys=ON")
