@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 
 import grpc
@@ -155,9 +154,11 @@ def _check_ids(field, values, low, high):
 
 def servicer_class(pb2, pb2_grpc):
     class Recommendations(pb2_grpc.RecommendationsServiceServicer):
-        def __init__(self, store, faults):
+        def __init__(self, store, faults, health):
             self.store = store
             self.faults = faults
+            self.health = health
+            self._recovering = None
 
         async def _db(self, context, work, *args):
             remaining = context.time_remaining()
@@ -167,7 +168,27 @@ def servicer_class(pb2, pb2_grpc):
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed while reading the database")
             except Unavailable as e:
                 log.warning("database unavailable: %s", e)
+                self._database_down()
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the recommendations database is unavailable; retry shortly")
+
+        def _database_down(self):
+            # NOT_SERVING until the database answers again, so balancers
+            # send the calls elsewhere meanwhile.
+            if self._recovering is not None and not self._recovering.done():
+                return
+            self._recovering = asyncio.ensure_future(self._recover())
+
+        async def _recover(self):
+            await self.health.set_ready(False)
+            while True:
+                await asyncio.sleep(1)
+                try:
+                    await asyncio.to_thread(self.store.ping)
+                except Unavailable:
+                    continue
+                log.info("database reachable again")
+                await self.health.set_ready(True)
+                return
 
         async def Recommend(self, request, context):
             await self.faults.apply(context)
@@ -207,6 +228,7 @@ class Health(health_pb2_grpc.HealthServicer):
         self.statuses[LIVENESS] = health_pb2.HealthCheckResponse.SERVING
         self.changed = asyncio.Condition()
         self.closed = False
+        self.draining = False
 
     async def Check(self, request, context):
         status = self.statuses.get(request.service)
@@ -226,7 +248,20 @@ class Health(health_pb2_grpc.HealthServicer):
             async with self.changed:
                 await self.changed.wait()
 
+    async def set_ready(self, ready):
+        """SERVING or NOT_SERVING for everything but `liveness` (a drain
+        stays a drain)."""
+        if self.draining:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in self.statuses:
+            if service != LIVENESS:
+                self.statuses[service] = status
+        async with self.changed:
+            self.changed.notify_all()
+
     async def drain(self):
+        self.draining = True
         for service in self.statuses:
             if service != LIVENESS:
                 self.statuses[service] = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -464,7 +499,7 @@ async def serve(args):
         options=options,
         maximum_concurrent_rpcs=args.max_concurrent_calls,
     )
-    servicer = servicer_class(pb2, pb2_grpc)(store, Faults(args.fault_file))
+    servicer = servicer_class(pb2, pb2_grpc)(store, Faults(args.fault_file), health)
     pb2_grpc.add_RecommendationsServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = [SERVICE, HEALTH, REFLECTION_V1ALPHA, REFLECTION_V1]
