@@ -907,6 +907,7 @@ mod tests {
             label: "inventory".into(),
             addr: SocketAddr::from(([127, 0, 0, 1], 1)),
             admin: SocketAddr::from(([127, 0, 0, 1], 2)),
+            program: None,
             args: vec!["-c".into(), "exit 3".into()],
             child: None,
             started: Instant::now(),
