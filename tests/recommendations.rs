@@ -28,6 +28,7 @@ use shop_api::recommendations::v1::{
     recommendations_service_client::RecommendationsServiceClient,
 };
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Whether python3 has what the service needs (`services/recommendations/requirements.txt`).
 fn python_ready(postgres: bool) -> bool {
@@ -345,8 +346,22 @@ async fn rust_mesh_client_calls_python_over_mtls_with_secure_naming() {
     );
     assert!(anonymous.recommend(recommend(&["a"])).await.is_err());
 
-    // Health watch and drain: SIGTERM one replica while calling; it goes
-    // NOT_SERVING, the mesh stops choosing it, no call fails, it exits 0.
+    // Health watch and drain: SIGTERM one replica while calling; its
+    // Health/Watch says NOT_SERVING, the mesh stops choosing it, no call
+    // fails, the watch ends and the process exits 0.
+    let mut watch = tonic_health::pb::health_client::HealthClient::new(
+        operator
+            .channel_with_identity(&a.target(), &identity("recommendations"))
+            .unwrap(),
+    )
+    .watch(tonic_health::pb::HealthCheckRequest {
+        service: "mesh.recommendations.v1.RecommendationsService".into(),
+    })
+    .await
+    .expect("Health/Watch")
+    .into_inner();
+    let first = watch.message().await.unwrap().expect("a first status");
+    assert_eq!(first.status(), ServingStatus::Serving);
     let calls = {
         let mut recs = recs.clone();
         tokio::spawn(async move {
@@ -364,8 +379,24 @@ async fn rust_mesh_client_calls_python_over_mtls_with_secure_naming() {
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let watched = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Ok(Some(status)) = watch.message().await {
+            seen.push(status.status());
+        }
+        seen
+    });
     let code = a.proc.terminate(Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "a drained process exits 0");
+    let seen = tokio::time::timeout(Duration::from_secs(10), watched)
+        .await
+        .expect("the watch ended with the drain")
+        .unwrap();
+    assert_eq!(
+        seen,
+        [ServingStatus::NotServing],
+        "statuses watched during the drain"
+    );
     let (n, failures) = calls.await.unwrap();
     println!(
         "{n} calls while one replica drained, {} failed",
@@ -1081,4 +1112,33 @@ async fn one_trace_across_rust_and_python_and_metrics_with_the_rust_names() {
         1.0
     );
     let _ = user_id;
+}
+
+#[test]
+fn bad_configuration_exits_64_naming_every_problem() {
+    if !python_ready(false) {
+        return;
+    }
+    let out = Command::new("python3")
+        .args(["-m", "recommendations"])
+        .current_dir(service_dir())
+        .args([
+            "--drain-grace-ms",
+            "soon",
+            "--database-url",
+            "mysql://x",
+            "--listen",
+            "nowhere",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    for problem in [
+        "--drain-grace-ms: must be a whole number, got 'soon'",
+        "--database-url: 'mysql://x' is neither sqlite://PATH nor postgres://...",
+        "--listen: 'nowhere' is not host:port",
+    ] {
+        assert!(stderr.contains(problem), "{problem:?} not in {stderr}");
+    }
 }
