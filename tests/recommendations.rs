@@ -328,6 +328,53 @@ async fn rust_mesh_client_calls_python_over_mtls_with_secure_naming() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(denials, 1.0);
+    // A policy edit is enforced within seconds without a restart; a file
+    // that does not validate is refused and the last good policy stays.
+    let mut policy: serde_json::Value =
+        serde_json::from_str(&shop_policy("recommendations")).unwrap();
+    policy["authorization"]["rules"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "callers": [identity("orders")],
+            "methods": ["mesh.recommendations.v1.RecommendationsService/Recommend"],
+        }));
+    let policy_path = dir.path().join("recommendations.policy.json");
+    std::fs::write(&policy_path, policy.to_string()).unwrap();
+    let started = Instant::now();
+    while as_orders.recommend(recommend(&["a"])).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the policy edit was not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("policy edit enforced after {:?}", started.elapsed());
+    std::fs::write(
+        &policy_path,
+        r#"{"authorization": {"rules": [{"callers": ["nobody"]}]}}"#,
+    )
+    .unwrap();
+    let started = Instant::now();
+    loop {
+        let refused = a
+            .metrics()
+            .await
+            .lines()
+            .any(|l| l.starts_with(r#"mesh_config_reloads_total{outcome="refused"}"#));
+        if refused {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the bad policy file was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    as_orders
+        .recommend(recommend(&["a"]))
+        .await
+        .expect("the last good policy stays");
     // Secure naming: a server that is not the identity the caller expects
     // is refused by the caller, whatever it answers.
     let mut impostor = client(
