@@ -655,6 +655,35 @@ async fn the_gateway_degrades_when_recommendations_is_killed_hung_slow_or_failin
             (fell_back, answered, line, *latencies.last().unwrap())
         };
 
+    // Between faults: heal, and wait (bounded) until it answers again, so
+    // each fault starts from a closed breaker and a ready endpoint.
+    // Returns the fallbacks met on the way.
+    let recover =
+        async |what: &str,
+               through: &mut RecommendationsServiceClient<tonic::transport::Channel>| {
+            let started = Instant::now();
+            let mut fell_back = 0;
+            loop {
+                let answer = through
+                    .recommend(recommend_through(&token, &["a"]))
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("a user call failed while recovering from {what}: {e:?}")
+                    })
+                    .into_inner();
+                if !answer.fallback {
+                    println!("recovered from {what} within {:?}", started.elapsed());
+                    return fell_back;
+                }
+                fell_back += 1;
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "recommendations never came back after {what}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+
     let (f, answered, line, _) = phase("healthy", 100, &mut through).await;
     fallbacks += f;
     report.push(line);
@@ -678,14 +707,18 @@ async fn the_gateway_degrades_when_recommendations_is_killed_hung_slow_or_failin
         "a user call waited {worst:?}"
     );
 
+    recs.fault("{}");
+    fallbacks += recover("the slow fault", &mut through).await;
+
     for code in ["UNAVAILABLE", "INTERNAL"] {
         recs.fault(&format!(r#"{{"error": "{code}"}}"#));
         let (f, answered, line, _) = phase(&format!("errors ({code})"), 30, &mut through).await;
         fallbacks += f;
         report.push(line);
         assert_eq!(answered, 0);
+        recs.fault("{}");
+        fallbacks += recover(code, &mut through).await;
     }
-    recs.fault("{}");
 
     kill(recs.proc.pid(), Signal::SIGSTOP).unwrap();
     let (f, answered, line, worst) = phase("hung (SIGSTOP)", 60, &mut through).await;
@@ -697,27 +730,10 @@ async fn the_gateway_degrades_when_recommendations_is_killed_hung_slow_or_failin
         "a user call waited {worst:?}"
     );
     kill(recs.proc.pid(), Signal::SIGCONT).unwrap();
-
     // It comes back by itself: answers again without a restart of anyone
-    // (after the mesh re-admits the endpoint it may have ejected).
-    let started = Instant::now();
-    let mut recovered = false;
-    while started.elapsed() < Duration::from_secs(60) {
-        let answer = through
-            .recommend(recommend_through(&token, &["a"]))
-            .await
-            .expect("a user call failed while recovering")
-            .into_inner();
-        if answer.fallback {
-            fallbacks += 1;
-        } else {
-            recovered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(recovered, "recommendations never came back after SIGCONT");
-    println!("recovered after SIGCONT within {:?}", started.elapsed());
+    // (after the breaker's probe, and the mesh re-admitting the endpoint
+    // if it ejected it).
+    fallbacks += recover("SIGSTOP", &mut through).await;
 
     recs.proc.kill();
     let (f, answered, line, worst) = phase("killed (SIGKILL)", 60, &mut through).await;
@@ -742,7 +758,7 @@ async fn the_gateway_degrades_when_recommendations_is_killed_hung_slow_or_failin
         ("rpc_method", "Recommend"),
     ];
     let counted = sum(&samples, "mesh_fallbacks_total", &peer);
-    let by_reason: Vec<(&str, f64)> = ["deadline", "unavailable", "error"]
+    let by_reason: Vec<(&str, f64)> = ["deadline", "unavailable", "error", "open"]
         .into_iter()
         .map(|r| {
             let mut want = peer.to_vec();
@@ -752,6 +768,19 @@ async fn the_gateway_degrades_when_recommendations_is_killed_hung_slow_or_failin
         .collect();
     println!("fallbacks answered {fallbacks}, counted {counted} {by_reason:?}");
     assert_eq!(counted, f64::from(fallbacks));
+    // Each fault's first calls met it (and were counted by its reason);
+    // then the breaker spared the rest the budget.
+    for (reason, n) in &by_reason {
+        assert!(*n > 0.0, "no fallback for {reason}: {by_reason:?}");
+    }
+    // (The breaker opens before the mesh sees enough failures in a row to
+    // eject the endpoint; printed for the record.)
+    let ejections = sum(
+        &samples,
+        "mesh_endpoint_ejections_total",
+        &[("peer", "recommendations")],
+    );
+    println!("ejections of recommendations' endpoint: {ejections}");
     // No retries of an optional dependency: its trouble is not amplified.
     assert_eq!(
         sum(

@@ -7,8 +7,11 @@
 //! service is slow, failing, ejected or absent, answers at once without
 //! recommendations, `fallback: true`, counted in `mesh_fallbacks_total`
 //! (see `mesh_client::optional`). A user's call never fails or waits
-//! longer because of it. The user is the token's subject, never a value
-//! the caller sent.
+//! longer than the budget because of it, and after
+//! [`BREAKER_OPEN_AFTER`] fallbacks in a row it is not asked at all for
+//! [`BREAKER_OPEN_FOR`] (then one call probes it), so a hung or slow
+//! service costs users nothing at all. The user is the token's subject,
+//! never a value the caller sent.
 
 use std::time::Duration;
 
@@ -24,6 +27,11 @@ use tower::ServiceExt;
 
 /// The path the gateway answers itself.
 pub const RECOMMEND_PATH: &str = "/mesh.recommendations.v1.RecommendationsService/Recommend";
+
+/// Fallbacks in a row after which recommendations is not asked for a while.
+pub const BREAKER_OPEN_AFTER: u32 = 5;
+/// How long it is then not asked, before one call probes it.
+pub const BREAKER_OPEN_FOR: Duration = Duration::from_secs(1);
 
 /// Limits of a `RecommendRequest`, as the contract documents them.
 const MAX_PRODUCTS: usize = 100;
@@ -42,7 +50,8 @@ impl Recommender {
     pub fn new(channel: MeshChannel, budget: Duration) -> Self {
         Self {
             client: RecommendationsServiceClient::new(channel),
-            optional: Optional::new("recommendations", budget),
+            optional: Optional::new("recommendations", budget)
+                .with_breaker(BREAKER_OPEN_AFTER, BREAKER_OPEN_FOR),
         }
     }
 
