@@ -492,6 +492,8 @@ async def serve(args):
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.max_connection_age_ms", 3_600_000),
         ("grpc.max_connection_age_grace_ms", 30_000),
+        # As the Rust servers: a TLS handshake gets 10 s.
+        ("grpc.server_handshake_timeout_ms", 10_000),
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(
