@@ -481,12 +481,82 @@ async fn python_store_on_postgres() {
     assert_eq!(answer.product_ids, ["a"]);
     // A second process on the same database sees what the first learned.
     drop(recs);
-    let again = Recs::start(dir.path(), &pki, Some(url), &[]);
+    let again = Recs::start(dir.path(), &pki, Some(url.clone()), &[]);
     wait_ready(&operator, &again.target()).await;
     let mut client2 = self::client(
         operator
             .channel_with_identity(&again.target(), &identity("recommendations"))
             .unwrap(),
+    );
+    let answer = client2
+        .recommend(recommend(&["a", "b"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.product_ids, ["c"]);
+
+    // Its database goes away: UNAVAILABLE at once and NOT_SERVING, then
+    // back by itself when the database is.
+    use sqlx::Connection;
+    let Db::Postgres(admin_url) = &db else {
+        unreachable!()
+    };
+    let name = url.rsplit('/').next().unwrap().to_owned();
+    let mut admin = sqlx::AnyConnection::connect(admin_url).await.unwrap();
+    for sql in [
+        format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"),
+        format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+    common::assert_status(
+        client2.recommend(recommend(&["a"])).await,
+        Code::Unavailable,
+        "the recommendations database is unavailable; retry shortly",
+    );
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        operator
+            .channel_with_identity(&again.target(), &identity("recommendations"))
+            .unwrap(),
+    );
+    let status = async |health: &mut tonic_health::pb::health_client::HealthClient<MeshChannel>| {
+        health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status()
+    };
+    let started = Instant::now();
+    while status(&mut health).await != ServingStatus::NotServing {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still SERVING without its database"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} ALLOW_CONNECTIONS true"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let started = Instant::now();
+    while status(&mut health).await != ServingStatus::Serving {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never SERVING again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "back to SERVING {:?} after the database was",
+        started.elapsed()
     );
     let answer = client2
         .recommend(recommend(&["a", "b"]))

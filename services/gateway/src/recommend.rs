@@ -151,3 +151,42 @@ impl RecommendationsService for Recommender {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(products: usize, id_len: usize, max_results: i32) -> RecommendRequest {
+        RecommendRequest {
+            user_id: String::new(),
+            product_ids: vec!["p".repeat(id_len); products],
+            max_results,
+        }
+    }
+
+    #[test]
+    fn bad_input_gets_a_status_naming_the_field() {
+        assert!(validate(&request(0, 1, 0)).is_ok());
+        assert!(validate(&request(100, 128, 20)).is_ok());
+        for (bad, needle) in [
+            (
+                request(101, 1, 0),
+                "product_ids: must list 0 to 100, got 101",
+            ),
+            (
+                request(1, 0, 0),
+                "product_ids[0]: must be 1 to 128 characters, got 0",
+            ),
+            (
+                request(1, 129, 0),
+                "product_ids[0]: must be 1 to 128 characters, got 129",
+            ),
+            (request(1, 1, 21), "max_results: must be 0 to 20, got 21"),
+            (request(1, 1, -1), "max_results: must be 0 to 20, got -1"),
+        ] {
+            let status = validate(&bad).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().contains(needle), "{}", status.message());
+        }
+    }
+}
