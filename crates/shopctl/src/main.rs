@@ -82,7 +82,7 @@ struct UpArgs {
     #[arg(long, default_value = "shop.local")]
     trust_domain: String,
     /// Processes per service, 1 to 8. Replica r of the i-th service (auth,
-    /// inventory, payments, orders, gateway) listens on base port + i·N + r
+    /// inventory, payments, orders, gateway, recommendations) listens on base port + i·N + r
     /// (admin ports likewise), and callers' targets list every replica.
     #[arg(long, env = "SHOP_REPLICAS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=MAX_REPLICAS as i64))]
@@ -101,7 +101,7 @@ struct UpArgs {
     without_recommendations: bool,
 }
 
-/// The most processes `--replicas` starts per service (five services: 40
+/// The most processes `--replicas` starts per service (six services: 48
 /// processes, the most two cores run usefully).
 const MAX_REPLICAS: u16 = 8;
 /// Backoff before the first restart of a process that exited unexpectedly.
