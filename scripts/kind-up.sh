@@ -15,6 +15,9 @@ for svc in $SERVICES; do
     docker build --build-arg SERVICE="$svc" -t "mesh-shop/$svc:dev" .
     kind load docker-image --name "$CLUSTER" "mesh-shop/$svc:dev"
 done
+# The Python service has its own recipe.
+docker build -f Dockerfile.recommendations -t mesh-shop/recommendations:dev .
+kind load docker-image --name "$CLUSTER" mesh-shop/recommendations:dev
 
 # Workload certificates (dev CA kept in .shop/k8s-certs) as TLS Secrets. The
 # operator's all-access certificate is not among them: it stays out of the
@@ -26,7 +29,7 @@ cargo run --quiet -p shopctl -- certs --out .shop/k8s-certs \
 
 kubectl apply -k k8s/overlays/kind
 kubectl -n shop rollout status statefulset/postgres --timeout=180s
-for svc in $SERVICES; do
+for svc in $SERVICES recommendations; do
     kubectl -n shop rollout status "deployment/$svc" --timeout=180s
 done
 echo "The shop runs in namespace shop; its gateway answers on 127.0.0.1:50055."

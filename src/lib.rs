@@ -73,3 +73,12 @@ pub mod grpc {
         tonic::include_proto!("grpc.testing");
     }
 }
+
+/// The recommendations contract (`mesh.recommendations.v1`), served by the
+/// Python service in `services/recommendations`.
+pub mod recommendations {
+    /// `mesh.recommendations.v1`.
+    pub mod v1 {
+        tonic::include_proto!("mesh.recommendations.v1");
+    }
+}

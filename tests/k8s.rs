@@ -18,9 +18,19 @@ use serde_json::Value;
 
 /// The Kubernetes version the manifests are validated against.
 const KUBERNETES_VERSION: &str = "1.33";
-const SERVICES: [&str; 5] = ["auth", "inventory", "payments", "orders", "gateway"];
+const SERVICES: [&str; 6] = [
+    "auth",
+    "inventory",
+    "payments",
+    "orders",
+    "gateway",
+    "recommendations",
+];
+/// The services built by the one Rust `Dockerfile` (recommendations, in
+/// Python, has `Dockerfile.recommendations`).
+const RUST_SERVICES: [&str; 5] = ["auth", "inventory", "payments", "orders", "gateway"];
 /// The services with a database of their own (all but the gateway).
-const WITH_DATABASE: [&str; 4] = ["auth", "inventory", "payments", "orders"];
+const WITH_DATABASE: [&str; 5] = ["auth", "inventory", "payments", "orders", "recommendations"];
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -658,7 +668,7 @@ async fn manifests_agree_with_the_code() {
 #[test]
 fn one_dockerfile_builds_every_image_the_manifests_run() {
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
-    for name in SERVICES {
+    for name in RUST_SERVICES {
         assert!(
             dockerfile.contains(&format!("-p {name}"))
                 && dockerfile.contains(&format!("target/release/{name}")),
@@ -676,6 +686,16 @@ fn one_dockerfile_builds_every_image_the_manifests_run() {
     assert!(base.contains("runAsUser: 65532") && base.contains("image: mesh-shop/orders"));
     let script = std::fs::read_to_string(repo().join("scripts/kind-up.sh")).unwrap();
     assert!(script.contains("kind load docker-image") && script.contains("mesh-shop/$svc:dev"));
+
+    // The Python service: its own recipe, the same uid, stubs generated
+    // from proto/ at build time, and kind-up builds and loads it.
+    let python = std::fs::read_to_string(repo().join("Dockerfile.recommendations")).unwrap();
+    assert!(python.contains("USER 65532:65532"));
+    assert!(python.contains("requirements.txt") && python.contains("recommendations.stubs"));
+    assert!(script.contains("-f Dockerfile.recommendations -t mesh-shop/recommendations:dev"));
+    let deployment =
+        std::fs::read_to_string(repo().join("k8s/base/recommendations/deployment.yaml")).unwrap();
+    assert!(deployment.contains("image: mesh-shop/recommendations"));
 }
 
 fn spec_labels(deployment: &Value) -> Value {

@@ -21,8 +21,8 @@ use shop_api::inventory::v1::{
 };
 
 const REPLICAS: u16 = 2;
-/// Ports each of the gRPC and admin blocks needs: 5 services × replicas.
-const SPAN: u16 = 5 * REPLICAS;
+/// Ports each of the gRPC and admin blocks needs: 6 services × replicas.
+const SPAN: u16 = 6 * REPLICAS;
 
 /// A base port with `2 * SPAN` free ports from it (gRPC, then admin), in
 /// 12000..20000: below `common::free_addr`'s range and Linux's ephemeral
@@ -372,7 +372,10 @@ async fn restart_under_traffic() {
     let restarted = process(&view, "inventory", 0);
     assert_eq!(restarted["restarts"], 1, "{view}");
     assert_eq!(restarted["pid"].as_i64(), Some(new_pid));
-    assert_eq!(view["processes"].as_array().unwrap().len(), 10);
+    assert_eq!(
+        view["processes"].as_array().unwrap().len(),
+        usize::from(SPAN)
+    );
 
     // Private state: the directory 0700, databases, endpoints, status,
     // policies and private keys 0600.
@@ -384,7 +387,7 @@ async fn restart_under_traffic() {
         state.join("certs/ca/ca.key"),
         state.join("certs/operator/tls.key"),
     ];
-    for name in ["auth", "inventory", "payments", "orders"] {
+    for name in ["auth", "inventory", "payments", "orders", "recommendations"] {
         private.push(state.join(format!("{name}.db")));
         private.push(state.join(format!("{name}.db-wal")));
     }

@@ -72,6 +72,7 @@ pub mod deadline;
 mod endpoint;
 mod error;
 mod methods;
+pub mod optional;
 mod resolve;
 pub mod retry;
 pub mod server;

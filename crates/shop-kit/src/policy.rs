@@ -38,6 +38,11 @@ pub const CALLS: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "orders",
+        "recommendations",
+        &["mesh.recommendations.v1.RecommendationsService/RecordOrder"],
+    ),
+    (
         "payments",
         "auth",
         &["mesh.auth.v1.AuthService/GetPublicKeys"],
@@ -61,6 +66,11 @@ pub const CALLS: &[(&str, &str, &[&str])] = &[
     ),
     ("gateway", "orders", &["mesh.orders.v1.OrdersService/*"]),
     ("gateway", "payments", &["mesh.payments.v1.WalletService/*"]),
+    (
+        "gateway",
+        "recommendations",
+        &["mesh.recommendations.v1.RecommendationsService/Recommend"],
+    ),
 ];
 
 /// The workload identity that administers the shop from outside it.

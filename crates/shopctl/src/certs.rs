@@ -19,7 +19,14 @@ use mesh_client::tls::{
 };
 
 /// The shop's workloads.
-pub const SERVICES: [&str; 5] = ["auth", "inventory", "payments", "orders", "gateway"];
+pub const SERVICES: [&str; 6] = [
+    "auth",
+    "inventory",
+    "payments",
+    "orders",
+    "gateway",
+    "recommendations",
+];
 /// The identity that may call everything (people with grpcurl).
 pub const OPERATOR: &str = "operator";
 /// Lifetime of an operator certificate from `shopctl certs --operator`:
@@ -42,7 +49,7 @@ pub struct CertArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "auth,inventory,payments,orders,gateway"
+        default_value = "auth,inventory,payments,orders,gateway,recommendations"
     )]
     pub workloads: Vec<String>,
     /// Issue only the operator's client certificate (calls everything),

@@ -16,6 +16,7 @@
 
 mod certs;
 mod dashboard;
+mod python;
 mod top;
 mod web;
 
@@ -86,7 +87,7 @@ struct UpArgs {
     #[arg(long, default_value = "shop.local")]
     trust_domain: String,
     /// Processes per service, 1 to 8. Replica r of the i-th service (auth,
-    /// inventory, payments, orders, gateway) listens on base port + i·N + r
+    /// inventory, payments, orders, gateway, recommendations) listens on base port + i·N + r
     /// (admin ports likewise), and callers' targets list every replica.
     #[arg(long, env = "SHOP_REPLICAS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=MAX_REPLICAS as i64))]
@@ -109,9 +110,17 @@ struct UpArgs {
     /// port that is taken leaves the dashboard out, with a note.
     #[arg(long, env = "SHOP_DASHBOARD_PORT", default_value_t = 8056)]
     dashboard_port: u16,
+    /// The Python that makes the recommendations service's virtual
+    /// environment (under the state directory, on first run).
+    #[arg(long, env = "SHOP_PYTHON", default_value = "python3")]
+    python: String,
+    /// Run the shop without the recommendations service (the gateway then
+    /// answers Recommend with `fallback: true`).
+    #[arg(long)]
+    without_recommendations: bool,
 }
 
-/// The most processes `--replicas` starts per service (five services: 40
+/// The most processes `--replicas` starts per service (six services: 48
 /// processes, the most two cores run usefully).
 const MAX_REPLICAS: u16 = 8;
 /// Backoff before the first restart of a process that exited unexpectedly.
@@ -123,14 +132,22 @@ const RESTART_BACKOFF_CAP: Duration = Duration::from_secs(30);
 const RESTART_STABLE_AFTER: Duration = Duration::from_secs(30);
 
 /// The services in start order (orders calls the first three; the gateway,
-/// the public entry, calls auth, inventory and orders).
-const SERVICES: [(&str, &str); 5] = [
+/// the public entry, calls auth, inventory and orders). Recommendations,
+/// in Python, is an optional dependency of orders and the gateway: started
+/// last, and the shop works without it.
+const SERVICES: [(&str, &str); 6] = [
     ("auth", "mesh.auth.v1.AuthService"),
     ("inventory", "mesh.inventory.v1.InventoryService"),
     ("payments", "mesh.payments.v1.PaymentsService"),
     ("orders", "mesh.orders.v1.OrdersService"),
     ("gateway", "mesh.orders.v1.OrdersService"),
+    (
+        "recommendations",
+        "mesh.recommendations.v1.RecommendationsService",
+    ),
 ];
+/// Index of recommendations in [`SERVICES`] (its ports).
+const RECOMMENDATIONS: usize = 5;
 
 #[derive(Serialize)]
 struct Endpoints {
@@ -244,15 +261,16 @@ fn check_up_args(args: &UpArgs) -> Result<(), String> {
             args.host
         );
     }
-    let span = 5 * u32::from(args.replicas);
+    let span = SERVICES.len() as u32 * u32::from(args.replicas);
     for (flag, base) in [
         ("--base-port", args.base_port),
         ("--admin-base-port", args.admin_base_port),
     ] {
         if base == 0 || u32::from(base) + span - 1 > u32::from(u16::MAX) {
             return Err(format!(
-                "{flag} {base}: {span} ports from it are needed (5 services × {} replicas), \
+                "{flag} {base}: {span} ports from it are needed ({} services × {} replicas), \
                  between 1 and 65535",
+                SERVICES.len(),
                 args.replicas
             ));
         }
@@ -311,7 +329,10 @@ struct Replica {
     label: String,
     addr: SocketAddr,
     admin: SocketAddr,
-    /// Everything after the shopctl executable on its command line.
+    /// What runs it: shopctl itself (`serve <service>`), or the Python
+    /// of the recommendations service's venv.
+    program: Option<PathBuf>,
+    /// Everything after the program on its command line.
     args: Vec<OsString>,
     child: Option<Child>,
     /// When the current process was started.
@@ -327,8 +348,13 @@ struct Replica {
 
 impl Replica {
     fn spawn(&mut self, exe: &Path) -> anyhow::Result<()> {
-        let mut cmd = Command::new(exe);
+        let mut cmd = Command::new(self.program.as_deref().unwrap_or(exe));
         cmd.args(&self.args);
+        if self.program.is_some() {
+            // Python: the package's directory, unbuffered log lines.
+            cmd.current_dir(python::source_dir())
+                .env("PYTHONUNBUFFERED", "1");
+        }
         self.child = Some(spawn_prefixed(&self.label, cmd)?);
         self.started = Instant::now();
         Ok(())
@@ -561,6 +587,14 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         for (i, (name, grpc_service)) in SERVICES.iter().enumerate() {
             let public = *name == "gateway";
+            let program = if i == RECOMMENDATIONS {
+                match recommendations_python(&args, &state_dir) {
+                    Some(python) => Some(python),
+                    None => continue,
+                }
+            } else {
+                None
+            };
             let database = state_dir.join(format!("{name}.db"));
             let mut common: Vec<OsString> = Vec::new();
             let mut arg = |a: &str| common.push(a.into());
@@ -573,12 +607,14 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                     ("--auth-target", 0),
                     ("--inventory-target", 1),
                     ("--payments-target", 2),
+                    ("--recommendations-target", RECOMMENDATIONS),
                 ],
                 "gateway" => &[
                     ("--auth-target", 0),
                     ("--inventory-target", 1),
                     ("--orders-target", 3),
                     ("--payments-target", 2),
+                    ("--recommendations-target", RECOMMENDATIONS),
                 ],
                 // Payments checks wallet users' tokens with auth's keys.
                 "payments" => &[("--auth-target", 0)],
@@ -600,6 +636,10 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                         "mesh.orders.v1.OrdersService/WatchOrder":
                             { "timeout": "300s", "maxTimeout": "300s" }
                     } } });
+                    // An optional dependency: a short deadline, no retries
+                    // (no hedging either: off unless set).
+                    config["targets"][target(RECOMMENDATIONS)] = serde_json::json!({ "timeout": "50ms", "maxTimeout": "50ms",
+                            "retryPolicy": { "maxAttempts": 1 } });
                 }
                 write_private(&policy_path, &serde_json::to_string_pretty(&config)?)?;
                 common.push("--tls-dir".into());
@@ -609,17 +649,22 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             }
             let first = replicas.len();
             for r in 0..n {
-                let mut argv: Vec<OsString> = vec!["serve".into(), (*name).into()];
-                argv.extend([
-                    "--listen".into(),
-                    addr(i, r).to_string().into(),
-                    "--admin-addr".into(),
-                    admin(i, r).to_string().into(),
-                ]);
-                argv.extend(common.iter().cloned());
-                if public && r == 0 {
-                    argv.extend(web.gateway_args());
-                }
+                let argv = if program.is_some() {
+                    python::argv(&addr(i, r).to_string(), &admin(i, r).to_string(), &common)
+                } else {
+                    let mut argv: Vec<OsString> = vec!["serve".into(), (*name).into()];
+                    argv.extend([
+                        "--listen".into(),
+                        addr(i, r).to_string().into(),
+                        "--admin-addr".into(),
+                        admin(i, r).to_string().into(),
+                    ]);
+                    argv.extend(common.iter().cloned());
+                    if public && r == 0 {
+                        argv.extend(web.gateway_args());
+                    }
+                    argv
+                };
                 let replica = Replica {
                     service: name,
                     index: r,
@@ -630,6 +675,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                     },
                     addr: addr(i, r),
                     admin: admin(i, r),
+                    program: program.clone(),
                     args: argv,
                     child: None,
                     started: Instant::now(),
@@ -710,6 +756,26 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         let _ = write_status(&status_path, &replicas, true);
     }
     result
+}
+
+/// The recommendations service's interpreter, or `None` (with a warning)
+/// when it is not to run or its Python environment cannot be made: the
+/// shop then runs without it, as it is built to.
+fn recommendations_python(args: &UpArgs, state_dir: &Path) -> Option<PathBuf> {
+    if args.without_recommendations {
+        eprintln!("shopctl: --without-recommendations: Recommend answers fallback: true");
+        return None;
+    }
+    match python::prepare(state_dir, &args.python) {
+        Ok(python) => Some(python),
+        Err(e) => {
+            eprintln!(
+                "shopctl: WARNING: not starting recommendations ({e:#}); the shop runs without \
+                 it (Recommend answers fallback: true)"
+            );
+            None
+        }
+    }
 }
 
 /// Spawns a service with its log lines prefixed by its name.
@@ -825,6 +891,15 @@ fn print_banner(endpoints: &Endpoints, path: &Path, replicas: usize) {
         at("gateway"),
     );
     let p = "grpcurl -plaintext";
+    let recommendations = endpoints.services.get("recommendations").map_or(
+        "not running (Recommend answers fallback: true)".to_owned(),
+        |e| {
+            format!(
+                "{}   Python; optional: the gateway asks it within 50 ms",
+                e.address
+            )
+        },
+    );
     println!(
         r#"
 The shop is running ({mode}, SQLite, {replicas} process(es) per service, restarted if they exit). Ctrl-C stops it; data is kept.
@@ -834,6 +909,7 @@ The shop is running ({mode}, SQLite, {replicas} process(es) per service, restart
   inventory  {inventory}
   payments   {payments}
   orders     {orders}
+  recommendations {recommendations}
 
 Endpoints for scripts: {path}
 Metrics: http://{auth_admin}/metrics (and the next ports: every replica's admin is in {path})
@@ -858,6 +934,10 @@ And orders:
 
   {p} -H "authorization: Bearer $TOKEN" -d '{{"items":[{{"productId":"<PRODUCT_ID>","quantity":"2"}}],"paymentAccountId":"<ACCOUNT_ID>","idempotencyKey":"order-1"}}' {gateway} mesh.orders.v1.OrdersService/PlaceOrder
   {p} -H "authorization: Bearer $TOKEN" -d '{{"orderId":"<ORDER_ID>"}}' {gateway} mesh.orders.v1.OrdersService/WatchOrder
+
+Products bought together (learned from confirmed orders; `fallback: true` when recommendations is slow or down):
+
+  {p} -H "authorization: Bearer $TOKEN" -d '{{"productIds":["<PRODUCT_ID>"]}}' {gateway} mesh.recommendations.v1.RecommendationsService/Recommend
 "#,
         g_what = if endpoints.tls.is_some() {
             "mTLS with the operator's certificate"
@@ -883,6 +963,7 @@ mod tests {
             label: "inventory".into(),
             addr: SocketAddr::from(([127, 0, 0, 1], 1)),
             admin: SocketAddr::from(([127, 0, 0, 1], 2)),
+            program: None,
             args: vec!["-c".into(), "exit 3".into()],
             child: None,
             started: Instant::now(),

@@ -25,6 +25,7 @@
 /// Token checks at the edge: the same cache of auth's keys the services use.
 pub use shop_kit::token as keys;
 pub mod proxy;
+pub mod recommend;
 pub mod routes;
 
 use std::{
@@ -71,6 +72,20 @@ pub struct Config {
         default_value = "static:///127.0.0.1:50053"
     )]
     pub payments_target: String,
+    /// Where the recommendations service is, as a mesh target. An optional
+    /// dependency: when it is slow, failing or absent, `Recommend` answers
+    /// without recommendations (`fallback: true`).
+    #[arg(
+        long,
+        env = "RECOMMENDATIONS_TARGET",
+        default_value = "static:///127.0.0.1:50056"
+    )]
+    pub recommendations_target: String,
+    /// Milliseconds the gateway waits for recommendations before answering
+    /// without them (5 to 1000). Give the target the same `timeout` and
+    /// `maxTimeout`, and no retries, in the mesh config.
+    #[arg(long, env = "RECOMMENDATIONS_BUDGET_MS", default_value_t = 50)]
+    pub recommendations_budget_ms: u64,
     /// Route table (JSON); the built-in one when unset (see `routes.json`).
     #[arg(long, env = "ROUTES")]
     pub routes: Option<PathBuf>,
@@ -181,12 +196,13 @@ impl Config {
         origins
     }
 
-    fn targets(&self) -> [(&'static str, &str); 4] {
+    fn targets(&self) -> [(&'static str, &str); 5] {
         [
             ("auth", &self.auth_target),
             ("inventory", &self.inventory_target),
             ("orders", &self.orders_target),
             ("payments", &self.payments_target),
+            ("recommendations", &self.recommendations_target),
         ]
     }
 }
@@ -223,6 +239,12 @@ impl shop_kit::ServiceConfig for Config {
             problems.push(format!(
                 "--max-inbound-deadline-ms: must be 100 to 600000, got {}",
                 self.max_inbound_deadline_ms
+            ));
+        }
+        if !(5..=1000).contains(&self.recommendations_budget_ms) {
+            problems.push(format!(
+                "--recommendations-budget-ms: must be 5 to 1000, got {}",
+                self.recommendations_budget_ms
             ));
         }
         if let Err(e) = self.trusted() {
@@ -304,7 +326,12 @@ pub async fn run(
             .into_boxed_slice(),
     );
     let trusted = config.trusted().map_err(Error::Setup)?;
-    let gateway = Gateway::new(routes, upstreams, keys, limit, trusted);
+    let recommender = recommend::Recommender::new(
+        upstreams["recommendations"].clone(),
+        std::time::Duration::from_millis(config.recommendations_budget_ms),
+    );
+    let gateway =
+        Gateway::new(routes, upstreams, keys, limit, trusted).with_recommender(recommender);
     let origins = config
         .allowed_origins()
         .iter()

@@ -25,6 +25,7 @@ use tower::{Service, ServiceExt};
 
 use crate::{
     keys::KeyCache,
+    recommend::{RECOMMEND_PATH, Recommender},
     routes::{AuthMode, RouteTable},
 };
 
@@ -50,6 +51,8 @@ struct Inner {
     limiter: DefaultKeyedRateLimiter<String>,
     limit: RateLimit,
     trusted: Vec<IpNet>,
+    /// Answers Recommend itself, with a fallback (see [`crate::recommend`]).
+    recommender: Option<Recommender>,
 }
 
 impl Gateway {
@@ -71,8 +74,18 @@ impl Gateway {
                 limiter: RateLimiter::keyed(quota),
                 limit,
                 trusted,
+                recommender: None,
             }),
         }
+    }
+
+    /// Answers routed `Recommend` calls with `recommender` (an optional
+    /// dependency with a fallback) instead of forwarding them.
+    pub fn with_recommender(mut self, recommender: Recommender) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("set before the gateway is cloned")
+            .recommender = Some(recommender);
+        self
     }
 
     /// Forgets callers idle long enough to have a full bucket again, so the
@@ -186,6 +199,9 @@ impl Inner {
                 self.check(&format!("user {}", claims.sub))?;
             }
             AuthMode::None => {}
+        }
+        if let Some(recommender) = self.recommender.as_ref().filter(|_| path == RECOMMEND_PATH) {
+            return Ok(recommender.serve(req).await);
         }
         let channel = self
             .upstreams

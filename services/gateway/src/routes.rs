@@ -12,7 +12,7 @@ use serde::Deserialize;
 pub const DEFAULT_ROUTES: &str = include_str!("routes.json");
 
 /// The services a route may send calls to; each has a target flag.
-pub const UPSTREAMS: [&str; 4] = ["auth", "inventory", "orders", "payments"];
+pub const UPSTREAMS: [&str; 5] = ["auth", "inventory", "orders", "payments", "recommendations"];
 
 /// Whether a route needs a user's token.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod metrics;
+mod recommendations;
 mod saga;
 mod service;
 mod store;
@@ -61,6 +62,10 @@ pub struct Config {
         default_value = "static:///127.0.0.1:50053"
     )]
     pub payments_target: String,
+    /// Where the recommendations service is, as a mesh target; told about
+    /// each confirmed order, best effort (unset: no one is told).
+    #[arg(long, env = "RECOMMENDATIONS_TARGET")]
+    pub recommendations_target: Option<String>,
     /// Which user tokens are accepted (checked here with auth's published keys).
     #[command(flatten)]
     pub tokens: shop_kit::token::TokenArgs,
@@ -80,7 +85,13 @@ impl shop_kit::ServiceConfig for Config {
             ("--auth-target", &self.auth_target),
             ("--inventory-target", &self.inventory_target),
             ("--payments-target", &self.payments_target),
-        ] {
+        ]
+        .into_iter()
+        .chain(
+            self.recommendations_target
+                .as_ref()
+                .map(|t| ("--recommendations-target", t)),
+        ) {
             if let Err(e) = target.parse::<mesh_client::Target>() {
                 problems.push(format!("{flag}: {e}"));
             }
@@ -116,7 +127,13 @@ pub async fn run(
     let payments = PaymentsServiceClient::new(channel(&config.payments_target, "payments")?);
 
     let server = config.mesh.server(tls).map_err(Error::Setup)?;
-    let saga = Saga::new(pool.clone(), inventory.clone(), payments.clone());
+    let mut saga = Saga::new(pool.clone(), inventory.clone(), payments.clone());
+    if let Some(target) = &config.recommendations_target {
+        saga = saga.with_recommendations(recommendations::Teller::new(channel(
+            target,
+            "recommendations",
+        )?));
+    }
     let recovery = tokio::spawn(saga.clone().recover_forever(server.draining()));
     let key_refresh = tokio::spawn(users.keys().clone().refresh_until(server.draining()));
     let service = OrdersService::new(

@@ -90,6 +90,8 @@ pub struct Saga {
     feeds: Feeds,
     /// Orders this process is driving now, so it never drives one twice.
     running: Arc<Mutex<HashSet<String>>>,
+    /// Told about confirmed orders, when configured (an optional dependency).
+    recommendations: Option<crate::recommendations::Teller>,
 }
 
 enum Outcome {
@@ -135,7 +137,14 @@ impl Saga {
             payments,
             feeds: Feeds::default(),
             running: Arc::default(),
+            recommendations: None,
         }
+    }
+
+    /// Tells `teller` about every order this saga confirms.
+    pub fn with_recommendations(mut self, teller: crate::recommendations::Teller) -> Self {
+        self.recommendations = Some(teller);
+        self
     }
 
     /// The change feeds watchers of orders subscribe to.
@@ -280,6 +289,11 @@ impl Saga {
             };
             if store::transition(&self.pool, order_id, step, to, status, reason.as_deref()).await? {
                 tracing::info!(%order_id, from = step.as_str(), to = to.as_str(), "saga step");
+                if status == OrderStatus::Confirmed
+                    && let Some(teller) = &self.recommendations
+                {
+                    teller.tell(&stored.order);
+                }
                 attempts = 0;
                 backoff = BACKOFF_START;
                 self.publish(order_id).await?;
