@@ -52,6 +52,7 @@ const MODULES: &[(&str, Layer)] = &[
     ("retry", Middleware),
     ("telemetry", Middleware),
     ("authz::layer", Middleware),
+    ("optional", Middleware),
     ("channel", Assembly),
     ("server", Assembly),
 ];

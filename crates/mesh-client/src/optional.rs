@@ -34,42 +34,15 @@
 
 use std::{
     future::Future,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use tokio::time::Instant;
 
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
-};
 use tonic::{Code, Status};
 
-/// Labels of `mesh_fallbacks_total`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FallbackLabels {
-    peer: Arc<str>,
-    rpc_service: &'static str,
-    rpc_method: &'static str,
-    reason: &'static str,
-}
-
-/// The family, registered with the process's metrics on first use.
-fn fallbacks() -> &'static Family<FallbackLabels, Counter> {
-    static FAMILY: OnceLock<Family<FallbackLabels, Counter>> = OnceLock::new();
-    FAMILY.get_or_init(|| {
-        let family = Family::default();
-        crate::telemetry::metrics().register(|r| {
-            r.register(
-                "fallbacks",
-                "Calls to an optional dependency answered without it (deadline, unavailable, error)",
-                family.clone(),
-            )
-        });
-        family
-    })
-}
+use crate::telemetry::metrics::Metrics;
 
 /// Why an optional call was given up on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +96,7 @@ pub struct Fallback {
 pub struct Optional {
     peer: Arc<str>,
     budget: Duration,
+    metrics: Metrics,
     breaker: Option<Arc<Breaker>>,
 }
 
@@ -187,8 +161,16 @@ impl Optional {
         Self {
             peer: Arc::from(peer),
             budget,
+            metrics: crate::telemetry::metrics().clone(),
             breaker: None,
         }
+    }
+
+    /// Counts fallbacks in `metrics` instead of the process default (pass
+    /// the calling mesh's, `Mesh::metrics`, when it has its own).
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Adds a circuit breaker: after `open_after` fallbacks in a row the
@@ -256,14 +238,8 @@ impl Optional {
             .strip_prefix('/')
             .and_then(|p| p.split_once('/'))
             .unwrap_or(("unknown", "unknown"));
-        fallbacks()
-            .get_or_create(&FallbackLabels {
-                peer: self.peer.clone(),
-                rpc_service,
-                rpc_method,
-                reason: fallback.reason.as_str(),
-            })
-            .inc();
+        self.metrics
+            .fallback(&self.peer, rpc_service, rpc_method, fallback.reason.as_str());
         fallback
     }
 }
@@ -275,19 +251,17 @@ mod tests {
     const PATH: &str = "/test.optional.v1.Svc/Get";
 
     fn count(peer: &str, reason: &str) -> u64 {
-        fallbacks()
-            .get_or_create(&FallbackLabels {
-                peer: Arc::from(peer),
-                rpc_service: "test.optional.v1.Svc",
-                rpc_method: "Get",
-                reason: match reason {
-                    "deadline" => "deadline",
-                    "unavailable" => "unavailable",
-                    "open" => "open",
-                    _ => "error",
-                },
-            })
-            .get()
+        crate::telemetry::metrics().fallback_count(
+            peer,
+            "test.optional.v1.Svc",
+            "Get",
+            match reason {
+                "deadline" => "deadline",
+                "unavailable" => "unavailable",
+                "open" => "open",
+                _ => "error",
+            },
+        )
     }
 
     #[tokio::test(start_paused = true)]

@@ -97,6 +97,15 @@ struct IdentityLabels {
     identity: String,
 }
 
+/// Labels of `mesh_fallbacks_total` (see `optional`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabels {
+    peer: Arc<str>,
+    rpc_service: &'static str,
+    rpc_method: &'static str,
+    reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProcessLabels {
     service: String,
@@ -139,6 +148,7 @@ struct Registered {
     handshake_failures: Family<OutcomeLabels, Counter>,
     cert_expiry: Family<IdentityLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     process: Family<ProcessLabels, Gauge>,
+    fallbacks: Family<FallbackLabels, Counter>,
     // Asked on each scrape; weak so a dropped channel's set goes away.
     sources: Mutex<Vec<Weak<dyn GaugeSource>>>,
     service: Mutex<Option<String>>,
@@ -221,6 +231,7 @@ impl Metrics {
             handshake_failures: Family::default(),
             cert_expiry: Family::default(),
             process: Family::default(),
+            fallbacks: Family::default(),
             sources: Mutex::default(),
             service: Mutex::default(),
             scrape: Mutex::default(),
@@ -293,6 +304,11 @@ impl Metrics {
                 "When this workload's certificate expires (Unix time)",
                 Unit::Seconds,
                 metrics.cert_expiry.clone(),
+            );
+            r.register(
+                "fallbacks",
+                "Calls to an optional dependency answered without it (deadline, unavailable, error, open)",
+                metrics.fallbacks.clone(),
             );
             r.register(
                 "process_info",
@@ -392,6 +408,44 @@ impl Metrics {
             .budget_exhausted
             .get_or_create(&PeerLabels { peer: peer.clone() })
             .inc();
+    }
+
+    /// One call to an optional dependency answered without it.
+    pub(crate) fn fallback(
+        &self,
+        peer: &Arc<str>,
+        rpc_service: &'static str,
+        rpc_method: &'static str,
+        reason: &'static str,
+    ) {
+        self.0
+            .fallbacks
+            .get_or_create(&FallbackLabels {
+                peer: peer.clone(),
+                rpc_service,
+                rpc_method,
+                reason,
+            })
+            .inc();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn fallback_count(
+        &self,
+        peer: &str,
+        rpc_service: &'static str,
+        rpc_method: &'static str,
+        reason: &'static str,
+    ) -> u64 {
+        self.0
+            .fallbacks
+            .get_or_create(&FallbackLabels {
+                peer: Arc::from(peer),
+                rpc_service,
+                rpc_method,
+                reason,
+            })
+            .get()
     }
 
     pub(crate) fn ejected(&self, peer: &Arc<str>) {
