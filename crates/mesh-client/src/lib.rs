@@ -58,7 +58,7 @@ pub use config::{
     RetryBudget, RetryPolicy, TargetConfig,
 };
 pub use endpoint::EndpointState;
-pub use error::MeshError;
+pub use error::{MeshError, caused_by};
 pub use methods::{MethodInfo, MethodTable};
 pub use resolve::Target;
 

@@ -122,16 +122,15 @@ impl Config {
     }
 
     /// `--trusted-proxy` as networks (a bare address is a one-address network).
-    pub fn trusted(&self) -> Result<Vec<ipnet::IpNet>, String> {
+    pub fn trusted(&self) -> Result<Vec<ipnet::IpNet>, BadTrustedProxy> {
         self.trusted_proxies
             .iter()
             .map(|p| {
                 p.parse::<ipnet::IpNet>()
                     .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                    .map_err(|_| {
-                        format!(
-                            "--trusted-proxy: {p:?} is not an address or CIDR range like 10.0.0.0/8"
-                        )
+                    .map_err(|source| BadTrustedProxy {
+                        given: p.clone(),
+                        source,
                     })
             })
             .collect()
@@ -182,7 +181,7 @@ impl shop_kit::ServiceConfig for Config {
             ));
         }
         if let Err(e) = self.trusted() {
-            problems.push(e);
+            problems.push(format!("--trusted-proxy: {e}"));
         }
         if let Some(dir) = self.public_tls_dir.as_ref().filter(|d| !d.is_dir()) {
             problems.push(format!(
@@ -203,16 +202,25 @@ impl shop_kit::ServiceConfig for Config {
 /// Why the process stopped.
 pub use shop_kit::ServiceError as Error;
 
+/// A `--trusted-proxy` value that is neither an address nor a CIDR range.
+#[derive(Debug, thiserror::Error)]
+#[error("{given:?} is not an address or CIDR range like 10.0.0.0/8")]
+pub struct BadTrustedProxy {
+    /// The value as given.
+    pub given: String,
+    /// Why it is not an address (as a bare address).
+    #[source]
+    pub source: std::net::AddrParseError,
+}
+
 /// Runs the gateway on `listener` until `shutdown` completes, then drains.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    let routes = config
-        .route_table()
-        .map_err(|p| Error::Setup(p.join("; ")))?;
-    let tls = config.mesh.tls().map_err(Error::Setup)?;
+    let routes = config.route_table().map_err(Error::Config)?;
+    let tls = config.mesh.tls()?;
     let mesh = config.mesh.mesh(tls.clone())?;
     let mut upstreams = HashMap::new();
     for (name, target) in config.targets() {
@@ -240,7 +248,10 @@ pub async fn run(
             .public_descriptors(shop_api::FILE_DESCRIPTOR_SET)
             .into_boxed_slice(),
     );
-    let trusted = config.trusted().map_err(Error::Setup)?;
+    let trusted = config.trusted().map_err(|e| Error::Flag {
+        flag: "--trusted-proxy",
+        source: e.into(),
+    })?;
     let gateway = Gateway::new(routes, upstreams, keys, limit, trusted);
     let origins = config
         .cors_allowed_origins
@@ -259,7 +270,10 @@ pub async fn run(
                 &dir.join("tls.key"),
                 std::time::Duration::from_millis(config.mesh.tls_handshake_timeout_ms),
             )
-            .map_err(|e| Error::Setup(format!("--public-tls-dir: {e}")))
+            .map_err(|e| Error::Flag {
+                flag: "--public-tls-dir",
+                source: e.into(),
+            })
         })
         .transpose()?;
     let mut server = config
@@ -275,8 +289,7 @@ pub async fn run(
             },
             None,
             public,
-        )
-        .map_err(Error::Setup)?
+        )?
         .grpc_web(origins)
         .fallback(&names, gateway.clone());
     if let Some(tls) = public_tls {
