@@ -493,7 +493,7 @@ mod tests {
 
     #[tokio::test]
     async fn p2c_keeps_avoiding_a_slow_replica_when_contention_slows_every_replica() {
-        // Measured with tests/mesh.rs's slow-replica test beside three busy
+        // Measured with the slow-replica test (tests/mesh.rs) beside three busy
         // loops (load average 12 on two cores): the fast replicas answered in
         // 27-48 ms, the one with 20 ms added in 57-81 ms, 1.7-2.1x apart, and
         // P2C sent it 0.25-0.31 of the calls (round robin: 0.33). Alike
