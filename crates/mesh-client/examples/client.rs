@@ -8,9 +8,13 @@
 //! cargo run -p mesh-client --example server &
 //! cargo run -p mesh-client --example client                 # static:///127.0.0.1:50100
 //! cargo run -p mesh-client --example client -- static:///127.0.0.1:50100,127.0.0.1:50101
+//! # with the server's mTLS (see server.rs for the certificates):
 //! MESH_TLS_DIR=certs/client MESH_SERVER_ID=spiffe://shop.local/ns/shop/sa/server \
 //!     cargo run -p mesh-client --example client
 //! ```
+//!
+//! A server presenting another identity is refused: `UNAVAILABLE ...
+//! secure naming: expected server spiffe://..., it presented ...`.
 
 use std::time::Duration;
 

@@ -5,6 +5,8 @@
 //!
 //! ```sh
 //! cargo run -p mesh-client --example server                 # plaintext, 127.0.0.1:50100
+//! # mTLS with this repository's dev CA (identities spiffe://shop.local/ns/shop/sa/{server,client}):
+//! cargo run -p shopctl -- certs --out certs --workloads server,client
 //! MESH_TLS_DIR=certs/server cargo run -p mesh-client --example server
 //! ```
 //!
