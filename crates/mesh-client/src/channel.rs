@@ -205,7 +205,10 @@ impl Mesh {
         identity
             .map(|i| i.parse())
             .transpose()
-            .map_err(|reason| MeshError::InvalidConfig { field, reason })
+            .map_err(|e: crate::tls::SpiffeIdError| MeshError::InvalidConfig {
+                field,
+                reason: e.to_string(),
+            })
     }
 
     fn build_channel(

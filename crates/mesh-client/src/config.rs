@@ -406,7 +406,7 @@ impl MeshConfig {
                 .as_ref()
                 .map(|id| id.parse::<crate::tls::identity::SpiffeId>())
             {
-                return Err(invalid(&at("identity"), &e));
+                return Err(invalid(&at("identity"), &e.to_string()));
             }
             if let Some(t) = target.max_timeout {
                 check_timeout(&at("maxTimeout"), t)?;

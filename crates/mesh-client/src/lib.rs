@@ -10,12 +10,62 @@
 //! - [`server::MeshServer`] wraps a service's routes with health, reflection,
 //!   inbound deadline capture, load shedding and graceful drain.
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), mesh_client::MeshError> {
-//! use mesh_client::{Mesh, MeshConfig};
-//! let mesh = Mesh::new(MeshConfig::default());
-//! let channel = mesh.channel("static:///127.0.0.1:50052,127.0.0.1:50062")?;
-//! // let mut inventory = InventoryServiceClient::new(channel);
+//! A server and a client in one process, as a test would run them (this
+//! example runs as a doctest):
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! use mesh_client::{Mesh, MeshConfig, server::{MeshServer, ServerConfig}};
+//! use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A server with only the built-in health and reflection services; add
+//! // yours with `.add_service(MyServiceServer::new(my_service))`.
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let addr = listener.local_addr()?;
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let server = tokio::spawn(
+//!     MeshServer::new(ServerConfig::default()).serve(listener, async {
+//!         let _ = stopped.await;
+//!     }),
+//! );
+//!
+//! // One mesh per process; a channel per target, for any tonic client.
+//! let mesh = Mesh::from_config(MeshConfig::default())?;
+//! let channel = mesh.channel(&format!("static:///{addr}"))?;
+//! let mut health = HealthClient::new(channel);
+//! let mut request = tonic::Request::new(HealthCheckRequest::default());
+//! request.set_timeout(Duration::from_secs(10));
+//! let status = health.check(request).await?.into_inner().status();
+//! assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving);
+//!
+//! // Drain: health NOT_SERVING, GOAWAY, in-flight calls finish.
+//! drop(health);
+//! let _ = stop.send(());
+//! server.await??;
+//! # Ok(()) }
+//! ```
+//!
+//! A target nobody answers fails fast with `UNAVAILABLE` naming it, not at
+//! the deadline:
+//!
+//! ```
+//! # use std::time::Duration;
+//! # use mesh_client::{Mesh, MeshConfig};
+//! # use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A port that was free a moment ago: connections are refused.
+//! let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+//! let mesh = Mesh::from_config(MeshConfig::default())?;
+//! let mut health = HealthClient::new(mesh.channel(&format!("static:///{addr}"))?);
+//! let mut request = tonic::Request::new(HealthCheckRequest::default());
+//! request.set_timeout(Duration::from_secs(30));
+//! let err = health.check(request).await.unwrap_err();
+//! assert_eq!(err.code(), tonic::Code::Unavailable);
+//! assert!(err.message().contains(&addr.to_string()), "{}", err.message());
 //! # Ok(()) }
 //! ```
 //!
@@ -88,7 +138,7 @@ pub use config::{
     OutlierDetection, RetryBudget, RetryPolicy, TargetConfig,
 };
 pub use endpoint::EndpointState;
-pub use error::MeshError;
+pub use error::{MeshError, caused_by};
 pub use methods::{MethodInfo, MethodTable};
 pub use resolve::Target;
 

@@ -238,8 +238,12 @@ impl Optional {
             .strip_prefix('/')
             .and_then(|p| p.split_once('/'))
             .unwrap_or(("unknown", "unknown"));
-        self.metrics
-            .fallback(&self.peer, rpc_service, rpc_method, fallback.reason.as_str());
+        self.metrics.fallback(
+            &self.peer,
+            rpc_service,
+            rpc_method,
+            fallback.reason.as_str(),
+        );
         fallback
     }
 }

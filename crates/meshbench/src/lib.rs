@@ -259,7 +259,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    let tls = config.mesh.tls().map_err(Error::Setup)?;
+    let tls = config.mesh.tls()?;
     let next = match &config.next {
         Some(target) => {
             let mesh = config.mesh.mesh(tls.clone())?;
@@ -277,8 +277,7 @@ pub async fn run(
     };
     config
         .mesh
-        .server_with(limits, tls)
-        .map_err(Error::Setup)?
+        .server_with(limits, tls)?
         .add_service(
             EchoServiceServer::new(Echo::new(config.id, config.delay_ms, next))
                 .max_decoding_message_size(config.mesh.max_request_bytes)

@@ -19,8 +19,8 @@ use tonic::Status;
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     /// The URL is neither `sqlite:` nor `postgres://`.
-    #[error("{0}")]
-    InvalidUrl(String),
+    #[error(transparent)]
+    InvalidUrl(#[from] UnsupportedUrl),
     /// Connecting failed.
     #[error("cannot connect to {url}: {source}")]
     Connect {
@@ -68,17 +68,24 @@ pub enum Backend {
     Postgres,
 }
 
+/// A database URL for a backend the shop does not support.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("database URL {redacted:?} must start with sqlite: or postgres://")]
+pub struct UnsupportedUrl {
+    /// The URL as given, secrets removed ([`redact`]).
+    pub redacted: String,
+}
+
 /// Checks a database URL names a supported backend.
-pub fn backend(url: &str) -> Result<Backend, String> {
+pub fn backend(url: &str) -> Result<Backend, UnsupportedUrl> {
     if url.starts_with("sqlite:") {
         Ok(Backend::Sqlite)
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Backend::Postgres)
     } else {
-        Err(format!(
-            "database URL {:?} must start with sqlite: or postgres://",
-            redact(url)
-        ))
+        Err(UnsupportedUrl {
+            redacted: redact(url),
+        })
     }
 }
 
@@ -135,7 +142,7 @@ fn is_secret_param(name: &str) -> bool {
 pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError> {
     sqlx::any::install_default_drivers();
     let shown = redact(url);
-    let backend = backend(url).map_err(DbError::InvalidUrl)?;
+    let backend = backend(url)?;
     let url = match backend {
         Backend::Sqlite => sqlite_url(url)?,
         Backend::Postgres => url.to_owned(),
@@ -408,6 +415,7 @@ mod tests {
         assert!(
             backend("mysql://x")
                 .unwrap_err()
+                .to_string()
                 .contains("must start with")
         );
     }

@@ -21,9 +21,22 @@ pub use mesh::MeshArgs;
 /// Why a shop process stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    /// TLS material, routes or the mesh policy could not be used.
+    /// TLS material, the mesh policy or the admin port could not be used.
     #[error("{0}")]
-    Setup(String),
+    Setup(#[from] mesh::SetupError),
+    /// The configuration is inconsistent in ways only the service can
+    /// tell: every problem, one per entry, each naming its flag.
+    #[error("invalid configuration: {}", .0.join("; "))]
+    Config(Vec<String>),
+    /// The value of `flag` could not be used.
+    #[error("{flag}: {source}")]
+    Flag {
+        /// The flag, for example `--public-tls-dir`.
+        flag: &'static str,
+        /// Why its value is unusable.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     /// The database could not be opened or migrated.
     #[error(transparent)]
     Db(#[from] db::DbError),

@@ -6,8 +6,59 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use mesh_client::{
     Mesh, MeshConfig, MeshError,
     server::{MeshServer, ServerConfig},
-    tls::{MeshTls, SpiffeId, TlsFiles},
+    tls::{MeshTls, SpiffeId, TlsError, TlsFiles},
 };
+
+/// Why the mesh flags could not be turned into a policy, an identity or a
+/// server. Each keeps its cause as `source()`.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// `--mesh-config` could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    ReadPolicy {
+        /// The file.
+        path: PathBuf,
+        /// Why reading failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--mesh-config` does not validate, or the mesh following it could
+    /// not start.
+    #[error("{}: {source}", path.display())]
+    Policy {
+        /// The file.
+        path: PathBuf,
+        /// What the mesh refused.
+        #[source]
+        source: MeshError,
+    },
+    /// `--tls-dir` holds no usable identity (fails closed).
+    #[error("TLS: {0}")]
+    Tls(#[source] TlsError),
+    /// `--admin-addr` could not be bound.
+    #[error("--admin-addr: cannot listen on {addr}: {source}")]
+    AdminListen {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why binding failed.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why [`wait_serving`] gave up: what the server last answered.
+#[derive(Debug, thiserror::Error)]
+pub enum NotServing {
+    /// No health check was answered in time (none could even be sent).
+    #[error("no answer yet")]
+    NoAnswer,
+    /// The server answered, but not SERVING.
+    #[error("health is {0:?}")]
+    Health(tonic_health::pb::health_check_response::ServingStatus),
+    /// The health check failed.
+    #[error(transparent)]
+    Unreachable(#[from] tonic::Status),
+}
 
 /// Flags common to every shop process.
 #[derive(Clone, Debug, clap::Args)]
@@ -82,13 +133,19 @@ impl MeshArgs {
     }
 
     /// The mesh policy from the file, or the defaults.
-    pub fn config(&self) -> Result<MeshConfig, String> {
+    pub fn config(&self) -> Result<MeshConfig, SetupError> {
         match &self.mesh_config {
             None => Ok(MeshConfig::default()),
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                MeshConfig::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| SetupError::ReadPolicy {
+                        path: path.clone(),
+                        source,
+                    })?;
+                MeshConfig::from_json(&text).map_err(|source| SetupError::Policy {
+                    path: path.clone(),
+                    source,
+                })
             }
         }
     }
@@ -103,7 +160,7 @@ impl MeshArgs {
 
     /// This workload's TLS identity, if configured (fails closed on bad or
     /// expired material).
-    pub fn tls(&self) -> Result<Option<Arc<MeshTls>>, String> {
+    pub fn tls(&self) -> Result<Option<Arc<MeshTls>>, SetupError> {
         self.tls_dir
             .as_ref()
             .map(|dir| {
@@ -111,7 +168,7 @@ impl MeshArgs {
                     TlsFiles::in_dir(dir),
                     Duration::from_millis(self.tls_handshake_timeout_ms),
                 )
-                .map_err(|e| format!("TLS: {e}"))
+                .map_err(SetupError::Tls)
             })
             .transpose()
     }
@@ -156,7 +213,7 @@ impl MeshArgs {
     /// The server every shop service runs: TLS, authorization policy (kept
     /// current from `--mesh-config`) and drain from these flags, reflection
     /// of the shop's contracts.
-    pub fn server(&self, tls: Option<Arc<MeshTls>>) -> Result<MeshServer, String> {
+    pub fn server(&self, tls: Option<Arc<MeshTls>>) -> Result<MeshServer, SetupError> {
         self.server_with(ServerConfig::default(), tls)
     }
 
@@ -165,7 +222,7 @@ impl MeshArgs {
         &self,
         limits: ServerConfig,
         tls: Option<Arc<MeshTls>>,
-    ) -> Result<MeshServer, String> {
+    ) -> Result<MeshServer, SetupError> {
         self.server_describing(limits, tls, shop_api::FILE_DESCRIPTOR_SET)
     }
 
@@ -176,7 +233,7 @@ impl MeshArgs {
         limits: ServerConfig,
         tls: Option<Arc<MeshTls>>,
         descriptors: &'static [u8],
-    ) -> Result<MeshServer, String> {
+    ) -> Result<MeshServer, SetupError> {
         let config = ServerConfig {
             drain_grace: Duration::from_millis(self.drain_grace_ms),
             ..limits
@@ -185,11 +242,12 @@ impl MeshArgs {
         server = match &self.mesh_config {
             // The policy follows the file as it changes (revocations apply
             // without a restart), through the mesh's one config watcher.
-            Some(path) => server.authorization_from(
-                &self
-                    .file_mesh(path)
-                    .map_err(|e| format!("{}: {e}", path.display()))?,
-            ),
+            Some(path) => server.authorization_from(&self.file_mesh(path).map_err(|source| {
+                SetupError::Policy {
+                    path: path.clone(),
+                    source,
+                }
+            })?),
             None => server.authorization(None),
         };
         if let Some(tls) = tls {
@@ -197,7 +255,7 @@ impl MeshArgs {
         }
         if let Some(addr) = self.admin_addr {
             let listener = std::net::TcpListener::bind(addr)
-                .map_err(|e| format!("--admin-addr: cannot listen on {addr}: {e}"))?;
+                .map_err(|source| SetupError::AdminListen { addr, source })?;
             server = server.admin(listener);
         }
         Ok(server)
@@ -209,12 +267,12 @@ impl MeshArgs {
 pub async fn wait_serving(
     channel: mesh_client::MeshChannel,
     limit: Duration,
-) -> Result<(), String> {
+) -> Result<(), NotServing> {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
     let start = std::time::Instant::now();
-    let mut last_error = String::from("no answer yet");
+    let mut last_error = NotServing::NoAnswer;
     let mut client = HealthClient::new(channel);
     while start.elapsed() < limit {
         let mut request = tonic::Request::new(HealthCheckRequest {
@@ -223,10 +281,54 @@ pub async fn wait_serving(
         request.set_timeout(Duration::from_secs(1));
         match client.check(request).await {
             Ok(resp) if resp.get_ref().status() == ServingStatus::Serving => return Ok(()),
-            Ok(resp) => last_error = format!("health is {:?}", resp.get_ref().status()),
-            Err(status) => last_error = status.to_string(),
+            Ok(resp) => last_error = NotServing::Health(resp.get_ref().status()),
+            Err(status) => last_error = NotServing::Unreachable(status),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(last_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        mesh: MeshArgs,
+    }
+
+    fn flags(args: &[&str]) -> MeshArgs {
+        Flags::parse_from(std::iter::once("t").chain(args.iter().copied())).mesh
+    }
+
+    #[test]
+    fn setup_errors_keep_their_cause_through_the_service_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.json");
+        let err = flags(&["--mesh-config", missing.to_str().unwrap()])
+            .config()
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot read"), "{err}");
+        let err = crate::ServiceError::from(err);
+        assert!(mesh_client::caused_by::<SetupError>(&err).is_some());
+        assert_eq!(
+            mesh_client::caused_by::<std::io::Error>(&err).map(std::io::Error::kind),
+            Some(std::io::ErrorKind::NotFound)
+        );
+
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, r#"{"noSuchKey": 1}"#).unwrap();
+        let err = flags(&["--mesh-config", bad.to_str().unwrap()])
+            .config()
+            .unwrap_err();
+        assert!(mesh_client::caused_by::<MeshError>(&err).is_some(), "{err}");
+
+        let err = flags(&["--tls-dir", dir.path().to_str().unwrap()])
+            .tls()
+            .unwrap_err();
+        assert!(mesh_client::caused_by::<TlsError>(&err).is_some(), "{err}");
+    }
 }

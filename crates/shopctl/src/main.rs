@@ -711,7 +711,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                         eprintln!("shopctl: stopped before the shop was ready");
                         return Ok(());
                     };
-                    ready.map_err(anyhow::Error::msg).with_context(|| {
+                    ready.map_err(anyhow::Error::from).with_context(|| {
                         format!("{} did not become ready on {}", replica.label, replica.addr)
                     })?;
                 }

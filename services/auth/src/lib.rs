@@ -88,13 +88,13 @@ pub struct Config {
 
 impl Config {
     /// The SPIFFE ID of the gateway whose end-client header is believed.
-    pub fn trusted_gateway(&self) -> Result<mesh_client::tls::SpiffeId, String> {
+    pub fn trusted_gateway(&self) -> Result<mesh_client::tls::SpiffeId, Error> {
         let id = self
             .trusted_gateway
             .clone()
             .unwrap_or_else(|| self.mesh.identity_of("gateway"));
         id.parse()
-            .map_err(|e| format!("--trusted-gateway: {id:?} is not a SPIFFE ID: {e}"))
+            .map_err(|source| Error::TrustedGateway { id, source })
     }
 
     /// The bound on password hashes running at once.
@@ -135,7 +135,7 @@ impl shop_kit::ServiceConfig for Config {
             problems.push("--audience: must not be empty".into());
         }
         if let Err(e) = self.trusted_gateway() {
-            problems.push(e);
+            problems.push(e.to_string());
         }
         if !(1..=MAX_HASHES).contains(&self.max_concurrent_hashes()) {
             problems.push(format!(
@@ -151,9 +151,21 @@ impl shop_kit::ServiceConfig for Config {
 /// Why the service stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// TLS material or the mesh policy could not be used.
+    /// TLS material, the mesh policy or the admin port could not be used.
     #[error("{0}")]
-    Setup(String),
+    Setup(#[from] shop_kit::mesh::SetupError),
+    /// `--trusted-gateway` (or the gateway's default identity) is not a SPIFFE ID.
+    #[error("--trusted-gateway: {id:?} is not a SPIFFE ID: {source}")]
+    TrustedGateway {
+        /// The identity as given.
+        id: String,
+        /// What is wrong with it.
+        #[source]
+        source: mesh_client::tls::SpiffeIdError,
+    },
+    /// `--max-concurrent-hashes` allows no hash at all.
+    #[error("--max-concurrent-hashes must be at least 1")]
+    NoHashPermits,
     /// The database could not be opened or migrated.
     #[error(transparent)]
     Db(#[from] shop_kit::db::DbError),
@@ -180,7 +192,7 @@ pub async fn run(
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
             ttl: Duration::from_secs(config.token_ttl_secs),
-            trusted_gateway: config.trusted_gateway().map_err(Error::Setup)?,
+            trusted_gateway: config.trusted_gateway()?,
             max_concurrent_hashes: config.max_concurrent_hashes(),
         },
     )
@@ -190,8 +202,8 @@ pub async fn run(
             .clone()
             .rotate_forever(Duration::from_secs(config.signing_key_max_age_secs)),
     );
-    let tls = config.mesh.tls().map_err(Error::Setup)?;
-    let server = config.mesh.server(tls).map_err(Error::Setup)?.add_service(
+    let tls = config.mesh.tls()?;
+    let server = config.mesh.server(tls)?.add_service(
         AuthServiceServer::new(service)
             .max_decoding_message_size(config.mesh.max_request_bytes)
             .max_encoding_message_size(config.mesh.max_response_bytes)

@@ -84,9 +84,7 @@ impl AuthService {
             max_concurrent_hashes,
         } = options;
         let hashing = Hashing::new(max_concurrent_hashes);
-        let permit = hashing
-            .try_start()
-            .ok_or_else(|| Error::Setup("--max-concurrent-hashes must be at least 1".into()))?;
+        let permit = hashing.try_start().ok_or(Error::NoHashPermits)?;
         let dummy_hash = password::hash(uuid::Uuid::new_v4().to_string(), permit)
             .await
             .map_err(Error::Keys)?;

@@ -153,16 +153,15 @@ impl Config {
     }
 
     /// `--trusted-proxy` as networks (a bare address is a one-address network).
-    pub fn trusted(&self) -> Result<Vec<ipnet::IpNet>, String> {
+    pub fn trusted(&self) -> Result<Vec<ipnet::IpNet>, BadTrustedProxy> {
         self.trusted_proxies
             .iter()
             .map(|p| {
                 p.parse::<ipnet::IpNet>()
                     .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                    .map_err(|_| {
-                        format!(
-                            "--trusted-proxy: {p:?} is not an address or CIDR range like 10.0.0.0/8"
-                        )
+                    .map_err(|source| BadTrustedProxy {
+                        given: p.clone(),
+                        source,
                     })
             })
             .collect()
@@ -248,7 +247,7 @@ impl shop_kit::ServiceConfig for Config {
             ));
         }
         if let Err(e) = self.trusted() {
-            problems.push(e);
+            problems.push(format!("--trusted-proxy: {e}"));
         }
         if let Some(url) = &self.static_gateway_url {
             let ok = (url.starts_with("https://") || url.starts_with("http://"))
@@ -288,16 +287,25 @@ impl shop_kit::ServiceConfig for Config {
 /// Why the process stopped.
 pub use shop_kit::ServiceError as Error;
 
+/// A `--trusted-proxy` value that is neither an address nor a CIDR range.
+#[derive(Debug, thiserror::Error)]
+#[error("{given:?} is not an address or CIDR range like 10.0.0.0/8")]
+pub struct BadTrustedProxy {
+    /// The value as given.
+    pub given: String,
+    /// Why it is not an address (as a bare address).
+    #[source]
+    pub source: std::net::AddrParseError,
+}
+
 /// Runs the gateway on `listener` until `shutdown` completes, then drains.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    let routes = config
-        .route_table()
-        .map_err(|p| Error::Setup(p.join("; ")))?;
-    let tls = config.mesh.tls().map_err(Error::Setup)?;
+    let routes = config.route_table().map_err(Error::Config)?;
+    let tls = config.mesh.tls()?;
     let mesh = config.mesh.mesh(tls.clone())?;
     let mut upstreams = HashMap::new();
     for (name, target) in config.targets() {
@@ -325,7 +333,10 @@ pub async fn run(
             .public_descriptors(shop_api::FILE_DESCRIPTOR_SET)
             .into_boxed_slice(),
     );
-    let trusted = config.trusted().map_err(Error::Setup)?;
+    let trusted = config.trusted().map_err(|e| Error::Flag {
+        flag: "--trusted-proxy",
+        source: e.into(),
+    })?;
     let recommender = recommend::Recommender::new(
         upstreams["recommendations"].clone(),
         std::time::Duration::from_millis(config.recommendations_budget_ms),
@@ -343,7 +354,10 @@ pub async fn run(
         (Some(dir), Some(at)) => {
             let gateway_url = config.gateway_url();
             let site = shop_kit::site::Site::load(dir, std::slice::from_ref(&gateway_url))
-                .map_err(|e| Error::Setup(format!("--static-dir: {e}")))?
+                .map_err(|e| Error::Flag {
+                    flag: "--static-dir",
+                    source: e.into(),
+                })?
                 .with_asset(
                     "/config.json",
                     shop_kit::site::Asset {
@@ -353,9 +367,10 @@ pub async fn run(
                             .into(),
                     },
                 );
-            let listener = TcpListener::bind(at)
-                .await
-                .map_err(|e| Error::Setup(format!("--static-listen {at}: {e}")))?;
+            let listener = TcpListener::bind(at).await.map_err(|e| Error::Flag {
+                flag: "--static-listen",
+                source: e.into(),
+            })?;
             tracing::info!(%at, dir = %dir.display(), "serving the web app");
             Some((site, listener))
         }
@@ -373,7 +388,10 @@ pub async fn run(
                 &dir.join("tls.key"),
                 std::time::Duration::from_millis(config.mesh.tls_handshake_timeout_ms),
             )
-            .map_err(|e| Error::Setup(format!("--public-tls-dir: {e}")))
+            .map_err(|e| Error::Flag {
+                flag: "--public-tls-dir",
+                source: e.into(),
+            })
         })
         .transpose()?;
     let mut server = config
@@ -389,8 +407,7 @@ pub async fn run(
             },
             None,
             public,
-        )
-        .map_err(Error::Setup)?
+        )?
         .grpc_web(origins)
         .fallback(&names, gateway.clone());
     if let Some(tls) = public_tls {

@@ -69,8 +69,8 @@ pub async fn run(
         pool.clone(),
         Duration::from_secs(config.reservation_ttl_secs),
     );
-    let tls = config.mesh.tls().map_err(Error::Setup)?;
-    let server = config.mesh.server(tls).map_err(Error::Setup)?.add_service(
+    let tls = config.mesh.tls()?;
+    let server = config.mesh.server(tls)?.add_service(
         InventoryServiceServer::new(service.clone())
             .max_decoding_message_size(config.mesh.max_request_bytes)
             .max_encoding_message_size(config.mesh.max_response_bytes)

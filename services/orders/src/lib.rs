@@ -116,7 +116,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let pool = shop_kit::db::connect(&config.database_url, &MIGRATOR).await?;
-    let tls = config.mesh.tls().map_err(Error::Setup)?;
+    let tls = config.mesh.tls()?;
     let tls_on = tls.is_some();
     let mesh = config.mesh.mesh(tls.clone())?;
     let channel = |target: &str, service: &str| config.mesh.channel(&mesh, tls_on, target, service);
@@ -126,7 +126,7 @@ pub async fn run(
     let inventory = InventoryServiceClient::new(channel(&config.inventory_target, "inventory")?);
     let payments = PaymentsServiceClient::new(channel(&config.payments_target, "payments")?);
 
-    let server = config.mesh.server(tls).map_err(Error::Setup)?;
+    let server = config.mesh.server(tls)?;
     let mut saga = Saga::new(pool.clone(), inventory.clone(), payments.clone());
     if let Some(target) = &config.recommendations_target {
         saga = saga.with_recommendations(recommendations::Teller::new(channel(

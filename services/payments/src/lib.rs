@@ -75,7 +75,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let pool = shop_kit::db::connect(&config.database_url, &MIGRATOR).await?;
-    let tls = config.mesh.tls().map_err(Error::Setup)?;
+    let tls = config.mesh.tls()?;
     let mesh = config.mesh.mesh(tls.clone())?;
     let auth = config
         .mesh
@@ -86,8 +86,7 @@ pub async fn run(
     let limits = &config.mesh;
     let server = config
         .mesh
-        .server(tls)
-        .map_err(Error::Setup)?
+        .server(tls)?
         .add_service(
             PaymentsServiceServer::new(payments.clone())
                 .max_decoding_message_size(limits.max_request_bytes)

@@ -1,7 +1,7 @@
 //! Endpoint selection over a live endpoint set.
 //!
 //! Power of two choices (P2C): pick two eligible endpoints at random and
-//! send to the one with the lower load (peak-EWMA latency × in-flight ×
+//! send to the one with the lower load (typical latency × in-flight ×
 //! failure penalty); between endpoints of similar latency, half the draws
 //! are left to chance so bursts of calls do not convoy (see [`lighter`]).
 //! Round robin is there as the baseline.
@@ -10,7 +10,9 @@
 //! balancer gates endpoints through `poll_ready` and a ready cache: ejected,
 //! `NOT_SERVING` and backing-off endpoints must be skipped at once, an empty
 //! set must fail fast with `UNAVAILABLE`, and hedges must be able to ask for
-//! "any endpoint but these". The load metric is still tower's peak-EWMA.
+//! "any endpoint but these". Endpoints still keep tower's peak-EWMA, which
+//! `EndpointState::load` reports; the choice uses a plain short-window mean,
+//! which CPU contention does not blur (see [`lighter`]).
 
 use std::{
     collections::HashMap,
@@ -26,7 +28,9 @@ use tower::discover::Change;
 
 mod service;
 
-pub(crate) use service::{BalanceLayer, CallError, Exclude, NoneServing, Picked, Served, timed_out};
+pub(crate) use service::{
+    BalanceLayer, CallError, Exclude, NoneServing, Picked, Served, timed_out,
+};
 
 use crate::{
     config::{LbPolicy, OutlierDetection},
@@ -324,13 +328,15 @@ impl GaugeSource for EndpointSet {
 /// The less loaded of two endpoints, `x` (drawn at random) on a tie.
 ///
 /// Endpoints whose typical latencies (a plain EWMA over the last second)
-/// differ by more than 2× are compared by peak-EWMA latency × (in-flight +
-/// 1), so a slow endpoint is avoided. The likeness is judged on the typical
-/// latency, not on the 10 s peak: on a busy host every endpoint's peak is
-/// some recent scheduling stall, which made a 20 ms-slower replica look
-/// like the others and get a sixth of the calls by chance (modelled in the
-/// tests below; `meshbench` and the resilience tests saw it under CPU
-/// contention).
+/// differ by more than [`ALIKE_RATIO`] (1.5×) are compared by typical
+/// latency × (in-flight + 1) × failure penalty, so a slow endpoint is
+/// avoided. Both the likeness and the comparison use the typical latency,
+/// not the 10 s peak-EWMA: on a busy host every endpoint's peak is some
+/// recent scheduling stall, which made a 20 ms-slower replica look like the
+/// others and get a sixth to a quarter of the calls (modelled in the tests
+/// below; `meshbench` and the resilience tests saw it under CPU
+/// contention). A hung endpoint answers nothing, so no latency tells of
+/// it; its calls in flight pile up instead.
 /// Between endpoints of similar latency, `coin` sends half the draws to `x`
 /// as long as `x` is not failing or clearly busier ([`COIN_LIMIT`]):
 /// always preferring the endpoint with fewer calls in flight sends a burst
@@ -346,7 +352,7 @@ fn lighter<'a>(
     coin: bool,
 ) -> &'a Arc<Endpoint> {
     let (rx, ry) = (x.typical_rtt(), y.typical_rtt());
-    if rx > 2.0 * ry || ry > 2.0 * rx {
+    if rx > ALIKE_RATIO * ry || ry > ALIKE_RATIO * rx {
         return if x.load(now) <= y.load(now) { x } else { y };
     }
     let (qx, qy) = (x.queue_cost(now), y.queue_cost(now));
@@ -360,6 +366,16 @@ fn lighter<'a>(
         y
     }
 }
+
+/// Endpoints whose typical latencies differ by more than this factor are
+/// compared by load alone, with no chance pick. A ratio, so it holds at any
+/// latency; 1.5 and not 2, because CPU contention adds the same scheduling
+/// delay to every replica and shrinks the ratio of a fixed gap: on two busy
+/// cores (load average 12) the replica 20 ms slower answered in 57-81 ms
+/// against the others' 27-48 ms, 1.7-2.1x, and under a 2x rule it got
+/// 0.25-0.31 of the calls, about round robin's third. Alike replicas were
+/// within 1.15x of each other in every run, quiet or busy.
+const ALIKE_RATIO: f64 = 1.5;
 
 /// The chance pick may go to an endpoint without recent failures whose
 /// calls in flight (+ 1) are at most `.0` × the other's (+ 1) + `.1`: wide
@@ -454,8 +470,8 @@ mod tests {
         let set = set_of(2).await;
         let endpoints = set.snapshot();
         let now = Instant::now();
-        // Similar latency (within 2×); port 1 has three calls in flight.
-        endpoints[0].observe_rtt(Duration::from_micros(1500), now);
+        // Similar latency (within 1.5×); port 1 has three calls in flight.
+        endpoints[0].observe_rtt(Duration::from_micros(1200), now);
         endpoints[1].observe_rtt(Duration::from_micros(1000), now);
         let _busy = [
             endpoints[0].start(),
@@ -534,6 +550,21 @@ mod tests {
         // calls. Judged on peaks, the slow one got ~17 % (round robin: 33 %).
         let busy = modelled_slow_share([10.0, 10.0, 30.0], 0.1, 50.0).await;
         assert!(busy < 0.05, "busy: {busy}");
+    }
+
+    #[tokio::test]
+    async fn p2c_keeps_avoiding_a_slow_replica_when_contention_slows_every_replica() {
+        // Measured with the slow-replica test (tests/mesh.rs) beside three busy
+        // loops (load average 12 on two cores): the fast replicas answered in
+        // 27-48 ms, the one with 20 ms added in 57-81 ms, 1.7-2.1x apart, and
+        // P2C sent it 0.25-0.31 of the calls (round robin: 0.33). Alike
+        // replicas were never more than 1.15x apart, quiet or busy.
+        let busy = modelled_slow_share([30.0, 30.0, 60.0], 0.1, 50.0).await;
+        eprintln!("modelled slow share: busy {busy:.3}");
+        assert!(busy < 0.1, "busy: {busy}");
+        let busier = modelled_slow_share([45.0, 45.0, 80.0], 0.1, 50.0).await;
+        eprintln!("modelled slow share: busier {busier:.3}");
+        assert!(busier < 0.1, "busier: {busier}");
     }
 
     #[tokio::test]

@@ -120,35 +120,15 @@ impl std::error::Error for CallError {
 
 /// Whether a transport error is tonic's own `grpc-timeout` timer expiring.
 pub(crate) fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(err);
-    while let Some(err) = source {
-        if err.downcast_ref::<tonic::TimeoutExpired>().is_some() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    crate::caused_by::<tonic::TimeoutExpired>(err).is_some()
 }
 
 /// Whether a transport error proves the request never reached the server.
 fn never_sent(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(err);
-    while let Some(err) = source {
-        if err.downcast_ref::<tonic::ConnectError>().is_some() {
-            return true;
-        }
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
-            // hyper cancels requests still queued when their connection closes.
-            if hyper.is_canceled() {
-                return true;
-            }
-        }
-        source = err.source();
-    }
-    false
+    is_connect_error(err)
+        || crate::caused_by::<h2::Error>(err).is_some_and(|h2| h2.reason() == Some(h2::Reason::REFUSED_STREAM))
+        // hyper cancels requests still queued when their connection closes.
+        || crate::caused_by::<hyper::Error>(err).is_some_and(hyper::Error::is_canceled)
 }
 
 /// An error and its sources, as one line.
@@ -167,14 +147,7 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn is_connect_error(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(err);
-    while let Some(err) = source {
-        if err.downcast_ref::<tonic::ConnectError>().is_some() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    crate::caused_by::<tonic::ConnectError>(err).is_some()
 }
 
 /// Balances each request over the endpoints of a live set.

@@ -433,15 +433,11 @@ fn record_side_default(record: &CallRecord) -> Code {
 
 /// The gRPC code an error stands for, as tonic will report it.
 fn error_code(error: &(dyn std::error::Error + 'static), default: Code) -> Code {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(status) = e.downcast_ref::<tonic::Status>() {
-            return status.code();
-        }
-        if e.is::<tower::load_shed::error::Overloaded>() {
-            return Code::ResourceExhausted;
-        }
-        current = e.source();
+    if let Some(status) = crate::caused_by::<tonic::Status>(error) {
+        return status.code();
+    }
+    if crate::caused_by::<tower::load_shed::error::Overloaded>(error).is_some() {
+        return Code::ResourceExhausted;
     }
     default
 }

@@ -16,7 +16,7 @@ impl SpiffeId {
         trust_domain: &str,
         namespace: &str,
         service_account: &str,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SpiffeIdError> {
         format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
@@ -42,24 +42,40 @@ impl SpiffeId {
     }
 }
 
+/// Why a string is not a SPIFFE ID; each names the string and the rule it breaks.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SpiffeIdError {
+    /// It does not start with `spiffe://`.
+    #[error("{0:?} is not a SPIFFE ID (spiffe://trust-domain/path)")]
+    NotSpiffe(String),
+    /// Nothing follows the trust domain.
+    #[error("{0:?} has no path after the trust domain")]
+    NoPath(String),
+    /// The trust domain has characters SPIFFE does not allow.
+    #[error("{0:?}: the trust domain must be lower-case letters, digits, '-', '.', '_'")]
+    TrustDomain(String),
+    /// The path is empty, has empty, `.` or `..` segments, bad characters,
+    /// or the ID is longer than 2048 bytes.
+    #[error("{0:?}: the path must be non-empty segments of letters, digits, '-', '.', '_'")]
+    Path(String),
+}
+
 impl FromStr for SpiffeId {
-    type Err = String;
+    type Err = SpiffeIdError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let rest = text
             .strip_prefix("spiffe://")
-            .ok_or_else(|| format!("{text:?} is not a SPIFFE ID (spiffe://trust-domain/path)"))?;
+            .ok_or_else(|| SpiffeIdError::NotSpiffe(text.to_owned()))?;
         let (domain, path) = rest
             .split_once('/')
-            .ok_or_else(|| format!("{text:?} has no path after the trust domain"))?;
+            .ok_or_else(|| SpiffeIdError::NoPath(text.to_owned()))?;
         let domain_ok = !domain.is_empty()
             && domain
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
         if !domain_ok {
-            return Err(format!(
-                "{text:?}: the trust domain must be lower-case letters, digits, '-', '.', '_'"
-            ));
+            return Err(SpiffeIdError::TrustDomain(text.to_owned()));
         }
         let path_ok = path.split('/').all(|seg| {
             !seg.is_empty()
@@ -70,9 +86,7 @@ impl FromStr for SpiffeId {
                     .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
         });
         if !path_ok || text.len() > 2048 {
-            return Err(format!(
-                "{text:?}: the path must be non-empty segments of letters, digits, '-', '.', '_'"
-            ));
+            return Err(SpiffeIdError::Path(text.to_owned()));
         }
         Ok(Self(text.to_owned()))
     }

@@ -27,7 +27,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-pub use identity::SpiffeId;
+pub use identity::{SpiffeId, SpiffeIdError};
 pub use io::{PeerInfo, caller_identity};
 
 use rustls::{

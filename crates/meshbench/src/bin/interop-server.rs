@@ -365,7 +365,7 @@ async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), shop_kit::ServiceError> {
     use shop_kit::ServiceError as Error;
-    let tls = config.mesh.tls().map_err(Error::Setup)?;
+    let tls = config.mesh.tls()?;
     let public_tls = match (&config.public_tls_dir, config.use_tls) {
         (Some(dir), true) => Some(
             mesh_client::tls::PublicTls::load(
@@ -373,7 +373,10 @@ async fn run(
                 &dir.join("tls.key"),
                 Duration::from_millis(config.mesh.tls_handshake_timeout_ms),
             )
-            .map_err(|e| Error::Setup(format!("--public-tls-dir: {e}")))?,
+            .map_err(|e| Error::Flag {
+                flag: "--public-tls-dir",
+                source: e.into(),
+            })?,
         ),
         _ => None,
     };
@@ -386,8 +389,7 @@ async fn run(
     .send_compressed(CompressionEncoding::Gzip);
     let mut server = config
         .mesh
-        .server_with(ServerConfig::default(), tls)
-        .map_err(Error::Setup)?
+        .server_with(ServerConfig::default(), tls)?
         .add_service(InteropService::new(service, UNARY_PATHS));
     if let Some(public) = public_tls {
         server = server.public_tls(public);

@@ -39,7 +39,7 @@ impl Pki {
 
     /// Issues `workload` in namespace `ns` into `<root>/<workload>`.
     pub fn issue(&self, ns: &str, workload: &str) -> Result<PathBuf, String> {
-        let id: SpiffeId = identity(ns, workload).parse()?;
+        let id: SpiffeId = identity(ns, workload).parse().map_err(|e| format!("{e}"))?;
         let issued = self
             .ca
             .issue(&LeafSpec::local(id))

@@ -94,5 +94,7 @@ pub fn static_target(procs: &[crate::procs::Proc]) -> String {
 
 /// Waits until the server behind `channel` reports SERVING.
 pub async fn wait_serving(channel: MeshChannel) -> Result<(), String> {
-    shop_kit::mesh::wait_serving(channel, Duration::from_secs(30)).await
+    shop_kit::mesh::wait_serving(channel, Duration::from_secs(30))
+        .await
+        .map_err(|e| e.to_string())
 }
