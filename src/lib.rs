@@ -73,3 +73,12 @@ pub mod grpc {
         tonic::include_proto!("grpc.testing");
     }
 }
+
+/// The mesh identity service's contract (`mesh.identity.v1`): workload
+/// certificates from CSRs and ServiceAccount tokens.
+pub mod identity {
+    /// `mesh.identity.v1`.
+    pub mod v1 {
+        tonic::include_proto!("mesh.identity.v1");
+    }
+}
