@@ -10,6 +10,7 @@ pub mod db;
 mod entry;
 pub mod mesh;
 pub mod policy;
+pub mod sa_token;
 pub mod time;
 pub mod token;
 pub mod validate;
