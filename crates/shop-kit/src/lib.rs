@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod certify;
 pub mod db;
 mod entry;
 pub mod mesh;

@@ -429,12 +429,29 @@ impl IdentityClient {
         Ok(Arc::new(config))
     }
 
+    /// One `Certify` call to the first address `addrs` resolves to, with
+    /// this client's TLS checks: the gRPC status as it came (for tools and
+    /// tests; renewals use [`CertificateSource::certify`]).
+    pub async fn call(&self, request: CertifyRequest) -> Result<CertifyResponse, tonic::Status> {
+        let config = self.client_config().map_err(tonic::Status::failed_precondition)?;
+        let target = self
+            .addrs
+            .first()
+            .ok_or_else(|| tonic::Status::invalid_argument("no identity service address"))?;
+        let addr = tokio::net::lookup_host(target.as_str())
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| tonic::Status::unavailable(format!("{target}: cannot resolve")))?;
+        self.certify_at(addr, config, request).await
+    }
+
     async fn certify_at(
         &self,
         addr: SocketAddr,
         config: Arc<ClientConfig>,
         request: CertifyRequest,
-    ) -> Result<CertifyResponse, String> {
+    ) -> Result<CertifyResponse, tonic::Status> {
         let connector = tower::service_fn(move |_: http::Uri| {
             let config = config.clone();
             async move {
@@ -448,16 +465,18 @@ impl IdentityClient {
             }
         });
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
             .connect_timeout(self.timeout)
             .timeout(self.timeout)
             .connect_with_connector(connector)
             .await
-            .map_err(|e| format!("cannot connect to {addr}: {}", error_chain(&e)))?;
+            .map_err(|e| {
+                tonic::Status::unavailable(format!("cannot connect to {addr}: {}", error_chain(&e)))
+            })?;
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready()
             .await
-            .map_err(|e| format!("{addr}: {}", error_chain(&e)))?;
+            .map_err(|e| tonic::Status::unavailable(format!("{addr}: {}", error_chain(&e))))?;
         let mut request = tonic::Request::new(request);
         request.set_timeout(self.timeout);
         let response: tonic::Response<CertifyResponse> = grpc
@@ -466,8 +485,7 @@ impl IdentityClient {
                 http::uri::PathAndQuery::from_static(CERTIFY_PATH),
                 tonic_prost::ProstCodec::default(),
             )
-            .await
-            .map_err(|s| format!("{addr} refused: {:?}: {}", s.code(), s.message()))?;
+            .await?;
         Ok(response.into_inner())
     }
 }
@@ -508,7 +526,11 @@ impl CertificateSource for IdentityClient {
                         csr: csr.to_vec(),
                         token: token.clone(),
                     };
-                    match self.certify_at(addr, config.clone(), request).await {
+                    match self
+                        .certify_at(addr, config.clone(), request)
+                        .await
+                        .map_err(|s| format!("{addr}: {:?}: {}", s.code(), s.message()))
+                    {
                         Ok(response) => {
                             if response.certificate_chain.is_empty() {
                                 return Err(format!("{addr} answered with no certificate"));
