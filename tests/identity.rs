@@ -282,6 +282,13 @@ impl Shop {
     /// Serial and SPIFFE ID a fresh handshake with `name` shows, or why
     /// the handshake failed.
     async fn served_certificate(&self, name: &str) -> Result<(String, String), String> {
+        self.served_leaf(name)
+            .await
+            .map(|der| leaf_serial_and_id(&der))
+    }
+
+    /// The leaf certificate (DER) a fresh handshake with `name` shows.
+    async fn served_leaf(&self, name: &str) -> Result<Vec<u8>, String> {
         peer_certificate(
             self.workloads[name].proc.addr,
             &self.dir.path().join("operator"),
@@ -293,7 +300,7 @@ impl Shop {
 /// A TLS handshake with `addr` as the operator (its certificate from
 /// `operator`), checking the server's chain against the bundle there;
 /// returns the server leaf's serial and SPIFFE ID.
-async fn peer_certificate(addr: SocketAddr, operator: &Path) -> Result<(String, String), String> {
+async fn peer_certificate(addr: SocketAddr, operator: &Path) -> Result<Vec<u8>, String> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_file_iter(operator.join("tls.crt"))
@@ -382,7 +389,7 @@ async fn peer_certificate(addr: SocketAddr, operator: &Path) -> Result<(String, 
     .map_err(|_| "handshake timed out".to_string())?
     .map_err(|e| e.to_string())?;
     let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
-    Ok(leaf_serial_and_id(leaf.as_ref()))
+    Ok(leaf.to_vec())
 }
 
 fn leaf_serial_and_id(der: &[u8]) -> (String, String) {
@@ -406,9 +413,18 @@ fn leaf_serial_and_id(der: &[u8]) -> (String, String) {
     (cert.raw_serial_as_string(), id)
 }
 
+/// When the leaf `der` was issued (its `notBefore` plus the 5 s backdating).
+fn issued_at(der: &[u8]) -> std::time::SystemTime {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).unwrap();
+    std::time::UNIX_EPOCH + Duration::from_secs(cert.validity().not_before.timestamp() as u64 + 5)
+}
+
 /// Continuous PlaceOrder traffic from `callers` tasks until stopped; each
 /// call's start, latency and outcome recorded.
 struct Traffic {
+    /// The customer's token (orders are theirs to read).
+    token: String,
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
     failures: Arc<Mutex<Vec<String>>>,
@@ -421,6 +437,7 @@ impl Traffic {
     async fn start(shop: &Shop, callers: usize) -> Traffic {
         let (token, product, account) = shop.customer("renewer").await;
         let traffic = Traffic {
+            token: token.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             ok: Arc::new(AtomicU64::new(0)),
             failures: Arc::default(),
@@ -523,8 +540,8 @@ async fn all_confirmed(shop: &Shop, token: &str, ids: &[String]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn thirty_second_certificates_renew_under_load_with_no_failed_call() {
     let shop = Shop::start(30).await;
-    let (token, _, _) = shop.customer("checker").await;
     let traffic = Traffic::start(&shop, 2).await;
+    let token = traffic.token.clone();
     let mut serials: HashMap<&str, Vec<(Instant, String)>> = HashMap::new();
     let start = Instant::now();
     // Three and a half lifetimes: every workload renews at least four times.
@@ -589,20 +606,32 @@ async fn thirty_second_certificates_renew_under_load_with_no_failed_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn identity_outages_half_a_lifetime_is_ridden_out_a_whole_one_fails_closed_and_recovers() {
-    let mut shop = Shop::start(40).await;
-    let first: HashMap<&str, String> = {
-        let mut m = HashMap::new();
-        for name in SERVICES {
-            m.insert(name, shop.served_certificate(name).await.unwrap().0);
-        }
-        m
-    };
+    const TTL: u64 = 60;
+    let mut shop = Shop::start(TTL).await;
+    let mut first: HashMap<&str, String> = HashMap::new();
+    let mut issued = Vec::new();
+    for name in SERVICES {
+        let leaf = shop.served_leaf(name).await.unwrap();
+        first.insert(name, leaf_serial_and_id(&leaf).0);
+        issued.push(issued_at(&leaf));
+    }
+    let (earliest, latest) = (*issued.iter().min().unwrap(), *issued.iter().max().unwrap());
 
-    // More than half a lifetime (the certificates are at most a few
-    // seconds old): everyone keeps serving on the certificate they hold.
+    // More than half a lifetime, and past every renewal time (at most 75 %
+    // of the lifetime) yet before the earliest certificate runs out:
+    // everyone keeps serving on the certificate they hold.
     let traffic = Traffic::start(&shop, 2).await;
     shop.identity.kill();
-    tokio::time::sleep(Duration::from_secs(22)).await;
+    let killed = std::time::SystemTime::now();
+    let back = (latest + Duration::from_secs(TTL * 80 / 100))
+        .min(earliest + Duration::from_secs(TTL * 90 / 100));
+    let outage = back.duration_since(killed).unwrap_or_default();
+    assert!(
+        outage > Duration::from_secs(TTL / 2),
+        "the shop took too long to start ({:?} between issuance and the kill) for an outage of half a lifetime",
+        killed.duration_since(earliest)
+    );
+    tokio::time::sleep(outage).await;
     let (ok, failures, _, _) = traffic.stop().await;
     assert!(failures.is_empty(), "{} failed calls during the outage: {:?}", failures.len(), &failures[..failures.len().min(5)]);
     assert!(ok > 20, "only {ok} calls");

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod certs;
+mod identity;
 mod top;
 
 use std::{
@@ -218,15 +219,16 @@ fn check_up_args(args: &UpArgs) -> Result<(), String> {
             args.host
         );
     }
-    let span = 5 * u32::from(args.replicas);
+    // Five services × replicas, then the identity service.
+    let span = 5 * u32::from(args.replicas) + 1;
     for (flag, base) in [
         ("--base-port", args.base_port),
         ("--admin-base-port", args.admin_base_port),
     ] {
         if base == 0 || u32::from(base) + span - 1 > u32::from(u16::MAX) {
             return Err(format!(
-                "{flag} {base}: {span} ports from it are needed (5 services × {} replicas), \
-                 between 1 and 65535",
+                "{flag} {base}: {span} ports from it are needed (5 services × {} replicas and \
+                 the identity service), between 1 and 65535",
                 args.replicas
             ));
         }
@@ -248,6 +250,7 @@ fn serve(service: &str, args: Vec<OsString>) -> ExitCode {
         "payments" => payments::main(argv),
         "orders" => orders::main(argv),
         "gateway" => gateway::main(argv),
+        "identity" => ::identity::main(argv),
         other => {
             eprintln!(
                 "shopctl serve: unknown service {other:?}; expected auth, inventory, payments, orders or gateway"
@@ -473,15 +476,14 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             out: certs_dir.clone(),
             trust_domain: args.trust_domain.clone(),
             namespace: "shop".into(),
-            workloads: certs::SERVICES
-                .iter()
-                .chain([&certs::OPERATOR])
-                .map(|s| s.to_string())
-                .collect(),
+            // Services get their certificates from the identity service
+            // (`identity::LocalIdentity`); only the CA and the operator's are files.
+            workloads: vec![certs::OPERATOR.to_string()],
             operator: false,
             extra_dns: vec![],
             valid_hours: 24,
             k8s_secrets: None,
+            k8s_identity_ca: false,
         };
         certs::issue(&cert_args, false)?;
         let operator = certs_dir.join(certs::OPERATOR);
@@ -504,11 +506,44 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     let plain_mesh = mesh_client::Mesh::from_config(mesh_client::MeshConfig::default())?;
     let status_path = state_dir.join("status.json");
     let mut replicas: Vec<Replica> = Vec::new();
+    let span = 5 * n;
+    let local_identity = match &client_tls {
+        None => None,
+        Some(_) => Some(identity::LocalIdentity::prepare(
+            &state_dir,
+            &certs_dir,
+            &args.trust_domain,
+            SocketAddr::new(args.host, args.base_port + span as u16),
+            SocketAddr::new(args.host, args.admin_base_port + span as u16),
+            &certs::SERVICES,
+        )?),
+    };
     let mut endpoints = Endpoints {
         services: Default::default(),
         tls: client_tls.clone(),
     };
     let result = (|| -> anyhow::Result<()> {
+        if let Some(local) = &local_identity {
+            let mut replica = identity_replica(local);
+            replica.spawn(&exe)?;
+            let channel = health_mesh
+                .channel_with_identity(&format!("static:///{}", local.addr), &id("identity"))?;
+            replicas.push(replica);
+            let mut stopped = stop.clone();
+            let ready = runtime.block_on(async {
+                tokio::select! {
+                    ready = shop_kit::mesh::wait_serving(channel, Duration::from_secs(30)) => Some(ready),
+                    _ = stopped.wait_for(|stop| *stop) => None,
+                }
+            });
+            let Some(ready) = ready else {
+                eprintln!("shopctl: stopped before the shop was ready");
+                return Ok(());
+            };
+            ready
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("identity did not become ready on {}", local.addr))?;
+        }
         for (i, (name, grpc_service)) in SERVICES.iter().enumerate() {
             let public = *name == "gateway";
             let database = state_dir.join(format!("{name}.db"));
@@ -552,8 +587,9 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                     } } });
                 }
                 write_private(&policy_path, &serde_json::to_string_pretty(&config)?)?;
-                common.push("--tls-dir".into());
-                common.push(certs_dir.join(name).into());
+                if let Some(local) = &local_identity {
+                    common.extend(local.workload_args(name));
+                }
                 common.push("--mesh-config".into());
                 common.push(policy_path.into());
             }
@@ -643,6 +679,9 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         write_private(&path, &serde_json::to_string_pretty(&endpoints)?)?;
         write_status(&status_path, &replicas, false)?;
         print_banner(&endpoints, &path, n);
+        if let Some(local) = local_identity {
+            runtime.spawn(local.rotate_tokens());
+        }
         runtime.block_on(supervise(&mut replicas, &exe, &status_path, stop.clone()))
     })();
     // Close this process's own connections first: a draining server waits for
@@ -654,6 +693,24 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         let _ = write_status(&status_path, &replicas, true);
     }
     result
+}
+
+/// The identity service's process, supervised like the others.
+fn identity_replica(local: &identity::LocalIdentity) -> Replica {
+    Replica {
+        service: "identity",
+        index: 0,
+        label: "identity".into(),
+        addr: local.addr,
+        admin: local.admin,
+        args: local.service_args(),
+        child: None,
+        started: Instant::now(),
+        restarts: 0,
+        backoff: RESTART_BACKOFF_START,
+        restart_at: None,
+        last_exit: None,
+    }
 }
 
 /// Spawns a service with its log lines prefixed by its name.
