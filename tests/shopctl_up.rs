@@ -21,8 +21,9 @@ use shop_api::inventory::v1::{
 };
 
 const REPLICAS: u16 = 2;
-/// Ports each of the gRPC and admin blocks needs: 5 services × replicas.
-const SPAN: u16 = 5 * REPLICAS;
+/// Ports each of the gRPC and admin blocks needs: 5 services × replicas,
+/// then the identity service.
+const SPAN: u16 = 5 * REPLICAS + 1;
 
 /// A base port with `2 * SPAN` free ports from it (gRPC, then admin), in
 /// 12000..20000: below `common::free_addr`'s range and Linux's ephemeral
@@ -372,7 +373,8 @@ async fn restart_under_traffic() {
     let restarted = process(&view, "inventory", 0);
     assert_eq!(restarted["restarts"], 1, "{view}");
     assert_eq!(restarted["pid"].as_i64(), Some(new_pid));
-    assert_eq!(view["processes"].as_array().unwrap().len(), 10);
+    // Five services × 2 replicas, and the identity service.
+    assert_eq!(view["processes"].as_array().unwrap().len(), 11);
 
     // Private state: the directory 0700, databases, endpoints, status,
     // policies and private keys 0600.
