@@ -181,7 +181,10 @@ impl Shop {
                 "--listen".into(),
                 addrs[name].to_string(),
                 "--database-url".into(),
-                format!("sqlite://{}", dir.path().join(format!("{name}.db")).display()),
+                format!(
+                    "sqlite://{}",
+                    dir.path().join(format!("{name}.db")).display()
+                ),
                 "--admin-addr".into(),
                 admin.to_string(),
                 "--mesh-config".into(),
@@ -234,7 +237,8 @@ impl Shop {
                 identity("operator").parse().unwrap(),
             ))
             .unwrap();
-        mesh_client::tls::dev::write_workload(&operator, &issued, &identity_service.ca.cert_pem).unwrap();
+        mesh_client::tls::dev::write_workload(&operator, &issued, &identity_service.ca.cert_pem)
+            .unwrap();
         let mesh = mesh_client::Mesh::from_config(mesh_client::MeshConfig::default())
             .unwrap()
             .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
@@ -333,7 +337,9 @@ async fn peer_certificate(addr: SocketAddr, operator: &Path) -> Result<Vec<u8>, 
                 now,
             ) {
                 Ok(v) => Ok(v),
-                Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForName,
+                ))
                 | Err(rustls::Error::InvalidCertificate(
                     rustls::CertificateError::NotValidForNameContext { .. },
                 )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
@@ -447,10 +453,9 @@ impl Traffic {
         };
         let mut tasks = Vec::new();
         for caller in 0..callers {
-            let mut client =
-                shop_api::orders::v1::orders_service_client::OrdersServiceClient::new(
-                    shop.channel("orders"),
-                );
+            let mut client = shop_api::orders::v1::orders_service_client::OrdersServiceClient::new(
+                shop.channel("orders"),
+            );
             let (token, product, account) = (token.clone(), product.clone(), account.clone());
             let (stop, ok, failures, samples, orders) = (
                 traffic.stop.clone(),
@@ -474,7 +479,7 @@ impl Traffic {
                         Ok(response) => {
                             ok.fetch_add(1, Ordering::Relaxed);
                             samples.lock().unwrap().push((started, started.elapsed()));
-                            if n % 20 == 0 {
+                            if n.is_multiple_of(20) {
                                 orders.lock().unwrap().push(response.into_inner().order_id);
                             }
                         }
@@ -511,8 +516,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// Waits until every order in `ids` is CONFIRMED (their sagas called
 /// inventory and payments over the renewing mesh).
 async fn all_confirmed(shop: &Shop, token: &str, ids: &[String]) {
-    let mut client =
-        shop_api::orders::v1::orders_service_client::OrdersServiceClient::new(shop.channel("orders"));
+    let mut client = shop_api::orders::v1::orders_service_client::OrdersServiceClient::new(
+        shop.channel("orders"),
+    );
     for id in ids {
         let start = Instant::now();
         loop {
@@ -551,7 +557,11 @@ async fn thirty_second_certificates_renew_under_load_with_no_failed_call() {
                 .served_certificate(name)
                 .await
                 .unwrap_or_else(|e| panic!("handshake with {name}: {e}"));
-            assert_eq!(id, identity(name), "{name} presents the identity its token proves");
+            assert_eq!(
+                id,
+                identity(name),
+                "{name} presents the identity its token proves"
+            );
             let seen = serials.entry(name).or_default();
             if seen.last().is_none_or(|(_, s)| *s != serial) {
                 seen.push((Instant::now(), serial));
@@ -560,7 +570,12 @@ async fn thirty_second_certificates_renew_under_load_with_no_failed_call() {
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
     let (ok, failures, samples, orders) = traffic.stop().await;
-    assert!(failures.is_empty(), "{} failed calls: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} failed calls: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     assert!(ok > 100, "only {ok} calls");
     for name in SERVICES {
         let distinct: HashSet<&String> = serials[name].iter().map(|(_, s)| s).collect();
@@ -570,7 +585,11 @@ async fn thirty_second_certificates_renew_under_load_with_no_failed_call() {
             distinct.len(),
             serials[name]
         );
-        assert!(shop.workloads[name].log().contains("TLS certificate renewed"));
+        assert!(
+            shop.workloads[name]
+                .log()
+                .contains("TLS certificate renewed")
+        );
     }
     all_confirmed(&shop, &token, &orders).await;
 
@@ -633,7 +652,12 @@ async fn identity_outages_half_a_lifetime_is_ridden_out_a_whole_one_fails_closed
     );
     tokio::time::sleep(outage).await;
     let (ok, failures, _, _) = traffic.stop().await;
-    assert!(failures.is_empty(), "{} failed calls during the outage: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} failed calls during the outage: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     assert!(ok > 20, "only {ok} calls");
     for name in SERVICES {
         assert_eq!(shop.served_certificate(name).await.unwrap().0, first[name]);
@@ -647,10 +671,18 @@ async fn identity_outages_half_a_lifetime_is_ridden_out_a_whole_one_fails_closed
             if serial != first[name] {
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "{name} did not renew after the identity service came back");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{name} did not renew after the identity service came back"
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        assert!(shop.workloads[name].log().contains("TLS certificate renewal failed; keeping the current certificate"), "{name} warned");
+        assert!(
+            shop.workloads[name]
+                .log()
+                .contains("TLS certificate renewal failed; keeping the current certificate"),
+            "{name} warned"
+        );
     }
 
     // Longer than a whole lifetime: every certificate runs out.
@@ -662,18 +694,33 @@ async fn identity_outages_half_a_lifetime_is_ridden_out_a_whole_one_fails_closed
             if code == 503 {
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(90), "{name} still ready with the identity service down");
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "{name} still ready with the identity service down"
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
     for name in SERVICES {
         // Peers refuse it: its certificate has expired.
         let refused = shop.served_certificate(name).await.unwrap_err();
-        assert!(refused.to_lowercase().contains("expired"), "{name}: {refused}");
+        assert!(
+            refused.to_lowercase().contains("expired"),
+            "{name}: {refused}"
+        );
         let log = shop.workloads[name].log();
-        assert!(log.contains("TLS certificate EXPIRED and not renewed"), "{name} says why:\n{}", &log[log.len().saturating_sub(2000)..]);
+        assert!(
+            log.contains("TLS certificate EXPIRED and not renewed"),
+            "{name} says why:\n{}",
+            &log[log.len().saturating_sub(2000)..]
+        );
         // Still alive: liveness is not readiness.
-        assert_eq!(common::http_get(shop.workloads[name].admin, "/live").await.0, 200);
+        assert_eq!(
+            common::http_get(shop.workloads[name].admin, "/live")
+                .await
+                .0,
+            200
+        );
     }
     let pids: HashMap<&str, i32> = SERVICES
         .iter()
@@ -683,14 +730,24 @@ async fn identity_outages_half_a_lifetime_is_ridden_out_a_whole_one_fails_closed
     for name in SERVICES {
         wait_ready(shop.workloads[name].admin, Duration::from_secs(60)).await;
         shop.served_certificate(name).await.unwrap();
-        assert_eq!(shop.workloads[name].proc.pid().as_raw(), pids[name], "{name} was not restarted");
+        assert_eq!(
+            shop.workloads[name].proc.pid().as_raw(),
+            pids[name],
+            "{name} was not restarted"
+        );
     }
     // And the shop works again, over fresh connections.
     let (token, product, account) = shop.customer("after-outage").await;
-    let mut orders =
-        shop_api::orders::v1::orders_service_client::OrdersServiceClient::new(shop.channel("orders"));
+    let mut orders = shop_api::orders::v1::orders_service_client::OrdersServiceClient::new(
+        shop.channel("orders"),
+    );
     let id = orders
-        .place_order(place_request(&token, &product, &account, "after-outage-1".into()))
+        .place_order(place_request(
+            &token,
+            &product,
+            &account,
+            "after-outage-1".into(),
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -735,7 +792,10 @@ async fn a_token_proves_only_its_own_service_account_and_bad_requests_get_the_ri
         move |r: Result<_, tonic::Status>| {
             let status = r.expect_err("refused");
             assert_eq!(status.code(), code, "{status:?}");
-            assert!(status.message().contains(fragment), "{status:?} should say {fragment:?}");
+            assert!(
+                status.message().contains(fragment),
+                "{status:?} should say {fragment:?}"
+            );
         }
     };
     let mut expired = claims("orders", AUDIENCE);
@@ -863,7 +923,12 @@ async fn issuance_latency_at_twenty_a_second() {
         // 50 ServiceAccounts, so no identity's own limit is reached.
         let token = id
             .tokens
-            .mint("shop", &format!("sa-{}", i % 50), AUDIENCE, Duration::from_secs(600))
+            .mint(
+                "shop",
+                &format!("sa-{}", i % 50),
+                AUDIENCE,
+                Duration::from_secs(600),
+            )
             .unwrap();
         let request = CertifyRequest {
             csr: csr(None),
@@ -886,5 +951,8 @@ async fn issuance_latency_at_twenty_a_second() {
         .lines()
         .filter(|l| l.starts_with("mesh_identity_certify_duration_seconds"))
         .collect();
-    eprintln!("server side (token check + signing):\n{}", server_side.join("\n"));
+    eprintln!(
+        "server side (token check + signing):\n{}",
+        server_side.join("\n")
+    );
 }

@@ -20,7 +20,14 @@ use serde_json::Value;
 const KUBERNETES_VERSION: &str = "1.33";
 const SERVICES: [&str; 5] = ["auth", "inventory", "payments", "orders", "gateway"];
 /// Every image the manifests run.
-const IMAGES: [&str; 6] = ["auth", "inventory", "payments", "orders", "gateway", "identity"];
+const IMAGES: [&str; 6] = [
+    "auth",
+    "inventory",
+    "payments",
+    "orders",
+    "gateway",
+    "identity",
+];
 /// The services with a database of their own (all but the gateway).
 const WITH_DATABASE: [&str; 4] = ["auth", "inventory", "payments", "orders"];
 
@@ -745,15 +752,21 @@ fn check_identity_service(cluster: &Cluster, dir: &Path) {
     let read = envs_read(identity::Config::command());
     for (var, _) in env(d) {
         // Logs and traces are read by the telemetry setup, not the flags.
-        let telemetry = ["RUST_LOG", "LOG_FORMAT"].contains(&var.as_str()) || var.starts_with("OTEL_");
+        let telemetry =
+            ["RUST_LOG", "LOG_FORMAT"].contains(&var.as_str()) || var.starts_with("OTEL_");
         assert!(telemetry || read.contains(&var), "identity reads no {var}");
     }
     // The CA: key and certificate from the identity-ca Secret.
     let ca_dir = mount_path(d, "ca");
-    assert_eq!(env_value(d, "CA_CERT").unwrap(), format!("{ca_dir}/tls.crt"));
+    assert_eq!(
+        env_value(d, "CA_CERT").unwrap(),
+        format!("{ca_dir}/tls.crt")
+    );
     assert_eq!(env_value(d, "CA_KEY").unwrap(), format!("{ca_dir}/tls.key"));
     let secret = volume(d, "ca")["secret"]["secretName"].as_str().unwrap();
-    let bundle = volume(d, "trust-bundle")["configMap"]["name"].as_str().unwrap();
+    let bundle = volume(d, "trust-bundle")["configMap"]["name"]
+        .as_str()
+        .unwrap();
     let objects = documents(&identity_ca_objects(dir));
     let made = |kind: &str, name: &str| {
         objects
@@ -783,7 +796,9 @@ fn check_identity_service(cluster: &Cluster, dir: &Path) {
         cluster.of_kind("ClusterRoleBinding").any(|b| {
             b["roleRef"]["name"] == "system:service-account-issuer-discovery"
                 && b["subjects"].as_array().unwrap().iter().any(|s| {
-                    s["kind"] == "ServiceAccount" && s["name"] == "identity" && s["namespace"] == "shop"
+                    s["kind"] == "ServiceAccount"
+                        && s["name"] == "identity"
+                        && s["namespace"] == "shop"
                 })
         }),
         "identity may not read the issuer's discovery document"
@@ -791,9 +806,13 @@ fn check_identity_service(cluster: &Cluster, dir: &Path) {
     assert!(
         cluster.of_kind("NetworkPolicy").any(|p| {
             labels_match(&p["spec"]["podSelector"], &spec_labels(d))
-                && p["spec"]["egress"]
-                    .as_array()
-                    .is_some_and(|e| e.iter().any(|r| r["ports"].as_array().is_some_and(|ports| ports.iter().any(|p| p["port"] == 443))))
+                && p["spec"]["egress"].as_array().is_some_and(|e| {
+                    e.iter().any(|r| {
+                        r["ports"]
+                            .as_array()
+                            .is_some_and(|ports| ports.iter().any(|p| p["port"] == 443))
+                    })
+                })
         }),
         "identity cannot reach the API server"
     );
@@ -810,7 +829,10 @@ fn check_identity_service(cluster: &Cluster, dir: &Path) {
     );
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
-    assert_eq!(cluster.get("Service", "identity").unwrap()["spec"]["clusterIP"], "None");
+    assert_eq!(
+        cluster.get("Service", "identity").unwrap()["spec"]["clusterIP"],
+        "None"
+    );
 }
 
 fn spec_labels(deployment: &Value) -> Value {

@@ -60,10 +60,9 @@ impl CertifyArgs {
         }
         match &self.trust_bundle {
             None => problems.push("--trust-bundle: required with --identity-addr".into()),
-            Some(path) if !path.is_file() => problems.push(format!(
-                "--trust-bundle: {} is not a file",
-                path.display()
-            )),
+            Some(path) if !path.is_file() => {
+                problems.push(format!("--trust-bundle: {} is not a file", path.display()))
+            }
             Some(_) => {}
         }
         if let Err(e) = self.server_id(trust_domain, namespace) {

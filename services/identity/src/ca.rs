@@ -72,15 +72,10 @@ impl IssuingCa {
     pub fn load(cert: &Path, key: &Path) -> Result<Self, String> {
         let cert_pem = std::fs::read_to_string(cert)
             .map_err(|e| format!("--ca-cert {}: {e}", cert.display()))?;
-        let key_pem = std::fs::read_to_string(key)
-            .map_err(|e| format!("--ca-key {}: {e}", key.display()))?;
-        Self::from_pem(&cert_pem, &key_pem).map_err(|e| {
-            format!(
-                "CA {} with key {}: {e}",
-                cert.display(),
-                key.display()
-            )
-        })
+        let key_pem =
+            std::fs::read_to_string(key).map_err(|e| format!("--ca-key {}: {e}", key.display()))?;
+        Self::from_pem(&cert_pem, &key_pem)
+            .map_err(|e| format!("CA {} with key {}: {e}", cert.display(), key.display()))
     }
 
     /// The CA from PEM text.
@@ -95,7 +90,9 @@ impl IssuingCa {
             return Err("the certificate is not a CA (basicConstraints cA is false)".into());
         }
         let key = KeyPair::from_pem(key_pem).map_err(|_| "the key is not a PEM private key")?;
-        if rcgen::PublicKeyData::der_bytes(&key) != parsed.public_key().subject_public_key.data.as_ref() {
+        if rcgen::PublicKeyData::der_bytes(&key)
+            != parsed.public_key().subject_public_key.data.as_ref()
+        {
             return Err("the key does not belong to the certificate".into());
         }
         let now = SystemTime::now();
@@ -161,7 +158,7 @@ impl IssuingCa {
             &rcgen::PKCS_ECDSA_P384_SHA384,
             &rcgen::PKCS_ED25519,
         ];
-        if !accepted.iter().any(|a| *a == alg) {
+        if !accepted.contains(&alg) {
             return Err(CsrError(format!(
                 "the CSR's key type ({alg:?}) is not accepted; use ECDSA P-256 or P-384, or Ed25519"
             )));
@@ -191,12 +188,10 @@ impl IssuingCa {
         // Positive, and a non-zero first byte keeps the DER integer minimal.
         serial[0] = (serial[0] & 0x7f) | 0x01;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
-        params.subject_alt_names = vec![SanType::URI(
-            identity
-                .as_str()
-                .try_into()
-                .map_err(|e| CsrError(format!("identity {identity} is not a valid URI: {e}")))?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(identity.as_str().try_into().map_err(|e| {
+                CsrError(format!("identity {identity} is not a valid URI: {e}"))
+            })?)];
         params.use_authority_key_identifier_extension = true;
         let cert = request
             .signed_by(&self.issuer)
@@ -277,7 +272,12 @@ mod tests {
         let orders: SpiffeId = "spiffe://shop.local/ns/shop/sa/orders".parse().unwrap();
         let csr = csr_asking_for("spiffe://shop.local/ns/shop/sa/payments");
         let signed = ca
-            .sign(&csr, &orders, Duration::from_secs(30), Duration::from_secs(5))
+            .sign(
+                &csr,
+                &orders,
+                Duration::from_secs(30),
+                Duration::from_secs(5),
+            )
             .unwrap();
         let (_, leaf) =
             x509_parser::certificate::X509Certificate::from_der(&signed.chain[0]).unwrap();

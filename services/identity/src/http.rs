@@ -7,7 +7,10 @@ use std::{path::Path, sync::Arc, time::Duration};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper_util::rt::TokioIo;
-use rustls::{RootCertStore, pki_types::{CertificateDer, ServerName, pem::PemObject}};
+use rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, ServerName, pem::PemObject},
+};
 
 /// The whole exchange may take this long.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,14 +37,25 @@ async fn get_inner(
     let https = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
-        _ => return Err(format!("{url}: only http:// and https:// URLs are supported")),
+        _ => {
+            return Err(format!(
+                "{url}: only http:// and https:// URLs are supported"
+            ));
+        }
     };
-    let host = uri.host().ok_or_else(|| format!("{url}: no host"))?.to_owned();
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("{url}: no host"))?
+        .to_owned();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
         .await
         .map_err(|e| format!("{url}: cannot connect: {e}"))?;
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
     let mut request = http::Request::get(path).header(http::header::HOST, &host);
     if let Some(token) = bearer.filter(|t| !t.is_empty()) {
         request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
@@ -50,12 +64,15 @@ async fn get_inner(
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("{url}: {e}"))?;
     if https {
-        let ca_file = ca_file.ok_or_else(|| format!("{url}: https needs a CA bundle (--oidc-ca-file)"))?;
+        let ca_file =
+            ca_file.ok_or_else(|| format!("{url}: https needs a CA bundle (--oidc-ca-file)"))?;
         let pem = std::fs::read(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
         let mut roots = RootCertStore::empty();
         for ca in CertificateDer::pem_slice_iter(&pem) {
             let ca = ca.map_err(|e| format!("{}: {e}", ca_file.display()))?;
-            roots.add(ca).map_err(|e| format!("{}: {e}", ca_file.display()))?;
+            roots
+                .add(ca)
+                .map_err(|e| format!("{}: {e}", ca_file.display()))?;
         }
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),

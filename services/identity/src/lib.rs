@@ -54,7 +54,10 @@ use crate::{
 
 /// Configuration of the identity service, from flags or environment.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "identity", about = "The mesh identity service: workload certificates from ServiceAccount tokens")]
+#[command(
+    name = "identity",
+    about = "The mesh identity service: workload certificates from ServiceAccount tokens"
+)]
 pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:50060")]
@@ -107,10 +110,18 @@ pub struct Config {
     #[arg(long, env = "OIDC_DISCOVERY_URL")]
     pub oidc_discovery_url: Option<String>,
     /// CA bundle for an `https://` discovery URL.
-    #[arg(long, env = "OIDC_CA_FILE", default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")]
+    #[arg(
+        long,
+        env = "OIDC_CA_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
     pub oidc_ca_file: PathBuf,
     /// Bearer token sent to the discovery endpoints, if the file exists.
-    #[arg(long, env = "OIDC_TOKEN_FILE", default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token")]
+    #[arg(
+        long,
+        env = "OIDC_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
     pub oidc_token_file: PathBuf,
     /// How often the issuer's keys are re-read, seconds (10 to 86400).
     #[arg(long, env = "JWKS_REFRESH_SECS", default_value_t = 300)]
@@ -145,7 +156,9 @@ impl Config {
             (Some(path), None) => Ok(KeySource::Files(path.clone())),
             (None, Some(url)) => Ok(KeySource::Discovery {
                 url: url.clone(),
-                ca_file: url.starts_with("https://").then(|| self.oidc_ca_file.clone()),
+                ca_file: url
+                    .starts_with("https://")
+                    .then(|| self.oidc_ca_file.clone()),
                 token_file: self
                     .oidc_token_file
                     .is_file()
@@ -195,8 +208,16 @@ impl shop_kit::ServiceConfig for Config {
             problems.push(format!("--trust-domain/--namespace/--service-account: {e}"));
         }
         for (flag, rate, burst) in [
-            ("--rate-per-identity/--burst-per-identity", self.rate_per_identity, self.burst_per_identity),
-            ("--rate-per-address/--burst-per-address", self.rate_per_address, self.burst_per_address),
+            (
+                "--rate-per-identity/--burst-per-identity",
+                self.rate_per_identity,
+                self.burst_per_identity,
+            ),
+            (
+                "--rate-per-address/--burst-per-address",
+                self.rate_per_address,
+                self.burst_per_address,
+            ),
         ] {
             if Self::rate(rate, burst).is_none() || rate > 10_000 || burst > 10_000 {
                 problems.push(format!("{flag}: must be 1 to 10000"));
@@ -238,7 +259,9 @@ pub async fn run(
         config.key_source().map_err(Error::Setup)?,
     ));
     match tokens.refresh().await {
-        Ok(n) => tracing::info!(keys = n, issuer = %config.token_issuer, "token issuer keys loaded"),
+        Ok(n) => {
+            tracing::info!(keys = n, issuer = %config.token_issuer, "token issuer keys loaded")
+        }
         // Not fatal: the API server may be starting too. Certify answers
         // UNAVAILABLE until the keys load.
         Err(e) => tracing::warn!("cannot load the token issuer's keys yet: {e}"),

@@ -69,7 +69,7 @@ fn metrics() -> &'static Metrics {
             issued: Family::default(),
             refused: Family::default(),
             duration: Histogram::new(
-                [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0].into_iter(),
+                [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0],
             ),
         };
         mesh_client::telemetry::metrics().register(|r| {
@@ -134,11 +134,18 @@ impl IdentityService {
     }
 
     fn refuse(reason: &'static str, status: Status) -> Status {
-        metrics().refused.get_or_create(&RefusedLabels { reason }).inc();
+        metrics()
+            .refused
+            .get_or_create(&RefusedLabels { reason })
+            .inc();
         status
     }
 
-    fn limited(limiter: &DefaultKeyedRateLimiter<String>, key: &str, what: &str) -> Result<(), Status> {
+    fn limited(
+        limiter: &DefaultKeyedRateLimiter<String>,
+        key: &str,
+        what: &str,
+    ) -> Result<(), Status> {
         limiter.check_key(&key.to_owned()).map_err(|not_until| {
             let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
             let secs = wait.as_secs().max(1);
@@ -162,26 +169,40 @@ impl IdentityService {
         let started = Instant::now();
         Self::limited(&self.by_address, address, &format!("address {address}"))?;
         if csr.is_empty() {
-            return Err(Self::refuse("csr", Status::invalid_argument("csr is empty; send a DER PKCS#10 certificate signing request")));
+            return Err(Self::refuse(
+                "csr",
+                Status::invalid_argument(
+                    "csr is empty; send a DER PKCS#10 certificate signing request",
+                ),
+            ));
         }
         if csr.len() > MAX_CSR_BYTES {
-            return Err(Self::refuse("too_large", Status::invalid_argument(format!(
-                "csr is {} bytes; at most {MAX_CSR_BYTES}",
-                csr.len()
-            ))));
+            return Err(Self::refuse(
+                "too_large",
+                Status::invalid_argument(format!(
+                    "csr is {} bytes; at most {MAX_CSR_BYTES}",
+                    csr.len()
+                )),
+            ));
         }
         if token.is_empty() {
-            return Err(Self::refuse("token", Status::unauthenticated(
-                "token is empty; send the workload's projected ServiceAccount token",
-            )));
+            return Err(Self::refuse(
+                "token",
+                Status::unauthenticated(
+                    "token is empty; send the workload's projected ServiceAccount token",
+                ),
+            ));
         }
         if self.tokens.key_count() == 0 {
             // A cold start that could not reach the issuer's keys yet.
             let _ = self.tokens.refresh().await;
             if self.tokens.key_count() == 0 {
-                return Err(Self::refuse("keys_unavailable", Status::unavailable(
-                    "the identity service has not loaded the token issuer's keys yet; retry shortly",
-                )));
+                return Err(Self::refuse(
+                    "keys_unavailable",
+                    Status::unavailable(
+                        "the identity service has not loaded the token issuer's keys yet; retry shortly",
+                    ),
+                ));
             }
         }
         let proven = self
@@ -195,9 +216,12 @@ impl IdentityService {
             &proven.service_account,
         )
         .map_err(|e| {
-            Self::refuse("token", Status::unauthenticated(format!(
-                "the token's namespace/serviceaccount make no SPIFFE ID: {e}"
-            )))
+            Self::refuse(
+                "token",
+                Status::unauthenticated(format!(
+                    "the token's namespace/serviceaccount make no SPIFFE ID: {e}"
+                )),
+            )
         })?;
         Self::limited(&self.by_identity, identity.as_str(), identity.as_str())?;
         let signed = self

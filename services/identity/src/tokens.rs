@@ -158,7 +158,13 @@ impl TokenVerifier {
                     .as_ref()
                     .and_then(|p| std::fs::read_to_string(p).ok())
                     .map(|t| t.trim().to_owned());
-                let doc = crate::http::get(url, ca_file.as_deref(), bearer.as_deref(), MAX_DOCUMENT_BYTES).await?;
+                let doc = crate::http::get(
+                    url,
+                    ca_file.as_deref(),
+                    bearer.as_deref(),
+                    MAX_DOCUMENT_BYTES,
+                )
+                .await?;
                 #[derive(serde::Deserialize)]
                 struct Discovery {
                     issuer: String,
@@ -183,7 +189,9 @@ impl TokenVerifier {
             }
         };
         if keys.is_empty() {
-            return Err("the key set holds no usable signing key (RSA, P-256 or P-384 with a kid)".into());
+            return Err(
+                "the key set holds no usable signing key (RSA, P-256 or P-384 with a kid)".into(),
+            );
         }
         let count = keys.len();
         *self.keys.write().expect("keys lock") = Arc::new(keys);
@@ -202,7 +210,9 @@ impl TokenVerifier {
                 _ = tokio::time::sleep(every) => {}
             }
             if let Err(e) = self.refresh().await {
-                tracing::warn!("cannot refresh the token issuer's keys, keeping the last good ones: {e}");
+                tracing::warn!(
+                    "cannot refresh the token issuer's keys, keeping the last good ones: {e}"
+                );
             }
         }
     }
@@ -215,7 +225,10 @@ impl TokenVerifier {
             )));
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| {
-            TokenError("the token is not a JWT; send the projected ServiceAccount token file's contents".into())
+            TokenError(
+                "the token is not a JWT; send the projected ServiceAccount token file's contents"
+                    .into(),
+            )
         })?;
         // Name a foreign issuer plainly (this only chooses the message; the
         // token is refused either way and verified in full otherwise).
@@ -225,19 +238,18 @@ impl TokenVerifier {
                 self.issuer
             )));
         }
-        let kid = header.kid.clone().ok_or_else(|| {
-            TokenError("the token names no signing key (kid)".into())
-        })?;
+        let kid = header
+            .kid
+            .clone()
+            .ok_or_else(|| TokenError("the token names no signing key (kid)".into()))?;
         if !self.keys.read().expect("keys lock").contains_key(&kid) {
             let due = self
                 .last_refresh
                 .lock()
                 .await
                 .is_none_or(|t| t.elapsed() >= MIN_REFRESH_GAP);
-            if due {
-                if let Err(e) = self.refresh().await {
-                    tracing::warn!("cannot refresh the token issuer's keys: {e}");
-                }
+            if due && let Err(e) = self.refresh().await {
+                tracing::warn!("cannot refresh the token issuer's keys: {e}");
             }
         }
         let keys = self.keys.read().expect("keys lock").clone();
@@ -317,7 +329,10 @@ fn read_key_files(path: &std::path::Path) -> Result<HashMap<String, Key>, String
     for file in files {
         let text = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
         if text.len() > MAX_DOCUMENT_BYTES {
-            return Err(format!("{}: larger than {MAX_DOCUMENT_BYTES} bytes", file.display()));
+            return Err(format!(
+                "{}: larger than {MAX_DOCUMENT_BYTES} bytes",
+                file.display()
+            ));
         }
         keys.extend(parse_jwks(&text, &file.display().to_string())?);
     }
@@ -344,7 +359,9 @@ mod tests {
     async fn a_good_token_proves_its_service_account() {
         let issuer = DevTokenIssuer::generate(ISS).unwrap();
         let (v, _dir) = verifier(&issuer).await;
-        let token = issuer.mint("shop", "orders", AUD, Duration::from_secs(600)).unwrap();
+        let token = issuer
+            .mint("shop", "orders", AUD, Duration::from_secs(600))
+            .unwrap();
         assert_eq!(
             v.verify(&token).await.unwrap(),
             Proven {
@@ -358,22 +375,34 @@ mod tests {
     async fn bad_tokens_are_refused_with_what_is_wrong() {
         let issuer = DevTokenIssuer::generate(ISS).unwrap();
         let (v, _dir) = verifier(&issuer).await;
-        let mut expired = ServiceAccountClaims::new(ISS, "shop", "orders", AUD, Duration::from_secs(600));
+        let mut expired =
+            ServiceAccountClaims::new(ISS, "shop", "orders", AUD, Duration::from_secs(600));
         expired.exp -= 3600;
         expired.iat -= 3600;
         expired.nbf = Some(expired.iat);
-        let e = v.verify(&issuer.mint_claims(&expired).unwrap()).await.unwrap_err();
+        let e = v
+            .verify(&issuer.mint_claims(&expired).unwrap())
+            .await
+            .unwrap_err();
         assert!(e.0.contains("expired"), "{e}");
 
         let e = v
-            .verify(&issuer.mint("shop", "orders", "other", Duration::from_secs(600)).unwrap())
+            .verify(
+                &issuer
+                    .mint("shop", "orders", "other", Duration::from_secs(600))
+                    .unwrap(),
+            )
             .await
             .unwrap_err();
         assert!(e.0.contains("audience"), "{e}");
 
         let foreign = DevTokenIssuer::generate("https://evil.example").unwrap();
         let e = v
-            .verify(&foreign.mint("shop", "orders", AUD, Duration::from_secs(600)).unwrap())
+            .verify(
+                &foreign
+                    .mint("shop", "orders", AUD, Duration::from_secs(600))
+                    .unwrap(),
+            )
             .await
             .unwrap_err();
         assert!(e.0.contains("evil.example"), "{e}");
@@ -381,14 +410,22 @@ mod tests {
         // Same issuer name, another key: not published.
         let impostor = DevTokenIssuer::generate(ISS).unwrap();
         let e = v
-            .verify(&impostor.mint("shop", "orders", AUD, Duration::from_secs(600)).unwrap())
+            .verify(
+                &impostor
+                    .mint("shop", "orders", AUD, Duration::from_secs(600))
+                    .unwrap(),
+            )
             .await
             .unwrap_err();
         assert!(e.0.contains("does not publish"), "{e}");
 
-        let mut lying = ServiceAccountClaims::new(ISS, "shop", "orders", AUD, Duration::from_secs(600));
+        let mut lying =
+            ServiceAccountClaims::new(ISS, "shop", "orders", AUD, Duration::from_secs(600));
         lying.sub = "system:serviceaccount:shop:payments".into();
-        let e = v.verify(&issuer.mint_claims(&lying).unwrap()).await.unwrap_err();
+        let e = v
+            .verify(&issuer.mint_claims(&lying).unwrap())
+            .await
+            .unwrap_err();
         assert!(e.0.contains("does not match"), "{e}");
 
         let e = v.verify("not a token").await.unwrap_err();

@@ -177,7 +177,11 @@ async fn obtain(
         .map_err(|e| TlsError::Invalid(format!("{}: {e}", source.describe())))?;
     let received = SystemTime::now();
     let held = Held {
-        chain_pem: chain.iter().map(|c| pem("CERTIFICATE", c)).collect::<String>().into(),
+        chain_pem: chain
+            .iter()
+            .map(|c| pem("CERTIFICATE", c))
+            .collect::<String>()
+            .into(),
         key_pem: key.serialize_pem().into_bytes(),
         bundle,
         received,
@@ -288,7 +292,9 @@ async fn renew(
                         // Perhaps the issuer moved to a new CA: a new
                         // certificate may chain where this one does not.
                         if refused_bundle != bundle {
-                            tracing::warn!("trust bundle changed but the current certificate does not fit it ({e}); renewing now");
+                            tracing::warn!(
+                                "trust bundle changed but the current certificate does not fit it ({e}); renewing now"
+                            );
                             refused_bundle = bundle;
                             next = SystemTime::now();
                         }
@@ -405,8 +411,8 @@ pub const CERTIFY_PATH: &str = "/mesh.identity.v1.IdentityService/Certify";
 
 impl IdentityClient {
     fn client_config(&self) -> Result<Arc<ClientConfig>, String> {
-        let pem = std::fs::read(&self.bundle)
-            .map_err(|e| format!("{}: {e}", self.bundle.display()))?;
+        let pem =
+            std::fs::read(&self.bundle).map_err(|e| format!("{}: {e}", self.bundle.display()))?;
         let mut roots = RootCertStore::empty();
         for ca in CertificateDer::pem_slice_iter(&pem) {
             let ca = ca.map_err(|e| format!("{}: not a PEM bundle: {e}", self.bundle.display()))?;
@@ -433,7 +439,9 @@ impl IdentityClient {
     /// this client's TLS checks: the gRPC status as it came (for tools and
     /// tests; renewals use [`CertificateSource::certify`]).
     pub async fn call(&self, request: CertifyRequest) -> Result<CertifyResponse, tonic::Status> {
-        let config = self.client_config().map_err(tonic::Status::failed_precondition)?;
+        let config = self
+            .client_config()
+            .map_err(tonic::Status::failed_precondition)?;
         let target = self
             .addrs
             .first()
@@ -509,7 +517,10 @@ impl CertificateSource for IdentityClient {
                 .map_err(|e| format!("cannot read the token {}: {e}", self.token_file.display()))?;
             let token = token.trim().to_owned();
             if token.is_empty() {
-                return Err(format!("the token file {} is empty", self.token_file.display()));
+                return Err(format!(
+                    "the token file {} is empty",
+                    self.token_file.display()
+                ));
             }
             let config = self.client_config()?;
             let mut errors = Vec::new();
@@ -550,7 +561,11 @@ impl CertificateSource for IdentityClient {
     }
 
     fn describe(&self) -> String {
-        format!("identity service {} ({})", self.addrs.join(","), self.server_id)
+        format!(
+            "identity service {} ({})",
+            self.addrs.join(","),
+            self.server_id
+        )
     }
 }
 
@@ -587,7 +602,10 @@ mod tests {
             let at = renew_time(&held, &options)
                 .duration_since(received)
                 .unwrap();
-            assert!(at >= Duration::from_secs(64) && at <= Duration::from_secs(76), "{at:?}");
+            assert!(
+                at >= Duration::from_secs(64) && at <= Duration::from_secs(76),
+                "{at:?}"
+            );
         }
     }
 
