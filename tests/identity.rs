@@ -49,8 +49,10 @@ impl Identity {
         let dir = dir.join("identity");
         std::fs::create_dir_all(dir.join("jwks")).unwrap();
         let ca = DevCa::generate(TRUST_DOMAIN, Duration::from_secs(3600)).unwrap();
-        std::fs::write(dir.join("ca.crt"), &ca.cert_pem).unwrap();
-        std::fs::write(dir.join("ca.key"), &ca.key_pem).unwrap();
+        std::fs::create_dir_all(dir.join("ca")).unwrap();
+        std::fs::write(dir.join("ca/tls.crt"), &ca.cert_pem).unwrap();
+        std::fs::write(dir.join("ca/tls.key"), &ca.key_pem).unwrap();
+        std::fs::write(dir.join("bundle.crt"), &ca.cert_pem).unwrap();
         let tokens = DevTokenIssuer::generate(ISSUER).unwrap();
         std::fs::write(dir.join("jwks/cluster.json"), tokens.jwks_json()).unwrap();
         Identity {
@@ -65,8 +67,21 @@ impl Identity {
         }
     }
 
+    /// The trust bundle every workload and the service itself read.
     fn bundle(&self) -> PathBuf {
-        self.dir.join("ca.crt")
+        self.dir.join("bundle.crt")
+    }
+
+    /// Writes the trust bundle (an atomic replace, as a ConfigMap update is).
+    fn write_bundle(&self, pem: &str) {
+        mesh_client::tls::dev::write_file(&self.bundle(), pem, false).unwrap();
+    }
+
+    /// Makes `ca` the issuing CA (the next start uses it).
+    fn replace_ca(&mut self, ca: DevCa) {
+        std::fs::write(self.dir.join("ca/tls.crt"), &ca.cert_pem).unwrap();
+        std::fs::write(self.dir.join("ca/tls.key"), &ca.key_pem).unwrap();
+        self.ca = ca;
     }
 
     async fn start(&mut self) {
@@ -74,9 +89,11 @@ impl Identity {
             "--admin-addr",
             &self.admin.to_string(),
             "--ca-cert",
-            &self.dir.join("ca.crt").display().to_string(),
+            &self.dir.join("ca/tls.crt").display().to_string(),
             "--ca-key",
-            &self.dir.join("ca.key").display().to_string(),
+            &self.dir.join("ca/tls.key").display().to_string(),
+            "--trust-bundle",
+            &self.bundle().display().to_string(),
             "--trust-domain",
             TRUST_DOMAIN,
             "--token-issuer",
@@ -902,6 +919,116 @@ async fn a_token_proves_only_its_own_service_account_and_bad_requests_get_the_ri
         "{metrics}"
     );
     let _: SpiffeId = response.spiffe_id.parse().unwrap();
+}
+
+/// A second CA for the trust domain, told apart by its name.
+fn rotated_ca() -> DevCa {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "rotated mesh CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key).unwrap();
+    DevCa::from_pem(&cert.pem(), &key.serialize_pem()).unwrap()
+}
+
+fn issuer_of(der: &[u8]) -> String {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).unwrap();
+    cert.issuer().to_string()
+}
+
+/// The runbook of docs/identity.md, under PlaceOrder traffic: both roots
+/// in every bundle, the identity service moved to the new CA, every
+/// workload renewed onto it, the old root retired; no call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_issuing_ca_rotates_under_load_with_no_failed_call() {
+    let mut shop = Shop::start(30).await;
+    let traffic = Traffic::start(&shop, 2).await;
+    let operator = shop.dir.path().join("operator");
+    let old = shop.identity.ca.cert_pem.clone();
+    let new = rotated_ca();
+    let new_pem = new.cert_pem.clone();
+    let both = format!("{old}{new_pem}");
+
+    // 1. Trust both roots everywhere (the ConfigMap, and the operator's files).
+    shop.identity.write_bundle(&both);
+    mesh_client::tls::dev::write_file(&operator.join("ca.crt"), &both, false).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // 2. Issue from the new CA (a rollout of the identity Deployment).
+    shop.identity.kill();
+    shop.identity.replace_ca(new);
+    shop.identity.start().await;
+    for name in SERVICES {
+        let start = Instant::now();
+        loop {
+            let leaf = shop.served_leaf(name).await.unwrap();
+            if issuer_of(&leaf).contains("rotated mesh CA") {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{name} still presents a certificate of the old CA"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let issued = shop
+        .identity
+        .ca
+        .issue(&mesh_client::tls::dev::LeafSpec::local(
+            identity("operator").parse().unwrap(),
+        ))
+        .unwrap();
+    mesh_client::tls::dev::write_workload(&operator, &issued, &both).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // 3. Retire the old root.
+    shop.identity.write_bundle(&new_pem);
+    mesh_client::tls::dev::write_file(&operator.join("ca.crt"), &new_pem, false).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for name in SERVICES {
+        // Checked against the new root alone (the operator's bundle now).
+        let leaf = shop.served_leaf(name).await.unwrap();
+        assert!(issuer_of(&leaf).contains("rotated mesh CA"), "{name}");
+        assert!(
+            shop.workloads[name].log().contains("trust bundle changed"),
+            "{name} followed the bundle"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (ok, failures, _, orders) = traffic.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed calls during the CA rotation: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok > 50, "only {ok} calls");
+    // Fresh connections all the way through the saga, on the new CA alone.
+    let (token, product, account) = shop.customer("after-rotation").await;
+    let mut client = shop_api::orders::v1::orders_service_client::OrdersServiceClient::new(
+        shop.channel("orders"),
+    );
+    let id = client
+        .place_order(place_request(
+            &token,
+            &product,
+            &account,
+            "after-rotation-1".into(),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .order_id;
+    all_confirmed(&shop, &token, &[id]).await;
+    let _ = orders;
 }
 
 /// Issuance latency at a realistic rate (a fleet renewing: 20 Certify

@@ -98,6 +98,8 @@ impl CertifyOptions {
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// First wait after a failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Retry interval once the certificate has expired.
+const EXPIRED_RETRY: Duration = Duration::from_secs(5);
 /// How often the trust bundle file is checked.
 const BUNDLE_EVERY: Duration = Duration::from_secs(1);
 
@@ -265,6 +267,7 @@ async fn renew(
     let mut failures = 0u32;
     let mut failing_since: Option<SystemTime> = None;
     let mut refused_bundle = Vec::new();
+    let mut expired_attempts = 0u32;
     loop {
         let wait = next
             .duration_since(SystemTime::now())
@@ -323,6 +326,7 @@ async fn renew(
                 *tls.current.write().expect("tls lock") = Arc::new(material);
                 held = got;
                 failures = 0;
+                expired_attempts = 0;
                 next = renew_time(&held, &options);
             }
             Err(e) => {
@@ -330,11 +334,25 @@ async fn renew(
                 let since = *failing_since.get_or_insert_with(SystemTime::now);
                 let now = SystemTime::now();
                 let left = held.not_after.duration_since(now).unwrap_or_default();
-                let cap = (left / 5).clamp(Duration::from_secs(1), MAX_BACKOFF);
+                // Retry sooner as the deadline nears; once expired, every
+                // EXPIRED_RETRY (the workload is down until it succeeds).
+                let cap = if left.is_zero() {
+                    EXPIRED_RETRY
+                } else {
+                    (left / 5).clamp(Duration::from_secs(1), MAX_BACKOFF)
+                };
                 let wait = backoff(failures, cap);
                 next = now + wait;
                 let failing_for = now.duration_since(since).unwrap_or_default();
+                // Every failure is logged until expiry; after it, the first
+                // three and then one in ten (a line per ~50 s).
                 if left.is_zero() {
+                    expired_attempts += 1;
+                }
+                let quiet = expired_attempts > 3 && !expired_attempts.is_multiple_of(10);
+                if quiet {
+                    tracing::debug!("renewal failed again: {e}");
+                } else if left.is_zero() {
                     tracing::error!(
                         identity = %tls.identity(),
                         serial = %tls.serial(),
