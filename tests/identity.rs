@@ -772,6 +772,82 @@ async fn identity_outages_half_a_lifetime_is_ridden_out_a_whole_one_fails_closed
     all_confirmed(&shop, &token, &[id]).await;
 }
 
+/// A workload with no certificate serves nothing but its admin port, which
+/// says not ready (and alive) until the identity service issues one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_is_not_ready_until_it_holds_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut id = Identity::new(dir.path(), 3600, &[]);
+    let (addr, admin) = (free_addr(), free_addr());
+    let args: Vec<String> = vec![
+        "--database-url".into(),
+        format!("sqlite://{}", dir.path().join("inventory.db").display()),
+        "--admin-addr".into(),
+        admin.to_string(),
+        "--trust-domain".into(),
+        TRUST_DOMAIN.into(),
+        "--identity-addr".into(),
+        id.addr.to_string(),
+        "--trust-bundle".into(),
+        id.bundle().display().to_string(),
+        "--identity-token-file".into(),
+        id.token_file("inventory").display().to_string(),
+    ];
+    let _inventory = Proc::spawn("inventory", addr, &args);
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(admin).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(60), "no admin port");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A few seconds of asking an identity service that is not there.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(common::http_get(admin, "/ready").await.0, 503);
+    assert_eq!(common::http_get(admin, "/live").await.0, 200);
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(common::channel(admin).await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing
+    );
+    // The gRPC port is bound (the kernel queues connections) but nothing
+    // answers on it: no handshake without a certificate.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"\x16\x03\x01\x00\x05hello").await.unwrap();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut buf)).await;
+        assert!(
+            read.is_err(),
+            "the gRPC port answered without a certificate: {read:?}"
+        );
+    }
+    id.start().await;
+    wait_ready(admin, Duration::from_secs(60)).await;
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(common::channel(admin).await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+}
+
 fn csr(asking_for: Option<&str>) -> Vec<u8> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = rcgen::CertificateParams::default();

@@ -136,3 +136,65 @@ pub(crate) async fn identity_from_service(
         () = crate::shutdown_signal() => Err("stopped before the identity service issued a certificate".into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        mesh: crate::MeshArgs,
+    }
+
+    fn problems(args: &[&str]) -> Vec<String> {
+        Flags::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+            .unwrap()
+            .mesh
+            .problems()
+    }
+
+    #[test]
+    fn identity_mode_needs_a_bundle_and_excludes_tls_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("ca.crt");
+        std::fs::write(&bundle, "x").unwrap();
+        let bundle = bundle.display().to_string();
+        let d = dir.path().display().to_string();
+        assert!(
+            problems(&[
+                "--identity-addr",
+                "identity:50051",
+                "--trust-bundle",
+                &bundle
+            ])
+            .is_empty()
+        );
+        let p = problems(&["--identity-addr", "identity:50051"]);
+        assert!(
+            p.iter().any(|p| p.contains("--trust-bundle: required")),
+            "{p:?}"
+        );
+        let p = problems(&[
+            "--identity-addr",
+            "i:1",
+            "--trust-bundle",
+            &bundle,
+            "--tls-dir",
+            &d,
+        ]);
+        assert!(p.iter().any(|p| p.contains("give one source")), "{p:?}");
+        let p = problems(&[
+            "--identity-addr",
+            "i:1",
+            "--trust-bundle",
+            &bundle,
+            "--identity-server-id",
+            "nope",
+        ]);
+        assert!(
+            p.iter().any(|p| p.contains("--identity-server-id")),
+            "{p:?}"
+        );
+    }
+}
