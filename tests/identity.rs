@@ -41,6 +41,8 @@ struct Identity {
     admin: SocketAddr,
     ttl_secs: u64,
     extra: Vec<String>,
+    /// How the service finds the issuer's keys (default: `--jwks-file`).
+    key_flags: Option<Vec<String>>,
     proc: Option<Proc>,
 }
 
@@ -63,6 +65,7 @@ impl Identity {
             admin: free_addr(),
             ttl_secs,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            key_flags: None,
             proc: None,
         }
     }
@@ -100,8 +103,6 @@ impl Identity {
             ISSUER,
             "--token-audience",
             AUDIENCE,
-            "--jwks-file",
-            &self.dir.join("jwks").display().to_string(),
             "--cert-ttl-secs",
             &self.ttl_secs.to_string(),
             "--backdate-secs",
@@ -111,6 +112,12 @@ impl Identity {
         .map(|s| s.to_string())
         .collect();
         args.extend(self.extra.iter().cloned());
+        args.extend(self.key_flags.clone().unwrap_or_else(|| {
+            vec![
+                "--jwks-file".into(),
+                self.dir.join("jwks").display().to_string(),
+            ]
+        }));
         self.proc = Some(Proc::spawn("identity", self.addr, &args));
         wait_ready(self.admin, Duration::from_secs(60)).await;
     }
@@ -846,6 +853,186 @@ async fn a_workload_is_not_ready_until_it_holds_a_certificate() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
+}
+
+/// The token file is read anew for every renewal (the kubelet rotates it):
+/// an expired token there makes renewals fail, loudly, with the identity
+/// service's reason; a fresh one makes them succeed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_file_is_read_again_for_every_renewal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut id = Identity::new(dir.path(), 12, &[]);
+    id.start().await;
+    let (addr, admin) = (free_addr(), free_addr());
+    let token = id.token_file("inventory");
+    let log = dir.path().join("inventory.log");
+    let child = Command::new(common::bin("inventory"))
+        .args([
+            "--listen".to_string(),
+            addr.to_string(),
+            "--database-url".into(),
+            format!("sqlite://{}", dir.path().join("inventory.db").display()),
+            "--admin-addr".into(),
+            admin.to_string(),
+            "--trust-domain".into(),
+            TRUST_DOMAIN.into(),
+            "--identity-addr".into(),
+            id.addr.to_string(),
+            "--trust-bundle".into(),
+            id.bundle().display().to_string(),
+            "--identity-token-file".into(),
+            token.display().to_string(),
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _inventory = Proc::adopt("inventory", addr, child);
+    wait_ready(admin, Duration::from_secs(60)).await;
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    let mut expired = ServiceAccountClaims::new(
+        ISSUER,
+        "shop",
+        "inventory",
+        AUDIENCE,
+        Duration::from_secs(600),
+    );
+    expired.iat -= 7200;
+    expired.nbf = Some(expired.iat);
+    expired.exp = expired.iat + 600;
+    std::fs::write(&token, id.tokens.mint_claims(&expired).unwrap()).unwrap();
+    let start = Instant::now();
+    while !read().contains("the token has expired") {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no failed renewal logged:\n{}",
+            read()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(read().contains("TLS certificate renewal failed; keeping the current certificate"));
+    let renewed = read().matches("TLS certificate renewed").count();
+    id.token_file("inventory");
+    let start = Instant::now();
+    while read().matches("TLS certificate renewed").count() <= renewed {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no renewal with the fresh token:\n{}",
+            read()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_ready(admin, Duration::from_secs(30)).await;
+}
+
+/// In a cluster the keys come from the issuer's OIDC discovery document:
+/// served here by a real HTTP server (Python's), and followed when the
+/// issuer adds a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_keys_come_from_oidc_discovery_and_follow_a_new_key() {
+    if common::which("python3").is_none() {
+        common::skip_or_fail("python3 is missing (it serves the discovery document)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut id = Identity::new(dir.path(), 3600, &[]);
+    let http = free_addr();
+    let www = dir.path().join("www");
+    std::fs::create_dir_all(www.join(".well-known")).unwrap();
+    std::fs::create_dir_all(www.join("openid/v1")).unwrap();
+    std::fs::write(
+        www.join(".well-known/openid-configuration"),
+        serde_json::json!({
+            "issuer": ISSUER,
+            "jwks_uri": format!("http://{http}/openid/v1/jwks"),
+        })
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(www.join("openid/v1/jwks"), id.tokens.jwks_json()).unwrap();
+    let server = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &http.port().to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(&www)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = Proc::adopt("python3", http, server);
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(http).await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the HTTP server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    id.key_flags = Some(vec![
+        "--oidc-discovery-url".into(),
+        format!("http://{http}/.well-known/openid-configuration"),
+        "--jwks-refresh-secs".into(),
+        "10".into(),
+    ]);
+    id.start().await;
+    let client = id.client(&identity("identity"));
+    let certify = |token: String| {
+        let client = client.clone();
+        async move {
+            client
+                .call(CertifyRequest {
+                    csr: csr(None),
+                    token,
+                })
+                .await
+        }
+    };
+    let token = id
+        .tokens
+        .mint("shop", "orders", AUDIENCE, Duration::from_secs(600))
+        .unwrap();
+    assert_eq!(certify(token).await.unwrap().spiffe_id, identity("orders"));
+
+    // The issuer adds a key: tokens signed with it verify once it is published.
+    let next = DevTokenIssuer::generate(ISSUER).unwrap();
+    let token = next
+        .mint("shop", "payments", AUDIENCE, Duration::from_secs(600))
+        .unwrap();
+    let status = certify(token.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let mut keys: serde_json::Value = serde_json::from_str(&id.tokens.jwks_json()).unwrap();
+    let added: serde_json::Value = serde_json::from_str(&next.jwks_json()).unwrap();
+    keys["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(added["keys"][0].clone());
+    std::fs::write(www.join("openid/v1/jwks"), keys.to_string()).unwrap();
+    let start = Instant::now();
+    loop {
+        match certify(token.clone()).await {
+            Ok(response) => {
+                assert_eq!(response.spiffe_id, identity("payments"));
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "the new key was never fetched: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 fn csr(asking_for: Option<&str>) -> Vec<u8> {
