@@ -195,7 +195,7 @@ impl IdentityService {
         }
         if self.tokens.key_count() == 0 {
             // A cold start that could not reach the issuer's keys yet.
-            let _ = self.tokens.refresh().await;
+            self.tokens.refresh_if_due().await;
             if self.tokens.key_count() == 0 {
                 return Err(Self::refuse(
                     "keys_unavailable",

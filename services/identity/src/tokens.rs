@@ -198,6 +198,20 @@ impl TokenVerifier {
         Ok(count)
     }
 
+    /// Refreshes unless the last refresh was less than [`MIN_REFRESH_GAP`]
+    /// ago (an unknown `kid`, or no keys yet: callers cannot make the
+    /// service fetch at their rate).
+    pub async fn refresh_if_due(&self) {
+        let due = self
+            .last_refresh
+            .lock()
+            .await
+            .is_none_or(|t| t.elapsed() >= MIN_REFRESH_GAP);
+        if due && let Err(e) = self.refresh().await {
+            tracing::warn!("cannot refresh the token issuer's keys: {e}");
+        }
+    }
+
     /// Refreshes every `every` until `stop`.
     pub async fn refresh_until(
         self: Arc<Self>,
@@ -243,14 +257,7 @@ impl TokenVerifier {
             .clone()
             .ok_or_else(|| TokenError("the token names no signing key (kid)".into()))?;
         if !self.keys.read().expect("keys lock").contains_key(&kid) {
-            let due = self
-                .last_refresh
-                .lock()
-                .await
-                .is_none_or(|t| t.elapsed() >= MIN_REFRESH_GAP);
-            if due && let Err(e) = self.refresh().await {
-                tracing::warn!("cannot refresh the token issuer's keys: {e}");
-            }
+            self.refresh_if_due().await;
         }
         let keys = self.keys.read().expect("keys lock").clone();
         let key = keys.get(&kid).ok_or_else(|| {
@@ -369,6 +376,58 @@ mod tests {
                 service_account: "orders".into()
             }
         );
+    }
+
+    #[tokio::test]
+    async fn symmetric_keys_and_unsigned_tokens_are_never_accepted() {
+        // A published "oct" key (which no ServiceAccount issuer has) is
+        // ignored, so an HS256 token under its kid finds no key.
+        let dir = tempfile::tempdir().unwrap();
+        let secret =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b"shared-secret-shared-secret");
+        std::fs::write(
+            dir.path().join("jwks.json"),
+            serde_json::json!({"keys": [{"kty": "oct", "kid": "k1", "k": secret, "alg": "HS256"}]})
+                .to_string(),
+        )
+        .unwrap();
+        let v = TokenVerifier::new(ISS, AUD, KeySource::Files(dir.path().to_owned()));
+        assert!(
+            v.refresh().await.is_err(),
+            "a key set of only symmetric keys is unusable"
+        );
+        let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+        header.kid = Some("k1".into());
+        let claims =
+            ServiceAccountClaims::new(ISS, "shop", "orders", AUD, Duration::from_secs(600));
+        let token = jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"shared-secret-shared-secret"),
+        )
+        .unwrap();
+        assert!(v.verify(&token).await.is_err());
+        // alg "none": not even a JWT to the parser.
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let unsigned = format!(
+            "{}.{}.",
+            b64.encode(br#"{"alg":"none","kid":"k1"}"#),
+            b64.encode(serde_json::to_vec(&claims).unwrap())
+        );
+        assert!(v.verify(&unsigned).await.is_err());
+        // An ES256 token relabelled RS256 does not fit its key.
+        let issuer = DevTokenIssuer::generate(ISS).unwrap();
+        let (v, _dir) = verifier(&issuer).await;
+        let token = issuer
+            .mint("shop", "orders", AUD, Duration::from_secs(600))
+            .unwrap();
+        let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+        let mut header: serde_json::Value =
+            serde_json::from_slice(&b64.decode(&parts[0]).unwrap()).unwrap();
+        header["alg"] = "RS256".into();
+        parts[0] = b64.encode(header.to_string());
+        let e = v.verify(&parts.join(".")).await.unwrap_err();
+        assert!(e.0.contains("does not fit its key"), "{e}");
     }
 
     #[tokio::test]
