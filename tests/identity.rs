@@ -150,17 +150,35 @@ impl Identity {
     }
 }
 
+/// `GET http://addr{path}`'s status, or why there was none (a process
+/// starting, or its not-ready admin port handing over to the server's).
+async fn try_status(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+        .await
+        .map_err(|_| "no answer in 5 s".to_string())?
+        .map(|r| r.status().as_u16())
+        .map_err(|e| e.to_string())
+}
+
 /// Polls `/ready` on an admin port until it answers 200.
 async fn wait_ready(admin: SocketAddr, limit: Duration) {
     let start = Instant::now();
-    let mut last = (0, String::new());
+    let mut last = Err(String::from("not asked yet"));
     while start.elapsed() < limit {
-        if tokio::net::TcpStream::connect(admin).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        }
-        last = common::http_get(admin, "/ready").await;
-        if last.0 == 200 {
+        last = try_status(admin, "/ready").await;
+        if last == Ok(200) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -714,8 +732,7 @@ async fn identity_outages_half_a_lifetime_is_ridden_out_a_whole_one_fails_closed
     for name in SERVICES {
         let start = Instant::now();
         loop {
-            let (code, _) = common::http_get(shop.workloads[name].admin, "/ready").await;
-            if code == 503 {
+            if try_status(shop.workloads[name].admin, "/ready").await == Ok(503) {
                 break;
             }
             assert!(

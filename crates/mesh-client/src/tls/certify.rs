@@ -268,6 +268,7 @@ async fn renew(
     let mut failing_since: Option<SystemTime> = None;
     let mut refused_bundle = Vec::new();
     let mut expired_attempts = 0u32;
+    let mut bundle_error: Option<String> = None;
     loop {
         let wait = next
             .duration_since(SystemTime::now())
@@ -304,9 +305,14 @@ async fn renew(
                     }
                 }
             }
-            Ok(_) => {}
+            Ok(_) => bundle_error = None,
             Err(e) => {
-                tracing::warn!(bundle = %options.bundle.display(), "cannot read the trust bundle, keeping the current one: {e}");
+                // Once per distinct error, not every second.
+                let text = e.to_string();
+                if bundle_error.as_ref() != Some(&text) {
+                    tracing::warn!(bundle = %options.bundle.display(), "cannot read the trust bundle, keeping the current one: {text}");
+                    bundle_error = Some(text);
+                }
             }
         }
         if SystemTime::now() < next {
