@@ -18,12 +18,12 @@ FROM chef AS builder
 COPY --from=planner /src/recipe.json recipe.json
 # Dependencies only: rebuilt when Cargo.toml/Cargo.lock change, not on code changes.
 RUN cargo chef cook --release --locked --recipe-path recipe.json \
-    -p auth -p inventory -p payments -p orders -p gateway
+    -p auth -p inventory -p payments -p orders -p gateway -p identity
 COPY . .
-RUN cargo build --release --locked -p auth -p inventory -p payments -p orders -p gateway \
+RUN cargo build --release --locked -p auth -p inventory -p payments -p orders -p gateway -p identity \
     && mkdir /out \
     && cp target/release/auth target/release/inventory target/release/payments \
-        target/release/orders target/release/gateway /out/
+        target/release/orders target/release/gateway target/release/identity /out/
 
 # glibc and CA roots, no shell, no package manager, uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLUSTER=${KIND_CLUSTER:-shop}
-SERVICES="auth inventory payments orders gateway"
+SERVICES="auth inventory payments orders gateway identity"
 
 if ! kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
     kind create cluster --name "$CLUSTER" --config k8s/kind-config.yaml
@@ -19,13 +19,15 @@ done
 docker build -f Dockerfile.recommendations -t mesh-shop/recommendations:dev .
 kind load docker-image --name "$CLUSTER" mesh-shop/recommendations:dev
 
-# Workload certificates (dev CA kept in .shop/k8s-certs) as TLS Secrets. The
-# operator's all-access certificate is not among them: it stays out of the
-# cluster (`shopctl certs --out .shop/k8s-certs --operator` issues one locally,
+# The one step before `kubectl apply -k`: the identity service's issuing CA
+# (created once in .shop/k8s-certs, key 0600, and kept there for rotations)
+# as the identity-ca Secret, and its certificate as the mesh-trust-bundle
+# ConfigMap every workload trusts. No workload certificate or key is made
+# here: each pod gets its own from the identity service, key in memory. The
+# operator's all-access certificate stays out of the cluster
+# (`shopctl certs --out .shop/k8s-certs --operator` issues one locally,
 # valid for an hour).
-mkdir -p k8s/overlays/kind/generated
-cargo run --quiet -p shopctl -- certs --out .shop/k8s-certs \
-    --k8s-secrets k8s/overlays/kind/generated/tls-secrets.yaml
+cargo run --quiet -p shopctl -- certs --out .shop/k8s-certs --k8s-identity-ca | kubectl apply -f -
 
 kubectl apply -k k8s/overlays/kind
 kubectl -n shop rollout status statefulset/postgres --timeout=180s

@@ -82,3 +82,12 @@ pub mod recommendations {
         tonic::include_proto!("mesh.recommendations.v1");
     }
 }
+
+/// The mesh identity service's contract (`mesh.identity.v1`): workload
+/// certificates from CSRs and ServiceAccount tokens.
+pub mod identity {
+    /// `mesh.identity.v1`.
+    pub mod v1 {
+        tonic::include_proto!("mesh.identity.v1");
+    }
+}

@@ -21,8 +21,9 @@ use shop_api::inventory::v1::{
 };
 
 const REPLICAS: u16 = 2;
-/// Ports each of the gRPC and admin blocks needs: 6 services × replicas.
-const SPAN: u16 = 6 * REPLICAS;
+/// Ports each of the gRPC and admin blocks needs: 6 services × replicas,
+/// then the identity service.
+const SPAN: u16 = 6 * REPLICAS + 1;
 
 /// A base port with `2 * SPAN` free ports from it (gRPC, then admin), in
 /// 12000..20000: below `common::free_addr`'s range and Linux's ephemeral

@@ -6,10 +6,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod certify;
 pub mod db;
 mod entry;
 pub mod mesh;
 pub mod policy;
+pub mod sa_token;
 pub mod site;
 pub mod time;
 pub mod token;

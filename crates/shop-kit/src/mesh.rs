@@ -35,6 +35,10 @@ pub enum SetupError {
     /// `--tls-dir` holds no usable identity (fails closed).
     #[error("TLS: {0}")]
     Tls(#[source] TlsError),
+    /// `--identity-addr`: no certificate could be had from the identity
+    /// service (the message says why: its answer, or the local setup).
+    #[error("identity service: {0}")]
+    Identity(String),
     /// `--admin-addr` could not be bound.
     #[error("--admin-addr: cannot listen on {addr}: {source}")]
     AdminListen {
@@ -100,6 +104,13 @@ pub struct MeshArgs {
     /// ([`MeshArgs::server`]): one file watcher, one policy in force.
     #[arg(skip)]
     file_mesh: Arc<std::sync::Mutex<Option<Mesh>>>,
+    /// Identity from the mesh identity service instead of `--tls-dir`.
+    #[command(flatten)]
+    pub certify: crate::certify::CertifyArgs,
+    /// The admin listener, bound early when the admin port must answer
+    /// (not ready) while the identity service is asked for a certificate.
+    #[arg(skip)]
+    admin_listener: Arc<std::sync::Mutex<Option<std::net::TcpListener>>>,
 }
 
 impl MeshArgs {
@@ -129,6 +140,11 @@ impl MeshArgs {
         if self.drain_grace_ms > 60_000 {
             problems.push("--drain-grace-ms: must be at most 60000".into());
         }
+        problems.extend(self.certify.problems(
+            self.tls_dir.is_some(),
+            &self.trust_domain,
+            &self.namespace,
+        ));
         problems
     }
 
@@ -159,8 +175,14 @@ impl MeshArgs {
     }
 
     /// This workload's TLS identity, if configured (fails closed on bad or
-    /// expired material).
+    /// expired material). With `--identity-addr` it waits for the identity
+    /// service's first certificate (the admin port answers not ready
+    /// meanwhile), blocking this thread of the multi-threaded runtime
+    /// every shop process runs on.
     pub fn tls(&self) -> Result<Option<Arc<MeshTls>>, SetupError> {
+        if self.certify.enabled() {
+            return self.tls_from_identity_service().map(Some);
+        }
         self.tls_dir
             .as_ref()
             .map(|dir| {
@@ -171,6 +193,35 @@ impl MeshArgs {
                 .map_err(SetupError::Tls)
             })
             .transpose()
+    }
+
+    fn tls_from_identity_service(&self) -> Result<Arc<MeshTls>, SetupError> {
+        let admin = match self.admin_addr {
+            None => None,
+            Some(addr) => {
+                let listener = std::net::TcpListener::bind(addr)
+                    .map_err(|source| SetupError::AdminListen { addr, source })?;
+                let clone = listener
+                    .try_clone()
+                    .map_err(|source| SetupError::AdminListen { addr, source })?;
+                *self.admin_listener.lock().expect("admin lock") = Some(listener);
+                Some(clone)
+            }
+        };
+        let wait = crate::certify::identity_from_service(
+            &self.certify,
+            &self.trust_domain,
+            &self.namespace,
+            Duration::from_millis(self.tls_handshake_timeout_ms),
+            admin,
+        );
+        let handle = tokio::runtime::Handle::current();
+        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            return Err(SetupError::Identity(
+                "--identity-addr needs the multi-threaded tokio runtime".into(),
+            ));
+        }
+        tokio::task::block_in_place(|| handle.block_on(wait)).map_err(SetupError::Identity)
     }
 
     /// The mesh following `path`, started on first use.
@@ -254,8 +305,12 @@ impl MeshArgs {
             server = server.tls(tls);
         }
         if let Some(addr) = self.admin_addr {
-            let listener = std::net::TcpListener::bind(addr)
-                .map_err(|source| SetupError::AdminListen { addr, source })?;
+            let early = self.admin_listener.lock().expect("admin lock").take();
+            let listener = match early {
+                Some(listener) => listener,
+                None => std::net::TcpListener::bind(addr)
+                    .map_err(|source| SetupError::AdminListen { addr, source })?,
+            };
             server = server.admin(listener);
         }
         Ok(server)

@@ -66,6 +66,13 @@ pub struct CertArgs {
     /// file); never the operator's.
     #[arg(long)]
     pub k8s_secrets: Option<PathBuf>,
+    /// Print, for `kubectl apply -f -`, the mesh identity service's issuing
+    /// CA (`<out>/ca`, created on first use) as the `identity-ca` Secret
+    /// and its certificate as the `mesh-trust-bundle` ConfigMap (with
+    /// the namespace), and issue nothing else: workloads get their
+    /// certificates from the identity service.
+    #[arg(long, conflicts_with_all = ["operator", "k8s_secrets"])]
+    pub k8s_identity_ca: bool,
 }
 
 fn ca_paths(out: &Path) -> (PathBuf, PathBuf) {
@@ -169,8 +176,35 @@ fn secret_yaml(workload: &str, namespace: &str, dir: &Path) -> anyhow::Result<St
     ))
 }
 
+/// The identity service's CA as Kubernetes objects (see
+/// [`CertArgs::k8s_identity_ca`]).
+pub fn identity_ca_yaml(out: &Path, trust_domain: &str, namespace: &str) -> anyhow::Result<String> {
+    let ca = ensure_ca(out, trust_domain)?;
+    let b64 = |text: &str| STANDARD.encode(text.as_bytes());
+    let bundle = ca
+        .cert_pem
+        .lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    Ok(format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {namespace}\n  labels:\n    app.kubernetes.io/part-of: mesh-shop\n\
+         ---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: identity-ca\n  namespace: {namespace}\n  labels:\n    app.kubernetes.io/part-of: mesh-shop\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n\
+         ---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: mesh-trust-bundle\n  namespace: {namespace}\n  labels:\n    app.kubernetes.io/part-of: mesh-shop\ndata:\n  ca.crt: |\n{bundle}\n",
+        b64(&ca.cert_pem),
+        b64(&ca.key_pem),
+    ))
+}
+
 /// `shopctl certs`.
 pub fn run(mut args: CertArgs) -> anyhow::Result<()> {
+    if args.k8s_identity_ca {
+        print!(
+            "{}",
+            identity_ca_yaml(&args.out, &args.trust_domain, &args.namespace)?
+        );
+        return Ok(());
+    }
     if args.valid_hours == 0 || args.valid_hours > 24 * 90 {
         bail!("--valid-hours must be 1 to 2160");
     }

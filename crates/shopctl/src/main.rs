@@ -16,6 +16,7 @@
 
 mod certs;
 mod dashboard;
+mod identity;
 mod python;
 mod top;
 mod web;
@@ -261,15 +262,16 @@ fn check_up_args(args: &UpArgs) -> Result<(), String> {
             args.host
         );
     }
-    let span = SERVICES.len() as u32 * u32::from(args.replicas);
+    // The services × replicas, then the identity service.
+    let span = SERVICES.len() as u32 * u32::from(args.replicas) + 1;
     for (flag, base) in [
         ("--base-port", args.base_port),
         ("--admin-base-port", args.admin_base_port),
     ] {
         if base == 0 || u32::from(base) + span - 1 > u32::from(u16::MAX) {
             return Err(format!(
-                "{flag} {base}: {span} ports from it are needed ({} services × {} replicas), \
-                 between 1 and 65535",
+                "{flag} {base}: {span} ports from it are needed ({} services × {} replicas and \
+                 the identity service), between 1 and 65535",
                 SERVICES.len(),
                 args.replicas
             ));
@@ -310,6 +312,7 @@ fn serve(service: &str, args: Vec<OsString>) -> ExitCode {
         "payments" => payments::main(argv),
         "orders" => orders::main(argv),
         "gateway" => gateway::main(argv),
+        "identity" => ::identity::main(argv),
         other => {
             eprintln!(
                 "shopctl serve: unknown service {other:?}; expected auth, inventory, payments, orders or gateway"
@@ -543,15 +546,18 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             out: certs_dir.clone(),
             trust_domain: args.trust_domain.clone(),
             namespace: "shop".into(),
-            workloads: certs::SERVICES
-                .iter()
-                .chain([&certs::OPERATOR])
-                .map(|s| s.to_string())
-                .collect(),
+            // The Rust services get their certificates from the identity
+            // service (`identity::LocalIdentity`); only the CA, the
+            // operator's and the Python service's (which reads files) are.
+            workloads: vec![
+                certs::OPERATOR.to_string(),
+                SERVICES[RECOMMENDATIONS].0.to_string(),
+            ],
             operator: false,
             extra_dns: vec![],
             valid_hours: 24,
             k8s_secrets: None,
+            k8s_identity_ca: false,
         };
         certs::issue(&cert_args, false)?;
         let operator = certs_dir.join(certs::OPERATOR);
@@ -580,11 +586,44 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         args.dashboard_port,
     );
     let mut replicas: Vec<Replica> = Vec::new();
+    let span = SERVICES.len() * n;
+    let local_identity = match &client_tls {
+        None => None,
+        Some(_) => Some(identity::LocalIdentity::prepare(
+            &state_dir,
+            &certs_dir,
+            &args.trust_domain,
+            SocketAddr::new(args.host, args.base_port + span as u16),
+            SocketAddr::new(args.host, args.admin_base_port + span as u16),
+            &certs::SERVICES,
+        )?),
+    };
     let mut endpoints = Endpoints {
         services: Default::default(),
         tls: client_tls.clone(),
     };
     let result = (|| -> anyhow::Result<()> {
+        if let Some(local) = &local_identity {
+            let mut replica = identity_replica(local);
+            replica.spawn(&exe)?;
+            let channel = health_mesh
+                .channel_with_identity(&format!("static:///{}", local.addr), &id("identity"))?;
+            replicas.push(replica);
+            let mut stopped = stop.clone();
+            let ready = runtime.block_on(async {
+                tokio::select! {
+                    ready = shop_kit::mesh::wait_serving(channel, Duration::from_secs(30)) => Some(ready),
+                    _ = stopped.wait_for(|stop| *stop) => None,
+                }
+            });
+            let Some(ready) = ready else {
+                eprintln!("shopctl: stopped before the shop was ready");
+                return Ok(());
+            };
+            ready
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("identity did not become ready on {}", local.addr))?;
+        }
         for (i, (name, grpc_service)) in SERVICES.iter().enumerate() {
             let public = *name == "gateway";
             let program = if i == RECOMMENDATIONS {
@@ -642,8 +681,12 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                             "retryPolicy": { "maxAttempts": 1 } });
                 }
                 write_private(&policy_path, &serde_json::to_string_pretty(&config)?)?;
-                common.push("--tls-dir".into());
-                common.push(certs_dir.join(name).into());
+                if program.is_some() {
+                    common.push("--tls-dir".into());
+                    common.push(certs_dir.join(name).into());
+                } else if let Some(local) = &local_identity {
+                    common.extend(local.workload_args(name));
+                }
                 common.push("--mesh-config".into());
                 common.push(policy_path.into());
             }
@@ -745,6 +788,9 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         let admins = replicas.iter().map(|r| r.admin).collect();
         web.start_dashboard(admins, status_path.clone(), stop.clone())?;
         web.print_urls();
+        if let Some(local) = local_identity {
+            runtime.spawn(local.rotate_tokens());
+        }
         runtime.block_on(supervise(&mut replicas, &exe, &status_path, stop.clone()))
     })();
     // Close this process's own connections first: a draining server waits for
@@ -775,6 +821,25 @@ fn recommendations_python(args: &UpArgs, state_dir: &Path) -> Option<PathBuf> {
             );
             None
         }
+    }
+}
+
+/// The identity service's process, supervised like the others.
+fn identity_replica(local: &identity::LocalIdentity) -> Replica {
+    Replica {
+        service: "identity",
+        index: 0,
+        label: "identity".into(),
+        addr: local.addr,
+        admin: local.admin,
+        program: None,
+        args: local.service_args(),
+        child: None,
+        started: Instant::now(),
+        restarts: 0,
+        backoff: RESTART_BACKOFF_START,
+        restart_at: None,
+        last_exit: None,
     }
 }
 

@@ -15,6 +15,7 @@
 //! that does not validate (unreadable, key not matching, expired, not
 //! chaining to the bundle) is refused and the old material stays.
 
+pub mod certify;
 #[cfg(feature = "dev-ca")]
 pub mod dev;
 pub(crate) mod identity;
