@@ -133,9 +133,12 @@ fn publish(shot: &Path) {
 }
 
 const REPLICAS: u16 = 2;
-/// Ports a `shopctl up` block needs: gRPC and admin for 5 services ×
-/// replicas, then the storefront and the dashboard.
-const SPAN: u16 = 2 * 5 * REPLICAS + 2;
+/// Ports each of `shopctl up`'s gRPC and admin blocks needs: 6 services ×
+/// replicas, then the identity service.
+const BLOCK: u16 = 6 * REPLICAS + 1;
+/// Ports a `shopctl up` run needs: both blocks, then the storefront and
+/// the dashboard.
+const SPAN: u16 = 2 * BLOCK + 2;
 
 /// A base port with `SPAN` free ports from it, in 8100..12000: below the
 /// ranges of `tests/shopctl_up.rs` and `common::free_addr`, so no other
@@ -184,7 +187,7 @@ impl Up {
         let state = dir.join("state");
         let log = dir.join("up.log");
         let base = free_block();
-        let n = 5 * REPLICAS;
+        let n = BLOCK;
         let (storefront, dashboard) = (base + 2 * n, base + 2 * n + 1);
         let taken = dashboard_taken
             .then(|| TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], dashboard))).unwrap());

@@ -782,6 +782,21 @@ fn check_identity_service(cluster: &Cluster, dir: &Path) {
     );
     assert_eq!(env_value(d, "CA_KEY").unwrap(), format!("{ca_dir}/tls.key"));
     let secret = volume(d, "ca")["secret"]["secretName"].as_str().unwrap();
+    // Secret files are root-owned; a mode without "other" read needs the
+    // pod's fsGroup to be the uid's group, or the key is unreadable.
+    let mode = volume(d, "ca")["secret"]["defaultMode"]
+        .as_i64()
+        .unwrap_or(0o644);
+    if mode & 0o004 == 0 {
+        assert!(
+            mode & 0o040 != 0,
+            "the CA key mode {mode:o} gives the group no read"
+        );
+        assert_eq!(
+            spec["securityContext"]["fsGroup"], spec["securityContext"]["runAsGroup"],
+            "the CA key (mode {mode:o}) is readable only with fsGroup = the pod's group"
+        );
+    }
     let bundle = volume(d, "trust-bundle")["configMap"]["name"]
         .as_str()
         .unwrap();

@@ -137,6 +137,9 @@ async fn start_up(dir: &Path, extra: &[&str]) -> (Up, PathBuf) {
         .arg(&state)
         .args(["--base-port", &base.to_string()])
         .args(["--admin-base-port", &(base + SPAN).to_string()])
+        // The web apps have fixed default ports that parallel runs would
+        // fight over; tests/browser.rs covers them.
+        .args(["--storefront-port", "0", "--dashboard-port", "0"])
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -500,6 +503,7 @@ async fn sigterm_while_starting_stops_what_was_started() {
         .arg(&state)
         .args(["--base-port", &base.to_string()])
         .args(["--admin-base-port", &(base + SPAN).to_string()])
+        .args(["--storefront-port", "0", "--dashboard-port", "0"])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

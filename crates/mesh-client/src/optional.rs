@@ -226,7 +226,18 @@ impl Optional {
                 status: None,
             },
         };
-        if let Some(breaker) = &self.breaker {
+        // A refusal of the request itself says nothing of the
+        // dependency's health: one client sending bad input through a
+        // shared caller must not open the breaker for everyone.
+        let callers_fault = fallback.status.as_ref().is_some_and(|s| {
+            matches!(
+                s.code(),
+                Code::InvalidArgument | Code::OutOfRange | Code::NotFound | Code::AlreadyExists
+            )
+        });
+        if let Some(breaker) = &self.breaker
+            && !callers_fault
+        {
             breaker.record(false);
         }
         Err(self.count(path, fallback))
@@ -357,5 +368,37 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(optional.call(PATH, async { Ok(2) }).await.unwrap(), 2);
         assert_eq!(optional.call(PATH, async { Ok(3) }).await.unwrap(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_callers_bad_request_falls_back_without_opening_the_breaker() {
+        let optional = Optional::new("picky-peer", Duration::from_millis(50))
+            .with_breaker(2, Duration::from_secs(60));
+        for _ in 0..10 {
+            let fallback = optional
+                .call(PATH, async {
+                    Err::<(), _>(Status::invalid_argument("product_ids[0]: bad"))
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(fallback.reason, FallbackReason::Error);
+        }
+        assert_eq!(count("picky-peer", "error"), 10);
+        // Still closed: the next caller is asked and answered.
+        assert_eq!(optional.call(PATH, async { Ok(7) }).await.unwrap(), 7);
+        // A dependency's own failure still opens it.
+        for _ in 0..2 {
+            let _ = optional
+                .call(PATH, async { Err::<(), _>(Status::internal("boom")) })
+                .await;
+        }
+        assert_eq!(
+            optional
+                .call(PATH, async { Ok(8) })
+                .await
+                .unwrap_err()
+                .reason,
+            FallbackReason::Open
+        );
     }
 }

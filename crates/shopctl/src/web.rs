@@ -21,11 +21,20 @@ pub(crate) struct WebApps {
     dashboard: Option<(PathBuf, std::net::TcpListener)>,
 }
 
+/// `host` when it is loopback, else the loopback address of its family.
+fn loopback_like(host: IpAddr) -> IpAddr {
+    match host {
+        _ if host.is_loopback() => host,
+        IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+    }
+}
+
 impl WebApps {
     /// The apps built under `dir` (`shop/`, `dashboard/`), to serve on
     /// `host` at the two ports.
     pub(crate) fn find(dir: &Path, host: IpAddr, storefront: u16, dashboard: u16) -> WebApps {
-        let built = |app: &str, port: u16| {
+        let built = |app: &str, host: IpAddr, port: u16| {
             let at = dir.join(app);
             if port == 0 {
                 return None;
@@ -52,13 +61,15 @@ impl WebApps {
         WebApps {
             // The gateway binds the storefront's port itself: only checked
             // here, and let go.
-            storefront: built("shop", storefront).map(|(dir, listener)| {
+            storefront: built("shop", host, storefront).map(|(dir, listener)| {
                 let at = listener
                     .local_addr()
                     .expect("a bound listener has an address");
                 (dir, at)
             }),
-            dashboard: built("dashboard", dashboard),
+            // The dashboard has no login and shows the shop's topology,
+            // pids and error rates: loopback only, whatever --host says.
+            dashboard: built("dashboard", loopback_like(host), dashboard),
         }
     }
 

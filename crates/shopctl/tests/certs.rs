@@ -53,7 +53,9 @@ fn certs_writes_private_ca_spiffe_certificates_and_secrets() {
     assert!(text.starts_with("-----BEGIN CERTIFICATE-----"));
 
     let yaml = std::fs::read_to_string(&secrets).unwrap();
-    assert_eq!(yaml.matches("kind: Secret").count(), 5, "{yaml}");
+    // One per service (auth, inventory, payments, orders, gateway,
+    // recommendations).
+    assert_eq!(yaml.matches("kind: Secret").count(), 6, "{yaml}");
     assert!(
         !yaml.contains("operator"),
         "the operator identity stays out: {yaml}"

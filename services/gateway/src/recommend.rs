@@ -85,6 +85,16 @@ fn validate(request: &RecommendRequest) -> Result<(), Status> {
             id.chars().count()
         ));
     }
+    if let Some((i, _)) = request
+        .product_ids
+        .iter()
+        .enumerate()
+        .find(|(_, id)| id.chars().any(char::is_control))
+    {
+        problems.push(format!(
+            "product_ids[{i}]: must not contain control characters"
+        ));
+    }
     if !(0..=MAX_RESULTS).contains(&request.max_results) {
         problems.push(format!(
             "max_results: must be 0 to {MAX_RESULTS}, got {}",

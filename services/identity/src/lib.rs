@@ -286,7 +286,7 @@ pub async fn run(
         options,
         Arc::new(SelfIssuer {
             ca: ca.clone(),
-            identity: own,
+            identity: own.clone(),
             ttl,
             backdate,
         }),
@@ -305,6 +305,11 @@ pub async fn run(
                 .ok_or_else(|| Error::Setup("rate".into()))?,
             per_address: Config::rate(config.rate_per_address, config.burst_per_address)
                 .ok_or_else(|| Error::Setup("rate".into()))?,
+            reserved: vec![
+                own.clone(),
+                SpiffeId::workload(&config.trust_domain, &config.namespace, "operator")
+                    .map_err(|e| Error::Setup(e.to_string()))?,
+            ],
         },
     );
     {

@@ -44,7 +44,16 @@ pub struct Policy {
     pub per_identity: Rate,
     /// Certify calls per client address (before any token work).
     pub per_address: Rate,
+    /// Identities never issued, whatever token asks: the service's own
+    /// (whoever held it could pose as the identity service and collect
+    /// every workload's token) and the operator's (all-access in every
+    /// policy, and kept out of the cluster).
+    pub reserved: Vec<SpiffeId>,
 }
+
+/// The issuing CA must outlive an issued leaf by this much: a CA this
+/// close to expiry could only issue certificates already about to die.
+const CA_EXPIRY_FLOOR: Duration = Duration::from_secs(600);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IssuedLabels {
@@ -223,7 +232,28 @@ impl IdentityService {
                 )),
             )
         })?;
+        if self.policy.reserved.contains(&identity) {
+            tracing::warn!(%identity, caller = %address, "refused a token for a reserved identity");
+            return Err(Self::refuse(
+                "reserved",
+                Status::permission_denied(format!(
+                    "{identity} is reserved and never issued by the identity service; \
+                     use a ServiceAccount of its own for this workload"
+                )),
+            ));
+        }
         Self::limited(&self.by_identity, identity.as_str(), identity.as_str())?;
+        if self.ca.not_after() <= SystemTime::now() + CA_EXPIRY_FLOOR {
+            tracing::error!(
+                "the issuing CA expires within {CA_EXPIRY_FLOOR:?}; issuing nothing until it is rotated (docs/identity.md)"
+            );
+            return Err(Self::refuse(
+                "ca_expired",
+                Status::failed_precondition(
+                    "the identity service's issuing CA has expired or is about to; an operator must rotate it",
+                ),
+            ));
+        }
         let signed = self
             .ca
             .sign(csr, &identity, self.policy.ttl, self.policy.backdate)

@@ -202,11 +202,17 @@ impl TokenVerifier {
     /// ago (an unknown `kid`, or no keys yet: callers cannot make the
     /// service fetch at their rate).
     pub async fn refresh_if_due(&self) {
-        let due = self
-            .last_refresh
-            .lock()
-            .await
-            .is_none_or(|t| t.elapsed() >= MIN_REFRESH_GAP);
+        // Decided and marked under one hold of the lock: callers queued
+        // behind it see the mark, so a burst of unknown kids makes one
+        // fetch, not one each.
+        let due = {
+            let mut last = self.last_refresh.lock().await;
+            let due = last.is_none_or(|t| t.elapsed() >= MIN_REFRESH_GAP);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
         if due && let Err(e) = self.refresh().await {
             tracing::warn!("cannot refresh the token issuer's keys: {e}");
         }

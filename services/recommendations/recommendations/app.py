@@ -149,6 +149,9 @@ def _check_ids(field, values, low, high):
         if not 1 <= len(v) <= MAX_ID_CHARS:
             problems.append(f"{field}[{i}]: must be 1 to {MAX_ID_CHARS} characters, got {len(v)}")
             break
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+            problems.append(f"{field}[{i}]: must not contain control characters")
+            break
     return problems
 
 
@@ -238,15 +241,20 @@ class Health(health_pb2_grpc.HealthServicer):
 
     async def Watch(self, request, context):
         last = None
+        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
         while True:
-            status = self.statuses.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            status = self.statuses.get(request.service, unknown)
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
             if self.closed:
                 return
+            # A predicate, not a bare wait: a change made while the last
+            # message was being sent is seen here, not lost until the next.
             async with self.changed:
-                await self.changed.wait()
+                await self.changed.wait_for(
+                    lambda: self.closed or self.statuses.get(request.service, unknown) != last
+                )
 
     async def set_ready(self, ready):
         """SERVING or NOT_SERVING for everything but `liveness` (a drain
@@ -490,6 +498,12 @@ async def serve(args):
         ("grpc.max_concurrent_streams", 256),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        # mesh-client pings every 5 s, also on connections whose only
+        # stream is a quiet health watch; gRPC core's default (one ping
+        # per 5 min without data, GOAWAY after 2 strikes) would close them.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 4_000),
+        ("grpc.http2.max_ping_strikes", 0),
         ("grpc.max_connection_age_ms", 3_600_000),
         ("grpc.max_connection_age_grace_ms", 30_000),
         # As the Rust servers: a TLS handshake gets 10 s.

@@ -393,7 +393,17 @@ where
                         Outcome::Failed { code, pushback, .. }
                             if policy.non_fatal_status_codes.contains(&code) && pushback != Pushback::Stop =>
                         {
+                            let none_serving = none_serving(&result);
                             last = Some(result);
+                            // Every endpoint NOT_SERVING: no more hedges (as
+                            // no more retries); the ones out may still answer.
+                            if none_serving {
+                                sent = policy.max_attempts;
+                                if running.is_empty() {
+                                    return last.expect("just set");
+                                }
+                                continue;
+                            }
                             // A non-fatal failure sends the next hedge at once.
                             if more && self.shared.budget.withdraw() {
                                 self.shared.metrics.retry(&self.shared.peer, parts.uri.path(), true);

@@ -152,10 +152,13 @@ pub async fn certify(
     Ok(tls)
 }
 
+/// Exponential backoff with jitter (half to all of the step): workloads
+/// that lost the identity service together must not come back in lockstep.
 fn backoff(failures: u32, cap: Duration) -> Duration {
-    FIRST_BACKOFF
+    let step = FIRST_BACKOFF
         .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
-        .min(cap)
+        .min(cap);
+    step.mul_f64(0.5 + 0.5 * rand::random::<f64>())
 }
 
 /// One round trip: a new key, a CSR, a chain, validated material.
@@ -603,12 +606,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_and_stops_at_the_cap() {
-        assert_eq!(backoff(1, MAX_BACKOFF), Duration::from_millis(500));
-        assert_eq!(backoff(2, MAX_BACKOFF), Duration::from_secs(1));
-        assert_eq!(backoff(4, MAX_BACKOFF), Duration::from_secs(4));
-        assert_eq!(backoff(40, MAX_BACKOFF), MAX_BACKOFF);
-        assert_eq!(backoff(40, Duration::from_secs(2)), Duration::from_secs(2));
+    fn backoff_doubles_stops_at_the_cap_and_is_jittered() {
+        let within = |got: Duration, step: Duration| got >= step / 2 && got <= step;
+        for _ in 0..100 {
+            assert!(within(backoff(1, MAX_BACKOFF), Duration::from_millis(500)));
+            assert!(within(backoff(2, MAX_BACKOFF), Duration::from_secs(1)));
+            assert!(within(backoff(4, MAX_BACKOFF), Duration::from_secs(4)));
+            assert!(within(backoff(40, MAX_BACKOFF), MAX_BACKOFF));
+            assert!(within(
+                backoff(40, Duration::from_secs(2)),
+                Duration::from_secs(2)
+            ));
+        }
+        let waits: std::collections::HashSet<_> =
+            (0..20).map(|_| backoff(5, MAX_BACKOFF)).collect();
+        assert!(
+            waits.len() > 1,
+            "twenty workloads would retry in lockstep: {waits:?}"
+        );
     }
 
     #[test]
