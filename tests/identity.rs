@@ -1371,11 +1371,11 @@ async fn issuance_latency_at_twenty_a_second() {
 /// connection every second, across at least two renewals with no failed call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_identity_agent_keeps_a_python_workload_certified_across_renewals() {
-    use std::os::unix::fs::MetadataExt as _;
     use shop_api::recommendations::v1::{
         RecommendRequest, RecordOrderRequest,
         recommendations_service_client::RecommendationsServiceClient,
     };
+    use std::os::unix::fs::MetadataExt as _;
     let python_ok = Command::new("python3")
         .args([
             "-c",
@@ -1461,8 +1461,7 @@ async fn the_identity_agent_keeps_a_python_workload_certified_across_renewals() 
         .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
         .unwrap()
         .with_tls(
-            mesh_client::tls::MeshTls::load(mesh_client::tls::TlsFiles::in_dir(&operator))
-                .unwrap(),
+            mesh_client::tls::MeshTls::load(mesh_client::tls::TlsFiles::in_dir(&operator)).unwrap(),
         );
     let target = format!("static:///{addr}");
     let channel = || {
@@ -1606,4 +1605,57 @@ async fn the_identity_agent_exits_non_zero_without_a_first_certificate() {
         "{stderr}"
     );
     assert!(!dir.path().join("tls/tls.key").exists());
+}
+
+/// The agent replaces its files one at a time, so a reader can read a new
+/// certificate with the old key: the Python loader refuses the pair
+/// (gRPC would fail handshakes with it) and keeps the last good one.
+#[test]
+fn the_python_loader_refuses_a_key_that_does_not_match_the_certificate() {
+    let python_ok = Command::new("python3")
+        .args(["-c", "import grpc, cryptography"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !python_ok {
+        common::skip_or_fail("python3 lacks grpcio and cryptography");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = DevCa::generate(TRUST_DOMAIN, Duration::from_secs(3600)).unwrap();
+    let spec = mesh_client::tls::dev::LeafSpec::local(identity("recommendations").parse().unwrap());
+    let (old, new) = (ca.issue(&spec).unwrap(), ca.issue(&spec).unwrap());
+    let load = |cert: &str, key: &str| {
+        mesh_client::tls::dev::write_workload(
+            dir.path(),
+            &mesh_client::tls::dev::Issued {
+                cert_pem: cert.to_owned(),
+                key_pem: key.to_owned(),
+            },
+            &ca.cert_pem,
+        )
+        .unwrap();
+        Command::new("python3")
+            .args([
+                "-c",
+                "import sys\nfrom recommendations.identity import load\nload(sys.argv[1])",
+            ])
+            .arg(dir.path())
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("services/recommendations"))
+            .output()
+            .unwrap()
+    };
+    let good = load(&new.cert_pem, &new.key_pem);
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let torn = load(&new.cert_pem, &old.key_pem);
+    let stderr = String::from_utf8_lossy(&torn.stderr);
+    assert!(!torn.status.success());
+    assert!(
+        stderr.contains("tls.key does not match tls.crt"),
+        "{stderr}"
+    );
 }

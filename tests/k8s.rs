@@ -708,10 +708,7 @@ fn mount_path(deployment: &Value, name: &str) -> String {
 }
 
 fn env_of(c: &Value, name: &str) -> Option<String> {
-    c["env"]
-        .as_array()?
-        .iter()
-        .find(|e| e["name"] == name)?["value"]
+    c["env"].as_array()?.iter().find(|e| e["name"] == name)?["value"]
         .as_str()
         .map(str::to_owned)
 }
@@ -749,7 +746,10 @@ fn check_identity_client(cluster: &Cluster, name: &str, d: &Value) {
         ),
     };
     for var in ["IDENTITY_ADDR", "IDENTITY_TOKEN_FILE", "TRUST_BUNDLE"] {
-        assert!(read.contains(var), "{name}: the identity client reads no {var}");
+        assert!(
+            read.contains(var),
+            "{name}: the identity client reads no {var}"
+        );
         assert!(env_of(c, var).is_some(), "{name}: no {var}");
     }
     assert_eq!(
@@ -821,7 +821,10 @@ fn check_identity_agent(name: &str, d: &Value, agent: &Value, read: &BTreeSet<St
     for e in agent["env"].as_array().unwrap() {
         let var = e["name"].as_str().unwrap();
         let telemetry = ["RUST_LOG", "LOG_FORMAT"].contains(&var);
-        assert!(telemetry || read.contains(var), "identity agent reads no {var}");
+        assert!(
+            telemetry || read.contains(var),
+            "identity agent reads no {var}"
+        );
     }
     assert!(env_of(agent, "TLS_DIR").is_none());
     // Its files: an emptyDir in memory, mounted read-only in the app at
@@ -843,7 +846,10 @@ fn check_identity_agent(name: &str, d: &Value, agent: &Value, read: &BTreeSet<St
     let app = container(d);
     let in_app = mount_of(app, volume_name)
         .unwrap_or_else(|| panic!("{name}: the app does not mount {volume_name}"));
-    assert_eq!(in_app["readOnly"], true, "{name} mounts the agent's files read-only");
+    assert_eq!(
+        in_app["readOnly"], true,
+        "{name} mounts the agent's files read-only"
+    );
     let relative = out
         .strip_prefix(files["mountPath"].as_str().unwrap())
         .unwrap();
@@ -853,13 +859,19 @@ fn check_identity_agent(name: &str, d: &Value, agent: &Value, read: &BTreeSet<St
         "{name}'s TLS_DIR is the agent's output"
     );
     for var in ["IDENTITY_ADDR", "IDENTITY_TOKEN_FILE"] {
-        assert!(env_value(d, var).is_none(), "{name}: the app itself has {var}");
+        assert!(
+            env_value(d, var).is_none(),
+            "{name}: the app itself has {var}"
+        );
     }
     // The app starts after the agent's startup probe: /ready is 200 only
     // once the files hold a valid certificate.
     let admin = port_of(&env_of(agent, "ADMIN_ADDR").expect("agent ADMIN_ADDR"));
     assert_eq!(agent["startupProbe"]["httpGet"]["path"], "/ready");
-    assert_eq!(agent["startupProbe"]["httpGet"]["port"].as_i64(), Some(admin));
+    assert_eq!(
+        agent["startupProbe"]["httpGet"]["port"].as_i64(),
+        Some(admin)
+    );
     assert_ne!(admin, port_named(d, "admin"), "{name}: two admin ports");
     // One user for both (a user-only directory and key).
     assert!(spec["securityContext"]["runAsUser"].is_i64());

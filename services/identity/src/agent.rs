@@ -37,7 +37,9 @@ use std::{
 };
 
 use clap::Parser;
-use mesh_client::tls::certify::{CertificateSource as _, CertifyOptions, IssuedPem, certify_with_pem};
+use mesh_client::tls::certify::{
+    CertificateSource as _, CertifyOptions, IssuedPem, certify_with_pem,
+};
 use shop_kit::certify::CertifyArgs;
 
 /// Flags of `identity agent`.
