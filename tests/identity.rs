@@ -1419,6 +1419,15 @@ async fn the_identity_agent_keeps_a_python_workload_certified_across_renewals() 
     let _agent = Proc::adopt("identity-agent", agent_admin, agent);
     wait_ready(agent_admin, Duration::from_secs(60)).await;
     assert_eq!(std::fs::metadata(&out).unwrap().mode() & 0o777, 0o700);
+    let (status, metrics) = common::http_get(agent_admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mesh_certificate_expiry_timestamp")
+                && l.contains(&identity("recommendations"))),
+        "{metrics}"
+    );
     assert_eq!(
         std::fs::metadata(out.join("tls.key")).unwrap().mode() & 0o777,
         0o600
