@@ -1363,3 +1363,308 @@ async fn issuance_latency_at_twenty_a_second() {
         server_side.join("\n")
     );
 }
+
+/// `identity agent` for the Python recommendations service: the agent
+/// gets 30-second certificates from the identity service and writes them
+/// as `--tls-dir` files; Python serves with them and reloads each renewal;
+/// a Rust mesh client calls it, on one long-lived channel and on a fresh
+/// connection every second, across at least two renewals with no failed call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_identity_agent_keeps_a_python_workload_certified_across_renewals() {
+    use shop_api::recommendations::v1::{
+        RecommendRequest, RecordOrderRequest,
+        recommendations_service_client::RecommendationsServiceClient,
+    };
+    use std::os::unix::fs::MetadataExt as _;
+    let python_ok = Command::new("python3")
+        .args([
+            "-c",
+            "import grpc, grpc_health.v1, grpc_reflection.v1alpha, cryptography, prometheus_client, opentelemetry.sdk",
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !python_ok {
+        common::skip_or_fail(
+            "python3 lacks the recommendations service's packages (pip install -r services/recommendations/requirements.txt)",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut id = Identity::new(dir.path(), 30, &[]);
+    id.start().await;
+
+    // The agent, as the recommendations pod's sidecar runs it.
+    let out = dir.path().join("mesh/tls");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let agent_admin = free_addr();
+    let agent_log = dir.path().join("agent.log");
+    let agent = Command::new(common::bin("identity"))
+        .arg("agent")
+        .arg("--out")
+        .arg(&out)
+        .args(["--identity-addr", &id.addr.to_string()])
+        .arg("--identity-token-file")
+        .arg(id.token_file("recommendations"))
+        .arg("--trust-bundle")
+        .arg(id.bundle())
+        .args(["--trust-domain", TRUST_DOMAIN])
+        .args(["--admin-addr", &agent_admin.to_string()])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&agent_log).unwrap())
+        .spawn()
+        .unwrap();
+    let _agent = Proc::adopt("identity-agent", agent_admin, agent);
+    wait_ready(agent_admin, Duration::from_secs(60)).await;
+    assert_eq!(std::fs::metadata(&out).unwrap().mode() & 0o777, 0o700);
+    let (status, metrics) = common::http_get(agent_admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mesh_certificate_expiry_timestamp")
+                && l.contains(&identity("recommendations"))),
+        "{metrics}"
+    );
+    assert_eq!(
+        std::fs::metadata(out.join("tls.key")).unwrap().mode() & 0o777,
+        0o600
+    );
+
+    // Python, reading the agent's directory.
+    let addr = free_addr();
+    let recs_admin = free_addr();
+    let policy = dir.path().join("recommendations.policy.json");
+    std::fs::write(&policy, shop_policy("recommendations")).unwrap();
+    let python = Command::new("python3")
+        .args(["-m", "recommendations"])
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("services/recommendations"))
+        .args(["--listen", &addr.to_string()])
+        .args(["--admin-addr", &recs_admin.to_string()])
+        .arg("--database-url")
+        .arg(format!("sqlite://{}", dir.path().join("recs.db").display()))
+        .arg("--tls-dir")
+        .arg(&out)
+        .arg("--mesh-config")
+        .arg(&policy)
+        .args(["--trust-domain", TRUST_DOMAIN])
+        .env("LOG_LEVEL", "WARNING")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("python3 -m recommendations");
+    let _python = Proc::adopt("recommendations", addr, python);
+
+    // The operator in file mode, from the same CA.
+    let operator = dir.path().join("operator");
+    let issued = id
+        .ca
+        .issue(&mesh_client::tls::dev::LeafSpec::local(
+            identity("operator").parse().unwrap(),
+        ))
+        .unwrap();
+    mesh_client::tls::dev::write_workload(&operator, &issued, &id.ca.cert_pem).unwrap();
+    let mesh = mesh_client::Mesh::from_config(mesh_client::MeshConfig::default())
+        .unwrap()
+        .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+        .unwrap()
+        .with_tls(
+            mesh_client::tls::MeshTls::load(mesh_client::tls::TlsFiles::in_dir(&operator)).unwrap(),
+        );
+    let target = format!("static:///{addr}");
+    let channel = || {
+        RecommendationsServiceClient::new(
+            mesh.channel_with_identity(&target, &identity("recommendations"))
+                .unwrap(),
+        )
+    };
+    common::wait_serving_on(
+        mesh.channel_with_identity(&target, &identity("recommendations"))
+            .unwrap(),
+    )
+    .await;
+    let mut recs = channel();
+    for (order, products) in [("o1", ["a", "b"]), ("o2", ["a", "c"])] {
+        recs.record_order(RecordOrderRequest {
+            order_id: order.into(),
+            product_ids: products.iter().map(|p| p.to_string()).collect(),
+        })
+        .await
+        .expect("RecordOrder");
+    }
+    let request = || {
+        let mut request = tonic::Request::new(RecommendRequest {
+            user_id: "u1".into(),
+            product_ids: vec!["a".into()],
+            max_results: 0,
+        });
+        request.set_timeout(Duration::from_secs(10));
+        request
+    };
+
+    // Calls on one long-lived channel, all the time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let steady = {
+        let (stop, calls, failures, mut recs) =
+            (stop.clone(), calls.clone(), failures.clone(), recs.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match recs.recommend(request()).await {
+                    Ok(_) => {
+                        calls.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => failures.lock().unwrap().push(format!("steady: {e}")),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    // Every second a new connection (a handshake with the files in use)
+    // and the serial Python presents.
+    let mut serials: Vec<String> = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(80) {
+        match channel().recommend(request()).await {
+            Ok(answer) => {
+                assert_eq!(answer.into_inner().product_ids, ["b", "c"]);
+                calls.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => failures.lock().unwrap().push(format!("fresh: {e}")),
+        }
+        match peer_certificate(addr, &operator).await {
+            Ok(der) => {
+                let (serial, spiffe_id) = leaf_serial_and_id(&der);
+                assert_eq!(spiffe_id, identity("recommendations"));
+                if serials.last() != Some(&serial) {
+                    serials.push(serial);
+                }
+            }
+            Err(e) => failures.lock().unwrap().push(format!("handshake: {e}")),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    steady.await.unwrap();
+    let failures = failures.lock().unwrap().clone();
+    let calls = calls.load(Ordering::Relaxed);
+    let log = std::fs::read_to_string(&agent_log).unwrap();
+    eprintln!(
+        "identity agent: {calls} calls, {} failed, {} certificates seen over 80 s: {serials:?}",
+        failures.len(),
+        serials.len()
+    );
+    assert!(failures.is_empty(), "failed calls: {failures:?}");
+    assert!(calls > 100, "only {calls} calls");
+    assert!(
+        serials.len() >= 3,
+        "Python served {} certificates over 80 s of 30-s certificates (two renewals expected): {serials:?}\n{log}",
+        serials.len()
+    );
+    assert!(
+        log.matches("certificate files renewed").count() >= 2,
+        "{log}"
+    );
+    for serial in &serials {
+        assert!(log.contains(serial.as_str()), "serial {serial} not logged");
+    }
+    assert!(!log.contains("PRIVATE KEY"), "the agent logged a key");
+}
+
+/// With no identity service to answer, the agent says why and exits 1
+/// once `--first-certificate-timeout-secs` has passed, never ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_identity_agent_exits_non_zero_without_a_first_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = Identity::new(dir.path(), 30, &[]);
+    let output = tokio::task::spawn_blocking({
+        let args: Vec<String> = vec![
+            "agent".into(),
+            "--out".into(),
+            dir.path().join("tls").display().to_string(),
+            "--identity-addr".into(),
+            // Nothing listens there.
+            id.addr.to_string(),
+            "--identity-token-file".into(),
+            id.token_file("recommendations").display().to_string(),
+            "--trust-bundle".into(),
+            id.bundle().display().to_string(),
+            "--first-certificate-timeout-secs".into(),
+            "3".into(),
+        ];
+        move || {
+            Command::new(common::bin("identity"))
+                .args(&args)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        }
+    });
+    let output = tokio::time::timeout(Duration::from_secs(120), output)
+        .await
+        .expect("the agent gave up in time")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no certificate from identity service")
+            && stderr.contains("--first-certificate-timeout-secs"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("tls/tls.key").exists());
+}
+
+/// The agent replaces its files one at a time, so a reader can read a new
+/// certificate with the old key: the Python loader refuses the pair
+/// (gRPC would fail handshakes with it) and keeps the last good one.
+#[test]
+fn the_python_loader_refuses_a_key_that_does_not_match_the_certificate() {
+    let python_ok = Command::new("python3")
+        .args(["-c", "import grpc, cryptography"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !python_ok {
+        common::skip_or_fail("python3 lacks grpcio and cryptography");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = DevCa::generate(TRUST_DOMAIN, Duration::from_secs(3600)).unwrap();
+    let spec = mesh_client::tls::dev::LeafSpec::local(identity("recommendations").parse().unwrap());
+    let (old, new) = (ca.issue(&spec).unwrap(), ca.issue(&spec).unwrap());
+    let load = |cert: &str, key: &str| {
+        mesh_client::tls::dev::write_workload(
+            dir.path(),
+            &mesh_client::tls::dev::Issued {
+                cert_pem: cert.to_owned(),
+                key_pem: key.to_owned(),
+            },
+            &ca.cert_pem,
+        )
+        .unwrap();
+        Command::new("python3")
+            .args([
+                "-c",
+                "import sys\nfrom recommendations.identity import load\nload(sys.argv[1])",
+            ])
+            .arg(dir.path())
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("services/recommendations"))
+            .output()
+            .unwrap()
+    };
+    let good = load(&new.cert_pem, &new.key_pem);
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let torn = load(&new.cert_pem, &old.key_pem);
+    let stderr = String::from_utf8_lossy(&torn.stderr);
+    assert!(!torn.status.success());
+    assert!(
+        stderr.contains("tls.key does not match tls.crt"),
+        "{stderr}"
+    );
+}

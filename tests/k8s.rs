@@ -707,21 +707,53 @@ fn mount_path(deployment: &Value, name: &str) -> String {
         .to_owned()
 }
 
-/// A workload gets its certificate from the identity service: its address,
-/// a projected token with the audience the service checks, the trust
-/// bundle the service's own certificate chains to, the network path, and
-/// no Secret volume at all.
+fn env_of(c: &Value, name: &str) -> Option<String> {
+    c["env"].as_array()?.iter().find(|e| e["name"] == name)?["value"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+fn mount_of(c: &Value, volume: &str) -> Option<Value> {
+    c["volumeMounts"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == volume)
+        .cloned()
+}
+
+/// The identity-agent sidecar of a pod whose process reads `--tls-dir`.
+fn identity_agent(d: &Value) -> Option<&Value> {
+    d["spec"]["template"]["spec"]["initContainers"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == "identity-agent")
+}
+
+/// A workload gets its certificate from the identity service (itself, or
+/// through its identity-agent sidecar): its address, a projected token
+/// with the audience the service checks, the trust bundle the service's
+/// own certificate chains to, the network path, and no Secret volume at
+/// all.
 fn check_identity_client(cluster: &Cluster, name: &str, d: &Value) {
-    use clap::Args;
+    use clap::{Args, CommandFactory};
     let identity = cluster.deployment("identity");
-    let read = envs_read(shop_kit::MeshArgs::augment_args(clap::Command::new("x")));
+    let agent = identity_agent(d);
+    let (c, read) = match agent {
+        Some(agent) => (agent, envs_read(identity::agent::AgentConfig::command())),
+        None => (
+            container(d),
+            envs_read(shop_kit::MeshArgs::augment_args(clap::Command::new("x"))),
+        ),
+    };
     for var in ["IDENTITY_ADDR", "IDENTITY_TOKEN_FILE", "TRUST_BUNDLE"] {
-        assert!(read.contains(var), "shop_kit::MeshArgs reads no {var}");
-        assert!(env_value(d, var).is_some(), "{name}: no {var}");
+        assert!(
+            read.contains(var),
+            "{name}: the identity client reads no {var}"
+        );
+        assert!(env_of(c, var).is_some(), "{name}: no {var}");
     }
-    assert!(env_value(d, "TLS_DIR").is_none(), "{name}: still file mode");
     assert_eq!(
-        env_value(d, "IDENTITY_ADDR").unwrap(),
+        env_of(c, "IDENTITY_ADDR").unwrap(),
         format!(
             "identity.shop.svc.cluster.local:{}",
             port_named(identity, "grpc")
@@ -734,29 +766,120 @@ fn check_identity_client(cluster: &Cluster, name: &str, d: &Value) {
         "{name}: the token's audience is the one the identity service checks"
     );
     assert!(token["expirationSeconds"].as_i64().unwrap() <= 3600);
+    let mounted = |volume: &str| {
+        mount_of(c, volume).unwrap_or_else(|| panic!("{name}: {volume} not mounted"))["mountPath"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
     assert_eq!(
-        env_value(d, "IDENTITY_TOKEN_FILE").unwrap(),
+        env_of(c, "IDENTITY_TOKEN_FILE").unwrap(),
         format!(
             "{}/{}",
-            mount_path(d, "identity-token"),
+            mounted("identity-token"),
             token["path"].as_str().unwrap()
         )
     );
     assert_eq!(
-        env_value(d, "TRUST_BUNDLE").unwrap(),
-        format!("{}/ca.crt", mount_path(d, "trust-bundle"))
+        env_of(c, "TRUST_BUNDLE").unwrap(),
+        format!("{}/ca.crt", mounted("trust-bundle"))
     );
     assert_eq!(
         volume(d, "trust-bundle")["configMap"]["name"],
         volume(identity, "trust-bundle")["configMap"]["name"]
     );
+    // No key in a Secret: no Secret volume, nor a Secret in a projection.
     for v in d["spec"]["template"]["spec"]["volumes"].as_array().unwrap() {
         assert!(v["secret"].is_null(), "{name} mounts a Secret: {v}");
+        for source in v["projected"]["sources"].as_array().into_iter().flatten() {
+            assert!(source["secret"].is_null(), "{name} projects a Secret: {v}");
+        }
     }
     assert!(
         allowed(cluster, name, "identity", port_named(identity, "grpc")),
         "network policies block {name} → identity"
     );
+    match agent {
+        None => assert!(env_value(d, "TLS_DIR").is_none(), "{name}: still file mode"),
+        Some(agent) => check_identity_agent(name, d, agent, &read),
+    }
+}
+
+/// The identity agent as a native sidecar: started (and ready) before the
+/// app, writing into a memory-backed emptyDir the app reads, read-only,
+/// as its `--tls-dir`; as the same user (the directory is 0700).
+fn check_identity_agent(name: &str, d: &Value, agent: &Value, read: &BTreeSet<String>) {
+    let spec = &d["spec"]["template"]["spec"];
+    assert_eq!(agent["restartPolicy"], "Always", "{name}: a native sidecar");
+    assert!(
+        agent["image"]
+            .as_str()
+            .unwrap()
+            .starts_with("mesh-shop/identity:")
+    );
+    assert_eq!(agent["args"], serde_json::json!(["agent"]));
+    for e in agent["env"].as_array().unwrap() {
+        let var = e["name"].as_str().unwrap();
+        let telemetry = ["RUST_LOG", "LOG_FORMAT"].contains(&var);
+        assert!(
+            telemetry || read.contains(var),
+            "identity agent reads no {var}"
+        );
+    }
+    assert!(env_of(agent, "TLS_DIR").is_none());
+    // Its files: an emptyDir in memory, mounted read-only in the app at
+    // the path its TLS_DIR names.
+    let out = env_of(agent, "AGENT_OUT_DIR").expect("AGENT_OUT_DIR");
+    let files = agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| out.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())))
+        .unwrap_or_else(|| panic!("{name}: the agent's {out} is on no volume"));
+    let volume_name = files["name"].as_str().unwrap();
+    assert_eq!(
+        volume(d, volume_name)["emptyDir"]["medium"],
+        "Memory",
+        "{name}: the key stays in memory"
+    );
+    assert_ne!(files["readOnly"], true, "the agent writes {volume_name}");
+    let app = container(d);
+    let in_app = mount_of(app, volume_name)
+        .unwrap_or_else(|| panic!("{name}: the app does not mount {volume_name}"));
+    assert_eq!(
+        in_app["readOnly"], true,
+        "{name} mounts the agent's files read-only"
+    );
+    let relative = out
+        .strip_prefix(files["mountPath"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(
+        env_value(d, "TLS_DIR").unwrap(),
+        format!("{}{relative}", in_app["mountPath"].as_str().unwrap()),
+        "{name}'s TLS_DIR is the agent's output"
+    );
+    for var in ["IDENTITY_ADDR", "IDENTITY_TOKEN_FILE"] {
+        assert!(
+            env_value(d, var).is_none(),
+            "{name}: the app itself has {var}"
+        );
+    }
+    // The app starts after the agent's startup probe: /ready is 200 only
+    // once the files hold a valid certificate.
+    let admin = port_of(&env_of(agent, "ADMIN_ADDR").expect("agent ADMIN_ADDR"));
+    assert_eq!(agent["startupProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(
+        agent["startupProbe"]["httpGet"]["port"].as_i64(),
+        Some(admin)
+    );
+    assert_ne!(admin, port_named(d, "admin"), "{name}: two admin ports");
+    // One user for both (a user-only directory and key).
+    assert!(spec["securityContext"]["runAsUser"].is_i64());
+    for c in [agent, app] {
+        assert!(c["securityContext"]["runAsUser"].is_null());
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    }
 }
 
 /// The identity service's Deployment against its code, and the CA objects

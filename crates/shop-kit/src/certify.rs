@@ -71,6 +71,27 @@ impl CertifyArgs {
         problems
     }
 
+    /// The client for the identity service these flags name, and the
+    /// trust bundle (`--trust-bundle`, required).
+    pub fn client(
+        &self,
+        trust_domain: &str,
+        namespace: &str,
+    ) -> Result<(IdentityClient, PathBuf), String> {
+        let bundle = self
+            .trust_bundle
+            .clone()
+            .ok_or("--trust-bundle: required with --identity-addr")?;
+        let client = IdentityClient {
+            addrs: self.identity_addr.clone(),
+            server_id: self.server_id(trust_domain, namespace)?,
+            token_file: self.identity_token_file.clone(),
+            bundle: bundle.clone(),
+            timeout: Duration::from_secs(10),
+        };
+        Ok((client, bundle))
+    }
+
     fn server_id(&self, trust_domain: &str, namespace: &str) -> Result<SpiffeId, String> {
         match &self.identity_server_id {
             Some(id) => id.parse().map_err(|e| format!("--identity-server-id: {e}")),
@@ -91,17 +112,7 @@ pub(crate) async fn identity_from_service(
     handshake_timeout: Duration,
     admin: Option<std::net::TcpListener>,
 ) -> Result<Arc<MeshTls>, String> {
-    let bundle = args
-        .trust_bundle
-        .clone()
-        .ok_or("--trust-bundle: required with --identity-addr")?;
-    let client = IdentityClient {
-        addrs: args.identity_addr.clone(),
-        server_id: args.server_id(trust_domain, namespace)?,
-        token_file: args.identity_token_file.clone(),
-        bundle: bundle.clone(),
-        timeout: Duration::from_secs(10),
-    };
+    let (client, bundle) = args.client(trust_domain, namespace)?;
     let stop_admin = tokio_util::sync::CancellationToken::new();
     let _stop_admin_on_return = stop_admin.clone().drop_guard();
     if let Some(listener) = admin {

@@ -1,9 +1,9 @@
 //! `shopctl certs`: a development mesh CA and SPIFFE workload certificates,
-//! as files and optionally as Kubernetes Secret manifests.
+//! as files (for `--tls-dir` outside Kubernetes; in a cluster workloads get
+//! theirs from the identity service, and no Secret holds a workload key).
 //!
-//! The operator's identity (allowed to call everything) never goes into a
-//! cluster: `--k8s-secrets` refuses it, and `--operator` issues it on
-//! demand, locally, valid for [`OPERATOR_VALID_HOURS`] only.
+//! The operator's identity (allowed to call everything) is issued on
+//! demand with `--operator`, locally, valid for [`OPERATOR_VALID_HOURS`] only.
 
 use std::{
     net::IpAddr,
@@ -54,7 +54,7 @@ pub struct CertArgs {
     pub workloads: Vec<String>,
     /// Issue only the operator's client certificate (calls everything),
     /// into `<out>/operator`, valid for 1 hour; for grpcurl from this machine.
-    #[arg(long, conflicts_with_all = ["workloads", "k8s_secrets", "valid_hours"])]
+    #[arg(long, conflicts_with_all = ["workloads", "valid_hours"])]
     pub operator: bool,
     /// Extra DNS names for every server certificate.
     #[arg(long = "dns")]
@@ -62,16 +62,12 @@ pub struct CertArgs {
     /// Certificate lifetime in hours.
     #[arg(long, default_value_t = 24)]
     pub valid_hours: u64,
-    /// Also write the certificates as Kubernetes TLS Secrets (one YAML
-    /// file); never the operator's.
-    #[arg(long)]
-    pub k8s_secrets: Option<PathBuf>,
     /// Print, for `kubectl apply -f -`, the mesh identity service's issuing
     /// CA (`<out>/ca`, created on first use) as the `identity-ca` Secret
     /// and its certificate as the `mesh-trust-bundle` ConfigMap (with
     /// the namespace), and issue nothing else: workloads get their
     /// certificates from the identity service.
-    #[arg(long, conflicts_with_all = ["operator", "k8s_secrets"])]
+    #[arg(long, conflicts_with_all = ["operator"])]
     pub k8s_identity_ca: bool,
 }
 
@@ -131,7 +127,6 @@ fn needs_issue(dir: &Path) -> bool {
 pub fn issue(args: &CertArgs, force: bool) -> anyhow::Result<Vec<(String, PathBuf)>> {
     let ca = ensure_ca(&args.out, &args.trust_domain)?;
     let mut dirs = Vec::new();
-    let mut secrets = String::new();
     for workload in &args.workloads {
         let identity = SpiffeId::workload(&args.trust_domain, &args.namespace, workload)
             .map_err(anyhow::Error::msg)
@@ -147,33 +142,9 @@ pub fn issue(args: &CertArgs, force: bool) -> anyhow::Result<Vec<(String, PathBu
             let issued = ca.issue(&spec)?;
             write_workload(&dir, &issued, &ca.cert_pem)?;
         }
-        if args.k8s_secrets.is_some() {
-            if workload == OPERATOR {
-                // Defence in depth (run() refuses this): the all-access
-                // identity stays out of every cluster.
-                bail!("the operator's certificate is never written as a Kubernetes Secret");
-            }
-            secrets.push_str(&secret_yaml(workload, &args.namespace, &dir)?);
-        }
         dirs.push((workload.clone(), dir));
     }
-    if let Some(path) = &args.k8s_secrets {
-        write_file(path, &secrets, true)?;
-    }
     Ok(dirs)
-}
-
-fn secret_yaml(workload: &str, namespace: &str, dir: &Path) -> anyhow::Result<String> {
-    let b64 = |name: &str| -> anyhow::Result<String> {
-        Ok(STANDARD
-            .encode(std::fs::read(dir.join(name)).with_context(|| format!("reading {name}"))?))
-    };
-    Ok(format!(
-        "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {workload}-tls\n  namespace: {namespace}\n  labels:\n    app.kubernetes.io/part-of: mesh-shop\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n  ca.crt: {}\n",
-        b64("tls.crt")?,
-        b64("tls.key")?,
-        b64("ca.crt")?
-    ))
 }
 
 /// The identity service's CA as Kubernetes objects (see
@@ -225,9 +196,6 @@ pub fn run(mut args: CertArgs) -> anyhow::Result<()> {
             args.namespace,
             dir.display()
         );
-    }
-    if let Some(path) = &args.k8s_secrets {
-        println!("Kubernetes Secrets: {}", path.display());
     }
     if args.operator {
         println!(

@@ -556,7 +556,6 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             operator: false,
             extra_dns: vec![],
             valid_hours: 24,
-            k8s_secrets: None,
             k8s_identity_ca: false,
         };
         certs::issue(&cert_args, false)?;

@@ -1,13 +1,12 @@
 //! `shopctl certs` makes a dev CA (key private) and SPIFFE workload
-//! certificates, and Kubernetes Secrets of them.
+//! certificates, and never Kubernetes Secrets of workload keys.
 
 use std::process::Command;
 
 #[test]
-fn certs_writes_private_ca_spiffe_certificates_and_secrets() {
+fn certs_writes_private_ca_and_spiffe_certificates_but_no_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("certs");
-    let secrets = dir.path().join("secrets.yaml");
     let run = Command::new(env!("CARGO_BIN_EXE_shopctl"))
         .arg("certs")
         .arg("--out")
@@ -18,8 +17,6 @@ fn certs_writes_private_ca_spiffe_certificates_and_secrets() {
             "--dns",
             "shop.example.com",
         ])
-        .arg("--k8s-secrets")
-        .arg(&secrets)
         .output()
         .unwrap();
     assert!(
@@ -37,7 +34,6 @@ fn certs_writes_private_ca_spiffe_certificates_and_secrets() {
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&out.join("ca/ca.key")), 0o600);
     assert_eq!(mode(&out.join("orders/tls.key")), 0o600);
-    assert_eq!(mode(&secrets), 0o600);
 
     // The certificate is usable by the mesh, names the workload, and is short-lived.
     let pem = std::fs::read(out.join("orders/tls.crt")).unwrap();
@@ -52,20 +48,23 @@ fn certs_writes_private_ca_spiffe_certificates_and_secrets() {
     let text = String::from_utf8_lossy(&pem).to_string();
     assert!(text.starts_with("-----BEGIN CERTIFICATE-----"));
 
-    let yaml = std::fs::read_to_string(&secrets).unwrap();
-    // One per service (auth, inventory, payments, orders, gateway,
-    // recommendations).
-    assert_eq!(yaml.matches("kind: Secret").count(), 6, "{yaml}");
-    assert!(
-        !yaml.contains("operator"),
-        "the operator identity stays out: {yaml}"
-    );
     assert!(
         !out.join("operator").exists(),
         "no operator certificate unless asked"
     );
-    assert!(yaml.contains("name: gateway-tls"));
-    assert!(yaml.contains("name: payments-tls") && yaml.contains("type: kubernetes.io/tls"));
+    // Workload keys never go into Secrets: in a cluster they live in
+    // memory (or the identity agent's memory emptyDir).
+    let secrets = dir.path().join("secrets.yaml");
+    let refused = Command::new(env!("CARGO_BIN_EXE_shopctl"))
+        .arg("certs")
+        .arg("--out")
+        .arg(&out)
+        .arg("--k8s-secrets")
+        .arg(&secrets)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "--k8s-secrets was accepted");
+    assert!(!secrets.exists());
 
     // Running it again keeps the CA (certificates from both runs verify together).
     let ca_before = std::fs::read(out.join("ca/ca.crt")).unwrap();
@@ -111,20 +110,12 @@ fn operator_certificate_is_local_short_lived_and_never_a_secret() {
     // Only the operator: no workload certificates came with it.
     assert!(!out.join("orders").exists());
 
-    // Asking for it as a workload, or as a Secret, is refused.
-    let secrets = dir.path().join("secrets.yaml");
+    // Asking for it as a workload is refused.
     for args in [
         vec!["--workloads", "orders,operator"],
-        vec!["--workloads", "operator", "--k8s-secrets"],
-        vec!["--operator", "--k8s-secrets"],
+        vec!["--workloads", "operator"],
     ] {
-        let mut cmd = shopctl();
-        cmd.args(&args);
-        if args.contains(&"--k8s-secrets") {
-            cmd.arg(&secrets);
-        }
-        let run = cmd.output().unwrap();
+        let run = shopctl().args(&args).output().unwrap();
         assert!(!run.status.success(), "{args:?} was accepted");
-        assert!(!secrets.exists(), "{args:?} wrote Secrets");
     }
 }

@@ -25,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod ca;
 mod http;
 pub mod service;
@@ -346,8 +347,15 @@ pub async fn run(
     Ok(())
 }
 
-/// The process entry point: `args` are the command line.
+/// The process entry point: `args` are the command line; `identity agent
+/// ...` runs the identity agent ([`agent`]).
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let args: Vec<OsString> = args.into_iter().collect();
+    if args.get(1).is_some_and(|a| a == "agent") {
+        return agent::main(
+            std::iter::once(OsString::from("identity agent")).chain(args.into_iter().skip(2)),
+        );
+    }
     shop_kit::service_main("identity", args, |config: Config, listener, shutdown| {
         run(config, listener, shutdown)
     })

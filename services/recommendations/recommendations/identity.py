@@ -77,9 +77,18 @@ def load(directory):
     try:
         leaf = x509.load_pem_x509_certificates(data["tls.crt"])[0]
         x509.load_pem_x509_certificates(data["ca.crt"])
-        serialization.load_pem_private_key(data["tls.key"], password=None)
+        key = serialization.load_pem_private_key(data["tls.key"], password=None)
     except ValueError as e:
         raise IdentityError(f"--tls-dir {directory}: not PEM certificates and key: {e}") from e
+    # The files are replaced one at a time (a Secret update, or the identity
+    # agent's renames): a read between two replacements sees a new
+    # certificate with the old key. Refused, so gRPC never gets the pair;
+    # the next check (a second later) reads both new files.
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, spki) != leaf.public_key().public_bytes(
+        serialization.Encoding.DER, spki
+    ):
+        raise IdentityError(f"--tls-dir {directory}: tls.key does not match tls.crt (files being replaced?)")
     ids = spiffe_ids(leaf)
     if len(ids) != 1 or parse_spiffe_id(ids[0]) is None:
         raise IdentityError(

@@ -112,6 +112,48 @@ struct Held {
     not_after: SystemTime,
 }
 
+/// The PEM material in use, for a process that hands its identity on to
+/// another as files (the identity agent of `services/identity`, for
+/// workloads that read `--tls-dir`). It holds the private key: keep it in
+/// memory or in a file only its workload can read, and never log it
+/// (`Debug` leaves it out).
+#[derive(Clone)]
+pub struct IssuedPem {
+    /// The SPIFFE ID of the leaf.
+    pub identity: SpiffeId,
+    /// Serial of the leaf, hex.
+    pub serial: String,
+    /// When the leaf expires.
+    pub not_after: SystemTime,
+    /// The chain, leaf first (`tls.crt`).
+    pub chain_pem: Vec<u8>,
+    /// The private key, PKCS#8 (`tls.key`).
+    pub key_pem: Vec<u8>,
+    /// The trust bundle the chain was checked against (`ca.crt`).
+    pub bundle_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for IssuedPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedPem")
+            .field("identity", &self.identity)
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+fn issued(material: &Material, held: &Held) -> Arc<IssuedPem> {
+    Arc::new(IssuedPem {
+        identity: material.identity.clone(),
+        serial: material.serial.clone(),
+        not_after: material.not_after,
+        chain_pem: held.chain_pem.clone(),
+        key_pem: held.key_pem.clone(),
+        bundle_pem: held.bundle.clone(),
+    })
+}
+
 /// Gets this workload's first certificate from `source`, retrying with
 /// backoff until it succeeds (wrap it in a timeout or a shutdown select to
 /// give up), and returns a [`MeshTls`] that renews itself until dropped.
@@ -120,6 +162,16 @@ pub async fn certify(
     options: CertifyOptions,
     source: Arc<dyn CertificateSource>,
 ) -> Result<Arc<MeshTls>, TlsError> {
+    certify_with_pem(options, source).await.map(|(tls, _)| tls)
+}
+
+/// [`certify`], plus a watch of the PEM material: it holds the first
+/// certificate when this returns and changes on every renewal and every
+/// trust bundle change, as the [`MeshTls`] switches to it.
+pub async fn certify_with_pem(
+    options: CertifyOptions,
+    source: Arc<dyn CertificateSource>,
+) -> Result<(Arc<MeshTls>, tokio::sync::watch::Receiver<Arc<IssuedPem>>), TlsError> {
     let files = TlsFiles {
         cert: PathBuf::from(format!("<certificate from {}>", source.describe())),
         key: PathBuf::from("<private key in memory>"),
@@ -143,13 +195,21 @@ pub async fn certify(
         }
     };
     tracing::info!(identity = %material.identity, serial = %material.serial, source = %source.describe(), "TLS identity issued");
+    let (pem_tx, pem_rx) = tokio::sync::watch::channel(issued(&material, &held));
     let tls = Arc::new(MeshTls {
         files: files.clone(),
         current: RwLock::new(Arc::new(material)),
         handshake_timeout: options.handshake_timeout,
     });
-    tokio::spawn(renew(Arc::downgrade(&tls), files, options, source, held));
-    Ok(tls)
+    tokio::spawn(renew(
+        Arc::downgrade(&tls),
+        files,
+        options,
+        source,
+        held,
+        pem_tx,
+    ));
+    Ok((tls, pem_rx))
 }
 
 /// Exponential backoff with jitter (half to all of the step): workloads
@@ -265,6 +325,7 @@ async fn renew(
     options: CertifyOptions,
     source: Arc<dyn CertificateSource>,
     mut held: Held,
+    pem: tokio::sync::watch::Sender<Arc<IssuedPem>>,
 ) {
     let mut next = renew_time(&held, &options);
     let mut failures = 0u32;
@@ -292,6 +353,7 @@ async fn renew(
                 match material(&files, &options, &candidate) {
                     Ok(material) => {
                         tracing::info!(bundle = %options.bundle.display(), "trust bundle changed; new handshakes use it");
+                        pem.send_replace(issued(&material, &candidate));
                         *tls.current.write().expect("tls lock") = Arc::new(material);
                         held = candidate;
                     }
@@ -332,6 +394,7 @@ async fn renew(
                 if failing_since.take().is_some() {
                     tracing::info!(source = %source.describe(), after_failures = failures, "identity service reachable again");
                 }
+                pem.send_replace(issued(&material, &got));
                 *tls.current.write().expect("tls lock") = Arc::new(material);
                 held = got;
                 failures = 0;
