@@ -8,19 +8,12 @@ use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
     process::{Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use common::{Db, Proc, Shop, ShopOptions, authed, bin, free_addr, http_get, skip_or_fail};
-use opentelemetry_proto::tonic::{
-    collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_server::{TraceService, TraceServiceServer},
-    },
-    common::v1::{KeyValue, any_value::Value},
-    trace::v1::span::SpanKind,
-};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use shop_api::{
     common::v1::Money,
     echo::v1::{ChainRequest, EchoRequest, Fault, echo_service_client::EchoServiceClient},
@@ -28,97 +21,7 @@ use shop_api::{
 };
 use tonic::Code;
 
-/// A span as received, with the service that exported it.
-#[derive(Clone, Debug)]
-struct Received {
-    service: String,
-    trace_id: Vec<u8>,
-    span_id: Vec<u8>,
-    parent: Vec<u8>,
-    name: String,
-    kind: SpanKind,
-    attributes: HashMap<String, String>,
-    events: Vec<String>,
-}
-
-/// A test OTLP collector: the official trace service definition, served
-/// by tonic, keeping every span it is sent.
-#[derive(Clone, Default)]
-struct Collector(Arc<Mutex<Vec<Received>>>);
-
-fn text(kv: &[KeyValue]) -> HashMap<String, String> {
-    kv.iter()
-        .map(|kv| {
-            let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-                Some(Value::StringValue(s)) => s.clone(),
-                Some(Value::IntValue(i)) => i.to_string(),
-                Some(Value::BoolValue(b)) => b.to_string(),
-                Some(Value::DoubleValue(d)) => d.to_string(),
-                other => format!("{other:?}"),
-            };
-            (kv.key.clone(), value)
-        })
-        .collect()
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.0.lock().unwrap();
-        for resource_spans in request.into_inner().resource_spans {
-            let resource = text(
-                &resource_spans
-                    .resource
-                    .map(|r| r.attributes)
-                    .unwrap_or_default(),
-            );
-            let service = resource.get("service.name").cloned().unwrap_or_default();
-            for scope in resource_spans.scope_spans {
-                for span in scope.spans {
-                    spans.push(Received {
-                        service: service.clone(),
-                        trace_id: span.trace_id.clone(),
-                        span_id: span.span_id.clone(),
-                        parent: span.parent_span_id.clone(),
-                        name: span.name.clone(),
-                        kind: span.kind(),
-                        attributes: text(&span.attributes),
-                        events: span.events.iter().map(|e| e.name.clone()).collect(),
-                    });
-                }
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-impl Collector {
-    async fn start() -> (Collector, SocketAddr) {
-        let collector = Collector::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let service = TraceServiceServer::new(collector.clone());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        (collector, addr)
-    }
-
-    fn spans_of(&self, trace_id: &[u8]) -> Vec<Received> {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.trace_id == trace_id)
-            .cloned()
-            .collect()
-    }
-}
+use common::otlp::{Collector, Received};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -14,7 +14,6 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -871,131 +870,11 @@ async fn the_gateway_degrades_when_recommendations_is_killed_hung_slow_or_failin
     println!("{}", report.join("\n"));
 }
 
-/// A span as received, with the service that exported it.
-#[derive(Clone, Debug)]
-struct Received {
-    service: String,
-    trace_id: Vec<u8>,
-    span_id: Vec<u8>,
-    parent: Vec<u8>,
-    name: String,
-    kind: i32,
-    attributes: HashMap<String, String>,
-}
+use common::otlp::{Collector, Received};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
-/// A test OTLP collector (the official trace service definition, served by
-/// tonic) keeping every span it is sent, as tests/observability.rs has.
-#[derive(Clone, Default)]
-struct Collector(Arc<Mutex<Vec<Received>>>);
-
-#[tonic::async_trait]
-impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
-    for Collector
-{
-    async fn export(
-        &self,
-        request: tonic::Request<
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
-        >,
-    ) -> Result<
-        tonic::Response<
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
-        >,
-        tonic::Status,
-    > {
-        use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value::Value};
-        let text = |kv: &[KeyValue]| -> HashMap<String, String> {
-            kv.iter()
-                .map(|kv| {
-                    let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-                        Some(Value::StringValue(s)) => s.clone(),
-                        Some(Value::IntValue(i)) => i.to_string(),
-                        Some(Value::BoolValue(b)) => b.to_string(),
-                        other => format!("{other:?}"),
-                    };
-                    (kv.key.clone(), value)
-                })
-                .collect()
-        };
-        let mut spans = self.0.lock().unwrap();
-        for resource_spans in request.into_inner().resource_spans {
-            let resource = text(
-                &resource_spans
-                    .resource
-                    .map(|r| r.attributes)
-                    .unwrap_or_default(),
-            );
-            let service = resource.get("service.name").cloned().unwrap_or_default();
-            for scope in resource_spans.scope_spans {
-                for span in scope.spans {
-                    spans.push(Received {
-                        service: service.clone(),
-                        trace_id: span.trace_id.clone(),
-                        span_id: span.span_id.clone(),
-                        parent: span.parent_span_id.clone(),
-                        name: span.name.clone(),
-                        kind: span.kind,
-                        attributes: text(&span.attributes),
-                    });
-                }
-            }
-        }
-        Ok(tonic::Response::new(Default::default()))
-    }
-}
-
-impl Collector {
-    async fn start() -> (Collector, SocketAddr) {
-        let collector = Collector::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(
-                    opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
-                        collector.clone(),
-                    ),
-                )
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        (collector, addr)
-    }
-
-    /// Waits (bounded) until a span matching `find` has arrived; returns
-    /// it and every span of its trace.
-    async fn wait_for(
-        &self,
-        what: &str,
-        find: impl Fn(&Received) -> bool,
-    ) -> (Received, Vec<Received>) {
-        let started = Instant::now();
-        loop {
-            let found = self.0.lock().unwrap().iter().find(|s| find(s)).cloned();
-            if let Some(span) = found {
-                // One more batch interval for the rest of the trace.
-                tokio::time::sleep(Duration::from_millis(700)).await;
-                let trace = self
-                    .0
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|s| s.trace_id == span.trace_id)
-                    .cloned()
-                    .collect();
-                return (span, trace);
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "no {what} span arrived; got {:#?}",
-                self.0.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-const SERVER: i32 = 2; // SpanKind::Server
-const CLIENT: i32 = 3; // SpanKind::Client
+const SERVER: SpanKind = SpanKind::Server;
+const CLIENT: SpanKind = SpanKind::Client;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -15,6 +15,7 @@ mod certs;
 pub mod dns;
 mod grpc;
 pub mod netbed;
+pub mod otlp;
 mod postgres;
 mod procs;
 mod shop;

@@ -231,7 +231,7 @@ pub async fn run(
         () = &mut shutdown => return Err("stopped before the identity service issued a certificate".into()),
     };
     // The same expiry gauge as every workload's, for the same alerts.
-    mesh_client::telemetry::metrics().report_certificate(&tls);
+    tls.report_expiry_to(mesh_client::telemetry::metrics());
     let mut written: [Vec<u8>; 3] = Default::default();
     let mut last_serial = String::new();
     let mut pending = Some(pem.borrow_and_update().clone());

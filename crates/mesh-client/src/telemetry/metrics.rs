@@ -380,13 +380,6 @@ impl Metrics {
         }
     }
 
-    /// Reports `tls`'s certificate expiry (`mesh_certificate_expiry_timestamp`)
-    /// at every scrape while it lives: for a process that holds an identity
-    /// without serving or calling with it (the identity agent).
-    pub fn report_certificate(&self, tls: &Arc<crate::tls::MeshTls>) {
-        self.add_source(tls);
-    }
-
     /// Asks `source` for its gauges at every scrape while it lives (held
     /// weakly; registering the same source twice counts it once).
     pub(crate) fn add_source<T: GaugeSource + 'static>(&self, source: &Arc<T>) {

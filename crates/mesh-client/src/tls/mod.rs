@@ -319,6 +319,15 @@ const EXPIRY_WARNING: Duration = Duration::from_secs(3600);
 const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 impl MeshTls {
+    /// Reports this identity's certificate expiry
+    /// (`mesh_certificate_expiry_timestamp`) in `metrics` at every scrape
+    /// while it lives: for a process that holds an identity without serving
+    /// or calling with it (the identity agent). Meshes and servers report
+    /// theirs already.
+    pub fn report_expiry_to(self: &Arc<Self>, metrics: &crate::telemetry::metrics::Metrics) {
+        metrics.add_source(self);
+    }
+
     /// Loads and validates the files; fails closed (an error that says
     /// why) on missing, mismatched or expired material. Starts watching the
     /// files for rotation; must be called inside a tokio runtime.
