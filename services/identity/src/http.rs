@@ -1,6 +1,6 @@
 //! A minimal HTTP/1.1 GET client for the OIDC discovery document and the
-//! JWKS (`http://` for dev, `https://` with a given CA bundle, such as the
-//! cluster CA, in Kubernetes).
+//! JWKS (`http://` to a loopback host for dev, `https://` with a given CA
+//! bundle, such as the cluster CA, in Kubernetes).
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -27,12 +27,25 @@ pub async fn get(
         .map_err(|_| format!("{url}: no answer in {TIMEOUT:?}"))?
 }
 
-async fn get_inner(
-    url: &str,
-    ca_file: Option<&Path>,
-    bearer: Option<&str>,
-    limit: usize,
-) -> Result<Vec<u8>, String> {
+/// Checks that `url` may be fetched: `https://` anywhere, `http://` only
+/// to a loopback host. Keys fetched in plaintext could be swapped by anyone
+/// on the path, who could then mint any workload's identity.
+pub fn check_url(url: &str) -> Result<(), String> {
+    parse(url).map(|_| ())
+}
+
+/// Whether `a` and `b` have the same scheme, host and port: the bearer token
+/// is sent only to the discovery document's origin, never to wherever the
+/// document points.
+pub fn same_origin(a: &str, b: &str) -> bool {
+    match (parse(a), parse(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// `(https, host, port)` of an allowed URL.
+fn parse(url: &str) -> Result<(bool, String, u16), String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("{url}: not a URL: {e}"))?;
     let https = match uri.scheme_str() {
         Some("https") => true,
@@ -46,9 +59,31 @@ async fn get_inner(
     let host = uri
         .host()
         .ok_or_else(|| format!("{url}: no host"))?
-        .to_owned();
+        .trim_matches(['[', ']'])
+        .to_ascii_lowercase();
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !https && !loopback {
+        return Err(format!(
+            "{url}: plain http:// is allowed only to a loopback host; use https:// \
+             (keys fetched in plaintext could be replaced on the way)"
+        ));
+    }
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+    Ok((https, host, port))
+}
+
+async fn get_inner(
+    url: &str,
+    ca_file: Option<&Path>,
+    bearer: Option<&str>,
+    limit: usize,
+) -> Result<Vec<u8>, String> {
+    let (https, host, port) = parse(url)?;
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: not a URL: {e}"))?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
         .map_err(|e| format!("{url}: cannot connect: {e}"))?;
     let path = uri
@@ -56,7 +91,8 @@ async fn get_inner(
         .map(|p| p.as_str())
         .unwrap_or("/")
         .to_owned();
-    let mut request = http::Request::get(path).header(http::header::HOST, &host);
+    let authority = uri.authority().map_or(host.as_str(), |a| a.as_str());
+    let mut request = http::Request::get(path).header(http::header::HOST, authority);
     if let Some(token) = bearer.filter(|t| !t.is_empty()) {
         request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
     }
@@ -81,8 +117,7 @@ async fn get_inner(
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-        let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
-            .map_err(|e| format!("{url}: {e}"))?;
+        let name = ServerName::try_from(host.clone()).map_err(|e| format!("{url}: {e}"))?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await
@@ -121,4 +156,49 @@ where
         return Err(format!("{url}: HTTP {status}"));
     }
     Ok(body.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_is_refused_except_to_loopback() {
+        for ok in [
+            "https://kubernetes.default.svc/.well-known/openid-configuration",
+            "http://127.0.0.1:8080/jwks",
+            "http://[::1]:8080/jwks",
+            "http://localhost/jwks",
+        ] {
+            assert!(check_url(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://kubernetes.default.svc/jwks",
+            "http://10.0.0.1/jwks",
+            "ftp://127.0.0.1/jwks",
+            "/jwks",
+        ] {
+            assert!(check_url(bad).is_err(), "{bad}");
+        }
+        let message = check_url("http://issuer.example/jwks").unwrap_err();
+        assert!(message.contains("https://"), "{message}");
+    }
+
+    #[test]
+    fn origins_compare_scheme_host_and_port() {
+        let discovery = "https://api.example:6443/.well-known/openid-configuration";
+        assert!(same_origin(
+            discovery,
+            "https://API.example:6443/openid/v1/jwks"
+        ));
+        assert!(!same_origin(
+            discovery,
+            "https://api.example/openid/v1/jwks"
+        ));
+        assert!(!same_origin(discovery, "https://evil.example:6443/jwks"));
+        assert!(!same_origin(
+            "https://127.0.0.1/a",
+            "http://127.0.0.1:443/a"
+        ));
+    }
 }

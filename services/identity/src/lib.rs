@@ -197,6 +197,11 @@ impl shop_kit::ServiceConfig for Config {
         if !(10..=86_400).contains(&self.jwks_refresh_secs) {
             problems.push("--jwks-refresh-secs: must be 10 to 86400".into());
         }
+        if let Some(url) = &self.oidc_discovery_url
+            && let Err(e) = crate::http::check_url(url)
+        {
+            problems.push(format!("--oidc-discovery-url: {e}"));
+        }
         if self.token_issuer.is_empty() {
             problems.push("--token-issuer: must not be empty".into());
         }

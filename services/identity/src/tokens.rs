@@ -178,10 +178,15 @@ impl TokenVerifier {
                         discovery.issuer, self.issuer
                     ));
                 }
+                // The document may point anywhere; the token goes only to
+                // the origin the operator configured.
+                let jwks_bearer = bearer
+                    .as_deref()
+                    .filter(|_| crate::http::same_origin(url, &discovery.jwks_uri));
                 let jwks = crate::http::get(
                     &discovery.jwks_uri,
                     ca_file.as_deref(),
-                    bearer.as_deref(),
+                    jwks_bearer,
                     MAX_DOCUMENT_BYTES,
                 )
                 .await?;
