@@ -14,12 +14,11 @@ mod common;
 use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use common::{authed, bin};
-use nix::{sys::signal::Signal, unistd::Pid};
 use serde_json::Value;
 use shop_api::{
     common::v1::Money,
@@ -141,37 +140,17 @@ const BLOCK: u16 = 6 * REPLICAS + 1;
 const SPAN: u16 = 2 * BLOCK + 2;
 
 /// A base port with `SPAN` free ports from it, in 8100..12000: below the
-/// ranges of `tests/shopctl_up.rs` and `common::free_addr`, so no other
+/// range of `tests/shopctl_up.rs` and `common::free_addr`'s, so no other
 /// test's process is handed one of them.
 fn free_block() -> u16 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    const LOW: u64 = 8_100;
-    const SLOTS: u64 = (12_000 - LOW) / SPAN as u64;
-    static NEXT: AtomicU64 = AtomicU64::new(u64::MAX);
-    let seed = std::process::id() as u64
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos() as u64;
-    let _ = NEXT.compare_exchange(u64::MAX, seed % SLOTS, Ordering::SeqCst, Ordering::SeqCst);
-    for _ in 0..SLOTS {
-        let base = LOW + (NEXT.fetch_add(1, Ordering::SeqCst) % SLOTS) * SPAN as u64;
-        let all_free = (0..SPAN as u64).all(|i| {
-            TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], (base + i) as u16))).is_ok()
-        });
-        if all_free {
-            return base as u16;
-        }
-    }
-    panic!("no block of {SPAN} free loopback ports in {LOW}..12000");
+    common::up::free_port_block(8_100, 12_000, SPAN)
 }
 
 /// `shopctl up` with both web apps, SIGKILLed with its services if the
 /// test fails.
 struct Up {
-    child: Child,
+    shop: common::up::Up,
     state: PathBuf,
-    log: PathBuf,
     storefront: String,
     dashboard: String,
     endpoints: Value,
@@ -184,75 +163,38 @@ impl Up {
     /// until it has written endpoints.json; with `dashboard_taken`, another
     /// process holds the dashboard's port meanwhile.
     async fn start(dir: &Path, web: &Path, dashboard_taken: bool) -> Up {
-        let state = dir.join("state");
-        let log = dir.join("up.log");
         let base = free_block();
         let n = BLOCK;
         let (storefront, dashboard) = (base + 2 * n, base + 2 * n + 1);
         let taken = dashboard_taken
             .then(|| TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], dashboard))).unwrap());
-        let child = Command::new(bin("shopctl"))
-            .arg("up")
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--replicas", &REPLICAS.to_string()])
-            .args(["--base-port", &base.to_string()])
-            .args(["--admin-base-port", &(base + n).to_string()])
-            .args(["--storefront-port", &storefront.to_string()])
-            .args(["--dashboard-port", &dashboard.to_string()])
-            .arg("--web-dir")
-            .arg(web.join("dist"))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut up = Up {
-            child,
-            state: state.clone(),
-            log,
+        let args = [
+            "--replicas".to_string(),
+            REPLICAS.to_string(),
+            "--base-port".into(),
+            base.to_string(),
+            "--admin-base-port".into(),
+            (base + n).to_string(),
+            "--storefront-port".into(),
+            storefront.to_string(),
+            "--dashboard-port".into(),
+            dashboard.to_string(),
+            "--web-dir".into(),
+            web.join("dist").display().to_string(),
+        ];
+        let shop = common::up::Up::start(dir, &args).await;
+        Up {
+            state: shop.state.clone(),
+            endpoints: shop.endpoints(),
+            shop,
             storefront: format!("http://127.0.0.1:{storefront}/"),
             dashboard: format!("http://127.0.0.1:{dashboard}/"),
-            endpoints: Value::Null,
             _taken: taken,
-        };
-        let path = state.join("endpoints.json");
-        let start = Instant::now();
-        while !path.exists() {
-            if let Some(exit) = up.child.try_wait().unwrap() {
-                panic!(
-                    "shopctl up exited ({exit}) before it was ready:\n{}",
-                    up.log_text()
-                );
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(180),
-                "shopctl up was not ready in 180 s:\n{}",
-                up.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        up.endpoints = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        up
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn pids(&self) -> Vec<i32> {
-        std::fs::read_to_string(self.state.join("status.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .and_then(|s| {
-                s["processes"].as_array().map(|ps| {
-                    ps.iter()
-                        .filter_map(|p| p["pid"].as_i64().map(|p| p as i32))
-                        .collect()
-                })
-            })
-            .unwrap_or_default()
+        self.shop.log()
     }
 
     fn gateway(&self) -> SocketAddr {
@@ -296,32 +238,8 @@ impl Up {
     }
 
     /// SIGTERM: everything drains, exit 0.
-    async fn stop(mut self) {
-        nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
-        let start = Instant::now();
-        let exit = loop {
-            if let Some(exit) = self.child.try_wait().unwrap() {
-                break exit;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "shopctl up did not stop in 60 s of SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        assert!(exit.success(), "{exit}:\n{}", self.log_text());
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            for pid in self.pids() {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    async fn stop(self) {
+        self.shop.stop().await
     }
 }
 

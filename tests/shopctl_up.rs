@@ -6,13 +6,12 @@
 mod common;
 
 use std::{
-    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::bin;
+use common::{bin, up::Up};
 use nix::{sys::signal::Signal, unistd::Pid};
 use serde_json::Value;
 use shop_api::inventory::v1::{
@@ -26,71 +25,9 @@ const REPLICAS: u16 = 2;
 const SPAN: u16 = 6 * REPLICAS + 1;
 
 /// A base port with `2 * SPAN` free ports from it (gRPC, then admin), in
-/// 12000..20000: below `common::free_addr`'s range and Linux's ephemeral
-/// ports, so no other test's process is handed one of them.
+/// 12000..20000 (tests/browser.rs takes 8100..12000).
 fn free_block() -> u16 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    const SLOTS: u64 = (20_000 - 12_000) / (2 * SPAN as u64);
-    // One counter for the binary, so two tests never try the same block.
-    static NEXT: AtomicU64 = AtomicU64::new(u64::MAX);
-    let seed = std::process::id() as u64
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos() as u64;
-    let _ = NEXT.compare_exchange(u64::MAX, seed % SLOTS, Ordering::SeqCst, Ordering::SeqCst);
-    for _ in 0..SLOTS {
-        let slot = NEXT.fetch_add(1, Ordering::SeqCst) % SLOTS;
-        let base = 12_000 + slot * 2 * SPAN as u64;
-        let all_free = (0..2 * SPAN as u64).all(|i| {
-            TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], (base + i) as u16))).is_ok()
-        });
-        if all_free {
-            return base as u16;
-        }
-    }
-    panic!(
-        "no block of {} free loopback ports in 12000..20000",
-        2 * SPAN
-    );
-}
-
-/// `shopctl up`, SIGKILLed (with its children left to its supervision
-/// ending: they see their stdin/stderr pipes close) if the test fails.
-struct Up {
-    child: Child,
-    state: PathBuf,
-    log: PathBuf,
-}
-
-impl Up {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn pids(&self) -> Vec<i32> {
-        status(&self.state)["processes"]
-            .as_array()
-            .map(|ps| {
-                ps.iter()
-                    .filter_map(|p| p["pid"].as_i64().map(|p| p as i32))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            // Kill the services too: a test failure must not leave them running.
-            for pid in self.pids() {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    common::up::free_port_block(12_000, 20_000, 2 * SPAN)
 }
 
 fn status(state: &Path) -> Value {
@@ -128,72 +65,28 @@ async fn up_restarts_a_killed_replica_while_its_peer_serves_every_read() {
 /// Starts `shopctl up` in `dir/state` on a free block of ports with
 /// `extra` flags and waits until it has written endpoints.json.
 async fn start_up(dir: &Path, extra: &[&str]) -> (Up, PathBuf) {
-    let state = dir.join("state");
-    let log = dir.join("up.log");
     let base = free_block();
-    let child = Command::new(bin("shopctl"))
-        .arg("up")
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--base-port", &base.to_string()])
-        .args(["--admin-base-port", &(base + SPAN).to_string()])
+    let mut args = vec![
+        "--base-port".to_string(),
+        base.to_string(),
+        "--admin-base-port".into(),
+        (base + SPAN).to_string(),
         // The web apps have fixed default ports that parallel runs would
         // fight over; tests/browser.rs covers them.
-        .args(["--storefront-port", "0", "--dashboard-port", "0"])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut up = Up {
-        child,
-        state: state.clone(),
-        log,
-    };
-    // Ready once endpoints.json is written (after every replica served).
-    let endpoints_path = state.join("endpoints.json");
-    let start = Instant::now();
-    while !endpoints_path.exists() {
-        if let Some(exit) = up.child.try_wait().unwrap() {
-            panic!(
-                "shopctl up exited ({exit}) before it was ready:\n{}",
-                up.log()
-            );
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(180),
-            "shopctl up was not ready in 180 s:\n{}",
-            up.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        "--storefront-port".into(),
+        "0".into(),
+        "--dashboard-port".into(),
+        "0".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let up = Up::start(dir, &args).await;
+    let endpoints_path = up.endpoints_path();
     (up, endpoints_path)
 }
 
 /// SIGTERM drains everything: exit 0, no service process left.
-async fn stop_up(mut up: Up) {
-    let pids = up.pids();
-    nix::sys::signal::kill(Pid::from_raw(up.child.id() as i32), Signal::SIGTERM).unwrap();
-    let start = Instant::now();
-    let exit = loop {
-        if let Some(exit) = up.child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "shopctl up did not stop in 60 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(exit.success(), "{exit}:\n{}", up.log());
-    for pid in pids {
-        assert!(
-            nix::sys::signal::kill(Pid::from_raw(pid), None).is_err(),
-            "service pid {pid} outlived shopctl up"
-        );
-    }
+async fn stop_up(up: Up) {
+    up.stop().await
 }
 
 async fn restart_under_traffic() {

@@ -20,6 +20,7 @@ mod postgres;
 mod procs;
 mod shop;
 mod tools;
+pub mod up;
 
 // One flat namespace, as before the split: tests say `common::Shop`. Not
 // every test binary uses every module.
