@@ -11,13 +11,19 @@ use x509_parser::{extensions::GeneralName, prelude::FromDer};
 pub struct SpiffeId(String);
 
 impl SpiffeId {
-    /// The workload identity of a service account in a namespace.
+    /// The workload identity of a service account in a namespace. Each
+    /// must be one path segment: a namespace `a/sa/b` would otherwise name
+    /// another workload's identity.
     pub fn workload(
         trust_domain: &str,
         namespace: &str,
         service_account: &str,
     ) -> Result<Self, SpiffeIdError> {
-        format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
+        let text = format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}");
+        if namespace.contains('/') || service_account.contains('/') {
+            return Err(SpiffeIdError::Path(text));
+        }
+        text.parse()
     }
 
     /// The ID as a string.
@@ -158,6 +164,8 @@ mod tests {
         assert_eq!(id.as_str(), "spiffe://shop.local/ns/shop/sa/orders");
         assert_eq!(id.trust_domain(), "shop.local");
         assert_eq!(id.service_account(), Some("orders"));
+        assert!(SpiffeId::workload("shop.local", "evil/sa/orders", "x").is_err());
+        assert!(SpiffeId::workload("shop.local", "shop", "orders/x").is_err());
         for bad in [
             "http://x/y",
             "spiffe://",
