@@ -118,8 +118,27 @@ impl Identity {
                 self.dir.join("jwks").display().to_string(),
             ]
         }));
-        self.proc = Some(Proc::spawn("identity", self.addr, &args));
+        let child = Command::new(common::bin("identity"))
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.log_path()).unwrap())
+            .spawn()
+            .unwrap();
+        self.proc = Some(Proc::adopt("identity", self.addr, child));
         wait_ready(self.admin, Duration::from_secs(60)).await;
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("identity.log")
+    }
+
+    /// What the service logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     fn kill(&mut self) {
@@ -1188,6 +1207,15 @@ async fn a_token_proves_only_its_own_service_account_and_bad_requests_get_the_ri
     let status = exhausted.expect("the per-identity burst (20) ends within 40 calls");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.metadata().get("retry-after").is_some());
+
+    // Refusals are in the audit log with the caller's address and why.
+    let log = id.log();
+    assert!(
+        log.lines().any(|l| l.contains("refused a Certify call")
+            && l.contains("127.0.0.1")
+            && l.contains("Unauthenticated")),
+        "no refusal logged:\n{log}"
+    );
 
     // Issuance is counted per identity.
     let (_, metrics) = common::http_get(id.admin, "/metrics").await;

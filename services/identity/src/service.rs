@@ -6,7 +6,9 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock as _};
+use governor::{
+    DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock as _,
+};
 use mesh_client::tls::{PeerInfo, SpiffeId};
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -21,6 +23,10 @@ use crate::{ca::IssuingCa, tokens::TokenVerifier};
 
 /// Largest CSR accepted, in bytes.
 pub const MAX_CSR_BYTES: usize = 16 * 1024;
+
+/// At most 10 refusals a second are logged (bursts of 20); all are counted.
+const REFUSALS_LOGGED: Quota =
+    Quota::per_second(NonZeroU32::new(10).unwrap()).allow_burst(NonZeroU32::new(20).unwrap());
 
 /// A per-key rate: `per_second` sustained, bursts of `burst`.
 #[derive(Clone, Copy, Debug)]
@@ -109,6 +115,9 @@ pub struct IdentityService {
     policy: Policy,
     by_identity: DefaultKeyedRateLimiter<String>,
     by_address: DefaultKeyedRateLimiter<String>,
+    /// Refusals are logged for the audit trail, at most this often, so a
+    /// flood of bad requests cannot flood the log.
+    refusal_log: DefaultDirectRateLimiter,
 }
 
 impl std::fmt::Debug for IdentityService {
@@ -129,6 +138,7 @@ impl IdentityService {
             tokens,
             by_identity: RateLimiter::keyed(quota(policy.per_identity)),
             by_address: RateLimiter::keyed(quota(policy.per_address)),
+            refusal_log: RateLimiter::direct(REFUSALS_LOGGED),
             policy,
         })
     }
@@ -170,6 +180,26 @@ impl IdentityService {
 
     /// Certify, for the caller at `address` (its IP, the pre-auth limit key).
     pub async fn certify(
+        &self,
+        address: &str,
+        csr: &[u8],
+        token: &str,
+    ) -> Result<CertifyResponse, Status> {
+        let result = self.certify_checked(address, csr, token).await;
+        if let Err(status) = &result
+            && self.refusal_log.check().is_ok()
+        {
+            tracing::info!(
+                caller = %address,
+                code = ?status.code(),
+                "refused a Certify call: {}",
+                status.message()
+            );
+        }
+        result
+    }
+
+    async fn certify_checked(
         &self,
         address: &str,
         csr: &[u8],
