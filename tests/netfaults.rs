@@ -983,8 +983,8 @@ async fn a_blackholed_database_turns_its_service_not_serving_and_calls_fail_with
     assert!(down.is_some(), "the replicas never reported NOT_SERVING");
     // Reads started once both replicas report NOT_SERVING fail within about
     // one pool acquire timeout (1 s), not one per attempt. (Reads whose
-    // query was on the wire at the cut wait for TCP until their deadline:
-    // the services have no client-side query timeout.)
+    // query was on the wire at the cut fail when the readiness probe finds
+    // the database silent: tests/netfaults_shop.rs proves that bound.)
     let known_down = cut + down.unwrap() + Duration::from_millis(500);
     let slow_after: Vec<&&Sample> = fails
         .iter()

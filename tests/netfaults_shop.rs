@@ -3,7 +3,8 @@
 //! pods per service, PostgreSQL in its own pod, headless DNS names, the
 //! load client in a pod), and PostgreSQL going silent (every packet to and
 //! from its pod dropped, no RST) under continuous PlaceOrder traffic
-//! through the gateways.
+//! through the gateways, or going deaf one way (it runs every statement,
+//! COMMITs included, but its answers are dropped).
 //!
 //! Asserted are invariants and safe bounds only: every service with a
 //! database reports NOT_SERVING while it is unreachable, no call outlives
@@ -20,7 +21,10 @@ use std::{
     time::Duration,
 };
 
-use common::netshop::{NetShop, WITH_DATABASE, serving};
+use common::{
+    netbed::{NetBed, Pod},
+    netshop::{NetShop, WITH_DATABASE, serving},
+};
 use shop_api::{
     auth::v1::auth_service_client::AuthServiceClient,
     inventory::v1::{
@@ -97,12 +101,28 @@ fn quantile(mut took: Vec<Duration>, q: f64) -> Option<Duration> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_partition_fails_orders_fast_and_every_order_still_ends_confirmed_or_cancelled()
 {
+    database_partition("database partition", NetBed::blackhole).await;
+}
+
+/// Scenario 6, one way: PostgreSQL hears every statement and runs it,
+/// but its answers are dropped for 20 s, so COMMITs take effect unseen:
+/// no order may be half-written, doubled or left PENDING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_database_answers_half_write_no_order_and_every_order_still_ends_confirmed_or_cancelled()
+ {
+    database_partition("database answers lost", NetBed::drop_from).await;
+}
+
+/// Runs PlaceOrder traffic through the gateways, applies `fault` to
+/// PostgreSQL's pod from 5 s to 25 s, and checks what the module docs say.
+async fn database_partition(label: &str, fault: fn(&NetBed, &Pod)) {
     let Some(shop) = NetShop::start(2).await else {
         return;
     };
     let customers = customers(&shop, CUSTOMERS, "n6-").await;
     let gateway = shop.gateway().await;
     let start = Instant::now() + Duration::from_millis(200);
+    let wall_start = std::time::SystemTime::now() + Duration::from_millis(200);
     let (cut, heal, end) = (
         Duration::from_secs(5),
         Duration::from_secs(25),
@@ -194,7 +214,7 @@ async fn a_database_partition_fails_orders_fast_and_every_order_still_ends_confi
         seen
     });
     tokio::time::sleep_until(start + cut).await;
-    shop.bed.blackhole(&shop.pg.pod);
+    fault(&shop.bed, &shop.pg.pod);
     tokio::time::sleep_until(start + heal).await;
     shop.bed.heal(&shop.pg.pod);
     let attempts = load.await.unwrap();
@@ -202,10 +222,9 @@ async fn a_database_partition_fails_orders_fast_and_every_order_still_ends_confi
 
     let settle = {
         let url = shop.urls["orders"].clone();
+        let label = label.to_owned();
         shop.rt
-            .run(async move {
-                common::wait_settled(&url, Duration::from_secs(180), "database partition").await
-            })
+            .run(async move { common::wait_settled(&url, Duration::from_secs(180), &label).await })
             .await
     };
     let accepted = accepted.lock().unwrap().clone();
@@ -216,6 +235,7 @@ async fn a_database_partition_fails_orders_fast_and_every_order_still_ends_confi
             .map(|(_, p, _)| (p.clone(), STOCK))
             .collect();
         let accepted = accepted.clone();
+        let label = label.to_owned();
         shop.rt
             .run(async move {
                 common::check_saga_invariants(
@@ -223,13 +243,40 @@ async fn a_database_partition_fails_orders_fast_and_every_order_still_ends_confi
                     &products,
                     DEPOSIT * CUSTOMERS as i64,
                     &accepted,
-                    "database partition",
+                    &label,
                 )
                 .await
             })
             .await
     };
 
+    // Orders written while PostgreSQL was cut off: their COMMIT ran (or
+    // its answer was lost) with no caller told; found again by key.
+    let written_unseen: i64 = {
+        let url = shop.urls["orders"].clone();
+        let ms = |d: Duration| {
+            (wall_start + d)
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64
+        };
+        let (from, to) = (ms(cut), ms(heal));
+        shop.rt
+            .run(async move {
+                use sqlx::Row;
+                sqlx::query(
+                    "SELECT COUNT(*) AS n FROM orders WHERE created_at >= $1 AND created_at < $2",
+                )
+                .bind(from)
+                .bind(to)
+                .fetch_one(&common::check_pool(&url).await)
+                .await
+                .unwrap()
+                .try_get("n")
+                .unwrap()
+            })
+            .await
+    };
     let phase = |from: Duration, to: Duration| -> Vec<&Attempt> {
         attempts
             .iter()
@@ -258,7 +305,7 @@ async fn a_database_partition_fails_orders_fast_and_every_order_still_ends_confi
     let longest = attempts.iter().map(|a| a.took).max().unwrap_or_default();
     let durations = |list: &[&Attempt]| list.iter().map(|a| a.took).collect::<Vec<_>>();
     println!(
-        "NETFAULTS database partition 20 s (shop, 2 pods per service): attempts before {} {:?}, during {} {:?}, after {} {:?}",
+        "NETFAULTS {label} 20 s (shop, 2 pods per service): attempts before {} {:?}, during {} {:?}, after {} {:?}",
         before.len(),
         codes(&before),
         during.len(),
@@ -267,7 +314,7 @@ async fn a_database_partition_fails_orders_fast_and_every_order_still_ends_confi
         codes(&after),
     );
     println!(
-        "NETFAULTS database partition: failures during the outage took p50 {:?} p99 {:?} max {:?}; \
+        "NETFAULTS {label}: failures during the outage took p50 {:?} p99 {:?} max {:?}; \
          {} calls in flight at the cut took {:?}; longest call {longest:?}; first order accepted {first_ok_after:?} after the heal",
         quantile(durations(&failed_during), 0.5),
         quantile(durations(&failed_during), 0.99),
@@ -276,17 +323,17 @@ async fn a_database_partition_fails_orders_fast_and_every_order_still_ends_confi
         durations(&in_flight_at_cut),
     );
     println!(
-        "NETFAULTS database partition: NOT_SERVING after the cut / SERVING after the heal per pod {health:?}"
+        "NETFAULTS {label}: NOT_SERVING after the cut / SERVING after the heal per pod {health:?}"
     );
     println!(
-        "NETFAULTS database partition: settled {settle:?} after the load; {} orders accepted, {} in the database: {} CONFIRMED, {} CANCELLED; invariants hold",
+        "NETFAULTS {label}: settled {settle:?} after the load; {} orders accepted, {} in the database ({written_unseen} written while PostgreSQL was cut off): {} CONFIRMED, {} CANCELLED; invariants hold",
         accepted.len(),
         tally.orders,
         tally.confirmed,
         tally.cancelled,
     );
     if let Some(first) = failed_during.first() {
-        println!("NETFAULTS database partition: first failure {first:?}");
+        println!("NETFAULTS {label}: first failure {first:?}");
     }
 
     assert!(
