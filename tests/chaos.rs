@@ -18,7 +18,6 @@
 mod common;
 
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -198,12 +197,7 @@ async fn place(
 }
 
 async fn pool(url: &str) -> AnyPool {
-    sqlx::any::install_default_drivers();
-    sqlx::any::AnyPoolOptions::new()
-        .max_connections(2)
-        .connect(url)
-        .await
-        .unwrap()
+    common::check_pool(url).await
 }
 
 async fn chaos(db: Db, pg_control: Option<PgControl>) {
@@ -484,192 +478,23 @@ async fn refuse_refunds(
 }
 
 async fn check_invariants(shop: &Shop, world: &World, accepted: &[String], seed: u64) {
-    let orders_db = pool(&shop.urls["orders"]).await;
-    let payments_db = pool(&shop.urls["payments"]).await;
-    let inventory_db = pool(&shop.urls["inventory"]).await;
-
-    let rows = sqlx::query("SELECT order_id, status, total_minor FROM orders")
-        .fetch_all(&orders_db)
-        .await
-        .unwrap();
-    let mut status: HashMap<String, (String, i64)> = HashMap::new();
-    for r in &rows {
-        status.insert(
-            r.try_get("order_id").unwrap(),
-            (
-                r.try_get("status").unwrap(),
-                r.try_get("total_minor").unwrap(),
-            ),
-        );
-    }
-    for id in accepted {
-        assert!(
-            status.contains_key(id),
-            "seed {seed}: accepted order {id} was lost"
-        );
-    }
-    let items = sqlx::query("SELECT order_id, product_id, quantity FROM order_items")
-        .fetch_all(&orders_db)
-        .await
-        .unwrap();
-    let mut committed_expected: HashMap<String, i64> = HashMap::new();
-    for r in &items {
-        let order: String = r.try_get("order_id").unwrap();
-        if status[&order].0 == "CONFIRMED" {
-            *committed_expected
-                .entry(r.try_get("product_id").unwrap())
-                .or_default() += r.try_get::<i64, _>("quantity").unwrap();
-        }
-    }
-
-    let charges: HashMap<String, (String, i64)> =
-        sqlx::query("SELECT idempotency_key, state, amount_minor FROM charges")
-            .fetch_all(&payments_db)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r.try_get("idempotency_key").unwrap(),
-                    (
-                        r.try_get("state").unwrap(),
-                        r.try_get("amount_minor").unwrap(),
-                    ),
-                )
-            })
-            .collect();
-    let reservations: HashMap<String, String> =
-        sqlx::query("SELECT reservation_id, state FROM reservations")
-            .fetch_all(&inventory_db)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r.try_get("reservation_id").unwrap(),
-                    r.try_get("state").unwrap(),
-                )
-            })
-            .collect();
-
-    let (mut confirmed, mut cancelled, mut captured_total) = (0, 0, 0i64);
-    for (id, (state, total)) in &status {
-        let charge = charges.get(&format!("order-{id}-charge"));
-        let reservation = reservations.get(id).map(String::as_str);
-        match state.as_str() {
-            "CONFIRMED" => {
-                confirmed += 1;
-                assert_eq!(
-                    charge.map(|c| (c.0.as_str(), c.1)),
-                    Some(("CAPTURED", *total)),
-                    "seed {seed}: confirmed order {id} charged wrongly"
-                );
-                assert_eq!(
-                    reservation,
-                    Some("COMMITTED"),
-                    "seed {seed}: confirmed order {id} stock not committed"
-                );
-            }
-            "CANCELLED" => {
-                cancelled += 1;
-                if let Some((charge_state, _)) = charge {
-                    assert!(
-                        matches!(charge_state.as_str(), "REFUNDED" | "VOIDED" | "DECLINED"),
-                        "seed {seed}: cancelled order {id} has a {charge_state} charge"
-                    );
-                }
-                assert!(
-                    matches!(reservation, None | Some("RELEASED")),
-                    "seed {seed}: cancelled order {id} holds stock ({reservation:?})"
-                );
-            }
-            other => panic!("seed {seed}: order {id} is {other}"),
-        }
-    }
-    for (state, amount) in charges.values() {
-        if state == "CAPTURED" {
-            captured_total += amount;
-        }
-    }
-    let captured = charges.values().filter(|c| c.0 == "CAPTURED").count();
-    assert_eq!(
-        captured, confirmed,
-        "seed {seed}: every capture belongs to exactly one confirmed order"
-    );
-
-    for product in &world.products {
-        let r = sqlx::query(
-            "SELECT available, reserved, committed, received FROM products WHERE product_id = $1",
-        )
-        .bind(product)
-        .fetch_one(&inventory_db)
-        .await
-        .unwrap();
-        let (available, reserved, committed, received): (i64, i64, i64, i64) = (
-            r.try_get("available").unwrap(),
-            r.try_get("reserved").unwrap(),
-            r.try_get("committed").unwrap(),
-            r.try_get("received").unwrap(),
-        );
-        assert_eq!(received, STOCK, "seed {seed}");
-        assert_eq!(
-            available + reserved + committed,
-            STOCK,
-            "seed {seed}: product {product} stock does not add up"
-        );
-        assert_eq!(
-            reserved, 0,
-            "seed {seed}: product {product} still has reserved stock"
-        );
-        assert_eq!(
-            committed,
-            *committed_expected.get(product).unwrap_or(&0),
-            "seed {seed}: product {product} committed != confirmed orders"
-        );
-    }
-
-    // The probe's product: whole, and sold only to confirmed orders.
-    let r =
-        sqlx::query("SELECT available, reserved, committed FROM products WHERE product_id = $1")
-            .bind(&world.probe_product)
-            .fetch_one(&inventory_db)
-            .await
-            .unwrap();
-    let (available, reserved, committed): (i64, i64, i64) = (
-        r.try_get("available").unwrap(),
-        r.try_get("reserved").unwrap(),
-        r.try_get("committed").unwrap(),
-    );
-    assert_eq!(
-        (available + reserved + committed, reserved),
-        (PROBE_STOCK, 0),
-        "seed {seed}: the probe product's stock does not add up"
-    );
-    assert_eq!(
-        committed,
-        *committed_expected.get(&world.probe_product).unwrap_or(&0),
-        "seed {seed}: the probe product's committed != confirmed orders"
-    );
-
-    let check = payments::check_ledger(&payments_db).await.unwrap();
-    assert!(
-        check.mismatched.is_empty() && check.unbalanced_txns.is_empty(),
-        "seed {seed}: ledger {check:?}"
-    );
-    let balances: i64 = sqlx::query("SELECT CAST(COALESCE(SUM(balance_minor), 0) AS BIGINT) AS s FROM accounts WHERE kind = 'CUSTOMER'")
-        .fetch_one(&payments_db)
-        .await
-        .unwrap()
-        .try_get("s")
-        .unwrap();
-    assert_eq!(
-        balances + captured_total,
+    let products: Vec<(String, i64)> = world
+        .products
+        .iter()
+        .map(|p| (p.clone(), STOCK))
+        .chain(std::iter::once((world.probe_product.clone(), PROBE_STOCK)))
+        .collect();
+    let tally = common::check_saga_invariants(
+        &shop.urls,
+        &products,
         world.deposits,
-        "seed {seed}: money was created or destroyed"
-    );
+        accepted,
+        &format!("seed {seed}"),
+    )
+    .await;
     eprintln!(
-        "chaos invariants hold (seed {seed}): {} orders, {confirmed} confirmed (charged and committed once), {cancelled} cancelled (nothing held or charged), stock and ledger balance",
-        status.len()
+        "chaos invariants hold (seed {seed}): {} orders, {} confirmed (charged and committed once), {} cancelled (nothing held or charged), stock and ledger balance",
+        tally.orders, tally.confirmed, tally.cancelled
     );
 }
 

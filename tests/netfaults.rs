@@ -27,6 +27,7 @@ use common::{
     Proc, bin,
     dns::TestDns,
     netbed::{NetBed, NsRuntime, Pod, Shape},
+    netshop::PgPod,
 };
 use mesh_client::{LbPolicy, Mesh, MeshChannel, MeshConfig};
 use shop_api::echo::v1::{EchoRequest, echo_service_client::EchoServiceClient};
@@ -788,81 +789,6 @@ async fn a_healed_partition_brings_traffic_back_without_a_thundering_herd() {
     }
 }
 
-/// A PostgreSQL server in its own pod (a throwaway cluster, `fsync` off).
-struct PgPod {
-    pod: Pod,
-    /// Removed when dropped (after the bed has stopped the server).
-    _dir: tempfile::TempDir,
-}
-
-impl PgPod {
-    /// Starts PostgreSQL in a new pod of `bed`, or `None` (a skip) without it.
-    fn start(bed: &NetBed) -> Option<PgPod> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()
-            .and_then(|d| d.flatten().map(|e| e.path().join("bin")).max());
-        let Some(bin) = bin.filter(|b| b.join("pg_ctl").exists()) else {
-            common::skip_or_fail("PostgreSQL (apt-get install -y postgresql) is not installed")?;
-            unreachable!()
-        };
-        let pod = bed.pod("postgres");
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let as_pg = |cmd: &mut std::process::Command| {
-            let out = cmd.output().unwrap();
-            assert!(
-                out.status.success(),
-                "{cmd:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        as_pg(
-            std::process::Command::new("chown")
-                .arg("postgres")
-                .arg(dir.path()),
-        );
-        as_pg(
-            std::process::Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(bin.join("initdb"))
-                .args(["-A", "trust", "-U", "postgres", "-D"])
-                .arg(&data),
-        );
-        let conf = format!(
-            "listen_addresses = '{}'\nport = 5432\nunix_socket_directories = '{}'\nfsync = off\nmax_connections = 100\n",
-            pod.addr,
-            dir.path().display()
-        );
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("postgresql.conf"))
-            .unwrap();
-        std::io::Write::write_all(&mut file, conf.as_bytes()).unwrap();
-        // The bed's pods only (trust: a throwaway cluster nothing else reaches).
-        let mut hba = std::fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("pg_hba.conf"))
-            .unwrap();
-        std::io::Write::write_all(&mut hba, b"host all all 198.18.0.0/24 trust\n").unwrap();
-        let runuser = std::path::Path::new("/usr/sbin/runuser");
-        as_pg(
-            bed.command(&pod, runuser)
-                .args(["-u", "postgres", "--"])
-                .arg(bin.join("pg_ctl"))
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(dir.path().join("server.log"))
-                .args(["-w", "start"]),
-        );
-        Some(PgPod { pod, _dir: dir })
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@{}:5432/postgres", self.pod.addr)
-    }
-}
-
 /// Scenario 6 (one service): PostgreSQL blackholed for 20 s under reads
 /// of two inventory replicas: both report NOT_SERVING, calls fail with
 /// UNAVAILABLE or DEADLINE_EXCEEDED within about one pool timeout (the
@@ -1057,8 +983,8 @@ async fn a_blackholed_database_turns_its_service_not_serving_and_calls_fail_with
     assert!(down.is_some(), "the replicas never reported NOT_SERVING");
     // Reads started once both replicas report NOT_SERVING fail within about
     // one pool acquire timeout (1 s), not one per attempt. (Reads whose
-    // query was on the wire at the cut wait for TCP until their deadline:
-    // the services have no client-side query timeout.)
+    // query was on the wire at the cut fail when the readiness probe finds
+    // the database silent: tests/netfaults_shop.rs proves that bound.)
     let known_down = cut + down.unwrap() + Duration::from_millis(500);
     let slow_after: Vec<&&Sample> = fails
         .iter()

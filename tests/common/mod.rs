@@ -14,7 +14,9 @@ mod certs;
 #[path = "../../crates/mesh-client/tests/common/dns.rs"]
 pub mod dns;
 mod grpc;
+mod invariants;
 pub mod netbed;
+pub mod netshop;
 pub mod otlp;
 mod postgres;
 mod procs;
@@ -28,6 +30,8 @@ pub mod up;
 pub use certs::*;
 #[allow(unused_imports)]
 pub use grpc::*;
+#[allow(unused_imports)]
+pub use invariants::*;
 #[allow(unused_imports)]
 pub use postgres::*;
 #[allow(unused_imports)]

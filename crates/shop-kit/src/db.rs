@@ -4,11 +4,40 @@
 //! Portable SQL rules the services follow: `$1`-style placeholders (SQLite
 //! accepts them too), `BIGINT` and `TEXT` columns only, times as Unix
 //! milliseconds, `CAST(SUM(..) AS BIGINT)` since PostgreSQL sums to NUMERIC.
+//!
+//! ## A database that goes silent
+//!
+//! A PostgreSQL server behind a partition sends no RST: a statement
+//! already on the wire waits for TCP, and TCP retransmits for about 15
+//! minutes. sqlx 0.9 sets no TCP keepalive or `TCP_USER_TIMEOUT` on its
+//! sockets (and offers no hook to set them: sqlx#3540), so the bounds are
+//! the application's and the server's, each an explicit constant here:
+//!
+//! - the pool's acquire timeout ([`ACQUIRE_TIMEOUT`]) bounds waiting for a
+//!   connection, connecting and the ping of an idle one;
+//! - readiness ([`watch_readiness`]) probes PostgreSQL over a connection
+//!   of its own (pool exhaustion is not an outage) every
+//!   [`PROBE_INTERVAL`], each probe bounded by [`PROBE_TIMEOUT`]; a failed
+//!   probe reports NOT_SERVING and fails every call then in flight in a
+//!   [`guard`]ed service with `UNAVAILABLE`, so a call whose statement
+//!   went out into the silence ends within about one probe, not at its
+//!   deadline;
+//! - a connection handed back to the pool must answer a ping within
+//!   [`RELEASE_PING_TIMEOUT`] or is closed, so the silent ones do not hold
+//!   pool slots until TCP gives up (sqlx's own release ping has no timeout);
+//! - the server ends a session on its side ([`SESSION_SETTINGS`]): a
+//!   statement after [`STATEMENT_TIMEOUT`], a transaction left idle (its
+//!   COMMIT lost) after [`IDLE_IN_TRANSACTION_TIMEOUT`], a client gone
+//!   silent after its TCP keepalives and user timeout. A transaction whose
+//!   client vanished rolls back and frees its locks instead of blocking
+//!   the retries of the same order after the heal; a COMMIT whose answer
+//!   was lost either happened or not, and the callers' idempotency keys
+//!   and the orders saga's recovery make both outcomes converge.
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{path::Path, str::FromStr, sync::Arc, time::Duration};
 
 use sqlx::{
-    AnyPool, Executor,
+    AnyConnection, AnyPool, Connection, Executor,
     any::{AnyConnectOptions, AnyPoolOptions},
     error::ErrorKind,
     migrate::Migrator,
@@ -134,6 +163,54 @@ fn is_secret_param(name: &str) -> bool {
         .any(|word| name.contains(word))
 }
 
+/// Longest wait for a pooled connection (including connecting and the
+/// ping of an idle one) before a call fails `UNAVAILABLE`.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest a PostgreSQL statement may run on the server
+/// (`statement_timeout`): the shop's statements take milliseconds, so one
+/// running this long waits on a lock or an overloaded server.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A session idle inside a transaction this long is ended by the server
+/// (`idle_in_transaction_session_timeout`): the services' transactions
+/// never pause between statements, so its client is gone and its locks
+/// must go with it.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often readiness probes the database.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one readiness probe (connecting if needed, then `SELECT 1`)
+/// may take before the database counts as unreachable.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a PostgreSQL connection handed back to the pool may take to
+/// answer a ping before it is closed instead of kept.
+pub const RELEASE_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Session settings every PostgreSQL connection asks the server for (as
+/// `options[NAME]=VALUE` of the URL) unless the URL sets them itself:
+/// the statement and idle-transaction limits above, and TCP keepalives
+/// (after 5 s idle, every 2 s, 3 probes) with a 10 s user timeout on the
+/// server's socket, so the server notices a client gone silent.
+pub const SESSION_SETTINGS: [(&str, &str); 6] = [
+    ("statement_timeout", "5s"),
+    ("idle_in_transaction_session_timeout", "10s"),
+    ("tcp_keepalives_idle", "5"),
+    ("tcp_keepalives_interval", "2"),
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "10000"),
+];
+
+/// `url` with each of [`SESSION_SETTINGS`] it does not name added.
+fn with_session_settings(url: &str) -> String {
+    let mut out = url.to_owned();
+    for (name, value) in SESSION_SETTINGS {
+        if url.contains(name) {
+            continue;
+        }
+        out.push(if out.contains('?') { '&' } else { '?' });
+        out.push_str(&format!("options[{name}]={value}"));
+    }
+    out
+}
+
 /// Opens a pool and applies `migrator`.
 ///
 /// SQLite files (and their directory) are created if missing, use WAL and a
@@ -145,7 +222,7 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
     let backend = backend(url)?;
     let url = match backend {
         Backend::Sqlite => sqlite_url(url)?,
-        Backend::Postgres => url.to_owned(),
+        Backend::Postgres => with_session_settings(url),
     };
     let options = AnyConnectOptions::from_str(&url).map_err(|source| DbError::Connect {
         url: shown.clone(),
@@ -154,7 +231,24 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
     let pool_options = AnyPoolOptions::new()
         // An unreachable database must fail calls fast (UNAVAILABLE), not
         // hold them until their deadline.
-        .acquire_timeout(Duration::from_secs(1))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        // sqlx pings every released connection without a timeout: one whose
+        // server went silent (a call dropped mid-statement) would hold its
+        // slot until TCP gives up. Closed instead when the ping is late.
+        .after_release(|conn, _meta| {
+            Box::pin(async move {
+                if conn.backend_name().eq_ignore_ascii_case("sqlite") {
+                    return Ok(true);
+                }
+                let answered = tokio::time::timeout(RELEASE_PING_TIMEOUT, conn.ping())
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if !answered {
+                    tracing::warn!("a database connection did not answer a ping; closing it");
+                }
+                Ok(answered)
+            })
+        })
         .after_connect(|conn, _meta| {
             Box::pin(async move {
                 if conn.backend_name().eq_ignore_ascii_case("sqlite") {
@@ -246,9 +340,75 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Wakes every call in flight in a [`guard`]ed service: this process's
+/// database stopped answering. One per process, like its database.
+static DATABASE_LOST: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// How readiness asks the database whether it answers.
+struct Probe {
+    pool: AnyPool,
+    /// PostgreSQL: a connection of the probe's own, so a pool busy with
+    /// slow calls does not read as an outage. SQLite: the pool (a file
+    /// cannot go silent; its one connection is the truth).
+    own: Option<Arc<AnyConnectOptions>>,
+    conn: Option<AnyConnection>,
+}
+
+impl Probe {
+    fn new(pool: AnyPool) -> Probe {
+        let postgres = !pool
+            .connect_options()
+            .database_url
+            .scheme()
+            .starts_with("sqlite");
+        Probe {
+            own: postgres.then(|| pool.connect_options()),
+            pool,
+            conn: None,
+        }
+    }
+
+    /// Whether the database answered `SELECT 1` within [`PROBE_TIMEOUT`].
+    async fn answers(&mut self) -> bool {
+        let Some(options) = self.own.clone() else {
+            return tokio::time::timeout(
+                PROBE_TIMEOUT,
+                sqlx::query("SELECT 1").execute(&self.pool),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok());
+        };
+        let conn = &mut self.conn;
+        let attempt = async move {
+            if conn.is_none() {
+                *conn = Some(AnyConnection::connect_with(&options).await?);
+            }
+            match conn.as_mut() {
+                Some(c) => sqlx::query("SELECT 1").execute(c).await.map(|_| ()),
+                None => Ok(()),
+            }
+        };
+        let ok = tokio::time::timeout(PROBE_TIMEOUT, attempt)
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !ok {
+            // Silent or broken: the next probe connects afresh.
+            self.conn = None;
+        }
+        ok
+    }
+
+    /// Whether a failed probe means calls in flight wait on silence.
+    fn fails_calls(&self) -> bool {
+        self.own.is_some()
+    }
+}
+
 /// Keeps health in step with the database: NOT_SERVING (for `""` and each
-/// of `services`) while `SELECT 1` fails, SERVING again once it answers.
-/// Stops when `stop` is cancelled (the server drains).
+/// of `services`) while its probe fails (module docs), SERVING again once
+/// it answers. Each failed PostgreSQL probe also fails the calls then in
+/// flight in [`guard`]ed services. Stops when `stop` is cancelled (the
+/// server drains).
 pub async fn watch_readiness(
     pool: AnyPool,
     reporter: tonic_health::server::HealthReporter,
@@ -256,18 +416,17 @@ pub async fn watch_readiness(
     stop: tokio_util::sync::CancellationToken,
 ) {
     use tonic_health::ServingStatus;
+    let mut probe = Probe::new(pool);
     let mut healthy = true;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
         }
-        let ok = tokio::time::timeout(
-            Duration::from_secs(2),
-            sqlx::query("SELECT 1").execute(&pool),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok());
+        let ok = probe.answers().await;
+        if !ok && probe.fails_calls() {
+            DATABASE_LOST.notify_waiters();
+        }
         if ok == healthy && ok {
             continue;
         }
@@ -289,6 +448,68 @@ pub async fn watch_readiness(
         for service in &services {
             reporter.set_service_status(*service, status).await;
         }
+    }
+}
+
+/// `service` with every call in flight failed `UNAVAILABLE` when this
+/// process's readiness probe finds PostgreSQL silent (module docs): a
+/// statement on a silent connection would otherwise wait for TCP until
+/// the call's deadline. What the call did meanwhile is what a lost answer
+/// leaves: the callers' idempotency keys make a retry safe. Wrap each
+/// tonic service of a process that runs [`watch_readiness`].
+pub fn guard<S>(service: S) -> Guarded<S> {
+    Guarded { inner: service }
+}
+
+/// A service wrapped by [`guard`].
+#[derive(Clone, Debug)]
+pub struct Guarded<S> {
+    inner: S,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Guarded<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for Guarded<S>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<B>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            let lost = DATABASE_LOST.notified();
+            tokio::pin!(lost);
+            // Registered now: a probe failing from here on reaches this call.
+            lost.as_mut().enable();
+            tokio::select! {
+                biased;
+                response = call => response,
+                () = lost => {
+                    tracing::warn!("database stopped answering: failing a call in flight");
+                    Ok(Status::unavailable(
+                        "the service's database stopped answering; retry later",
+                    )
+                    .into_http())
+                }
+            }
+        })
     }
 }
 
@@ -319,12 +540,13 @@ pub fn status(err: sqlx::Error) -> Status {
             tracing::warn!("database busy: {err}");
             Status::unavailable("the service's database is busy; retry later")
         }
-        // PostgreSQL going away: connection exceptions (08xxx) and operator
-        // intervention such as a shutdown (57Pxx).
+        // PostgreSQL going away: connection exceptions (08xxx), operator
+        // intervention such as a shutdown (57Pxx) or the statement timeout
+        // (57014), a lock not granted in time (55P03).
         sqlx::Error::Database(ref db)
             if db
                 .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57") || c == "55P03") =>
         {
             tracing::warn!("database unavailable: {err}");
             Status::unavailable("the service's database is unavailable; retry later")
@@ -406,6 +628,65 @@ mod tests {
             assert_eq!(mode(&side), 0o600, "{}", side.display());
         }
         pool.close().await;
+    }
+
+    #[test]
+    fn postgres_urls_ask_for_the_session_limits_unless_they_set_them() {
+        use std::str::FromStr;
+        let url = with_session_settings("postgres://shop@db:5432/orders");
+        let options = sqlx::postgres::PgConnectOptions::from_str(&url).unwrap();
+        let sent = options.get_options().unwrap_or_default().to_owned();
+        for (name, value) in SESSION_SETTINGS {
+            assert!(sent.contains(&format!("-c {name}={value}")), "{sent}");
+        }
+        // A URL's own choice stays; the others are added after its query.
+        let url = with_session_settings("postgres://db/orders?options[statement_timeout]=30s");
+        assert!(url.starts_with("postgres://db/orders?options[statement_timeout]=30s&"));
+        assert!(!url.contains("statement_timeout]=5s"), "{url}");
+        assert!(url.contains("options[tcp_user_timeout]=10000"), "{url}");
+    }
+
+    /// A call that never ends by itself, as one whose statement went out
+    /// into a silent network.
+    #[derive(Clone)]
+    struct Hangs;
+
+    impl tonic::server::NamedService for Hangs {
+        const NAME: &'static str = "test.Hangs";
+    }
+
+    impl tonic::codegen::Service<tonic::codegen::http::Request<()>> for Hangs {
+        type Response = tonic::codegen::http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = futures::future::Pending<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: tonic::codegen::http::Request<()>) -> Self::Future {
+            futures::future::pending()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_guarded_call_in_flight_fails_unavailable_when_the_probe_finds_the_database_silent() {
+        use tonic::codegen::Service;
+        let mut service = guard(Hangs);
+        let call = tokio::spawn(service.call(tonic::codegen::http::Request::new(())));
+        // The call registers when first polled: notify until it has ended.
+        let start = std::time::Instant::now();
+        while !call.is_finished() && start.elapsed() < Duration::from_secs(10) {
+            DATABASE_LOST.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let response = call.await.unwrap().unwrap();
+        let status = Status::from_header_map(response.headers()).expect("a grpc-status");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("database"), "{status:?}");
     }
 
     #[test]

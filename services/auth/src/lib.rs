@@ -203,12 +203,12 @@ pub async fn run(
             .rotate_forever(Duration::from_secs(config.signing_key_max_age_secs)),
     );
     let tls = config.mesh.tls()?;
-    let server = config.mesh.server(tls)?.add_service(
+    let server = config.mesh.server(tls)?.add_service(shop_kit::db::guard(
         AuthServiceServer::new(service)
             .max_decoding_message_size(config.mesh.max_request_bytes)
             .max_encoding_message_size(config.mesh.max_response_bytes)
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
-    );
+    ));
     shop_kit::serve(server, pool, listener, shutdown).await?;
     rotation.abort();
     Ok(())

@@ -70,12 +70,12 @@ pub async fn run(
         Duration::from_secs(config.reservation_ttl_secs),
     );
     let tls = config.mesh.tls()?;
-    let server = config.mesh.server(tls)?.add_service(
+    let server = config.mesh.server(tls)?.add_service(shop_kit::db::guard(
         InventoryServiceServer::new(service.clone())
             .max_decoding_message_size(config.mesh.max_request_bytes)
             .max_encoding_message_size(config.mesh.max_response_bytes)
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
-    );
+    ));
     let sweeper = tokio::spawn(service.clone().release_expired_forever(server.draining()));
     shop_kit::serve(server, pool, listener, shutdown).await?;
     sweeper.abort();

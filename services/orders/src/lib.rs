@@ -144,12 +144,12 @@ pub async fn run(
         payments,
         server.draining(),
     );
-    let server = server.add_service(
+    let server = server.add_service(shop_kit::db::guard(
         OrdersServiceServer::new(service)
             .max_decoding_message_size(config.mesh.max_request_bytes)
             .max_encoding_message_size(config.mesh.max_response_bytes)
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
-    );
+    ));
     shop_kit::serve(server, pool, listener, shutdown).await?;
     recovery.abort();
     key_refresh.abort();

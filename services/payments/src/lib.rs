@@ -87,18 +87,18 @@ pub async fn run(
     let server = config
         .mesh
         .server(tls)?
-        .add_service(
+        .add_service(shop_kit::db::guard(
             PaymentsServiceServer::new(payments.clone())
                 .max_decoding_message_size(limits.max_request_bytes)
                 .max_encoding_message_size(limits.max_response_bytes)
                 .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
-        )
-        .add_service(
+        ))
+        .add_service(shop_kit::db::guard(
             WalletServiceServer::new(WalletService::new(payments, users.clone()))
                 .max_decoding_message_size(limits.max_request_bytes)
                 .max_encoding_message_size(limits.max_response_bytes)
                 .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
-        );
+        ));
     let key_refresh = tokio::spawn(users.keys().clone().refresh_until(server.draining()));
     shop_kit::serve(server, pool, listener, shutdown).await?;
     key_refresh.abort();
