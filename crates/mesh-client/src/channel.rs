@@ -16,7 +16,7 @@ use tower::{Service, ServiceBuilder, util::BoxCloneSyncService};
 use crate::{
     BoxError,
     authz::AuthzMode,
-    balance::{BalanceLayer, EndpointSet},
+    balance::EndpointSet,
     body::BodyDeadlineLayer,
     config::{ConfigHandle, EndpointConfig, MeshConfig},
     deadline::{CallDeadline, DeadlineLayer},
@@ -25,6 +25,7 @@ use crate::{
     methods::MethodTable,
     resolve::{self, Target},
     retry::RetryLayer,
+    route::{DispatchLayer, MakeSet, RouteLayer, Router},
     telemetry::{metrics::Metrics, rpc::ClientTelemetryLayer},
     tls::{MeshTls, SpiffeId, io::Connector},
 };
@@ -45,6 +46,7 @@ impl Mesh {
     /// A mesh with this policy (validated here), recording into the
     /// process's default metrics ([`crate::telemetry::metrics()`]).
     pub fn from_config(config: MeshConfig) -> Result<Self, MeshError> {
+        check_backend_targets(&config)?;
         Ok(Self {
             config: ConfigHandle::new(config)?,
             methods: Arc::new(MethodTable::default()),
@@ -139,6 +141,7 @@ impl Mesh {
 
     /// Replaces the policy; channels use it from their next call.
     pub fn reload(&self, config: MeshConfig) -> Result<(), MeshError> {
+        check_backend_targets(&config)?;
         self.config.reload(config)
     }
 
@@ -211,12 +214,14 @@ impl Mesh {
             })
     }
 
-    fn build_channel(
+    /// The live endpoint set of `target` (named `peer` in metrics), its
+    /// resolver and its connections, verifying servers as `identity`.
+    fn endpoint_set(
         &self,
         peer: &str,
         target: &str,
         identity: Option<SpiffeId>,
-    ) -> Result<MeshChannel, MeshError> {
+    ) -> Result<Arc<EndpointSet>, MeshError> {
         let parsed: Target = target.parse()?;
         let config = self.config.load();
         let reresolve = Arc::new(Notify::new());
@@ -234,6 +239,26 @@ impl Mesh {
             move |addr| connect_lazy(addr, &endpoint_config, tls.clone(), identity.clone()),
             config.health_checks,
         ));
+        Ok(set)
+    }
+
+    fn build_channel(
+        &self,
+        peer: &str,
+        target: &str,
+        identity: Option<SpiffeId>,
+    ) -> Result<MeshChannel, MeshError> {
+        let set = self.endpoint_set(peer, target, identity)?;
+        // A route's backend is a target of its own: its resolver, its
+        // endpoints, the identity its `targets` entry names.
+        let make: MakeSet = {
+            let mesh = self.clone();
+            Arc::new(move |backend: &str| {
+                let identity = mesh.identity_for(backend, None)?;
+                mesh.endpoint_set(&peer_name(backend, None), backend, identity)
+            })
+        };
+        let router = Router::new(Arc::from(target), self.config.clone(), set.clone(), make)?;
 
         let timeouts = {
             let (config, target) = (self.config.clone(), target.to_owned());
@@ -247,7 +272,11 @@ impl Mesh {
             }
         };
         let stack = ServiceBuilder::new()
-            // Outermost: the call's span and metrics cover everything below.
+            // First the call's route and backend, once per call, so its
+            // metrics, deadline and retries know them and every attempt
+            // goes to the same backend.
+            .layer(RouteLayer::new(router.clone()))
+            // The call's span and metrics cover everything below.
             .layer(ClientTelemetryLayer::new(
                 Arc::from(peer),
                 Arc::from(target),
@@ -264,8 +293,9 @@ impl Mesh {
                     .named(peer)
                     .metrics(self.metrics.clone()),
             )
-            // Each attempt to one endpoint of the live set, balanced afresh.
-            .layer(BalanceLayer::new(set.clone(), self.config.clone()))
+            // Each attempt to one endpoint of the routed backend's live
+            // set (or the target's own), balanced afresh.
+            .layer(DispatchLayer::new(&router))
             // On that endpoint's own HTTP/2 connection.
             .service(Connection);
         Ok(MeshChannel {
@@ -338,9 +368,28 @@ async fn reload_forever(path: PathBuf, mut last: String, config: ConfigHandle, m
     }
 }
 
+/// Every route backend is a target the mesh can resolve (the config's
+/// own validation knows targets only as names).
+fn check_backend_targets(config: &MeshConfig) -> Result<(), MeshError> {
+    for (name, target) in &config.targets {
+        for (i, route) in target.routes.iter().enumerate() {
+            for (b, backend) in route.backend_refs.iter().enumerate() {
+                if let Err(e) = backend.target.parse::<Target>() {
+                    return Err(MeshError::InvalidConfig {
+                        field: format!("targets[{name:?}].routes[{i}].backendRefs[{b}].target"),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The config a changed file brings, if it may replace `current`.
 fn check_reload(current: &MeshConfig, text: &str) -> Result<MeshConfig, MeshError> {
     let next = MeshConfig::from_json(text)?;
+    check_backend_targets(&next)?;
     if current.authorization.is_some() && next.authorization.is_none() {
         return Err(MeshError::InvalidConfig {
             field: "authorization".into(),

@@ -16,6 +16,13 @@ use tonic::Code;
 
 use crate::error::MeshError;
 
+mod route;
+
+pub use route::{
+    BackendRef, HeaderMatch, HeaderMatchType, MethodMatch, MethodMatchType, RouteConfig, RouteMatch,
+};
+pub(crate) use route::{compile_regex, matches_of};
+
 /// The longest deadline a call gets when nothing configures one (30 s):
 /// long enough for any unary call of the shop, short enough that a caller
 /// cannot pin work in every service of a chain for hours.
@@ -166,6 +173,10 @@ pub struct TargetConfig {
     /// Per-method overrides keyed `package.Service/Method`, or
     /// `package.Service/*` for every method of a service.
     pub methods: HashMap<String, MethodConfig>,
+    /// Routes of calls to this target, in order, the first that matches
+    /// taking the call (see [`RouteConfig`]); none, or none matching: the
+    /// call goes to this target itself.
+    pub routes: Vec<RouteConfig>,
 }
 
 /// Policy for one method (or every method of a service).
@@ -422,6 +433,7 @@ impl MeshConfig {
             if let Some(h) = &target.hedging_policy {
                 check_hedging(&at("hedgingPolicy"), h)?;
             }
+            route::check_routes(name, target, &self.targets, target_max)?;
             for (method, m) in &target.methods {
                 let at = |field: &str| format!("targets[{name:?}].methods[{method:?}].{field}");
                 if !method.contains('/') || method.starts_with('/') {

@@ -50,6 +50,7 @@ const MODULES: &[(&str, Layer)] = &[
     ("telemetry::admin", Mechanism),
     ("balance", Middleware),
     ("retry", Middleware),
+    ("route", Middleware),
     ("telemetry", Middleware),
     ("authz::layer", Middleware),
     ("optional", Middleware),
