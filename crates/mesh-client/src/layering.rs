@@ -40,6 +40,8 @@ const MODULES: &[(&str, Layer)] = &[
     ("config", Vocabulary),
     ("methods", Vocabulary),
     ("authz", Vocabulary),
+    ("fault", Vocabulary),
+    ("mirror", Vocabulary),
     ("tls::identity", Vocabulary),
     ("telemetry::metrics", Vocabulary),
     ("resolve", Mechanism),
