@@ -16,12 +16,20 @@
 //! call's deadline; an abort is marked so that no balancer or outlier
 //! detector counts it against an endpoint.
 
+pub mod layer;
+
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 use tonic::Code;
 
 use crate::{config::duration_str, error::MeshError};
+
+/// Response header on an answer the mesh made up (value `abort`), so a
+/// layer or a peer can tell an injected failure from a real one: a client
+/// balancer that gets it from a server (server-side injection) does not
+/// count the answer against the endpoint.
+pub const FAULT_HEADER: &str = "mesh-fault-injected";
 
 /// The longest injected delay (5 min): longer than any deadline the mesh
 /// gives (`maxTimeout` is at most 24 h but 30 s by default), short enough

@@ -54,6 +54,7 @@ const MODULES: &[(&str, Layer)] = &[
     ("retry", Middleware),
     ("telemetry", Middleware),
     ("authz::layer", Middleware),
+    ("fault::layer", Middleware),
     ("optional", Middleware),
     ("channel", Assembly),
     ("server", Assembly),
