@@ -579,11 +579,11 @@ fn check_hedging(field: &str, h: &HedgingPolicy) -> Result<(), MeshError> {
 }
 
 /// Status codes written as gRPC service config does: `"UNAVAILABLE"`.
-mod codes {
+pub(crate) mod codes {
     use serde::{Deserialize, Deserializer};
     use tonic::Code;
 
-    pub(super) fn parse(name: &str) -> Option<Code> {
+    pub(crate) fn parse(name: &str) -> Option<Code> {
         Some(match name {
             "CANCELLED" => Code::Cancelled,
             "UNKNOWN" => Code::Unknown,

@@ -130,6 +130,28 @@ struct FallbackLabels {
     reason: &'static str,
 }
 
+/// Labels of `mesh_client_faults_injected_total` (see `fault`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientFaultLabels {
+    peer: Arc<str>,
+    kind: &'static str,
+}
+
+/// Labels of `mesh_server_faults_injected_total`: the rule's configured
+/// name (bounded by the config), not the caller.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerFaultLabels {
+    rule: Arc<str>,
+    kind: &'static str,
+}
+
+/// Labels of `mesh_client_mirrored_total` (see `mirror`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MirrorLabels {
+    peer: Arc<str>,
+    outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProcessLabels {
     service: String,
@@ -173,6 +195,9 @@ struct Registered {
     cert_expiry: Family<IdentityLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     process: Family<ProcessLabels, Gauge>,
     fallbacks: Family<FallbackLabels, Counter>,
+    client_faults: Family<ClientFaultLabels, Counter>,
+    server_faults: Family<ServerFaultLabels, Counter>,
+    mirrored: Family<MirrorLabels, Counter>,
     // Asked on each scrape; weak so a dropped channel's set goes away.
     sources: Mutex<Vec<Weak<dyn GaugeSource>>>,
     service: Mutex<Option<String>>,
@@ -256,6 +281,9 @@ impl Metrics {
             cert_expiry: Family::default(),
             process: Family::default(),
             fallbacks: Family::default(),
+            client_faults: Family::default(),
+            server_faults: Family::default(),
+            mirrored: Family::default(),
             sources: Mutex::default(),
             service: Mutex::default(),
             scrape: Mutex::default(),
@@ -333,6 +361,21 @@ impl Metrics {
                 "fallbacks",
                 "Calls to an optional dependency answered without it (deadline, unavailable, error, open)",
                 metrics.fallbacks.clone(),
+            );
+            r.register(
+                "client_faults_injected",
+                "Outbound calls given an injected fault by a route, by peer and kind (delay, abort)",
+                metrics.client_faults.clone(),
+            );
+            r.register(
+                "server_faults_injected",
+                "Inbound calls given an injected fault by a serverFaults rule, by rule and kind (delay, abort)",
+                metrics.server_faults.clone(),
+            );
+            r.register(
+                "client_mirrored",
+                "Calls picked for mirroring, by shadow peer and outcome (sent, dropped: too many in flight, too_large: body over maxReplayBytes, side_effects: method not NO_SIDE_EFFECTS, failed: the copy ended in an error)",
+                metrics.mirrored.clone(),
             );
             r.register(
                 "process_info",
@@ -470,6 +513,39 @@ impl Metrics {
                 reason,
             })
             .get()
+    }
+
+    /// A route injected a fault (`kind`: `delay` or `abort`) into a call to `peer`.
+    pub(crate) fn client_fault(&self, peer: &Arc<str>, kind: &'static str) {
+        self.0
+            .client_faults
+            .get_or_create(&ClientFaultLabels {
+                peer: peer.clone(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// The `serverFaults` rule `rule` injected a fault into an inbound call.
+    pub(crate) fn server_fault(&self, rule: &Arc<str>, kind: &'static str) {
+        self.0
+            .server_faults
+            .get_or_create(&ServerFaultLabels {
+                rule: rule.clone(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// A call picked for mirroring to `peer` ended as `outcome`.
+    pub(crate) fn mirrored(&self, peer: &Arc<str>, outcome: &'static str) {
+        self.0
+            .mirrored
+            .get_or_create(&MirrorLabels {
+                peer: peer.clone(),
+                outcome,
+            })
+            .inc();
     }
 
     pub(crate) fn ejected(&self, peer: &Arc<str>) {
