@@ -22,6 +22,7 @@ use crate::{
     deadline::{CallDeadline, DeadlineLayer},
     endpoint::{Connection, EndpointState},
     error::MeshError,
+    fault::layer::FaultLayer,
     methods::MethodTable,
     resolve::{self, Target},
     retry::RetryLayer,
@@ -293,6 +294,10 @@ impl Mesh {
                     .named(peer)
                     .metrics(self.metrics.clone()),
             )
+            // A route's injected faults, per attempt: an abort is retried
+            // above within the budget and never reaches the balancer (no
+            // endpoint is charged with it); a delay spends the deadline.
+            .layer(FaultLayer::new(peer, self.metrics.clone()))
             // Each attempt to one endpoint of the routed backend's live
             // set (or the target's own), balanced afresh.
             .layer(DispatchLayer::new(&router))

@@ -38,6 +38,7 @@ const MODULES: &[(&str, Layer)] = &[
     ("", Vocabulary),
     ("error", Vocabulary),
     ("config", Vocabulary),
+    ("config::text", Vocabulary),
     ("methods", Vocabulary),
     ("authz", Vocabulary),
     ("fault", Vocabulary),

@@ -71,6 +71,14 @@ pub struct RouteConfig {
     /// method's.
     #[serde(default)]
     pub retry_policy: Option<RetryPolicy>,
+    /// Delays and aborts injected into a share of the route's calls (see
+    /// [`crate::fault`]); applied per attempt below the retry layer.
+    #[serde(default)]
+    pub fault: Option<crate::fault::FaultPolicy>,
+    /// A share of the route's calls copied to a shadow target (see
+    /// [`crate::mirror`]).
+    #[serde(default)]
+    pub mirror: Option<crate::mirror::MirrorPolicy>,
 }
 
 /// One way a call can match a route (Gateway API `GRPCRouteMatch`).
@@ -260,6 +268,12 @@ pub(super) fn check_routes(
         }
         if let Some(r) = &route.retry_policy {
             check_retry(&at(i, ".retryPolicy"), r)?;
+        }
+        if let Some(fault) = &route.fault {
+            fault.validate(&at(i, ".fault"))?;
+        }
+        if let Some(mirror) = &route.mirror {
+            mirror.validate(&at(i, ".mirror"))?;
         }
         // First match wins: a route every one of whose matches an earlier
         // route already takes is never reached (a duplicate, or a

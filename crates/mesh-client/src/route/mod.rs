@@ -8,8 +8,9 @@
 //!   the first route that matches the call's method and metadata, then one
 //!   of its backends at random by weight. The decision travels down as a
 //!   [`Routed`] request extension (with the route's deadline as a
-//!   [`CallDeadline`] and its retry policy as a [`RetryOverride`] when it
-//!   sets them), so telemetry, deadline and retry above the balancer see
+//!   [`CallDeadline`], its retry policy as a [`RetryOverride`] and its
+//!   fault as a [`RouteFault`] when it sets them), so telemetry, deadline,
+//!   retry and fault injection above the balancer see
 //!   it, and every attempt of the call, retries and hedges included, goes
 //!   to the same backend. A call no route takes carries nothing and goes
 //!   to the target itself.
@@ -53,6 +54,7 @@ use crate::{
     },
     deadline::CallDeadline,
     error::MeshError,
+    fault::layer::RouteFault,
     retry::RetryOverride,
 };
 
@@ -111,6 +113,7 @@ struct CompiledRoute {
     total: u64,
     timeout: Option<Duration>,
     retry: Option<RetryOverride>,
+    fault: Option<RouteFault>,
     config: RouteConfig,
 }
 
@@ -303,6 +306,7 @@ impl Router {
                     .retry_policy
                     .clone()
                     .map(|r: RetryPolicy| RetryOverride(Arc::new(r))),
+                fault: route.fault.clone().map(|f| RouteFault(Arc::new(f))),
                 config: route.clone(),
             }));
         }
@@ -362,7 +366,8 @@ fn invalid_route(target: &str, route: &RouteConfig, reason: &str) -> MeshError {
 ///
 /// Below: a call a route takes carries a [`Routed`] extension, plus a
 /// [`CallDeadline`] (the route's `timeout` as the default, the method's
-/// maximum as the cap) and a [`RetryOverride`] when the route sets those.
+/// maximum as the cap), a [`RetryOverride`] and a [`RouteFault`] when the
+/// route sets those.
 /// The extensions are cloned into every attempt, so all attempts of a
 /// call see the same decision. Never fails a call.
 #[derive(Clone)]
@@ -422,6 +427,9 @@ where
             }
             if let Some(retry) = &routed.route.retry {
                 req.extensions_mut().insert(retry.clone());
+            }
+            if let Some(fault) = &routed.route.fault {
+                req.extensions_mut().insert(fault.clone());
             }
             req.extensions_mut().insert(routed);
         }
