@@ -470,3 +470,56 @@ async fn routed_calls_are_counted_by_route_and_backend_and_unrouted_ones_as_befo
     assert!(text.contains(unrouted), "{text}");
     assert!(text.contains(&format!("mesh_requests_total{{direction=\"outbound\",peer=\"echo\",rpc_service=\"mesh.echo.v1.EchoService\",rpc_method=\"Echo\",route=\"canary-header\",backend=\"{c}\"}} 2")), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_s_injected_aborts_are_retried_without_ejecting_and_its_delay_spends_the_deadline() {
+    let (stable, canary) = (echo("stable").await, echo("canary").await);
+    let (s, c) = (target(&stable), target(&canary));
+    let routes = format!(
+        r#"[{{"name":"slow","matches":[{{"headers":[{{"name":"x-route","value":"slow"}}]}}],
+              "fault":{{"delay":{{"percentage":100,"fixedDelay":"200ms"}}}},
+              "backendRefs":[{{"target":{c:?}}}]}},
+            {{"name":"flaky","fault":{{"abort":{{"percentage":20,"grpcStatus":"UNAVAILABLE"}}}},
+              "backendRefs":[{{"target":{c:?}}}]}}]"#
+    );
+    let metrics = Metrics::new();
+    let mesh = mesh(config(&s, &routes, &[&c])).with_metrics(metrics.clone());
+    let channel = mesh.channel(&s).unwrap();
+    let mut failed = 0;
+    for _ in 0..300 {
+        match echo_call(&channel).await {
+            Ok(server) => assert_eq!(server, "canary"),
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e}");
+                failed += 1;
+            }
+        }
+    }
+    // 20 % aborts with 3 attempts: 0.8 % of calls fail, about 2 of 300.
+    println!("ROUTES 20% injected aborts, 300 calls: {failed} failed");
+    assert!(failed <= 15, "{failed} of 300 failed: aborts are not retried");
+    // Every call that the canary saw got there once: aborts never left.
+    assert_eq!(calls(&canary).await, 300 - failed);
+    // 300 x 20 % aborts, about 60, many in a row: none charged to an endpoint.
+    let text = metrics.encode();
+    let ejections = text
+        .lines()
+        .filter(|l| l.starts_with("mesh_endpoint_ejections_total{"))
+        .filter(|l| !l.ends_with(" 0"))
+        .count();
+    assert_eq!(ejections, 0, "{text}");
+    assert!(
+        text.contains(&format!("mesh_endpoints{{peer=\"{c}\",state=\"ready\"}} 1")),
+        "{text}"
+    );
+
+    let mut request = tonic::Request::new(EchoRequest::default());
+    request.metadata_mut().insert("x-route", "slow".parse().unwrap());
+    request.set_timeout(Duration::from_millis(100));
+    let err = EchoServiceClient::new(channel.clone())
+        .echo(request)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert_eq!(calls(&canary).await, 300 - failed, "the delayed call was never sent");
+}
