@@ -472,7 +472,8 @@ async fn routed_calls_are_counted_by_route_and_backend_and_unrouted_ones_as_befo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_route_s_injected_aborts_are_retried_without_ejecting_and_its_delay_spends_the_deadline() {
+async fn a_route_s_injected_aborts_are_retried_without_ejecting_and_its_delay_spends_the_deadline()
+{
     let (stable, canary) = (echo("stable").await, echo("canary").await);
     let (s, c) = (target(&stable), target(&canary));
     let routes = format!(
@@ -497,7 +498,10 @@ async fn a_route_s_injected_aborts_are_retried_without_ejecting_and_its_delay_sp
     }
     // 20 % aborts with 3 attempts: 0.8 % of calls fail, about 2 of 300.
     println!("ROUTES 20% injected aborts, 300 calls: {failed} failed");
-    assert!(failed <= 15, "{failed} of 300 failed: aborts are not retried");
+    assert!(
+        failed <= 15,
+        "{failed} of 300 failed: aborts are not retried"
+    );
     // Every call that the canary saw got there once: aborts never left.
     assert_eq!(calls(&canary).await, 300 - failed);
     // 300 x 20 % aborts, about 60, many in a row: none charged to an endpoint.
@@ -514,12 +518,18 @@ async fn a_route_s_injected_aborts_are_retried_without_ejecting_and_its_delay_sp
     );
 
     let mut request = tonic::Request::new(EchoRequest::default());
-    request.metadata_mut().insert("x-route", "slow".parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-route", "slow".parse().unwrap());
     request.set_timeout(Duration::from_millis(100));
     let err = EchoServiceClient::new(channel.clone())
         .echo(request)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
-    assert_eq!(calls(&canary).await, 300 - failed, "the delayed call was never sent");
+    assert_eq!(
+        calls(&canary).await,
+        300 - failed,
+        "the delayed call was never sent"
+    );
 }
