@@ -17,6 +17,8 @@
 //! proto declares `idempotency_level = NO_SIDE_EFFECTS` unless
 //! `allowSideEffects` says the shadow may see writes.
 
+pub mod layer;
+
 use serde::Deserialize;
 
 use crate::{error::MeshError, fault::check_percentage};

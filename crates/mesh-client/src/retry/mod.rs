@@ -26,7 +26,7 @@
 //! `examples/layers_over_a_channel.rs`). Its contract with the layer below
 //! is on the type.
 
-mod body;
+pub(crate) mod body;
 mod budget;
 
 pub(crate) use budget::Budget;

@@ -374,7 +374,7 @@ impl Metrics {
             );
             r.register(
                 "client_mirrored",
-                "Calls picked for mirroring, by shadow peer and outcome (sent, dropped: too many in flight, too_large: body over maxReplayBytes, side_effects: method not NO_SIDE_EFFECTS, failed: the copy ended in an error)",
+                "Calls picked for mirroring, by shadow peer and outcome (sent; not sent: dropped, too many copies in flight; too_large, body over maxReplayBytes; ineligible, method not NO_SIDE_EFFECTS, client-streaming or unknown; and failed: a sent copy ended in an error or its time limit)",
                 metrics.mirrored.clone(),
             );
             r.register(
