@@ -24,9 +24,10 @@ use crate::{
     error::MeshError,
     fault::layer::FaultLayer,
     methods::MethodTable,
+    mirror::{MirrorPolicy, layer::MirrorLayer},
     resolve::{self, Target},
     retry::RetryLayer,
-    route::{DispatchLayer, MakeSet, RouteLayer, Router},
+    route::{DispatchLayer, MakeMirror, MakeSet, RouteLayer, RouteMirrorLayer, Router},
     telemetry::{metrics::Metrics, rpc::ClientTelemetryLayer},
     tls::{MeshTls, SpiffeId, io::Connector},
 };
@@ -259,7 +260,29 @@ impl Mesh {
                 mesh.endpoint_set(&peer_name(backend, None), backend, identity)
             })
         };
-        let router = Router::new(Arc::from(target), self.config.clone(), set.clone(), make)?;
+        // A route's mirror copies to a channel of its own (the shadow's
+        // identity from its `targets` entry), counted under its name.
+        let make_mirror: MakeMirror = {
+            let mesh = self.clone();
+            Arc::new(move |policy: &MirrorPolicy| {
+                let shadow = mesh.channel(&policy.target)?;
+                Ok(MirrorLayer::new(
+                    policy.clone(),
+                    shadow,
+                    mesh.methods.clone(),
+                    mesh.config.load().max_replay_bytes,
+                    mesh.metrics.clone(),
+                )
+                .named(&peer_name(&policy.target, None)))
+            })
+        };
+        let router = Router::new(
+            Arc::from(target),
+            self.config.clone(),
+            set.clone(),
+            make,
+            make_mirror,
+        )?;
 
         let timeouts = {
             let (config, target) = (self.config.clone(), target.to_owned());
@@ -288,6 +311,9 @@ impl Mesh {
             .layer(DeadlineLayer::with_limits(Arc::new(timeouts)))
             // The deadline holds for the whole response, streams included.
             .layer(BodyDeadlineLayer)
+            // A routed call's copy to its route's shadow, once per call,
+            // fire-and-forget.
+            .layer(RouteMirrorLayer)
             // Then retries and hedges within the budget, by the live policy.
             .layer(
                 RetryLayer::new(target, self.config.clone(), self.methods.clone())

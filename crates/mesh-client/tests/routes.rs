@@ -533,3 +533,46 @@ async fn a_route_s_injected_aborts_are_retried_without_ejecting_and_its_delay_sp
         "the delayed call was never sent"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_s_mirror_copies_its_calls_without_side_effects_to_the_shadow() {
+    let (stable, canary, shadow) = (
+        echo("stable").await,
+        echo("canary").await,
+        echo("shadow").await,
+    );
+    let (s, c, m) = (target(&stable), target(&canary), target(&shadow));
+    let routes = format!(
+        r#"[{{"name":"mirrored","mirror":{{"target":{m:?},"percentage":100,"maxInFlight":16}},
+              "backendRefs":[{{"target":{c:?}}}]}}]"#
+    );
+    let mesh = mesh(config(&s, &routes, &[&c, &m]));
+    let mut client = EchoServiceClient::new(mesh.channel(&s).unwrap());
+    for _ in 0..50 {
+        let answer = client
+            .echo(EchoRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            answer.server_id, "canary",
+            "the primary's answer, not the shadow's"
+        );
+    }
+    // Copies are fire-and-forget: wait (bounded) for the shadow to count them.
+    for _ in 0..500 {
+        if calls(&shadow).await >= 50 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(calls(&shadow).await, 50);
+    // Record may have side effects: never copied unless the route allows it.
+    for _ in 0..10 {
+        client.record(EchoRequest::default()).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(calls(&shadow).await, 50);
+    assert_eq!(calls(&canary).await, 60);
+    assert_eq!(calls(&stable).await, 0);
+}

@@ -55,12 +55,21 @@ use crate::{
     deadline::CallDeadline,
     error::MeshError,
     fault::layer::RouteFault,
+    mirror::{
+        MirrorPolicy,
+        layer::{Mirror, MirrorLayer},
+    },
     retry::RetryOverride,
 };
 
 /// Makes the endpoint set of a backend target (its resolver, its
 /// connections with its identity): what the assembly hands the router.
 pub(crate) type MakeSet = Arc<dyn Fn(&str) -> Result<Arc<EndpointSet>, MeshError> + Send + Sync>;
+
+/// Makes the mirror of a route (its shadow channel, its bound on copies in
+/// flight): what the assembly hands the router.
+pub(crate) type MakeMirror =
+    Arc<dyn Fn(&MirrorPolicy) -> Result<MirrorLayer, MeshError> + Send + Sync>;
 
 /// The decision for one call: its route and backend.
 ///
@@ -114,6 +123,7 @@ struct CompiledRoute {
     timeout: Option<Duration>,
     retry: Option<RetryOverride>,
     fault: Option<RouteFault>,
+    mirror: Option<MirrorLayer>,
     config: RouteConfig,
 }
 
@@ -167,6 +177,7 @@ pub(crate) struct Router {
     config: ConfigHandle,
     primary: Arc<EndpointSet>,
     make: MakeSet,
+    make_mirror: MakeMirror,
     table: RwLock<Arc<Table>>,
 }
 
@@ -178,6 +189,7 @@ impl Router {
         config: ConfigHandle,
         primary: Arc<EndpointSet>,
         make: MakeSet,
+        make_mirror: MakeMirror,
     ) -> Result<Arc<Self>, MeshError> {
         let now = config.load();
         let empty = Table {
@@ -190,6 +202,7 @@ impl Router {
             config,
             primary,
             make,
+            make_mirror,
             table: RwLock::new(Arc::new(empty)),
         };
         // The config a channel starts with must be routable: a backend that
@@ -296,6 +309,22 @@ impl Router {
                     })
                 })
                 .collect::<Result<_, MeshError>>()?;
+            // A mirror whose policy is unchanged keeps its shadow channel
+            // and its copies in flight across reloads.
+            let mirror = match &route.mirror {
+                None => None,
+                Some(policy) => Some(
+                    match previous.routes.iter().find(|r| {
+                        r.config.name == route.name && r.config.mirror.as_ref() == Some(policy)
+                    }) {
+                        Some(same) => same
+                            .mirror
+                            .clone()
+                            .expect("a route with a mirror policy has a mirror"),
+                        None => (self.make_mirror)(policy)?,
+                    },
+                ),
+            };
             routes.push(Arc::new(CompiledRoute {
                 name: Arc::from(route.name.as_str()),
                 matchers,
@@ -307,6 +336,7 @@ impl Router {
                     .clone()
                     .map(|r: RetryPolicy| RetryOverride(Arc::new(r))),
                 fault: route.fault.clone().map(|f| RouteFault(Arc::new(f))),
+                mirror,
                 config: route.clone(),
             }));
         }
@@ -434,6 +464,63 @@ where
             req.extensions_mut().insert(routed);
         }
         self.inner.call(req)
+    }
+}
+
+/// Copies a share of a routed call to its route's shadow (the route's
+/// `mirror`), by mirror17's [`MirrorLayer`] of that route: once per call,
+/// above the retry layer, with the call's deadline already in its
+/// headers. Calls of routes without a mirror pass through.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RouteMirrorLayer;
+
+impl<S> Layer<S> for RouteMirrorLayer {
+    type Service = RouteMirror<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RouteMirror { inner }
+    }
+}
+
+/// The service made by [`RouteMirrorLayer`].
+#[derive(Clone)]
+pub(crate) struct RouteMirror<S> {
+    inner: S,
+}
+
+impl<S> Service<http::Request<Body>> for RouteMirror<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Error: Into<crate::BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = crate::BoxError;
+    type Future = futures::future::Either<
+        <Mirror<S> as Service<http::Request<Body>>>::Future,
+        futures::future::ErrInto<S::Future, crate::BoxError>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        use futures::TryFutureExt;
+        match req
+            .extensions()
+            .get::<Routed>()
+            .and_then(|r| r.route.mirror.as_ref())
+        {
+            // The readied inner service goes to the mirror's service, which
+            // calls it at once.
+            Some(mirror) => {
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                futures::future::Either::Left(mirror.layer(inner).call(req))
+            }
+            None => futures::future::Either::Right(self.inner.call(req).err_into()),
+        }
     }
 }
 
