@@ -38,6 +38,11 @@ const MODULES: &[(&str, Layer)] = &[
     ("", Vocabulary),
     ("error", Vocabulary),
     ("config", Vocabulary),
+    // The config's parsers of durations and status names, inline modules
+    // of config.rs that fault and mirror policies (themselves part of the
+    // config) use too: leaves, so config -> fault -> config is no cycle.
+    ("config::duration_str", Vocabulary),
+    ("config::codes", Vocabulary),
     ("methods", Vocabulary),
     ("authz", Vocabulary),
     ("fault", Vocabulary),
@@ -55,6 +60,7 @@ const MODULES: &[(&str, Layer)] = &[
     ("telemetry", Middleware),
     ("authz::layer", Middleware),
     ("fault::layer", Middleware),
+    ("fault::server", Middleware),
     ("mirror::layer", Middleware),
     ("optional", Middleware),
     ("channel", Assembly),
