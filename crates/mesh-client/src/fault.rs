@@ -24,7 +24,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use tonic::Code;
 
-use crate::{config::duration_str, error::MeshError};
+use crate::{config::text::duration_str, error::MeshError};
 
 /// Response header on an answer the mesh made up (value `abort`), so a
 /// layer or a peer can tell an injected failure from a real one: a client
@@ -78,7 +78,7 @@ pub struct AbortFault {
 
 fn status_name<'de, D: Deserializer<'de>>(d: D) -> Result<Code, D::Error> {
     let name = String::deserialize(d)?;
-    crate::config::codes::parse(&name).ok_or_else(|| {
+    crate::config::text::codes::parse(&name).ok_or_else(|| {
         serde::de::Error::custom(format!(
             "`grpcStatus` {name:?} is not a gRPC status code name such as \"UNAVAILABLE\""
         ))

@@ -38,11 +38,7 @@ const MODULES: &[(&str, Layer)] = &[
     ("", Vocabulary),
     ("error", Vocabulary),
     ("config", Vocabulary),
-    // The config's parsers of durations and status names, inline modules
-    // of config.rs that fault and mirror policies (themselves part of the
-    // config) use too: leaves, so config -> fault -> config is no cycle.
-    ("config::duration_str", Vocabulary),
-    ("config::codes", Vocabulary),
+    ("config::text", Vocabulary),
     ("methods", Vocabulary),
     ("authz", Vocabulary),
     ("fault", Vocabulary),
@@ -57,6 +53,7 @@ const MODULES: &[(&str, Layer)] = &[
     ("telemetry::admin", Mechanism),
     ("balance", Middleware),
     ("retry", Middleware),
+    ("route", Middleware),
     ("telemetry", Middleware),
     ("authz::layer", Middleware),
     ("fault::layer", Middleware),

@@ -127,6 +127,7 @@ pub mod mirror;
 pub mod optional;
 mod resolve;
 pub mod retry;
+mod route;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
@@ -136,8 +137,9 @@ mod layering;
 
 pub use channel::{Mesh, MeshChannel};
 pub use config::{
-    ConfigHandle, EndpointConfig, HedgingPolicy, LbPolicy, MeshConfig, MethodConfig,
-    OutlierDetection, RetryBudget, RetryPolicy, TargetConfig,
+    BackendRef, ConfigHandle, EndpointConfig, HeaderMatch, HeaderMatchType, HedgingPolicy,
+    LbPolicy, MeshConfig, MethodConfig, MethodMatch, MethodMatchType, OutlierDetection,
+    RetryBudget, RetryPolicy, RouteConfig, RouteMatch, TargetConfig,
 };
 pub use endpoint::EndpointState;
 pub use error::{MeshError, caused_by};

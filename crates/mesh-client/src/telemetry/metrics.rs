@@ -56,6 +56,8 @@ pub(crate) struct RpcLabels {
     peer: Arc<str>,
     rpc_service: Arc<str>,
     rpc_method: Arc<str>,
+    #[prometheus(flatten)]
+    route: RouteLabels,
 }
 
 /// [`RpcLabels`] plus the call's outcome.
@@ -65,7 +67,29 @@ pub(crate) struct ResponseLabels {
     peer: Arc<str>,
     rpc_service: Arc<str>,
     rpc_method: Arc<str>,
+    #[prometheus(flatten)]
+    route: RouteLabels,
     grpc_code: &'static str,
+}
+
+/// The `route` and `backend` labels of a routed outbound call (both from
+/// the config: a route's name and a backend's target); none on calls no
+/// route took, whose series keep the labels they always had.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub(crate) struct RouteLabels(pub(crate) Option<(Arc<str>, Arc<str>)>);
+
+impl prometheus_client::encoding::EncodeLabelSet for RouteLabels {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        match &self.0 {
+            Some((route, backend)) => {
+                [("route", &**route), ("backend", &**backend)].encode(encoder)
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -587,6 +611,7 @@ impl RpcLabels {
             peer,
             rpc_service: path.service.clone(),
             rpc_method: path.method.clone(),
+            route: RouteLabels::default(),
         }
     }
 }
@@ -597,9 +622,13 @@ impl CallSeries {
         direction: Direction,
         peer: Arc<str>,
         path: &RpcPath,
+        route: RouteLabels,
     ) -> Self {
         let m = &*metrics.0;
-        let labels = RpcLabels::new(direction, peer, path);
+        let labels = RpcLabels {
+            route,
+            ..RpcLabels::new(direction, peer, path)
+        };
         Self {
             requests: m.requests.get_or_create_owned(&labels),
             latency: m.latency.get_or_create_owned(&labels),
@@ -626,6 +655,7 @@ impl CallSeries {
                     peer: l.peer.clone(),
                     rpc_service: l.rpc_service.clone(),
                     rpc_method: l.rpc_method.clone(),
+                    route: l.route.clone(),
                     grpc_code: code_name(code),
                 })
             })
