@@ -118,6 +118,10 @@ pub struct MeshConfig {
     pub targets: HashMap<String, TargetConfig>,
     /// Which callers may call which methods of this process's server.
     pub authorization: Option<crate::authz::AuthorizationPolicy>,
+    /// Faults this process's server injects into calls it receives, by
+    /// caller identity and method (first matching rule wins); applied by a
+    /// server built with `MeshServer::server_faults_from`.
+    pub server_faults: Vec<crate::fault::ServerFaultRule>,
 }
 
 impl Default for MeshConfig {
@@ -136,6 +140,7 @@ impl Default for MeshConfig {
             endpoint: EndpointConfig::default(),
             targets: HashMap::new(),
             authorization: None,
+            server_faults: Vec::new(),
         }
     }
 }
@@ -412,6 +417,7 @@ impl MeshConfig {
         if let Some(policy) = &self.authorization {
             policy.validate()?;
         }
+        crate::fault::check_server_faults(&self.server_faults)?;
         for (name, target) in &self.targets {
             let at = |field: &str| format!("targets[{name:?}].{field}");
             if let Some(Err(e)) = target

@@ -17,6 +17,7 @@
 //! detector counts it against an endpoint.
 
 pub mod layer;
+pub(crate) mod server;
 
 use std::time::Duration;
 
@@ -131,6 +132,136 @@ impl FaultPolicy {
     }
 }
 
+/// One rule of the server's `serverFaults`: a fault for calls of some
+/// methods from some callers, matched on the caller's verified SPIFFE ID
+/// (the mTLS peer, as authorization sees it) and the method.
+///
+/// ```json
+/// { "name": "orders-sees-flaky-reads",
+///   "callers": ["spiffe://shop.local/ns/shop/sa/orders"],
+///   "methods": ["mesh.inventory.v1.InventoryService/*"],
+///   "abort": { "percentage": 20, "grpcStatus": "UNAVAILABLE" } }
+/// ```
+///
+/// Rules are tried in order and the first that matches the call decides
+/// (its delay and abort rolled as in [`FaultPolicy`]). Health checks and
+/// reflection are never faulted, so probes and balancers keep seeing the
+/// truth.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerFaultRule {
+    /// Names the rule in logs and in `mesh_server_faults_injected_total`;
+    /// 1 to 64 of `a-z`, `0-9`, `-`, `_`, `.`, unique.
+    pub name: String,
+    /// Caller patterns: an exact SPIFFE ID, a `spiffe://` prefix ending in
+    /// `*`, or `*` for any authenticated caller. Omitted or empty: every
+    /// caller, unauthenticated ones (plaintext) included.
+    #[serde(default)]
+    pub callers: Vec<String>,
+    /// Method patterns: `package.Service/Method`, `package.Service/*` or
+    /// `*`. Omitted or empty: every method (but health and reflection).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Delay a share of the matching calls before they are handled.
+    #[serde(default)]
+    pub delay: Option<DelayFault>,
+    /// Answer a share of the matching calls with a status, unhandled.
+    #[serde(default)]
+    pub abort: Option<AbortFault>,
+}
+
+/// The longest rule name (a metric label value).
+const MAX_RULE_NAME: usize = 64;
+
+fn pattern_matches(pattern: &str, value: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => value.starts_with(prefix),
+        None => pattern == value,
+    }
+}
+
+impl ServerFaultRule {
+    /// The rule's fault, as the client routes write it.
+    pub fn policy(&self) -> FaultPolicy {
+        FaultPolicy {
+            delay: self.delay.clone(),
+            abort: self.abort.clone(),
+        }
+    }
+
+    /// Whether a call of `method` (`package.Service/Method`) from `caller`
+    /// (its verified SPIFFE ID, `None` without one) falls under this rule.
+    pub fn matches(&self, caller: Option<&str>, method: &str) -> bool {
+        if method.starts_with("grpc.health.v1.Health/") || method.starts_with("grpc.reflection.") {
+            return false;
+        }
+        let caller_ok = self.callers.is_empty()
+            || caller.is_some_and(|c| self.callers.iter().any(|p| pattern_matches(p, c)));
+        caller_ok
+            && (self.methods.is_empty() || self.methods.iter().any(|p| pattern_matches(p, method)))
+    }
+}
+
+/// Checks every rule of `serverFaults`; names the first bad field.
+pub(crate) fn check_server_faults(rules: &[ServerFaultRule]) -> Result<(), MeshError> {
+    let bad = |field: String, reason: String| MeshError::InvalidConfig { field, reason };
+    let mut names = std::collections::HashSet::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let at = format!("serverFaults[{i}]");
+        let name_ok = (1..=MAX_RULE_NAME).contains(&rule.name.len())
+            && rule
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+        if !name_ok {
+            return Err(bad(
+                format!("{at}.name"),
+                format!(
+                    "{:?} must be 1 to {MAX_RULE_NAME} of a-z, 0-9, '-', '_', '.'",
+                    rule.name
+                ),
+            ));
+        }
+        if !names.insert(rule.name.as_str()) {
+            return Err(bad(
+                format!("{at}.name"),
+                format!(
+                    "{:?} names an earlier rule too; names must be unique",
+                    rule.name
+                ),
+            ));
+        }
+        for (j, caller) in rule.callers.iter().enumerate() {
+            let ok = caller == "*"
+                || (caller.ends_with('*') && caller.starts_with("spiffe://"))
+                || caller.parse::<crate::tls::identity::SpiffeId>().is_ok();
+            if !ok {
+                return Err(bad(
+                    format!("{at}.callers[{j}]"),
+                    format!("{caller:?} must be a SPIFFE ID, a spiffe:// prefix ending in *, or *"),
+                ));
+            }
+        }
+        for (j, method) in rule.methods.iter().enumerate() {
+            let ok = method == "*"
+                || method.split_once('/').is_some_and(|(service, m)| {
+                    !service.is_empty()
+                        && !m.is_empty()
+                        && !m.contains('/')
+                        && !service.starts_with('/')
+                });
+            if !ok {
+                return Err(bad(
+                    format!("{at}.methods[{j}]"),
+                    format!("{method:?} must be package.Service/Method, package.Service/* or *"),
+                ));
+            }
+        }
+        rule.policy().validate(&at)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +287,73 @@ mod tests {
         assert_eq!(abort.grpc_status, Code::Unavailable);
         let p = parse(r#"{"abort":{"percentage":0.5,"grpcStatus":"RESOURCE_EXHAUSTED"}}"#).unwrap();
         assert!(p.delay.is_none());
+    }
+
+    fn rules(json: &str) -> Result<Vec<ServerFaultRule>, String> {
+        let r: Vec<ServerFaultRule> = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        check_server_faults(&r).map_err(|e| e.to_string())?;
+        Ok(r)
+    }
+
+    #[test]
+    fn server_rules_match_callers_and_methods_never_health() {
+        let r = rules(
+            r#"[{"name":"orders-reads","callers":["spiffe://shop.local/ns/shop/sa/orders"],
+                 "methods":["mesh.inventory.v1.InventoryService/*"],
+                 "abort":{"percentage":20,"grpcStatus":"UNAVAILABLE"}},
+                {"name":"everyone","delay":{"percentage":1,"fixedDelay":"5ms"}}]"#,
+        )
+        .unwrap();
+        let orders = Some("spiffe://shop.local/ns/shop/sa/orders");
+        let gateway = Some("spiffe://shop.local/ns/shop/sa/gateway");
+        let get = "mesh.inventory.v1.InventoryService/GetProduct";
+        assert!(r[0].matches(orders, get));
+        assert!(!r[0].matches(gateway, get));
+        assert!(!r[0].matches(None, get));
+        assert!(!r[0].matches(orders, "mesh.payments.v1.PaymentsService/GetAccount"));
+        assert!(r[1].matches(None, get), "no callers: every caller");
+        assert!(!r[1].matches(orders, "grpc.health.v1.Health/Check"));
+        assert!(!r[1].matches(
+            orders,
+            "grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+        ));
+        assert_eq!(r[0].policy().abort.unwrap().grpc_status, Code::Unavailable);
+    }
+
+    #[test]
+    fn server_rules_name_the_bad_field() {
+        for (json, expected) in [
+            (
+                r#"[{"name":"","abort":{"percentage":1,"grpcStatus":"INTERNAL"}}]"#,
+                "serverFaults[0].name",
+            ),
+            (
+                r#"[{"name":"Big Name","abort":{"percentage":1,"grpcStatus":"INTERNAL"}}]"#,
+                "serverFaults[0].name",
+            ),
+            (
+                r#"[{"name":"a","abort":{"percentage":1,"grpcStatus":"INTERNAL"}},
+                    {"name":"a","abort":{"percentage":1,"grpcStatus":"INTERNAL"}}]"#,
+                "serverFaults[1].name",
+            ),
+            (
+                r#"[{"name":"a","callers":["orders"],"abort":{"percentage":1,"grpcStatus":"INTERNAL"}}]"#,
+                "serverFaults[0].callers[0]",
+            ),
+            (
+                r#"[{"name":"a","methods":["/p.S/M"],"abort":{"percentage":1,"grpcStatus":"INTERNAL"}}]"#,
+                "serverFaults[0].methods[0]",
+            ),
+            (
+                r#"[{"name":"a","abort":{"percentage":120,"grpcStatus":"INTERNAL"}}]"#,
+                "serverFaults[0].abort.percentage",
+            ),
+            (r#"[{"name":"a"}]"#, "serverFaults[0]: a fault needs"),
+            (r#"[{"name":"a","caller":["*"]}]"#, "caller"),
+        ] {
+            let err = rules(json).unwrap_err();
+            assert!(err.contains(expected), "{json}: {err}");
+        }
     }
 
     #[test]

@@ -57,6 +57,7 @@ const MODULES: &[(&str, Layer)] = &[
     ("telemetry", Middleware),
     ("authz::layer", Middleware),
     ("fault::layer", Middleware),
+    ("fault::server", Middleware),
     ("mirror::layer", Middleware),
     ("optional", Middleware),
     ("channel", Assembly),
