@@ -156,7 +156,7 @@ fn manifests_render_and_validate_strictly() {
     }
     let copy = prepared_copy();
     let k8s = copy.path().join("k8s");
-    for dir in ["base", "overlays/kind"] {
+    for dir in ["base", "overlays/kind", "overlays/canary"] {
         let yaml = render(&k8s.join(dir));
         if let Err(complaints) = validate(&yaml) {
             panic!(
@@ -993,4 +993,178 @@ fn check_identity_service(cluster: &Cluster, dir: &Path) {
 
 fn spec_labels(deployment: &Value) -> Value {
     deployment["spec"]["template"]["metadata"]["labels"].clone()
+}
+
+/// The canary overlay (docs/canary.md): the kind cluster plus an
+/// inventory-canary that is inventory under another name, and orders'
+/// mesh config splitting its inventory calls 90/10 between them.
+#[tokio::test]
+async fn the_canary_overlay_runs_inventory_again_and_splits_orders_calls_90_10() {
+    if !tools_present() {
+        return;
+    }
+    let copy = prepared_copy();
+    let kind = documents(&render(&copy.path().join("k8s/overlays/kind")));
+    let cluster = Cluster {
+        objects: documents(&render(&copy.path().join("k8s/overlays/canary"))),
+    };
+    // Everything of the kind overlay is there (orders-mesh without its
+    // name hash), and only the canary's own objects are new.
+    let key = |o: &Value| {
+        let name = o["metadata"]["name"].as_str().unwrap();
+        let name = match name.starts_with("orders-mesh") {
+            true => "orders-mesh",
+            false => name,
+        };
+        (o["kind"].as_str().unwrap().to_owned(), name.to_owned())
+    };
+    let before: BTreeSet<_> = kind.iter().map(key).collect();
+    let after: BTreeSet<_> = cluster.objects.iter().map(key).collect();
+    assert!(
+        after.is_superset(&before),
+        "missing: {:?}",
+        before.difference(&after).collect::<Vec<_>>()
+    );
+    for (kind, name) in after.difference(&before) {
+        assert!(
+            name.contains("inventory-canary"),
+            "the overlay adds {kind} {name}"
+        );
+    }
+
+    // The canary is inventory: same image, account (so SPIFFE identity),
+    // settings and database, under its own pod label.
+    let (stable, canary) = (
+        cluster.deployment("inventory"),
+        cluster.deployment("inventory-canary"),
+    );
+    assert_eq!(canary["metadata"]["namespace"], "shop");
+    assert_eq!(container(canary)["image"], container(stable)["image"]);
+    assert_eq!(container(canary)["imagePullPolicy"], "Never");
+    let spec = |d: &Value| d["spec"]["template"]["spec"].clone();
+    assert_eq!(spec(canary)["serviceAccountName"], "inventory");
+    let mut stable_env = env(stable);
+    let mut canary_env = env(canary);
+    assert_eq!(
+        canary_env.remove("OTEL_SERVICE_NAME").unwrap()["value"],
+        "inventory-canary"
+    );
+    stable_env.remove("OTEL_SERVICE_NAME");
+    assert_eq!(
+        canary_env, stable_env,
+        "the canary's settings are inventory's"
+    );
+    for field in [
+        "ports",
+        "readinessProbe",
+        "livenessProbe",
+        "startupProbe",
+        "securityContext",
+        "volumeMounts",
+    ] {
+        assert_eq!(
+            container(canary)[field],
+            container(stable)[field],
+            "{field}"
+        );
+    }
+    assert_eq!(spec(canary)["volumes"], spec(stable)["volumes"]);
+
+    // Two Services, each answering for its own pods only.
+    let service = |name: &str| {
+        cluster
+            .get("Service", name)
+            .unwrap_or_else(|| panic!("no Service {name}"))
+    };
+    let selects = |svc: &Value, d: &Value| {
+        labels_match(
+            &serde_json::json!({"matchLabels": svc["spec"]["selector"]}),
+            &spec_labels(d),
+        )
+    };
+    assert_eq!(service("inventory-canary")["spec"]["clusterIP"], "None");
+    assert!(selects(service("inventory-canary"), canary));
+    assert!(!selects(service("inventory-canary"), stable));
+    assert!(
+        !selects(service("inventory"), canary),
+        "the stable Service must not reach the canary"
+    );
+    assert!(
+        cluster
+            .of_kind("PodDisruptionBudget")
+            .any(|p| labels_match(&p["spec"]["selector"], &spec_labels(canary)))
+    );
+
+    // Orders' mesh config (loaded by the real parser) routes inventory's
+    // calls 90/10, the canary verified as inventory's identity; its
+    // ConfigMap keeps its name, so an edit is hot-reloaded, not a rollout.
+    let orders = cluster.deployment("orders");
+    let volume = spec(orders)["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "mesh-config")
+        .unwrap()
+        .clone();
+    assert_eq!(volume["configMap"]["name"], "orders-mesh");
+    let policy = mesh_policy(&cluster, orders);
+    let inventory = "dns:///inventory.shop.svc.cluster.local:50051";
+    let canary_target = "dns:///inventory-canary.shop.svc.cluster.local:50051";
+    assert_eq!(
+        policy["targets"][canary_target]["identity"],
+        "spiffe://shop.local/ns/shop/sa/inventory"
+    );
+    let routes = policy["targets"][inventory]["routes"].as_array().unwrap();
+    let weights: BTreeMap<&str, i64> = routes[0]["backendRefs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["target"].as_str().unwrap(), b["weight"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(
+        weights,
+        BTreeMap::from([(inventory, 90), (canary_target, 10)])
+    );
+    // Apart from the split, orders' policy is the base one.
+    let mut without = policy.clone();
+    without["targets"]
+        .as_object_mut()
+        .unwrap()
+        .remove(canary_target);
+    without["targets"][inventory]
+        .as_object_mut()
+        .unwrap()
+        .remove("routes");
+    let base: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("k8s/base/orders/mesh.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        without, base,
+        "the overlay's orders-mesh.json drifted from the base"
+    );
+
+    // The network lets the canary do inventory's job and no more.
+    for (from, to, port) in [
+        ("orders", "inventory-canary", 50051),
+        ("gateway", "inventory-canary", 50051),
+        ("inventory-canary", "postgres", 5432),
+        ("inventory-canary", "identity", 50051),
+    ] {
+        assert!(
+            allowed(&cluster, from, to, port),
+            "{from} → {to}:{port} blocked"
+        );
+    }
+    for (from, to, port) in [
+        ("inventory-canary", "payments", 50051),
+        ("inventory-canary", "orders", 50051),
+        ("auth", "inventory-canary", 50051),
+        ("payments", "inventory-canary", 50051),
+    ] {
+        assert!(
+            !allowed(&cluster, from, to, port),
+            "{from} → {to}:{port} allowed"
+        );
+    }
 }

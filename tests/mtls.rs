@@ -780,3 +780,150 @@ async fn idle_connections_that_never_handshake_cannot_pin_more_than_the_handshak
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
 }
+
+/// The value of the Prometheus series `line_prefix` (name and labels) in
+/// `metrics`, 0 if absent.
+fn series(metrics: &str, line_prefix: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line_prefix)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_faults_for_one_caller_leave_other_callers_untouched_and_follow_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let (orders_id, operator_id) = (identity("orders"), identity("operator"));
+    let config = |faults: serde_json::Value| {
+        serde_json::json!({
+            "authorization": {"rules": [
+                {"callers": [&orders_id, &operator_id], "methods": ["mesh.echo.v1.EchoService/*"]}]},
+            "serverFaults": faults,
+        })
+        .to_string()
+    };
+    // Every Echo from orders aborted; nobody else's.
+    let aborts = serde_json::json!([{
+        "name": "orders-unavailable", "callers": [&orders_id],
+        "methods": ["mesh.echo.v1.EchoService/Echo"],
+        "abort": {"percentage": 100, "grpcStatus": "UNAVAILABLE"}}]);
+    let tls_dir = pki.issue("echo");
+    let admin = free_addr();
+    let echo = TlsEcho::start_with(
+        &tls_dir,
+        Some(&config(aborts)),
+        &["--admin-addr", &admin.to_string()],
+    );
+    let config_file = tls_dir.with_extension("policy.json");
+    let operator = mesh_as(&pki, "operator");
+    // Orders' balancer may eject its only endpoint: were the injected
+    // aborts charged to the server, it would be after five.
+    pki.issue("orders");
+    let orders = Mesh::from_config(
+        MeshConfig::from_json(r#"{"outlierDetection":{"maxEjectionPercent":100}}"#).unwrap(),
+    )
+    .unwrap()
+    .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+    .unwrap()
+    .with_tls(pki.load("orders"))
+    .with_metrics(mesh_client::telemetry::Metrics::new());
+    let addr = echo.proc.addr;
+    wait_serving_on(
+        operator
+            .channel_with_identity(&format!("static:///{addr}"), &identity("echo"))
+            .unwrap(),
+    )
+    .await;
+
+    let orders_channel = orders
+        .channel_with_identity(&format!("static:///{addr}"), &identity("echo"))
+        .unwrap();
+    let mut as_orders = EchoServiceClient::new(orders_channel.clone());
+    let mut as_operator = client(&operator, addr, &identity("echo"));
+    let call = |timeout: Duration| {
+        let mut request = tonic::Request::new(EchoRequest::default());
+        request.set_timeout(timeout);
+        request
+    };
+    for i in 0..20 {
+        let err = as_orders
+            .echo(call(Duration::from_secs(5)))
+            .await
+            .expect_err("orders' Echo is aborted");
+        assert_eq!(err.code(), Code::Unavailable, "call {i}: {err:?}");
+        assert!(
+            err.message().contains("orders-unavailable"),
+            "{}",
+            err.message()
+        );
+        as_operator
+            .echo(call(Duration::from_secs(5)))
+            .await
+            .unwrap_or_else(|e| panic!("the operator's call {i} failed: {e:?}"));
+    }
+    // Orders' other methods are untouched, and so is the endpoint in
+    // orders' own balancer: 60 injected UNAVAILABLE (20 calls x 3
+    // attempts) are not failures of the server.
+    assert!(
+        orders_channel.endpoint_states().iter().all(|e| !e.ejected),
+        "{:?}",
+        orders_channel.endpoint_states()
+    );
+    let client_metrics = orders.metrics().encode();
+    assert!(
+        !client_metrics.contains("mesh_endpoint_ejections_total{"),
+        "{client_metrics}"
+    );
+    as_orders
+        .get_stats(shop_api::echo::v1::GetStatsRequest::default())
+        .await
+        .expect("only Echo is faulted");
+    let (_, metrics) = common::http_get(admin, "/metrics").await;
+    let aborted = series(
+        &metrics,
+        "mesh_server_faults_injected_total{rule=\"orders-unavailable\",kind=\"abort\"}",
+    );
+    assert_eq!(aborted, 60, "20 calls, each tried 3 times: {metrics}");
+
+    // Reloaded: a delay longer than the call's deadline, for orders only.
+    let delays = serde_json::json!([{
+        "name": "orders-slow", "callers": [&orders_id],
+        "delay": {"percentage": 100, "fixedDelay": "5s"}}]);
+    rewrite(&config_file, &config(delays));
+    let start = Instant::now();
+    let mut outcome = None;
+    while start.elapsed() < Duration::from_secs(30) {
+        let begun = Instant::now();
+        match as_orders.echo(call(Duration::from_millis(300))).await {
+            Err(e) if e.code() == Code::DeadlineExceeded => {
+                outcome = Some(begun.elapsed());
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let took = outcome.expect("orders' calls never hit the reloaded delay");
+    assert!(
+        took < Duration::from_secs(4),
+        "ended at the deadline, not after the delay: {took:?}"
+    );
+    as_operator
+        .echo(call(Duration::from_secs(5)))
+        .await
+        .expect("the operator is not delayed");
+
+    // Rules removed: orders is served again, without a restart.
+    rewrite(&config_file, &config(serde_json::json!([])));
+    echo_until(&orders, addr, None)
+        .await
+        .expect("orders served again once the rule is gone");
+    let (_, metrics) = common::http_get(admin, "/metrics").await;
+    assert!(
+        series(
+            &metrics,
+            "mesh_server_faults_injected_total{rule=\"orders-slow\",kind=\"delay\"}"
+        ) >= 1,
+        "{metrics}"
+    );
+}

@@ -16,15 +16,18 @@ use tower::{Service, ServiceBuilder, util::BoxCloneSyncService};
 use crate::{
     BoxError,
     authz::AuthzMode,
-    balance::{BalanceLayer, EndpointSet},
+    balance::EndpointSet,
     body::BodyDeadlineLayer,
     config::{ConfigHandle, EndpointConfig, MeshConfig},
     deadline::{CallDeadline, DeadlineLayer},
     endpoint::{Connection, EndpointState},
     error::MeshError,
+    fault::layer::FaultLayer,
     methods::MethodTable,
+    mirror::{MirrorPolicy, layer::MirrorLayer},
     resolve::{self, Target},
     retry::RetryLayer,
+    route::{DispatchLayer, MakeMirror, MakeSet, RouteLayer, RouteMirrorLayer, Router},
     telemetry::{metrics::Metrics, rpc::ClientTelemetryLayer},
     tls::{MeshTls, SpiffeId, io::Connector},
 };
@@ -45,6 +48,7 @@ impl Mesh {
     /// A mesh with this policy (validated here), recording into the
     /// process's default metrics ([`crate::telemetry::metrics()`]).
     pub fn from_config(config: MeshConfig) -> Result<Self, MeshError> {
+        check_backend_targets(&config)?;
         Ok(Self {
             config: ConfigHandle::new(config)?,
             methods: Arc::new(MethodTable::default()),
@@ -139,6 +143,7 @@ impl Mesh {
 
     /// Replaces the policy; channels use it from their next call.
     pub fn reload(&self, config: MeshConfig) -> Result<(), MeshError> {
+        check_backend_targets(&config)?;
         self.config.reload(config)
     }
 
@@ -211,12 +216,14 @@ impl Mesh {
             })
     }
 
-    fn build_channel(
+    /// The live endpoint set of `target` (named `peer` in metrics), its
+    /// resolver and its connections, verifying servers as `identity`.
+    fn endpoint_set(
         &self,
         peer: &str,
         target: &str,
         identity: Option<SpiffeId>,
-    ) -> Result<MeshChannel, MeshError> {
+    ) -> Result<Arc<EndpointSet>, MeshError> {
         let parsed: Target = target.parse()?;
         let config = self.config.load();
         let reresolve = Arc::new(Notify::new());
@@ -234,6 +241,48 @@ impl Mesh {
             move |addr| connect_lazy(addr, &endpoint_config, tls.clone(), identity.clone()),
             config.health_checks,
         ));
+        Ok(set)
+    }
+
+    fn build_channel(
+        &self,
+        peer: &str,
+        target: &str,
+        identity: Option<SpiffeId>,
+    ) -> Result<MeshChannel, MeshError> {
+        let set = self.endpoint_set(peer, target, identity)?;
+        // A route's backend is a target of its own: its resolver, its
+        // endpoints, the identity its `targets` entry names.
+        let make: MakeSet = {
+            let mesh = self.clone();
+            Arc::new(move |backend: &str| {
+                let identity = mesh.identity_for(backend, None)?;
+                mesh.endpoint_set(&peer_name(backend, None), backend, identity)
+            })
+        };
+        // A route's mirror copies to a channel of its own (the shadow's
+        // identity from its `targets` entry), counted under its name.
+        let make_mirror: MakeMirror = {
+            let mesh = self.clone();
+            Arc::new(move |policy: &MirrorPolicy| {
+                let shadow = mesh.channel(&policy.target)?;
+                Ok(MirrorLayer::new(
+                    policy.clone(),
+                    shadow,
+                    mesh.methods.clone(),
+                    mesh.config.load().max_replay_bytes,
+                    mesh.metrics.clone(),
+                )
+                .named(&peer_name(&policy.target, None)))
+            })
+        };
+        let router = Router::new(
+            Arc::from(target),
+            self.config.clone(),
+            set.clone(),
+            make,
+            make_mirror,
+        )?;
 
         let timeouts = {
             let (config, target) = (self.config.clone(), target.to_owned());
@@ -247,7 +296,11 @@ impl Mesh {
             }
         };
         let stack = ServiceBuilder::new()
-            // Outermost: the call's span and metrics cover everything below.
+            // First the call's route and backend, once per call, so its
+            // metrics, deadline and retries know them and every attempt
+            // goes to the same backend.
+            .layer(RouteLayer::new(router.clone()))
+            // The call's span and metrics cover everything below.
             .layer(ClientTelemetryLayer::new(
                 Arc::from(peer),
                 Arc::from(target),
@@ -258,14 +311,22 @@ impl Mesh {
             .layer(DeadlineLayer::with_limits(Arc::new(timeouts)))
             // The deadline holds for the whole response, streams included.
             .layer(BodyDeadlineLayer)
+            // A routed call's copy to its route's shadow, once per call,
+            // fire-and-forget.
+            .layer(RouteMirrorLayer)
             // Then retries and hedges within the budget, by the live policy.
             .layer(
                 RetryLayer::new(target, self.config.clone(), self.methods.clone())
                     .named(peer)
                     .metrics(self.metrics.clone()),
             )
-            // Each attempt to one endpoint of the live set, balanced afresh.
-            .layer(BalanceLayer::new(set.clone(), self.config.clone()))
+            // A route's injected faults, per attempt: an abort is retried
+            // above within the budget and never reaches the balancer (no
+            // endpoint is charged with it); a delay spends the deadline.
+            .layer(FaultLayer::new(peer, self.metrics.clone()))
+            // Each attempt to one endpoint of the routed backend's live
+            // set (or the target's own), balanced afresh.
+            .layer(DispatchLayer::new(&router))
             // On that endpoint's own HTTP/2 connection.
             .service(Connection);
         Ok(MeshChannel {
@@ -338,9 +399,28 @@ async fn reload_forever(path: PathBuf, mut last: String, config: ConfigHandle, m
     }
 }
 
+/// Every route backend is a target the mesh can resolve (the config's
+/// own validation knows targets only as names).
+fn check_backend_targets(config: &MeshConfig) -> Result<(), MeshError> {
+    for (name, target) in &config.targets {
+        for (i, route) in target.routes.iter().enumerate() {
+            for (b, backend) in route.backend_refs.iter().enumerate() {
+                if let Err(e) = backend.target.parse::<Target>() {
+                    return Err(MeshError::InvalidConfig {
+                        field: format!("targets[{name:?}].routes[{i}].backendRefs[{b}].target"),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The config a changed file brings, if it may replace `current`.
 fn check_reload(current: &MeshConfig, text: &str) -> Result<MeshConfig, MeshError> {
     let next = MeshConfig::from_json(text)?;
+    check_backend_targets(&next)?;
     if current.authorization.is_some() && next.authorization.is_none() {
         return Err(MeshError::InvalidConfig {
             field: "authorization".into(),

@@ -16,6 +16,15 @@ use tonic::Code;
 
 use crate::error::MeshError;
 
+mod route;
+pub(crate) mod text;
+
+pub use route::{
+    BackendRef, HeaderMatch, HeaderMatchType, MethodMatch, MethodMatchType, RouteConfig, RouteMatch,
+};
+pub(crate) use route::{compile_regex, matches_of};
+pub(crate) use text::{codes, duration_str};
+
 /// The longest deadline a call gets when nothing configures one (30 s):
 /// long enough for any unary call of the shop, short enough that a caller
 /// cannot pin work in every service of a chain for hours.
@@ -109,6 +118,10 @@ pub struct MeshConfig {
     pub targets: HashMap<String, TargetConfig>,
     /// Which callers may call which methods of this process's server.
     pub authorization: Option<crate::authz::AuthorizationPolicy>,
+    /// Faults this process's server injects into calls it receives, by
+    /// caller identity and method (first matching rule wins); applied by a
+    /// server built with `MeshServer::server_faults_from`.
+    pub server_faults: Vec<crate::fault::ServerFaultRule>,
 }
 
 impl Default for MeshConfig {
@@ -127,6 +140,7 @@ impl Default for MeshConfig {
             endpoint: EndpointConfig::default(),
             targets: HashMap::new(),
             authorization: None,
+            server_faults: Vec::new(),
         }
     }
 }
@@ -166,6 +180,10 @@ pub struct TargetConfig {
     /// Per-method overrides keyed `package.Service/Method`, or
     /// `package.Service/*` for every method of a service.
     pub methods: HashMap<String, MethodConfig>,
+    /// Routes of calls to this target, in order, the first that matches
+    /// taking the call (see [`RouteConfig`]); none, or none matching: the
+    /// call goes to this target itself.
+    pub routes: Vec<RouteConfig>,
 }
 
 /// Policy for one method (or every method of a service).
@@ -399,6 +417,7 @@ impl MeshConfig {
         if let Some(policy) = &self.authorization {
             policy.validate()?;
         }
+        crate::fault::check_server_faults(&self.server_faults)?;
         for (name, target) in &self.targets {
             let at = |field: &str| format!("targets[{name:?}].{field}");
             if let Some(Err(e)) = target
@@ -422,6 +441,7 @@ impl MeshConfig {
             if let Some(h) = &target.hedging_policy {
                 check_hedging(&at("hedgingPolicy"), h)?;
             }
+            route::check_routes(name, target, &self.targets, target_max)?;
             for (method, m) in &target.methods {
                 let at = |field: &str| format!("targets[{name:?}].methods[{method:?}].{field}");
                 if !method.contains('/') || method.starts_with('/') {
@@ -564,94 +584,6 @@ fn check_hedging(field: &str, h: &HedgingPolicy) -> Result<(), MeshError> {
         return Err(invalid(&format!("{field}.maxAttempts"), "must be 2 to 5"));
     }
     Ok(())
-}
-
-/// Status codes written as gRPC service config does: `"UNAVAILABLE"`.
-mod codes {
-    use serde::{Deserialize, Deserializer};
-    use tonic::Code;
-
-    pub(super) fn parse(name: &str) -> Option<Code> {
-        Some(match name {
-            "CANCELLED" => Code::Cancelled,
-            "UNKNOWN" => Code::Unknown,
-            "INVALID_ARGUMENT" => Code::InvalidArgument,
-            "DEADLINE_EXCEEDED" => Code::DeadlineExceeded,
-            "NOT_FOUND" => Code::NotFound,
-            "ALREADY_EXISTS" => Code::AlreadyExists,
-            "PERMISSION_DENIED" => Code::PermissionDenied,
-            "RESOURCE_EXHAUSTED" => Code::ResourceExhausted,
-            "FAILED_PRECONDITION" => Code::FailedPrecondition,
-            "ABORTED" => Code::Aborted,
-            "OUT_OF_RANGE" => Code::OutOfRange,
-            "UNIMPLEMENTED" => Code::Unimplemented,
-            "INTERNAL" => Code::Internal,
-            "UNAVAILABLE" => Code::Unavailable,
-            "DATA_LOSS" => Code::DataLoss,
-            "UNAUTHENTICATED" => Code::Unauthenticated,
-            "OK" => Code::Ok,
-            _ => return None,
-        })
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Code>, D::Error> {
-        Vec::<String>::deserialize(d)?
-            .iter()
-            .map(|name| {
-                parse(name).ok_or_else(|| {
-                    serde::de::Error::custom(format!(
-                        "{name:?} is not a gRPC status code name such as \"UNAVAILABLE\""
-                    ))
-                })
-            })
-            .collect()
-    }
-}
-
-/// Durations written as gRPC service config does: `"1.5s"`, `"250ms"`.
-pub(crate) mod duration_str {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub(crate) fn parse(text: &str) -> Result<Duration, String> {
-        let text = text.trim();
-        let (number, unit) = if let Some(n) = text.strip_suffix("ms") {
-            (n, 1e-3)
-        } else if let Some(n) = text.strip_suffix('s') {
-            (n, 1.0)
-        } else if let Some(n) = text.strip_suffix('m') {
-            (n, 60.0)
-        } else {
-            return Err(format!(
-                "{text:?} has no unit; write e.g. \"1.5s\" or \"250ms\""
-            ));
-        };
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("{text:?} is not a number followed by ms, s or m"))?;
-        if !value.is_finite() || !(0.0..=1e9).contains(&value) {
-            return Err(format!("{text:?} must be a non-negative duration"));
-        }
-        Ok(Duration::from_secs_f64(value * unit))
-    }
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        parse(&text).map_err(serde::de::Error::custom)
-    }
-
-    pub(crate) mod option {
-        use super::*;
-
-        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
-            d: D,
-        ) -> Result<Option<Duration>, D::Error> {
-            Option::<String>::deserialize(d)?
-                .map(|text| parse(&text).map_err(serde::de::Error::custom))
-                .transpose()
-        }
-    }
 }
 
 #[cfg(test)]

@@ -72,6 +72,15 @@
 //! Client layers, outer to inner, per call (one `ServiceBuilder` in
 //! `channel.rs`, from the call to the connection):
 //!
+//! 0. **route**: by the target's ordered `routes` ([`RouteConfig`],
+//!    Gateway API `GRPCRoute` semantics: matches on method and metadata,
+//!    weighted `backendRefs`, per-route `timeout`, `retryPolicy`, `fault`
+//!    and `mirror`), which backend target this call goes to, decided once
+//!    per call so its retries stay there and a reload changes nothing for
+//!    calls in flight; no route taking it: the target itself. Below the
+//!    retry layer, a route's faults are injected per attempt, and the
+//!    balancer of the chosen backend (its own resolver, endpoints and
+//!    identity) takes each attempt;
 //! 1. **telemetry**: a span per call (OpenTelemetry's RPC conventions, W3C
 //!    trace context injected) and the golden metrics ([`telemetry`]);
 //! 2. **deadline**: explicit, inherited from the inbound call being handled,
@@ -121,10 +130,13 @@ mod config;
 pub mod deadline;
 mod endpoint;
 mod error;
+pub mod fault;
 mod methods;
+pub mod mirror;
 pub mod optional;
 mod resolve;
 pub mod retry;
+mod route;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
@@ -134,8 +146,9 @@ mod layering;
 
 pub use channel::{Mesh, MeshChannel};
 pub use config::{
-    ConfigHandle, EndpointConfig, HedgingPolicy, LbPolicy, MeshConfig, MethodConfig,
-    OutlierDetection, RetryBudget, RetryPolicy, TargetConfig,
+    BackendRef, ConfigHandle, EndpointConfig, HeaderMatch, HeaderMatchType, HedgingPolicy,
+    LbPolicy, MeshConfig, MethodConfig, MethodMatch, MethodMatchType, OutlierDetection,
+    RetryBudget, RetryPolicy, RouteConfig, RouteMatch, TargetConfig,
 };
 pub use endpoint::EndpointState;
 pub use error::{MeshError, caused_by};

@@ -3,7 +3,7 @@
 //! is a single message that can be buffered for replay; and gRPC paths split
 //! into service and method for labels.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use prost::Message;
 use prost_types::{FileDescriptorSet, method_options::IdempotencyLevel};
@@ -23,6 +23,9 @@ pub struct MethodInfo {
 #[derive(Clone, Debug, Default)]
 pub struct MethodTable {
     methods: HashMap<String, MethodInfo>,
+    // Declared `NO_SIDE_EFFECTS` (a subset of the idempotent ones): the
+    // only methods a mirror copies unless its route allows side effects.
+    no_side_effects: HashSet<String>,
 }
 
 impl MethodTable {
@@ -46,6 +49,11 @@ impl MethodTable {
                     } else {
                         format!("/{package}.{}/{}", service.name(), method.name())
                     };
+                    if level == IdempotencyLevel::NoSideEffects {
+                        self.no_side_effects.insert(path.clone());
+                    } else {
+                        self.no_side_effects.remove(&path);
+                    }
                     self.methods.insert(
                         path,
                         MethodInfo {
@@ -66,6 +74,18 @@ impl MethodTable {
     /// descriptor does not say it (`path` is `/package.Service/Method`).
     pub fn insert(&mut self, path: &str, info: MethodInfo) {
         self.methods.insert(path.to_owned(), info);
+    }
+
+    /// Declares `path` free of side effects (`NO_SIDE_EFFECTS`), for a
+    /// contract whose descriptor does not say it.
+    pub fn insert_no_side_effects(&mut self, path: &str) {
+        self.no_side_effects.insert(path.to_owned());
+    }
+
+    /// Whether `path`'s proto declares `idempotency_level = NO_SIDE_EFFECTS`
+    /// (or [`MethodTable::insert_no_side_effects`] said so).
+    pub fn has_no_side_effects(&self, path: &str) -> bool {
+        self.no_side_effects.contains(path)
     }
 
     /// Every registered path.

@@ -10,7 +10,8 @@
 //! deadline) → the process-wide concurrency limit → inbound deadline
 //! capture (for propagation, cut to [`ServerConfig::max_inbound_deadline`])
 //! → the call's deadline enforced on the response (`DEADLINE_EXCEEDED`,
-//! streams included) → the service. Alongside the service it serves
+//! streams included) → injected faults, when enabled
+//! ([`MeshServer::server_faults_from`]) → the service. Alongside the service it serves
 //! `grpc.health.v1.Health` and reflection (v1 and v1alpha) limited to what
 //! this server implements.
 //!
@@ -39,6 +40,7 @@ use crate::{
     channel::Mesh,
     deadline::InboundDeadlineLayer,
     error::MeshError,
+    fault::server::ServerFaultLayer,
     methods::MethodTable,
     telemetry::{metrics::Metrics, rpc::ServerTelemetryLayer},
     tls::{MeshTls, PublicTls, ServerTls, io::accept_loop},
@@ -138,6 +140,7 @@ pub struct MeshServer {
     tls: Option<Arc<MeshTls>>,
     public_tls: Option<Arc<PublicTls>>,
     authorization: PolicySource,
+    server_faults: Option<crate::config::ConfigHandle>,
     #[cfg(feature = "admin")]
     admin: Option<std::net::TcpListener>,
     fallback: Option<FallbackService>,
@@ -171,6 +174,7 @@ impl MeshServer {
             tls: None,
             public_tls: None,
             authorization: PolicySource::default(),
+            server_faults: None,
             #[cfg(feature = "admin")]
             admin: None,
             fallback: None,
@@ -254,6 +258,16 @@ impl MeshServer {
     /// [`AuthorizationPolicy`]).
     pub fn authorization(mut self, policy: Option<AuthorizationPolicy>) -> Self {
         self.authorization = PolicySource::Fixed(policy.map(Arc::new));
+        self
+    }
+
+    /// Injects the faults of the `serverFaults` rules in `mesh`'s config,
+    /// as it is at each call (a watched file's changes apply without a
+    /// restart), matched on the caller's verified SPIFFE ID and the
+    /// method; see [`crate::fault::ServerFaultRule`]. Counted in
+    /// `mesh_server_faults_injected_total{rule,kind}`.
+    pub fn server_faults_from(mut self, mesh: &Mesh) -> Self {
+        self.server_faults = Some(mesh.config_handle());
         self
     }
 
@@ -433,6 +447,9 @@ impl MeshServer {
         });
         #[cfg(not(feature = "grpc-web"))]
         let web: Option<tower::layer::util::Identity> = None;
+        let server_faults = self
+            .server_faults
+            .map(|config| ServerFaultLayer::new(config, self.metrics.clone()));
         let layers = ServiceBuilder::new()
             // Browsers' gRPC-Web becomes gRPC before anything else looks at it.
             .option_layer(web)
@@ -452,6 +469,10 @@ impl MeshServer {
             // for a stalled stream), and a client's cancellation reaches the
             // handler as an error, not as the end of its request stream.
             .layer(ServerDeadlineLayer)
+            // Innermost: injected faults, after authorization and inside
+            // the call's deadline, for the callers and methods the live
+            // config's serverFaults name.
+            .option_layer(server_faults)
             .into_inner();
         let server = Server::builder()
             .max_concurrent_streams(config.max_concurrent_streams)

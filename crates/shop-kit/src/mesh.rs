@@ -293,12 +293,14 @@ impl MeshArgs {
         server = match &self.mesh_config {
             // The policy follows the file as it changes (revocations apply
             // without a restart), through the mesh's one config watcher.
-            Some(path) => server.authorization_from(&self.file_mesh(path).map_err(|source| {
-                SetupError::Policy {
+            Some(path) => {
+                let mesh = self.file_mesh(path).map_err(|source| SetupError::Policy {
                     path: path.clone(),
                     source,
-                }
-            })?),
+                })?;
+                // serverFaults follow the same file (fault injection by caller).
+                server.authorization_from(&mesh).server_faults_from(&mesh)
+            }
             None => server.authorization(None),
         };
         if let Some(tls) = tls {

@@ -255,6 +255,8 @@ fn parse_labels(mut s: &str) -> Option<(BTreeMap<String, String>, &str)> {
     }
 }
 
+mod split;
+
 /// What is measured for one service or edge, summed over its series.
 #[derive(Clone, Debug, Default)]
 struct Totals {
@@ -286,6 +288,8 @@ impl Ord for OrderedF64 {
 enum Key {
     Service(String),
     Edge(String, String),
+    /// A routed edge's calls to one backend (see [`split`]).
+    Split(split::SplitKey),
 }
 
 /// The totals of one process's scrape, by service and edge.
@@ -305,29 +309,31 @@ fn totals(samples: &[Sample]) -> HashMap<Key, Totals> {
             "outbound" => Key::Edge(me.clone(), s.label("peer").to_owned()),
             _ => continue,
         };
-        match s.name.as_str() {
-            "mesh_responses_total" => {
-                let t = out.entry(key).or_default();
-                t.responses += s.value;
-                if s.label("grpc_code") == "OK" {
-                    t.ok += s.value;
+        for key in std::iter::once(key).chain(split::key(&me, s)) {
+            match s.name.as_str() {
+                "mesh_responses_total" => {
+                    let t = out.entry(key).or_default();
+                    t.responses += s.value;
+                    if s.label("grpc_code") == "OK" {
+                        t.ok += s.value;
+                    }
                 }
+                "mesh_response_latency_seconds_bucket" => {
+                    let le = match s.label("le") {
+                        "+Inf" => f64::INFINITY,
+                        le => match le.parse() {
+                            Ok(le) => le,
+                            Err(_) => continue,
+                        },
+                    };
+                    *out.entry(key)
+                        .or_default()
+                        .buckets
+                        .entry(OrderedF64(le))
+                        .or_default() += s.value;
+                }
+                _ => {}
             }
-            "mesh_response_latency_seconds_bucket" => {
-                let le = match s.label("le") {
-                    "+Inf" => f64::INFINITY,
-                    le => match le.parse() {
-                        Ok(le) => le,
-                        Err(_) => continue,
-                    },
-                };
-                *out.entry(key)
-                    .or_default()
-                    .buckets
-                    .entry(OrderedF64(le))
-                    .or_default() += s.value;
-            }
-            _ => {}
         }
     }
     out
@@ -437,6 +443,9 @@ pub(crate) struct View {
     window_seconds: f64,
     services: Vec<ServiceRow>,
     edges: Vec<EdgeRow>,
+    /// Routed edges: each backend's share of its route's calls.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    splits: Vec<split::SplitRow>,
     /// Admin addresses that did not answer.
     unreachable: Vec<String>,
     /// Admin addresses that answered now but not at the window's start.
@@ -494,6 +503,7 @@ impl View {
         };
         let mut services = Vec::new();
         let mut edges = Vec::new();
+        let splits = split::rows(&sums, row);
         for (key, t) in &sums {
             match key {
                 Key::Service(service) => services.push(ServiceRow {
@@ -505,12 +515,14 @@ impl View {
                     to: to.clone(),
                     row: row(t),
                 }),
+                Key::Split(_) => {}
             }
         }
         View {
             window_seconds: window,
             services,
             edges,
+            splits,
             unreachable,
             warming_up,
             processes: Vec::new(),
@@ -526,6 +538,7 @@ impl View {
             .iter()
             .map(|e| (format!("{} -> {}", e.from, e.to), &e.row));
         print_section(out, "EDGE (caller -> callee)", edges)?;
+        split::print(out, &self.splits)?;
         if !self.processes.is_empty() {
             writeln!(out)?;
             writeln!(

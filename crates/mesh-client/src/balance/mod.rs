@@ -29,7 +29,7 @@ use tower::discover::Change;
 mod service;
 
 pub(crate) use service::{
-    BalanceLayer, CallError, Exclude, NoneServing, Picked, Served, timed_out,
+    Balance, BalanceLayer, CallError, Exclude, NoneServing, Picked, Served, timed_out,
 };
 
 use crate::{

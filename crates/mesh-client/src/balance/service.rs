@@ -275,7 +275,11 @@ where
                 }
             };
             if let Some(code) = header_status(&response) {
-                account(Some(code));
+                // An abort a server's fault rule made up says nothing of
+                // the endpoint's health (a test of the callers, not of it).
+                if !response.headers().contains_key(crate::fault::FAULT_HEADER) {
+                    account(Some(code));
+                }
                 let mut response = response;
                 if code != Code::Ok {
                     response.extensions_mut().insert(Served(endpoint.addr));

@@ -41,7 +41,8 @@ pub struct CallDeadline {
 /// The deadline is the earliest of the call's own (`grpc-timeout`, as
 /// `Request::set_timeout` sets it) and the inherited inbound one; with
 /// neither, the method's default from now. Whichever it is, it is cut to
-/// the method's maximum from now: the explicit and the inherited deadline
+/// the method's maximum from now (a [`CallDeadline`] request extension,
+/// when a layer above set one, instead of the policy's): the explicit and the inherited deadline
 /// may come from an outside caller (`grpc-timeout: 99999999H` through a
 /// gateway), and must not override what the mesh config allows.
 #[derive(Clone)]
@@ -115,7 +116,12 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let now = Instant::now();
-        let limits = (self.policy)(req.uri().path());
+        // A layer above may have decided this call's limits (the mesh's
+        // router, for a route's timeout).
+        let limits = match req.extensions().get::<CallDeadline>() {
+            Some(limits) => *limits,
+            None => (self.policy)(req.uri().path()),
+        };
         // Cut before adding: `99999999H` from now is no instant to compute with.
         let explicit = req
             .headers()

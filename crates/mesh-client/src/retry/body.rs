@@ -6,7 +6,7 @@ use http_body_util::{BodyExt, BodyStream, StreamBody};
 use tonic::{Status, body::Body};
 
 /// A request body after buffering.
-pub(super) enum Buffered {
+pub(crate) enum Buffered {
     /// The whole body, replayable.
     Whole(Bytes),
     /// Over the limit: what was read followed by the rest, to send once.
@@ -14,7 +14,7 @@ pub(super) enum Buffered {
 }
 
 /// Reads `body` while it fits in `limit` bytes.
-pub(super) async fn buffer(mut body: Body, limit: usize) -> Result<Buffered, Status> {
+pub(crate) async fn buffer(mut body: Body, limit: usize) -> Result<Buffered, Status> {
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut size = 0;
     while let Some(frame) = body.frame().await {

@@ -26,7 +26,7 @@
 //! `examples/layers_over_a_channel.rs`). Its contract with the layer below
 //! is on the type.
 
-mod body;
+pub(crate) mod body;
 mod budget;
 
 pub(crate) use budget::Budget;
@@ -54,6 +54,12 @@ use crate::{
 
 type Attempt = Result<http::Response<Body>, BoxError>;
 
+/// A request extension that replaces the configured retry policy for one
+/// call (a route's `retryPolicy`, set by the router above); hedging and
+/// the budget stay as configured.
+#[derive(Clone, Debug)]
+pub(crate) struct RetryOverride(pub(crate) Arc<RetryPolicy>);
+
 /// Retries and hedges calls to one target by its live config, within a
 /// retry budget shared by every service this layer makes.
 ///
@@ -76,6 +82,9 @@ type Attempt = Result<http::Response<Body>, BoxError>;
 ///   are retried. A `tonic::Status` error is classified by its code.
 /// - Which methods are idempotent comes from the [`MethodTable`] (the
 ///   contracts' `idempotency_level`); unknown methods are sent once.
+/// - A layer above may replace the retry policy of one call with a
+///   `RetryOverride` extension (the mesh's router does, for a route's
+///   `retryPolicy`); the extensions of the call are in every attempt.
 /// - Errors leave as `tonic::Status` where the mesh knows what happened,
 ///   otherwise as the inner service's error.
 #[derive(Clone)]
@@ -467,7 +476,11 @@ where
                 Some(info) => {
                     let config = this.shared.config.load();
                     let policy = config.call_policy(&target, req.uri().path());
-                    let (retry, hedging) = (policy.retry.clone(), policy.hedging.cloned());
+                    let retry = match req.extensions().get::<RetryOverride>() {
+                        Some(route) => (*route.0).clone(),
+                        None => policy.retry.clone(),
+                    };
+                    let hedging = policy.hedging.cloned();
                     let (parts, body) = req.into_parts();
                     match body::buffer(body, config.max_replay_bytes).await {
                         Err(status) => return Err(Box::new(status) as BoxError),

@@ -56,6 +56,8 @@ pub(crate) struct RpcLabels {
     peer: Arc<str>,
     rpc_service: Arc<str>,
     rpc_method: Arc<str>,
+    #[prometheus(flatten)]
+    route: RouteLabels,
 }
 
 /// [`RpcLabels`] plus the call's outcome.
@@ -65,7 +67,29 @@ pub(crate) struct ResponseLabels {
     peer: Arc<str>,
     rpc_service: Arc<str>,
     rpc_method: Arc<str>,
+    #[prometheus(flatten)]
+    route: RouteLabels,
     grpc_code: &'static str,
+}
+
+/// The `route` and `backend` labels of a routed outbound call (both from
+/// the config: a route's name and a backend's target); none on calls no
+/// route took, whose series keep the labels they always had.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub(crate) struct RouteLabels(pub(crate) Option<(Arc<str>, Arc<str>)>);
+
+impl prometheus_client::encoding::EncodeLabelSet for RouteLabels {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        match &self.0 {
+            Some((route, backend)) => {
+                [("route", &**route), ("backend", &**backend)].encode(encoder)
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,6 +128,28 @@ struct FallbackLabels {
     rpc_service: &'static str,
     rpc_method: &'static str,
     reason: &'static str,
+}
+
+/// Labels of `mesh_client_faults_injected_total` (see `fault`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientFaultLabels {
+    peer: Arc<str>,
+    kind: &'static str,
+}
+
+/// Labels of `mesh_server_faults_injected_total`: the rule's configured
+/// name (bounded by the config), not the caller.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerFaultLabels {
+    rule: Arc<str>,
+    kind: &'static str,
+}
+
+/// Labels of `mesh_client_mirrored_total` (see `mirror`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MirrorLabels {
+    peer: Arc<str>,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -149,6 +195,9 @@ struct Registered {
     cert_expiry: Family<IdentityLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     process: Family<ProcessLabels, Gauge>,
     fallbacks: Family<FallbackLabels, Counter>,
+    client_faults: Family<ClientFaultLabels, Counter>,
+    server_faults: Family<ServerFaultLabels, Counter>,
+    mirrored: Family<MirrorLabels, Counter>,
     // Asked on each scrape; weak so a dropped channel's set goes away.
     sources: Mutex<Vec<Weak<dyn GaugeSource>>>,
     service: Mutex<Option<String>>,
@@ -232,6 +281,9 @@ impl Metrics {
             cert_expiry: Family::default(),
             process: Family::default(),
             fallbacks: Family::default(),
+            client_faults: Family::default(),
+            server_faults: Family::default(),
+            mirrored: Family::default(),
             sources: Mutex::default(),
             service: Mutex::default(),
             scrape: Mutex::default(),
@@ -309,6 +361,21 @@ impl Metrics {
                 "fallbacks",
                 "Calls to an optional dependency answered without it (deadline, unavailable, error, open)",
                 metrics.fallbacks.clone(),
+            );
+            r.register(
+                "client_faults_injected",
+                "Outbound calls given an injected fault by a route, by peer and kind (delay, abort)",
+                metrics.client_faults.clone(),
+            );
+            r.register(
+                "server_faults_injected",
+                "Inbound calls given an injected fault by a serverFaults rule, by rule and kind (delay, abort)",
+                metrics.server_faults.clone(),
+            );
+            r.register(
+                "client_mirrored",
+                "Calls picked for mirroring, by shadow peer and outcome (sent; not sent: dropped, too many copies in flight; too_large, body over maxReplayBytes; ineligible, method not NO_SIDE_EFFECTS, client-streaming or unknown; and failed: a sent copy ended in an error or its time limit)",
+                metrics.mirrored.clone(),
             );
             r.register(
                 "process_info",
@@ -448,6 +515,39 @@ impl Metrics {
             .get()
     }
 
+    /// A route injected a fault (`kind`: `delay` or `abort`) into a call to `peer`.
+    pub(crate) fn client_fault(&self, peer: &Arc<str>, kind: &'static str) {
+        self.0
+            .client_faults
+            .get_or_create(&ClientFaultLabels {
+                peer: peer.clone(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// The `serverFaults` rule `rule` injected a fault into an inbound call.
+    pub(crate) fn server_fault(&self, rule: &Arc<str>, kind: &'static str) {
+        self.0
+            .server_faults
+            .get_or_create(&ServerFaultLabels {
+                rule: rule.clone(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// A call picked for mirroring to `peer` ended as `outcome`.
+    pub(crate) fn mirrored(&self, peer: &Arc<str>, outcome: &'static str) {
+        self.0
+            .mirrored
+            .get_or_create(&MirrorLabels {
+                peer: peer.clone(),
+                outcome,
+            })
+            .inc();
+    }
+
     pub(crate) fn ejected(&self, peer: &Arc<str>) {
         self.0
             .ejections
@@ -511,6 +611,7 @@ impl RpcLabels {
             peer,
             rpc_service: path.service.clone(),
             rpc_method: path.method.clone(),
+            route: RouteLabels::default(),
         }
     }
 }
@@ -521,9 +622,13 @@ impl CallSeries {
         direction: Direction,
         peer: Arc<str>,
         path: &RpcPath,
+        route: RouteLabels,
     ) -> Self {
         let m = &*metrics.0;
-        let labels = RpcLabels::new(direction, peer, path);
+        let labels = RpcLabels {
+            route,
+            ..RpcLabels::new(direction, peer, path)
+        };
         Self {
             requests: m.requests.get_or_create_owned(&labels),
             latency: m.latency.get_or_create_owned(&labels),
@@ -550,6 +655,7 @@ impl CallSeries {
                     peer: l.peer.clone(),
                     rpc_service: l.rpc_service.clone(),
                     rpc_method: l.rpc_method.clone(),
+                    route: l.route.clone(),
                     grpc_code: code_name(code),
                 })
             })

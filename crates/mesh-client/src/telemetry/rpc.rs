@@ -22,11 +22,12 @@ use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty, instrument::Instrumented};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::metrics::{CallSeries, Direction, Metrics};
+use super::metrics::{CallSeries, Direction, Metrics, RouteLabels};
 use crate::{
     BoxError,
     body::{ObservedBody, header_status},
     methods::RpcPath,
+    route::Routed,
     tls::io::PeerInfo,
 };
 
@@ -66,6 +67,8 @@ struct SeriesCache {
     direction: Direction,
     // peer → path → series.
     map: RwLock<HashMap<Box<str>, HashMap<Box<str>, Arc<CallSeries>>>>,
+    // (route, backend) → path → series, for routed client calls.
+    routed: RwLock<HashMap<(Arc<str>, Arc<str>), HashMap<Box<str>, Arc<CallSeries>>>>,
     paths: usize,
 }
 
@@ -75,8 +78,48 @@ impl SeriesCache {
             metrics,
             direction,
             map: RwLock::default(),
+            routed: RwLock::default(),
             paths: 0,
         }
+    }
+
+    /// The series of a routed call: as [`SeriesCache::get`], with the
+    /// route's and backend's labels. Both come from the config, so their
+    /// number is bounded by it; the paths share [`MAX_PATHS`].
+    fn get_routed(&self, peer: &Arc<str>, path: &str, routed: &Routed) -> Arc<CallSeries> {
+        let key = (routed.name().clone(), routed.backend().clone());
+        if let Some(series) = self
+            .routed
+            .read()
+            .expect("series lock")
+            .get(&key)
+            .and_then(|m| m.get(path))
+        {
+            return series.clone();
+        }
+        let mut map = self.routed.write().expect("series lock");
+        let total: usize = map.values().map(HashMap::len).sum();
+        if total >= MAX_PATHS {
+            return self.get(peer, path);
+        }
+        let rpc = if path.is_empty() {
+            RpcPath::unknown()
+        } else {
+            RpcPath::parse(path)
+        };
+        map.entry(key.clone())
+            .or_default()
+            .entry(path.into())
+            .or_insert_with(|| {
+                Arc::new(CallSeries::new(
+                    &self.metrics,
+                    self.direction,
+                    peer.clone(),
+                    &rpc,
+                    RouteLabels(Some(key)),
+                ))
+            })
+            .clone()
     }
 
     fn get(&self, peer: &str, path: &str) -> Arc<CallSeries> {
@@ -107,6 +150,7 @@ impl SeriesCache {
                     self.direction,
                     Arc::from(peer_key),
                     &rpc,
+                    RouteLabels::default(),
                 ))
             })
             .clone()
@@ -165,7 +209,14 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
-        let series = self.layer.cache.get(&self.layer.peer, req.uri().path());
+        let routed = req.extensions().get::<Routed>();
+        let series = match routed {
+            Some(routed) => self
+                .layer
+                .cache
+                .get_routed(&self.layer.peer, req.uri().path(), routed),
+            None => self.layer.cache.get(&self.layer.peer, req.uri().path()),
+        };
         let span = tracing::info_span!(
             target: "mesh_client::rpc",
             "grpc.client",
@@ -177,6 +228,10 @@ where
             set_rpc_attributes(&span, &series);
             span.set_attribute("server.address", self.layer.target.to_string());
             span.set_attribute("mesh.peer", self.layer.peer.to_string());
+            if let Some(routed) = routed {
+                span.set_attribute("mesh.route", routed.name().to_string());
+                span.set_attribute("mesh.backend", routed.backend().to_string());
+            }
             let cx = span.context();
             record_trace_id(&span, &cx);
             TraceContextPropagator::new()
