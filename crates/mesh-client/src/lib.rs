@@ -72,6 +72,15 @@
 //! Client layers, outer to inner, per call (one `ServiceBuilder` in
 //! `channel.rs`, from the call to the connection):
 //!
+//! 0. **route**: by the target's ordered `routes` ([`RouteConfig`],
+//!    Gateway API `GRPCRoute` semantics: matches on method and metadata,
+//!    weighted `backendRefs`, per-route `timeout`, `retryPolicy`, `fault`
+//!    and `mirror`), which backend target this call goes to, decided once
+//!    per call so its retries stay there and a reload changes nothing for
+//!    calls in flight; no route taking it: the target itself. Below the
+//!    retry layer, a route's faults are injected per attempt, and the
+//!    balancer of the chosen backend (its own resolver, endpoints and
+//!    identity) takes each attempt;
 //! 1. **telemetry**: a span per call (OpenTelemetry's RPC conventions, W3C
 //!    trace context injected) and the golden metrics ([`telemetry`]);
 //! 2. **deadline**: explicit, inherited from the inbound call being handled,

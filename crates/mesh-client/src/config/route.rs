@@ -163,10 +163,16 @@ pub(crate) fn compile_regex(pattern: &str) -> Result<regex::Regex, String> {
     if pattern.len() > MAX_VALUE_LEN {
         return Err(format!("longer than {MAX_VALUE_LEN} bytes"));
     }
-    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
-        .size_limit(REGEX_SIZE_LIMIT)
-        .build()
-        .map_err(|e| format!("not a valid regular expression: {e}"))
+    let build = |p: &str| {
+        regex::RegexBuilder::new(p)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()
+            .map_err(|e| format!("not a valid regular expression: {e}"))
+    };
+    // Alone first: `a)|(b` is no expression, though wrapped in the anchors
+    // it would parse (and match far more than whole values).
+    build(pattern)?;
+    build(&format!("^(?:{pattern})$"))
 }
 
 /// Whether every call `b` matches, `a` matches too (so a route with `a`
@@ -650,6 +656,8 @@ mod tests {
         assert!(!re.is_match("xbeta-12"));
         assert!(!re.is_match("beta-12x"));
         assert!(super::compile_regex(&"a".repeat(2000)).is_err());
+        // No escaping the anchors with unbalanced groups.
+        assert!(super::compile_regex("a)|(b").is_err());
     }
 
     proptest::proptest! {

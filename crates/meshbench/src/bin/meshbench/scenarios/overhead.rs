@@ -9,7 +9,8 @@ use crate::pki::{self, Pki};
 use crate::procs;
 use crate::report::{Goal, Scenario, ratio};
 
-/// Runs the scenario: four contenders over one connection each.
+/// Runs the scenario: five contenders over one connection each (two for
+/// the routed one, one per backend).
 pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
     let pki = Pki::new(&ctx.dir.join("overhead-pki"))?;
     let server_dir = pki.issue("bench", "server")?;
@@ -31,6 +32,10 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
     let mesh_plain = mesh
         .channel(&format!("static:///{}", plain.addr))
         .map_err(|e| e.to_string())?;
+    let (routed_mesh, routed_target) = routed(plain.addr)?;
+    let mesh_routed = routed_mesh
+        .channel(&routed_target)
+        .map_err(|e| e.to_string())?;
     let mesh_mtls = mesh
         .with_tls(pki.load("client")?)
         .channel_with_identity(
@@ -45,6 +50,11 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
         Contender::new(
             "mesh",
             Caller::mesh_echo(mesh_plain, ctx.payload),
+            at(&plain),
+        ),
+        Contender::new(
+            "mesh routed 50/50",
+            Caller::mesh_echo(mesh_routed, ctx.payload),
             at(&plain),
         ),
         Contender::new(
@@ -67,7 +77,7 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
         .iter()
         .map(|c| c.acc.row(&c.name, "closed"))
         .collect();
-    let (raw, mesh, raw_tls, mesh_tls) = (&rows[0], &rows[1], &rows[2], &rows[3]);
+    let (raw, mesh, routed, raw_tls, mesh_tls) = (&rows[0], &rows[1], &rows[2], &rows[3], &rows[4]);
     let goals = vec![
         Goal::at_least(
             "mesh / raw tonic throughput",
@@ -80,6 +90,21 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
             ratio(mesh.p99_us as f64, raw.p99_us as f64),
             "×",
             1.05,
+        ),
+        // The cost of routing on the hot path: a two-backend route
+        // (matching, a weighted pick, the backend's own balancer) against
+        // no route, same server, same run.
+        Goal::at_least(
+            "mesh routed / mesh throughput",
+            ratio(routed.rps, mesh.rps),
+            "×",
+            0.98,
+        ),
+        Goal::at_most(
+            "mesh routed / mesh p99",
+            ratio(routed.p99_us as f64, mesh.p99_us as f64),
+            "×",
+            1.02,
         ),
         Goal::at_least(
             "mesh mTLS / mesh plaintext throughput",
@@ -112,6 +137,23 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
         goals,
         notes: vec![],
     })
+}
+
+/// A mesh whose target (returned with it) routes every call 50/50 over two
+/// backends that are the same server written two ways (`static:///a` and
+/// `http://a`): each backend its own resolver, endpoint set and
+/// connection, so the only difference from the plain mesh contender is
+/// the routing.
+fn routed(addr: std::net::SocketAddr) -> Result<(mesh_client::Mesh, String), String> {
+    let target = format!("static:///{addr}");
+    let other = format!("http://{addr}");
+    let config = mesh_client::MeshConfig::from_json(&format!(
+        r#"{{"targets":{{{target:?}:{{"routes":[{{"name":"split","matches":[{{"method":{{"service":"mesh.echo.v1.EchoService"}}}}],
+              "backendRefs":[{{"target":{target:?},"weight":50}},{{"target":{other:?},"weight":50}}]}}]}},
+            {other:?}:{{}}}}}}"#
+    ))
+    .map_err(|e| e.to_string())?;
+    Ok((super::descriptor_mesh(config)?, target))
 }
 
 /// Flags that give a mesh-echo server its certificate.
