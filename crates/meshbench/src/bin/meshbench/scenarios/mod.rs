@@ -12,11 +12,13 @@ pub mod memory;
 pub mod overhead;
 pub mod shop;
 pub mod sidecar;
+pub mod streaming;
 
 /// Every scenario's id, in the order the suite runs them.
-pub const ALL: [&str; 6] = [
+pub const ALL: [&str; 7] = [
     "overhead",
     "sidecar",
+    "streaming",
     "slow-replica",
     "failover",
     "memory",
