@@ -15,7 +15,6 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod dns;
-pub mod echo;
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -31,7 +30,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-pub use echo::Echo;
+pub use mesh_fixture::Echo;
 
 /// How to run one echo replica.
 #[derive(Clone, Debug, Default)]
