@@ -14,7 +14,7 @@ use super::{ServerConfig, call_layers};
 use crate::{
     BoxError,
     authz::{AuthorizationPolicy, REFUSED_BY_HEADER, layer::PolicySource},
-    body::header_status,
+    body::{header_status, trailers_only},
     telemetry::metrics::Metrics,
     tls::io::PeerInfo,
 };
@@ -57,11 +57,7 @@ fn call(caller: &str, timeout: Option<&str>) -> http::Request<Body> {
 }
 
 fn ok() -> http::Response<Body> {
-    let mut response = http::Response::new(Body::empty());
-    response
-        .headers_mut()
-        .insert("grpc-status", http::HeaderValue::from(0));
-    response
+    trailers_only(Code::Ok)
 }
 
 /// The responses counted for `caller` with `code`.
@@ -108,6 +104,20 @@ fn stack(
     };
     let svc = call_layers(&config, known(), policy(), metrics.clone()).service(mock);
     (svc, handle)
+}
+
+/// One allowed call, answered OK by the service below.
+async fn served<S>(svc: S, handle: &mut Handle)
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = BoxError>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let pending = tokio::spawn(svc.oneshot(call(ORDERS, None)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(ok());
+    assert_eq!(code_of(pending.await.unwrap()), Code::Ok);
 }
 
 /// The code a call ended with: its trailers-only status, or its error's.
@@ -170,10 +180,7 @@ async fn at_the_concurrency_limit_calls_are_shed_at_once_but_denials_stay_denial
     answer.send_response(ok());
     assert_eq!(code_of(first.await.unwrap()), Code::Ok);
     // The permit is back: the next call is served.
-    let again = tokio::spawn(svc.oneshot(call(ORDERS, None)));
-    let (_, answer) = handle.next_request().await.unwrap();
-    answer.send_response(ok());
-    assert_eq!(code_of(again.await.unwrap()), Code::Ok);
+    served(svc, &mut handle).await;
     assert_eq!(responses(&metrics, ORDERS, "OK"), 2);
 }
 
@@ -191,10 +198,7 @@ async fn a_handler_past_the_callers_deadline_is_cancelled_and_answered_deadline_
     drop(answer);
     assert_eq!(responses(&metrics, ORDERS, "DEADLINE_EXCEEDED"), 1);
     // Its concurrency permit went with it.
-    let next = tokio::spawn(svc.oneshot(call(ORDERS, None)));
-    let (_, answer) = handle.next_request().await.unwrap();
-    answer.send_response(ok());
-    assert_eq!(code_of(next.await.unwrap()), Code::Ok);
+    served(svc, &mut handle).await;
 }
 
 #[tokio::test(start_paused = true)]

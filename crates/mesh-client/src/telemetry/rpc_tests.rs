@@ -27,7 +27,7 @@ use super::{
     metrics::Metrics,
     rpc::{ClientTelemetryLayer, ServerTelemetryLayer},
 };
-use crate::{BoxError, tls::io::PeerInfo};
+use crate::{BoxError, body::trailers_only, tls::io::PeerInfo};
 
 const GET: &str = "/t.S/Get";
 /// A W3C traceparent as an upstream caller would send it.
@@ -105,15 +105,6 @@ fn answered(code: Code) -> http::Response<Body> {
     )))
 }
 
-/// A trailers-only response: the status is in the headers.
-fn trailers_only(code: Code) -> http::Response<Body> {
-    let mut response = http::Response::new(Body::empty());
-    response
-        .headers_mut()
-        .insert("grpc-status", http::HeaderValue::from(code as i32));
-    response
-}
-
 /// The value of the one series `name{labels..}`; `None` if there is none.
 fn series(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let text = metrics.encode();
@@ -164,6 +155,15 @@ fn with(
     all
 }
 
+/// Responses of outbound `t.S/Get` calls to `inv` that ended with `code`.
+fn get_responses(metrics: &Metrics, code: &'static str) -> Option<f64> {
+    series(
+        metrics,
+        "mesh_responses_total",
+        &with(&OUT_GET, ("grpc_code", code)),
+    )
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_client_call_is_counted_when_its_trailers_arrive_with_its_code_and_latency() {
     let metrics = Metrics::new();
@@ -183,24 +183,10 @@ async fn a_client_call_is_counted_when_its_trailers_arrive_with_its_code_and_lat
         series(&metrics, "mesh_in_flight_requests", &OUT_GET),
         Some(1.0)
     );
-    assert_eq!(
-        series(
-            &metrics,
-            "mesh_responses_total",
-            &with(&OUT_GET, ("grpc_code", "OK"))
-        ),
-        None
-    );
+    assert_eq!(get_responses(&metrics, "OK"), None);
     tokio::time::advance(Duration::from_millis(2)).await;
     response.into_body().collect().await.unwrap();
-    assert_eq!(
-        series(
-            &metrics,
-            "mesh_responses_total",
-            &with(&OUT_GET, ("grpc_code", "OK"))
-        ),
-        Some(1.0)
-    );
+    assert_eq!(get_responses(&metrics, "OK"), Some(1.0));
     assert_eq!(
         series(&metrics, "mesh_in_flight_requests", &OUT_GET),
         Some(0.0)
@@ -222,17 +208,13 @@ async fn a_client_call_is_counted_when_its_trailers_arrive_with_its_code_and_lat
 async fn client_failures_are_counted_by_the_code_the_caller_sees() {
     let metrics = Metrics::new();
     let (svc, mut handle) = client(&metrics);
-    let code = |c| with(&OUT_GET, ("grpc_code", c));
 
     // A trailers-only answer counts at once, before any body is read.
     let call = tokio::spawn(svc.clone().oneshot(request(GET)));
     let (_, answer) = handle.next_request().await.unwrap();
     answer.send_response(trailers_only(Code::NotFound));
     let _unread = call.await.unwrap().unwrap();
-    assert_eq!(
-        series(&metrics, "mesh_responses_total", &code("NOT_FOUND")),
-        Some(1.0)
-    );
+    assert_eq!(get_responses(&metrics, "NOT_FOUND"), Some(1.0));
 
     // An error carrying a status counts as that status...
     let call = tokio::spawn(svc.clone().oneshot(request(GET)));
@@ -243,20 +225,14 @@ async fn client_failures_are_counted_by_the_code_the_caller_sees() {
         err.downcast::<tonic::Status>().unwrap().code(),
         Code::DeadlineExceeded
     );
-    assert_eq!(
-        series(&metrics, "mesh_responses_total", &code("DEADLINE_EXCEEDED")),
-        Some(1.0)
-    );
+    assert_eq!(get_responses(&metrics, "DEADLINE_EXCEEDED"), Some(1.0));
 
     // ...one without (a broken connection) as UNAVAILABLE, as tonic reports it.
     let call = tokio::spawn(svc.clone().oneshot(request(GET)));
     let (_, answer) = handle.next_request().await.unwrap();
     answer.send_error(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
     call.await.unwrap().unwrap_err();
-    assert_eq!(
-        series(&metrics, "mesh_responses_total", &code("UNAVAILABLE")),
-        Some(1.0)
-    );
+    assert_eq!(get_responses(&metrics, "UNAVAILABLE"), Some(1.0));
 
     // A body that ends without trailers is a broken stream.
     let call = tokio::spawn(svc.clone().oneshot(request(GET)));
@@ -271,10 +247,7 @@ async fn client_failures_are_counted_by_the_code_the_caller_sees() {
         .collect()
         .await
         .unwrap();
-    assert_eq!(
-        series(&metrics, "mesh_responses_total", &code("INTERNAL")),
-        Some(1.0)
-    );
+    assert_eq!(get_responses(&metrics, "INTERNAL"), Some(1.0));
 
     assert_eq!(series(&metrics, "mesh_requests_total", &OUT_GET), Some(4.0));
     assert_eq!(
@@ -287,27 +260,16 @@ async fn client_failures_are_counted_by_the_code_the_caller_sees() {
 async fn a_cancelled_client_call_is_counted_once_as_cancelled() {
     let metrics = Metrics::new();
     let (mut svc, mut handle) = client(&metrics);
-    let cancelled = with(&OUT_GET, ("grpc_code", "CANCELLED"));
 
     // Given up on before the answer: the future is dropped.
     svc.ready().await.unwrap();
     let pending = svc.call(request(GET));
     let (_, answer) = handle.next_request().await.unwrap();
     drop(pending);
-    assert_eq!(
-        series(&metrics, "mesh_responses_total", &cancelled),
-        Some(1.0)
-    );
+    assert_eq!(get_responses(&metrics, "CANCELLED"), Some(1.0));
     // An answer after that changes nothing.
     answer.send_response(trailers_only(Code::Ok));
-    assert_eq!(
-        series(
-            &metrics,
-            "mesh_responses_total",
-            &with(&OUT_GET, ("grpc_code", "OK"))
-        ),
-        None
-    );
+    assert_eq!(get_responses(&metrics, "OK"), None);
 
     // Given up on mid-stream: the body is dropped before its trailers.
     let call = tokio::spawn(svc.clone().oneshot(request(GET)));
@@ -317,10 +279,7 @@ async fn a_cancelled_client_call_is_counted_once_as_cancelled() {
     let first = body.frame().await.unwrap().unwrap();
     assert!(first.is_data());
     drop(body);
-    assert_eq!(
-        series(&metrics, "mesh_responses_total", &cancelled),
-        Some(2.0)
-    );
+    assert_eq!(get_responses(&metrics, "CANCELLED"), Some(2.0));
     assert_eq!(
         series(&metrics, "mesh_in_flight_requests", &OUT_GET),
         Some(0.0)

@@ -42,6 +42,34 @@ fn workload(dir: &Path, ca: &DevCa, issued: &Issued) -> Arc<MeshTls> {
     MeshTls::load(TlsFiles::in_dir(dir)).unwrap()
 }
 
+/// A server (`inventory`) and a caller (`orders`) with certificates from
+/// one CA, each from its own directory.
+struct Bed {
+    ca: DevCa,
+    server_dir: tempfile::TempDir,
+    _caller_dir: tempfile::TempDir,
+    /// The server's first certificate.
+    first: Issued,
+    server: Arc<MeshTls>,
+    caller: Arc<MeshTls>,
+}
+
+fn bed() -> Bed {
+    let ca = ca();
+    let (server_dir, caller_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = issue(&ca, "inventory");
+    let server = workload(server_dir.path(), &ca, &first);
+    let caller = workload(caller_dir.path(), &ca, &issue(&ca, "orders"));
+    Bed {
+        ca,
+        server_dir,
+        _caller_dir: caller_dir,
+        first,
+        server,
+        caller,
+    }
+}
+
 type Connection = (
     client::TlsStream<DuplexStream>,
     server::TlsStream<DuplexStream>,
@@ -81,11 +109,14 @@ async fn still_works(connection: &mut Connection) {
 
 #[tokio::test]
 async fn a_rotated_certificate_is_presented_in_new_handshakes_and_old_connections_keep_working() {
-    let ca = ca();
-    let (server_dir, caller_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let first = issue(&ca, "inventory");
-    let server = workload(server_dir.path(), &ca, &first);
-    let caller = workload(caller_dir.path(), &ca, &issue(&ca, "orders"));
+    let Bed {
+        ca,
+        server_dir,
+        first,
+        server,
+        caller,
+        _caller_dir,
+    } = bed();
 
     let mut before = handshake(&caller, &server).await.unwrap();
     assert_eq!(presented(&before), leaf(&first));
@@ -112,11 +143,14 @@ async fn a_rotated_certificate_is_presented_in_new_handshakes_and_old_connection
 
 #[tokio::test]
 async fn a_broken_or_mismatched_pair_is_refused_and_the_last_good_one_stays() {
-    let ca = ca();
-    let (server_dir, caller_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let good = issue(&ca, "inventory");
-    let server = workload(server_dir.path(), &ca, &good);
-    let caller = workload(caller_dir.path(), &ca, &issue(&ca, "orders"));
+    let Bed {
+        ca,
+        server_dir,
+        first: good,
+        server,
+        caller,
+        _caller_dir,
+    } = bed();
     let serial = server.serial();
     let (cert, key) = (
         server_dir.path().join("tls.crt"),
