@@ -125,6 +125,7 @@ fn series(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> Option<f64>
     found.first().copied()
 }
 
+/// The client layer for peer `inv` over a mock, recording into `metrics`.
 fn client(
     metrics: &Metrics,
 ) -> (
@@ -139,6 +140,7 @@ fn client(
     (layer.layer(mock), handle)
 }
 
+/// The labels of outbound `t.S/Get` calls to `inv`.
 const OUT_GET: [(&str, &str); 4] = [
     ("direction", "outbound"),
     ("peer", "inv"),
@@ -146,6 +148,7 @@ const OUT_GET: [(&str, &str); 4] = [
     ("rpc_method", "Get"),
 ];
 
+/// `labels` and one more.
 fn with(
     labels: &[(&'static str, &'static str)],
     more: (&'static str, &'static str),
