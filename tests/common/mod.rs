@@ -8,8 +8,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
-// The DNS test server belongs to mesh-client's tests (its resolver); the
-// shop's topology tests reuse the one copy.
+// The DNS test server, the test PKI and health/admin probes belong to
+// mesh-client's tests; the shop's tests reuse the one copy of each.
 mod certs;
 #[path = "../../crates/mesh-client/tests/common/dns.rs"]
 pub mod dns;
@@ -18,7 +18,11 @@ mod invariants;
 pub mod netbed;
 pub mod netshop;
 pub mod otlp;
+#[path = "../../crates/mesh-client/tests/common/pki.rs"]
+mod pki;
 mod postgres;
+#[path = "../../crates/mesh-client/tests/common/probe.rs"]
+mod probe;
 mod procs;
 mod shop;
 mod tools;
@@ -34,6 +38,8 @@ pub use grpc::*;
 pub use invariants::*;
 #[allow(unused_imports)]
 pub use postgres::*;
+#[allow(unused_imports)]
+pub use probe::*;
 #[allow(unused_imports)]
 pub use procs::*;
 #[allow(unused_imports)]

@@ -85,6 +85,17 @@ where
     }
 }
 
+/// A trailers-only response with `code` and no message, as a layer below
+/// would answer (for the layers' unit tests).
+#[cfg(test)]
+pub(crate) fn trailers_only(code: Code) -> http::Response<tonic::body::Body> {
+    let mut response = http::Response::new(tonic::body::Body::empty());
+    response
+        .headers_mut()
+        .insert("grpc-status", http::HeaderValue::from(code as i32));
+    response
+}
+
 /// The status in a response's headers (a trailers-only response).
 pub(crate) fn header_status(response: &http::Response<tonic::body::Body>) -> Option<Code> {
     grpc_status(response.headers())

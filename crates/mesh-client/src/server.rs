@@ -453,22 +453,12 @@ impl MeshServer {
         let layers = ServiceBuilder::new()
             // Browsers' gRPC-Web becomes gRPC before anything else looks at it.
             .option_layer(web)
-            // Then every call is measured and traced, even refused ones.
-            .layer(ServerTelemetryLayer::new(
-                known.clone(),
-                config.trust_trace_context,
-                self.metrics.clone(),
+            .layer(call_layers(
+                &config,
+                known,
+                self.authorization,
+                self.metrics,
             ))
-            // Then who may call what, before any work is done.
-            .layer(AuthzLayer::new(self.authorization, known, self.metrics))
-            .layer(LoadShedLayer::new())
-            .layer(GlobalConcurrencyLimitLayer::new(config.concurrency_limit))
-            .layer(InboundDeadlineLayer::new(config.max_inbound_deadline))
-            // A call past its deadline ends with DEADLINE_EXCEEDED, as at
-            // the reference servers (tonic alone says CANCELLED, or nothing
-            // for a stalled stream), and a client's cancellation reaches the
-            // handler as an error, not as the end of its request stream.
-            .layer(ServerDeadlineLayer)
             // Innermost: injected faults, after authorization and inside
             // the call's deadline, for the callers and methods the live
             // config's serverFaults name.
@@ -510,6 +500,55 @@ impl MeshServer {
             }
         }
     }
+}
+
+/// The layers of [`call_layers`], outer to inner.
+type CallLayers = tower::layer::util::Stack<
+    ServerDeadlineLayer,
+    tower::layer::util::Stack<
+        InboundDeadlineLayer,
+        tower::layer::util::Stack<
+            GlobalConcurrencyLimitLayer,
+            tower::layer::util::Stack<
+                LoadShedLayer,
+                tower::layer::util::Stack<
+                    AuthzLayer,
+                    tower::layer::util::Stack<ServerTelemetryLayer, tower::layer::util::Identity>,
+                >,
+            >,
+        >,
+    >,
+>;
+
+/// The layers every call passes between the connection (and gRPC-Web
+/// translation) and the service, outer to inner; one function so that the
+/// order is tested as served (`server/tests.rs`).
+fn call_layers(
+    config: &ServerConfig,
+    known: Arc<HashSet<String>>,
+    authorization: PolicySource,
+    metrics: Metrics,
+) -> ServiceBuilder<CallLayers> {
+    ServiceBuilder::new()
+        // Every call is measured and traced, even refused ones.
+        .layer(ServerTelemetryLayer::new(
+            known.clone(),
+            config.trust_trace_context,
+            metrics.clone(),
+        ))
+        // Then who may call what, before any work is done: a denied
+        // caller learns nothing about the server's load.
+        .layer(AuthzLayer::new(authorization, known, metrics))
+        // At the concurrency limit, RESOURCE_EXHAUSTED at once rather than
+        // a queue that eats the caller's deadline.
+        .layer(LoadShedLayer::new())
+        .layer(GlobalConcurrencyLimitLayer::new(config.concurrency_limit))
+        .layer(InboundDeadlineLayer::new(config.max_inbound_deadline))
+        // A call past its deadline ends with DEADLINE_EXCEEDED, as at
+        // the reference servers (tonic alone says CANCELLED, or nothing
+        // for a stalled stream), and a client's cancellation reaches the
+        // handler as an error, not as the end of its request stream.
+        .layer(ServerDeadlineLayer)
 }
 
 /// Not ready without a valid certificate: reports NOT_SERVING while the
@@ -634,3 +673,6 @@ fn invalid_descriptors(e: tonic_reflection::server::Error) -> MeshError {
         reason: e.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,12 +1,13 @@
 //! The contracts mesh-client's behaviour tests (`crates/mesh-client/tests`)
 //! run against: `mesh.echo.v1.EchoService`, whose faults a test switches at
-//! run time, and `grpc.testing.TestService` for bidirectional streams.
+//! run time, and `grpc.testing.TestService` for bidirectional streams; and
+//! the one echo implementation ([`Echo`]), which those tests serve in
+//! process on `MeshServer` and meshbench's `mesh-echo` binary serves for
+//! the benchmarks.
 //!
 //! A crate of its own, and not a build script in mesh-client, so that
 //! mesh-client's users compile no protobuf tooling: mesh-client names this
 //! crate as a path-only dev-dependency, which `cargo publish` leaves out.
-//! The servers themselves are written in the tests (`tests/common/echo.rs`),
-//! in process, on `MeshServer`.
 
 #![forbid(unsafe_code)]
 #![allow(missing_docs)] // generated code carries the proto comments, not rustdoc on every item
@@ -24,3 +25,7 @@ pub mod echo {
 pub mod testing {
     tonic::include_proto!("grpc.testing");
 }
+
+pub mod server;
+
+pub use server::Echo;

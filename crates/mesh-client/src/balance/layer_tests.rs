@@ -12,6 +12,7 @@ use tower_test::mock;
 
 use super::{BalanceLayer, CallError, EndpointSet, Exclude, NoEndpoint, Picked, Served};
 use crate::{
+    body::trailers_only,
     config::{ConfigHandle, MeshConfig},
     endpoint::{SendTo, header_status},
     telemetry::metrics::Metrics,
@@ -66,14 +67,6 @@ fn request() -> http::Request<Body> {
         .unwrap()
 }
 
-fn status(code: Code) -> http::Response<Body> {
-    let mut response = http::Response::new(Body::empty());
-    response
-        .headers_mut()
-        .insert("grpc-status", http::HeaderValue::from(code as i32));
-    response
-}
-
 /// Sends one call; the endpoint on port `failing` answers UNAVAILABLE,
 /// the others OK (both trailers-only, so the outcome is known at once).
 /// Returns the port the call went to.
@@ -87,7 +80,7 @@ async fn call(svc: &Balanced, handle: &mut Handle, failing: u16) -> u16 {
         .0
         .addr
         .port();
-    answer.send_response(status(if port == failing {
+    answer.send_response(trailers_only(if port == failing {
         Code::Unavailable
     } else {
         Code::Ok

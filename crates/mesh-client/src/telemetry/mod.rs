@@ -25,6 +25,8 @@
 pub mod admin;
 pub(crate) mod metrics;
 pub(crate) mod rpc;
+#[cfg(test)]
+mod rpc_tests;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};

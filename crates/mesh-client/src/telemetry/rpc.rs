@@ -33,7 +33,7 @@ use crate::{
 
 /// Distinct paths one layer keeps series for; calls beyond are labelled
 /// `unknown`, so no caller can grow the metrics without bound.
-const MAX_PATHS: usize = 1024;
+pub(super) const MAX_PATHS: usize = 1024;
 
 struct HeaderInjector<'a>(&'a mut http::HeaderMap);
 

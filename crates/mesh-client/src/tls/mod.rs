@@ -20,6 +20,8 @@ pub mod certify;
 pub mod dev;
 pub(crate) mod identity;
 pub(crate) mod io;
+#[cfg(all(test, feature = "dev-ca"))]
+mod reload_tests;
 mod verify;
 
 use std::{

@@ -15,23 +15,29 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod dns;
-pub mod echo;
+#[cfg(feature = "dev-ca")]
+pub mod pki;
+pub mod probe;
 
 use std::{
     net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use mesh_client::{
-    Mesh, MeshChannel, MeshConfig,
+    Mesh, MeshConfig,
     server::{MeshServer, ServerConfig},
 };
 use mesh_fixture::echo::echo_service_server::EchoServiceServer;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
 
-pub use echo::Echo;
+pub use mesh_fixture::Echo;
+#[cfg(feature = "dev-ca")]
+#[allow(unused_imports)]
+pub use pki::{TRUST_DOMAIN, TestPki, identity};
+#[allow(unused_imports)]
+pub use probe::{http_get, wait_serving_on};
 
 /// How to run one echo replica.
 #[derive(Clone, Debug, Default)]
@@ -44,12 +50,33 @@ pub struct EchoOptions {
     pub next_config: MeshConfig,
     /// The server's limits (concurrency, drain grace, ...).
     pub server: ServerConfig,
+    /// Largest request message accepted, in bytes (tonic's 4 MiB if unset).
+    pub max_request_bytes: Option<usize>,
+    /// Serve mutual TLS with the workload files (`tls.crt`, `tls.key`,
+    /// `ca.crt`) in this directory, re-read as they change.
+    pub tls_dir: Option<PathBuf>,
+    /// The TLS handshake timeout with `tls_dir` (10 s if unset).
+    pub handshake_timeout: Option<Duration>,
+    /// Enforce the authorization policy of this mesh config file, followed
+    /// as it changes (`Mesh::from_file`).
+    pub mesh_config: Option<PathBuf>,
+    /// Serve the admin port (`/metrics`, ...) on a free port: `Replica::admin`.
+    pub admin: bool,
+    /// Keep the replica's log lines (info and above): `Replica::logged`.
+    pub capture_log: bool,
 }
+
+/// Log lines of one replica.
+pub type Log = Arc<Mutex<Vec<String>>>;
 
 /// One echo replica, killed (no drain) when dropped.
 pub struct Replica {
     pub id: String,
     pub addr: SocketAddr,
+    /// The admin port, with `EchoOptions::admin`.
+    pub admin: Option<SocketAddr>,
+    /// What the replica logged, with `EchoOptions::capture_log`.
+    pub log: Log,
     /// Ends the server at once (`kill`) or after a drain (`terminate`).
     stop: Option<tokio::sync::oneshot::Sender<Stop>>,
     /// What `serve` returned, sent by the replica's thread when it ends.
@@ -83,17 +110,32 @@ impl Replica {
     pub fn start_on(id: &str, listener: TcpListener, options: EchoOptions) -> Replica {
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
+        let admin = options.admin.then(listen_any);
+        let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
+        let log = Log::default();
+        let sink = options.capture_log.then(|| log.clone());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let name = id.to_owned();
         let thread = std::thread::Builder::new()
             .name(format!("replica-{id}"))
             .spawn(move || {
+                // The runtime is current-thread: every task of the replica
+                // logs on this thread, into its own subscriber.
+                let _logging = sink.map(|sink| {
+                    tracing::subscriber::set_default(
+                        tracing_subscriber::fmt()
+                            .with_max_level(tracing::Level::INFO)
+                            .with_ansi(false)
+                            .with_writer(LogSink(sink))
+                            .finish(),
+                    )
+                });
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .expect("replica runtime");
-                let result = runtime.block_on(serve(name, listener, options, stop_rx));
+                let result = runtime.block_on(serve(name, listener, admin, options, stop_rx));
                 // Dropping the runtime drops every connection task: a kill
                 // closes all connections at once.
                 drop(runtime);
@@ -103,6 +145,8 @@ impl Replica {
         Replica {
             id: id.to_owned(),
             addr,
+            admin: admin_addr,
+            log,
             stop: Some(stop_tx),
             done: Some(done_rx),
             thread: Some(thread),
@@ -138,6 +182,74 @@ impl Replica {
     }
 }
 
+impl Replica {
+    /// Whether the replica still serves (it was neither stopped nor ended
+    /// on its own): the in-process counterpart of an unchanged pid.
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Whether a log line so far contains `needle`.
+    pub fn logged(&self, needle: &str) -> bool {
+        self.logged_times(needle) > 0
+    }
+
+    fn logged_times(&self, needle: &str) -> usize {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits (at most `limit`) until `needle` was logged at least `times` times.
+    pub async fn wait_logged_times(&self, needle: &str, times: usize, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.logged_times(needle) >= times {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.logged_times(needle) >= times
+    }
+
+    /// Waits (at most 5 s) until `needle` is logged.
+    pub async fn wait_logged(&self, needle: &str) -> bool {
+        self.wait_logged_times(needle, 1, Duration::from_secs(5))
+            .await
+    }
+}
+
+/// Writes each formatted event as one line of a replica's [`Log`].
+struct LogSink(Log);
+
+/// One event being formatted; pushed as a line when done.
+struct LogLine(Log, Vec<u8>);
+
+impl std::io::Write for LogLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.1.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        let line = String::from_utf8_lossy(&self.1).trim_end().to_owned();
+        self.0.lock().unwrap().push(line);
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogSink {
+    type Writer = LogLine;
+
+    fn make_writer(&'a self) -> LogLine {
+        LogLine(self.0.clone(), Vec::new())
+    }
+}
+
 impl Drop for Replica {
     fn drop(&mut self) {
         self.kill();
@@ -147,6 +259,7 @@ impl Drop for Replica {
 async fn serve(
     id: String,
     listener: TcpListener,
+    admin: Option<TcpListener>,
     options: EchoOptions,
     stop: tokio::sync::oneshot::Receiver<Stop>,
 ) -> Result<(), String> {
@@ -161,10 +274,33 @@ async fn serve(
         ),
         None => None,
     };
-    let service = EchoServiceServer::new(Echo::new(id, options.delay_ms, next));
-    let server = MeshServer::new(options.server)
-        .descriptor_set(mesh_fixture::FILE_DESCRIPTOR_SET)
-        .add_service(service);
+    let mut service = EchoServiceServer::new(Echo::new(id, options.delay_ms, next))
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+    if let Some(limit) = options.max_request_bytes {
+        service = service.max_decoding_message_size(limit);
+    }
+    let mut server =
+        MeshServer::new(options.server).descriptor_set(mesh_fixture::FILE_DESCRIPTOR_SET);
+    if let Some(dir) = &options.tls_dir {
+        let tls = mesh_client::tls::MeshTls::load_with_handshake_timeout(
+            mesh_client::tls::TlsFiles::in_dir(dir),
+            options.handshake_timeout.unwrap_or(Duration::from_secs(10)),
+        )
+        .map_err(|e| e.to_string())?;
+        server = server.tls(tls);
+    }
+    // Held while serving: its watch follows the file.
+    let policy_mesh = match &options.mesh_config {
+        Some(path) => Some(Mesh::from_file(path).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    if let Some(mesh) = &policy_mesh {
+        server = server.authorization_from(mesh);
+    }
+    if let Some(admin) = admin {
+        server = server.admin(admin);
+    }
+    let server = server.add_service(service);
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = server.serve(listener, async {
         let _ = drain_rx.await;
@@ -218,23 +354,10 @@ pub fn channel(addr: SocketAddr) -> tonic::transport::Channel {
 
 /// Waits (at most 30 s) until `addr` answers health SERVING.
 pub async fn wait_serving(addr: SocketAddr) {
-    let channel: MeshChannel = mesh(MeshConfig::default())
-        .channel(&format!("static:///{addr}"))
-        .unwrap();
-    let mut health = HealthClient::new(channel);
-    let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < Duration::from_secs(30) {
-        let mut request = tonic::Request::new(HealthCheckRequest {
-            service: String::new(),
-        });
-        request.set_timeout(Duration::from_secs(2));
-        match health.check(request).await {
-            Ok(r) if r.get_ref().status() == ServingStatus::Serving => return,
-            Ok(r) => last = format!("{:?}", r.get_ref().status()),
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{addr} not serving after 30 s: {last}");
+    wait_serving_on(
+        mesh(MeshConfig::default())
+            .channel(&format!("static:///{addr}"))
+            .unwrap(),
+    )
+    .await
 }

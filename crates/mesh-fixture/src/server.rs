@@ -1,8 +1,9 @@
-//! The echo service of `mesh.echo.v1` (`proto/mesh/echo/v1/echo.proto`):
-//! answers with its id, counts calls, and applies the fault a test set with
-//! `SetFault` (added latency, `UNAVAILABLE`, retry pushback). Chain calls the
-//! next hop over a mesh channel, which passes on what is left of the
-//! deadline.
+//! The one implementation of `mesh.echo.v1` (`proto/mesh/echo/v1/echo.proto`),
+//! served by mesh-client's behaviour tests (in process) and by meshbench's
+//! `mesh-echo` binary: answers with its id, counts calls, and applies the
+//! fault a caller set with `SetFault` (added latency, `UNAVAILABLE`, retry
+//! pushback). Chain calls the next hop over a mesh channel, which passes on
+//! what is left of the deadline.
 
 use std::{
     pin::Pin,
@@ -13,12 +14,12 @@ use std::{
     time::Duration,
 };
 
-use mesh_client::MeshChannel;
-use mesh_fixture::echo::{
+use crate::echo::{
     ChainRequest, ChainResponse, EchoRequest, EchoResponse, EchoStreamRequest, Fault,
     GetStatsRequest, Hop, Stats, echo_service_client::EchoServiceClient,
     echo_service_server::EchoService,
 };
+use mesh_client::MeshChannel;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 

@@ -1,94 +1,52 @@
 //! Zero trust on real TLS handshakes over loopback: client certificates are
 //! required, servers are checked by SPIFFE ID, calls are authorized per
 //! method, and certificates and the CA rotate under load without a failed
-//! call.
+//! call. The servers are in-process echo replicas (`common::Replica`) on
+//! `MeshServer`, each logging into its own captured log.
+//!
+//! The config reload counts asserted at the end of the revocation test are
+//! the process default's (`Mesh::from_file` records there), so no other
+//! test of this binary may rewrite a watched mesh config file.
 
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
-use common::{Proc, TestPki, bin, free_addr, identity, wait_serving_on};
+use common::{EchoOptions, Replica, TestPki, identity, wait_serving_on};
 use mesh_client::{Mesh, MeshConfig, tls::dev::DevCa};
+use mesh_fixture::echo::{EchoRequest, echo_service_client::EchoServiceClient};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
-use shop_api::echo::v1::{EchoRequest, echo_service_client::EchoServiceClient};
 use tokio::{io::AsyncReadExt, net::TcpStream, time::Instant};
 use tonic::Code;
 
-/// A mesh-echo over mTLS whose log lines are collected.
-struct TlsEcho {
-    proc: Proc,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl TlsEcho {
-    fn start(tls_dir: &Path, policy: Option<&str>) -> TlsEcho {
-        TlsEcho::start_with(tls_dir, policy, &[])
+/// An echo replica over mTLS, enforcing `policy` (a mesh config file
+/// written beside `tls_dir`, followed as it changes) if given, whose log
+/// lines are kept; `tweak` sets anything else.
+fn tls_echo(tls_dir: &Path, policy: Option<&str>, tweak: impl FnOnce(&mut EchoOptions)) -> Replica {
+    let mut options = EchoOptions {
+        tls_dir: Some(tls_dir.to_owned()),
+        capture_log: true,
+        ..EchoOptions::default()
+    };
+    if let Some(policy) = policy {
+        let path = tls_dir.with_extension("policy.json");
+        std::fs::write(&path, policy).unwrap();
+        options.mesh_config = Some(path);
     }
-
-    fn start_with(tls_dir: &Path, policy: Option<&str>, extra: &[&str]) -> TlsEcho {
-        let addr = free_addr();
-        let mut cmd = Command::new(bin("mesh-echo"));
-        cmd.args([
-            "--listen",
-            &addr.to_string(),
-            "--id",
-            "tls-echo",
-            "--trust-domain",
-            common::TRUST_DOMAIN,
-        ])
-        .arg("--tls-dir")
-        .arg(tls_dir)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped());
-        if let Some(policy) = policy {
-            let path = tls_dir.with_extension("policy.json");
-            std::fs::write(&path, policy).unwrap();
-            cmd.arg("--mesh-config").arg(path);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        TlsEcho {
-            proc: Proc::adopt("mesh-echo", addr, child),
-            log,
-        }
-    }
-
-    fn logged(&self, needle: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
-    }
-
-    async fn wait_logged(&self, needle: &str) -> bool {
-        for _ in 0..50 {
-            if self.logged(needle) {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
-    }
+    tweak(&mut options);
+    Replica::start("tls-echo", options)
 }
 
 fn mesh_as(pki: &TestPki, workload: &str) -> Mesh {
     pki.issue(workload);
     Mesh::from_config(MeshConfig::default())
         .unwrap()
-        .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+        .with_descriptor_set(mesh_fixture::FILE_DESCRIPTOR_SET)
         .unwrap()
         .with_tls(pki.load(workload))
 }
@@ -157,11 +115,11 @@ async fn raw_handshake(
 async fn client_certificates_are_required_from_the_mesh_ca_and_unexpired() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new(&dir.path().join("pki"));
-    let echo = TlsEcho::start(&pki.issue("echo"), None);
+    let echo = tls_echo(&pki.issue("echo"), None, |_| {});
     let operator = mesh_as(&pki, "operator");
     wait_serving_on(
         operator
-            .channel_with_identity(&format!("static:///{}", echo.proc.addr), &identity("echo"))
+            .channel_with_identity(&format!("static:///{}", echo.addr), &identity("echo"))
             .unwrap(),
     )
     .await;
@@ -174,7 +132,7 @@ async fn client_certificates_are_required_from_the_mesh_ca_and_unexpired() {
         ))
         .unwrap();
     raw_handshake(
-        echo.proc.addr,
+        echo.addr,
         &pki.ca.cert_pem,
         Some((&good.cert_pem, &good.key_pem)),
     )
@@ -182,7 +140,7 @@ async fn client_certificates_are_required_from_the_mesh_ca_and_unexpired() {
     .unwrap();
 
     // No client certificate.
-    let err = raw_handshake(echo.proc.addr, &pki.ca.cert_pem, None)
+    let err = raw_handshake(echo.addr, &pki.ca.cert_pem, None)
         .await
         .unwrap_err();
     assert!(err.contains("refused") || err.contains("closed"), "{err}");
@@ -196,7 +154,7 @@ async fn client_certificates_are_required_from_the_mesh_ca_and_unexpired() {
         ))
         .unwrap();
     let err = raw_handshake(
-        echo.proc.addr,
+        echo.addr,
         &pki.ca.cert_pem,
         Some((&foreign.cert_pem, &foreign.key_pem)),
     )
@@ -215,7 +173,7 @@ async fn client_certificates_are_required_from_the_mesh_ca_and_unexpired() {
     spec.valid_for = Duration::from_secs(3600);
     let expired = pki.ca.issue(&spec).unwrap();
     let err = raw_handshake(
-        echo.proc.addr,
+        echo.addr,
         &pki.ca.cert_pem,
         Some((&expired.cert_pem, &expired.key_pem)),
     )
@@ -240,22 +198,22 @@ async fn client_certificates_are_required_from_the_mesh_ca_and_unexpired() {
 async fn a_server_with_another_identity_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new(dir.path());
-    let server = TlsEcho::start(&pki.issue("inventory"), None);
+    let server = tls_echo(&pki.issue("inventory"), None, |_| {});
     let orders = mesh_as(&pki, "orders");
     // Expecting the right identity works...
     wait_serving_on(
         orders
             .channel_with_identity(
-                &format!("static:///{}", server.proc.addr),
+                &format!("static:///{}", server.addr),
                 &identity("inventory"),
             )
             .unwrap(),
     )
     .await;
-    let mut right = client(&orders, server.proc.addr, &identity("inventory"));
+    let mut right = client(&orders, server.addr, &identity("inventory"));
     right.echo(EchoRequest::default()).await.unwrap();
     // ...expecting payments from a valid inventory certificate fails.
-    let mut wrong = client(&orders, server.proc.addr, &identity("payments"));
+    let mut wrong = client(&orders, server.addr, &identity("payments"));
     let err = wrong.echo(EchoRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     let debug = format!("{err:?}");
@@ -272,10 +230,10 @@ async fn authorization_allows_denies_audits_and_ignores_spoofed_identity() {
             {"callers": [identity("operator")], "methods": ["*"]}]}})
         .to_string()
     };
-    let enforcing = TlsEcho::start(&pki.issue("echo"), Some(&policy("enforce")));
+    let enforcing = tls_echo(&pki.issue("echo"), Some(&policy("enforce")), |_| {});
     let orders = mesh_as(&pki, "orders");
     let gateway = mesh_as(&pki, "gateway");
-    let addr = enforcing.proc.addr;
+    let addr = enforcing.addr;
     wait_serving_on(
         orders
             .channel_with_identity(&format!("static:///{addr}"), &identity("echo"))
@@ -330,17 +288,14 @@ async fn authorization_allows_denies_audits_and_ignores_spoofed_identity() {
         ))
         .unwrap();
     mesh_client::tls::dev::write_workload(&audit_dir, &issued, &pki.ca.cert_pem).unwrap();
-    let auditing = TlsEcho::start(&audit_dir, Some(&policy("audit")));
+    let auditing = tls_echo(&audit_dir, Some(&policy("audit")), |_| {});
     wait_serving_on(
         gateway
-            .channel_with_identity(
-                &format!("static:///{}", auditing.proc.addr),
-                &identity("echo"),
-            )
+            .channel_with_identity(&format!("static:///{}", auditing.addr), &identity("echo"))
             .unwrap(),
     )
     .await;
-    client(&gateway, auditing.proc.addr, &identity("echo"))
+    client(&gateway, auditing.addr, &identity("echo"))
         .echo(EchoRequest::default())
         .await
         .unwrap();
@@ -388,19 +343,16 @@ async fn leaf_and_ca_rotation_under_load_fail_no_call() {
     swap_symlink(&server_link, &version(1, "server"));
     swap_symlink(&client_link, &version(1, "client"));
 
-    let server = TlsEcho::start(&server_link, None);
+    let server = tls_echo(&server_link, None, |_| {});
     let tls =
         mesh_client::tls::MeshTls::load(mesh_client::tls::TlsFiles::in_dir(&client_link)).unwrap();
     let mesh = Mesh::from_config(MeshConfig::default())
         .unwrap()
-        .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+        .with_descriptor_set(mesh_fixture::FILE_DESCRIPTOR_SET)
         .unwrap()
         .with_tls(tls.clone());
     let channel = mesh
-        .channel_with_identity(
-            &format!("static:///{}", server.proc.addr),
-            &identity("echo"),
-        )
+        .channel_with_identity(&format!("static:///{}", server.addr), &identity("echo"))
         .unwrap();
     wait_serving_on(channel.clone()).await;
     let first_serial = tls.serial();
@@ -463,7 +415,7 @@ async fn leaf_and_ca_rotation_under_load_fail_no_call() {
         ))
         .unwrap();
     let seen = raw_handshake(
-        server.proc.addr,
+        server.addr,
         &ca2.cert_pem,
         Some((&fresh.cert_pem, &fresh.key_pem)),
     )
@@ -482,7 +434,7 @@ async fn leaf_and_ca_rotation_under_load_fail_no_call() {
         .unwrap();
     assert!(
         raw_handshake(
-            server.proc.addr,
+            server.addr,
             &ca2.cert_pem,
             Some((&old.cert_pem, &old.key_pem))
         )
@@ -495,19 +447,17 @@ async fn leaf_and_ca_rotation_under_load_fail_no_call() {
 async fn a_connection_that_never_finishes_tls_is_dropped_after_the_handshake_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new(dir.path());
-    let echo = TlsEcho::start_with(
-        &pki.issue("echo"),
-        None,
-        &["--tls-handshake-timeout-ms", "500"],
-    );
+    let echo = tls_echo(&pki.issue("echo"), None, |o| {
+        o.handshake_timeout = Some(Duration::from_millis(500))
+    });
     let operator = mesh_as(&pki, "operator");
     wait_serving_on(
         operator
-            .channel_with_identity(&format!("static:///{}", echo.proc.addr), &identity("echo"))
+            .channel_with_identity(&format!("static:///{}", echo.addr), &identity("echo"))
             .unwrap(),
     )
     .await;
-    let mut idle = TcpStream::connect(echo.proc.addr).await.unwrap();
+    let mut idle = TcpStream::connect(echo.addr).await.unwrap();
     let started = Instant::now();
     let mut buf = [0u8; 16];
     let read = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf)).await;
@@ -529,27 +479,6 @@ fn rewrite(path: &Path, text: &str) {
     let next = path.with_extension("next");
     std::fs::write(&next, text).unwrap();
     std::fs::rename(&next, path).unwrap();
-}
-
-impl TlsEcho {
-    /// Waits (at most `limit`) until `needle` was logged at least `times` times.
-    async fn wait_logged_times(&self, needle: &str, times: usize, limit: Duration) -> bool {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            let n = self
-                .log
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|l| l.contains(needle))
-                .count();
-            if n >= times {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
-    }
 }
 
 /// Calls Echo as `mesh`'s workload until the outcome is `want` (Ok, or an
@@ -587,15 +516,15 @@ async fn a_revoked_caller_is_denied_without_a_restart_and_a_broken_policy_keeps_
     };
     let (orders_id, operator_id) = (identity("orders"), identity("operator"));
     let tls_dir = pki.issue("echo");
-    let admin = free_addr();
-    let echo = TlsEcho::start_with(
+    let echo = tls_echo(
         &tls_dir,
         Some(&policy(&[orders_id.clone(), operator_id.clone()])),
-        &["--admin-addr", &admin.to_string()],
+        |o| o.admin = true,
     );
+    let admin = echo.admin.unwrap();
     let policy_file = tls_dir.with_extension("policy.json");
     let (orders, operator) = (mesh_as(&pki, "orders"), mesh_as(&pki, "operator"));
-    let addr = echo.proc.addr;
+    let addr = echo.addr;
     wait_serving_on(
         operator
             .channel_with_identity(&format!("static:///{addr}"), &identity("echo"))
@@ -606,15 +535,14 @@ async fn a_revoked_caller_is_denied_without_a_restart_and_a_broken_policy_keeps_
         .await
         .expect("orders is allowed at first");
 
-    // Revoked in the file: denied on a later call, the process untouched.
-    let pid = echo.proc.pid();
+    // Revoked in the file: denied on a later call, the server untouched.
     rewrite(&policy_file, &policy(std::slice::from_ref(&operator_id)));
     let err = echo_until(&orders, addr, Some(Code::PermissionDenied))
         .await
         .expect_err("orders still allowed 30 s after its revocation");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains(&orders_id), "{}", err.message());
-    assert_eq!(echo.proc.pid(), pid);
+    assert!(echo.is_running(), "the server was not restarted");
     echo_until(&operator, addr, None)
         .await
         .expect("the operator is still allowed");
