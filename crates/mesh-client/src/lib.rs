@@ -135,12 +135,17 @@ mod layering;
 pub use channel::{Mesh, MeshChannel};
 pub use config::{
     ConfigHandle, EndpointConfig, HedgingPolicy, LbPolicy, MeshConfig, MethodConfig,
-    OutlierDetection, RetryBudget, RetryPolicy, TargetConfig,
+    OutlierDetection, RetryBudget, RetryPolicy, SubsetConfig, SubsetMode, TargetConfig,
+    MAX_SUBSET_SIZE,
 };
 pub use endpoint::EndpointState;
 pub use error::{MeshError, caused_by};
 pub use methods::{MethodInfo, MethodTable};
 pub use resolve::Target;
+#[doc(hidden)]
+pub use balance::subset::subset_members;
+#[doc(hidden)]
+pub use channel::ModelEndpoints;
 
 /// The error type of mesh services: a boxed error, usually a `tonic::Status`.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

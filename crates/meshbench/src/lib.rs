@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod interop;
+pub mod sim;
 
 use std::{
     ffi::OsString,

@@ -15,18 +15,23 @@
 //! which CPU contention does not blur (see [`lighter`]).
 
 use std::{
-    collections::HashMap,
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, HashSet},
     net::SocketAddr,
     sync::{
-        Arc, RwLock,
-        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, OnceLock, RwLock,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use tokio::{sync::Notify, time::Instant};
 use tower::discover::Change;
 
 mod service;
+pub(crate) mod subset;
+
+pub(crate) use subset::Subset;
 
 pub(crate) use service::{
     BalanceLayer, CallError, Exclude, NoneServing, Picked, Served, timed_out,
@@ -34,7 +39,7 @@ pub(crate) use service::{
 
 use crate::{
     config::{LbPolicy, OutlierDetection},
-    endpoint::{Endpoint, Verdict, watch_health},
+    endpoint::{Connect, Endpoint, Verdict, watch_health},
     resolve::Changes,
     telemetry::metrics::{GaugeSource, Metrics, Scrape},
 };
@@ -56,7 +61,28 @@ pub(crate) struct EndpointSet {
     dropped: tokio_util::sync::CancellationToken,
     /// Where ejections are counted and the set reports its endpoints.
     metrics: Metrics,
+    /// Every address the resolver reports; only the subset's members (all
+    /// of them without subsetting) are endpoints with a connection.
+    resolved_addrs: Mutex<HashSet<SocketAddr>>,
+    /// Subsetting, when the target is configured for it.
+    subset: OnceLock<subset::Subset>,
+    /// Members wanted now: the subset's size, more while widened.
+    width: AtomicUsize,
+    /// Whether health watches run (else no endpoint is ever seen SERVING,
+    /// and the pick skips that preference level without looking).
+    health_checks: AtomicBool,
+    /// When each ejection made by this set ends, soonest first: the
+    /// ejected share is read from here in O(log n), not by a scan.
+    ejections: Mutex<BinaryHeap<Reverse<Instant>>>,
 }
+
+/// How often a subsetting set checks whether to widen or narrow.
+const WIDEN_EVERY: Duration = Duration::from_secs(1);
+
+/// Random draws a P2C pick makes for a usable endpoint before it scans
+/// the set: with a share `f` usable, a draw fails with (1 − f)^8, so the
+/// O(n) scan runs for under 0.4 % of picks while half the set is usable.
+const DRAWS: usize = 8;
 
 impl Drop for EndpointSet {
     fn drop(&mut self) {
@@ -97,6 +123,11 @@ impl EndpointSet {
             resolved: false.into(),
             dropped: tokio_util::sync::CancellationToken::new(),
             metrics: metrics.clone(),
+            resolved_addrs: Mutex::default(),
+            subset: OnceLock::new(),
+            width: AtomicUsize::new(0),
+            health_checks: AtomicBool::new(false),
+            ejections: Mutex::default(),
         });
         metrics.add_source(&set);
         set
@@ -106,32 +137,53 @@ impl EndpointSet {
         self.endpoints.read().expect("endpoint set lock").clone()
     }
 
-    /// Addresses in the set now.
+    /// Every address the resolver reports now (members of the subset or not).
     pub(crate) fn addresses(&self) -> Vec<SocketAddr> {
-        self.snapshot().iter().map(|e| e.addr).collect()
+        let mut all: Vec<_> = self.all().iter().copied().collect();
+        all.sort();
+        all
+    }
+
+    fn all(&self) -> std::sync::MutexGuard<'_, HashSet<SocketAddr>> {
+        self.resolved_addrs.lock().expect("endpoint set lock")
+    }
+
+    /// Connects to a subset of the endpoints only (before [`Self::follow`]).
+    pub(crate) fn use_subset(&self, subset: subset::Subset) {
+        self.width.store(subset.size, Ordering::Relaxed);
+        let _ = self.subset.set(subset);
+    }
+
+    /// Members wanted now (0 without subsetting).
+    pub(crate) fn subset_width(&self) -> usize {
+        self.width.load(Ordering::Relaxed)
     }
 
     /// Applies resolver changes until the resolver stops or the set is
-    /// dropped (it holds the set only weakly).
-    pub(crate) async fn follow(
-        self: Arc<Self>,
-        mut changes: Changes,
-        connect: impl Fn(SocketAddr) -> tonic::transport::Channel,
-        health_checks: bool,
-    ) {
+    /// dropped (it holds the set only weakly). A burst of changes is one
+    /// update, built aside and swapped in: calls keep picking from the
+    /// previous set meanwhile (a read lock taken for one `Arc` clone).
+    pub(crate) async fn follow(self: Arc<Self>, mut changes: Changes, connect: Connect, health_checks: bool) {
         let dropped = self.dropped.clone();
+        self.health_checks.store(health_checks, Ordering::Relaxed);
+        let subsetting = self.subset.get().is_some();
         let weak = Arc::downgrade(&self);
         drop(self);
+        let mut widen = tokio::time::interval_at(Instant::now() + WIDEN_EVERY, WIDEN_EVERY);
+        widen.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let first = tokio::select! {
+            tokio::select! {
                 _ = dropped.cancelled() => return,
-                change = changes.recv() => match change {
-                    Some(change) => change,
-                    None => return,
-                },
-            };
-            let Some(set) = weak.upgrade() else { return };
-            set.apply(first, &mut changes, &connect, health_checks);
+                change = changes.recv() => {
+                    let Some(change) = change else { return };
+                    let Some(set) = weak.upgrade() else { return };
+                    set.apply(change, &mut changes, &connect, health_checks);
+                }
+                _ = widen.tick(), if subsetting => {
+                    let Some(set) = weak.upgrade() else { return };
+                    set.widen(&connect, health_checks);
+                }
+            }
         }
     }
 
@@ -139,42 +191,105 @@ impl EndpointSet {
         &self,
         first: Change<SocketAddr, ()>,
         changes: &mut Changes,
-        connect: &impl Fn(SocketAddr) -> tonic::transport::Channel,
+        connect: &Connect,
         health_checks: bool,
     ) {
         // Apply a burst of changes as one update.
-        let mut batch = vec![first];
-        while let Ok(more) = changes.try_recv() {
-            batch.push(more);
-        }
-        let current = self.snapshot();
-        let mut by_addr: HashMap<SocketAddr, Arc<Endpoint>> =
-            current.iter().map(|e| (e.addr, e.clone())).collect();
-        for change in batch {
-            match change {
+        let mut all = self.all();
+        let mut change = Some(first);
+        while let Some(next) = change.take().or_else(|| changes.try_recv().ok()) {
+            match next {
                 Change::Insert(addr, ()) => {
-                    by_addr.entry(addr).or_insert_with(|| {
-                        let endpoint = Arc::new(Endpoint::new(addr, connect(addr)));
-                        if health_checks {
-                            let task = tokio::spawn(watch_health(Arc::downgrade(&endpoint)));
-                            endpoint.set_health_task(task.abort_handle());
-                        }
-                        tracing::info!(target = %self.target, %addr, "endpoint added");
-                        endpoint
-                    });
+                    all.insert(addr);
                 }
                 Change::Remove(addr) => {
-                    if by_addr.remove(&addr).is_some() {
-                        tracing::info!(target = %self.target, %addr, "endpoint removed");
-                    }
+                    all.remove(&addr);
                 }
             }
         }
-        let mut next: Vec<_> = by_addr.into_values().collect();
-        next.sort_by_key(|e| e.addr);
-        *self.endpoints.write().expect("endpoint set lock") = Arc::new(next);
+        self.rebuild(&all, connect, health_checks);
+        drop(all);
         self.resolved.store(true, Ordering::Release);
         self.changed.notify_waiters();
+    }
+
+    /// Makes the members the first `width` of `all` in the subset's order
+    /// (all of `all` without subsetting), keeping the endpoints (and
+    /// connections) of members that stay.
+    fn rebuild(&self, all: &HashSet<SocketAddr>, connect: &Connect, health_checks: bool) {
+        let members: Vec<SocketAddr> = match self.subset.get() {
+            Some(subset) => {
+                let addrs: Vec<SocketAddr> = all.iter().copied().collect();
+                subset.preference(&addrs, self.subset_width())
+            }
+            None => all.iter().copied().collect(),
+        };
+        let current = self.snapshot();
+        let mut by_addr: HashMap<SocketAddr, Arc<Endpoint>> =
+            current.iter().map(|e| (e.addr, e.clone())).collect();
+        let mut next: Vec<Arc<Endpoint>> = members
+            .into_iter()
+            .map(|addr| {
+                by_addr.remove(&addr).unwrap_or_else(|| {
+                    let endpoint = Arc::new(Endpoint::lazy(addr, connect.clone()));
+                    if health_checks {
+                        let task = tokio::spawn(watch_health(Arc::downgrade(&endpoint)));
+                        endpoint.set_health_task(task.abort_handle());
+                    }
+                    tracing::debug!(target = %self.target, %addr, "endpoint added");
+                    endpoint
+                })
+            })
+            .collect();
+        for gone in by_addr.keys() {
+            tracing::debug!(target = %self.target, addr = %gone, "endpoint removed");
+        }
+        if !by_addr.is_empty() || next.len() != current.len() {
+            tracing::info!(target = %self.target, members = next.len(), resolved = all.len(), removed = by_addr.len(), "endpoint set updated");
+        }
+        next.sort_by_key(|e| e.addr);
+        *self.endpoints.write().expect("endpoint set lock") = Arc::new(next);
+    }
+
+    /// Widens the subset while more than its share of members is unusable
+    /// (ejected, NOT_SERVING, reconnecting), with the next endpoints in
+    /// this client's order, and narrows it back to its size once the first
+    /// `size` members are usable enough. O(members), once a second.
+    fn widen(&self, connect: &Connect, health_checks: bool) {
+        let Some(subset) = self.subset.get() else {
+            return;
+        };
+        let now = Instant::now();
+        let members = self.snapshot();
+        let usable = |e: &&Arc<Endpoint>| e.is_eligible(now) && !e.is_reconnecting(now);
+        let usable_count = members.iter().filter(usable).count();
+        let width = self.subset_width();
+        let all = self.all();
+        // With every endpoint a member already, there is nothing to widen with.
+        let next = if usable_count < subset.needed() && all.len() > width {
+            (width + subset.size.saturating_sub(usable_count)).min(all.len())
+        } else if width > subset.size {
+            let addrs: Vec<SocketAddr> = all.iter().copied().collect();
+            let first: HashSet<SocketAddr> =
+                subset.preference(&addrs, subset.size).into_iter().collect();
+            let base_usable = members
+                .iter()
+                .filter(|e| first.contains(&e.addr))
+                .filter(usable)
+                .count();
+            if base_usable >= subset.needed() {
+                subset.size
+            } else {
+                width
+            }
+        } else {
+            width
+        };
+        if next != width {
+            tracing::warn!(target = %self.target, from = width, to = next, usable = usable_count, "subset resized");
+            self.width.store(next, Ordering::Relaxed);
+            self.rebuild(&all, connect, health_checks);
+        }
     }
 
     /// Waits (within the caller's deadline) for the first resolution.
@@ -193,7 +308,9 @@ impl EndpointSet {
     }
 
     /// Whether there are endpoints and every one reports NOT_SERVING (a
-    /// shared dependency down, or all draining).
+    /// shared dependency down, or all draining). Stops at the first one
+    /// that is not: O(1) while most serve; a full scan only when (nearly)
+    /// all are NOT_SERVING, and then only on failed responses.
     pub(crate) fn all_not_serving(&self) -> bool {
         let endpoints = self.snapshot();
         !endpoints.is_empty() && endpoints.iter().all(|e| e.is_not_serving())
@@ -239,7 +356,13 @@ impl EndpointSet {
             LbPolicy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed),
             LbPolicy::P2c => 0,
         };
-        for level in 0..4u8 {
+        // Without health watches no endpoint is ever seen SERVING.
+        let first_level = if self.health_checks.load(Ordering::Relaxed) {
+            0
+        } else {
+            1
+        };
+        for level in first_level..4u8 {
             if level == 2 && exclude.is_empty() {
                 continue;
             }
@@ -249,27 +372,46 @@ impl EndpointSet {
                     let coin = rand::Rng::random_bool(&mut rng, 0.5);
                     let lighter =
                         |x: &Arc<Endpoint>, y: &Arc<Endpoint>| lighter(x, y, now, coin).clone();
-                    let (a, b) = two_distinct(&mut rng, n);
-                    let (x, y) = (&endpoints[a], &endpoints[b]);
-                    if usable(x, level) && usable(y, level) {
-                        Some(lighter(x, y))
-                    } else {
-                        // Draw both among the usable endpoints only: scanning past an
-                        // unusable one would hand its share of picks, unweighed, to
-                        // its neighbour.
-                        let usable_count = endpoints.iter().filter(|e| usable(e, level)).count();
-                        let (ra, rb) = two_distinct(&mut rng, usable_count.max(1));
-                        let mut drawn = endpoints
-                            .iter()
-                            .filter(|e| usable(e, level))
-                            .enumerate()
-                            .filter(|(rank, _)| *rank == ra || *rank == rb)
-                            .map(|(_, e)| e);
-                        match (drawn.next(), drawn.next()) {
-                            // Ties go to the first argument: keep the draw's order.
-                            (Some(low), Some(high)) if ra < rb => Some(lighter(low, high)),
-                            (Some(low), Some(high)) => Some(lighter(high, low)),
-                            (x, _) => x.cloned(),
+                    // Two distinct usable endpoints, each uniform among the
+                    // usable ones: by rejection (O(1) while most are usable),
+                    // else by counting them (O(n), when most are not).
+                    let mut draw = |not: Option<usize>| {
+                        (0..DRAWS)
+                            .map(|_| rand::Rng::random_range(&mut rng, 0..n))
+                            .find(|&i| Some(i) != not && usable(&endpoints[i], level))
+                    };
+                    match draw(None) {
+                        Some(a) if n == 1 => Some(endpoints[a].clone()),
+                        Some(a) => match draw(Some(a)) {
+                            Some(b) => Some(lighter(&endpoints[a], &endpoints[b])),
+                            None => {
+                                let others: Vec<usize> = (0..n)
+                                    .filter(|&i| i != a && usable(&endpoints[i], level))
+                                    .collect();
+                                match others.len() {
+                                    0 => Some(endpoints[a].clone()),
+                                    k => Some(lighter(
+                                        &endpoints[a],
+                                        &endpoints[others[rand::Rng::random_range(&mut rng, 0..k)]],
+                                    )),
+                                }
+                            }
+                        },
+                        None => {
+                            let usable_count = endpoints.iter().filter(|e| usable(e, level)).count();
+                            let (ra, rb) = two_distinct(&mut rng, usable_count.max(1));
+                            let mut drawn = endpoints
+                                .iter()
+                                .filter(|e| usable(e, level))
+                                .enumerate()
+                                .filter(|(rank, _)| *rank == ra || *rank == rb)
+                                .map(|(_, e)| e);
+                            match (drawn.next(), drawn.next()) {
+                                // Ties go to the first argument: keep the draw's order.
+                                (Some(low), Some(high)) if ra < rb => Some(lighter(low, high)),
+                                (Some(low), Some(high)) => Some(lighter(high, low)),
+                                (x, _) => x.cloned(),
+                            }
                         }
                     }
                 }
@@ -288,12 +430,20 @@ impl EndpointSet {
     /// the share of ejected endpoints allows (or every endpoint is failing).
     pub(crate) fn record_failure(&self, endpoint: &Endpoint, policy: &OutlierDetection) {
         let now = Instant::now();
-        let endpoints = self.snapshot();
-        let total = endpoints.len().max(1);
-        let ejected = endpoints.iter().filter(|e| e.is_ejected(now)).count();
+        let total = self.snapshot().len().max(1);
+        let mut ejections = self.ejections.lock().expect("endpoint set lock");
+        while ejections.peek().is_some_and(|Reverse(until)| *until <= now) {
+            ejections.pop();
+        }
+        // An endpoint removed (or re-admitted early) while ejected still
+        // counts until its ejection would have ended: the cap errs on the
+        // side of keeping endpoints in service.
+        let ejected = ejections.len().min(total);
         let cap = (total * policy.max_ejection_percent as usize) / 100;
         let may_eject = ejected < cap.max(1).min(total);
         if let Verdict::Ejected(time) = endpoint.record_failure(now, policy, may_eject) {
+            ejections.push(Reverse(now + time));
+            drop(ejections);
             self.metrics.ejected(&self.peer);
             tracing::warn!(target = %self.target, addr = %endpoint.addr, ?time, "endpoint ejected after consecutive failures");
         }
@@ -321,6 +471,12 @@ impl GaugeSource for EndpointSet {
             .zip(counts)
         {
             scrape.endpoints(&self.peer, state, count);
+        }
+        if self.subset.get().is_some() {
+            let members: i64 = counts.iter().sum();
+            let resolved = self.all().len() as i64;
+            scrape.endpoints(&self.peer, "outside_subset", resolved - members);
+            scrape.subset_size(&self.peer, self.subset_width() as i64);
         }
     }
 }
@@ -415,11 +571,11 @@ mod tests {
         set.clone()
             .follow(
                 rx,
-                |addr| {
+                Arc::new(|addr| {
                     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
                         .unwrap()
                         .connect_lazy()
-                },
+                }),
                 false,
             )
             .await;
