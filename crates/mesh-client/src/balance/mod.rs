@@ -561,7 +561,7 @@ mod tests {
 
     async fn set_of(n: u16) -> Arc<EndpointSet> {
         let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (tx, rx) = tokio::sync::mpsc::channel(usize::from(n) + 1);
         for port in 1..=n {
             tx.send(Change::Insert(SocketAddr::from(([127, 0, 0, 1], port)), ()))
                 .await
@@ -752,7 +752,9 @@ mod tests {
             assert_eq!(ports.iter().filter(|p| **p == port).count(), 2, "{ports:?}");
         }
         // Ports 1 and 2 answered their health watch; port 3 is still
-        // connecting (its SYNs may be going nowhere).
+        // connecting (its SYNs may be going nowhere). (The set follows
+        // with watches off; say they are on, as their results show.)
+        set.health_checks.store(true, Ordering::Relaxed);
         endpoints[0].set_serving(true);
         endpoints[1].set_serving(true);
         for policy in [LbPolicy::P2c, LbPolicy::RoundRobin] {
@@ -784,6 +786,106 @@ mod tests {
             set.pick(LbPolicy::P2c, &[]),
             Err(NoEndpoint::AllUnavailable { total: 1, .. })
         ));
+    }
+
+    /// A set of `n` endpoints following an open channel with a subset of
+    /// `size` (rendezvous, fixed id); the sender keeps it following.
+    async fn subset_set_of(
+        n: u16,
+        size: usize,
+    ) -> (Arc<EndpointSet>, tokio::sync::mpsc::Sender<Change<SocketAddr, ()>>, Metrics) {
+        let metrics = Metrics::new();
+        let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), metrics.clone());
+        set.use_subset(Subset::new(&crate::config::SubsetConfig {
+            size,
+            client_id: Some("c-1".into()),
+            mode: crate::config::SubsetMode::Rendezvous,
+            max_unhealthy_percent: 25,
+        }));
+        let (tx, rx) = tokio::sync::mpsc::channel(usize::from(n) + 1);
+        for port in 1..=n {
+            tx.send(Change::Insert(SocketAddr::from(([127, 0, 0, 1], port)), ()))
+                .await
+                .unwrap();
+        }
+        tokio::spawn(set.clone().follow(
+            rx,
+            Arc::new(|addr| {
+                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect_lazy()
+            }),
+            false,
+        ));
+        for _ in 0..100 {
+            if set.is_resolved() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        (set, tx, metrics)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_subset_holds_only_its_members_widens_while_they_are_ejected_and_narrows_back() {
+        let (set, tx, metrics) = subset_set_of(100, 8).await;
+        assert_eq!(set.snapshot().len(), 8, "endpoints only for the members");
+        assert_eq!(set.addresses().len(), 100, "every address is known");
+        let text = metrics.encode();
+        assert!(text.contains("mesh_subset_size{peer=\"t\"} 8"), "{text}");
+        assert!(text.contains("mesh_endpoints{peer=\"t\",state=\"outside_subset\"} 92"), "{text}");
+        // Three of eight ejected: more than 25 % unusable.
+        let policy = OutlierDetection {
+            consecutive_failures: 1,
+            max_ejection_percent: 100,
+            ..Default::default()
+        };
+        let first: Vec<_> = set.snapshot().iter().cloned().collect();
+        for e in &first[..3] {
+            set.record_failure(e, &policy);
+        }
+        tokio::time::sleep(WIDEN_EVERY + Duration::from_millis(10)).await;
+        assert_eq!(set.subset_width(), 11, "widened by the three unusable");
+        assert_eq!(set.snapshot().len(), 11);
+        let kept: HashSet<_> = set.snapshot().iter().map(|e| e.addr).collect();
+        assert!(first.iter().all(|e| kept.contains(&e.addr)), "the first members stay");
+        for _ in 0..50 {
+            assert!(!first[..3].iter().any(|e| Arc::ptr_eq(e, &set.pick(LbPolicy::P2c, &[]).unwrap())));
+        }
+        // Ejections end (5 s): back to eight, the same eight.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(set.subset_width(), 8);
+        let back: HashSet<_> = set.snapshot().iter().map(|e| e.addr).collect();
+        assert_eq!(back, first.iter().map(|e| e.addr).collect::<HashSet<_>>());
+        // A removed member is replaced by the next in this client's order.
+        tx.send(Change::Remove(first[0].addr)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let after: HashSet<_> = set.snapshot().iter().map(|e| e.addr).collect();
+        assert_eq!(after.len(), 8);
+        assert_eq!(after.difference(&back).count(), 1, "one member moved");
+        assert!(!after.contains(&first[0].addr));
+    }
+
+    #[tokio::test]
+    async fn p2c_draws_only_usable_endpoints_and_evenly_when_most_are_ejected() {
+        // 40 endpoints, 36 ejected: the random draws mostly miss, and the
+        // counted fallback must still spread evenly over the four left.
+        let set = set_of(40).await;
+        let policy = OutlierDetection {
+            consecutive_failures: 1,
+            max_ejection_percent: 100,
+            ..Default::default()
+        };
+        for e in set.snapshot()[4..].iter() {
+            set.record_failure(e, &policy);
+        }
+        let mut picks = [0u32; 4];
+        for _ in 0..4000 {
+            let port = set.pick(LbPolicy::P2c, &[]).unwrap().addr.port();
+            assert!(port <= 4, "port {port} is ejected");
+            picks[usize::from(port) - 1] += 1;
+        }
+        assert!(picks.iter().all(|p| (700..1300).contains(p)), "{picks:?}");
     }
 
     #[tokio::test]
