@@ -42,7 +42,10 @@ fn established_remote_ports(pid: u32) -> Vec<u16> {
             continue;
         };
         let link = link.to_string_lossy().into_owned();
-        if let Some(inode) = link.strip_prefix("socket:[").and_then(|l| l.strip_suffix(']')) {
+        if let Some(inode) = link
+            .strip_prefix("socket:[")
+            .and_then(|l| l.strip_suffix(']'))
+        {
             inodes.insert(inode.to_owned());
         }
     }
@@ -63,18 +66,24 @@ fn established_remote_ports(pid: u32) -> Vec<u16> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_clients_with_subsets_of_8_hold_8_connections_each_to_40_servers_and_spread_calls_evenly() {
+async fn four_clients_with_subsets_of_8_hold_8_connections_each_to_40_servers_and_spread_calls_evenly()
+ {
     let servers: Vec<Proc> = (0..SERVERS)
         .map(|i| Proc::spawn("mesh-echo", free_addr(), &["--id".into(), format!("s{i}")]))
         .collect();
     for s in &servers {
         wait_serving(s.addr).await;
     }
-    let id_of: BTreeMap<String, SocketAddr> =
-        (0..SERVERS).map(|i| (format!("s{i}"), servers[i].addr)).collect();
+    let id_of: BTreeMap<String, SocketAddr> = (0..SERVERS)
+        .map(|i| (format!("s{i}"), servers[i].addr))
+        .collect();
     let target = format!(
         "static:///{}",
-        servers.iter().map(|s| s.addr.to_string()).collect::<Vec<_>>().join(",")
+        servers
+            .iter()
+            .map(|s| s.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     );
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
@@ -85,7 +94,13 @@ async fn four_clients_with_subsets_of_8_hold_8_connections_each_to_40_servers_an
             }},
         });
         let child = Command::new(bin("meshsim"))
-            .args(["client", "--target", &target, "--config", &config.to_string()])
+            .args([
+                "client",
+                "--target",
+                &target,
+                "--config",
+                &config.to_string(),
+            ])
             .arg("--calls")
             .arg(CALLS.to_string())
             .env("RUST_LOG", "warn")
@@ -125,7 +140,12 @@ async fn four_clients_with_subsets_of_8_hold_8_connections_each_to_40_servers_an
             .as_array()
             .expect("members")
             .iter()
-            .map(|m| m.as_str().expect("an address").parse().expect("a socket address"))
+            .map(|m| {
+                m.as_str()
+                    .expect("an address")
+                    .parse()
+                    .expect("a socket address")
+            })
             .collect();
         assert_eq!(members.len(), SUBSET, "client {c}: {report}");
         // Deterministic subsets of dense ordinals do not overlap here
@@ -140,13 +160,22 @@ async fn four_clients_with_subsets_of_8_hold_8_connections_each_to_40_servers_an
         let mut member_ports: Vec<u16> = members.iter().map(|m| m.port()).collect();
         member_ports.sort_unstable();
         let server_ports: HashSet<u16> = servers.iter().map(|s| s.addr.port()).collect();
-        let to_servers: Vec<u16> = ports.into_iter().filter(|p| server_ports.contains(p)).collect();
-        assert_eq!(to_servers, member_ports, "client {c}: connections = its members");
+        let to_servers: Vec<u16> = ports
+            .into_iter()
+            .filter(|p| server_ports.contains(p))
+            .collect();
+        assert_eq!(
+            to_servers, member_ports,
+            "client {c}: connections = its members"
+        );
         // Round robin over the subset: every member gets its share.
         let per_server = report["perServer"].as_object().expect("perServer");
         assert_eq!(per_server.len(), SUBSET, "client {c}: {report}");
         for (id, count) in per_server {
-            assert!(members.contains(&id_of[id]), "client {c} reached {id} outside its subset");
+            assert!(
+                members.contains(&id_of[id]),
+                "client {c} reached {id} outside its subset"
+            );
             let count = count.as_u64().expect("a count");
             let share = CALLS / SUBSET as u64;
             assert!(

@@ -234,7 +234,9 @@ impl Mesh {
         let tls = self.tls.clone();
         tokio::spawn(set.clone().follow(
             changes,
-            Arc::new(move |addr| connect_lazy(addr, &endpoint_config, tls.clone(), identity.clone())),
+            Arc::new(move |addr| {
+                connect_lazy(addr, &endpoint_config, tls.clone(), identity.clone())
+            }),
             config.health_checks,
         ));
 
@@ -242,7 +244,13 @@ impl Mesh {
     }
 
     /// The client stack over `set`, with `connection` innermost.
-    fn stack<C>(&self, peer: &str, target: &str, set: Arc<EndpointSet>, connection: C) -> MeshChannel
+    fn stack<C>(
+        &self,
+        peer: &str,
+        target: &str,
+        set: Arc<EndpointSet>,
+        connection: C,
+    ) -> MeshChannel
     where
         C: Service<http::Request<Body>, Response = http::Response<Body>, Error = BoxError>
             + Clone
@@ -313,11 +321,10 @@ impl Mesh {
         if let Some(subset) = config.targets.get(target).and_then(|t| t.subset.as_ref()) {
             set.use_subset(crate::balance::Subset::new(subset));
         }
-        tokio::spawn(set.clone().follow(
-            changes,
-            Arc::new(|_| unreachable_channel()),
-            false,
-        ));
+        tokio::spawn(
+            set.clone()
+                .follow(changes, Arc::new(|_| unreachable_channel()), false),
+        );
         self.stack(target, target, set, ModelConnection(endpoints))
     }
 }

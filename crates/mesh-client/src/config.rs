@@ -622,10 +622,7 @@ fn check_subset(field: &str, s: &SubsetConfig) -> Result<(), MeshError> {
         ));
     }
     if s.mode == SubsetMode::Deterministic
-        && s.client_id
-            .as_deref()
-            .and_then(client_ordinal)
-            .is_none()
+        && s.client_id.as_deref().and_then(client_ordinal).is_none()
     {
         return Err(invalid(
             &format!("{field}.clientId"),

@@ -132,20 +132,20 @@ pub mod tls;
 #[cfg(test)]
 mod layering;
 
+#[doc(hidden)]
+pub use balance::subset::subset_members;
+#[doc(hidden)]
+pub use channel::ModelEndpoints;
 pub use channel::{Mesh, MeshChannel};
 pub use config::{
-    ConfigHandle, EndpointConfig, HedgingPolicy, LbPolicy, MeshConfig, MethodConfig,
-    OutlierDetection, RetryBudget, RetryPolicy, SubsetConfig, SubsetMode, TargetConfig,
-    MAX_SUBSET_SIZE,
+    ConfigHandle, EndpointConfig, HedgingPolicy, LbPolicy, MAX_SUBSET_SIZE, MeshConfig,
+    MethodConfig, OutlierDetection, RetryBudget, RetryPolicy, SubsetConfig, SubsetMode,
+    TargetConfig,
 };
 pub use endpoint::EndpointState;
 pub use error::{MeshError, caused_by};
 pub use methods::{MethodInfo, MethodTable};
 pub use resolve::Target;
-#[doc(hidden)]
-pub use balance::subset::subset_members;
-#[doc(hidden)]
-pub use channel::ModelEndpoints;
 
 /// The error type of mesh services: a boxed error, usually a `tonic::Status`.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -163,7 +163,12 @@ impl EndpointSet {
     /// dropped (it holds the set only weakly). A burst of changes is one
     /// update, built aside and swapped in: calls keep picking from the
     /// previous set meanwhile (a read lock taken for one `Arc` clone).
-    pub(crate) async fn follow(self: Arc<Self>, mut changes: Changes, connect: Connect, health_checks: bool) {
+    pub(crate) async fn follow(
+        self: Arc<Self>,
+        mut changes: Changes,
+        connect: Connect,
+        health_checks: bool,
+    ) {
         let dropped = self.dropped.clone();
         self.health_checks.store(health_checks, Ordering::Relaxed);
         let subsetting = self.subset.get().is_some();
@@ -398,7 +403,8 @@ impl EndpointSet {
                             }
                         },
                         None => {
-                            let usable_count = endpoints.iter().filter(|e| usable(e, level)).count();
+                            let usable_count =
+                                endpoints.iter().filter(|e| usable(e, level)).count();
                             let (ra, rb) = two_distinct(&mut rng, usable_count.max(1));
                             let mut drawn = endpoints
                                 .iter()
@@ -793,7 +799,11 @@ mod tests {
     async fn subset_set_of(
         n: u16,
         size: usize,
-    ) -> (Arc<EndpointSet>, tokio::sync::mpsc::Sender<Change<SocketAddr, ()>>, Metrics) {
+    ) -> (
+        Arc<EndpointSet>,
+        tokio::sync::mpsc::Sender<Change<SocketAddr, ()>>,
+        Metrics,
+    ) {
         let metrics = Metrics::new();
         let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), metrics.clone());
         set.use_subset(Subset::new(&crate::config::SubsetConfig {
@@ -833,7 +843,10 @@ mod tests {
         assert_eq!(set.addresses().len(), 100, "every address is known");
         let text = metrics.encode();
         assert!(text.contains("mesh_subset_size{peer=\"t\"} 8"), "{text}");
-        assert!(text.contains("mesh_endpoints{peer=\"t\",state=\"outside_subset\"} 92"), "{text}");
+        assert!(
+            text.contains("mesh_endpoints{peer=\"t\",state=\"outside_subset\"} 92"),
+            "{text}"
+        );
         // Three of eight ejected: more than 25 % unusable.
         let policy = OutlierDetection {
             consecutive_failures: 1,
@@ -848,9 +861,16 @@ mod tests {
         assert_eq!(set.subset_width(), 11, "widened by the three unusable");
         assert_eq!(set.snapshot().len(), 11);
         let kept: HashSet<_> = set.snapshot().iter().map(|e| e.addr).collect();
-        assert!(first.iter().all(|e| kept.contains(&e.addr)), "the first members stay");
+        assert!(
+            first.iter().all(|e| kept.contains(&e.addr)),
+            "the first members stay"
+        );
         for _ in 0..50 {
-            assert!(!first[..3].iter().any(|e| Arc::ptr_eq(e, &set.pick(LbPolicy::P2c, &[]).unwrap())));
+            assert!(
+                !first[..3]
+                    .iter()
+                    .any(|e| Arc::ptr_eq(e, &set.pick(LbPolicy::P2c, &[]).unwrap()))
+            );
         }
         // Ejections end (5 s): back to eight, the same eight.
         tokio::time::sleep(Duration::from_secs(6)).await;

@@ -193,7 +193,12 @@ mod tests {
     }
 
     /// Clients per endpoint over `clients` clients: (max / mean, min).
-    fn spread(mode: SubsetMode, clients: usize, servers: &[SocketAddr], size: usize) -> (f64, usize) {
+    fn spread(
+        mode: SubsetMode,
+        clients: usize,
+        servers: &[SocketAddr],
+        size: usize,
+    ) -> (f64, usize) {
         let mut count: HashMap<SocketAddr, usize> = servers.iter().map(|a| (*a, 0)).collect();
         for c in 0..clients {
             for m in subset_members(&config(mode, &format!("client-{c}"), size), servers) {
@@ -206,7 +211,13 @@ mod tests {
     }
 
     /// Members changed (out of clients × size) when `change` edits the set.
-    fn moved(mode: SubsetMode, clients: usize, before: &[SocketAddr], after: &[SocketAddr], size: usize) -> f64 {
+    fn moved(
+        mode: SubsetMode,
+        clients: usize,
+        before: &[SocketAddr],
+        after: &[SocketAddr],
+        size: usize,
+    ) -> f64 {
         let mut changed = 0;
         for c in 0..clients {
             let cfg = config(mode, &format!("client-{c}"), size);
@@ -255,7 +266,10 @@ mod tests {
         let servers = addrs(40);
         let mut seen = HashSet::new();
         for c in 0..4 {
-            for m in subset_members(&config(SubsetMode::Deterministic, &format!("w-{c}"), 8), &servers) {
+            for m in subset_members(
+                &config(SubsetMode::Deterministic, &format!("w-{c}"), 8),
+                &servers,
+            ) {
                 assert!(seen.insert(m), "{m} is in two subsets");
             }
         }
@@ -282,11 +296,17 @@ mod tests {
             assert!(rendezvous <= 0.002, "rendezvous moved {rendezvous}");
             let deterministic = moved(SubsetMode::Deterministic, 1000, &servers, &after, 16);
             // At most the slices between its rank and their anchor: ≤ 1/(2 × 16).
-            assert!(deterministic <= 0.035, "deterministic moved {deterministic}");
+            assert!(
+                deterministic <= 0.035,
+                "deterministic moved {deterministic}"
+            );
             let mut added = servers.clone();
             added.push(SocketAddr::from(([10, 9, 9, 9], 1)));
             let rendezvous = moved(SubsetMode::Rendezvous, 1000, &servers, &added, 16);
-            assert!(rendezvous <= 0.002, "rendezvous moved {rendezvous} on an add");
+            assert!(
+                rendezvous <= 0.002,
+                "rendezvous moved {rendezvous} on an add"
+            );
         }
     }
 
@@ -301,7 +321,10 @@ mod tests {
         let b = subset_members(&anonymous, &servers);
         assert_ne!(a, b, "two random seeds (1 in 10^12 to agree)");
         let named = config(SubsetMode::Rendezvous, "orders-3", 8);
-        assert_eq!(subset_members(&named, &servers), subset_members(&named, &servers));
+        assert_eq!(
+            subset_members(&named, &servers),
+            subset_members(&named, &servers)
+        );
     }
 
     #[test]

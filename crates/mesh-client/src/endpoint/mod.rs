@@ -118,7 +118,12 @@ impl Endpoint {
     /// The endpoint's channel, made now if it was not yet.
     pub(crate) fn channel(&self) -> Channel {
         self.channel
-            .get_or_init(|| (self.connect.as_ref().expect("a lazy endpoint has a connector"))(self.addr))
+            .get_or_init(|| {
+                (self
+                    .connect
+                    .as_ref()
+                    .expect("a lazy endpoint has a connector"))(self.addr)
+            })
             .clone()
     }
 

@@ -16,7 +16,10 @@ use mesh_client::{LbPolicy, SubsetMode};
 use meshbench::sim::{self, Event, Fleet, Strategy, bench, plot};
 
 #[derive(Parser)]
-#[command(name = "meshsim", about = "Fleet simulator and scaling benchmarks of the mesh client")]
+#[command(
+    name = "meshsim",
+    about = "Fleet simulator and scaling benchmarks of the mesh client"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -65,9 +68,19 @@ enum Command {
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
-        Command::Fleet { clients, servers, subset, seconds, out } => fleet(clients, servers, subset, seconds, &out),
+        Command::Fleet {
+            clients,
+            servers,
+            subset,
+            seconds,
+            out,
+        } => fleet(clients, servers, subset, seconds, &out),
         Command::Bench { out } => run_bench(&out),
-        Command::Client { target, config, calls } => tokio::runtime::Builder::new_multi_thread()
+        Command::Client {
+            target,
+            config,
+            calls,
+        } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
@@ -83,25 +96,55 @@ fn main() -> ExitCode {
     }
 }
 
-fn fleet(clients: usize, servers: usize, subset: usize, seconds: u64, out: &std::path::Path) -> Result<(), String> {
+fn fleet(
+    clients: usize,
+    servers: usize,
+    subset: usize,
+    seconds: u64,
+    out: &std::path::Path,
+) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let strategies = [
         Strategy::RoundRobin,
         Strategy::P2c,
-        Strategy::P2cSubset { size: subset, mode: SubsetMode::Rendezvous },
-        Strategy::P2cSubset { size: subset, mode: SubsetMode::Deterministic },
+        Strategy::P2cSubset {
+            size: subset,
+            mode: SubsetMode::Rendezvous,
+        },
+        Strategy::P2cSubset {
+            size: subset,
+            mode: SubsetMode::Deterministic,
+        },
     ];
     let at = Duration::from_secs(seconds) / 4;
     let events = [
         ("steady", Event::None),
-        ("5% 10x slow", Event::Slow { share: 0.05, factor: 10.0, at }),
+        (
+            "5% 10x slow",
+            Event::Slow {
+                share: 0.05,
+                factor: 10.0,
+                at,
+            },
+        ),
         ("5% dying", Event::Dying { share: 0.05, at }),
     ];
     let mut results = Vec::new();
     let mut load_series = Vec::new();
     println!(
         "{:<34} {:<12} {:>9} {:>8} {:>8} {:>9} {:>8} {:>13} {:>13} {:>8} {:>9} {:>6}",
-        "strategy", "event", "calls", "p50 ms", "p99 ms", "p99.9 ms", "max/mean", "conns/client", "conns/server", "hit %", "failed %", "wall s"
+        "strategy",
+        "event",
+        "calls",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max/mean",
+        "conns/client",
+        "conns/server",
+        "hit %",
+        "failed %",
+        "wall s"
     );
     for (label, event) in events {
         for strategy in &strategies {
@@ -133,9 +176,15 @@ fn fleet(clients: usize, servers: usize, subset: usize, seconds: u64, out: &std:
                 r.wall_s,
             );
             if let Some(ms) = r.reaction_ms {
-                println!("{:<34} {:<12} failures under 0.1 % per 100 ms from {ms} ms after the event", "", "");
+                println!(
+                    "{:<34} {:<12} failures under 0.1 % per 100 ms from {ms} ms after the event",
+                    "", ""
+                );
             } else if matches!(event, Event::Dying { .. }) {
-                println!("{:<34} {:<12} failures never settled under 0.1 % per 100 ms", "", "");
+                println!(
+                    "{:<34} {:<12} failures never settled under 0.1 % per 100 ms",
+                    "", ""
+                );
             }
             if matches!(event, Event::None) {
                 let n = r.load_sorted.len().max(1) as f64;
@@ -213,7 +262,11 @@ fn run_bench(out: &std::path::Path) -> Result<(), String> {
     );
     println!(
         "1,000 addresses swapped per update (2,000 changes) beside calls: apply p50 {:.1} ms, max {:.1} ms; call latency quiet p50/p99/max {:?} us, during updates {:?} us ({} calls)",
-        update.apply_ms_p50, update.apply_ms_max, update.quiet_us, update.busy_us, update.calls_during_updates
+        update.apply_ms_p50,
+        update.apply_ms_max,
+        update.quiet_us,
+        update.busy_us,
+        update.calls_during_updates
     );
     let choice = bench::subset_choice(1000, 1000, 16, 10);
     for c in &choice {
@@ -234,8 +287,11 @@ fn run_bench(out: &std::path::Path) -> Result<(), String> {
         "bytes_per_idle_endpoint": {"full": memory.0, "subset16": memory.1},
         "update": update, "subset_choice": choice,
     });
-    std::fs::write(out.join("bench.json"), serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
+    std::fs::write(
+        out.join("bench.json"),
+        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
     let series = |name: &str, v: &[(usize, f64)]| plot::Series {
         name: name.into(),
         points: v.iter().map(|(n, ns)| (*n as f64, *ns)).collect(),

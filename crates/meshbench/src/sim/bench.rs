@@ -40,18 +40,27 @@ fn instant_endpoints() -> ModelEndpoints {
 fn config(subset: Option<usize>) -> MeshConfig {
     let mut json = serde_json::json!({"healthChecks": false});
     if let Some(size) = subset {
-        json["targets"] = serde_json::json!({"t": {"subset": {"size": size, "clientId": "bench-1"}}});
+        json["targets"] =
+            serde_json::json!({"t": {"subset": {"size": size, "clientId": "bench-1"}}});
     }
     MeshConfig::from_json(&json.to_string()).expect("valid")
 }
 
 /// A model channel over `n` endpoints, once its set has them.
-async fn channel_of(n: usize, subset: Option<usize>) -> (MeshChannel, tokio::sync::mpsc::Sender<Change<SocketAddr, ()>>) {
+async fn channel_of(
+    n: usize,
+    subset: Option<usize>,
+) -> (
+    MeshChannel,
+    tokio::sync::mpsc::Sender<Change<SocketAddr, ()>>,
+) {
     let mesh = Mesh::new(config(subset)).with_metrics(mesh_client::telemetry::Metrics::new());
     let (tx, rx) = tokio::sync::mpsc::channel(n + 1);
     let channel = mesh.model_channel("t", rx, instant_endpoints());
     for i in 0..n {
-        tx.send(Change::Insert(server_addr(i), ())).await.expect("set alive");
+        tx.send(Change::Insert(server_addr(i), ()))
+            .await
+            .expect("set alive");
     }
     for _ in 0..10_000 {
         if channel.endpoints().len() == n {
@@ -63,7 +72,12 @@ async fn channel_of(n: usize, subset: Option<usize>) -> (MeshChannel, tokio::syn
 }
 
 /// Nanoseconds per pick (best of `rounds` rounds of `picks`) at each count.
-pub async fn pick_cost(counts: &[usize], policy: LbPolicy, picks: usize, rounds: usize) -> Vec<(usize, f64)> {
+pub async fn pick_cost(
+    counts: &[usize],
+    policy: LbPolicy,
+    picks: usize,
+    rounds: usize,
+) -> Vec<(usize, f64)> {
     let mut out = Vec::new();
     for &n in counts {
         let (channel, _tx) = channel_of(n, None).await;
@@ -109,7 +123,11 @@ pub async fn call_cost(counts: &[usize], calls: usize, rounds: usize) -> Vec<(us
 fn rss() -> usize {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<usize>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<usize>().ok())
+        })
         .map_or(0, |pages| pages * 4096)
 }
 
@@ -118,14 +136,23 @@ fn rss() -> usize {
 /// checks off, so nothing connects), with and without a subset of 16.
 pub async fn bytes_per_idle_endpoint(n: usize) -> (f64, f64) {
     let list: Vec<String> = (0..n)
-        .map(|i| format!("127.{}.{}.{}:{}", (i >> 16) & 255, (i >> 8) & 255, i & 255, 9000))
+        .map(|i| {
+            format!(
+                "127.{}.{}.{}:{}",
+                (i >> 16) & 255,
+                (i >> 8) & 255,
+                i & 255,
+                9000
+            )
+        })
         .collect();
     let target = format!("static:///{}", list.join(","));
     let mut out = [0.0; 2];
     for (slot, subset) in [None, Some(16)].into_iter().enumerate() {
         let mut json = serde_json::json!({"healthChecks": false});
         if let Some(size) = subset {
-            json["targets"] = serde_json::json!({ target.clone(): {"subset": {"size": size, "clientId": "m-1"}}});
+            json["targets"] =
+                serde_json::json!({ target.clone(): {"subset": {"size": size, "clientId": "m-1"}}});
         }
         let mesh = Mesh::new(MeshConfig::from_json(&json.to_string()).expect("valid"))
             .with_metrics(mesh_client::telemetry::Metrics::new());
@@ -175,7 +202,11 @@ fn members(mode: SubsetMode, c: usize, size: usize, addrs: &[SocketAddr]) -> Has
 
 fn moved(mode: SubsetMode, clients: usize, size: usize, a: &[SocketAddr], b: &[SocketAddr]) -> f64 {
     let changed: usize = (0..clients)
-        .map(|c| members(mode, c, size, a).difference(&members(mode, c, size, b)).count())
+        .map(|c| {
+            members(mode, c, size, a)
+                .difference(&members(mode, c, size, b))
+                .count()
+        })
         .sum();
     changed as f64 / (clients * size) as f64
 }
@@ -208,7 +239,12 @@ pub fn subset_choice(clients: usize, servers: usize, size: usize, trials: usize)
             more.push(server_addr(servers + t));
             add.push(moved(mode, clients, size, &addrs, &more));
         }
-        let stats = |v: &[f64]| (v.iter().sum::<f64>() / v.len().max(1) as f64, v.iter().copied().fold(0.0, f64::max));
+        let stats = |v: &[f64]| {
+            (
+                v.iter().sum::<f64>() / v.len().max(1) as f64,
+                v.iter().copied().fold(0.0, f64::max),
+            )
+        };
         let mut shrinking = addrs.clone();
         let mut total = 0.0;
         let steps = 100.min(servers.saturating_sub(size));
@@ -250,9 +286,14 @@ pub struct Update {
 pub async fn update_beside_calls(batches: usize) -> Update {
     let (channel, tx) = channel_of(1000, None).await;
     let measure = |channel: MeshChannel, stop: Arc<AtomicBool>| async move {
-        let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+        let mut hist =
+            hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
         while !stop.load(Ordering::Relaxed) {
-            let req = http::Request::builder().method("POST").uri("http://t/b.B/M").body(Body::empty()).expect("valid");
+            let req = http::Request::builder()
+                .method("POST")
+                .uri("http://t/b.B/M")
+                .body(Body::empty())
+                .expect("valid");
             let started = Instant::now();
             let _ = channel.clone().oneshot(req).await;
             let _ = hist.record(started.elapsed().as_micros().max(1) as u64);
@@ -260,7 +301,11 @@ pub async fn update_beside_calls(batches: usize) -> Update {
         hist
     };
     let summary = |h: &hdrhistogram::Histogram<u64>| {
-        (h.value_at_quantile(0.5) as f64, h.value_at_quantile(0.99) as f64, h.max() as f64)
+        (
+            h.value_at_quantile(0.5) as f64,
+            h.value_at_quantile(0.99) as f64,
+            h.max() as f64,
+        )
     };
     let stop = Arc::new(AtomicBool::new(false));
     let quiet = tokio::spawn(measure(channel.clone(), stop.clone()));
@@ -275,8 +320,12 @@ pub async fn update_beside_calls(batches: usize) -> Update {
         let next = (b + 1) * 1000 + 1000;
         let started = Instant::now();
         for i in 0..1000 {
-            tx.send(Change::Remove(server_addr(base + i))).await.expect("set alive");
-            tx.send(Change::Insert(server_addr(next + i), ())).await.expect("set alive");
+            tx.send(Change::Remove(server_addr(base + i)))
+                .await
+                .expect("set alive");
+            tx.send(Change::Insert(server_addr(next + i), ()))
+                .await
+                .expect("set alive");
         }
         let last = server_addr(next + 999);
         for _ in 0..100_000 {

@@ -154,8 +154,7 @@ impl Fleet {
 
     /// Calls per second the fleet offers.
     pub fn rate(&self) -> f64 {
-        self.utilization * self.servers as f64 * self.capacity as f64
-            / self.service.as_secs_f64()
+        self.utilization * self.servers as f64 * self.capacity as f64 / self.service.as_secs_f64()
     }
 
     /// Whether server `i` is one the event hits.
@@ -697,7 +696,11 @@ mod tests {
                 "{name}"
             );
             let total_server_side = (r.conns_per_server.0 * 20.0).round() as usize;
-            assert_eq!(total_server_side, expected * 10, "{name}: each member counted once");
+            assert_eq!(
+                total_server_side,
+                expected * 10,
+                "{name}: each member counted once"
+            );
             assert_eq!(r.load_sorted.len(), 18, "{name}: the healthy servers");
             assert!(
                 r.failed_at_server > 0,

@@ -22,7 +22,14 @@ const COLORS: [RGBColor; 6] = [
 ];
 
 /// Writes a line chart to `path`; `log_x` puts x on a log scale.
-pub fn lines(path: &Path, title: &str, x: &str, y: &str, series: &[Series], log_x: bool) -> Result<(), String> {
+pub fn lines(
+    path: &Path,
+    title: &str,
+    x: &str,
+    y: &str,
+    series: &[Series],
+    log_x: bool,
+) -> Result<(), String> {
     let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let all = || series.iter().flat_map(|s| s.points.iter());
@@ -46,10 +53,15 @@ pub fn lines(path: &Path, title: &str, x: &str, y: &str, series: &[Series], log_
             for (i, s) in series.iter().enumerate() {
                 let color = COLORS[i % COLORS.len()];
                 chart
-                    .draw_series(std::iter::once(PathElement::new(s.points.clone(), color.stroke_width(2))))
+                    .draw_series(std::iter::once(PathElement::new(
+                        s.points.clone(),
+                        color.stroke_width(2),
+                    )))
                     .map_err(|e| e.to_string())?
                     .label(s.name.clone())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                    });
             }
             chart
                 .configure_series_labels()
@@ -61,13 +73,17 @@ pub fn lines(path: &Path, title: &str, x: &str, y: &str, series: &[Series], log_
         }};
     }
     if log_x {
-        draw!(builder
-            .build_cartesian_2d((x0..x1).log_scale(), 0f64..top)
-            .map_err(|e| e.to_string())?);
+        draw!(
+            builder
+                .build_cartesian_2d((x0..x1).log_scale(), 0f64..top)
+                .map_err(|e| e.to_string())?
+        );
     } else {
-        draw!(builder
-            .build_cartesian_2d(x0..x1, 0f64..top)
-            .map_err(|e| e.to_string())?);
+        draw!(
+            builder
+                .build_cartesian_2d(x0..x1, 0f64..top)
+                .map_err(|e| e.to_string())?
+        );
     }
     root.present().map_err(|e| e.to_string())
 }
