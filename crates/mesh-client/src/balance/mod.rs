@@ -117,7 +117,11 @@ impl EndpointSet {
             target,
             peer,
             endpoints: RwLock::new(Arc::new(Vec::new())),
-            next: AtomicUsize::new(0),
+            // A random first turn: clients that all started at 0 moved
+            // through the endpoints in step, and 1,000 of them sent their
+            // calls to the same server at once (meshsim: 83 % of calls
+            // shed at 1,000 × 1,000).
+            next: AtomicUsize::new(rand::random::<u32>() as usize),
             reresolve,
             changed: Notify::new(),
             resolved: false.into(),

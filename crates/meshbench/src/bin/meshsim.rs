@@ -41,6 +41,12 @@ enum Command {
         /// Simulated seconds per run (statistics from half of it).
         #[arg(long, default_value_t = 4)]
         seconds: u64,
+        /// Calls each server serves at once.
+        #[arg(long, default_value_t = 4)]
+        capacity: usize,
+        /// Which runs: any of steady, slow, dying.
+        #[arg(long, value_delimiter = ',', default_value = "steady,slow,dying")]
+        events: Vec<String>,
         /// Where results.json and the SVG plot go.
         #[arg(long, default_value = "docs/scaling")]
         out: PathBuf,
@@ -73,8 +79,10 @@ fn main() -> ExitCode {
             servers,
             subset,
             seconds,
+            capacity,
+            events,
             out,
-        } => fleet(clients, servers, subset, seconds, &out),
+        } => fleet(clients, servers, subset, seconds, capacity, &events, &out),
         Command::Bench { out } => run_bench(&out),
         Command::Client {
             target,
@@ -101,6 +109,8 @@ fn fleet(
     servers: usize,
     subset: usize,
     seconds: u64,
+    capacity: usize,
+    which: &[String],
     out: &std::path::Path,
 ) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
@@ -132,7 +142,7 @@ fn fleet(
     let mut results = Vec::new();
     let mut load_series = Vec::new();
     println!(
-        "{:<34} {:<12} {:>9} {:>8} {:>8} {:>9} {:>8} {:>13} {:>13} {:>8} {:>9} {:>6}",
+        "{:<34} {:<12} {:>9} {:>8} {:>8} {:>9} {:>8} {:>9} {:>13} {:>13} {:>8} {:>9} {:>6}",
         "strategy",
         "event",
         "calls",
@@ -140,6 +150,7 @@ fn fleet(
         "p99 ms",
         "p99.9 ms",
         "max/mean",
+        "(poisson)",
         "conns/client",
         "conns/server",
         "hit %",
@@ -147,8 +158,13 @@ fn fleet(
         "wall s"
     );
     for (label, event) in events {
+        let key = label.split(' ').last().unwrap_or(label);
+        if !which.iter().any(|w| w == key || (w == "steady" && label == "steady")) {
+            continue;
+        }
         for strategy in &strategies {
             let mut f = Fleet::new(clients, servers, strategy.clone());
+            f.capacity = capacity;
             f.duration = Duration::from_secs(seconds);
             f.measure_from = match event {
                 Event::None => Duration::from_secs(seconds) / 2,
@@ -159,7 +175,7 @@ fn fleet(
             f.event = event;
             let r = sim::run(&f);
             println!(
-                "{:<34} {:<12} {:>9} {:>8.1} {:>8.1} {:>9.1} {:>8.3} {:>6.1} ({:>4}) {:>6.1} ({:>4}) {:>8.2} {:>9.3} {:>6.1}",
+                "{:<34} {:<12} {:>9} {:>8.1} {:>8.1} {:>9.1} {:>8.3} {:>9.3} {:>6.1} ({:>4}) {:>6.1} ({:>4}) {:>8.2} {:>9.3} {:>6.1}",
                 r.strategy,
                 label,
                 r.calls,
@@ -167,6 +183,7 @@ fn fleet(
                 r.p99_ms,
                 r.p999_ms,
                 r.load_max_mean,
+                r.poisson_floor,
                 r.conns_per_client.0,
                 r.conns_per_client.1,
                 r.conns_per_server.0,

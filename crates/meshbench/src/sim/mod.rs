@@ -337,6 +337,10 @@ pub struct Report {
     pub load_max_mean: f64,
     /// Min / mean of the same.
     pub load_min_mean: f64,
+    /// The max / mean that counts drawn from a Poisson distribution with
+    /// the same mean would show: the noise floor of `load_max_mean` at
+    /// this many calls per server (a perfectly fair random spread).
+    pub poisson_floor: f64,
     /// Calls served by each healthy server in the window, sorted, as a
     /// share of the mean (for the plot).
     pub load_sorted: Vec<f64>,
@@ -627,6 +631,11 @@ fn summarize(fleet: &Fleet, model: &Model, tally: &Tally, channels: &[MeshChanne
         p99_ms: quantile(0.99),
         p999_ms: quantile(0.999),
         load_max_mean: sorted.last().copied().unwrap_or(0.0),
+        poisson_floor: {
+            let mut rng = rand::rng();
+            let draws: Vec<u64> = (0..healthy.len()).map(|_| poisson(&mut rng, mean)).collect();
+            draws.iter().copied().max().unwrap_or(0) as f64 / mean.max(1e-9)
+        },
         load_min_mean: sorted.first().copied().unwrap_or(0.0),
         load_sorted: sorted,
         hit_share: hit_received as f64 / received.max(1) as f64,
