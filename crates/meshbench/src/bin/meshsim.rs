@@ -246,14 +246,14 @@ fn run_bench(out: &std::path::Path) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let counts = [10, 100, 1_000, 10_000, 100_000];
     let (p2c, rr, calls, memory, update) = rt.block_on(async {
-        let p2c = bench::pick_cost(&counts, LbPolicy::P2c, 200_000, 5).await;
-        let rr = bench::pick_cost(&counts, LbPolicy::RoundRobin, 200_000, 5).await;
-        let calls = bench::call_cost(&[10, 10_000], 50_000, 3).await;
+        let p2c = bench::pick_cost(&counts, LbPolicy::P2c, 100_000, 5).await;
+        let rr = bench::pick_cost(&counts, LbPolicy::RoundRobin, 100_000, 5).await;
+        let calls = bench::call_cost(&[10, 10_000], 20_000, 3).await;
         let memory = bench::bytes_per_idle_endpoint(10_000).await;
         let update = bench::update_beside_calls(20).await;
         (p2c, rr, calls, memory, update)
     });
-    println!("pick cost (ns per pick, best of 5 x 200,000):");
+    println!("pick cost (ns per pick, best of 5 x 100,000):");
     println!("{:>10} {:>10} {:>12}", "endpoints", "p2c", "round robin");
     for ((n, a), (_, b)) in p2c.iter().zip(&rr) {
         println!("{n:>10} {a:>10.1} {b:>12.1}");
