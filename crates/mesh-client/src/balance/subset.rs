@@ -119,7 +119,7 @@ pub(crate) fn preference(
             let slices = n.div_ceil(size) as u64;
             let round = ordinal / slices;
             let slice = (ordinal % slices) as usize;
-            let seed = mix(round ^ 0x5eed_0f_5ab5e7);
+            let seed = mix(round ^ 0x5eed_0f5a_b5e7);
             let mut ranked: Vec<(u64, SocketAddr)> =
                 addrs.iter().map(|a| (score(seed, a), *a)).collect();
             ranked.sort_unstable();

@@ -53,6 +53,10 @@ enum Command {
     },
     /// Measures pick cost, memory, subset churn and a large update.
     Bench {
+        /// Measure only the memory per idle endpoint (in a fresh process:
+        /// memory freed by the other measurements would hide the growth).
+        #[arg(long)]
+        memory_only: bool,
         /// Where bench.json and the SVG plot go.
         #[arg(long, default_value = "docs/scaling")]
         out: PathBuf,
@@ -83,7 +87,7 @@ fn main() -> ExitCode {
             events,
             out,
         } => fleet(clients, servers, subset, seconds, capacity, &events, &out),
-        Command::Bench { out } => run_bench(&out),
+        Command::Bench { out, memory_only } => run_bench(&out, memory_only),
         Command::Client {
             target,
             config,
@@ -158,8 +162,11 @@ fn fleet(
         "wall s"
     );
     for (label, event) in events {
-        let key = label.split(' ').last().unwrap_or(label);
-        if !which.iter().any(|w| w == key || (w == "steady" && label == "steady")) {
+        let key = label.split(' ').next_back().unwrap_or(label);
+        if !which
+            .iter()
+            .any(|w| w == key || (w == "steady" && label == "steady"))
+        {
             continue;
         }
         for strategy in &strategies {
@@ -237,13 +244,20 @@ fn fleet(
     )
 }
 
-fn run_bench(out: &std::path::Path) -> Result<(), String> {
+fn run_bench(out: &std::path::Path, memory_only: bool) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    if memory_only {
+        let (full, subset) = rt.block_on(bench::bytes_per_idle_endpoint(10_000));
+        println!(
+            "resident bytes per idle endpoint (10,000, health checks off): full set {full:.0}, subset 16 (per resolved address) {subset:.0}"
+        );
+        return Ok(());
+    }
     let counts = [10, 100, 1_000, 10_000, 100_000];
     let (p2c, rr, calls, memory, update) = rt.block_on(async {
         let p2c = bench::pick_cost(&counts, LbPolicy::P2c, 100_000, 5).await;

@@ -633,7 +633,9 @@ fn summarize(fleet: &Fleet, model: &Model, tally: &Tally, channels: &[MeshChanne
         load_max_mean: sorted.last().copied().unwrap_or(0.0),
         poisson_floor: {
             let mut rng = rand::rng();
-            let draws: Vec<u64> = (0..healthy.len()).map(|_| poisson(&mut rng, mean)).collect();
+            let draws: Vec<u64> = (0..healthy.len())
+                .map(|_| poisson(&mut rng, mean))
+                .collect();
             draws.iter().copied().max().unwrap_or(0) as f64 / mean.max(1e-9)
         },
         load_min_mean: sorted.first().copied().unwrap_or(0.0),
