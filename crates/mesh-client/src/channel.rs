@@ -234,11 +234,16 @@ impl Mesh {
             self.metrics.clone(),
         );
         let changes = resolve::spawn(parsed, config.dns_refresh, reresolve);
+        if let Some(subset) = config.targets.get(target).and_then(|t| t.subset.as_ref()) {
+            set.use_subset(crate::balance::Subset::new(subset));
+        }
         let endpoint_config = config.endpoint.clone();
         let tls = self.tls.clone();
         tokio::spawn(set.clone().follow(
             changes,
-            move |addr| connect_lazy(addr, &endpoint_config, tls.clone(), identity.clone()),
+            Arc::new(move |addr| {
+                connect_lazy(addr, &endpoint_config, tls.clone(), identity.clone())
+            }),
             config.health_checks,
         ));
         Ok(set)
@@ -283,7 +288,26 @@ impl Mesh {
             make,
             make_mirror,
         )?;
+        Ok(self.stack(peer, target, set, router, Connection))
+    }
 
+    /// The client stack over `set`, with `connection` innermost.
+    fn stack<C>(
+        &self,
+        peer: &str,
+        target: &str,
+        set: Arc<EndpointSet>,
+        router: Arc<Router>,
+        connection: C,
+    ) -> MeshChannel
+    where
+        C: Service<http::Request<Body>, Response = http::Response<Body>, Error = BoxError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        C::Future: Send + 'static,
+    {
         let timeouts = {
             let (config, target) = (self.config.clone(), target.to_owned());
             move |path: &str| {
@@ -328,11 +352,92 @@ impl Mesh {
             // set (or the target's own), balanced afresh.
             .layer(DispatchLayer::new(&router))
             // On that endpoint's own HTTP/2 connection.
-            .service(Connection);
-        Ok(MeshChannel {
+            .service(connection);
+        MeshChannel {
             inner: BoxCloneSyncService::new(stack),
             set,
-        })
+        }
+    }
+
+    /// A channel whose endpoints are modelled, for the fleet simulator
+    /// (`meshsim`): the same stack as [`Mesh::channel`] (telemetry,
+    /// deadline, retry, balancer with outlier detection and the target's
+    /// subsetting), but the endpoint set follows `changes` instead of a
+    /// resolver, and each attempt goes to `endpoints` with the chosen
+    /// address instead of over a connection. Health watching is off.
+    #[doc(hidden)]
+    pub fn model_channel(
+        &self,
+        target: &str,
+        changes: tokio::sync::mpsc::Receiver<tower::discover::Change<SocketAddr, ()>>,
+        endpoints: ModelEndpoints,
+    ) -> MeshChannel {
+        let config = self.config.load();
+        let set = EndpointSet::new(
+            Arc::from(target),
+            Arc::from(target),
+            Arc::new(Notify::new()),
+            self.metrics.clone(),
+        );
+        if let Some(subset) = config.targets.get(target).and_then(|t| t.subset.as_ref()) {
+            set.use_subset(crate::balance::Subset::new(subset));
+        }
+        tokio::spawn(
+            set.clone()
+                .follow(changes, Arc::new(|_| unreachable_channel()), false),
+        );
+        // The simulator models one target: routes to other backends are
+        // not modelled, so their sets cannot be made.
+        let unmodelled = |what: &str| MeshError::InvalidTarget {
+            target: what.to_owned(),
+            reason: "the fleet simulator models one target's endpoints; routes are not modelled"
+                .into(),
+        };
+        let router = Router::new(
+            Arc::from(target),
+            self.config.clone(),
+            set.clone(),
+            Arc::new(move |backend: &str| Err(unmodelled(backend))),
+            Arc::new(move |policy: &MirrorPolicy| Err(unmodelled(&policy.target))),
+        )
+        .expect("a modelled target has no routes");
+        self.stack(target, target, set, router, ModelConnection(endpoints))
+    }
+}
+
+/// What a modelled endpoint does with an attempt: `(address, request)`
+/// to a response (see [`Mesh::model_channel`]).
+#[doc(hidden)]
+pub type ModelEndpoints =
+    BoxCloneSyncService<(SocketAddr, http::Request<Body>), http::Response<Body>, BoxError>;
+
+/// Modelled endpoints are never connected to; a channel to nowhere keeps
+/// the type (and is never made: the model sends no request on it).
+fn unreachable_channel() -> Channel {
+    Endpoint::from_static("http://127.0.0.1:9").connect_lazy()
+}
+
+/// The innermost service of a model channel: the attempt to the modelled
+/// endpoint the balancer chose.
+#[derive(Clone)]
+struct ModelConnection(ModelEndpoints);
+
+impl Service<http::Request<Body>> for ModelConnection {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = <ModelEndpoints as Service<(SocketAddr, http::Request<Body>)>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        let addr = req
+            .extensions_mut()
+            .remove::<crate::endpoint::SendTo>()
+            .map(|to| to.0.addr)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        self.0.call((addr, req))
     }
 }
 
@@ -484,9 +589,22 @@ impl MeshChannel {
         self.set.addresses()
     }
 
-    /// The state of every endpoint, for diagnostics and metrics.
+    /// The state of every endpoint the channel connects to (all of them,
+    /// or its subset's members), for diagnostics and metrics.
     pub fn endpoint_states(&self) -> Vec<EndpointState> {
         self.set.snapshot().iter().map(|e| e.snapshot()).collect()
+    }
+
+    /// The endpoints wanted in the subset now (its size, more while
+    /// widened); 0 without subsetting.
+    pub fn subset_size(&self) -> usize {
+        self.set.subset_width()
+    }
+
+    /// One pick of the balancer, without a call (benchmarks).
+    #[doc(hidden)]
+    pub fn pick_once(&self, policy: crate::LbPolicy) -> Option<SocketAddr> {
+        self.set.pick(policy, &[]).ok().map(|e| e.addr)
     }
 }
 

@@ -184,6 +184,59 @@ pub struct TargetConfig {
     /// taking the call (see [`RouteConfig`]); none, or none matching: the
     /// call goes to this target itself.
     pub routes: Vec<RouteConfig>,
+    /// Connect to a bounded subset of the target's endpoints instead of
+    /// all of them (large fleets); off unless set. Read when a channel is
+    /// made: a reload applies to channels made after it.
+    pub subset: Option<SubsetConfig>,
+}
+
+/// Subsetting of one target: `{ "size": 16, "clientId": "orders-7",
+/// "mode": "deterministic" }`. See `docs/scaling.md` for the choice.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SubsetConfig {
+    /// Endpoints each client connects to, 1 to [`MAX_SUBSET_SIZE`]; all of
+    /// them when the target has fewer.
+    pub size: usize,
+    /// This client's stable name. `deterministic` needs one ending in an
+    /// ordinal (`orders-7`, `7`: a StatefulSet pod name); `rendezvous`
+    /// hashes it, and without one picks a random seed at start (the subset
+    /// then changes with each restart). At most 253 printable characters.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// How members are chosen; default `rendezvous`.
+    #[serde(default)]
+    pub mode: SubsetMode,
+    /// When more than this share of the members (percent, 0 to 100) are
+    /// ejected, NOT_SERVING or reconnecting, the subset is widened with the
+    /// next endpoints in this client's order until `size` are usable again,
+    /// and narrowed back once the first `size` are. Default 25.
+    #[serde(default = "default_max_unhealthy")]
+    pub max_unhealthy_percent: u32,
+}
+
+/// The largest [`SubsetConfig::size`]: a subset is there to bound
+/// connections, and P2C needs no more than this many to choose from.
+pub const MAX_SUBSET_SIZE: usize = 1024;
+
+fn default_max_unhealthy() -> u32 {
+    25
+}
+
+/// How a client chooses its subset.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SubsetMode {
+    /// gRFC A68: the `size` endpoints with the lowest hash of (client
+    /// seed, address). Needs nothing but a seed; one endpoint added or
+    /// removed moves about one member per client that had it; servers get
+    /// a binomially spread number of clients.
+    #[default]
+    Rendezvous,
+    /// The SRE book's deterministic subsetting, on a hash order anchored at
+    /// both ends: clients with dense ordinals 0..C cover the endpoints
+    /// evenly (each gets C × size / N clients, ±1 per round).
+    Deterministic,
 }
 
 /// Policy for one method (or every method of a service).
@@ -442,6 +495,9 @@ impl MeshConfig {
                 check_hedging(&at("hedgingPolicy"), h)?;
             }
             route::check_routes(name, target, &self.targets, target_max)?;
+            if let Some(subset) = &target.subset {
+                check_subset(&at("subset"), subset)?;
+            }
             for (method, m) in &target.methods {
                 let at = |field: &str| format!("targets[{name:?}].methods[{method:?}].{field}");
                 if !method.contains('/') || method.starts_with('/') {
@@ -549,6 +605,48 @@ fn check_within(field: &str, timeout: Duration, max: Duration) -> Result<(), Mes
         return Err(invalid(
             field,
             &format!("{timeout:?} exceeds the maxTimeout of {max:?} that applies to it"),
+        ));
+    }
+    Ok(())
+}
+
+/// The ordinal a client id ends in (`orders-7` → 7), for deterministic
+/// subsetting.
+pub(crate) fn client_ordinal(id: &str) -> Option<u64> {
+    let digits = id.len() - id.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    (1..=18)
+        .contains(&digits)
+        .then(|| id[id.len() - digits..].parse().ok())
+        .flatten()
+}
+
+fn check_subset(field: &str, s: &SubsetConfig) -> Result<(), MeshError> {
+    if s.size == 0 || s.size > MAX_SUBSET_SIZE {
+        return Err(invalid(
+            &format!("{field}.size"),
+            &format!("must be 1 to {MAX_SUBSET_SIZE}"),
+        ));
+    }
+    if s.max_unhealthy_percent > 100 {
+        return Err(invalid(
+            &format!("{field}.maxUnhealthyPercent"),
+            "must be 0 to 100",
+        ));
+    }
+    if let Some(id) = &s.client_id
+        && (id.is_empty() || id.len() > 253 || id.chars().any(|c| c.is_control()))
+    {
+        return Err(invalid(
+            &format!("{field}.clientId"),
+            "must be 1 to 253 printable characters",
+        ));
+    }
+    if s.mode == SubsetMode::Deterministic
+        && s.client_id.as_deref().and_then(client_ordinal).is_none()
+    {
+        return Err(invalid(
+            &format!("{field}.clientId"),
+            "deterministic subsetting needs a client id ending in its ordinal (e.g. \"orders-7\", a StatefulSet pod name), dense from 0 across the clients of the target; use mode \"rendezvous\" without one",
         ));
     }
     Ok(())

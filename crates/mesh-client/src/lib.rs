@@ -144,11 +144,16 @@ pub mod tls;
 #[cfg(test)]
 mod layering;
 
+#[doc(hidden)]
+pub use balance::subset::subset_members;
+#[doc(hidden)]
+pub use channel::ModelEndpoints;
 pub use channel::{Mesh, MeshChannel};
 pub use config::{
     BackendRef, ConfigHandle, EndpointConfig, HeaderMatch, HeaderMatchType, HedgingPolicy,
-    LbPolicy, MeshConfig, MethodConfig, MethodMatch, MethodMatchType, OutlierDetection,
-    RetryBudget, RetryPolicy, RouteConfig, RouteMatch, TargetConfig,
+    LbPolicy, MAX_SUBSET_SIZE, MeshConfig, MethodConfig, MethodMatch, MethodMatchType,
+    OutlierDetection, RetryBudget, RetryPolicy, RouteConfig, RouteMatch, SubsetConfig, SubsetMode,
+    TargetConfig,
 };
 pub use endpoint::EndpointState;
 pub use error::{MeshError, caused_by};

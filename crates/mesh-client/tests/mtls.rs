@@ -737,12 +737,8 @@ async fn server_faults_for_one_caller_leave_other_callers_untouched_and_follow_t
         "methods": ["mesh.echo.v1.EchoService/Echo"],
         "abort": {"percentage": 100, "grpcStatus": "UNAVAILABLE"}}]);
     let tls_dir = pki.issue("echo");
-    let admin = free_addr();
-    let echo = TlsEcho::start_with(
-        &tls_dir,
-        Some(&config(aborts)),
-        &["--admin-addr", &admin.to_string()],
-    );
+    let echo = tls_echo(&tls_dir, Some(&config(aborts)), |o| o.admin = true);
+    let admin = echo.admin.expect("the replica serves its admin port");
     let config_file = tls_dir.with_extension("policy.json");
     let operator = mesh_as(&pki, "operator");
     // Orders' balancer may eject its only endpoint: were the injected
@@ -752,11 +748,11 @@ async fn server_faults_for_one_caller_leave_other_callers_untouched_and_follow_t
         MeshConfig::from_json(r#"{"outlierDetection":{"maxEjectionPercent":100}}"#).unwrap(),
     )
     .unwrap()
-    .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+    .with_descriptor_set(mesh_fixture::FILE_DESCRIPTOR_SET)
     .unwrap()
     .with_tls(pki.load("orders"))
     .with_metrics(mesh_client::telemetry::Metrics::new());
-    let addr = echo.proc.addr;
+    let addr = echo.addr;
     wait_serving_on(
         operator
             .channel_with_identity(&format!("static:///{addr}"), &identity("echo"))
@@ -804,7 +800,7 @@ async fn server_faults_for_one_caller_leave_other_callers_untouched_and_follow_t
         "{client_metrics}"
     );
     as_orders
-        .get_stats(shop_api::echo::v1::GetStatsRequest::default())
+        .get_stats(mesh_fixture::echo::GetStatsRequest::default())
         .await
         .expect("only Echo is faulted");
     let (_, metrics) = common::http_get(admin, "/metrics").await;

@@ -36,11 +36,11 @@ async fn set_of(n: u16, metrics: &Metrics) -> Arc<EndpointSet> {
     set.clone()
         .follow(
             rx,
-            |addr| {
+            std::sync::Arc::new(|addr| {
                 tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
                     .unwrap()
                     .connect_lazy()
-            },
+            }),
             false,
         )
         .await;

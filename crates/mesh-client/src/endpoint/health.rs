@@ -19,7 +19,7 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 pub(crate) async fn watch_health(endpoint: Weak<Endpoint>) {
     let mut backoff = RETRY_START;
     loop {
-        let Some(channel) = endpoint.upgrade().map(|e| e.channel.clone()) else {
+        let Some(channel) = endpoint.upgrade().map(|e| e.channel()) else {
             return;
         };
         let mut client = HealthClient::new(channel);

@@ -48,10 +48,16 @@ const HEALTH_UNKNOWN: u8 = 0;
 const HEALTH_SERVING: u8 = 1;
 const HEALTH_NOT_SERVING: u8 = 2;
 
+/// Makes an endpoint's channel (its connection, made on first use).
+pub(crate) type Connect = Arc<dyn Fn(SocketAddr) -> Channel + Send + Sync>;
+
 /// One address of a target.
 pub(crate) struct Endpoint {
     pub(crate) addr: SocketAddr,
-    pub(crate) channel: Channel,
+    /// Made on first use, so an endpoint never called costs no channel
+    /// (a tonic channel is a task and a buffer: kilobytes at 10,000).
+    channel: std::sync::OnceLock<Channel>,
+    connect: Option<Connect>,
     in_flight: AtomicU32,
     health: AtomicU8,
     /// Peak-EWMA latency (f64 bits, ns) and when it was last updated (ns
@@ -97,11 +103,36 @@ pub(crate) fn is_endpoint_failure(code: Code) -> bool {
 }
 
 impl Endpoint {
+    #[cfg(test)]
     pub(crate) fn new(addr: SocketAddr, channel: Channel) -> Self {
+        let endpoint = Self::make(addr, None);
+        let _ = endpoint.channel.set(channel);
+        endpoint
+    }
+
+    /// An endpoint whose channel `connect` makes when it is first used.
+    pub(crate) fn lazy(addr: SocketAddr, connect: Connect) -> Self {
+        Self::make(addr, Some(connect))
+    }
+
+    /// The endpoint's channel, made now if it was not yet.
+    pub(crate) fn channel(&self) -> Channel {
+        self.channel
+            .get_or_init(|| {
+                (self
+                    .connect
+                    .as_ref()
+                    .expect("a lazy endpoint has a connector"))(self.addr)
+            })
+            .clone()
+    }
+
+    fn make(addr: SocketAddr, connect: Option<Connect>) -> Self {
         let now = Instant::now();
         Self {
             addr,
-            channel,
+            channel: std::sync::OnceLock::new(),
+            connect,
             in_flight: AtomicU32::new(0),
             health: AtomicU8::new(HEALTH_UNKNOWN),
             rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
@@ -157,6 +188,7 @@ impl Endpoint {
     }
 
     /// Whether the endpoint is ejected now.
+    #[cfg(test)]
     pub(crate) fn is_ejected(&self, now: Instant) -> bool {
         self.troubled.load(Ordering::Relaxed) && self.state().ejected_until.is_some_and(|t| now < t)
     }
@@ -348,7 +380,7 @@ impl Service<http::Request<Body>> for Connection {
                 "no endpoint chosen for the request (the balancer sets one)".into(),
             )));
         };
-        let channel = endpoint.channel.clone();
+        let channel = endpoint.channel();
         Box::pin(async move { Ok(channel.oneshot(req).await?) })
     }
 }

@@ -189,6 +189,7 @@ struct Registered {
     budget_exhausted: Family<PeerLabels, Counter>,
     ejections: Family<PeerLabels, Counter>,
     endpoints: Family<EndpointLabels, Gauge>,
+    subset_size: Family<PeerLabels, Gauge>,
     denials: Family<DenialLabels, Counter>,
     config_reloads: Family<OutcomeLabels, Counter>,
     handshake_failures: Family<OutcomeLabels, Counter>,
@@ -218,6 +219,7 @@ pub(crate) trait GaugeSource: Send + Sync {
 /// What [`GaugeSource`]s report into during one scrape.
 pub(crate) struct Scrape<'a> {
     endpoints: &'a Family<EndpointLabels, Gauge>,
+    subset_size: &'a Family<PeerLabels, Gauge>,
     certificates: Vec<(String, SystemTime)>,
 }
 
@@ -232,6 +234,13 @@ impl Scrape<'_> {
             })
             // Two channels may name the same peer: their endpoints add up.
             .inc_by(count);
+    }
+
+    /// The target named `peer` connects to a subset of `size` endpoints.
+    pub(crate) fn subset_size(&mut self, peer: &Arc<str>, size: i64) {
+        self.subset_size
+            .get_or_create(&PeerLabels { peer: peer.clone() })
+            .inc_by(size);
     }
 
     /// A workload certificate of `identity` expiring at `expires_at`.
@@ -275,6 +284,7 @@ impl Metrics {
             budget_exhausted: Family::default(),
             ejections: Family::default(),
             endpoints: Family::default(),
+            subset_size: Family::default(),
             denials: Family::default(),
             config_reloads: Family::default(),
             handshake_failures: Family::default(),
@@ -333,8 +343,13 @@ impl Metrics {
             );
             r.register(
                 "endpoints",
-                "Endpoints per target by state (ready, ejected, reconnecting, unhealthy)",
+                "Endpoints per target by state (ready, ejected, reconnecting, unhealthy; outside_subset: resolved, not connected)",
                 metrics.endpoints.clone(),
+            );
+            r.register(
+                "subset_size",
+                "Endpoints each subsetting target connects to (its size, more while widened)",
+                metrics.subset_size.clone(),
             );
             r.register(
                 "authorization_denials",
@@ -419,8 +434,10 @@ impl Metrics {
             sources.iter().filter_map(Weak::upgrade).collect()
         };
         m.endpoints.clear();
+        m.subset_size.clear();
         let mut scrape = Scrape {
             endpoints: &m.endpoints,
+            subset_size: &m.subset_size,
             certificates: Vec::new(),
         };
         for source in sources {

@@ -57,8 +57,8 @@ pub struct EchoOptions {
     pub tls_dir: Option<PathBuf>,
     /// The TLS handshake timeout with `tls_dir` (10 s if unset).
     pub handshake_timeout: Option<Duration>,
-    /// Enforce the authorization policy of this mesh config file, followed
-    /// as it changes (`Mesh::from_file`).
+    /// Enforce the authorization policy and the `serverFaults` of this mesh
+    /// config file, followed as it changes (`Mesh::from_file`).
     pub mesh_config: Option<PathBuf>,
     /// Serve the admin port (`/metrics`, ...) on a free port: `Replica::admin`.
     pub admin: bool,
@@ -295,7 +295,7 @@ async fn serve(
         None => None,
     };
     if let Some(mesh) = &policy_mesh {
-        server = server.authorization_from(mesh);
+        server = server.authorization_from(mesh).server_faults_from(mesh);
     }
     if let Some(admin) = admin {
         server = server.admin(admin);
