@@ -353,6 +353,12 @@ pub struct OutlierDetection {
     pub max_ejection_time: Duration,
     /// Most endpoints of a target ejected at once, percent. Default 50.
     pub max_ejection_percent: u32,
+    /// Do not count answers a server marks as its own injected faults
+    /// (`mesh-fault-injected`, from `serverFaults`) against it. Off by
+    /// default: any server can send the header, and a broken one that did
+    /// would never be ejected. Turn on only for targets whose servers are
+    /// this mesh's own and run fault experiments.
+    pub trust_injected_faults: bool,
 }
 
 impl Default for OutlierDetection {
@@ -362,6 +368,7 @@ impl Default for OutlierDetection {
             base_ejection_time: Duration::from_secs(5),
             max_ejection_time: Duration::from_secs(300),
             max_ejection_percent: 50,
+            trust_injected_faults: false,
         }
     }
 }

@@ -247,13 +247,15 @@ async fn a_shadow_that_hangs_or_fails_changes_neither_the_primary_s_answers_nor_
         2 * (50 + 2 * N),
         "every primary call served once"
     );
-    // Beyond noise would be the shadow's 10 s, or a queue behind it.
+    // Beyond noise would be the shadow's 10 s, or a queue behind it; the
+    // margin absorbs a descheduled thread on a busy machine (p99 of 300 is
+    // the third-worst call), far below the hang it guards against.
     assert!(
-        hanging < base_hanging * 4 + Duration::from_millis(25),
+        hanging < base_hanging * 4 + Duration::from_millis(500),
         "p99 {hanging:?} with a hanging shadow, {base_hanging:?} without"
     );
     assert!(
-        failing < base_failing * 4 + Duration::from_millis(25),
+        failing < base_failing * 4 + Duration::from_millis(500),
         "p99 {failing:?} with a failing shadow, {base_failing:?} without"
     );
     assert!(

@@ -745,7 +745,10 @@ async fn server_faults_for_one_caller_leave_other_callers_untouched_and_follow_t
     // aborts charged to the server, it would be after five.
     pki.issue("orders");
     let orders = Mesh::from_config(
-        MeshConfig::from_json(r#"{"outlierDetection":{"maxEjectionPercent":100}}"#).unwrap(),
+        MeshConfig::from_json(
+            r#"{"outlierDetection":{"maxEjectionPercent":100,"trustInjectedFaults":true}}"#,
+        )
+        .unwrap(),
     )
     .unwrap()
     .with_descriptor_set(mesh_fixture::FILE_DESCRIPTOR_SET)

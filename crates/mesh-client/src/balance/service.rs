@@ -276,8 +276,12 @@ where
             };
             if let Some(code) = header_status(&response) {
                 // An abort a server's fault rule made up says nothing of
-                // the endpoint's health (a test of the callers, not of it).
-                if !response.headers().contains_key(crate::fault::FAULT_HEADER) {
+                // the endpoint's health (a test of the callers, not of it),
+                // if the operator trusts this target's servers to say so.
+                let excused = config.outlier_detection.trust_injected_faults
+                    && response.headers().get(crate::fault::FAULT_HEADER)
+                        == Some(&http::HeaderValue::from_static("abort"));
+                if !excused {
                     account(Some(code));
                 }
                 let mut response = response;

@@ -280,6 +280,21 @@ pub(super) fn check_routes(
         }
         if let Some(mirror) = &route.mirror {
             mirror.validate(&at(i, ".mirror"))?;
+            // One level deep, like backends: a shadow that is this target,
+            // or routes (and so may mirror) itself, would build its own
+            // mirror again without end.
+            let routed = targets
+                .get(&mirror.target)
+                .is_some_and(|t| !t.routes.is_empty());
+            if mirror.target == name || routed {
+                return Err(invalid(
+                    &at(i, ".mirror.target"),
+                    &format!(
+                        "{:?} is this target or has routes of its own; a shadow must be a target without routes",
+                        mirror.target
+                    ),
+                ));
+            }
         }
         // First match wins: a route every one of whose matches an earlier
         // route already takes is never reached (a duplicate, or a
@@ -629,6 +644,22 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("one level deep"), "{err}");
+    }
+
+    #[test]
+    fn a_mirror_to_its_own_target_or_a_routed_one_is_refused() {
+        // Either would build its own mirror again without end.
+        for shadow in [INV, CANARY] {
+            let err = MeshConfig::from_json(&format!(
+                r#"{{"targets":{{"{INV}":{{"routes":[{{"name":"a","backendRefs":[{{"target":"{INV}"}}],
+                        "mirror":{{"target":"{shadow}"}}}}]}},
+                     "{CANARY}":{{"routes":[{{"name":"b","backendRefs":[{{"target":"static:///127.0.0.1:9"}}]}}]}},
+                     "static:///127.0.0.1:9":{{}}}}}}"#
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(".mirror.target"), "{shadow}: {err}");
+        }
     }
 
     #[test]
