@@ -57,8 +57,9 @@ pub enum AuthzMode {
 ///       "methods": ["mesh.payments.v1.PaymentsService/GetAccount"] } ] }
 /// ```
 ///
-/// Callers: an exact SPIFFE ID, a prefix ending in `*`, or `*` for any
-/// authenticated caller. Methods: `package.Service/Method`,
+/// Callers: an exact SPIFFE ID, a prefix of whole path segments ending in
+/// `/*` (`spiffe://shop.local/ns/shop/*`), or `*` for any authenticated
+/// caller. Methods: `package.Service/Method`,
 /// `package.Service/*`, or `*`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -80,18 +81,45 @@ pub struct AuthzRule {
     pub methods: Vec<String>,
 }
 
-fn caller_matches(pattern: &str, caller: &str) -> bool {
+/// Whether `value` falls under `pattern`: equal to it, or starting with
+/// the part before a trailing `*`.
+pub(crate) fn pattern_matches(pattern: &str, value: &str) -> bool {
     match pattern.strip_suffix('*') {
-        Some(prefix) => caller.starts_with(prefix),
-        None => pattern == caller,
+        Some(prefix) => value.starts_with(prefix),
+        None => pattern == value,
     }
 }
 
-fn method_matches(pattern: &str, method: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => method.starts_with(prefix),
-        None => pattern == method,
+/// What a caller pattern must be, for error messages.
+pub(crate) const CALLER_PATTERN: &str =
+    "must be a SPIFFE ID, a spiffe:// prefix ending in /* (whole path segments), or *";
+
+/// Whether `pattern` is `*`, an exact SPIFFE ID, or a `spiffe://` prefix
+/// that ends at a path segment (`spiffe://shop.local/ns/shop/*`). A prefix
+/// cut inside a segment says less than it matches: `spiffe://shop.local*`
+/// also matches the trust domain `shop.local.evil`, and `.../sa/orders*`
+/// the account `orders-admin`.
+pub(crate) fn caller_pattern_ok(pattern: &str) -> bool {
+    if pattern == "*" {
+        return true;
     }
+    if let Some(prefix) = pattern.strip_suffix("/*") {
+        // Valid exactly when some workload's ID could sit under it.
+        return format!("{prefix}/x").parse::<SpiffeId>().is_ok();
+    }
+    pattern.parse::<SpiffeId>().is_ok()
+}
+
+/// What a method pattern must be, for error messages.
+pub(crate) const METHOD_PATTERN: &str = "must be package.Service/Method, package.Service/* or *";
+
+/// Whether `pattern` is `*` or `package.Service/Method` (the method part
+/// may end in `*`).
+pub(crate) fn method_pattern_ok(pattern: &str) -> bool {
+    pattern == "*"
+        || pattern.split_once('/').is_some_and(|(service, m)| {
+            !service.is_empty() && !m.is_empty() && !m.contains('/') && !service.starts_with('/')
+        })
 }
 
 impl AuthorizationPolicy {
@@ -115,25 +143,18 @@ impl AuthorizationPolicy {
                 ));
             }
             for (j, caller) in rule.callers.iter().enumerate() {
-                let ok = caller == "*"
-                    || (caller.ends_with('*') && caller.starts_with("spiffe://"))
-                    || caller.parse::<SpiffeId>().is_ok();
-                if !ok {
+                if !caller_pattern_ok(caller) {
                     return Err(bad(
                         format!("authorization.rules[{i}].callers[{j}]"),
-                        "must be a SPIFFE ID, a spiffe:// prefix ending in *, or *",
+                        CALLER_PATTERN,
                     ));
                 }
             }
             for (j, method) in rule.methods.iter().enumerate() {
-                let ok = method == "*"
-                    || method.split_once('/').is_some_and(|(service, m)| {
-                        !service.is_empty() && !m.is_empty() && !m.contains('/')
-                    });
-                if !ok {
+                if !method_pattern_ok(method) {
                     return Err(bad(
                         format!("authorization.rules[{i}].methods[{j}]"),
-                        "must be package.Service/Method, package.Service/* or *",
+                        METHOD_PATTERN,
                     ));
                 }
             }
@@ -148,8 +169,8 @@ impl AuthorizationPolicy {
         }
         let Some(caller) = caller else { return false };
         self.rules.iter().any(|rule| {
-            rule.callers.iter().any(|p| caller_matches(p, caller))
-                && rule.methods.iter().any(|p| method_matches(p, method))
+            rule.callers.iter().any(|p| pattern_matches(p, caller))
+                && rule.methods.iter().any(|p| pattern_matches(p, method))
         })
     }
 }
@@ -180,6 +201,31 @@ mod tests {
         assert!(p.allows(Some("spiffe://shop.local/ns/ops/sa/operator"), "x.Y/Z"));
         assert!(!p.allows(None, "mesh.payments.v1.PaymentsService/GetAccount"));
         assert!(p.allows(None, "grpc.health.v1.Health/Check"));
+    }
+
+    #[test]
+    fn a_caller_prefix_must_end_at_a_path_segment() {
+        for bad in [
+            "spiffe://shop.local*",
+            "spiffe://shop.local/ns/shop/sa/orders*",
+            "spiffe://*",
+            "spiffe:///*",
+            "spiffe://shop.local/*/sa/*",
+            "spiffe://shop.local//*",
+        ] {
+            let json = format!(r#"{{"rules":[{{"callers":["{bad}"],"methods":["*"]}}]}}"#);
+            let p: AuthorizationPolicy = serde_json::from_str(&json).unwrap();
+            let err = p.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("rules[0].callers[0]") && err.contains("/*"),
+                "{bad}: {err}"
+            );
+        }
+        let p =
+            policy(r#"{"rules":[{"callers":["spiffe://shop.local/ns/shop/*"],"methods":["*"]}]}"#);
+        assert!(p.allows(Some("spiffe://shop.local/ns/shop/sa/orders"), "p.S/M"));
+        assert!(!p.allows(Some("spiffe://shop.local/ns/shop-evil/sa/x"), "p.S/M"));
+        assert!(!p.allows(Some("spiffe://shop.local.evil/ns/shop/sa/x"), "p.S/M"));
     }
 
     #[test]

@@ -24,7 +24,13 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use tonic::Code;
 
-use crate::{config::text::duration_str, error::MeshError};
+use crate::{
+    authz::{
+        CALLER_PATTERN, METHOD_PATTERN, caller_pattern_ok, method_pattern_ok, pattern_matches,
+    },
+    config::text::duration_str,
+    error::MeshError,
+};
 
 /// Response header on an answer the mesh made up (value `abort`), so a
 /// layer or a peer can tell an injected failure from a real one: a client
@@ -153,8 +159,8 @@ pub struct ServerFaultRule {
     /// Names the rule in logs and in `mesh_server_faults_injected_total`;
     /// 1 to 64 of `a-z`, `0-9`, `-`, `_`, `.`, unique.
     pub name: String,
-    /// Caller patterns: an exact SPIFFE ID, a `spiffe://` prefix ending in
-    /// `*`, or `*` for any authenticated caller. Omitted or empty: every
+    /// Caller patterns: an exact SPIFFE ID, a `spiffe://` prefix of whole
+    /// path segments ending in `/*`, or `*` for any authenticated caller. Omitted or empty: every
     /// caller, unauthenticated ones (plaintext) included.
     #[serde(default)]
     pub callers: Vec<String>,
@@ -172,13 +178,6 @@ pub struct ServerFaultRule {
 
 /// The longest rule name (a metric label value).
 const MAX_RULE_NAME: usize = 64;
-
-fn pattern_matches(pattern: &str, value: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => value.starts_with(prefix),
-        None => pattern == value,
-    }
-}
 
 impl ServerFaultRule {
     /// The rule's fault, as the client routes write it.
@@ -232,28 +231,18 @@ pub(crate) fn check_server_faults(rules: &[ServerFaultRule]) -> Result<(), MeshE
             ));
         }
         for (j, caller) in rule.callers.iter().enumerate() {
-            let ok = caller == "*"
-                || (caller.ends_with('*') && caller.starts_with("spiffe://"))
-                || caller.parse::<crate::tls::identity::SpiffeId>().is_ok();
-            if !ok {
+            if !caller_pattern_ok(caller) {
                 return Err(bad(
                     format!("{at}.callers[{j}]"),
-                    format!("{caller:?} must be a SPIFFE ID, a spiffe:// prefix ending in *, or *"),
+                    format!("{caller:?} {CALLER_PATTERN}"),
                 ));
             }
         }
         for (j, method) in rule.methods.iter().enumerate() {
-            let ok = method == "*"
-                || method.split_once('/').is_some_and(|(service, m)| {
-                    !service.is_empty()
-                        && !m.is_empty()
-                        && !m.contains('/')
-                        && !service.starts_with('/')
-                });
-            if !ok {
+            if !method_pattern_ok(method) {
                 return Err(bad(
                     format!("{at}.methods[{j}]"),
-                    format!("{method:?} must be package.Service/Method, package.Service/* or *"),
+                    format!("{method:?} {METHOD_PATTERN}"),
                 ));
             }
         }
