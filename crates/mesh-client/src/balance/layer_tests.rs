@@ -36,11 +36,7 @@ async fn set_of(n: u16, metrics: &Metrics) -> Arc<EndpointSet> {
     set.clone()
         .follow(
             rx,
-            std::sync::Arc::new(|addr| {
-                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    .unwrap()
-                    .connect_lazy()
-            }),
+            std::sync::Arc::new(crate::endpoint::ClientConn::tcp_for_tests),
             false,
         )
         .await;
