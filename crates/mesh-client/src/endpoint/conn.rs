@@ -388,6 +388,18 @@ impl Future for ResponseFuture {
     }
 }
 
+/// Whether an error of a call sent on a connection proves the server never
+/// processed the request, so even a non-idempotent call may go again: the
+/// server refused the stream (`REFUSED_STREAM`), its GOAWAY named a lower
+/// stream (RFC 9113 section 6.8: those streams were not processed), or
+/// hyper never wrote the request (its connection had closed: "canceled").
+/// A failed dial is told apart by its [`tonic::ConnectError`].
+pub(crate) fn never_processed(err: &(dyn std::error::Error + 'static)) -> bool {
+    crate::caused_by::<h2::Error>(err).is_some_and(|h2| {
+        h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote())
+    }) || crate::caused_by::<hyper::Error>(err).is_some_and(hyper::Error::is_canceled)
+}
+
 /// The URI authority of a socket address.
 pub(crate) fn authority_of(addr: SocketAddr) -> Authority {
     Authority::try_from(addr.to_string()).expect("a socket address is a valid URI authority")
@@ -439,6 +451,7 @@ mod tests {
     use hyper_util::rt::TokioIo;
     use tokio::{
         io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf},
+        sync::Notify,
         time::Instant,
     };
 
@@ -457,6 +470,12 @@ mod tests {
         /// A server that goes silent (reads and answers nothing, socket
         /// open) once the flag is set.
         Freezes(Arc<AtomicBool>),
+        /// A server that drains when told: GOAWAY, then the calls it has
+        /// finish, then it closes.
+        Drains(Arc<Notify>),
+        /// A server that answers the first request with a GOAWAY naming
+        /// no stream: the request provably was not processed.
+        GoesAway,
     }
 
     #[derive(Default)]
@@ -465,6 +484,12 @@ mod tests {
         dials: AtomicUsize,
         servers: Mutex<Vec<tokio::task::AbortHandle>>,
         held: Mutex<Vec<DuplexStream>>,
+        /// `/test.Echo/Slow` calls: each says it arrived, then waits for
+        /// a release.
+        arrived: Arc<Notify>,
+        release: Arc<Notify>,
+        /// Server connections that ended.
+        closed: Arc<AtomicUsize>,
     }
 
     impl Bed {
@@ -491,31 +516,66 @@ mod tests {
                 .unwrap()
                 .pop_front()
                 .expect("a planned dial");
-            let frozen = match peer {
+            let (frozen, drain) = match peer {
                 Peer::Refuses => return Err(io::ErrorKind::ConnectionRefused.into()),
                 Peer::NeverReads => {
                     let (client, server) = tokio::io::duplex(8);
                     self.held.lock().unwrap().push(server);
                     return Ok(TokioIo::new(Frozen::new(client, Arc::default())));
                 }
-                Peer::Serves => Arc::default(),
-                Peer::Freezes(flag) => flag,
+                Peer::GoesAway => {
+                    let (client, server) = tokio::io::duplex(64 * 1024);
+                    let task = tokio::spawn(go_away_after_first_request(server));
+                    self.servers.lock().unwrap().push(task.abort_handle());
+                    return Ok(TokioIo::new(Frozen::new(client, Arc::default())));
+                }
+                Peer::Serves => (Arc::default(), None),
+                Peer::Freezes(flag) => (flag, None),
+                Peer::Drains(drain) => (Arc::default(), Some(drain)),
             };
             let (client, server) = tokio::io::duplex(64 * 1024);
             let server = Frozen::new(server, frozen);
+            let (arrived, release, closed) = (
+                self.arrived.clone(),
+                self.release.clone(),
+                self.closed.clone(),
+            );
             let task = tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(
-                        http::Response::builder()
-                            .header("content-type", "application/grpc")
-                            .header("grpc-status", "0")
-                            .body(http_body_util::Empty::<Bytes>::new())
-                            .unwrap(),
-                    )
+                let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                    let slow = req.uri().path() == "/test.Echo/Slow";
+                    let (arrived, release) = (arrived.clone(), release.clone());
+                    async move {
+                        if slow {
+                            arrived.notify_one();
+                            release.notified().await;
+                        }
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .header("grpc-status", "0")
+                                .body(http_body_util::Empty::<Bytes>::new())
+                                .unwrap(),
+                        )
+                    }
                 });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(server), service)
-                    .await;
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(server), service);
+                let mut conn = std::pin::pin!(conn);
+                match drain {
+                    None => {
+                        let _ = conn.await;
+                    }
+                    Some(drain) => {
+                        tokio::select! {
+                            _ = conn.as_mut() => {}
+                            _ = drain.notified() => {
+                                conn.as_mut().graceful_shutdown();
+                                let _ = conn.await;
+                            }
+                        }
+                    }
+                }
+                closed.fetch_add(1, Ordering::SeqCst);
             });
             self.servers.lock().unwrap().push(task.abort_handle());
             Ok(TokioIo::new(Frozen::new(client, Arc::default())))
@@ -527,6 +587,34 @@ mod tests {
                 server.abort();
             }
         }
+    }
+
+    /// A server of raw HTTP/2 frames: reads the client's preface and
+    /// frames up to its first HEADERS, then sends SETTINGS and a GOAWAY
+    /// whose last stream is 0 (RFC 9113 6.8: stream 1 was not processed),
+    /// and holds the socket open.
+    async fn go_away_after_first_request(mut io: DuplexStream) -> io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut preface = [0u8; 24];
+        io.read_exact(&mut preface).await?;
+        loop {
+            let mut head = [0u8; 9];
+            io.read_exact(&mut head).await?;
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0; len];
+            io.read_exact(&mut payload).await?;
+            const HEADERS: u8 = 0x1;
+            if head[3] == HEADERS {
+                break;
+            }
+        }
+        const SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+        // Length 8, type GOAWAY, stream 0; last stream 0, NO_ERROR.
+        const GOAWAY: [u8; 17] = [0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        io.write_all(&SETTINGS).await?;
+        io.write_all(&GOAWAY).await?;
+        io.flush().await?;
+        std::future::pending().await
     }
 
     /// An in-memory socket that stops reading once its flag is set.
@@ -581,6 +669,12 @@ mod tests {
             .header("content-type", "application/grpc")
             .body(Body::empty())
             .unwrap()
+    }
+
+    fn slow_request() -> http::Request<Body> {
+        let mut req = request();
+        *req.uri_mut() = Uri::from_static("/test.Echo/Slow");
+        req
     }
 
     /// Lets the connection tasks run until `conn` is in `want` (bounded).
@@ -711,5 +805,87 @@ mod tests {
         conn.call(request()).await.unwrap();
         assert_eq!(conn.state(), ConnState::Ready);
         assert_eq!(bed.dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_goaway_sends_new_calls_to_a_new_connection_while_old_ones_finish() {
+        let drain = Arc::new(Notify::new());
+        let bed = Bed::new([Peer::Drains(drain.clone()), Peer::Serves]);
+        let conn = bed.conn(&EndpointConfig::default());
+        conn.call(request()).await.unwrap();
+
+        // A call in progress on the first connection when its server drains.
+        let slow = tokio::spawn(conn.call(slow_request()));
+        bed.arrived.notified().await;
+        drain.notify_one();
+        // Let the GOAWAY reach the client (virtual time: every task idles).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(bed.closed.load(Ordering::SeqCst), 0, "the drain waits");
+
+        // A new call goes on a new connection: hyper hands back the request
+        // it could not send on the GOAWAY'd one, and it is sent again.
+        let response = conn.call(request()).await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "0");
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 2);
+        assert_eq!(conn.state(), ConnState::Ready);
+        assert!(!slow.is_finished(), "the old call still runs");
+
+        // The old call finishes on the old connection, which then closes.
+        bed.release.notify_one();
+        let old = slow.await.unwrap().unwrap();
+        assert_eq!(old.headers()["grpc-status"], "0");
+        for _ in 0..100 {
+            if bed.closed.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            bed.closed.load(Ordering::SeqCst),
+            1,
+            "the drained server closed"
+        );
+        // New calls stay on the new connection.
+        conn.call(request()).await.unwrap();
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_a_goaway_leaves_unprocessed_fails_as_never_processed() {
+        let bed = Bed::new([Peer::GoesAway, Peer::Serves]);
+        let conn = bed.conn(&EndpointConfig::default());
+        let err = conn.call(request()).await.unwrap_err();
+        // hyper had written the request, so it is not sent again here; the
+        // GOAWAY says the server never processed it.
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 1);
+        assert!(!is_connect_error(&err), "{err}");
+        let h2 = crate::caused_by::<h2::Error>(&*err).expect("an h2 error");
+        assert!(h2.is_go_away() && h2.is_remote(), "{h2:?}");
+        assert!(never_processed(&*err), "{err}");
+        settle(&conn, ConnState::Closed).await;
+        conn.call(request()).await.unwrap();
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dial_whose_caller_gave_up_still_becomes_the_connection() {
+        let bed = Bed::new([Peer::Serves]);
+        let conn = bed.conn(&EndpointConfig::default());
+        // The call is dropped at once (its deadline passed, say).
+        drop(conn.call(request()));
+        assert_eq!(conn.state(), ConnState::Connecting);
+        settle(&conn, ConnState::Ready).await;
+        conn.call(request()).await.unwrap();
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 1, "no second dial");
+    }
+
+    #[test]
+    fn what_proves_a_request_unprocessed() {
+        let refused: BoxError = Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM));
+        assert!(never_processed(&*refused));
+        let cancelled: BoxError = Box::new(h2::Error::from(h2::Reason::CANCEL));
+        assert!(!never_processed(&*cancelled));
+        let io: BoxError = Box::new(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert!(!never_processed(&*io));
     }
 }

@@ -27,7 +27,7 @@ use tonic::{Code, body::Body};
 use tower::Service;
 
 pub(crate) use crate::body::{ObservedBody, header_status};
-pub(crate) use conn::{ClientConn, authority_of};
+pub(crate) use conn::{ClientConn, authority_of, never_processed};
 pub(crate) use health::watch_health;
 
 use crate::config::{EndpointConfig, OutlierDetection};
@@ -461,6 +461,44 @@ mod tests {
     fn endpoint() -> Endpoint {
         let addr = "127.0.0.1:1".parse().unwrap();
         Endpoint::new(addr, ClientConn::tcp_for_tests(addr))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lazy_endpoint_makes_its_connection_on_first_use_and_dials_on_first_call() {
+        let made = Arc::new(AtomicU32::new(0));
+        let connect: Connect = {
+            let made = made.clone();
+            Arc::new(move |addr| {
+                made.fetch_add(1, Ordering::SeqCst);
+                ClientConn::unconnectable(addr, "not dialled in this test")
+            })
+        };
+        let ep = Arc::new(Endpoint::lazy("127.0.0.1:1".parse().unwrap(), connect));
+        // Picking, accounting and diagnostics make no connection.
+        let now = Instant::now();
+        assert!(ep.is_eligible(now));
+        let _ = (ep.load(now), ep.snapshot(), ep.start());
+        ep.record_failure(now, &OutlierDetection::default(), false);
+        ep.record_connect_failure(now, &EndpointConfig::default(), String::new());
+        assert_eq!(made.load(Ordering::SeqCst), 0);
+        // The first use makes it once; it has not dialled yet.
+        assert_eq!(ep.conn().state(), conn::ConnState::Idle);
+        let _ = ep.conn();
+        assert_eq!(made.load(Ordering::SeqCst), 1);
+        // A call dials, and a failed dial is a connect error.
+        let err = ep
+            .conn()
+            .call(http::Request::new(Body::empty()))
+            .await
+            .unwrap_err();
+        assert!(
+            crate::caused_by::<tonic::ConnectError>(&*err).is_some(),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("not dialled in this test"),
+            "{err}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
