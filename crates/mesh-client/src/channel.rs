@@ -7,10 +7,7 @@ use std::{
 };
 
 use tokio::sync::Notify;
-use tonic::{
-    body::Body,
-    transport::{Channel, Endpoint},
-};
+use tonic::body::Body;
 use tower::{Service, ServiceBuilder, util::BoxCloneSyncService};
 
 use crate::{
@@ -20,7 +17,7 @@ use crate::{
     body::BodyDeadlineLayer,
     config::{ConfigHandle, EndpointConfig, MeshConfig},
     deadline::{CallDeadline, DeadlineLayer},
-    endpoint::{Connection, EndpointState},
+    endpoint::{ClientConn, Connection, EndpointState, authority_of},
     error::MeshError,
     fault::layer::FaultLayer,
     methods::MethodTable,
@@ -384,7 +381,7 @@ impl Mesh {
         }
         tokio::spawn(
             set.clone()
-                .follow(changes, Arc::new(|_| unreachable_channel()), false),
+                .follow(changes, Arc::new(unreachable_conn), false),
         );
         // The simulator models one target: routes to other backends are
         // not modelled, so their sets cannot be made.
@@ -411,10 +408,10 @@ impl Mesh {
 pub type ModelEndpoints =
     BoxCloneSyncService<(SocketAddr, http::Request<Body>), http::Response<Body>, BoxError>;
 
-/// Modelled endpoints are never connected to; a channel to nowhere keeps
-/// the type (and is never made: the model sends no request on it).
-fn unreachable_channel() -> Channel {
-    Endpoint::from_static("http://127.0.0.1:9").connect_lazy()
+/// Modelled endpoints are never connected to; a connection that cannot be
+/// made keeps the type (and is never made: the model sends no request on it).
+fn unreachable_conn(addr: SocketAddr) -> ClientConn {
+    ClientConn::unconnectable(addr, "a modelled endpoint is never connected to")
 }
 
 /// The innermost service of a model channel: the attempt to the modelled
@@ -548,24 +545,22 @@ fn check_reload(current: &MeshConfig, text: &str) -> Result<MeshConfig, MeshErro
 }
 
 /// One HTTP/2 connection to `addr`, made on first use (over mTLS when the
-/// mesh has an identity).
+/// mesh has an identity), driven by hyper's client with no buffer task.
 fn connect_lazy(
     addr: SocketAddr,
     settings: &EndpointConfig,
     tls: Option<Arc<MeshTls>>,
     expected: Option<SpiffeId>,
-) -> Channel {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .expect("a socket address is a valid URI authority")
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(settings.keepalive_interval)
-        .keep_alive_timeout(settings.keepalive_timeout)
-        .keep_alive_while_idle(true);
-    endpoint.connect_with_connector_lazy(Connector {
+) -> ClientConn {
+    let connector = Connector {
         addr,
         tls,
         expected,
         connect_timeout: settings.connect_timeout,
+    };
+    // The connector dials its own address; the URI is not read.
+    ClientConn::new(authority_of(addr), settings, move || {
+        connector.clone().call(http::Uri::default())
     })
 }
 

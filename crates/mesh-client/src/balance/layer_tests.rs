@@ -36,11 +36,7 @@ async fn set_of(n: u16, metrics: &Metrics) -> Arc<EndpointSet> {
     set.clone()
         .follow(
             rx,
-            std::sync::Arc::new(|addr| {
-                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    .unwrap()
-                    .connect_lazy()
-            }),
+            std::sync::Arc::new(crate::endpoint::ClientConn::tcp_for_tests),
             false,
         )
         .await;
@@ -225,4 +221,48 @@ async fn a_target_that_never_resolves_fails_after_the_first_resolution_wait() {
     assert_eq!(start.elapsed(), super::service::FIRST_RESOLUTION_WAIT);
     let next = tokio::time::timeout(Duration::from_secs(1), handle.next_request()).await;
     assert!(next.is_err(), "nothing sent");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_dial_of_the_real_connection_backs_the_endpoint_off_and_counts_as_never_sent() {
+    // The endpoint's own connection (not a mock) whose dial fails: the
+    // error it makes must read as a connect failure to the balancer.
+    let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Change::Insert(addr(1), ())).await.unwrap();
+    drop(tx);
+    set.clone()
+        .follow(
+            rx,
+            Arc::new(|addr| crate::endpoint::ClientConn::unconnectable(addr, "dial refused")),
+            false,
+        )
+        .await;
+    let config = ConfigHandle::new(MeshConfig::default()).unwrap();
+    let svc = BalanceLayer::new(set.clone(), config).layer(crate::endpoint::Connection);
+    match svc.clone().oneshot(request()).await {
+        Err(CallError::Transport {
+            addr: at,
+            never_sent,
+            source,
+        }) => {
+            assert_eq!(at, addr(1));
+            assert!(never_sent, "a failed dial sent nothing");
+            assert!(source.to_string().contains("dial refused"), "{source}");
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let endpoint = set.snapshot()[0].clone();
+    assert!(endpoint.is_reconnecting(Instant::now()), "backing off");
+    // While it backs off, calls fail at once, saying why.
+    match svc.oneshot(request()).await {
+        Err(CallError::NoEndpoint(NoEndpoint::AllUnavailable { total, last_error })) => {
+            assert_eq!(total, 1);
+            assert!(
+                last_error.is_some_and(|e| e.contains("dial refused")),
+                "the dial's error is reported"
+            );
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
 }

@@ -581,11 +581,7 @@ mod tests {
         set.clone()
             .follow(
                 rx,
-                Arc::new(|addr| {
-                    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                        .unwrap()
-                        .connect_lazy()
-                }),
+                Arc::new(crate::endpoint::ClientConn::tcp_for_tests),
                 false,
             )
             .await;
@@ -824,11 +820,7 @@ mod tests {
         }
         tokio::spawn(set.clone().follow(
             rx,
-            Arc::new(|addr| {
-                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    .unwrap()
-                    .connect_lazy()
-            }),
+            Arc::new(crate::endpoint::ClientConn::tcp_for_tests),
             false,
         ));
         for _ in 0..100 {

@@ -17,7 +17,7 @@ use super::{EndpointSet, NoEndpoint};
 use crate::{
     BoxError,
     config::ConfigHandle,
-    endpoint::{ObservedBody, SendTo, header_status, is_endpoint_failure},
+    endpoint::{ObservedBody, SendTo, header_status, is_endpoint_failure, never_processed},
 };
 
 /// How long a call waits for a target's first resolution.
@@ -123,12 +123,11 @@ pub(crate) fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
     crate::caused_by::<tonic::TimeoutExpired>(err).is_some()
 }
 
-/// Whether a transport error proves the request never reached the server.
+/// Whether a transport error proves the request never reached the server
+/// (or never was processed there): a failed connect, a refused stream, a
+/// stream above a GOAWAY's last, a request its closed connection never wrote.
 fn never_sent(err: &(dyn std::error::Error + 'static)) -> bool {
-    is_connect_error(err)
-        || crate::caused_by::<h2::Error>(err).is_some_and(|h2| h2.reason() == Some(h2::Reason::REFUSED_STREAM))
-        // hyper cancels requests still queued when their connection closes.
-        || crate::caused_by::<hyper::Error>(err).is_some_and(hyper::Error::is_canceled)
+    is_connect_error(err) || never_processed(err)
 }
 
 /// An error and its sources, as one line.

@@ -19,10 +19,11 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 pub(crate) async fn watch_health(endpoint: Weak<Endpoint>) {
     let mut backoff = RETRY_START;
     loop {
-        let Some(channel) = endpoint.upgrade().map(|e| e.channel()) else {
+        // The endpoint's own connection: the watch dials it if no call has.
+        let Some(conn) = endpoint.upgrade().map(|e| e.conn().clone()) else {
             return;
         };
-        let mut client = HealthClient::new(channel);
+        let mut client = HealthClient::new(conn);
         match client
             .watch(HealthCheckRequest {
                 service: String::new(),

@@ -9,6 +9,7 @@
 //! because that type owns its service and needs `&mut` for every call, while
 //! an endpoint is shared by concurrent calls.
 
+mod conn;
 mod health;
 
 use std::{
@@ -20,12 +21,13 @@ use std::{
     time::Duration,
 };
 
-use futures::future::BoxFuture;
+use futures::future::Either;
 use tokio::time::Instant;
-use tonic::{Code, body::Body, transport::Channel};
-use tower::{Service, ServiceExt};
+use tonic::{Code, body::Body};
+use tower::Service;
 
 pub(crate) use crate::body::{ObservedBody, header_status};
+pub(crate) use conn::{ClientConn, authority_of, never_processed};
 pub(crate) use health::watch_health;
 
 use crate::config::{EndpointConfig, OutlierDetection};
@@ -48,15 +50,17 @@ const HEALTH_UNKNOWN: u8 = 0;
 const HEALTH_SERVING: u8 = 1;
 const HEALTH_NOT_SERVING: u8 = 2;
 
-/// Makes an endpoint's channel (its connection, made on first use).
-pub(crate) type Connect = Arc<dyn Fn(SocketAddr) -> Channel + Send + Sync>;
+/// Makes an endpoint's connection (dialled on its first call or health
+/// watch, not when it is made).
+pub(crate) type Connect = Arc<dyn Fn(SocketAddr) -> ClientConn + Send + Sync>;
 
 /// One address of a target.
 pub(crate) struct Endpoint {
     pub(crate) addr: SocketAddr,
-    /// Made on first use, so an endpoint never called costs no channel
-    /// (a tonic channel is a task and a buffer: kilobytes at 10,000).
-    channel: std::sync::OnceLock<Channel>,
+    /// Made on first use, so an endpoint never called costs no connection
+    /// state at all (8 bytes here until then: 10,000 idle endpoints stay
+    /// small); the connection itself is dialled on its first call.
+    conn: std::sync::OnceLock<ClientConn>,
     connect: Option<Connect>,
     in_flight: AtomicU32,
     health: AtomicU8,
@@ -104,34 +108,33 @@ pub(crate) fn is_endpoint_failure(code: Code) -> bool {
 
 impl Endpoint {
     #[cfg(test)]
-    pub(crate) fn new(addr: SocketAddr, channel: Channel) -> Self {
+    pub(crate) fn new(addr: SocketAddr, conn: ClientConn) -> Self {
         let endpoint = Self::make(addr, None);
-        let _ = endpoint.channel.set(channel);
+        let _ = endpoint.conn.set(conn);
         endpoint
     }
 
-    /// An endpoint whose channel `connect` makes when it is first used.
+    /// An endpoint whose connection `connect` makes when it is first used.
     pub(crate) fn lazy(addr: SocketAddr, connect: Connect) -> Self {
         Self::make(addr, Some(connect))
     }
 
-    /// The endpoint's channel, made now if it was not yet.
-    pub(crate) fn channel(&self) -> Channel {
-        self.channel
-            .get_or_init(|| {
-                (self
-                    .connect
-                    .as_ref()
-                    .expect("a lazy endpoint has a connector"))(self.addr)
-            })
-            .clone()
+    /// The endpoint's connection, made now if it was not yet (it dials on
+    /// its first call).
+    pub(crate) fn conn(&self) -> &ClientConn {
+        self.conn.get_or_init(|| {
+            (self
+                .connect
+                .as_ref()
+                .expect("a lazy endpoint has a connector"))(self.addr)
+        })
     }
 
     fn make(addr: SocketAddr, connect: Option<Connect>) -> Self {
         let now = Instant::now();
         Self {
             addr,
-            channel: std::sync::OnceLock::new(),
+            conn: std::sync::OnceLock::new(),
             connect,
             in_flight: AtomicU32::new(0),
             health: AtomicU8::new(HEALTH_UNKNOWN),
@@ -364,24 +367,25 @@ pub(crate) struct Connection;
 impl Service<http::Request<Body>> for Connection {
     type Response = http::Response<Body>;
     type Error = crate::BoxError;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+    type Future =
+        Either<futures::future::Ready<Result<Self::Response, Self::Error>>, conn::ResponseFuture>;
 
     fn poll_ready(
         &mut self,
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
-        // Each endpoint's connection is made ready per call.
+        // Each endpoint's connection is judged per call: the balancer has
+        // picked a fit endpoint, and its connection dials if it has none.
         std::task::Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         let Some(SendTo(endpoint)) = req.extensions_mut().remove::<SendTo>() else {
-            return Box::pin(futures::future::ready(Err(
+            return Either::Left(futures::future::ready(Err(
                 "no endpoint chosen for the request (the balancer sets one)".into(),
             )));
         };
-        let channel = endpoint.channel();
-        Box::pin(async move { Ok(channel.oneshot(req).await?) })
+        Either::Right(endpoint.conn().call(req))
     }
 }
 
@@ -455,8 +459,46 @@ mod tests {
     use super::*;
 
     fn endpoint() -> Endpoint {
-        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
-        Endpoint::new("127.0.0.1:1".parse().unwrap(), channel)
+        let addr = "127.0.0.1:1".parse().unwrap();
+        Endpoint::new(addr, ClientConn::tcp_for_tests(addr))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lazy_endpoint_makes_its_connection_on_first_use_and_dials_on_first_call() {
+        let made = Arc::new(AtomicU32::new(0));
+        let connect: Connect = {
+            let made = made.clone();
+            Arc::new(move |addr| {
+                made.fetch_add(1, Ordering::SeqCst);
+                ClientConn::unconnectable(addr, "not dialled in this test")
+            })
+        };
+        let ep = Arc::new(Endpoint::lazy("127.0.0.1:1".parse().unwrap(), connect));
+        // Picking, accounting and diagnostics make no connection.
+        let now = Instant::now();
+        assert!(ep.is_eligible(now));
+        let _ = (ep.load(now), ep.snapshot(), ep.start());
+        ep.record_failure(now, &OutlierDetection::default(), false);
+        ep.record_connect_failure(now, &EndpointConfig::default(), String::new());
+        assert_eq!(made.load(Ordering::SeqCst), 0);
+        // The first use makes it once; it has not dialled yet.
+        assert_eq!(ep.conn().state(), conn::ConnState::Idle);
+        let _ = ep.conn();
+        assert_eq!(made.load(Ordering::SeqCst), 1);
+        // A call dials, and a failed dial is a connect error.
+        let err = ep
+            .conn()
+            .call(http::Request::new(Body::empty()))
+            .await
+            .unwrap_err();
+        assert!(
+            crate::caused_by::<tonic::ConnectError>(&*err).is_some(),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("not dialled in this test"),
+            "{err}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,0 +1,891 @@
+//! An endpoint's HTTP/2 connection, driven by hyper's client directly.
+//!
+//! tonic's `Channel` puts a `tower::Buffer` in front of hyper: every call
+//! is a hop over an mpsc queue to a worker task and a oneshot back, and the
+//! worker serialises `poll_ready`/`call` for all callers. The balancer
+//! already decides which endpoint is fit for a call, so that queue buys the
+//! mesh nothing. Here a call takes the connection's lock only to hand its
+//! request to hyper's [`SendRequest`] (which queues it straight to the
+//! connection's own task) and then waits on hyper's response future.
+//!
+//! States: `Idle` (no connection yet, or the last dial failed),
+//! `Connecting` (one dial in progress, shared by every call that arrives
+//! meanwhile), `Ready` (a live [`SendRequest`]). A `Ready` connection whose
+//! hyper side has closed (EOF, keepalive timeout, I/O error, or a GOAWAY
+//! noticed) is found closed by the next call, which dials again; calls
+//! already on the old connection finish there (a GOAWAY lets the streams it
+//! names complete). Nothing is dialled before the first call or health
+//! watch, and an idle connection holds no task.
+//!
+//! Failures map as a tonic `Channel`'s did, so the balancer and the retry
+//! layer classify them unchanged: a failed dial fails its calls with a
+//! [`tonic::ConnectError`] (the balancer's cue for the endpoint's reconnect
+//! backoff, the retry layer's "never sent"); a stream the server refused
+//! is hyper's error over `h2`'s `REFUSED_STREAM`; a request hyper never
+//! wrote because its connection had closed is hyper's "canceled". That last
+//! one is first sent again, once, on a new connection: hyper hands the
+//! request back, so it provably never left (a request racing a drain's
+//! GOAWAY then costs no retry and charges the endpoint nothing).
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex, Weak},
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Shared},
+};
+use http::{HeaderValue, Uri, uri::Authority};
+use hyper::client::conn::{
+    TrySendError,
+    http2::{Builder, SendRequest},
+};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tonic::body::Body;
+
+use crate::{BoxError, config::EndpointConfig};
+
+/// HTTP/2 connection flow-control window we advertise (hyper's default,
+/// which tonic's `Channel` used): large enough for a burst of concurrent
+/// responses without waiting for WINDOW_UPDATE on loopback or a LAN.
+pub(crate) const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// Per-stream flow-control window we advertise (hyper's default).
+pub(crate) const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// Largest frame payload we accept (the HTTP/2 minimum, hyper's default).
+pub(crate) const MAX_FRAME_SIZE: u32 = 16 * 1024;
+/// Largest response header list we accept, in HPACK-decoded bytes
+/// (hyper's default): a server sending more gets the stream reset.
+pub(crate) const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Streams opened before the server's SETTINGS say how many it allows
+/// (the RFC's recommended minimum, hyper's default); after that the
+/// server's `SETTINGS_MAX_CONCURRENT_STREAMS` bounds us, and h2 queues
+/// calls beyond it until a stream closes.
+pub(crate) const INITIAL_MAX_SEND_STREAMS: usize = 100;
+/// Request bytes buffered per stream before the sender waits (hyper's default).
+pub(crate) const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Streams the server may make us reset for its protocol errors before we
+/// close the connection (hyper's default flood guard).
+pub(crate) const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// The `user-agent` of calls that set none.
+const USER_AGENT: &str = concat!("mesh-client/", env!("CARGO_PKG_VERSION"));
+
+/// One dial: a connected, handshaken HTTP/2 sender whose connection task
+/// is already running.
+type Dial = Box<dyn Fn() -> BoxFuture<'static, Result<SendRequest<Body>, BoxError>> + Send + Sync>;
+
+/// One dial in progress, awaited by every call that needs it.
+type Attempt = Shared<BoxFuture<'static, Result<SendRequest<Body>, DialError>>>;
+
+/// hyper's response future on a live connection; gives the request back
+/// if hyper never wrote it.
+type Sent = Pin<
+    Box<
+        dyn Future<Output = Result<http::Response<hyper::body::Incoming>, TrySendError<Request>>>
+            + Send,
+    >,
+>;
+
+type Request = http::Request<Body>;
+
+/// Where a connection is, for tests and diagnostics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConnState {
+    /// No connection: never dialled, or the last dial failed.
+    Idle,
+    /// A dial is in progress.
+    Connecting,
+    /// Connected; new calls go on this connection.
+    Ready,
+    /// The connection closed (EOF, keepalive timeout, GOAWAY); the next
+    /// call dials again.
+    Closed,
+}
+
+enum State {
+    Idle,
+    Connecting(Attempt),
+    Ready(SendRequest<Body>),
+}
+
+struct Inner {
+    state: Mutex<State>,
+    dial: Dial,
+    connect_timeout: Duration,
+    authority: Authority,
+}
+
+/// One HTTP/2 connection to one address, (re)made on demand.
+#[derive(Clone)]
+pub(crate) struct ClientConn {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ClientConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConn")
+            .field("authority", &self.inner.authority)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+/// The HTTP/2 settings of every client connection: the keepalive of
+/// `settings` and the explicit limits above.
+pub(crate) fn http2_builder(settings: &EndpointConfig) -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        // A connection with no call in flight still carries the health
+        // watch; a dead peer must be found without waiting for a call.
+        .keep_alive_while_idle(true)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
+        .max_send_buf_size(MAX_SEND_BUFFER)
+        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS);
+    builder
+}
+
+impl ClientConn {
+    /// A connection to `authority` that dials with `connect` (TCP, and
+    /// TLS when the mesh has an identity) and then shakes hands with the
+    /// HTTP/2 settings of [`http2_builder`]. The connect timeout of
+    /// `settings` bounds the dial and the handshake together. Nothing is
+    /// dialled until the first call.
+    pub(crate) fn new<F, Fut, T>(
+        authority: Authority,
+        settings: &EndpointConfig,
+        connect: F,
+    ) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = io::Result<T>> + Send + 'static,
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let builder = http2_builder(settings);
+        let dial: Dial = Box::new(move || {
+            let io = connect();
+            let builder = builder.clone();
+            Box::pin(async move {
+                let io = io.await?;
+                let (send, conn) = builder.handshake::<_, Body>(io).await?;
+                // hyper's request dispatcher; the HTTP/2 connection itself
+                // runs on a task hyper spawns. Both end when the connection
+                // does (or when every sender and call is gone).
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("HTTP/2 client connection ended: {e}");
+                    }
+                });
+                Ok(send)
+            })
+        });
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::Idle),
+                dial,
+                connect_timeout: settings.connect_timeout,
+                authority,
+            }),
+        }
+    }
+
+    /// A connection that can never be made (`why` says so to its calls):
+    /// for endpoints that are only modelled and never called.
+    pub(crate) fn unconnectable(addr: SocketAddr, why: &'static str) -> Self {
+        Self::new(
+            authority_of(addr),
+            &EndpointConfig::default(),
+            move || async move {
+                Err::<hyper_util::rt::TokioIo<tokio::net::TcpStream>, _>(io::Error::other(why))
+            },
+        )
+    }
+
+    /// Where the connection is now.
+    pub(crate) fn state(&self) -> ConnState {
+        match &*self.inner.lock() {
+            State::Idle => ConnState::Idle,
+            State::Connecting(_) => ConnState::Connecting,
+            State::Ready(send) if send.is_closed() => ConnState::Closed,
+            State::Ready(_) => ConnState::Ready,
+        }
+    }
+
+    /// Sends `req` on the connection, dialling first if there is none.
+    pub(crate) fn call(&self, mut req: Request) -> ResponseFuture {
+        self.set_origin(&mut req);
+        self.send(req, true)
+    }
+
+    /// Sends `req` (its origin set) on the live connection or a new one;
+    /// `resend`: whether a request hyper hands back unsent may go once more.
+    fn send(&self, req: Request, resend: bool) -> ResponseFuture {
+        let attempt = {
+            let mut state = self.inner.lock();
+            match &mut *state {
+                State::Ready(send) if !send.is_closed() => {
+                    // The fast path: hyper queues the request to the
+                    // connection's dispatcher; no task of ours in between.
+                    return ResponseFuture(Kind::Sent {
+                        fut: Box::pin(send.try_send_request(req)),
+                        resend: resend.then(|| self.clone()),
+                    });
+                }
+                State::Connecting(attempt) => attempt.clone(),
+                State::Ready(_) | State::Idle => {
+                    let attempt = self.start_dial();
+                    *state = State::Connecting(attempt.clone());
+                    attempt
+                }
+            }
+        };
+        ResponseFuture(Kind::Dialling(Box::pin(async move {
+            let mut send = attempt
+                .await
+                .map_err(|e| -> BoxError { Box::new(tonic::ConnectError(Box::new(e))) })?;
+            Ok(send.send_request(req).await?.map(Body::new))
+        })))
+    }
+
+    /// A dial on its own task, bounded by the connect timeout; its outcome
+    /// becomes the connection's state whether or not a call still waits.
+    fn start_dial(&self) -> Attempt {
+        let dial = (self.inner.dial)();
+        let limit = self.inner.connect_timeout;
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let task = tokio::spawn(async move {
+            let result = match tokio::time::timeout(limit, dial).await {
+                Ok(Ok(send)) => Ok(send),
+                Ok(Err(e)) => Err(DialError::from_box(e)),
+                Err(_) => Err(DialError(Arc::new(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within the connect timeout of {limit:?}"),
+                )))),
+            };
+            if let Some(inner) = weak.upgrade() {
+                let mut state = inner.lock();
+                if matches!(*state, State::Connecting(_)) {
+                    *state = match &result {
+                        Ok(send) => State::Ready(send.clone()),
+                        Err(_) => State::Idle,
+                    };
+                }
+            }
+            result
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(DialError(Arc::new(io::Error::other(format!(
+                    "the connection attempt was lost: {e}"
+                )))))
+            })
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// hyper sends `:scheme` and `:authority` from the URI; tonic's
+    /// clients give only the path.
+    fn set_origin(&self, req: &mut Request) {
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(self.inner.authority.clone());
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
+        req.headers_mut()
+            .entry(http::header::USER_AGENT)
+            .or_insert(HeaderValue::from_static(USER_AGENT));
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("connection lock poisoned")
+    }
+}
+
+/// Why a dial failed, shared by every call that waited on it.
+#[derive(Clone, Debug)]
+pub(crate) struct DialError(Arc<io::Error>);
+
+impl DialError {
+    fn from_box(e: BoxError) -> Self {
+        match e.downcast::<io::Error>() {
+            Ok(io) => Self(Arc::new(*io)),
+            Err(other) => Self(Arc::new(io::Error::other(other))),
+        }
+    }
+}
+
+impl std::fmt::Display for DialError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for DialError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// The response of one call: sent on a live connection, or waiting for
+/// the dial first. An enum rather than one boxed future so the fast path
+/// allocates only hyper's own future.
+pub(crate) struct ResponseFuture(Kind);
+
+enum Kind {
+    Sent {
+        fut: Sent,
+        /// The connection to send the request on again if hyper hands it
+        /// back unsent (at most once).
+        resend: Option<ClientConn>,
+    },
+    Dialling(BoxFuture<'static, Result<http::Response<Body>, BoxError>>),
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<http::Response<Body>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.0 {
+                Kind::Sent { fut, resend } => match ready!(fut.as_mut().poll(cx)) {
+                    Ok(response) => return Poll::Ready(Ok(response.map(Body::new))),
+                    Err(mut e) => {
+                        // The connection closed before hyper wrote the
+                        // request (a GOAWAY or EOF hyper had not yet
+                        // noticed when it was queued): it never left, so
+                        // it goes on a new connection.
+                        if let Some(conn) = resend.take()
+                            && let Some(req) = e.take_message()
+                        {
+                            tracing::debug!(authority = %conn.inner.authority, "connection closed before the request was sent; sending it on a new one: {}", e.error());
+                            this.0 = conn.send(req, false).0;
+                            continue;
+                        }
+                        return Poll::Ready(Err(e.into_error().into()));
+                    }
+                },
+                Kind::Dialling(fut) => return fut.as_mut().poll(cx),
+            }
+        }
+    }
+}
+
+/// Whether an error of a call sent on a connection proves the server never
+/// processed the request, so even a non-idempotent call may go again: the
+/// server refused the stream (`REFUSED_STREAM`), its GOAWAY named a lower
+/// stream (RFC 9113 section 6.8: those streams were not processed), or
+/// hyper never wrote the request (its connection had closed: "canceled").
+/// A failed dial is told apart by its [`tonic::ConnectError`].
+pub(crate) fn never_processed(err: &(dyn std::error::Error + 'static)) -> bool {
+    crate::caused_by::<h2::Error>(err).is_some_and(|h2| {
+        h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote())
+    }) || crate::caused_by::<hyper::Error>(err).is_some_and(hyper::Error::is_canceled)
+}
+
+/// The URI authority of a socket address.
+pub(crate) fn authority_of(addr: SocketAddr) -> Authority {
+    Authority::try_from(addr.to_string()).expect("a socket address is a valid URI authority")
+}
+
+/// A tower service over the connection, for tonic clients of the
+/// endpoint itself (the health watch).
+impl tower::Service<Request> for ClientConn {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        ClientConn::call(self, req)
+    }
+}
+
+#[cfg(test)]
+impl ClientConn {
+    /// A plain-TCP connection to `addr` with the default settings.
+    pub(crate) fn tcp_for_tests(addr: SocketAddr) -> Self {
+        Self::new(
+            authority_of(addr),
+            &EndpointConfig::default(),
+            move || async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                Ok(hyper_util::rt::TokioIo::new(tcp))
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The connection's state machine over in-memory connections to a
+    //! real hyper HTTP/2 server, with tokio's clock paused: every wait
+    //! below is virtual time, so the bounds asserted are exact, not races.
+
+    use std::{
+        collections::VecDeque,
+        sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    };
+
+    use bytes::Bytes;
+    use hyper_util::rt::TokioIo;
+    use tokio::{
+        io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf},
+        sync::Notify,
+        time::Instant,
+    };
+
+    use super::*;
+    use crate::endpoint::Endpoint;
+
+    /// What the next dial meets.
+    enum Peer {
+        /// A server that answers every call with OK.
+        Serves,
+        /// Connection refused.
+        Refuses,
+        /// TCP is up but the peer never reads: the HTTP/2 preface cannot
+        /// be written, so the handshake never completes.
+        NeverReads,
+        /// A server that goes silent (reads and answers nothing, socket
+        /// open) once the flag is set.
+        Freezes(Arc<AtomicBool>),
+        /// A server that drains when told: GOAWAY, then the calls it has
+        /// finish, then it closes.
+        Drains(Arc<Notify>),
+        /// A server that answers the first request with a GOAWAY naming
+        /// no stream: the request provably was not processed.
+        GoesAway,
+    }
+
+    #[derive(Default)]
+    struct Bed {
+        plan: Mutex<VecDeque<Peer>>,
+        dials: AtomicUsize,
+        servers: Mutex<Vec<tokio::task::AbortHandle>>,
+        held: Mutex<Vec<DuplexStream>>,
+        /// `/test.Echo/Slow` calls: each says it arrived, then waits for
+        /// a release.
+        arrived: Arc<Notify>,
+        release: Arc<Notify>,
+        /// Server connections that ended.
+        closed: Arc<AtomicUsize>,
+    }
+
+    impl Bed {
+        fn new(plan: impl IntoIterator<Item = Peer>) -> Arc<Self> {
+            Arc::new(Self {
+                plan: Mutex::new(plan.into_iter().collect()),
+                ..Self::default()
+            })
+        }
+
+        fn conn(self: &Arc<Self>, settings: &EndpointConfig) -> ClientConn {
+            let bed = self.clone();
+            ClientConn::new(authority_of(addr()), settings, move || {
+                let bed = bed.clone();
+                async move { bed.dial() }
+            })
+        }
+
+        fn dial(&self) -> io::Result<TokioIo<Frozen<DuplexStream>>> {
+            self.dials.fetch_add(1, Ordering::SeqCst);
+            let peer = self
+                .plan
+                .lock()
+                .unwrap()
+                .pop_front()
+                .expect("a planned dial");
+            let (frozen, drain) = match peer {
+                Peer::Refuses => return Err(io::ErrorKind::ConnectionRefused.into()),
+                Peer::NeverReads => {
+                    let (client, server) = tokio::io::duplex(8);
+                    self.held.lock().unwrap().push(server);
+                    return Ok(TokioIo::new(Frozen::new(client, Arc::default())));
+                }
+                Peer::GoesAway => {
+                    let (client, server) = tokio::io::duplex(64 * 1024);
+                    let task = tokio::spawn(go_away_after_first_request(server));
+                    self.servers.lock().unwrap().push(task.abort_handle());
+                    return Ok(TokioIo::new(Frozen::new(client, Arc::default())));
+                }
+                Peer::Serves => (Arc::default(), None),
+                Peer::Freezes(flag) => (flag, None),
+                Peer::Drains(drain) => (Arc::default(), Some(drain)),
+            };
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let server = Frozen::new(server, frozen);
+            let (arrived, release, closed) = (
+                self.arrived.clone(),
+                self.release.clone(),
+                self.closed.clone(),
+            );
+            let task = tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                    let slow = req.uri().path() == "/test.Echo/Slow";
+                    let (arrived, release) = (arrived.clone(), release.clone());
+                    async move {
+                        if slow {
+                            arrived.notify_one();
+                            release.notified().await;
+                        }
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .header("grpc-status", "0")
+                                .body(http_body_util::Empty::<Bytes>::new())
+                                .unwrap(),
+                        )
+                    }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(server), service);
+                let mut conn = std::pin::pin!(conn);
+                match drain {
+                    None => {
+                        let _ = conn.await;
+                    }
+                    Some(drain) => {
+                        tokio::select! {
+                            _ = conn.as_mut() => {}
+                            _ = drain.notified() => {
+                                conn.as_mut().graceful_shutdown();
+                                let _ = conn.await;
+                            }
+                        }
+                    }
+                }
+                closed.fetch_add(1, Ordering::SeqCst);
+            });
+            self.servers.lock().unwrap().push(task.abort_handle());
+            Ok(TokioIo::new(Frozen::new(client, Arc::default())))
+        }
+
+        /// Every server so far goes away (its socket closes).
+        fn close_servers(&self) {
+            for server in self.servers.lock().unwrap().drain(..) {
+                server.abort();
+            }
+        }
+    }
+
+    /// A server of raw HTTP/2 frames: reads the client's preface and
+    /// frames up to its first HEADERS, then sends SETTINGS and a GOAWAY
+    /// whose last stream is 0 (RFC 9113 6.8: stream 1 was not processed),
+    /// and holds the socket open.
+    async fn go_away_after_first_request(mut io: DuplexStream) -> io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut preface = [0u8; 24];
+        io.read_exact(&mut preface).await?;
+        loop {
+            let mut head = [0u8; 9];
+            io.read_exact(&mut head).await?;
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0; len];
+            io.read_exact(&mut payload).await?;
+            const HEADERS: u8 = 0x1;
+            if head[3] == HEADERS {
+                break;
+            }
+        }
+        const SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+        // Length 8, type GOAWAY, stream 0; last stream 0, NO_ERROR.
+        const GOAWAY: [u8; 17] = [0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        io.write_all(&SETTINGS).await?;
+        io.write_all(&GOAWAY).await?;
+        io.flush().await?;
+        std::future::pending().await
+    }
+
+    /// An in-memory socket that stops reading once its flag is set.
+    struct Frozen<T> {
+        inner: T,
+        frozen: Arc<AtomicBool>,
+    }
+
+    impl<T> Frozen<T> {
+        fn new(inner: T, frozen: Arc<AtomicBool>) -> Self {
+            Self { inner, frozen }
+        }
+    }
+
+    impl<T: AsyncRead + Unpin> AsyncRead for Frozen<T> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.frozen.load(Ordering::SeqCst) {
+                return Poll::Pending;
+            }
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<T: AsyncWrite + Unpin> AsyncWrite for Frozen<T> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    fn addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 50051))
+    }
+
+    fn request() -> http::Request<Body> {
+        http::Request::builder()
+            .method("POST")
+            .uri("/test.Echo/Unary")
+            .header("content-type", "application/grpc")
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    fn slow_request() -> http::Request<Body> {
+        let mut req = request();
+        *req.uri_mut() = Uri::from_static("/test.Echo/Slow");
+        req
+    }
+
+    /// Lets the connection tasks run until `conn` is in `want` (bounded).
+    async fn settle(conn: &ClientConn, want: ConnState) {
+        for _ in 0..1000 {
+            if conn.state() == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the connection stayed {:?}, not {want:?}", conn.state());
+    }
+
+    fn is_connect_error(err: &BoxError) -> bool {
+        crate::caused_by::<tonic::ConnectError>(&**err).is_some()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connects_on_first_call_reconnects_after_close_and_backs_off_a_refusal() {
+        let bed = Bed::new([Peer::Serves, Peer::Refuses, Peer::Serves]);
+        let settings = EndpointConfig::default();
+        let endpoint = Endpoint::new(addr(), bed.conn(&settings));
+        let conn = endpoint.conn();
+        assert_eq!(
+            conn.state(),
+            ConnState::Idle,
+            "no dial before the first call"
+        );
+
+        let call = conn.call(request());
+        assert_eq!(conn.state(), ConnState::Connecting);
+        // A second call meanwhile shares the dial.
+        let second = conn.call(request());
+        let (first, second) = tokio::join!(call, second);
+        assert_eq!(first.unwrap().headers()["grpc-status"], "0");
+        assert_eq!(second.unwrap().headers()["grpc-status"], "0");
+        assert_eq!(conn.state(), ConnState::Ready);
+        assert_eq!(
+            bed.dials.load(Ordering::SeqCst),
+            1,
+            "one dial for both calls"
+        );
+        // Calls on a ready connection dial nothing.
+        conn.call(request()).await.unwrap();
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 1);
+
+        // The server goes away: hyper's side closes, and the state says so.
+        bed.close_servers();
+        settle(conn, ConnState::Closed).await;
+
+        // The next call dials again; the refusal is a connect error (the
+        // balancer's cue to back off, the retry layer's "never sent").
+        let err = conn.call(request()).await.unwrap_err();
+        assert!(is_connect_error(&err), "{err}");
+        assert_eq!(
+            crate::caused_by::<io::Error>(&*err).map(io::Error::kind),
+            Some(io::ErrorKind::ConnectionRefused)
+        );
+        assert_eq!(conn.state(), ConnState::Idle);
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 2);
+        let now = Instant::now();
+        let wait = endpoint.record_connect_failure(now, &settings, err.to_string());
+        assert!(!endpoint.is_eligible(now), "backing off");
+        assert!(endpoint.is_reconnecting(now));
+
+        // After the backoff, a call reconnects.
+        tokio::time::sleep(wait).await;
+        assert!(endpoint.is_eligible(Instant::now()));
+        let response = conn.call(request()).await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "0");
+        endpoint.record_success();
+        assert!(!endpoint.is_reconnecting(Instant::now()));
+        assert_eq!(conn.state(), ConnState::Ready);
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handshake_that_never_completes_fails_at_the_connect_timeout() {
+        let bed = Bed::new([Peer::NeverReads, Peer::Serves]);
+        let settings = EndpointConfig::default();
+        let conn = bed.conn(&settings);
+        let started = Instant::now();
+        let err = conn.call(request()).await.unwrap_err();
+        let took = started.elapsed();
+        assert!(is_connect_error(&err), "{err}");
+        assert_eq!(
+            crate::caused_by::<io::Error>(&*err).map(io::Error::kind),
+            Some(io::ErrorKind::TimedOut),
+            "{err}"
+        );
+        assert!(
+            took >= settings.connect_timeout && took < settings.connect_timeout * 2,
+            "{took:?}"
+        );
+        assert_eq!(conn.state(), ConnState::Idle);
+        // The next dial is a fresh one.
+        conn.call(request()).await.unwrap();
+        assert_eq!(conn.state(), ConnState::Ready);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_answering_pings_is_found_by_keepalive() {
+        let silent = Arc::new(AtomicBool::new(false));
+        let bed = Bed::new([Peer::Freezes(silent.clone()), Peer::Serves]);
+        let settings = EndpointConfig::default();
+        let conn = bed.conn(&settings);
+        conn.call(request()).await.unwrap();
+        assert_eq!(conn.state(), ConnState::Ready);
+
+        // The peer goes silent with its socket open (a blackholed node):
+        // no EOF, no RST, only unanswered pings.
+        silent.store(true, Ordering::SeqCst);
+        let frozen_at = Instant::now();
+        let stuck = conn.call(request());
+        let err = stuck.await.unwrap_err();
+        let took = frozen_at.elapsed();
+        assert!(
+            !is_connect_error(&err),
+            "a call sent on the connection is not a connect failure: {err}"
+        );
+        let bound = settings.keepalive_interval + settings.keepalive_timeout;
+        assert!(
+            took >= settings.keepalive_timeout && took <= bound + Duration::from_secs(1),
+            "found after {took:?}, bound {bound:?}"
+        );
+        settle(&conn, ConnState::Closed).await;
+        // The next call gets a new connection.
+        conn.call(request()).await.unwrap();
+        assert_eq!(conn.state(), ConnState::Ready);
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_goaway_sends_new_calls_to_a_new_connection_while_old_ones_finish() {
+        let drain = Arc::new(Notify::new());
+        let bed = Bed::new([Peer::Drains(drain.clone()), Peer::Serves]);
+        let conn = bed.conn(&EndpointConfig::default());
+        conn.call(request()).await.unwrap();
+
+        // A call in progress on the first connection when its server drains.
+        let slow = tokio::spawn(conn.call(slow_request()));
+        bed.arrived.notified().await;
+        drain.notify_one();
+        // Let the GOAWAY reach the client (virtual time: every task idles).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(bed.closed.load(Ordering::SeqCst), 0, "the drain waits");
+
+        // A new call goes on a new connection: hyper hands back the request
+        // it could not send on the GOAWAY'd one, and it is sent again.
+        let response = conn.call(request()).await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "0");
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 2);
+        assert_eq!(conn.state(), ConnState::Ready);
+        assert!(!slow.is_finished(), "the old call still runs");
+
+        // The old call finishes on the old connection, which then closes.
+        bed.release.notify_one();
+        let old = slow.await.unwrap().unwrap();
+        assert_eq!(old.headers()["grpc-status"], "0");
+        for _ in 0..100 {
+            if bed.closed.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            bed.closed.load(Ordering::SeqCst),
+            1,
+            "the drained server closed"
+        );
+        // New calls stay on the new connection.
+        conn.call(request()).await.unwrap();
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_a_goaway_leaves_unprocessed_fails_as_never_processed() {
+        let bed = Bed::new([Peer::GoesAway, Peer::Serves]);
+        let conn = bed.conn(&EndpointConfig::default());
+        let err = conn.call(request()).await.unwrap_err();
+        // hyper had written the request, so it is not sent again here; the
+        // GOAWAY says the server never processed it.
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 1);
+        assert!(!is_connect_error(&err), "{err}");
+        let h2 = crate::caused_by::<h2::Error>(&*err).expect("an h2 error");
+        assert!(h2.is_go_away() && h2.is_remote(), "{h2:?}");
+        assert!(never_processed(&*err), "{err}");
+        settle(&conn, ConnState::Closed).await;
+        conn.call(request()).await.unwrap();
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dial_whose_caller_gave_up_still_becomes_the_connection() {
+        let bed = Bed::new([Peer::Serves]);
+        let conn = bed.conn(&EndpointConfig::default());
+        // The call is dropped at once (its deadline passed, say).
+        drop(conn.call(request()));
+        assert_eq!(conn.state(), ConnState::Connecting);
+        settle(&conn, ConnState::Ready).await;
+        conn.call(request()).await.unwrap();
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 1, "no second dial");
+    }
+
+    #[test]
+    fn what_proves_a_request_unprocessed() {
+        let refused: BoxError = Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM));
+        assert!(never_processed(&*refused));
+        let cancelled: BoxError = Box::new(h2::Error::from(h2::Reason::CANCEL));
+        assert!(!never_processed(&*cancelled));
+        let io: BoxError = Box::new(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert!(!never_processed(&*io));
+    }
+}
