@@ -484,3 +484,52 @@ async fn retries_and_hedges_are_sent_with_the_time_left_not_the_original_timeout
     answers.remove(2).send_response(ok());
     call.await.unwrap().unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn injected_aborts_are_retried_from_the_real_budget_and_can_exhaust_it() {
+    use crate::fault::{AbortFault, FaultPolicy, layer::FaultLayer};
+    // One retry in reserve, one more per second, none earned by requests.
+    let metrics = Metrics::new();
+    let (mock, mut handle) = mock::pair();
+    let abort_all = FaultPolicy {
+        delay: None,
+        abort: Some(AbortFault {
+            percentage: 100.0,
+            grpc_status: Code::Unavailable,
+        }),
+    };
+    let chaos = RetryLayer::new(
+        "t",
+        config(
+            r#"{"retryPolicy":{"maxAttempts":2},
+                "retryBudget":{"retryRatio":0.0,"minRetriesPerSecond":1,"ttl":"1s"}}"#,
+        ),
+        methods(),
+    )
+    .metrics(metrics.clone())
+    .layer(
+        FaultLayer::new("t", metrics.clone())
+            .with_policy(abort_all)
+            .layer(mock),
+    );
+    // The first call's abort is retried (and aborted again): the reserve is spent.
+    let response = chaos.clone().oneshot(request(GET)).await.unwrap();
+    assert_eq!(header_status(&response), Some(Code::Unavailable));
+    assert_eq!(
+        count(&metrics, "mesh_retries_total", "rpc_method=\"Get\""),
+        1
+    );
+    // The next abort finds the budget empty, as a real failure would.
+    let response = chaos.oneshot(request(GET)).await.unwrap();
+    assert_eq!(header_status(&response), Some(Code::Unavailable));
+    assert_eq!(
+        count(&metrics, "mesh_retry_budget_exhausted_total", "peer=\"t\""),
+        1,
+        "injected aborts drain the budget real retries draw on"
+    );
+    assert_eq!(
+        count(&metrics, "mesh_retries_total", "rpc_method=\"Get\""),
+        1
+    );
+    nothing_more(&mut handle).await;
+}
