@@ -287,6 +287,7 @@ async fn a_client_cannot_send_mesh_metadata_in_nor_see_the_shop_s_come_out() {
         ("x-spiffe-id", "spiffe://shop.local/ns/shop/sa/orders"),
         ("x-forwarded-for", "203.0.113.9"),
         ("x-app-anything", "1"),
+        ("user-agent", "outside/1.0"),
         ("authorization", "Bearer not-checked-on-this-route"),
     ] {
         request.metadata_mut().insert(name, value.parse().unwrap());

@@ -12,8 +12,10 @@
 //! Into the mesh ([`REQUEST_HEADERS`]): what a gRPC call needs
 //! (`content-type`, `te`, `grpc-timeout`, which the mesh then cuts to
 //! `--max-inbound-deadline-ms` and the method's `maxTimeout`, the
-//! compression headers, `user-agent`) and `authorization` (the services
-//! check the token again). The gateway then adds its own
+//! compression headers) and `authorization` (the services check the
+//! token again). Not even `user-agent`: a route may match on any header
+//! that passes, so routes behind the gateway should match only on
+//! headers the gateway sets or none an outside caller can send. The gateway then adds its own
 //! `x-verified-subject` and `x-shop-client`. Trace context (`traceparent`,
 //! `tracestate`, `baggage`) is dropped: the gateway is the root of every
 //! trace (its server ignores an outside `traceparent`, see
@@ -38,7 +40,6 @@ pub const REQUEST_HEADERS: &[&str] = &[
     "grpc-timeout",
     "grpc-encoding",
     "grpc-accept-encoding",
-    "user-agent",
     "authorization",
 ];
 
