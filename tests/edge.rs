@@ -37,6 +37,36 @@ const VALIDATION: &str = "product_id: must be a UUID, got \"nope\"";
 #[derive(Clone)]
 struct StandIn {
     seen: Arc<Mutex<Vec<Option<Duration>>>>,
+    /// The request headers of every call, in order.
+    headers: Arc<Mutex<Vec<http::HeaderMap>>>,
+}
+
+/// The product id for which the stand-in answers GetProduct in full
+/// (headers, a message, trailers), with `mesh-*` metadata in both the
+/// headers and the trailers.
+const FULL: &str = "full-answer";
+
+/// A whole answer to GetProduct: an empty `Product`, with internal
+/// metadata in the headers and the trailers beside what may leave.
+fn full_answer() -> http::Response<Body> {
+    use hyper::body::Frame;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    trailers.insert("retry-after", "7".parse().unwrap());
+    trailers.insert("mesh-fault-injected", "abort".parse().unwrap());
+    trailers.insert("x-internal-trailer", "secret".parse().unwrap());
+    let frames = futures::stream::iter([
+        Ok::<_, Status>(Frame::data(bytes::Bytes::from_static(b"\0\0\0\0\0"))),
+        Ok(Frame::trailers(trailers)),
+    ]);
+    http::Response::builder()
+        .header("content-type", "application/grpc")
+        .header("grpc-accept-encoding", "identity")
+        .header("mesh-fault-injected", "delay")
+        .header("mesh-mirrored", "true")
+        .header("x-internal-header", "secret")
+        .body(Body::new(http_body_util::StreamBody::new(frames)))
+        .unwrap()
 }
 
 impl tonic::codegen::Service<http::Request<Body>> for StandIn {
@@ -53,9 +83,19 @@ impl tonic::codegen::Service<http::Request<Body>> for StandIn {
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let seen = self.seen.clone();
+        self.headers.lock().unwrap().push(req.headers().clone());
         Box::pin(async move {
             if req.uri().path().ends_with("/GetProduct") {
-                return Ok(Status::invalid_argument(VALIDATION).into_http());
+                use http_body_util::BodyExt;
+                let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                if body.is_ok_and(|b| b.windows(FULL.len()).any(|w| w == FULL.as_bytes())) {
+                    return Ok(full_answer());
+                }
+                let mut refused = Status::invalid_argument(VALIDATION).into_http();
+                refused
+                    .headers_mut()
+                    .insert("mesh-fault-injected", "abort".parse().unwrap());
+                return Ok(refused);
             }
             seen.lock().unwrap().push(
                 req.headers()
@@ -79,6 +119,8 @@ struct Edge {
     inventory: SocketAddr,
     /// The `grpc-timeout` of each listing the inventory received.
     seen: Arc<Mutex<Vec<Option<Duration>>>>,
+    /// The request headers of every call the inventory received.
+    headers: Arc<Mutex<Vec<http::HeaderMap>>>,
     _stop: (
         tokio::sync::oneshot::Sender<()>,
         tokio::sync::oneshot::Sender<()>,
@@ -97,7 +139,11 @@ async fn edge_with(auth_policy: Option<AuthorizationPolicy>) -> Edge {
     let pki = TestPki::new(dir.path());
     pki.issue("inventory");
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let inventory = StandIn { seen: seen.clone() };
+    let headers = Arc::new(Mutex::new(Vec::new()));
+    let inventory = StandIn {
+        seen: seen.clone(),
+        headers: headers.clone(),
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let inventory_addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -124,6 +170,7 @@ async fn edge_with(auth_policy: Option<AuthorizationPolicy>) -> Edge {
                     &["mesh.auth.v1.AuthService"],
                     StandIn {
                         seen: Arc::default(),
+                        headers: Arc::default(),
                     },
                 )
                 .serve(listener, async {
@@ -157,6 +204,7 @@ async fn edge_with(auth_policy: Option<AuthorizationPolicy>) -> Edge {
         dead,
         inventory: inventory_addr,
         seen,
+        headers,
         _stop: (stop, _stop_auth),
     }
 }
@@ -214,6 +262,112 @@ async fn a_deadline_an_outside_caller_picks_is_cut_at_the_edge() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert_eq!(err.message(), VALIDATION);
+}
+
+/// A trace context an outside caller sends, sampled.
+const OUTSIDE_TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_send_mesh_metadata_in_nor_see_the_shop_s_come_out() {
+    let edge = edge().await;
+    let mut inventory = InventoryServiceClient::new(common::channel(edge.gateway).await);
+    let mut request = tonic::Request::new(GetProductRequest {
+        product_id: FULL.into(),
+    });
+    for (name, value) in [
+        ("x-canary", "true"),
+        ("mesh-mirrored", "true"),
+        ("mesh-fault-injected", "abort"),
+        ("traceparent", OUTSIDE_TRACE),
+        ("tracestate", "vendor=outside"),
+        ("baggage", "tenant=admin"),
+        ("grpc-previous-rpc-attempts", "4"),
+        ("x-verified-subject", "someone-else"),
+        ("x-shop-client", "address 203.0.113.9"),
+        ("x-spiffe-id", "spiffe://shop.local/ns/shop/sa/orders"),
+        ("x-forwarded-for", "203.0.113.9"),
+        ("x-app-anything", "1"),
+        ("user-agent", "outside/1.0"),
+        ("authorization", "Bearer not-checked-on-this-route"),
+    ] {
+        request.metadata_mut().insert(name, value.parse().unwrap());
+    }
+    let answer = inventory.get_product(request).await.unwrap();
+
+    // What reached the backend: the allow-list and what the gateway set.
+    let received = edge.headers.lock().unwrap().last().cloned().unwrap();
+    for name in [
+        "x-canary",
+        "mesh-mirrored",
+        "mesh-fault-injected",
+        "baggage",
+        "grpc-previous-rpc-attempts",
+        "x-verified-subject",
+        "x-spiffe-id",
+        "x-forwarded-for",
+        "x-app-anything",
+    ] {
+        assert!(
+            !received.contains_key(name),
+            "{name} reached the backend: {received:?}"
+        );
+    }
+    assert_ne!(
+        received.get("traceparent").map(|v| v.to_str().unwrap()),
+        Some(OUTSIDE_TRACE),
+        "the outside trace context reached the backend"
+    );
+    // The gateway's own (empty) tracestate, if any.
+    assert_ne!(
+        received.get("tracestate").map(|v| v.to_str().unwrap()),
+        Some("vendor=outside")
+    );
+    assert_ne!(
+        received["x-shop-client"], "address 203.0.113.9",
+        "the gateway's own key"
+    );
+    assert_eq!(
+        received["authorization"],
+        "Bearer not-checked-on-this-route"
+    );
+    assert!(received.contains_key("grpc-timeout"));
+
+    // What came back: headers and trailers (tonic merges them), without
+    // anything internal.
+    let metadata = answer.metadata().clone().into_headers();
+    for name in [
+        "mesh-fault-injected",
+        "mesh-mirrored",
+        "x-internal-header",
+        "x-internal-trailer",
+    ] {
+        assert!(
+            !metadata.contains_key(name),
+            "{name} reached the client: {metadata:?}"
+        );
+    }
+    assert_eq!(metadata["retry-after"], "7", "allowed trailers pass");
+    assert_eq!(
+        metadata["grpc-accept-encoding"], "identity",
+        "allowed headers pass"
+    );
+
+    // A trailers-only refusal keeps its status and loses its mesh metadata.
+    let err = inventory
+        .get_product(GetProductRequest {
+            product_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, VALIDATION)
+    );
+    assert!(
+        err.metadata().get("mesh-fault-injected").is_none(),
+        "{:?}",
+        err.metadata()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

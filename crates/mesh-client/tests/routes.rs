@@ -576,3 +576,128 @@ async fn a_route_s_mirror_copies_its_calls_without_side_effects_to_the_shadow() 
     assert_eq!(calls(&canary).await, 60);
     assert_eq!(calls(&stable).await, 0);
 }
+
+type Seen = Arc<std::sync::Mutex<Vec<http::HeaderMap>>>;
+
+/// The echo service, recording the request headers of every call it serves.
+#[derive(Clone)]
+struct Recording {
+    inner: mesh_fixture::echo::echo_service_server::EchoServiceServer<common::Echo>,
+    seen: Seen,
+}
+
+impl tonic::server::NamedService for Recording {
+    const NAME: &'static str = <mesh_fixture::echo::echo_service_server::EchoServiceServer<
+        common::Echo,
+    > as tonic::server::NamedService>::NAME;
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Recording {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = <mesh_fixture::echo::echo_service_server::EchoServiceServer<common::Echo> as tower::Service<
+        http::Request<tonic::body::Body>,
+    >>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        self.seen.lock().unwrap().push(request.headers().clone());
+        self.inner.call(request)
+    }
+}
+
+/// A real echo server on loopback (on the test's runtime) that records the
+/// request headers of every call.
+async fn recording_echo(id: &str) -> (String, Seen) {
+    let seen = Seen::default();
+    let service =
+        Recording {
+            inner: mesh_fixture::echo::echo_service_server::EchoServiceServer::new(
+                common::Echo::new(id.to_owned(), 0, None),
+            ),
+            seen: seen.clone(),
+        };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = mesh_client::server::MeshServer::new(Default::default())
+        .descriptor_set(mesh_fixture::FILE_DESCRIPTOR_SET)
+        .add_service(service);
+    tokio::spawn(server.serve(listener, std::future::pending()));
+    wait_serving(addr).await;
+    (format!("static:///{addr}"), seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_strips_credentials_from_the_copy_unless_keep_headers_names_them() {
+    for keep in ["", r#","keepHeaders":["authorization"]"#] {
+        let (primary, primary_seen) = recording_echo("primary").await;
+        let (shadow, shadow_seen) = recording_echo("shadow").await;
+        let routes = format!(
+            r#"[{{"name":"mirrored","mirror":{{"target":{shadow:?},"stripHeaders":["x-api-key"]{keep}}},
+                  "backendRefs":[{{"target":{primary:?}}}]}}]"#
+        );
+        let routed = "static:///127.0.0.1:9"; // never called: the route sends to `primary`
+        let mesh = mesh(config(routed, &routes, &[&primary, &shadow]));
+        let mut request = tonic::Request::new(EchoRequest::default());
+        for (name, value) in [
+            ("authorization", "Bearer secret-token"),
+            ("cookie", "session=secret"),
+            ("proxy-authorization", "Basic c2VjcmV0"),
+            ("x-api-key", "secret"),
+            ("x-kept", "yes"),
+        ] {
+            request.metadata_mut().insert(name, value.parse().unwrap());
+        }
+        EchoServiceClient::new(mesh.channel(routed).unwrap())
+            .echo(request)
+            .await
+            .unwrap();
+        // The copy is fire-and-forget: wait (bounded) for it to arrive.
+        for _ in 0..500 {
+            if !shadow_seen.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let copy = shadow_seen
+            .lock()
+            .unwrap()
+            .pop()
+            .expect("the shadow got a copy");
+        assert_eq!(copy["mesh-mirrored"], "true");
+        assert_eq!(copy["x-kept"], "yes", "other metadata is copied");
+        for name in ["cookie", "proxy-authorization", "x-api-key"] {
+            assert!(
+                !copy.contains_key(name),
+                "{name} reached the shadow ({keep})"
+            );
+        }
+        if keep.is_empty() {
+            assert!(
+                !copy.contains_key("authorization"),
+                "the shadow got the caller's token by default"
+            );
+        } else {
+            assert_eq!(copy["authorization"], "Bearer secret-token", "opted in");
+        }
+        let original = primary_seen
+            .lock()
+            .unwrap()
+            .pop()
+            .expect("the primary call");
+        for name in [
+            "authorization",
+            "cookie",
+            "proxy-authorization",
+            "x-api-key",
+        ] {
+            assert!(original.contains_key(name), "the primary lost {name}");
+        }
+    }
+}

@@ -18,10 +18,13 @@
 //! - readiness ([`watch_readiness`]) probes PostgreSQL over a connection
 //!   of its own (pool exhaustion is not an outage) every
 //!   [`PROBE_INTERVAL`], each probe bounded by [`PROBE_TIMEOUT`]; a failed
-//!   probe reports NOT_SERVING and fails every call then in flight in a
-//!   [`guard`]ed service with `UNAVAILABLE`, so a call whose statement
-//!   went out into the silence ends within about one probe, not at its
-//!   deadline;
+//!   probe reports NOT_SERVING, and [`FAILED_PROBES_TO_CUT`] failed in a
+//!   row fail the calls then in flight in a [`guard`]ed service that are
+//!   older than [`PROBE_TIMEOUT`] with `UNAVAILABLE`, so a call whose
+//!   statement went out into the silence ends within a few seconds, not at
+//!   its deadline. One lost probe (a dropped packet, a GC pause of the
+//!   server) cuts nothing, and a call younger than a probe may still be
+//!   answered: its statement went out while the probe was already waiting;
 //! - a connection handed back to the pool must answer a ping within
 //!   [`RELEASE_PING_TIMEOUT`] or is closed, so the silent ones do not hold
 //!   pool slots until TCP gives up (sqlx's own release ping has no timeout);
@@ -42,6 +45,7 @@ use sqlx::{
     error::ErrorKind,
     migrate::Migrator,
 };
+use tokio::{sync::watch, time::Instant};
 use tonic::Status;
 
 /// Why a database could not be opened.
@@ -180,6 +184,9 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one readiness probe (connecting if needed, then `SELECT 1`)
 /// may take before the database counts as unreachable.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How many PostgreSQL probes in a row must fail before the calls in flight
+/// in [`guard`]ed services are failed (health goes NOT_SERVING at the first).
+pub const FAILED_PROBES_TO_CUT: u32 = 2;
 /// How long a PostgreSQL connection handed back to the pool may take to
 /// answer a ping before it is closed instead of kept.
 pub const RELEASE_PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -340,9 +347,34 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Wakes every call in flight in a [`guard`]ed service: this process's
-/// database stopped answering. One per process, like its database.
-static DATABASE_LOST: tokio::sync::Notify = tokio::sync::Notify::const_new();
+/// Calls in flight in a [`guard`]ed service that started at or before the
+/// instant sent here are failed: this process's database stopped
+/// answering. One per process, like its database.
+static DATABASE_LOST: std::sync::LazyLock<watch::Sender<Option<Instant>>> =
+    std::sync::LazyLock::new(|| watch::Sender::new(None));
+
+/// Counts failed probes in a row and says when to cut calls in flight.
+#[derive(Debug, Default)]
+struct Outage {
+    failed: u32,
+}
+
+impl Outage {
+    /// Records a probe that ended at `now`; after [`FAILED_PROBES_TO_CUT`]
+    /// failures in a row (and after each further one), the instant at or
+    /// before which a call in flight started to be failed.
+    fn probed(&mut self, ok: bool, now: Instant) -> Option<Instant> {
+        if ok {
+            self.failed = 0;
+            return None;
+        }
+        self.failed = self.failed.saturating_add(1);
+        if self.failed < FAILED_PROBES_TO_CUT {
+            return None;
+        }
+        now.checked_sub(PROBE_TIMEOUT)
+    }
+}
 
 /// How readiness asks the database whether it answers.
 struct Probe {
@@ -406,8 +438,9 @@ impl Probe {
 
 /// Keeps health in step with the database: NOT_SERVING (for `""` and each
 /// of `services`) while its probe fails (module docs), SERVING again once
-/// it answers. Each failed PostgreSQL probe also fails the calls then in
-/// flight in [`guard`]ed services. Stops when `stop` is cancelled (the
+/// it answers. From the [`FAILED_PROBES_TO_CUT`]th PostgreSQL probe failed
+/// in a row, each also fails the calls in flight in [`guard`]ed services
+/// that started more than [`PROBE_TIMEOUT`] before it ended. Stops when `stop` is cancelled (the
 /// server drains).
 pub async fn watch_readiness(
     pool: AnyPool,
@@ -417,6 +450,7 @@ pub async fn watch_readiness(
 ) {
     use tonic_health::ServingStatus;
     let mut probe = Probe::new(pool);
+    let mut outage = Outage::default();
     let mut healthy = true;
     loop {
         tokio::select! {
@@ -424,8 +458,10 @@ pub async fn watch_readiness(
             _ = tokio::time::sleep(PROBE_INTERVAL) => {}
         }
         let ok = probe.answers().await;
-        if !ok && probe.fails_calls() {
-            DATABASE_LOST.notify_waiters();
+        if probe.fails_calls()
+            && let Some(started_by) = outage.probed(ok, Instant::now())
+        {
+            DATABASE_LOST.send_replace(Some(started_by));
         }
         if ok == healthy && ok {
             continue;
@@ -451,20 +487,27 @@ pub async fn watch_readiness(
     }
 }
 
-/// `service` with every call in flight failed `UNAVAILABLE` when this
-/// process's readiness probe finds PostgreSQL silent (module docs): a
+/// `service` with its calls in flight failed `UNAVAILABLE` when this
+/// process's readiness probe finds PostgreSQL silent
+/// [`FAILED_PROBES_TO_CUT`] times in a row, those older than
+/// [`PROBE_TIMEOUT`] then (module docs): a
 /// statement on a silent connection would otherwise wait for TCP until
 /// the call's deadline. What the call did meanwhile is what a lost answer
 /// leaves: the callers' idempotency keys make a retry safe. Wrap each
 /// tonic service of a process that runs [`watch_readiness`].
 pub fn guard<S>(service: S) -> Guarded<S> {
-    Guarded { inner: service }
+    Guarded {
+        inner: service,
+        lost: DATABASE_LOST.subscribe(),
+    }
 }
 
 /// A service wrapped by [`guard`].
 #[derive(Clone, Debug)]
 pub struct Guarded<S> {
     inner: S,
+    /// Where the readiness probe says which calls to fail.
+    lost: watch::Receiver<Option<Instant>>,
 }
 
 impl<S: tonic::server::NamedService> tonic::server::NamedService for Guarded<S> {
@@ -493,20 +536,30 @@ where
 
     fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
         let call = self.inner.call(request);
+        let started = Instant::now();
+        let mut lost = self.lost.clone();
+        // Only a cut made from now on concerns this call.
+        lost.mark_unchanged();
         Box::pin(async move {
-            let lost = DATABASE_LOST.notified();
-            tokio::pin!(lost);
-            // Registered now: a probe failing from here on reaches this call.
-            lost.as_mut().enable();
-            tokio::select! {
-                biased;
-                response = call => response,
-                () = lost => {
-                    tracing::warn!("database stopped answering: failing a call in flight");
-                    Ok(Status::unavailable(
-                        "the service's database stopped answering; retry later",
-                    )
-                    .into_http())
+            tokio::pin!(call);
+            loop {
+                tokio::select! {
+                    biased;
+                    response = &mut call => return response,
+                    changed = lost.changed() => {
+                        let cut = match changed {
+                            Ok(()) => *lost.borrow_and_update(),
+                            // No probe any more (the process is ending).
+                            Err(_) => return call.await,
+                        };
+                        if cut.is_some_and(|started_by| started <= started_by) {
+                            tracing::warn!("database stopped answering: failing a call in flight");
+                            return Ok(Status::unavailable(
+                                "the service's database stopped answering; retry later",
+                            )
+                            .into_http());
+                        }
+                    }
                 }
             }
         })
@@ -672,16 +725,68 @@ mod tests {
         }
     }
 
+    #[test]
+    fn only_the_second_failed_probe_in_a_row_cuts_and_only_calls_older_than_a_probe() {
+        let mut outage = Outage::default();
+        let t0 = Instant::now() + Duration::from_secs(100);
+        assert_eq!(
+            outage.probed(false, t0),
+            None,
+            "one lost probe cuts nothing"
+        );
+        assert_eq!(outage.probed(true, t0 + PROBE_INTERVAL), None);
+        assert_eq!(
+            outage.probed(false, t0 + 2 * PROBE_INTERVAL),
+            None,
+            "the count restarted"
+        );
+        let at = t0 + 3 * PROBE_INTERVAL;
+        assert_eq!(outage.probed(false, at), Some(at - PROBE_TIMEOUT));
+        assert_eq!(
+            outage.probed(false, at + PROBE_INTERVAL),
+            Some(at + PROBE_INTERVAL - PROBE_TIMEOUT)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_fails_the_calls_older_than_a_probe_and_spares_the_younger() {
+        use tonic::codegen::Service;
+        let (lost, rx) = watch::channel(None);
+        let mut service = Guarded {
+            inner: Hangs,
+            lost: rx,
+        };
+        let old = tokio::spawn(service.call(tonic::codegen::http::Request::new(())));
+        tokio::time::sleep(PROBE_TIMEOUT + Duration::from_secs(1)).await;
+        let young = tokio::spawn(service.call(tonic::codegen::http::Request::new(())));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut outage = Outage::default();
+        for _ in 0..FAILED_PROBES_TO_CUT {
+            if let Some(started_by) = outage.probed(false, Instant::now()) {
+                lost.send_replace(Some(started_by));
+            }
+        }
+        let response = tokio::time::timeout(Duration::from_secs(1), old)
+            .await
+            .expect("the old call was failed")
+            .unwrap()
+            .unwrap();
+        let status = Status::from_header_map(response.headers()).expect("a grpc-status");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!young.is_finished(), "a call younger than a probe was cut");
+    }
+
     #[tokio::test]
     async fn a_guarded_call_in_flight_fails_unavailable_when_the_probe_finds_the_database_silent() {
         use tonic::codegen::Service;
         let mut service = guard(Hangs);
         let call = tokio::spawn(service.call(tonic::codegen::http::Request::new(())));
-        // The call registers when first polled: notify until it has ended.
+        // A cut of calls started by now, until the call has ended.
         let start = std::time::Instant::now();
         while !call.is_finished() && start.elapsed() < Duration::from_secs(10) {
-            DATABASE_LOST.notify_waiters();
             tokio::time::sleep(Duration::from_millis(20)).await;
+            DATABASE_LOST.send_replace(Some(Instant::now()));
         }
         let response = call.await.unwrap().unwrap();
         let status = Status::from_header_map(response.headers()).expect("a grpc-status");

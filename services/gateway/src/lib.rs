@@ -19,11 +19,15 @@
 //! caller's deadline is cut to `--max-inbound-deadline-ms` before it
 //! travels into the mesh, and failures inside the mesh reach it as generic
 //! messages (no addresses, targets or identities; the detail is logged).
+//! Headers pass by an allow-list each way ([`headers`]): an outside caller
+//! cannot steer a route (`x-canary`) or send mesh metadata in, and no
+//! `mesh-*` header of the shop's comes out.
 
 #![forbid(unsafe_code)]
 
 /// Token checks at the edge: the same cache of auth's keys the services use.
 pub use shop_kit::token as keys;
+pub mod headers;
 pub mod proxy;
 pub mod recommend;
 pub mod routes;

@@ -164,11 +164,13 @@ impl Inner {
                 Status::unimplemented(format!("the gateway does not serve {method}"))
             });
         };
-        // Only the gateway says who the user is and where the call comes
-        // from; a caller's own claims are dropped.
-        req.headers_mut().remove(VERIFIED_SUBJECT_HEADER);
-        req.headers_mut().remove(CLIENT_HEADER);
         let address = self.client_key(&req);
+        // Only what the allow-list names goes in: a client's `x-canary`,
+        // mesh metadata, trace context and its own claims of who the user
+        // is (`x-verified-subject`) or where it calls from (`x-shop-client`)
+        // are dropped; the gateway sets the last two itself.
+        crate::headers::filter_request(req.headers_mut());
+        debug_assert!(!req.headers().contains_key(VERIFIED_SUBJECT_HEADER));
         // Auth limits logins per end client with it (trusting it only from
         // the gateway's identity). A key is always a valid header value.
         if let Ok(value) = http::HeaderValue::from_str(&address) {
@@ -201,7 +203,9 @@ impl Inner {
             AuthMode::None => {}
         }
         if let Some(recommender) = self.recommender.as_ref().filter(|_| path == RECOMMEND_PATH) {
-            return Ok(recommender.serve(req).await);
+            return Ok(crate::headers::filter_response(
+                recommender.serve(req).await,
+            ));
         }
         let channel = self
             .upstreams
@@ -232,7 +236,8 @@ impl Inner {
                 route.upstream
             )));
         }
-        Ok(response)
+        // Only what the allow-list names comes out (`mesh-*` never).
+        Ok(crate::headers::filter_response(response))
     }
 }
 

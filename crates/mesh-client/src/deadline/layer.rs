@@ -35,6 +35,25 @@ pub struct CallDeadline {
     pub max: Duration,
 }
 
+/// The instant a call's deadline passes, as a request extension that
+/// [`DeadlineLayer`] sets on every call it sends on.
+///
+/// The layers below read it to send each attempt with the time actually
+/// left (the retry layer rewrites `grpc-timeout` from it for every retry
+/// and hedge), so a server is never told it has longer than the caller
+/// will wait. Only the deadline layer's own value counts: it overwrites any
+/// a caller set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallExpiry(pub Instant);
+
+impl CallExpiry {
+    /// `grpc-timeout` for an attempt sent now: the time left, 0 if none.
+    pub fn header_value(&self) -> HeaderValue {
+        let left = self.0.saturating_duration_since(Instant::now());
+        HeaderValue::try_from(encode_grpc_timeout(left)).expect("an encoded timeout is ASCII")
+    }
+}
+
 /// Client layer: gives every call a deadline, sends it as `grpc-timeout`, and
 /// fails the call with `DEADLINE_EXCEEDED` when it passes.
 ///
@@ -145,6 +164,7 @@ where
         let value = HeaderValue::try_from(encode_grpc_timeout(budget))
             .expect("an encoded timeout is ASCII");
         req.headers_mut().insert(GRPC_TIMEOUT, value);
+        req.extensions_mut().insert(CallExpiry(deadline));
         DeadlineFuture {
             state: State::Running {
                 fut: tokio::time::timeout_at(deadline, self.inner.call(req)),

@@ -19,8 +19,8 @@ mod layer;
 mod timeout;
 
 pub use layer::{
-    CallDeadline, DEFAULT_MAX_TIMEOUT, DeadlineLayer, DeadlinePolicy, InboundDeadlineLayer,
-    TimeoutPolicy,
+    CallDeadline, CallExpiry, DEFAULT_MAX_TIMEOUT, DeadlineLayer, DeadlinePolicy,
+    InboundDeadlineLayer, TimeoutPolicy,
 };
 pub use timeout::{decode_grpc_timeout, encode_grpc_timeout};
 

@@ -9,7 +9,12 @@
 //! - an injected abort is an attempt the retry layer sees fail like any
 //!   other: aborts of idempotent methods with a retryable status are
 //!   retried within the retry budget, and each retry rolls the dice again
-//!   (20 % aborts with 3 attempts leave 0.8 % of calls failed);
+//!   (20 % aborts with 3 attempts leave 0.8 % of calls failed). Those
+//!   retries withdraw from the real budget, on purpose: an injected abort
+//!   never reached a server, but the experiment is to see the callers as
+//!   a real failure would leave them, budget exhaustion included; a free
+//!   retry would show a chaos test a resilience the real outage would not
+//!   have;
 //! - no endpoint ever sees an aborted attempt, so none is charged with it
 //!   (no failure penalty, no outlier ejection): the balancer is never
 //!   called. The response carries [`FAULT_HEADER`] and the

@@ -19,8 +19,10 @@
 //!   (unary or server-streaming, never client-streaming, never a method in
 //!   no registered descriptor), unless the policy says `allowSideEffects`.
 //!
-//! The copy carries the primary's headers (its deadline, trace context
-//! and credentials) plus [`MIRROR_HEADER`], and none of its extensions.
+//! The copy carries the primary's headers (its deadline and trace context)
+//! plus [`MIRROR_HEADER`], less the caller's credentials
+//! ([`super::DEFAULT_STRIPPED_HEADERS`] unless `keepHeaders` names them)
+//! and whatever `stripHeaders` names, and none of its extensions.
 
 use std::{
     sync::Arc,
@@ -71,6 +73,8 @@ pub struct MirrorLayer {
     methods: Arc<MethodTable>,
     max_replay_bytes: usize,
     in_flight: Arc<Semaphore>,
+    /// Request headers removed from every copy (resolved once).
+    stripped: Arc<[http::HeaderName]>,
     peer: Arc<str>,
     metrics: Metrics,
 }
@@ -109,6 +113,7 @@ impl MirrorLayer {
         let in_flight = Arc::new(Semaphore::new(policy.max_in_flight.max(1) as usize));
         Self {
             peer: Arc::from(policy.target.as_str()),
+            stripped: policy.stripped_headers().into(),
             policy: Arc::new(policy),
             shadow: BoxCloneSyncService::new(shadow.map_err(Into::into)),
             methods,
@@ -214,6 +219,9 @@ where
                 .body(Body::new(http_body_util::Full::new(bytes.clone())))
                 .expect("parts of a valid request");
             *copy.headers_mut() = parts.headers.clone();
+            for name in layer.stripped.iter() {
+                copy.headers_mut().remove(name);
+            }
             copy.headers_mut()
                 .insert(MIRROR_HEADER, HeaderValue::from_static("true"));
             let limit = parts
@@ -311,6 +319,8 @@ mod tests {
             percentage,
             max_in_flight,
             allow_side_effects,
+            strip_headers: Vec::new(),
+            keep_headers: Vec::new(),
         }
     }
 
@@ -411,6 +421,55 @@ mod tests {
             1,
             "the shadow's failure is only counted"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_carries_no_credentials_unless_the_policy_keeps_them() {
+        for (keep, expect_authorization) in [(vec![], false), (vec!["authorization"], true)] {
+            let mut policy = policy(100.0, 4, false);
+            policy.keep_headers = keep.iter().map(|s| s.to_string()).collect();
+            policy.strip_headers = vec!["x-api-key".into()];
+            let mut bed = bed(policy, 1024);
+            let mut req = request(READ, b"\0\0\0\0\0");
+            for (name, value) in [
+                ("authorization", "Bearer secret"),
+                ("cookie", "session=secret"),
+                ("proxy-authorization", "Basic c2VjcmV0"),
+                ("x-api-key", "secret"),
+                (
+                    "traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                ),
+            ] {
+                req.headers_mut()
+                    .append(name, HeaderValue::from_static(value));
+            }
+            req.headers_mut()
+                .append("cookie", HeaderValue::from_static("second=secret"));
+            let call = tokio::spawn(bed.svc.clone().oneshot(req));
+            let (copy, answer) = bed.shadow.next_request().await.unwrap();
+            answer.send_response(ok());
+            let (primary, answer) = bed.primary.next_request().await.unwrap();
+            answer.send_response(ok());
+            call.await.unwrap().unwrap();
+            let h = copy.headers();
+            assert_eq!(
+                h.contains_key("authorization"),
+                expect_authorization,
+                "{keep:?}"
+            );
+            for name in ["cookie", "proxy-authorization", "x-api-key"] {
+                assert!(!h.contains_key(name), "{name} reached the shadow");
+            }
+            assert!(h.contains_key("traceparent") && h.contains_key("grpc-timeout"));
+            let p = primary.headers();
+            assert_eq!(
+                p.get_all("cookie").iter().count(),
+                2,
+                "the primary keeps all"
+            );
+            assert!(p.contains_key("authorization") && p.contains_key("x-api-key"));
+        }
     }
 
     #[tokio::test(start_paused = true)]

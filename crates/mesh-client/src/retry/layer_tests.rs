@@ -421,3 +421,115 @@ async fn a_per_attempt_timeout_retries_and_the_calls_own_expiry_does_not() {
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status}");
     nothing_more(&mut handle).await;
 }
+
+/// The `grpc-timeout` an attempt was sent with.
+fn sent_timeout(req: &http::Request<Body>) -> Duration {
+    crate::deadline::decode_grpc_timeout(req.headers()["grpc-timeout"].to_str().unwrap()).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_and_hedges_are_sent_with_the_time_left_not_the_original_timeout() {
+    use crate::deadline::DeadlineLayer;
+    let deadline = DeadlineLayer::new(Duration::from_secs(10));
+    let with_timeout = |path| {
+        let mut req = request(path);
+        req.headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("2S"));
+        req
+    };
+
+    // A retry after 500 ms of a failing first attempt.
+    let (retrying, mut handle, _) = retry(r#"{"retryPolicy":{"maxAttempts":2}}"#);
+    let svc = deadline.layer(retrying);
+    let start = Instant::now();
+    let call = tokio::spawn(svc.oneshot(with_timeout(GET)));
+    let (first, answer) = handle.next_request().await.unwrap();
+    assert_eq!(sent_timeout(&first), Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    answer.send_response(status(Code::Unavailable, &[]));
+    let (second, answer) = handle.next_request().await.unwrap();
+    let (left, elapsed) = (sent_timeout(&second), start.elapsed());
+    assert!(elapsed >= Duration::from_millis(500), "{elapsed:?}");
+    assert!(
+        left <= Duration::from_secs(2) - elapsed
+            && left + elapsed + Duration::from_millis(1) >= Duration::from_secs(2),
+        "the retry was told {left:?} with {elapsed:?} of 2 s gone"
+    );
+    answer.send_response(ok());
+    call.await.unwrap().unwrap();
+
+    // Hedges 300 ms and 600 ms in.
+    let (mock, mut handle) = mock::pair();
+    let svc = deadline.layer(
+        RetryLayer::new(
+            "t",
+            config(r#"{"hedgingPolicy":{"maxAttempts":3,"hedgingDelay":"300ms"}}"#),
+            methods(),
+        )
+        .layer(mock),
+    );
+    let start = Instant::now();
+    let call = tokio::spawn(svc.oneshot(with_timeout(GET)));
+    let mut answers = Vec::new();
+    for at in [0, 300, 600] {
+        let (req, answer) = handle.next_request().await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(at));
+        assert_eq!(
+            sent_timeout(&req),
+            Duration::from_millis(2000 - at),
+            "attempt sent {at} ms in"
+        );
+        answers.push(answer);
+    }
+    answers.remove(2).send_response(ok());
+    call.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn injected_aborts_are_retried_from_the_real_budget_and_can_exhaust_it() {
+    use crate::fault::{AbortFault, FaultPolicy, layer::FaultLayer};
+    // One retry in reserve, one more per second, none earned by requests.
+    let metrics = Metrics::new();
+    let (mock, mut handle) = mock::pair();
+    let abort_all = FaultPolicy {
+        delay: None,
+        abort: Some(AbortFault {
+            percentage: 100.0,
+            grpc_status: Code::Unavailable,
+        }),
+    };
+    let chaos = RetryLayer::new(
+        "t",
+        config(
+            r#"{"retryPolicy":{"maxAttempts":2},
+                "retryBudget":{"retryRatio":0.0,"minRetriesPerSecond":1,"ttl":"1s"}}"#,
+        ),
+        methods(),
+    )
+    .metrics(metrics.clone())
+    .layer(
+        FaultLayer::new("t", metrics.clone())
+            .with_policy(abort_all)
+            .layer(mock),
+    );
+    // The first call's abort is retried (and aborted again): the reserve is spent.
+    let response = chaos.clone().oneshot(request(GET)).await.unwrap();
+    assert_eq!(header_status(&response), Some(Code::Unavailable));
+    assert_eq!(
+        count(&metrics, "mesh_retries_total", "rpc_method=\"Get\""),
+        1
+    );
+    // The next abort finds the budget empty, as a real failure would.
+    let response = chaos.oneshot(request(GET)).await.unwrap();
+    assert_eq!(header_status(&response), Some(Code::Unavailable));
+    assert_eq!(
+        count(&metrics, "mesh_retry_budget_exhausted_total", "peer=\"t\""),
+        1,
+        "injected aborts drain the budget real retries draw on"
+    );
+    assert_eq!(
+        count(&metrics, "mesh_retries_total", "rpc_method=\"Get\""),
+        1
+    );
+    nothing_more(&mut handle).await;
+}

@@ -47,6 +47,7 @@ use crate::{
     BoxError,
     balance::{CallError, Exclude, NoEndpoint, NoneServing, Picked, Served, timed_out},
     config::{ConfigHandle, HedgingPolicy, RetryPolicy},
+    deadline::CallExpiry,
     endpoint::header_status,
     methods::{MethodInfo, MethodTable},
     telemetry::metrics::Metrics,
@@ -85,6 +86,9 @@ pub(crate) struct RetryOverride(pub(crate) Arc<RetryPolicy>);
 /// - A layer above may replace the retry policy of one call with a
 ///   `RetryOverride` extension (the mesh's router does, for a route's
 ///   `retryPolicy`); the extensions of the call are in every attempt.
+/// - A [`CallExpiry`] extension (the deadline layer above sets one) makes
+///   every attempt after the first carry `grpc-timeout` with the time left
+///   until it, not the header the call came with.
 /// - Errors leave as `tonic::Status` where the mesh knows what happened,
 ///   otherwise as the inner service's error.
 #[derive(Clone)]
@@ -290,6 +294,13 @@ where
         if number > 1 {
             req.headers_mut()
                 .insert("grpc-previous-rpc-attempts", HeaderValue::from(number - 1));
+            // The header was the call's whole budget when the deadline
+            // layer set it; a later attempt has only what is left, and a
+            // server told more would work on past the caller's deadline.
+            if let Some(expiry) = parts.extensions.get::<CallExpiry>() {
+                req.headers_mut()
+                    .insert("grpc-timeout", expiry.header_value());
+            }
         }
         let picked = Picked::default();
         if track {
