@@ -43,6 +43,21 @@ const DEFAULT_RTT: Duration = Duration::from_millis(1);
 const PENALTY_HALF_LIFE: Duration = Duration::from_secs(2);
 /// Load multiplier per unit of (decayed) recent failures.
 const PENALTY_WEIGHT: f64 = 4.0;
+/// Calls in flight whose mean age exceeds this many times the endpoint's
+/// typical latency mark it slow at once (see [`Endpoint::latency_now`]):
+/// a client otherwise learns of a slow server only when a call to it
+/// completes, and meanwhile keeps queueing calls there. 4, so a
+/// log-normal service time (σ 0.5) trips it on ~0.1 % of calls.
+const STUCK_FACTOR: f64 = 4.0;
+/// ... and at least this old: on a busy host a scheduling stall of a few
+/// milliseconds would otherwise mark a sub-millisecond endpoint slow and
+/// switch off the chance pick that breaks convoys.
+const STUCK_FLOOR: Duration = Duration::from_millis(10);
+/// Low bits of `Endpoint::outstanding` that count calls; the bits above
+/// sum their start times (µs since `born`, modulo 2^44).
+const COUNT_BITS: u32 = 20;
+/// Mask of the summed start times (and of ages summed from them).
+const SUM_MASK: u64 = (1 << (64 - COUNT_BITS)) - 1;
 
 const HEALTH_UNKNOWN: u8 = 0;
 const HEALTH_SERVING: u8 = 1;
@@ -59,6 +74,12 @@ pub(crate) struct Endpoint {
     channel: std::sync::OnceLock<Channel>,
     connect: Option<Connect>,
     in_flight: AtomicU32,
+    /// Calls in flight (low [`COUNT_BITS`]) and the sum of their start
+    /// times (µs since `born`, above): one word, so the mean age of the
+    /// calls in flight is read consistently in O(1). Wrapping arithmetic:
+    /// exact while fewer than 2^20 calls are in flight and their ages sum
+    /// to under 2^44 µs (203 days).
+    outstanding: AtomicU64,
     health: AtomicU8,
     /// Peak-EWMA latency (f64 bits, ns) and when it was last updated (ns
     /// since `born`): atomics, so the success path takes no lock.
@@ -134,6 +155,7 @@ impl Endpoint {
             channel: std::sync::OnceLock::new(),
             connect,
             in_flight: AtomicU32::new(0),
+            outstanding: AtomicU64::new(0),
             health: AtomicU8::new(HEALTH_UNKNOWN),
             rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             rtt_at: AtomicU64::new(0),
@@ -193,9 +215,54 @@ impl Endpoint {
         self.troubled.load(Ordering::Relaxed) && self.state().ejected_until.is_some_and(|t| now < t)
     }
 
-    /// Peak-EWMA latency × (in-flight + 1) × failure penalty.
+    /// Peak-EWMA latency (at least the age of calls stuck in flight, see
+    /// [`Self::latency_now`]) × (in-flight + 1) × failure penalty.
     pub(crate) fn load(&self, now: Instant) -> f64 {
-        self.rtt_estimate() * self.queue_cost(now)
+        self.rtt_estimate().max(self.stuck_age(now)) * self.queue_cost(now)
+    }
+
+    /// The latency to judge the endpoint by now, in nanoseconds: its
+    /// typical latency, or the mean age of its calls in flight when that
+    /// is over [`STUCK_FACTOR`] × typical (and [`STUCK_FLOOR`]). An
+    /// endpoint that turned slow is known as soon as its calls are late,
+    /// not only once one of them completes.
+    pub(crate) fn latency_now(&self, now: Instant) -> f64 {
+        self.typical_rtt().max(self.stuck_age(now))
+    }
+
+    /// The mean age of the calls in flight (ns) if they are late (see
+    /// [`Self::latency_now`]), else 0.
+    fn stuck_age(&self, now: Instant) -> f64 {
+        let age = self.in_flight_age(now).as_nanos() as f64;
+        if age > STUCK_FACTOR * self.typical_rtt() && age > STUCK_FLOOR.as_nanos() as f64 {
+            age
+        } else {
+            0.0
+        }
+    }
+
+    /// The mean age of the calls in flight now (zero without any). O(1).
+    pub(crate) fn in_flight_age(&self, now: Instant) -> Duration {
+        let packed = self.outstanding.load(Ordering::Relaxed);
+        let count = packed & ((1 << COUNT_BITS) - 1);
+        if count == 0 {
+            return Duration::ZERO;
+        }
+        // Σ age = count × now − Σ start, modulo 2^44 like the sum.
+        let ages = count
+            .wrapping_mul(self.micros(now))
+            .wrapping_sub(packed >> COUNT_BITS)
+            & SUM_MASK;
+        // A call started after `now` was read makes the sum "negative".
+        if ages > SUM_MASK / 2 {
+            return Duration::ZERO;
+        }
+        Duration::from_micros(ages / count)
+    }
+
+    /// Microseconds from `born` to `now`.
+    fn micros(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.born).as_micros() as u64
     }
 
     /// Calls in flight now.
@@ -231,7 +298,9 @@ impl Endpoint {
     /// Marks a call in flight until the guard drops.
     pub(crate) fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        let entry = (self.micros(Instant::now()) << COUNT_BITS) | 1;
+        self.outstanding.fetch_add(entry, Ordering::Relaxed);
+        InFlight(self.clone(), entry)
     }
 
     /// Feeds one response latency into the peak-EWMA and typical estimates.
@@ -288,13 +357,7 @@ impl Endpoint {
         policy: &OutlierDetection,
         may_eject: bool,
     ) -> Verdict {
-        let mut state = self.state();
-        self.troubled.store(true, Ordering::Relaxed);
-        state.penalty = decay(
-            state.penalty,
-            now.saturating_duration_since(state.penalty_at),
-        ) + 1.0;
-        state.penalty_at = now;
+        let mut state = self.penalise(now);
         state.consecutive_failures += 1;
         if state.consecutive_failures < policy.consecutive_failures || !may_eject {
             return Verdict::Kept;
@@ -307,6 +370,28 @@ impl Endpoint {
             .min(policy.max_ejection_time);
         state.ejected_until = Some(now + time);
         Verdict::Ejected(time)
+    }
+
+    /// A shedding answer (`RESOURCE_EXHAUSTED`): the server is overloaded,
+    /// not broken. It raises the failure penalty as a failure does, so fast
+    /// refusals do not make an overloaded server look like the fastest one
+    /// (and the chance pick skips it), but it neither ejects the endpoint
+    /// nor counts toward ejection: shedding is the server protecting
+    /// itself, and ejecting for it would push its load onto the others.
+    pub(crate) fn record_shed(&self, now: Instant) {
+        drop(self.penalise(now));
+    }
+
+    /// Adds one to the decaying failure penalty; the state, still locked.
+    fn penalise(&self, now: Instant) -> std::sync::MutexGuard<'_, State> {
+        let mut state = self.state();
+        self.troubled.store(true, Ordering::Relaxed);
+        state.penalty = decay(
+            state.penalty,
+            now.saturating_duration_since(state.penalty_at),
+        ) + 1.0;
+        state.penalty_at = now;
+        state
     }
 
     /// A connection attempt failed: wait before the next one (gRPC
@@ -441,12 +526,13 @@ fn decay(value: f64, elapsed: Duration) -> f64 {
     value * 0.5f64.powf(elapsed.as_secs_f64() / PENALTY_HALF_LIFE.as_secs_f64())
 }
 
-/// A call in flight on an endpoint.
-pub(crate) struct InFlight(Arc<Endpoint>);
+/// A call in flight on an endpoint (and its entry in `outstanding`).
+pub(crate) struct InFlight(Arc<Endpoint>, u64);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.outstanding.fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 
@@ -513,6 +599,68 @@ mod tests {
         );
         ep.record_success();
         assert!(ep.is_eligible(now));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_in_flight_late_for_the_endpoint_mark_it_slow_at_once() {
+        let ep = Arc::new(endpoint());
+        let start = Instant::now();
+        ep.observe_rtt(Duration::from_millis(20), start);
+        let typical = ep.typical_rtt();
+        let first = ep.start();
+        tokio::time::advance(Duration::from_millis(50)).await;
+        let now = Instant::now();
+        assert_eq!(ep.in_flight_age(now), Duration::from_millis(50));
+        // 50 ms is not late for a 20 ms endpoint (under 4 × typical).
+        assert_eq!(ep.latency_now(now), typical);
+        tokio::time::advance(Duration::from_millis(150)).await;
+        let second = ep.start();
+        let now = Instant::now();
+        // Mean age of the two: (200 + 0) / 2 = 100 ms, over 80 ms: late.
+        assert_eq!(ep.in_flight_age(now), Duration::from_millis(100));
+        assert_eq!(ep.latency_now(now), 100e6);
+        assert!(ep.load(now) >= 100e6 * 3.0, "{}", ep.load(now));
+        drop(first);
+        // The young one left: not late, back to the typical latency.
+        assert_eq!(ep.in_flight_age(now), Duration::ZERO);
+        assert_eq!(ep.latency_now(now), typical);
+        drop(second);
+        assert_eq!(ep.in_flight_age(now), Duration::ZERO);
+        assert_eq!(ep.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_endpoint_is_not_late_below_the_floor() {
+        // A 100 µs endpoint with a call stalled 5 ms (a busy host): over
+        // 4 × typical, but under the 10 ms floor.
+        let ep = Arc::new(endpoint());
+        ep.observe_rtt(Duration::from_micros(100), Instant::now());
+        let _call = ep.start();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        assert_eq!(ep.latency_now(Instant::now()), ep.typical_rtt());
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(ep.latency_now(Instant::now()) >= 15e6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shed_answer_raises_the_penalty_but_never_ejects() {
+        let ep = endpoint();
+        let policy = OutlierDetection::default();
+        let now = Instant::now();
+        let base = ep.load(now);
+        for _ in 0..20 {
+            ep.record_shed(now);
+        }
+        assert!(ep.load(now) > 40.0 * base, "penalised");
+        assert!(ep.is_eligible(now), "never ejected for shedding");
+        // Sheds are not failures in a row: four failures still keep it.
+        for _ in 0..4 {
+            assert_eq!(ep.record_failure(now, &policy, true), Verdict::Kept);
+        }
+        assert!(
+            ep.load(now + Duration::from_secs(60)) < 1.01 * base,
+            "decays"
+        );
     }
 
     #[tokio::test(start_paused = true)]
