@@ -331,14 +331,11 @@ fn run_bench(out: &std::path::Path, memory_only: bool, quick: bool) -> Result<()
         update.busy_us,
         update.calls_during_updates
     );
-    let choice = if quick {
-        bench::subset_choice(1000, 1000, 16, 2, 10)
-    } else {
-        bench::subset_choice(1000, 1000, 16, 10, 100)
-    };
+    let removals = if quick { 10 } else { 100 };
+    let choice = bench::subset_choice(1000, 1000, 16, if quick { 2 } else { 10 }, removals);
     for c in &choice {
         println!(
-            "subset {:<13} 1,000 x 1,000, size 16: clients per server max/mean {:.3}, min {}; moved on one removal {:.3} % (worst {:.3} %), on one addition {:.3} % (worst {:.3} %), mean over 100 removals {:.3} %",
+            "subset {:<13} 1,000 x 1,000, size 16: clients per server max/mean {:.3}, min {}; moved on one removal {:.3} % (worst {:.3} %), on one addition {:.3} % (worst {:.3} %), mean over {removals} removals {:.3} %",
             c.mode,
             c.conns_max_mean,
             c.conns_min,
