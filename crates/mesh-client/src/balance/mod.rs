@@ -909,15 +909,34 @@ mod tests {
         tokio::sync::mpsc::Sender<Change<SocketAddr, ()>>,
         Metrics,
     ) {
+        following_set_of(
+            n,
+            Some(Subset::new(&crate::config::SubsetConfig {
+                size,
+                client_id: Some("c-1".into()),
+                mode: crate::config::SubsetMode::Rendezvous,
+                max_unhealthy_percent: 25,
+                max_width,
+            })),
+        )
+        .await
+    }
+
+    /// A set of `n` endpoints (with `subset`, if any) following an open
+    /// channel, once resolved; the sender keeps it following.
+    async fn following_set_of(
+        n: u16,
+        subset: Option<Subset>,
+    ) -> (
+        Arc<EndpointSet>,
+        tokio::sync::mpsc::Sender<Change<SocketAddr, ()>>,
+        Metrics,
+    ) {
         let metrics = Metrics::new();
         let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), metrics.clone());
-        set.use_subset(Subset::new(&crate::config::SubsetConfig {
-            size,
-            client_id: Some("c-1".into()),
-            mode: crate::config::SubsetMode::Rendezvous,
-            max_unhealthy_percent: 25,
-            max_width,
-        }));
+        if let Some(subset) = subset {
+            set.use_subset(subset);
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(usize::from(n) + 1);
         for port in 1..=n {
             tx.send(Change::Insert(SocketAddr::from(([127, 0, 0, 1], port)), ()))
@@ -1050,23 +1069,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn ejections_of_removed_endpoints_do_not_count_against_the_cap() {
-        let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        for port in 1..=4 {
-            tx.send(Change::Insert(SocketAddr::from(([127, 0, 0, 1], port)), ()))
-                .await
-                .unwrap();
-        }
-        tokio::spawn(set.clone().follow(
-            rx,
-            Arc::new(|addr| {
-                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    .unwrap()
-                    .connect_lazy()
-            }),
-            false,
-        ));
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        let (set, tx, _metrics) = following_set_of(4, None).await;
         let policy = OutlierDetection {
             consecutive_failures: 1,
             ..Default::default()
