@@ -210,10 +210,20 @@ pub struct SubsetConfig {
     /// When more than this share of the members (percent, 0 to 100) are
     /// ejected, NOT_SERVING or reconnecting, the subset is widened with the
     /// next endpoints in this client's order until `size` are usable again,
-    /// and narrowed back once the first `size` are. Default 25.
+    /// and narrowed back once the first `size` have been usable enough
+    /// for 5 s. Default 25.
     #[serde(default = "default_max_unhealthy")]
     pub max_unhealthy_percent: u32,
+    /// Members at most while widened: `size` to [`MAX_SUBSET_WIDTH`];
+    /// default 2 × `size` (all endpoints when the target has fewer). A
+    /// cap, so a target mostly down does not make every client connect to
+    /// all of it.
+    #[serde(default)]
+    pub max_width: Option<usize>,
 }
+
+/// The largest [`SubsetConfig::max_width`].
+pub const MAX_SUBSET_WIDTH: usize = 2 * MAX_SUBSET_SIZE;
 
 /// The largest [`SubsetConfig::size`]: a subset is there to bound
 /// connections, and P2C needs no more than this many to choose from.
@@ -634,6 +644,17 @@ fn check_subset(field: &str, s: &SubsetConfig) -> Result<(), MeshError> {
             &format!("must be 1 to {MAX_SUBSET_SIZE}"),
         ));
     }
+    if let Some(width) = s.max_width
+        && (width < s.size || width > MAX_SUBSET_WIDTH)
+    {
+        return Err(invalid(
+            &format!("{field}.maxWidth"),
+            &format!(
+                "must be at least size ({}) and at most {MAX_SUBSET_WIDTH}",
+                s.size
+            ),
+        ));
+    }
     if s.max_unhealthy_percent > 100 {
         return Err(invalid(
             &format!("{field}.maxUnhealthyPercent"),
@@ -749,6 +770,22 @@ mod tests {
         );
         let err = MeshConfig::from_json(r#"{"loadBalancingPolicy":"random"}"#).unwrap_err();
         assert!(err.to_string().contains("random"), "{err}");
+    }
+
+    #[test]
+    fn a_subset_cap_below_its_size_or_too_large_is_refused_by_name() {
+        for width in [7, 2049] {
+            let json =
+                format!(r#"{{"targets":{{"inv":{{"subset":{{"size":8,"maxWidth":{width}}}}}}}}}"#);
+            let err = MeshConfig::from_json(&json).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("targets[\"inv\"].subset.maxWidth: must be at least size (8)"),
+                "{err}"
+            );
+        }
+        let ok = MeshConfig::from_json(r#"{"targets":{"inv":{"subset":{"size":8,"maxWidth":8}}}}"#);
+        assert!(ok.is_ok(), "a cap equal to the size: never widen");
     }
 
     #[test]

@@ -151,9 +151,9 @@ pub use channel::ModelEndpoints;
 pub use channel::{Mesh, MeshChannel};
 pub use config::{
     BackendRef, ConfigHandle, EndpointConfig, HeaderMatch, HeaderMatchType, HedgingPolicy,
-    LbPolicy, MAX_SUBSET_SIZE, MeshConfig, MethodConfig, MethodMatch, MethodMatchType,
-    OutlierDetection, RetryBudget, RetryPolicy, RouteConfig, RouteMatch, SubsetConfig, SubsetMode,
-    TargetConfig,
+    LbPolicy, MAX_SUBSET_SIZE, MAX_SUBSET_WIDTH, MeshConfig, MethodConfig, MethodMatch,
+    MethodMatchType, OutlierDetection, RetryBudget, RetryPolicy, RouteConfig, RouteMatch,
+    SubsetConfig, SubsetMode, TargetConfig,
 };
 pub use endpoint::EndpointState;
 pub use error::{MeshError, caused_by};

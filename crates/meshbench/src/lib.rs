@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod interop;
+pub mod plot;
 pub mod sim;
 
 use std::{ffi::OsString, future::Future, net::SocketAddr, process::ExitCode};

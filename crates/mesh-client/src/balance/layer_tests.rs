@@ -44,11 +44,16 @@ async fn set_of(n: u16, metrics: &Metrics) -> Arc<EndpointSet> {
 }
 
 fn balanced(set: &Arc<EndpointSet>) -> (Balanced, Handle) {
+    balanced_by(set, "round_robin")
+}
+
+/// Balanced by `policy`, ejecting after 2 failures in a row for 5 s.
+fn balanced_by(set: &Arc<EndpointSet>, policy: &str) -> (Balanced, Handle) {
     let config = ConfigHandle::new(
-        MeshConfig::from_json(
-            r#"{"loadBalancingPolicy":"round_robin",
-                "outlierDetection":{"consecutiveFailures":2,"baseEjectionTime":"5s"}}"#,
-        )
+        MeshConfig::from_json(&format!(
+            r#"{{"loadBalancingPolicy":"{policy}",
+                "outlierDetection":{{"consecutiveFailures":2,"baseEjectionTime":"5s"}}}}"#,
+        ))
         .unwrap(),
     )
     .unwrap();
@@ -265,4 +270,32 @@ async fn a_failed_dial_of_the_real_connection_backs_the_endpoint_off_and_counts_
         }
         other => panic!("{:?}", other.map(|_| ())),
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shedding_endpoint_does_not_look_fast_to_p2c_and_is_never_ejected() {
+    let set = set_of(2, &Metrics::new()).await;
+    let (svc, mut handle) = balanced_by(&set, "p2c");
+    // Port 1 is overloaded and refuses at once (RESOURCE_EXHAUSTED); port
+    // 2 serves in 20 ms. Judged by answer latency alone, the refusals made
+    // port 1 the fastest endpoint, and it got nearly every call.
+    let mut to_shedding = 0;
+    for _ in 0..300 {
+        let call = tokio::spawn(svc.clone().oneshot(request()));
+        let (req, answer) = handle.next_request().await.unwrap();
+        let port = req.extensions().get::<SendTo>().unwrap().0.addr.port();
+        if port == 1 {
+            to_shedding += 1;
+            answer.send_response(trailers_only(Code::ResourceExhausted));
+        } else {
+            tokio::time::advance(Duration::from_millis(20)).await;
+            answer.send_response(trailers_only(Code::Ok));
+        }
+        call.await.unwrap().unwrap();
+    }
+    assert!(to_shedding < 45, "{to_shedding} of 300 to the shedding one");
+    assert!(
+        !set.snapshot()[0].is_ejected(Instant::now()),
+        "shedding is not a failure that ejects"
+    );
 }

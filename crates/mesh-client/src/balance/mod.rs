@@ -25,6 +25,7 @@ use std::{
     time::Duration,
 };
 
+use rand::{SeedableRng, rngs::SmallRng};
 use tokio::{sync::Notify, time::Instant};
 use tower::discover::Change;
 
@@ -71,13 +72,25 @@ pub(crate) struct EndpointSet {
     /// Whether health watches run (else no endpoint is ever seen SERVING,
     /// and the pick skips that preference level without looking).
     health_checks: AtomicBool,
-    /// When each ejection made by this set ends, soonest first: the
-    /// ejected share is read from here in O(log n), not by a scan.
-    ejections: Mutex<BinaryHeap<Reverse<Instant>>>,
+    /// When each ejection made by this set ends, soonest first, and of
+    /// which endpoint: the ejected share is read from here in O(log n),
+    /// not by a scan. Entries of endpoints that leave the set are purged
+    /// on the update that removes them.
+    ejections: Mutex<BinaryHeap<Reverse<(Instant, SocketAddr)>>>,
+    /// Checks in a row at which a widened subset's first `size` members
+    /// were usable enough to narrow back (see [`NARROW_AFTER`]).
+    narrow_streak: AtomicUsize,
 }
 
 /// How often a subsetting set checks whether to widen or narrow.
 const WIDEN_EVERY: Duration = Duration::from_secs(1);
+
+/// A widened subset narrows back only after its first `size` members have
+/// been usable enough at this many checks in a row (5 s): an endpoint
+/// re-admitted after an ejection often fails again at once, and narrowing
+/// at the first good check made the subset flap every few seconds (its
+/// extra connections made and dropped each time).
+const NARROW_AFTER: usize = 5;
 
 /// Random draws a P2C pick makes for a usable endpoint before it scans
 /// the set: with a share `f` usable, a draw fails with (1 − f)^8, so the
@@ -132,6 +145,7 @@ impl EndpointSet {
             width: AtomicUsize::new(0),
             health_checks: AtomicBool::new(false),
             ejections: Mutex::default(),
+            narrow_streak: AtomicUsize::new(0),
         });
         metrics.add_source(&set);
         set
@@ -257,13 +271,23 @@ impl EndpointSet {
             tracing::info!(target = %self.target, members = next.len(), resolved = all.len(), removed = by_addr.len(), "endpoint set updated");
         }
         next.sort_by_key(|e| e.addr);
+        if !by_addr.is_empty() {
+            // Ejections of endpoints no longer in the set count no more
+            // against the cap (their entries stayed until they expired).
+            self.ejections
+                .lock()
+                .expect("endpoint set lock")
+                .retain(|Reverse((_, addr))| !by_addr.contains_key(addr));
+        }
         *self.endpoints.write().expect("endpoint set lock") = Arc::new(next);
     }
 
     /// Widens the subset while more than its share of members is unusable
     /// (ejected, NOT_SERVING, reconnecting), with the next endpoints in
-    /// this client's order, and narrows it back to its size once the first
-    /// `size` members are usable enough. O(members), once a second.
+    /// this client's order, up to its cap (`maxWidth`, default 2 × size),
+    /// and narrows it back to its size once the first `size` members have
+    /// been usable enough for [`NARROW_AFTER`] checks in a row.
+    /// O(members), once a second.
     fn widen(&self, connect: &Connect, health_checks: bool) {
         let Some(subset) = self.subset.get() else {
             return;
@@ -275,8 +299,15 @@ impl EndpointSet {
         let width = self.subset_width();
         let all = self.all();
         // With every endpoint a member already, there is nothing to widen with.
-        let next = if usable_count < subset.needed() && all.len() > width {
-            (width + subset.size.saturating_sub(usable_count)).min(all.len())
+        let cap = subset.max_width.min(all.len());
+        let next = if usable_count < subset.needed() && cap > width {
+            self.narrow_streak.store(0, Ordering::Relaxed);
+            (width + subset.size.saturating_sub(usable_count)).min(cap)
+        } else if usable_count < subset.needed() {
+            // At the cap: more members would cost connections and spread
+            // load over endpoints further from this client's share.
+            tracing::debug!(target = %self.target, width, usable = usable_count, "subset at its widening cap");
+            width
         } else if width > subset.size {
             let addrs: Vec<SocketAddr> = all.iter().copied().collect();
             let first: HashSet<SocketAddr> =
@@ -286,7 +317,11 @@ impl EndpointSet {
                 .filter(|e| first.contains(&e.addr))
                 .filter(usable)
                 .count();
-            if base_usable >= subset.needed() {
+            if base_usable < subset.needed() {
+                self.narrow_streak.store(0, Ordering::Relaxed);
+                width
+            } else if self.narrow_streak.fetch_add(1, Ordering::Relaxed) + 1 >= NARROW_AFTER {
+                self.narrow_streak.store(0, Ordering::Relaxed);
                 subset.size
             } else {
                 width
@@ -331,6 +366,15 @@ impl EndpointSet {
         policy: LbPolicy,
         exclude: &[SocketAddr],
     ) -> Result<Arc<Endpoint>, NoEndpoint> {
+        PICK_RNG.with_borrow_mut(|rng| self.pick_with(policy, exclude, rng))
+    }
+
+    fn pick_with(
+        &self,
+        policy: LbPolicy,
+        exclude: &[SocketAddr],
+        mut rng: &mut SmallRng,
+    ) -> Result<Arc<Endpoint>, NoEndpoint> {
         let endpoints = self.snapshot();
         let n = endpoints.len();
         if n == 0 {
@@ -359,7 +403,6 @@ impl EndpointSet {
                 .map(|i| &endpoints[(start + i) % n])
                 .find(|e| usable(e, level))
         };
-        let mut rng = rand::rng();
         // One turn per pick, whichever level takes it.
         let turn = match policy {
             LbPolicy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed),
@@ -442,17 +485,20 @@ impl EndpointSet {
         let now = Instant::now();
         let total = self.snapshot().len().max(1);
         let mut ejections = self.ejections.lock().expect("endpoint set lock");
-        while ejections.peek().is_some_and(|Reverse(until)| *until <= now) {
+        while ejections
+            .peek()
+            .is_some_and(|Reverse((until, _))| *until <= now)
+        {
             ejections.pop();
         }
-        // An endpoint removed (or re-admitted early) while ejected still
-        // counts until its ejection would have ended: the cap errs on the
-        // side of keeping endpoints in service.
+        // An endpoint re-admitted early while ejected still counts until
+        // its ejection would have ended: the cap errs on the side of
+        // keeping endpoints in service. (Removed ones are purged.)
         let ejected = ejections.len().min(total);
         let cap = (total * policy.max_ejection_percent as usize) / 100;
         let may_eject = ejected < cap.max(1).min(total);
         if let Verdict::Ejected(time) = endpoint.record_failure(now, policy, may_eject) {
-            ejections.push(Reverse(now + time));
+            ejections.push(Reverse((now + time, endpoint.addr)));
             drop(ejections);
             self.metrics.ejected(&self.peer);
             tracing::warn!(target = %self.target, addr = %endpoint.addr, ?time, "endpoint ejected after consecutive failures");
@@ -502,7 +548,13 @@ impl GaugeSource for EndpointSet {
 /// others and get a sixth to a quarter of the calls (modelled in the tests
 /// below; `meshbench` and the resilience tests saw it under CPU
 /// contention). A hung endpoint answers nothing, so no latency tells of
-/// it; its calls in flight pile up instead.
+/// it; its calls in flight pile up instead, and age: an endpoint whose
+/// calls in flight are late (older on average than 4× its typical latency
+/// and 10 ms, `Endpoint::latency_now`) is judged by their age, so it is
+/// unlike the others at once, gets no chance pick, and its load is at
+/// least that age. Without it a client learned that a server turned slow
+/// only when a call completed, and kept queueing calls there meanwhile
+/// (meshsim, 5 % of servers 10× slow: docs/scaling.md).
 /// Between endpoints of similar latency, `coin` sends half the draws to `x`
 /// as long as `x` is not failing or clearly busier ([`COIN_LIMIT`]):
 /// always preferring the endpoint with fewer calls in flight sends a burst
@@ -517,7 +569,9 @@ fn lighter<'a>(
     now: Instant,
     coin: bool,
 ) -> &'a Arc<Endpoint> {
-    let (rx, ry) = (x.typical_rtt(), y.typical_rtt());
+    // The typical latency, or the age of calls stuck in flight (a server
+    // that turned slow is avoided before its first slow answer arrives).
+    let (rx, ry) = (x.latency_now(now), y.latency_now(now));
     if rx > ALIKE_RATIO * ry || ry > ALIKE_RATIO * rx {
         return if x.load(now) <= y.load(now) { x } else { y };
     }
@@ -549,6 +603,16 @@ const ALIKE_RATIO: f64 = 1.5;
 /// convoys back, measured), narrow enough that a hung endpoint stops getting
 /// calls by chance once a few are stuck on it.
 const COIN_LIMIT: (f64, f64) = (4.0, 8.0);
+
+thread_local! {
+    /// The pick's random numbers: a small fast generator per thread
+    /// (Xoshiro256++), seeded once from the thread's ChaCha. The draws
+    /// only spread load, so they need no cryptographic strength, and
+    /// ChaCha per pick was most of its cost (2.33× at 10,000 endpoints
+    /// against 10, debug build: docs/scaling.md).
+    static PICK_RNG: std::cell::RefCell<SmallRng> =
+        std::cell::RefCell::new(SmallRng::from_rng(&mut rand::rng()));
+}
 
 /// Two different indices below `n` (the same one when `n` is 1).
 fn two_distinct(rng: &mut impl rand::Rng, n: usize) -> (usize, usize) {
@@ -627,7 +691,9 @@ mod tests {
         assert!(picks[0] > 1200 && picks[1] > 1200, "{picks:?}");
     }
 
-    #[tokio::test]
+    // Paused: the picks are made at the instant the calls start (on a
+    // running clock a slow debug build made the calls "late" meanwhile).
+    #[tokio::test(start_paused = true)]
     async fn p2c_leans_to_fewer_in_flight_without_sending_every_call_there() {
         let set = set_of(2).await;
         let endpoints = set.snapshot();
@@ -648,6 +714,40 @@ mod tests {
         assert!(
             (1300..1700).contains(&idle),
             "{idle} of 2000 to the idle endpoint"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn p2c_sends_nothing_by_chance_to_an_endpoint_whose_calls_in_flight_are_late() {
+        let set = set_of(2).await;
+        let endpoints = set.snapshot();
+        let now = Instant::now();
+        for e in endpoints.iter() {
+            e.observe_rtt(Duration::from_millis(20), now);
+        }
+        // One call each, both young: alike, the coin splits the picks.
+        let old = endpoints[0].start();
+        let _young = endpoints[1].start();
+        let to_first = (0..400)
+            .filter(|_| set.pick(LbPolicy::P2c, &[]).unwrap().addr.port() == 1)
+            .count();
+        assert!((100..300).contains(&to_first), "{to_first} of 400");
+        // Port 1 turned slow: its call is 200 ms old (10x its typical
+        // latency) and has not answered. Before any answer tells of it, no
+        // call goes there; the in-flight counts alone (1 and 1) let the
+        // coin send it half.
+        tokio::time::advance(Duration::from_millis(200)).await;
+        let _fresh = endpoints[1].start();
+        drop(_young);
+        for _ in 0..200 {
+            assert_eq!(set.pick(LbPolicy::P2c, &[]).unwrap().addr.port(), 2);
+        }
+        // Its late call answered: it is judged by its answers again.
+        drop(old);
+        endpoints[0].observe_rtt(Duration::from_millis(20), Instant::now());
+        assert!(
+            (0..400).any(|_| set.pick(LbPolicy::P2c, &[]).unwrap().addr.port() == 1),
+            "back in the rotation"
         );
     }
 
@@ -799,6 +899,30 @@ mod tests {
     async fn subset_set_of(
         n: u16,
         size: usize,
+        max_width: Option<usize>,
+    ) -> (
+        Arc<EndpointSet>,
+        tokio::sync::mpsc::Sender<Change<SocketAddr, ()>>,
+        Metrics,
+    ) {
+        following_set_of(
+            n,
+            Some(Subset::new(&crate::config::SubsetConfig {
+                size,
+                client_id: Some("c-1".into()),
+                mode: crate::config::SubsetMode::Rendezvous,
+                max_unhealthy_percent: 25,
+                max_width,
+            })),
+        )
+        .await
+    }
+
+    /// A set of `n` endpoints (with `subset`, if any) following an open
+    /// channel, once resolved; the sender keeps it following.
+    async fn following_set_of(
+        n: u16,
+        subset: Option<Subset>,
     ) -> (
         Arc<EndpointSet>,
         tokio::sync::mpsc::Sender<Change<SocketAddr, ()>>,
@@ -806,12 +930,9 @@ mod tests {
     ) {
         let metrics = Metrics::new();
         let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), metrics.clone());
-        set.use_subset(Subset::new(&crate::config::SubsetConfig {
-            size,
-            client_id: Some("c-1".into()),
-            mode: crate::config::SubsetMode::Rendezvous,
-            max_unhealthy_percent: 25,
-        }));
+        if let Some(subset) = subset {
+            set.use_subset(subset);
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(usize::from(n) + 1);
         for port in 1..=n {
             tx.send(Change::Insert(SocketAddr::from(([127, 0, 0, 1], port)), ()))
@@ -834,7 +955,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_subset_holds_only_its_members_widens_while_they_are_ejected_and_narrows_back() {
-        let (set, tx, metrics) = subset_set_of(100, 8).await;
+        let (set, tx, metrics) = subset_set_of(100, 8, None).await;
         assert_eq!(set.snapshot().len(), 8, "endpoints only for the members");
         assert_eq!(set.addresses().len(), 100, "every address is known");
         let text = metrics.encode();
@@ -868,8 +989,16 @@ mod tests {
                     .any(|e| Arc::ptr_eq(e, &set.pick(LbPolicy::P2c, &[]).unwrap()))
             );
         }
-        // Ejections end (5 s): back to eight, the same eight.
+        // Ejections end (5 s), but the subset holds its width until the
+        // first eight have been usable for NARROW_AFTER checks in a row...
         tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(
+            set.subset_width(),
+            11,
+            "no narrowing at the first good check"
+        );
+        // ...then back to eight, the same eight.
+        tokio::time::sleep(WIDEN_EVERY * NARROW_AFTER as u32).await;
         assert_eq!(set.subset_width(), 8);
         let back: HashSet<_> = set.snapshot().iter().map(|e| e.addr).collect();
         assert_eq!(back, first.iter().map(|e| e.addr).collect::<HashSet<_>>());
@@ -880,6 +1009,83 @@ mod tests {
         assert_eq!(after.len(), 8);
         assert_eq!(after.difference(&back).count(), 1, "one member moved");
         assert!(!after.contains(&first[0].addr));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_widened_subset_stops_at_its_cap_and_a_flapping_member_does_not_narrow_it() {
+        let (set, _tx, _metrics) = subset_set_of(100, 8, None).await;
+        let policy = OutlierDetection {
+            consecutive_failures: 1,
+            max_ejection_percent: 100,
+            max_ejection_time: Duration::from_secs(300),
+            base_ejection_time: Duration::from_secs(300),
+            ..Default::default()
+        };
+        // Every member ejected, again and again: without a cap the subset
+        // grew by its size each second, towards every endpoint.
+        for _ in 0..6 {
+            for e in set.snapshot().iter() {
+                if e.is_eligible(Instant::now()) {
+                    set.record_failure(e, &policy);
+                }
+            }
+            tokio::time::sleep(WIDEN_EVERY).await;
+            assert!(set.subset_width() <= 16, "{}", set.subset_width());
+        }
+        assert_eq!(set.subset_width(), 16, "2 × size by default");
+        assert_eq!(set.snapshot().len(), 16);
+
+        // A member that comes back and fails again every other second keeps
+        // the subset wide instead of narrowing and widening each time.
+        let (set, _tx, _metrics) = subset_set_of(100, 8, Some(10)).await;
+        let short = OutlierDetection {
+            consecutive_failures: 1,
+            max_ejection_percent: 100,
+            base_ejection_time: Duration::from_secs(1),
+            max_ejection_time: Duration::from_secs(1),
+            ..Default::default()
+        };
+        let first: Vec<_> = set.snapshot().iter().cloned().collect();
+        let mut widths = Vec::new();
+        for second in 0..12 {
+            if second % 2 == 0 {
+                for e in &first[..3] {
+                    set.record_failure(e, &short);
+                }
+            }
+            tokio::time::sleep(WIDEN_EVERY).await;
+            widths.push(set.subset_width());
+        }
+        assert!(widths[1..].iter().all(|w| *w == 10), "{widths:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejections_of_removed_endpoints_do_not_count_against_the_cap() {
+        let (set, tx, _metrics) = following_set_of(4, None).await;
+        let policy = OutlierDetection {
+            consecutive_failures: 1,
+            ..Default::default()
+        };
+        // Two of four ejected: the 50 % cap is reached.
+        let endpoints = set.snapshot();
+        set.record_failure(&endpoints[0], &policy);
+        set.record_failure(&endpoints[1], &policy);
+        // The resolver drops both and reports two new ones.
+        for port in [1, 2] {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            tx.send(Change::Remove(addr)).await.unwrap();
+        }
+        for port in [5, 6] {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            tx.send(Change::Insert(addr, ())).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(set.snapshot().len(), 4);
+        assert_eq!(set.ejections.lock().unwrap().len(), 0, "purged");
+        // None of the four is ejected, so one failing may be.
+        let third = set.snapshot()[0].clone();
+        set.record_failure(&third, &policy);
+        assert!(third.is_ejected(Instant::now()), "ejected under the cap");
     }
 
     #[tokio::test]

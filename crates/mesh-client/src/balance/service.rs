@@ -265,10 +265,16 @@ where
                     });
                 }
             };
-            endpoint.observe_rtt(now - started, now);
+            // A refusal's latency is not a service time: a shedding server
+            // answers fast, and would look like the fastest endpoint.
+            if header_status(&response) != Some(Code::ResourceExhausted) {
+                endpoint.observe_rtt(now - started, now);
+            }
             let account = {
                 let (set, endpoint, config) = (set.clone(), endpoint.clone(), config.clone());
                 move |code: Option<Code>| match code {
+                    // Overloaded, not broken: penalised, never ejected.
+                    Some(Code::ResourceExhausted) => endpoint.record_shed(Instant::now()),
                     Some(code) if !is_endpoint_failure(code) => endpoint.record_success(),
                     _ => set.record_failure(&endpoint, &config.outlier_detection),
                 }

@@ -49,6 +49,8 @@ pub(crate) struct Subset {
     pub(crate) size: usize,
     /// Widen when more than this share of members is unusable.
     pub(crate) max_unhealthy: f64,
+    /// Members at most while widened (`maxWidth`; default 2 × size).
+    pub(crate) max_width: usize,
 }
 
 impl Subset {
@@ -74,6 +76,7 @@ impl Subset {
             order,
             size: config.size,
             max_unhealthy: f64::from(config.max_unhealthy_percent) / 100.0,
+            max_width: config.max_width.unwrap_or(2 * config.size).max(config.size),
         }
     }
 
@@ -189,6 +192,7 @@ mod tests {
             client_id: Some(id.to_owned()),
             mode,
             max_unhealthy_percent: 25,
+            max_width: None,
         }
     }
 

@@ -13,7 +13,10 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use mesh_client::{LbPolicy, SubsetMode};
-use meshbench::sim::{self, Event, Fleet, Strategy, bench, plot};
+use meshbench::{
+    plot::{self, LineChart},
+    sim::{self, Event, Fleet, Strategy, bench},
+};
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +60,11 @@ enum Command {
         /// memory freed by the other measurements would hide the growth).
         #[arg(long)]
         memory_only: bool,
+        /// A short run (a couple of minutes in a release build): pick cost
+        /// at 10, 1,000 and 10,000 endpoints only, fewer calls, updates
+        /// and subset trials. The ratio line is the same measurement.
+        #[arg(long)]
+        quick: bool,
         /// Where bench.json and the SVG plot go.
         #[arg(long, default_value = "docs/scaling")]
         out: PathBuf,
@@ -87,7 +95,11 @@ fn main() -> ExitCode {
             events,
             out,
         } => fleet(clients, servers, subset, seconds, capacity, &events, &out),
-        Command::Bench { out, memory_only } => run_bench(&out, memory_only),
+        Command::Bench {
+            out,
+            memory_only,
+            quick,
+        } => run_bench(&out, memory_only, quick),
         Command::Client {
             target,
             config,
@@ -234,17 +246,20 @@ fn fleet(
         serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?,
     )
     .map_err(|e| e.to_string())?;
+    let title =
+        format!("Calls served per server ({clients} clients x {servers} servers, steady), sorted");
     plot::lines(
         &out.join(format!("{name}-load.svg")),
-        &format!("Calls served per server ({clients} clients x {servers} servers, steady), sorted"),
-        "servers, percent (least loaded first)",
-        "load / mean",
+        &LineChart::new(
+            &title,
+            "servers, percent (least loaded first)",
+            "load / mean",
+        ),
         &load_series,
-        false,
     )
 }
 
-fn run_bench(out: &std::path::Path, memory_only: bool) -> Result<(), String> {
+fn run_bench(out: &std::path::Path, memory_only: bool, quick: bool) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -258,16 +273,32 @@ fn run_bench(out: &std::path::Path, memory_only: bool) -> Result<(), String> {
         );
         return Ok(());
     }
-    let counts = [10, 100, 1_000, 10_000, 100_000];
+    let counts: &[usize] = if quick {
+        &[10, 1_000, 10_000]
+    } else {
+        &[10, 100, 1_000, 10_000, 100_000]
+    };
+    let (rounds, calls_n, batches) = if quick {
+        (7, 5_000, 5)
+    } else {
+        (9, 20_000, 20)
+    };
     let (p2c, rr, calls, memory, update) = rt.block_on(async {
-        let p2c = bench::pick_cost(&counts, LbPolicy::P2c, 100_000, 5).await;
-        let rr = bench::pick_cost(&counts, LbPolicy::RoundRobin, 100_000, 5).await;
-        let calls = bench::call_cost(&[10, 10_000], 20_000, 3).await;
+        let p2c = bench::pick_cost(counts, LbPolicy::P2c, 100_000, rounds).await;
+        let rr = bench::pick_cost(counts, LbPolicy::RoundRobin, 100_000, rounds).await;
+        let calls = bench::call_cost(&[10, 10_000], calls_n, 3).await;
         let memory = bench::bytes_per_idle_endpoint(10_000).await;
-        let update = bench::update_beside_calls(20).await;
+        let update = bench::update_beside_calls(batches).await;
         (p2c, rr, calls, memory, update)
     });
-    println!("pick cost (ns per pick, best of 5 x 100,000):");
+    println!(
+        "pick cost (ns per pick, best of {rounds} rounds x 100,000, the counts taken in turn; {} build):",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
     println!("{:>10} {:>10} {:>12}", "endpoints", "p2c", "round robin");
     for ((n, a), (_, b)) in p2c.iter().zip(&rr) {
         println!("{n:>10} {a:>10.1} {b:>12.1}");
@@ -276,10 +307,11 @@ fn run_bench(out: &std::path::Path, memory_only: bool) -> Result<(), String> {
         let at = |k| v.iter().find(|(c, _)| *c == k).map_or(f64::NAN, |p| p.1);
         at(n) / at(10)
     };
+    let p2c_ratio = ratio(&p2c, 10_000);
     println!(
-        "p2c pick at 10,000 / at 10: {:.2}x   (round robin {:.2}x)",
-        ratio(&p2c, 10_000),
-        ratio(&rr, 10_000)
+        "p2c pick at 10,000 / at 10: {p2c_ratio:.2}x   (round robin {:.2}x)   goal <= 1.2x: {}",
+        ratio(&rr, 10_000),
+        if p2c_ratio <= 1.2 { "met" } else { "NOT met" }
     );
     println!(
         "whole call through the stack (ns): 10 endpoints {:.0}, 10,000 endpoints {:.0} ({:.2}x)",
@@ -299,10 +331,11 @@ fn run_bench(out: &std::path::Path, memory_only: bool) -> Result<(), String> {
         update.busy_us,
         update.calls_during_updates
     );
-    let choice = bench::subset_choice(1000, 1000, 16, 10);
+    let removals = if quick { 10 } else { 100 };
+    let choice = bench::subset_choice(1000, 1000, 16, if quick { 2 } else { 10 }, removals);
     for c in &choice {
         println!(
-            "subset {:<13} 1,000 x 1,000, size 16: clients per server max/mean {:.3}, min {}; moved on one removal {:.3} % (worst {:.3} %), on one addition {:.3} % (worst {:.3} %), mean over 100 removals {:.3} %",
+            "subset {:<13} 1,000 x 1,000, size 16: clients per server max/mean {:.3}, min {}; moved on one removal {:.3} % (worst {:.3} %), on one addition {:.3} % (worst {:.3} %), mean over {removals} removals {:.3} %",
             c.mode,
             c.conns_max_mean,
             c.conns_min,
@@ -329,10 +362,14 @@ fn run_bench(out: &std::path::Path, memory_only: bool) -> Result<(), String> {
     };
     plot::lines(
         &out.join("pick-cost.svg"),
-        "Balancer pick cost against endpoint count",
-        "endpoints (log)",
-        "ns per pick",
+        &LineChart {
+            log_x: true,
+            ..LineChart::new(
+                "Balancer pick cost against endpoint count",
+                "endpoints (log)",
+                "ns per pick",
+            )
+        },
         &[series("P2C", &p2c), series("round robin", &rr)],
-        true,
     )
 }

@@ -72,28 +72,32 @@ async fn channel_of(
 }
 
 /// Nanoseconds per pick (best of `rounds` rounds of `picks`) at each count.
+/// The rounds take the counts in turn (every set is built first), so a
+/// burst of load from other processes hits every count alike and the
+/// best-of ratio stays fair on a shared machine.
 pub async fn pick_cost(
     counts: &[usize],
     policy: LbPolicy,
     picks: usize,
     rounds: usize,
 ) -> Vec<(usize, f64)> {
-    let mut out = Vec::new();
+    let mut channels = Vec::new();
     for &n in counts {
-        let (channel, _tx) = channel_of(n, None).await;
-        let mut best = f64::MAX;
-        for _ in 0..rounds {
+        channels.push(channel_of(n, None).await);
+    }
+    let mut best = vec![f64::MAX; counts.len()];
+    for _ in 0..rounds {
+        for ((channel, _tx), best) in channels.iter().zip(best.iter_mut()) {
             let started = Instant::now();
             let mut sink = 0u64;
             for _ in 0..picks {
                 sink += u64::from(channel.pick_once(policy).map_or(0, |a| a.port()));
             }
             std::hint::black_box(sink);
-            best = best.min(started.elapsed().as_nanos() as f64 / picks as f64);
+            *best = best.min(started.elapsed().as_nanos() as f64 / picks as f64);
         }
-        out.push((n, best));
     }
-    out
+    counts.iter().copied().zip(best).collect()
 }
 
 /// Nanoseconds per whole call through the stack (best of `rounds`).
@@ -187,7 +191,7 @@ pub struct Choice {
     /// The same when one server is added.
     pub moved_on_add: (f64, f64),
     /// Mean moved share per removal over removals from N down to N − 100
-    /// (crossing multiples of the size).
+    /// (crossing multiples of the size; fewer with `meshsim bench --quick`).
     pub moved_over_100_removals: f64,
 }
 
@@ -197,6 +201,7 @@ fn members(mode: SubsetMode, c: usize, size: usize, addrs: &[SocketAddr]) -> Has
         client_id: Some(format!("client-{c}")),
         mode,
         max_unhealthy_percent: 25,
+        max_width: None,
     };
     subset_members(&config, addrs).into_iter().collect()
 }
@@ -212,8 +217,16 @@ fn moved(mode: SubsetMode, clients: usize, size: usize, a: &[SocketAddr], b: &[S
     changed as f64 / (clients * size) as f64
 }
 
-/// Measures both modes.
-pub fn subset_choice(clients: usize, servers: usize, size: usize, trials: usize) -> Vec<Choice> {
+/// Measures both modes: `trials` random removals and additions, and a
+/// run of up to `removals` removals in a row (crossing multiples of the
+/// size).
+pub fn subset_choice(
+    clients: usize,
+    servers: usize,
+    size: usize,
+    trials: usize,
+    removals: usize,
+) -> Vec<Choice> {
     use rand::Rng;
     let addrs: Vec<SocketAddr> = (0..servers).map(server_addr).collect();
     let mut rng = rand::rng();
@@ -248,7 +261,7 @@ pub fn subset_choice(clients: usize, servers: usize, size: usize, trials: usize)
         };
         let mut shrinking = addrs.clone();
         let mut total = 0.0;
-        let steps = 100.min(servers.saturating_sub(size));
+        let steps = removals.min(servers.saturating_sub(size));
         for _ in 0..steps {
             let mut next = shrinking.clone();
             next.remove(rng.random_range(0..next.len()));

@@ -28,7 +28,6 @@
 
 pub mod bench;
 pub mod client;
-pub mod plot;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},

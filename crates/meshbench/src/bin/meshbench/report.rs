@@ -150,14 +150,9 @@ pub struct Timeline {
     pub series: Vec<Series>,
 }
 
-/// One contender's line.
-#[derive(Clone, Debug, Serialize)]
-pub struct Series {
-    /// The contender.
-    pub name: String,
-    /// (x, y) points.
-    pub points: Vec<(f64, f64)>,
-}
+/// One contender's line (the chart module's, shared with `meshsim`).
+pub use meshbench::plot::Series;
+use meshbench::plot::{LineChart, PALETTE, SeriesLabelPosition};
 
 /// `a / b` for ratios of measurements, safe against an empty denominator.
 pub fn ratio(a: f64, b: f64) -> f64 {
@@ -467,45 +462,12 @@ pub fn plot(s: &Scenario, dir: &Path) -> Result<(), String> {
 }
 
 fn plot_timeline(t: &Timeline, path: &Path) -> Result<(), String> {
-    let root = SVGBackend::new(path, (1100, 380)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let points = || t.series.iter().flat_map(|s| s.points.iter());
-    let right = points().map(|p| p.0).fold(0.1, f64::max);
-    let top = points().map(|p| p.1).fold(0.1, f64::max) * 1.1;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(&t.title, ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(64)
-        .build_cartesian_2d(0f64..right, 0f64..top)
-        .map_err(|e| e.to_string())?;
-    chart
-        .configure_mesh()
-        .x_desc(&t.x)
-        .y_desc(&t.y)
-        .draw()
-        .map_err(|e| e.to_string())?;
-    for (i, s) in t.series.iter().enumerate() {
-        let color = PALETTE[i % 6];
-        chart
-            .draw_series(std::iter::once(PathElement::new(
-                s.points.clone(),
-                color.stroke_width(2),
-            )))
-            .map_err(|e| e.to_string())?
-            .label(s.name.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-            });
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| e.to_string())?;
-    root.present().map_err(|e| e.to_string())
+    let chart = LineChart {
+        size: (1100, 380),
+        legend: SeriesLabelPosition::UpperRight,
+        ..LineChart::new(&t.title, &t.x, &t.y)
+    };
+    meshbench::plot::lines(path, &chart, &t.series)
 }
 
 /// Stacked bars: each contender's CPU µs per request, one band per process.
@@ -577,15 +539,6 @@ fn plot_cpu(s: &Scenario, columns: &[String], path: &Path) -> Result<(), String>
 fn short(name: &str) -> String {
     name.split(" (").next().unwrap_or(name).to_owned()
 }
-
-const PALETTE: [RGBColor; 6] = [
-    RGBColor(0x4e, 0x79, 0xa7),
-    RGBColor(0xf2, 0x8e, 0x2b),
-    RGBColor(0x59, 0xa1, 0x4f),
-    RGBColor(0xe1, 0x57, 0x59),
-    RGBColor(0x76, 0xb7, 0xb2),
-    RGBColor(0xb0, 0x7a, 0xa1),
-];
 
 fn bar_chart<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
