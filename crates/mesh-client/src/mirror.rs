@@ -39,9 +39,13 @@ pub const MAX_MIRROR_IN_FLIGHT: u32 = 1024;
 /// the caller's credentials, which a shadow could replay elsewhere.
 pub const DEFAULT_STRIPPED_HEADERS: &[&str] = &["authorization", "cookie", "proxy-authorization"];
 
+/// Request header on every copy (value `true`), so the shadow can tell
+/// mirrored traffic from its own (and keep it out of business counts).
+pub const MIRROR_HEADER: &str = "mesh-mirrored";
+
 /// Headers a copy needs to be a gRPC call the shadow can tell from real
 /// traffic; `stripHeaders` may not name them.
-const REQUIRED_HEADERS: &[&str] = &["content-type", "te", layer::MIRROR_HEADER];
+const REQUIRED_HEADERS: &[&str] = &["content-type", "te", MIRROR_HEADER];
 
 /// The most names `stripHeaders` or `keepHeaders` may list.
 pub const MAX_MIRROR_HEADER_NAMES: usize = 64;

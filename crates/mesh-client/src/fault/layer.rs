@@ -396,6 +396,75 @@ mod tests {
         assert_eq!(count(&metrics, "kind=\"abort\""), aborted as u64);
     }
 
+    /// The value of the series `name` whose labels include `labels`.
+    fn series(metrics: &Metrics, name: &str, labels: &str) -> u64 {
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn injected_aborts_are_retried_from_the_real_budget_and_can_exhaust_it() {
+        let mut table = MethodTable::default();
+        table.insert(
+            "/t.S/Get",
+            MethodInfo {
+                idempotent: true,
+                client_streaming: false,
+            },
+        );
+        // One retry in reserve, one more per second, none earned by requests.
+        let config = ConfigHandle::new(
+            MeshConfig::from_json(
+                r#"{"retryPolicy":{"maxAttempts":2},
+                    "retryBudget":{"retryRatio":0.0,"minRetriesPerSecond":1,"ttl":"1s"}}"#,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let metrics = Metrics::new();
+        let (mock, mut handle) = mock::pair::<http::Request<Body>, http::Response<Body>>();
+        let chaos = tower::ServiceBuilder::new()
+            .layer(RetryLayer::new("t", config, Arc::new(table)).metrics(metrics.clone()))
+            .layer(
+                FaultLayer::new("t", metrics.clone()).with_policy(abort(100.0, Code::Unavailable)),
+            )
+            .service(mock);
+        // The first call's abort is retried (and aborted again): the reserve is spent.
+        let response = chaos
+            .clone()
+            .oneshot(request("/t.S/Get", None))
+            .await
+            .unwrap();
+        assert_eq!(header_status(&response), Some(Code::Unavailable));
+        assert_eq!(
+            series(&metrics, "mesh_retries_total", "rpc_method=\"Get\""),
+            1
+        );
+        // The next abort finds the budget empty, as a real failure would.
+        let response = chaos.oneshot(request("/t.S/Get", None)).await.unwrap();
+        assert_eq!(header_status(&response), Some(Code::Unavailable));
+        assert_eq!(
+            series(&metrics, "mesh_retry_budget_exhausted_total", "peer=\"t\""),
+            1,
+            "injected aborts drain the budget real retries draw on"
+        );
+        assert_eq!(
+            series(&metrics, "mesh_retries_total", "rpc_method=\"Get\""),
+            1
+        );
+        assert!(
+            !matches!(
+                tokio::time::timeout(Duration::from_secs(60), handle.next_request()).await,
+                Ok(Some(_))
+            ),
+            "no attempt reached the endpoint"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn aborts_on_an_idempotent_method_are_retried_by_the_layer_above() {
         // retry → fault (every first attempt aborted) → mock.

@@ -50,9 +50,8 @@ use crate::{
     telemetry::metrics::Metrics,
 };
 
-/// Request header on every copy (value `true`), so the shadow can tell
-/// mirrored traffic from its own (and keep it out of business counts).
-pub const MIRROR_HEADER: &str = "mesh-mirrored";
+/// The header every copy carries (defined beside the policy that needs it).
+pub use super::MIRROR_HEADER;
 
 /// The longest a copy may run when the call has no deadline of its own
 /// (30 s, the mesh's default `maxTimeout`).
