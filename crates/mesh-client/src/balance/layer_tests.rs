@@ -229,6 +229,56 @@ async fn a_target_that_never_resolves_fails_after_the_first_resolution_wait() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn calls_that_shared_one_failed_dial_charge_the_endpoint_once() {
+    // Fifty calls reach an idle endpoint at once and wait on its one dial,
+    // which fails. Charged once per waiting call, the backoff would be
+    // 1.6^49 s (capped at 120 s) and the ejections would fill the cap.
+    let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Change::Insert(addr(1), ())).await.unwrap();
+    drop(tx);
+    set.clone()
+        .follow(
+            rx,
+            Arc::new(|addr| crate::endpoint::ClientConn::unconnectable(addr, "dial refused")),
+            false,
+        )
+        .await;
+    let config = ConfigHandle::new(MeshConfig::default()).unwrap();
+    let svc = BalanceLayer::new(set.clone(), config).layer(crate::endpoint::Connection);
+    let calls: Vec<_> = (0..50)
+        .map(|_| tokio::spawn(svc.clone().oneshot(request())))
+        .collect();
+    let mut refused = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Err(CallError::Transport { never_sent, .. }) => {
+                assert!(never_sent);
+                refused += 1;
+            }
+            Err(CallError::NoEndpoint(_)) => {}
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+    assert!(
+        refused > 1,
+        "the calls shared the dial ({refused} saw it fail)"
+    );
+    let endpoint = set.snapshot()[0].clone();
+    assert!(endpoint.is_reconnecting(Instant::now()));
+    // The first backoff is 1 s ± 20 %: one failure, not fifty.
+    tokio::time::advance(Duration::from_millis(1300)).await;
+    assert!(
+        !endpoint.is_reconnecting(Instant::now()),
+        "backed off as for one failed dial"
+    );
+    assert!(
+        !endpoint.is_ejected(Instant::now()),
+        "one failure ejects nothing"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failed_dial_of_the_real_connection_backs_the_endpoint_off_and_counts_as_never_sent() {
     // The endpoint's own connection (not a mock) whose dial fails: the
     // error it makes must read as a connect failure to the balancer.

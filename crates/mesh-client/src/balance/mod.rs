@@ -307,6 +307,7 @@ impl EndpointSet {
             // At the cap: more members would cost connections and spread
             // load over endpoints further from this client's share.
             tracing::debug!(target = %self.target, width, usable = usable_count, "subset at its widening cap");
+            self.narrow_streak.store(0, Ordering::Relaxed);
             width
         } else if width > subset.size {
             let addrs: Vec<SocketAddr> = all.iter().copied().collect();

@@ -243,7 +243,11 @@ where
                 Ok(response) => response,
                 Err(err) => {
                     let err: BoxError = err.into();
-                    if is_connect_error(&*err) {
+                    // Calls that shared one failed dial all get its error;
+                    // it is one failure of the endpoint, charged once.
+                    let charged = crate::endpoint::failed_dial(&*err)
+                        .is_none_or(|dial| endpoint.first_report_of_dial(dial));
+                    if charged && is_connect_error(&*err) {
                         let wait = endpoint.record_connect_failure(
                             now,
                             &config.endpoint,
@@ -255,7 +259,7 @@ where
                     // The call's own deadline running out says nothing of
                     // the endpoint (DEADLINE_EXCEEDED in a response is not an
                     // endpoint failure either); only real failures eject.
-                    if !timed_out(&*err) {
+                    if charged && !timed_out(&*err) {
                         set.record_failure(&endpoint, &config.outlier_detection);
                     }
                     return Err(CallError::Transport {

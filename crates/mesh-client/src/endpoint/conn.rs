@@ -117,6 +117,9 @@ enum State {
 struct Inner {
     state: Mutex<State>,
     dial: Dial,
+    /// Dials started so far; each dial's number tells the calls that
+    /// shared its failure apart from those of the next one.
+    dials: std::sync::atomic::AtomicU64,
     connect_timeout: Duration,
     authority: Authority,
 }
@@ -195,6 +198,7 @@ impl ClientConn {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::Idle),
                 dial,
+                dials: std::sync::atomic::AtomicU64::new(0),
                 connect_timeout: settings.connect_timeout,
                 authority,
             }),
@@ -234,6 +238,17 @@ impl ClientConn {
     fn send(&self, req: Request, resend: bool) -> ResponseFuture {
         let attempt = {
             let mut state = self.inner.lock();
+            // A dial whose task ended without recording its outcome (it
+            // panicked, or its runtime went away) must not hold every
+            // later call to its result.
+            if let State::Connecting(attempt) = &*state
+                && let Some(outcome) = attempt.peek()
+            {
+                *state = match outcome {
+                    Ok(send) => State::Ready(send.clone()),
+                    Err(_) => State::Idle,
+                };
+            }
             match &mut *state {
                 State::Ready(send) if !send.is_closed() => {
                     // The fast path: hyper queues the request to the
@@ -263,16 +278,23 @@ impl ClientConn {
     /// becomes the connection's state whether or not a call still waits.
     fn start_dial(&self) -> Attempt {
         let dial = (self.inner.dial)();
+        let number = 1 + self
+            .inner
+            .dials
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let limit = self.inner.connect_timeout;
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let task = tokio::spawn(async move {
             let result = match tokio::time::timeout(limit, dial).await {
                 Ok(Ok(send)) => Ok(send),
-                Ok(Err(e)) => Err(DialError::from_box(e)),
-                Err(_) => Err(DialError(Arc::new(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no connection within the connect timeout of {limit:?}"),
-                )))),
+                Ok(Err(e)) => Err(DialError::from_box(e, number)),
+                Err(_) => Err(DialError(
+                    Arc::new(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no connection within the connect timeout of {limit:?}"),
+                    )),
+                    number,
+                )),
             };
             if let Some(inner) = weak.upgrade() {
                 let mut state = inner.lock();
@@ -287,9 +309,12 @@ impl ClientConn {
         });
         async move {
             task.await.unwrap_or_else(|e| {
-                Err(DialError(Arc::new(io::Error::other(format!(
-                    "the connection attempt was lost: {e}"
-                )))))
+                Err(DialError(
+                    Arc::new(io::Error::other(format!(
+                        "the connection attempt was lost: {e}"
+                    ))),
+                    number,
+                ))
             })
         }
         .boxed()
@@ -314,21 +339,32 @@ impl ClientConn {
 
 impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().expect("connection lock poisoned")
+        // Every write of the state is one assignment: a panic elsewhere
+        // while it was held cannot have left it half-changed.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-/// Why a dial failed, shared by every call that waited on it.
+/// Why a dial failed, shared by every call that waited on it, with the
+/// dial's number on its connection (from 1).
 #[derive(Clone, Debug)]
-pub(crate) struct DialError(Arc<io::Error>);
+pub(crate) struct DialError(Arc<io::Error>, u64);
 
 impl DialError {
-    fn from_box(e: BoxError) -> Self {
+    fn from_box(e: BoxError, dial: u64) -> Self {
         match e.downcast::<io::Error>() {
-            Ok(io) => Self(Arc::new(*io)),
-            Err(other) => Self(Arc::new(io::Error::other(other))),
+            Ok(io) => Self(Arc::new(*io), dial),
+            Err(other) => Self(Arc::new(io::Error::other(other)), dial),
         }
     }
+}
+
+/// The number of the failed dial behind `err`, if a dial's failure is
+/// what `err` is: every call that waited on one dial gets the same one.
+pub(crate) fn failed_dial(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    crate::caused_by::<DialError>(err).map(|d| d.1)
 }
 
 impl std::fmt::Display for DialError {
@@ -865,6 +901,35 @@ mod tests {
         settle(&conn, ConnState::Closed).await;
         conn.call(request()).await.unwrap();
         assert_eq!(bed.dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dial_whose_task_panicked_does_not_hold_the_connection() {
+        // The first dial's connector panics (its task never records an
+        // outcome); later calls must dial again, not reuse that result.
+        let dials = Arc::new(AtomicUsize::new(0));
+        let counted = dials.clone();
+        let conn = ClientConn::new(
+            authority_of(addr()),
+            &EndpointConfig::default(),
+            move || {
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n == 0 {
+                        panic!("connector bug");
+                    }
+                    Err::<TokioIo<tokio::net::TcpStream>, _>(io::Error::other("refused"))
+                }
+            },
+        );
+        let first = conn.call(request()).await.unwrap_err();
+        assert!(
+            first.to_string().contains("lost") || format!("{first:?}").contains("lost"),
+            "{first:?}"
+        );
+        let second = conn.call(request()).await.unwrap_err();
+        assert_eq!(dials.load(Ordering::SeqCst), 2, "a new dial: {second:?}");
+        assert!(format!("{second:?}").contains("refused"), "{second:?}");
     }
 
     #[tokio::test(start_paused = true)]

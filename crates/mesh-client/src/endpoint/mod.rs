@@ -27,7 +27,7 @@ use tonic::{Code, body::Body};
 use tower::Service;
 
 pub(crate) use crate::body::{ObservedBody, header_status};
-pub(crate) use conn::{ClientConn, authority_of, never_processed};
+pub(crate) use conn::{ClientConn, authority_of, failed_dial, never_processed};
 pub(crate) use health::watch_health;
 
 use crate::config::{EndpointConfig, OutlierDetection};
@@ -83,6 +83,8 @@ pub(crate) struct Endpoint {
     rtt_at: AtomicU64,
     state: Mutex<State>,
     health_task: Mutex<Option<tokio::task::AbortHandle>>,
+    /// The highest dial number whose failure was charged to this endpoint.
+    charged_dial: AtomicU64,
 }
 
 /// What the balancer's pick reads of an endpoint, together in one
@@ -193,7 +195,17 @@ impl Endpoint {
                 last_connect_error: None,
             }),
             health_task: Mutex::new(None),
+            charged_dial: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the failure of dial number `dial` is reported here for the
+    /// first time: every call that waited on one dial gets its failure,
+    /// and the endpoint is charged (backoff, ejection) once per dial, not
+    /// once per waiting call (a thousand calls on one failed dial would
+    /// otherwise mean the longest backoff at once).
+    pub(crate) fn first_report_of_dial(&self, dial: u64) -> bool {
+        self.charged_dial.fetch_max(dial, Ordering::Relaxed) < dial
     }
 
     pub(crate) fn set_health_task(&self, handle: tokio::task::AbortHandle) {
