@@ -64,8 +64,9 @@ pub(crate) const MAX_FRAME_SIZE: u32 = 16 * 1024;
 pub(crate) const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// Streams opened before the server's SETTINGS say how many it allows
 /// (the RFC's recommended minimum, hyper's default); after that the
-/// server's `SETTINGS_MAX_CONCURRENT_STREAMS` bounds us, and h2 queues
-/// calls beyond it until a stream closes.
+/// server's `SETTINGS_MAX_CONCURRENT_STREAMS` bounds us, and hyper queues
+/// calls beyond it until a stream closes (at most [`MAX_PENDING_CALLS`]
+/// live calls per connection).
 pub(crate) const INITIAL_MAX_SEND_STREAMS: usize = 100;
 /// Request bytes buffered per stream before the sender waits (hyper's default).
 pub(crate) const MAX_SEND_BUFFER: usize = 1024 * 1024;
@@ -120,6 +121,8 @@ struct Inner {
     /// Dials started so far; each dial's number tells the calls that
     /// shared its failure apart from those of the next one.
     dials: std::sync::atomic::AtomicU64,
+    /// Calls handed to this connection and not yet answered or dropped.
+    pending: std::sync::atomic::AtomicUsize,
     connect_timeout: Duration,
     authority: Authority,
 }
@@ -199,6 +202,7 @@ impl ClientConn {
                 state: Mutex::new(State::Idle),
                 dial,
                 dials: std::sync::atomic::AtomicU64::new(0),
+                pending: std::sync::atomic::AtomicUsize::new(0),
                 connect_timeout: settings.connect_timeout,
                 authority,
             }),
@@ -229,8 +233,23 @@ impl ClientConn {
 
     /// Sends `req` on the connection, dialling first if there is none.
     pub(crate) fn call(&self, mut req: Request) -> ResponseFuture {
+        use std::sync::atomic::Ordering::Relaxed;
+        // hyper queues calls beyond the server's stream limit without
+        // bound; a peer that stops opening streams (and still answers
+        // pings) would hold every call until its deadline. Past the bound
+        // a call fails at once, unsent, and may go elsewhere.
+        if self.inner.pending.fetch_add(1, Relaxed) >= MAX_PENDING_CALLS {
+            self.inner.pending.fetch_sub(1, Relaxed);
+            return ResponseFuture {
+                kind: Kind::Refused(Some(Box::new(QueueFull))),
+                _pending: None,
+            };
+        }
+        let pending = PendingCall(self.inner.clone());
         self.set_origin(&mut req);
-        self.send(req, true)
+        let mut response = self.send(req, true);
+        response._pending = Some(pending);
+        response
     }
 
     /// Sends `req` (its origin set) on the live connection or a new one;
@@ -253,10 +272,13 @@ impl ClientConn {
                 State::Ready(send) if !send.is_closed() => {
                     // The fast path: hyper queues the request to the
                     // connection's dispatcher; no task of ours in between.
-                    return ResponseFuture(Kind::Sent {
-                        fut: Box::pin(send.try_send_request(req)),
-                        resend: resend.then(|| self.clone()),
-                    });
+                    return ResponseFuture {
+                        kind: Kind::Sent {
+                            fut: Box::pin(send.try_send_request(req)),
+                            resend: resend.then(|| self.clone()),
+                        },
+                        _pending: None,
+                    };
                 }
                 State::Connecting(attempt) => attempt.clone(),
                 State::Ready(_) | State::Idle => {
@@ -266,12 +288,15 @@ impl ClientConn {
                 }
             }
         };
-        ResponseFuture(Kind::Dialling(Box::pin(async move {
-            let mut send = attempt
-                .await
-                .map_err(|e| -> BoxError { Box::new(tonic::ConnectError(Box::new(e))) })?;
-            Ok(send.send_request(req).await?.map(Body::new))
-        })))
+        ResponseFuture {
+            _pending: None,
+            kind: Kind::Dialling(Box::pin(async move {
+                let mut send = attempt
+                    .await
+                    .map_err(|e| -> BoxError { Box::new(tonic::ConnectError(Box::new(e))) })?;
+                Ok(send.send_request(req).await?.map(Body::new))
+            })),
+        }
     }
 
     /// A dial on its own task, bounded by the connect timeout; its outcome
@@ -382,7 +407,43 @@ impl std::error::Error for DialError {
 /// The response of one call: sent on a live connection, or waiting for
 /// the dial first. An enum rather than one boxed future so the fast path
 /// allocates only hyper's own future.
-pub(crate) struct ResponseFuture(Kind);
+pub(crate) struct ResponseFuture {
+    kind: Kind,
+    /// Counts the call against [`MAX_PENDING_CALLS`] until it ends.
+    _pending: Option<PendingCall>,
+}
+
+/// Calls one connection holds at once (sent, queued in hyper for a
+/// stream, or waiting on the dial), as tonic's `Channel` buffer bounded
+/// them; past it a call fails at once with [`QueueFull`], unsent.
+pub(crate) const MAX_PENDING_CALLS: usize = 1024;
+
+/// One call counted against the connection's [`MAX_PENDING_CALLS`].
+struct PendingCall(Arc<Inner>);
+
+impl Drop for PendingCall {
+    fn drop(&mut self) {
+        self.0
+            .pending
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A call refused because its connection already holds
+/// [`MAX_PENDING_CALLS`]: never sent, so it may be sent elsewhere.
+#[derive(Debug)]
+pub(crate) struct QueueFull;
+
+impl std::fmt::Display for QueueFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the connection already holds {MAX_PENDING_CALLS} calls (the server opens no more streams); not sent"
+        )
+    }
+}
+
+impl std::error::Error for QueueFull {}
 
 enum Kind {
     Sent {
@@ -392,6 +453,8 @@ enum Kind {
         resend: Option<ClientConn>,
     },
     Dialling(BoxFuture<'static, Result<http::Response<Body>, BoxError>>),
+    /// Refused before it was sent ([`QueueFull`]).
+    Refused(Option<BoxError>),
 }
 
 impl Future for ResponseFuture {
@@ -400,7 +463,7 @@ impl Future for ResponseFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         loop {
-            match &mut this.0 {
+            match &mut this.kind {
                 Kind::Sent { fut, resend } => match ready!(fut.as_mut().poll(cx)) {
                     Ok(response) => return Poll::Ready(Ok(response.map(Body::new))),
                     Err(mut e) => {
@@ -412,13 +475,16 @@ impl Future for ResponseFuture {
                             && let Some(req) = e.take_message()
                         {
                             tracing::debug!(authority = %conn.inner.authority, "connection closed before the request was sent; sending it on a new one: {}", e.error());
-                            this.0 = conn.send(req, false).0;
+                            this.kind = conn.send(req, false).kind;
                             continue;
                         }
                         return Poll::Ready(Err(e.into_error().into()));
                     }
                 },
                 Kind::Dialling(fut) => return fut.as_mut().poll(cx),
+                Kind::Refused(err) => {
+                    return Poll::Ready(Err(err.take().expect("a refused call is polled once")));
+                }
             }
         }
     }
@@ -434,6 +500,7 @@ pub(crate) fn never_processed(err: &(dyn std::error::Error + 'static)) -> bool {
     crate::caused_by::<h2::Error>(err).is_some_and(|h2| {
         h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote())
     }) || crate::caused_by::<hyper::Error>(err).is_some_and(hyper::Error::is_canceled)
+        || crate::caused_by::<QueueFull>(err).is_some()
 }
 
 /// The URI authority of a socket address.
@@ -901,6 +968,23 @@ mod tests {
         settle(&conn, ConnState::Closed).await;
         conn.call(request()).await.unwrap();
         assert_eq!(bed.dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_beyond_the_pending_bound_fail_at_once_unsent() {
+        let conn = ClientConn::unconnectable(addr(), "never");
+        let held: Vec<_> = (0..MAX_PENDING_CALLS)
+            .map(|_| conn.call(request()))
+            .collect();
+        let err = conn.call(request()).await.unwrap_err();
+        assert!(crate::caused_by::<QueueFull>(&*err).is_some(), "{err}");
+        assert!(never_processed(&*err), "unsent, so it may go elsewhere");
+        drop(held);
+        let err = conn.call(request()).await.unwrap_err();
+        assert!(
+            crate::caused_by::<QueueFull>(&*err).is_none(),
+            "room again: {err}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
