@@ -353,7 +353,10 @@ impl Default for RetryBudget {
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct OutlierDetection {
     /// Consecutive failures (transport errors, UNAVAILABLE, INTERNAL,
-    /// UNKNOWN, DATA_LOSS) that eject an endpoint. Default 5.
+    /// UNKNOWN, DATA_LOSS) that eject an endpoint. Default 5. An INTERNAL
+    /// that refuses the caller's malformed message (a bad compression
+    /// flag, a cut-off frame, bytes that do not decode) is not counted:
+    /// a caller could otherwise eject healthy replicas at will.
     pub consecutive_failures: u32,
     /// First ejection time; each further ejection adds as much. Default 5 s.
     #[serde(with = "duration_str")]

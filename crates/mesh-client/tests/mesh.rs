@@ -284,6 +284,70 @@ async fn a_failing_replica_is_ejected_and_readmitted_after_it_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_s_malformed_messages_do_not_eject_the_replicas_that_refuse_them() {
+    use tower::ServiceExt;
+    let procs = replicas(2).await;
+    let config = MeshConfig {
+        health_checks: false,
+        load_balancing_policy: LbPolicy::RoundRobin,
+        ..Default::default()
+    };
+    let channel = mesh(config).channel(&static_target(&procs)).unwrap();
+    // Bodies no gRPC peer may send: a compression flag of 2, a compressed
+    // message without grpc-encoding, a frame cut short, bytes that are
+    // not an EchoRequest. tonic refuses each with INTERNAL.
+    let bodies: [&[u8]; 4] = [
+        &[2, 0, 0, 0, 0],
+        &[1, 0, 0, 0, 1, 0],
+        &[0, 0, 0, 0, 9, 1],
+        &[0, 0, 0, 0, 2, 0x0f, 0xff],
+    ];
+    for round in 0..10 {
+        for body in bodies {
+            let req = http::Request::builder()
+                .method("POST")
+                .uri("/mesh.echo.v1.EchoService/Echo")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(tonic::body::Body::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(body),
+                )))
+                .unwrap();
+            let response = channel.clone().oneshot(req).await.unwrap();
+            let status = tonic::Status::from_header_map(response.headers());
+            assert_eq!(
+                status.as_ref().map(|s| s.code()),
+                Some(Code::Internal),
+                "round {round}, {body:?}: {status:?}"
+            );
+        }
+    }
+    for state in channel.endpoint_states() {
+        assert!(
+            !state.ejected,
+            "40 malformed calls ejected a replica: {state:?}"
+        );
+    }
+    // Real failures still eject.
+    set_fault(
+        procs[0].addr,
+        Fault {
+            unavailable: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let report = load(&channel, 4, Duration::from_millis(600)).await;
+    assert!(report.errors.is_empty(), "{:?}", report.errors.first());
+    let state = channel
+        .endpoint_states()
+        .into_iter()
+        .find(|s| s.addr == procs[0].addr)
+        .unwrap();
+    assert!(state.ejected, "{state:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_replica_down_calls_fail_fast_with_unavailable() {
     // Three loopback ports nobody listens on (bound, then closed).
     let addrs: Vec<String> = (0..3)

@@ -126,6 +126,28 @@ pub(crate) fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
 /// Whether a transport error proves the request never reached the server
 /// (or never was processed there): a failed connect, a refused stream, a
 /// stream above a GOAWAY's last, a request its closed connection never wrote.
+/// Whether a trailers-only INTERNAL answer is a server refusing the
+/// caller's malformed message: tonic's decoder answers INTERNAL (as the
+/// gRPC spec asks) for a bad compression flag, a cut-off frame or bytes
+/// that are not the message. That is the caller's fault, not the
+/// endpoint's; counted as a failure, any client able to send such bytes
+/// (an outside one, behind a shared gateway) could eject healthy replicas.
+/// A server gains nothing by sending these texts falsely: any answer that
+/// is not a failure code already escapes ejection.
+fn refuses_the_request(response: &http::Response<Body>) -> bool {
+    const DECODER_REFUSALS: &[&str] = &[
+        "failed to decode Protobuf message",
+        "protocol error: received message with",
+        "Unexpected EOF decoding stream",
+        "Error decompressing",
+    ];
+    tonic::Status::from_header_map(response.headers()).is_some_and(|status| {
+        DECODER_REFUSALS
+            .iter()
+            .any(|m| status.message().starts_with(m))
+    })
+}
+
 fn never_sent(err: &(dyn std::error::Error + 'static)) -> bool {
     is_connect_error(err) || never_processed(err)
 }
@@ -290,7 +312,7 @@ where
                 let excused = config.outlier_detection.trust_injected_faults
                     && response.headers().get(crate::fault::FAULT_HEADER)
                         == Some(&http::HeaderValue::from_static("abort"));
-                if !excused {
+                if !excused && !(code == Code::Internal && refuses_the_request(&response)) {
                     account(Some(code));
                 }
                 let mut response = response;
