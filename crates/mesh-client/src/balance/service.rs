@@ -312,7 +312,8 @@ where
                 let excused = config.outlier_detection.trust_injected_faults
                     && response.headers().get(crate::fault::FAULT_HEADER)
                         == Some(&http::HeaderValue::from_static("abort"));
-                if !excused && !(code == Code::Internal && refuses_the_request(&response)) {
+                let callers_fault = code == Code::Internal && refuses_the_request(&response);
+                if !excused && !callers_fault {
                     account(Some(code));
                 }
                 let mut response = response;
