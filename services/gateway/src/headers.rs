@@ -56,7 +56,7 @@ pub const RESPONSE_HEADERS: &[&str] = &[
 ];
 
 /// Removes every header of `headers` not in `allowed`.
-fn retain(headers: &mut HeaderMap, allowed: &[&str]) {
+fn retain(headers: &mut HeaderMap, allowed: &[&'static str]) {
     let drop: Vec<http::HeaderName> = headers
         .keys()
         .filter(|name| !allowed.contains(&name.as_str()))
@@ -64,6 +64,15 @@ fn retain(headers: &mut HeaderMap, allowed: &[&str]) {
         .collect();
     for name in drop {
         headers.remove(&name);
+    }
+    // One value each: the gateway verifies the first `authorization`, and a
+    // reader of the last (or of all) must not see an unverified second one.
+    for name in allowed {
+        let mut values = headers.get_all(*name).iter();
+        if let (Some(first), Some(_)) = (values.next(), values.next()) {
+            let first = first.clone();
+            headers.insert(*name, first);
+        }
     }
 }
 
@@ -104,9 +113,16 @@ mod tests {
         ] {
             request.append(name, "1".parse().unwrap());
         }
+        request.append("authorization", "2".parse().unwrap());
         filter_request(&mut request);
         let mut kept: Vec<&str> = request.keys().map(|n| n.as_str()).collect();
         kept.sort();
         assert_eq!(kept, ["authorization", "content-type", "grpc-timeout"]);
+        let tokens: Vec<_> = request.get_all("authorization").iter().collect();
+        assert_eq!(
+            tokens,
+            ["1"],
+            "only the first value, the one verified, passes"
+        );
     }
 }
