@@ -236,6 +236,31 @@ async fn a_slow_replica_gets_little_traffic_under_p2c_and_more_under_round_robin
     );
 }
 
+/// Makes the replica at `addr` answer UNAVAILABLE, loads `channel`
+/// (retries hide the failures) and checks the replica was ejected.
+async fn fail_until_ejected(channel: &MeshChannel, addr: SocketAddr) {
+    set_fault(
+        addr,
+        Fault {
+            unavailable: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let report = load(channel, 4, Duration::from_millis(600)).await;
+    assert!(
+        report.errors.is_empty(),
+        "retries hide the failing replica: {:?}",
+        report.errors.first()
+    );
+    let state = channel
+        .endpoint_states()
+        .into_iter()
+        .find(|s| s.addr == addr)
+        .unwrap();
+    assert!(state.ejected, "{state:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_replica_is_ejected_and_readmitted_after_it_recovers() {
     let procs = replicas(3).await;
@@ -250,26 +275,7 @@ async fn a_failing_replica_is_ejected_and_readmitted_after_it_recovers() {
         ..Default::default()
     };
     let channel = mesh(config).channel(&static_target(&procs)).unwrap();
-    set_fault(
-        procs[0].addr,
-        Fault {
-            unavailable: true,
-            ..Default::default()
-        },
-    )
-    .await;
-    let report = load(&channel, 4, Duration::from_millis(600)).await;
-    assert!(
-        report.errors.is_empty(),
-        "retries hide the failing replica: {:?}",
-        report.errors.first()
-    );
-    let state = channel
-        .endpoint_states()
-        .into_iter()
-        .find(|s| s.addr == procs[0].addr)
-        .unwrap();
-    assert!(state.ejected, "{state:?}");
+    fail_until_ejected(&channel, procs[0].addr).await;
 
     set_fault(procs[0].addr, Fault::default()).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -329,22 +335,7 @@ async fn a_caller_s_malformed_messages_do_not_eject_the_replicas_that_refuse_the
         );
     }
     // Real failures still eject.
-    set_fault(
-        procs[0].addr,
-        Fault {
-            unavailable: true,
-            ..Default::default()
-        },
-    )
-    .await;
-    let report = load(&channel, 4, Duration::from_millis(600)).await;
-    assert!(report.errors.is_empty(), "{:?}", report.errors.first());
-    let state = channel
-        .endpoint_states()
-        .into_iter()
-        .find(|s| s.addr == procs[0].addr)
-        .unwrap();
-    assert!(state.ejected, "{state:?}");
+    fail_until_ejected(&channel, procs[0].addr).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -228,11 +228,12 @@ async fn a_target_that_never_resolves_fails_after_the_first_resolution_wait() {
     assert!(next.is_err(), "nothing sent");
 }
 
-#[tokio::test(start_paused = true)]
-async fn calls_that_shared_one_failed_dial_charge_the_endpoint_once() {
-    // Fifty calls reach an idle endpoint at once and wait on its one dial,
-    // which fails. Charged once per waiting call, the backoff would be
-    // 1.6^49 s (capped at 120 s) and the ejections would fill the cap.
+/// A set of one endpoint whose real connection's dials all fail, and the
+/// balancer over it.
+async fn unconnectable_endpoint() -> (
+    Arc<EndpointSet>,
+    super::service::Balance<crate::endpoint::Connection>,
+) {
     let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(Change::Insert(addr(1), ())).await.unwrap();
@@ -246,6 +247,15 @@ async fn calls_that_shared_one_failed_dial_charge_the_endpoint_once() {
         .await;
     let config = ConfigHandle::new(MeshConfig::default()).unwrap();
     let svc = BalanceLayer::new(set.clone(), config).layer(crate::endpoint::Connection);
+    (set, svc)
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_that_shared_one_failed_dial_charge_the_endpoint_once() {
+    // Fifty calls reach an idle endpoint at once and wait on its one dial,
+    // which fails. Charged once per waiting call, the backoff would be
+    // 1.6^49 s (capped at 120 s) and the ejections would fill the cap.
+    let (set, svc) = unconnectable_endpoint().await;
     let calls: Vec<_> = (0..50)
         .map(|_| tokio::spawn(svc.clone().oneshot(request())))
         .collect();
@@ -282,19 +292,7 @@ async fn calls_that_shared_one_failed_dial_charge_the_endpoint_once() {
 async fn a_failed_dial_of_the_real_connection_backs_the_endpoint_off_and_counts_as_never_sent() {
     // The endpoint's own connection (not a mock) whose dial fails: the
     // error it makes must read as a connect failure to the balancer.
-    let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(Change::Insert(addr(1), ())).await.unwrap();
-    drop(tx);
-    set.clone()
-        .follow(
-            rx,
-            Arc::new(|addr| crate::endpoint::ClientConn::unconnectable(addr, "dial refused")),
-            false,
-        )
-        .await;
-    let config = ConfigHandle::new(MeshConfig::default()).unwrap();
-    let svc = BalanceLayer::new(set.clone(), config).layer(crate::endpoint::Connection);
+    let (set, svc) = unconnectable_endpoint().await;
     match svc.clone().oneshot(request()).await {
         Err(CallError::Transport {
             addr: at,

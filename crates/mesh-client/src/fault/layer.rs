@@ -260,12 +260,7 @@ mod tests {
     }
 
     fn count(metrics: &Metrics, labels: &str) -> u64 {
-        metrics
-            .encode()
-            .lines()
-            .filter(|l| l.starts_with("mesh_client_faults_injected_total{") && l.contains(labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
+        metrics.sum_of("mesh_client_faults_injected_total", labels)
     }
 
     fn layer(
@@ -396,26 +391,28 @@ mod tests {
         assert_eq!(count(&metrics, "kind=\"abort\""), aborted as u64);
     }
 
-    /// The value of the series `name` whose labels include `labels`.
+    /// `/t.S/Get` (idempotent) and `/t.S/Put` (not).
+    fn get_and_put() -> MethodTable {
+        let mut table = MethodTable::default();
+        for (path, idempotent) in [("/t.S/Get", true), ("/t.S/Put", false)] {
+            table.insert(
+                path,
+                MethodInfo {
+                    idempotent,
+                    client_streaming: false,
+                },
+            );
+        }
+        table
+    }
+
     fn series(metrics: &Metrics, name: &str, labels: &str) -> u64 {
-        metrics
-            .encode()
-            .lines()
-            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
+        metrics.sum_of(name, labels)
     }
 
     #[tokio::test(start_paused = true)]
     async fn injected_aborts_are_retried_from_the_real_budget_and_can_exhaust_it() {
-        let mut table = MethodTable::default();
-        table.insert(
-            "/t.S/Get",
-            MethodInfo {
-                idempotent: true,
-                client_streaming: false,
-            },
-        );
+        let table = get_and_put();
         // One retry in reserve, one more per second, none earned by requests.
         let config = ConfigHandle::new(
             MeshConfig::from_json(
@@ -468,21 +465,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn aborts_on_an_idempotent_method_are_retried_by_the_layer_above() {
         // retry → fault (every first attempt aborted) → mock.
-        let mut table = MethodTable::default();
-        table.insert(
-            "/t.S/Get",
-            MethodInfo {
-                idempotent: true,
-                client_streaming: false,
-            },
-        );
-        table.insert(
-            "/t.S/Put",
-            MethodInfo {
-                idempotent: false,
-                client_streaming: false,
-            },
-        );
+        let table = get_and_put();
         let config = ConfigHandle::new(MeshConfig::default()).unwrap();
         let metrics = Metrics::new();
         let (mock, mut handle) = mock::pair::<http::Request<Body>, http::Response<Body>>();

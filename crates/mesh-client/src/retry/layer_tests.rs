@@ -76,12 +76,7 @@ fn ok() -> http::Response<Body> {
 
 /// The value of the series `name` whose labels include `labels`, 0 if none.
 fn count(metrics: &Metrics, name: &str, labels: &str) -> u64 {
-    metrics
-        .encode()
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    metrics.sum_of(name, labels)
 }
 
 /// Retry over a fresh mock, recording into its own metrics.

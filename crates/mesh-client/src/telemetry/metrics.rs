@@ -425,6 +425,18 @@ impl Metrics {
         out
     }
 
+    /// The sum of the series `name` whose labels include `labels` (0 if
+    /// none), for tests.
+    #[cfg(test)]
+    pub(crate) fn sum_of(&self, name: &str, labels: &str) -> u64 {
+        let prefix = format!("{name}{{");
+        self.encode()
+            .lines()
+            .filter(|l| l.starts_with(&prefix) && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Gauges read from live state at scrape time, not kept up per call.
     fn refresh_gauges(&self) {
         let m = &*self.0;
