@@ -59,8 +59,8 @@ pub enum AuthzMode {
 ///
 /// Callers: an exact SPIFFE ID, a prefix of whole path segments ending in
 /// `/*` (`spiffe://shop.local/ns/shop/*`), or `*` for any authenticated
-/// caller. Methods: `package.Service/Method`,
-/// `package.Service/*`, or `*`.
+/// caller. Methods: `package.Service/Method`, `package.Service/Prefix*`,
+/// `package.Service/*`, or `*` (a `*` only at the very end).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicy {
@@ -111,14 +111,21 @@ pub(crate) fn caller_pattern_ok(pattern: &str) -> bool {
 }
 
 /// What a method pattern must be, for error messages.
-pub(crate) const METHOD_PATTERN: &str = "must be package.Service/Method, package.Service/* or *";
+pub(crate) const METHOD_PATTERN: &str = "must be package.Service/Method, package.Service/MethodPrefix*, package.Service/* or * (a * only at the end)";
 
 /// Whether `pattern` is `*` or `package.Service/Method` (the method part
-/// may end in `*`).
+/// may end in `*`). A `*` anywhere else would be taken literally and never
+/// match, so a rule that looks like it allows (or faults) a family of
+/// services would silently do nothing: refused instead.
 pub(crate) fn method_pattern_ok(pattern: &str) -> bool {
     pattern == "*"
         || pattern.split_once('/').is_some_and(|(service, m)| {
-            !service.is_empty() && !m.is_empty() && !m.contains('/') && !service.starts_with('/')
+            let m_head = m.strip_suffix('*').unwrap_or(m);
+            !service.is_empty()
+                && !m.is_empty()
+                && !m.contains('/')
+                && !service.contains('*')
+                && !m_head.contains('*')
         })
 }
 
@@ -226,6 +233,25 @@ mod tests {
         assert!(p.allows(Some("spiffe://shop.local/ns/shop/sa/orders"), "p.S/M"));
         assert!(!p.allows(Some("spiffe://shop.local/ns/shop-evil/sa/x"), "p.S/M"));
         assert!(!p.allows(Some("spiffe://shop.local.evil/ns/shop/sa/x"), "p.S/M"));
+    }
+
+    #[test]
+    fn a_star_is_refused_anywhere_but_the_end_of_the_method() {
+        for bad in [
+            "shop.*/Get",
+            "*/Get",
+            "shop.Orders/G*t",
+            "shop.Orders/**",
+            "/x",
+        ] {
+            let json = format!(r#"{{"rules":[{{"callers":["*"],"methods":["{bad}"]}}]}}"#);
+            let p: AuthorizationPolicy = serde_json::from_str(&json).unwrap();
+            let err = p.validate().unwrap_err().to_string();
+            assert!(err.contains("rules[0].methods[0]"), "{bad}: {err}");
+        }
+        let p = policy(r#"{"rules":[{"callers":["*"],"methods":["p.S/Get*"]}]}"#);
+        assert!(p.allows(Some("spiffe://shop.local/ns/shop/sa/x"), "p.S/GetOrder"));
+        assert!(!p.allows(Some("spiffe://shop.local/ns/shop/sa/x"), "p.S/PutOrder"));
     }
 
     #[test]
