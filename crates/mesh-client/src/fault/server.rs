@@ -118,7 +118,10 @@ where
             }
             if let Some(code) = abort {
                 metrics.server_fault(&name, "abort");
-                return Ok(abort_response(code, &format!("serverFaults rule {name:?}")));
+                // The rule's name stays in the metric and the log: callers
+                // (outside ones too, through the gateway) see only that the
+                // mesh injected the failure, not how the operator's rules read.
+                return Ok(abort_response(code, "a serverFaults rule"));
             }
             inner.oneshot(req).await
         }))
