@@ -558,10 +558,7 @@ fn connect_lazy(
         expected,
         connect_timeout: settings.connect_timeout,
     };
-    // The connector dials its own address; the URI is not read.
-    ClientConn::new(authority_of(addr), settings, move || {
-        connector.clone().call(http::Uri::default())
-    })
+    ClientConn::expiring(authority_of(addr), settings, move || connector.dial())
 }
 
 /// A channel to one target through the mesh's client layers.

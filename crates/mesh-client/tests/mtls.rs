@@ -856,3 +856,150 @@ async fn server_faults_for_one_caller_leave_other_callers_untouched_and_follow_t
         "{metrics}"
     );
 }
+
+/// A workload certificate valid from an hour ago until `left` from now.
+fn expiring_in(left: Duration) -> impl FnOnce(&mut mesh_client::tls::dev::LeafSpec) {
+    move |spec| {
+        spec.not_before = SystemTime::now() - Duration::from_secs(3600);
+        spec.valid_for = Duration::from_secs(3600) + left;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_cut_when_its_client_certificate_expires() {
+    // TLS checks a certificate once, at the handshake: without the cut, a
+    // connection (and the identity its calls are authorised as) outlives
+    // the certificate until the server's maxConnectionAge.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let echo = tls_echo(&pki.issue("echo"), None, |_| {});
+    let operator = mesh_as(&pki, "operator");
+    wait_serving_on(
+        operator
+            .channel_with_identity(&format!("static:///{}", echo.addr), &identity("echo"))
+            .unwrap(),
+    )
+    .await;
+    let client_dir = pki.issue_with("orders", expiring_in(Duration::from_secs(4)));
+    let read = |p: &str| std::fs::read_to_string(client_dir.join(p)).unwrap();
+    let (cert, key) = (read("tls.crt"), read("tls.key"));
+    let expires = Instant::now() + Duration::from_secs(4);
+
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(pki.ca.cert_pem.as_bytes()) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        CertificateDer::pem_slice_iter(cert.as_bytes())
+            .map(Result::unwrap)
+            .collect(),
+        PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(echo.addr).await.unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    // Accepted: the server's HTTP/2 SETTINGS arrive.
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .expect("the server's SETTINGS")
+        .expect("accepted");
+    assert!(n > 0, "accepted");
+    // Open (nothing more to read) until the certificate expires, then cut
+    // (with no cut the server would wait for our HTTP/2 preface forever).
+    let cut = loop {
+        match tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => continue,
+            Ok(_) => break Instant::now(),
+            Err(_) => panic!("the connection outlived its client certificate by 20 s"),
+        }
+    };
+    // notAfter has whole seconds: the certificate may expire up to 1 s
+    // before `expires`.
+    assert!(
+        cut + Duration::from_millis(1500) >= expires,
+        "cut {:?} before the certificate expired",
+        expires - cut
+    );
+    assert!(
+        echo.wait_logged("the client's certificate expired").await,
+        "{:?}",
+        echo.log.lock().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_moves_to_its_renewed_certificate_before_the_old_one_expires() {
+    // The connection made with a certificate about to expire takes no new
+    // calls from shortly before then; the next one carries the renewed
+    // certificate, and the server never has to cut a connection in use.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let echo = tls_echo(&pki.issue("echo"), None, |o| o.delay_ms = 50);
+    let operator = mesh_as(&pki, "operator");
+    wait_serving_on(
+        operator
+            .channel_with_identity(&format!("static:///{}", echo.addr), &identity("echo"))
+            .unwrap(),
+    )
+    .await;
+    pki.issue_with("orders", expiring_in(Duration::from_secs(8)));
+    let tls = pki.load("orders");
+    let mesh = Mesh::from_config(MeshConfig::default())
+        .unwrap()
+        .with_descriptor_set(mesh_fixture::FILE_DESCRIPTOR_SET)
+        .unwrap()
+        .with_tls(tls.clone());
+    let echo_client = client(&mesh, echo.addr, &identity("echo"));
+    echo_client
+        .clone()
+        .echo(EchoRequest::default())
+        .await
+        .expect("a first call");
+    // Renewed (as the certificate agent would) before the old one expires.
+    pki.issue("orders");
+    assert!(tls.reload().unwrap(), "the renewed certificate is taken");
+
+    // Four callers, one 50 ms call after another, until 4 s past the first
+    // certificate's expiry.
+    let until = Instant::now() + Duration::from_secs(12);
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = echo_client.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while Instant::now() < until {
+                    let mut request = tonic::Request::new(EchoRequest::default());
+                    request.set_timeout(Duration::from_secs(5));
+                    match c.echo(request).await {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(format!("{:?}: {}", e.code(), e.message())),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for caller in callers {
+        let (n, failed) = caller.await.unwrap();
+        assert!(failed.is_empty(), "failed calls: {failed:?}");
+        ok += n;
+    }
+    assert!(ok > 0, "calls went through");
+    assert!(
+        !echo.logged("the client's certificate expired"),
+        "the server cut a connection the client still used: {:?}",
+        echo.log.lock().unwrap()
+    );
+}

@@ -17,6 +17,11 @@
 //! names complete). Nothing is dialled before the first call or health
 //! watch, and an idle connection holds no task.
 //!
+//! Over TLS a connection retires shortly before the earlier of its two
+//! certificates expires ([`retire_at`]): the next call dials a new one
+//! (with the renewed certificate) and the old one closes when its calls
+//! are done, before the server would cut it at the expiry.
+//!
 //! Failures map as a tonic `Channel`'s did, so the balancer and the retry
 //! layer classify them unchanged: a failed dial fails its calls with a
 //! [`tonic::ConnectError`] (the balancer's cue for the endpoint's reconnect
@@ -125,6 +130,36 @@ struct Inner {
     pending: std::sync::atomic::AtomicUsize,
     connect_timeout: Duration,
     authority: Authority,
+    /// When the live connection stops taking new calls (ms since the Unix
+    /// epoch; 0: never): a certificate it was made with, ours or the
+    /// peer's, is about to expire. See [`retire_at`].
+    retire_at_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// How long before the earlier of the two certificates' expiry a
+/// connection stops taking new calls, so the calls still on it finish
+/// before the peer cuts it (a server closes a connection when its client's
+/// certificate expires).
+pub(crate) const RETIRE_BEFORE_EXPIRY: Duration = Duration::from_secs(5);
+
+/// When a connection made now, whose certificates (ours and the peer's)
+/// expire at `expires`, stops taking new calls: [`RETIRE_BEFORE_EXPIRY`]
+/// before, or at expiry itself when that moment has passed already (the
+/// certificate was not renewed: a new connection would carry the same one,
+/// so redialling early buys nothing and would dial on every call).
+pub(crate) fn retire_at(
+    expires: std::time::SystemTime,
+    now: std::time::SystemTime,
+) -> std::time::SystemTime {
+    match expires.checked_sub(RETIRE_BEFORE_EXPIRY) {
+        Some(early) if early > now => early,
+        _ => expires,
+    }
+}
+
+fn unix_ms(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(1, |d| (d.as_millis() as u64).max(1))
 }
 
 /// One HTTP/2 connection to one address, (re)made on demand.
@@ -179,13 +214,43 @@ impl ClientConn {
         Fut: Future<Output = io::Result<T>> + Send + 'static,
         T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
+        Self::expiring(authority, settings, move || {
+            let io = connect();
+            async move { io.await.map(|io| (io, None)) }
+        })
+    }
+
+    /// As [`ClientConn::new`], for connections that are valid only until
+    /// a moment `connect` reports with each one (its certificates'
+    /// expiry): from [`retire_at`] on, new calls go on a new connection
+    /// and the old one closes once its calls are done.
+    pub(crate) fn expiring<F, Fut, T>(
+        authority: Authority,
+        settings: &EndpointConfig,
+        connect: F,
+    ) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = io::Result<(T, Option<std::time::SystemTime>)>> + Send + 'static,
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let builder = http2_builder(settings);
+        let retire_at_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let retire = retire_at_ms.clone();
         let dial: Dial = Box::new(move || {
             let io = connect();
             let builder = builder.clone();
+            let retire = retire.clone();
             Box::pin(async move {
-                let io = io.await?;
+                let (io, expires) = io.await?;
                 let (send, conn) = builder.handshake::<_, Body>(io).await?;
+                // Written before the dial's outcome becomes the state
+                // (under the state's lock), so a call that finds this
+                // connection Ready reads its own retirement time.
+                retire.store(
+                    expires.map_or(0, |at| unix_ms(retire_at(at, std::time::SystemTime::now()))),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 // hyper's request dispatcher; the HTTP/2 connection itself
                 // runs on a task hyper spawns. Both end when the connection
                 // does (or when every sender and call is gone).
@@ -205,6 +270,7 @@ impl ClientConn {
                 pending: std::sync::atomic::AtomicUsize::new(0),
                 connect_timeout: settings.connect_timeout,
                 authority,
+                retire_at_ms,
             }),
         }
     }
@@ -226,8 +292,21 @@ impl ClientConn {
         match &*self.inner.lock() {
             State::Idle => ConnState::Idle,
             State::Connecting(_) => ConnState::Connecting,
-            State::Ready(send) if send.is_closed() => ConnState::Closed,
+            State::Ready(send) if send.is_closed() || self.inner.retired() => ConnState::Closed,
             State::Ready(_) => ConnState::Ready,
+        }
+    }
+
+    /// When the live connection stops taking new calls (its certificates
+    /// are about to expire), if it was made over TLS.
+    pub(crate) fn retire_at(&self) -> Option<std::time::SystemTime> {
+        match self
+            .inner
+            .retire_at_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => None,
+            ms => Some(std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
         }
     }
 
@@ -269,7 +348,9 @@ impl ClientConn {
                 };
             }
             match &mut *state {
-                State::Ready(send) if !send.is_closed() => {
+                // A retired connection is replaced below: dropping its
+                // sender lets hyper close it once its calls are done.
+                State::Ready(send) if !send.is_closed() && !self.inner.retired() => {
                     // The fast path: hyper queues the request to the
                     // connection's dispatcher; no task of ours in between.
                     return ResponseFuture {
@@ -363,6 +444,14 @@ impl ClientConn {
 }
 
 impl Inner {
+    /// Whether the live connection's certificates are about to expire.
+    fn retired(&self) -> bool {
+        match self.retire_at_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => false,
+            at => unix_ms(std::time::SystemTime::now()) >= at,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // Every write of the state is one assignment: a panic elsewhere
         // while it was held cannot have left it half-changed.
@@ -984,6 +1073,22 @@ mod tests {
         assert!(
             crate::caused_by::<QueueFull>(&*err).is_none(),
             "room again: {err}"
+        );
+    }
+
+    #[test]
+    fn a_connection_retires_before_its_certificates_expire_but_never_before_it_is_made() {
+        use std::time::SystemTime;
+        let now = SystemTime::now();
+        let far = now + Duration::from_secs(3600);
+        assert_eq!(retire_at(far, now), far - RETIRE_BEFORE_EXPIRY);
+        // Within the margin already (not renewed): retiring at once would
+        // dial on every call with the same certificate; keep it to expiry.
+        let near = now + Duration::from_secs(2);
+        assert_eq!(retire_at(near, now), near);
+        assert_eq!(
+            retire_at(now - Duration::from_secs(1), now),
+            now - Duration::from_secs(1)
         );
     }
 

@@ -23,17 +23,41 @@ pub(crate) async fn watch_health(endpoint: Weak<Endpoint>) {
         let Some(conn) = endpoint.upgrade().map(|e| e.conn().clone()) else {
             return;
         };
-        let mut client = HealthClient::new(conn);
-        match client
+        let mut client = HealthClient::new(conn.clone());
+        let watched = client
             .watch(HealthCheckRequest {
                 service: String::new(),
             })
-            .await
-        {
+            .await;
+        // Read once the watch is on a connection: that connection's.
+        let retire_at = conn
+            .retire_at()
+            .filter(|at| *at > std::time::SystemTime::now());
+        match watched {
             Ok(response) => {
                 let mut stream = response.into_inner();
+                // A connection whose certificates are about to expire takes
+                // no new calls; the watch moves to the next connection too,
+                // or it alone would hold the old one open until the server
+                // cuts it at the expiry.
+                let retired = until(retire_at);
+                tokio::pin!(retired);
+                let mut moved = false;
                 // The stream ends (or errs) when the server drains or goes away.
-                while let Ok(Some(update)) = stream.message().await {
+                loop {
+                    let update = tokio::select! {
+                        update = stream.message() => update,
+                        () = &mut retired => {
+                            moved = true;
+                            break;
+                        }
+                    };
+                    let Ok(Some(update)) = update else {
+                        if let Some(ep) = endpoint.upgrade() {
+                            ep.set_serving(false);
+                        }
+                        break;
+                    };
                     let Some(ep) = endpoint.upgrade() else { return };
                     let serving = update.status() == ServingStatus::Serving;
                     if ep.is_not_serving() == serving {
@@ -42,8 +66,8 @@ pub(crate) async fn watch_health(endpoint: Weak<Endpoint>) {
                     ep.set_serving(serving);
                     backoff = RETRY_START;
                 }
-                if let Some(ep) = endpoint.upgrade() {
-                    ep.set_serving(false);
+                if moved {
+                    continue;
                 }
             }
             Err(status) if status.code() == Code::Unimplemented => {
@@ -58,5 +82,13 @@ pub(crate) async fn watch_health(endpoint: Weak<Endpoint>) {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(RETRY_MAX);
+    }
+}
+
+/// Waits until the wall-clock time `at`, forever if `None`.
+async fn until(at: Option<std::time::SystemTime>) {
+    match at.and_then(|at| at.duration_since(std::time::SystemTime::now()).ok()) {
+        Some(left) => tokio::time::sleep(left).await,
+        None => std::future::pending().await,
     }
 }

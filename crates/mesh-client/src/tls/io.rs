@@ -30,7 +30,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use hyper_util::rt::TokioIo;
@@ -138,6 +138,51 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
 pub(crate) struct MeshStream {
     io: MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>,
     info: PeerInfo,
+    /// Fires when the client's certificate expires: the connection is cut
+    /// then. TLS checks a certificate once, at the handshake; without this
+    /// a connection (and the identity its calls are authorised as) would
+    /// outlive the certificate by up to `maxConnectionAge`. Clients retire
+    /// their connections a little earlier, so the cut finds none in use.
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set once `expires` fired; every read and write fails from then on.
+    expired: bool,
+}
+
+impl MeshStream {
+    /// The error every read and write gives once the client's certificate
+    /// has expired.
+    fn check_expiry(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if !self.expired {
+            let fired = self
+                .expires
+                .as_mut()
+                .is_some_and(|expiry| expiry.as_mut().poll(cx).is_ready());
+            if !fired {
+                return Ok(());
+            }
+            self.expired = true;
+            tracing::info!(
+                peer = ?self.info.identity.as_ref().map(|id| id.to_string()),
+                remote = ?self.info.remote_addr,
+                "closing a connection: the client's certificate expired"
+            );
+        }
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the client's certificate expired",
+        ))
+    }
+}
+
+/// A timer that fires at `at` (a wall-clock time), or now if it has passed.
+fn expiry_timer(at: SystemTime) -> Pin<Box<tokio::time::Sleep>> {
+    let left = at
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    // tokio's timer caps far deadlines itself; a year is far enough.
+    Box::pin(tokio::time::sleep(
+        left.min(Duration::from_secs(365 * 86_400)),
+    ))
 }
 
 impl Connected for MeshStream {
@@ -154,7 +199,9 @@ impl AsyncRead for MeshStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        this.check_expiry(cx)?;
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
@@ -164,7 +211,9 @@ impl AsyncWrite for MeshStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.check_expiry(cx)?;
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -172,7 +221,9 @@ impl AsyncWrite for MeshStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.check_expiry(cx)?;
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -307,6 +358,8 @@ pub(crate) fn accept_loop(
                     .send(Ok(MeshStream {
                         io: MaybeTls::Plain(tcp),
                         info,
+                        expires: None,
+                        expired: false,
                     }))
                     .await
                     .is_err()
@@ -324,22 +377,23 @@ pub(crate) fn accept_loop(
                 drop(slot);
                 match handshake {
                     Ok(Ok(stream)) => {
-                        let identity = stream
+                        let leaf = stream
                             .get_ref()
                             .1
                             .peer_certificates()
                             .and_then(|certs| certs.first())
-                            .and_then(|leaf| leaf_info(leaf).ok())
-                            .and_then(|info| info.identity);
+                            .and_then(|leaf| leaf_info(leaf).ok());
                         let info = PeerInfo {
                             remote_addr: Some(remote),
-                            identity,
+                            identity: leaf.as_ref().and_then(|l| l.identity.clone()),
                             tls: true,
                         };
                         let _ = tx
                             .send(Ok(MeshStream {
                                 io: MaybeTls::Tls(Box::new(stream)),
                                 info,
+                                expires: leaf.map(|l| expiry_timer(l.not_after)),
+                                expired: false,
                             }))
                             .await;
                     }
@@ -388,24 +442,25 @@ pub(crate) struct Connector {
 /// A dialled connection.
 pub(crate) type ClientStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 
-impl tower::Service<http::Uri> for Connector {
-    type Response = TokioIo<ClientStream>;
-    type Error = io::Error;
-    type Future = futures::future::BoxFuture<'static, io::Result<Self::Response>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: http::Uri) -> Self::Future {
+impl Connector {
+    /// Dials: TCP, then (with TLS) the handshake. Gives the connection and,
+    /// over TLS, when the earlier of its two certificates (ours as sent,
+    /// the server's as received) expires: the connection is good until then.
+    pub(crate) fn dial(
+        &self,
+    ) -> futures::future::BoxFuture<'static, io::Result<(TokioIo<ClientStream>, Option<SystemTime>)>>
+    {
         let this = self.clone();
         let limit = self.connect_timeout;
         let connect = async move {
             let tcp = TcpStream::connect(this.addr).await?;
             tcp.set_nodelay(true)?;
             let Some(tls) = this.tls else {
-                return Ok(TokioIo::new(MaybeTls::Plain(tcp)));
+                return Ok((TokioIo::new(MaybeTls::Plain(tcp)), None));
             };
+            // Read before the handshake: a renewal meanwhile only makes the
+            // certificate sent later-expiring than this.
+            let ours = tls.expires_at();
             let config = tls
                 .client_config(this.expected)
                 .map_err(|e| io::Error::other(e.to_string()))?;
@@ -417,7 +472,9 @@ impl tower::Service<http::Uri> for Connector {
             )
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-            Ok(TokioIo::new(MaybeTls::Tls(Box::new(stream))))
+            let theirs = peer_expiry(stream.get_ref().1.peer_certificates());
+            let expires = theirs.map_or(ours, |theirs| theirs.min(ours));
+            Ok((TokioIo::new(MaybeTls::Tls(Box::new(stream))), Some(expires)))
         };
         Box::pin(async move {
             tokio::time::timeout(limit, connect).await.map_err(|_| {
@@ -428,6 +485,14 @@ impl tower::Service<http::Uri> for Connector {
             })?
         })
     }
+}
+
+/// When the leaf of a verified peer chain expires.
+fn peer_expiry(chain: Option<&[rustls::pki_types::CertificateDer<'static>]>) -> Option<SystemTime> {
+    chain
+        .and_then(|certs| certs.first())
+        .and_then(|leaf| leaf_info(leaf).ok())
+        .map(|info| info.not_after)
 }
 
 #[cfg(test)]
