@@ -62,13 +62,9 @@ fn client(
     )
 }
 
-/// A bare rustls handshake with an optional client certificate; returns the
-/// server's leaf certificate if the server kept the connection.
-async fn raw_handshake(
-    addr: SocketAddr,
-    ca_pem: &str,
-    client: Option<(&str, &str)>,
-) -> Result<CertificateDer<'static>, String> {
+/// A bare rustls client trusting `ca_pem`, with a client certificate and
+/// key (PEM) if given, offering HTTP/2.
+fn raw_client_config(ca_pem: &str, client: Option<(&str, &str)>) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(ca.unwrap()).unwrap();
@@ -91,6 +87,17 @@ async fn raw_handshake(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
+    config
+}
+
+/// A bare rustls handshake with an optional client certificate; returns the
+/// server's leaf certificate if the server kept the connection.
+async fn raw_handshake(
+    addr: SocketAddr,
+    ca_pem: &str,
+    client: Option<(&str, &str)>,
+) -> Result<CertificateDer<'static>, String> {
+    let config = raw_client_config(ca_pem, client);
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
@@ -857,6 +864,19 @@ async fn server_faults_for_one_caller_leave_other_callers_untouched_and_follow_t
     );
 }
 
+/// An mTLS echo replica as `echo`, once it serves (seen by an `operator`).
+async fn echo_serving(pki: &TestPki, tweak: impl FnOnce(&mut EchoOptions)) -> Replica {
+    let echo = tls_echo(&pki.issue("echo"), None, tweak);
+    let operator = mesh_as(pki, "operator");
+    wait_serving_on(
+        operator
+            .channel_with_identity(&format!("static:///{}", echo.addr), &identity("echo"))
+            .unwrap(),
+    )
+    .await;
+    echo
+}
+
 /// A workload certificate valid from an hour ago until `left` from now.
 fn expiring_in(left: Duration) -> impl FnOnce(&mut mesh_client::tls::dev::LeafSpec) {
     move |spec| {
@@ -872,37 +892,13 @@ async fn a_connection_is_cut_when_its_client_certificate_expires() {
     // the certificate until the server's maxConnectionAge.
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new(dir.path());
-    let echo = tls_echo(&pki.issue("echo"), None, |_| {});
-    let operator = mesh_as(&pki, "operator");
-    wait_serving_on(
-        operator
-            .channel_with_identity(&format!("static:///{}", echo.addr), &identity("echo"))
-            .unwrap(),
-    )
-    .await;
+    let echo = echo_serving(&pki, |_| {}).await;
     let client_dir = pki.issue_with("orders", expiring_in(Duration::from_secs(4)));
     let read = |p: &str| std::fs::read_to_string(client_dir.join(p)).unwrap();
     let (cert, key) = (read("tls.crt"), read("tls.key"));
     let expires = Instant::now() + Duration::from_secs(4);
 
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(pki.ca.cert_pem.as_bytes()) {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(
-        CertificateDer::pem_slice_iter(cert.as_bytes())
-            .map(Result::unwrap)
-            .collect(),
-        PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-    )
-    .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = raw_client_config(&pki.ca.cert_pem, Some((&cert, &key)));
     let tcp = TcpStream::connect(echo.addr).await.unwrap();
     let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
@@ -945,14 +941,7 @@ async fn a_client_moves_to_its_renewed_certificate_before_the_old_one_expires() 
     // certificate, and the server never has to cut a connection in use.
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new(dir.path());
-    let echo = tls_echo(&pki.issue("echo"), None, |o| o.delay_ms = 50);
-    let operator = mesh_as(&pki, "operator");
-    wait_serving_on(
-        operator
-            .channel_with_identity(&format!("static:///{}", echo.addr), &identity("echo"))
-            .unwrap(),
-    )
-    .await;
+    let echo = echo_serving(&pki, |o| o.delay_ms = 50).await;
     pki.issue_with("orders", expiring_in(Duration::from_secs(8)));
     let tls = pki.load("orders");
     let mesh = Mesh::from_config(MeshConfig::default())
