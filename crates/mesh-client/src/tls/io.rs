@@ -174,15 +174,15 @@ impl MeshStream {
     }
 }
 
-/// A timer that fires at `at` (a wall-clock time), or now if it has passed.
-fn expiry_timer(at: SystemTime) -> Pin<Box<tokio::time::Sleep>> {
+/// A timer that fires at `at` (a wall-clock time), or now if it has
+/// passed; none for a certificate valid for more than a year yet (a timer
+/// capped there would cut a connection whose certificate is still good,
+/// and `maxConnectionAge` ends connections long before).
+fn expiry_timer(at: SystemTime) -> Option<Pin<Box<tokio::time::Sleep>>> {
     let left = at
         .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO);
-    // tokio's timer caps far deadlines itself; a year is far enough.
-    Box::pin(tokio::time::sleep(
-        left.min(Duration::from_secs(365 * 86_400)),
-    ))
+    (left <= Duration::from_secs(365 * 86_400)).then(|| Box::pin(tokio::time::sleep(left)))
 }
 
 impl Connected for MeshStream {
@@ -392,7 +392,7 @@ pub(crate) fn accept_loop(
                             .send(Ok(MeshStream {
                                 io: MaybeTls::Tls(Box::new(stream)),
                                 info,
-                                expires: leaf.map(|l| expiry_timer(l.not_after)),
+                                expires: leaf.and_then(|l| expiry_timer(l.not_after)),
                                 expired: false,
                             }))
                             .await;
