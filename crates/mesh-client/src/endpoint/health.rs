@@ -30,9 +30,7 @@ pub(crate) async fn watch_health(endpoint: Weak<Endpoint>) {
             })
             .await;
         // Read once the watch is on a connection: that connection's.
-        let retire_at = conn
-            .retire_at()
-            .filter(|at| *at > std::time::SystemTime::now());
+        let retire_at = conn.retire_at();
         match watched {
             Ok(response) => {
                 let mut stream = response.into_inner();
@@ -67,6 +65,10 @@ pub(crate) async fn watch_health(endpoint: Weak<Endpoint>) {
                     backoff = RETRY_START;
                 }
                 if moved {
+                    // Not a failure: no backoff growth, only a short pause
+                    // so a watch that landed on a retired connection
+                    // cannot spin.
+                    tokio::time::sleep(RETRY_START).await;
                     continue;
                 }
             }
@@ -85,10 +87,16 @@ pub(crate) async fn watch_health(endpoint: Weak<Endpoint>) {
     }
 }
 
-/// Waits until the wall-clock time `at`, forever if `None`.
+/// Waits until the wall-clock time `at` (at once if it has passed),
+/// forever if `None`.
 async fn until(at: Option<std::time::SystemTime>) {
-    match at.and_then(|at| at.duration_since(std::time::SystemTime::now()).ok()) {
-        Some(left) => tokio::time::sleep(left).await,
+    match at {
+        Some(at) => {
+            let left = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(left).await
+        }
         None => std::future::pending().await,
     }
 }

@@ -144,7 +144,11 @@ pub(crate) struct MeshStream {
     /// outlive the certificate by up to `maxConnectionAge`. Clients retire
     /// their connections a little earlier, so the cut finds none in use.
     expires: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Set once `expires` fired; every read and write fails from then on.
+    /// The client certificate's notAfter, checked against the wall clock
+    /// too: the timer's monotonic clock stops while a VM is suspended.
+    not_after: Option<SystemTime>,
+    /// Set once the certificate expired; every read and write fails from
+    /// then on.
     expired: bool,
 }
 
@@ -156,7 +160,8 @@ impl MeshStream {
             let fired = self
                 .expires
                 .as_mut()
-                .is_some_and(|expiry| expiry.as_mut().poll(cx).is_ready());
+                .is_some_and(|expiry| expiry.as_mut().poll(cx).is_ready())
+                || self.not_after.is_some_and(|at| SystemTime::now() >= at);
             if !fired {
                 return Ok(());
             }
@@ -231,7 +236,9 @@ impl AsyncWrite for MeshStream {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        this.check_expiry(cx)?;
+        Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -359,6 +366,7 @@ pub(crate) fn accept_loop(
                         io: MaybeTls::Plain(tcp),
                         info,
                         expires: None,
+                        not_after: None,
                         expired: false,
                     }))
                     .await
@@ -392,7 +400,8 @@ pub(crate) fn accept_loop(
                             .send(Ok(MeshStream {
                                 io: MaybeTls::Tls(Box::new(stream)),
                                 info,
-                                expires: leaf.and_then(|l| expiry_timer(l.not_after)),
+                                expires: leaf.as_ref().and_then(|l| expiry_timer(l.not_after)),
+                                not_after: leaf.map(|l| l.not_after),
                                 expired: false,
                             }))
                             .await;
