@@ -26,6 +26,13 @@
 //! one is first sent again, once, on a new connection: hyper hands the
 //! request back, so it provably never left (a request racing a drain's
 //! GOAWAY then costs no retry and charges the endpoint nothing).
+//!
+//! A server that completes the handshake and answers pings but opens no
+//! streams makes hyper queue every call, and a call that gives up stays in
+//! hyper's queue until a stream opens. Past [`MAX_QUEUED_REQUESTS`] queued
+//! the connection is cut: its socket fails (so hyper frees the queue), and
+//! its calls fail with a [`tonic::ConnectError`] over [`Stalled`], unsent,
+//! which backs the endpoint off as a failed dial would.
 
 use std::{
     future::Future,
@@ -66,7 +73,8 @@ pub(crate) const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// (the RFC's recommended minimum, hyper's default); after that the
 /// server's `SETTINGS_MAX_CONCURRENT_STREAMS` bounds us, and hyper queues
 /// calls beyond it until a stream closes (at most [`MAX_PENDING_CALLS`]
-/// live calls per connection).
+/// live calls per connection, and [`MAX_QUEUED_REQUESTS`] live or
+/// abandoned ones in hyper's queue).
 pub(crate) const INITIAL_MAX_SEND_STREAMS: usize = 100;
 /// Request bytes buffered per stream before the sender waits (hyper's default).
 pub(crate) const MAX_SEND_BUFFER: usize = 1024 * 1024;
@@ -78,11 +86,19 @@ pub(crate) const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 const USER_AGENT: &str = concat!("mesh-client/", env!("CARGO_PKG_VERSION"));
 
 /// One dial: a connected, handshaken HTTP/2 sender whose connection task
-/// is already running.
-type Dial = Box<dyn Fn() -> BoxFuture<'static, Result<SendRequest<Body>, BoxError>> + Send + Sync>;
+/// is already running, its socket behind the given [`Link`]'s switch.
+type Dial =
+    Box<dyn Fn(Arc<Link>) -> BoxFuture<'static, Result<SendRequest<Body>, BoxError>> + Send + Sync>;
 
 /// One dial in progress, awaited by every call that needs it.
-type Attempt = Shared<BoxFuture<'static, Result<SendRequest<Body>, DialError>>>;
+type Attempt = Shared<BoxFuture<'static, Result<Live, DialError>>>;
+
+/// A live connection: hyper's sender and the connection's [`Link`].
+#[derive(Clone)]
+struct Live {
+    send: SendRequest<Body>,
+    link: Arc<Link>,
+}
 
 /// hyper's response future on a live connection; gives the request back
 /// if hyper never wrote it.
@@ -112,7 +128,7 @@ pub(crate) enum ConnState {
 enum State {
     Idle,
     Connecting(Attempt),
-    Ready(SendRequest<Body>),
+    Ready(Live),
 }
 
 struct Inner {
@@ -180,11 +196,14 @@ impl ClientConn {
         T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let builder = http2_builder(settings);
-        let dial: Dial = Box::new(move || {
+        let dial: Dial = Box::new(move |link| {
             let io = connect();
             let builder = builder.clone();
             Box::pin(async move {
-                let io = io.await?;
+                let io = Severable {
+                    io: io.await?,
+                    link,
+                };
                 let (send, conn) = builder.handshake::<_, Body>(io).await?;
                 // hyper's request dispatcher; the HTTP/2 connection itself
                 // runs on a task hyper spawns. Both end when the connection
@@ -226,8 +245,18 @@ impl ClientConn {
         match &*self.inner.lock() {
             State::Idle => ConnState::Idle,
             State::Connecting(_) => ConnState::Connecting,
-            State::Ready(send) if send.is_closed() => ConnState::Closed,
+            State::Ready(live) if live.send.is_closed() => ConnState::Closed,
             State::Ready(_) => ConnState::Ready,
+        }
+    }
+
+    /// Requests handed to hyper on the live connection and not yet taken
+    /// off its queue (by opening a stream, or discarded as abandoned).
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
+        match &*self.inner.lock() {
+            State::Ready(live) => live.link.queued.load(std::sync::atomic::Ordering::Relaxed),
+            _ => 0,
         }
     }
 
@@ -264,18 +293,39 @@ impl ClientConn {
                 && let Some(outcome) = attempt.peek()
             {
                 *state = match outcome {
-                    Ok(send) => State::Ready(send.clone()),
+                    Ok(live) => State::Ready(live.clone()),
                     Err(_) => State::Idle,
                 };
             }
             match &mut *state {
-                State::Ready(send) if !send.is_closed() => {
+                State::Ready(live)
+                    if live.link.queued.load(std::sync::atomic::Ordering::Relaxed)
+                        >= MAX_QUEUED_REQUESTS =>
+                {
+                    // hyper has not taken this many requests off its queue:
+                    // the server opens no streams, and calls that gave up
+                    // still sit there. Cut the connection: its queue is
+                    // freed, its live calls fail as a stalled connection
+                    // (never sent), and the balancer backs the endpoint off.
+                    let link = live.link.clone();
+                    *state = State::Idle;
+                    drop(state);
+                    tracing::warn!(authority = %self.inner.authority, "{}", Stalled);
+                    link.sever();
+                    return ResponseFuture {
+                        kind: Kind::Refused(Some(link.stalled_error())),
+                        _pending: None,
+                    };
+                }
+                State::Ready(live) if !live.send.is_closed() => {
                     // The fast path: hyper queues the request to the
                     // connection's dispatcher; no task of ours in between.
+                    let req = live.link.enqueue(req);
                     return ResponseFuture {
                         kind: Kind::Sent {
-                            fut: Box::pin(send.try_send_request(req)),
+                            fut: Box::pin(live.send.try_send_request(req)),
                             resend: resend.then(|| self.clone()),
+                            link: live.link.clone(),
                         },
                         _pending: None,
                     };
@@ -291,9 +341,10 @@ impl ClientConn {
         ResponseFuture {
             _pending: None,
             kind: Kind::Dialling(Box::pin(async move {
-                let mut send = attempt
+                let Live { mut send, link } = attempt
                     .await
                     .map_err(|e| -> BoxError { Box::new(tonic::ConnectError(Box::new(e))) })?;
+                let req = link.enqueue(req);
                 Ok(send.send_request(req).await?.map(Body::new))
             })),
         }
@@ -302,16 +353,17 @@ impl ClientConn {
     /// A dial on its own task, bounded by the connect timeout; its outcome
     /// becomes the connection's state whether or not a call still waits.
     fn start_dial(&self) -> Attempt {
-        let dial = (self.inner.dial)();
         let number = 1 + self
             .inner
             .dials
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let link = Arc::new(Link::new(number));
+        let dial = (self.inner.dial)(link.clone());
         let limit = self.inner.connect_timeout;
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let task = tokio::spawn(async move {
             let result = match tokio::time::timeout(limit, dial).await {
-                Ok(Ok(send)) => Ok(send),
+                Ok(Ok(send)) => Ok(Live { send, link }),
                 Ok(Err(e)) => Err(DialError::from_box(e, number)),
                 Err(_) => Err(DialError(
                     Arc::new(io::Error::new(
@@ -325,7 +377,7 @@ impl ClientConn {
                 let mut state = inner.lock();
                 if matches!(*state, State::Connecting(_)) {
                     *state = match &result {
-                        Ok(send) => State::Ready(send.clone()),
+                        Ok(live) => State::Ready(live.clone()),
                         Err(_) => State::Idle,
                     };
                 }
@@ -418,6 +470,164 @@ pub(crate) struct ResponseFuture {
 /// them; past it a call fails at once with [`QueueFull`], unsent.
 pub(crate) const MAX_PENDING_CALLS: usize = 1024;
 
+/// Requests one connection's hyper queue may hold (handed to hyper, no
+/// stream opened for them yet), live or abandoned: hyper drops a request
+/// whose caller gave up only when it takes it off the queue, which it does
+/// only as streams open. A server that keeps answering pings but opens no
+/// streams (`SETTINGS_MAX_CONCURRENT_STREAMS` 0, or a stuck one) would
+/// otherwise make the queue grow with the call rate while every call times
+/// out. At most [`MAX_PENDING_CALLS`] of them are live, so past this bound
+/// at least as many were abandoned: the connection is cut (see [`Stalled`]).
+pub(crate) const MAX_QUEUED_REQUESTS: usize = 2 * MAX_PENDING_CALLS;
+
+/// What one connection shares with its requests and its socket: how many
+/// of its requests hyper still queues, and the switch that cuts it.
+struct Link {
+    /// The connection's dial number (see [`failed_dial`]).
+    dial: u64,
+    /// Requests handed to hyper and not yet taken off its queue: each
+    /// carries a [`Queued`] token, which hyper drops with the request's
+    /// extensions when it opens the stream or discards the request.
+    queued: std::sync::atomic::AtomicUsize,
+    severed: std::sync::atomic::AtomicBool,
+    /// The connection task's read, woken when the link is severed.
+    reader: futures::task::AtomicWaker,
+}
+
+impl Link {
+    fn new(dial: u64) -> Self {
+        Self {
+            dial,
+            queued: std::sync::atomic::AtomicUsize::new(0),
+            severed: std::sync::atomic::AtomicBool::new(false),
+            reader: futures::task::AtomicWaker::new(),
+        }
+    }
+
+    /// Counts `req` as queued on this connection until hyper lets go of it.
+    fn enqueue(self: &Arc<Self>, mut req: Request) -> Request {
+        self.queued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        req.extensions_mut().insert(Queued(self.clone()));
+        req
+    }
+
+    /// Cuts the connection: its socket fails every read and write from
+    /// now on, so hyper ends the connection and frees its queue.
+    fn sever(&self) {
+        self.severed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.reader.wake();
+    }
+
+    fn is_severed(&self) -> bool {
+        self.severed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The error of the calls a cut connection fails: a connect error of
+    /// this connection's dial, so the balancer backs the endpoint off once
+    /// and the retry layer may send the call elsewhere.
+    fn stalled_error(&self) -> BoxError {
+        let io = io::Error::new(io::ErrorKind::ConnectionAborted, Stalled);
+        Box::new(tonic::ConnectError(Box::new(DialError(
+            Arc::new(io),
+            self.dial,
+        ))))
+    }
+}
+
+/// A request's place in its connection's hyper queue (see [`Link`]).
+#[derive(Clone)]
+struct Queued(Arc<Link>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0
+            .queued
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Why a connection was cut: hyper held [`MAX_QUEUED_REQUESTS`] requests
+/// the server opened no stream for. Its calls never left, so they may go
+/// to another endpoint; the endpoint is backed off as after a failed dial.
+#[derive(Debug)]
+pub(crate) struct Stalled;
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "connection cut: the server opened no stream for {MAX_QUEUED_REQUESTS} queued requests"
+        )
+    }
+}
+
+impl std::error::Error for Stalled {}
+
+/// A connection's socket behind its [`Link`]'s switch: once severed,
+/// every read and write fails, which ends hyper's connection at once
+/// (its streams fail, its queue is dropped, the socket is closed).
+struct Severable<T> {
+    io: T,
+    link: Arc<Link>,
+}
+
+impl<T> Severable<T> {
+    fn check(&self) -> io::Result<()> {
+        if self.link.is_severed() {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, Stalled));
+        }
+        Ok(())
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Severable<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        // Registered before the check, so a sever in between still wakes.
+        self.link.reader.register(cx.waker());
+        self.check()?;
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Severable<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check()?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
 /// One call counted against the connection's [`MAX_PENDING_CALLS`].
 struct PendingCall(Arc<Inner>);
 
@@ -451,6 +661,8 @@ enum Kind {
         /// The connection to send the request on again if hyper hands it
         /// back unsent (at most once).
         resend: Option<ClientConn>,
+        /// The connection it was handed to.
+        link: Arc<Link>,
     },
     Dialling(BoxFuture<'static, Result<http::Response<Body>, BoxError>>),
     /// Refused before it was sent ([`QueueFull`]).
@@ -464,8 +676,13 @@ impl Future for ResponseFuture {
         let this = self.get_mut();
         loop {
             match &mut this.kind {
-                Kind::Sent { fut, resend } => match ready!(fut.as_mut().poll(cx)) {
+                Kind::Sent { fut, resend, link } => match ready!(fut.as_mut().poll(cx)) {
                     Ok(response) => return Poll::Ready(Ok(response.map(Body::new))),
+                    // Handed back from a connection cut for stalling: not
+                    // sent again on this endpoint (see [`Stalled`]).
+                    Err(e) if link.is_severed() && e.message().is_some() => {
+                        return Poll::Ready(Err(link.stalled_error()));
+                    }
                     Err(mut e) => {
                         // The connection closed before hyper wrote the
                         // request (a GOAWAY or EOF hyper had not yet
@@ -985,6 +1202,91 @@ mod tests {
             crate::caused_by::<QueueFull>(&*err).is_none(),
             "room again: {err}"
         );
+    }
+
+    /// A real HTTP/2 server on loopback TCP that completes the handshake
+    /// and answers pings but allows no stream at all; counts its
+    /// connections and the ones that ended.
+    async fn server_opening_no_streams() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let counts = (accepted.clone(), ended.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                counts.0.fetch_add(1, Ordering::SeqCst);
+                let ended = counts.1.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut conn) = h2::server::Builder::new()
+                        .max_concurrent_streams(0)
+                        .handshake::<_, Bytes>(tcp)
+                        .await
+                    {
+                        // Driving the connection answers pings and
+                        // settings; no stream is ever admitted.
+                        let mut held = Vec::new();
+                        while let Some(Ok(stream)) = conn.accept().await {
+                            held.push(stream);
+                        }
+                    }
+                    ended.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, accepted, ended)
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_server_opens_no_streams_is_cut_before_its_queue_grows() {
+        let (addr, accepted, ended) = server_opening_no_streams().await;
+        let conn = ClientConn::tcp_for_tests(addr);
+        // A live call that waits (the server admits no stream).
+        let live = tokio::spawn(conn.call(request()));
+        for _ in 0..1000 {
+            if conn.state() == ConnState::Ready {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(conn.state(), ConnState::Ready);
+        // Calls that give up at once (a deadline passed, say): hyper
+        // queues each; abandoned, it stays queued until a stream opens.
+        let mut refused = None;
+        for _ in 0..3 * MAX_QUEUED_REQUESTS {
+            let mut call = conn.call(request());
+            if let Some(result) = (&mut call).now_or_never() {
+                refused = Some(result);
+                break;
+            }
+            assert!(conn.queued() <= MAX_QUEUED_REQUESTS, "{}", conn.queued());
+            drop(call);
+        }
+        let err = refused
+            .expect("the stalled connection is cut")
+            .expect_err("refused");
+        assert!(crate::caused_by::<Stalled>(&*err).is_some(), "{err}");
+        assert!(is_connect_error(&err), "backed off as a failed dial: {err}");
+        assert_eq!(failed_dial(&*err), Some(1));
+        // The live call fails the same way, unsent.
+        let err = tokio::time::timeout(Duration::from_secs(30), live)
+            .await
+            .expect("the live call ends with the connection")
+            .unwrap()
+            .unwrap_err();
+        assert!(is_connect_error(&err) || never_processed(&*err), "{err}");
+        // The server sees the connection end (its queue went with it).
+        for _ in 0..1000 {
+            if ended.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(ended.load(Ordering::SeqCst), 1, "the socket was closed");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(conn.state(), ConnState::Idle, "the next call dials anew");
     }
 
     #[tokio::test(start_paused = true)]
