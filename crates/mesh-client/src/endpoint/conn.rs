@@ -22,10 +22,12 @@
 //! [`tonic::ConnectError`] (the balancer's cue for the endpoint's reconnect
 //! backoff, the retry layer's "never sent"); a stream the server refused
 //! is hyper's error over `h2`'s `REFUSED_STREAM`; a request hyper never
-//! wrote because its connection had closed is hyper's "canceled". That last
-//! one is first sent again, once, on a new connection: hyper hands the
-//! request back, so it provably never left (a request racing a drain's
-//! GOAWAY then costs no retry and charges the endpoint nothing).
+//! wrote because its connection had closed is hyper's "canceled". hyper
+//! hands that last request back, so it provably never left: it fails as
+//! [`Unsent`], carrying the request, and the balancer sends it once more
+//! to an endpoint it picks, avoiding this one (a request racing a drain's
+//! GOAWAY then costs no retry, charges the endpoint nothing, and does not
+//! go back to the draining address).
 //!
 //! A server that completes the handshake and answers pings but opens no
 //! streams makes hyper queue every call, and a call that gives up stays in
@@ -276,14 +278,13 @@ impl ClientConn {
         }
         let pending = PendingCall(self.inner.clone());
         self.set_origin(&mut req);
-        let mut response = self.send(req, true);
+        let mut response = self.send(req);
         response._pending = Some(pending);
         response
     }
 
-    /// Sends `req` (its origin set) on the live connection or a new one;
-    /// `resend`: whether a request hyper hands back unsent may go once more.
-    fn send(&self, req: Request, resend: bool) -> ResponseFuture {
+    /// Sends `req` (its origin set) on the live connection or a new one.
+    fn send(&self, req: Request) -> ResponseFuture {
         let attempt = {
             let mut state = self.inner.lock();
             // A dial whose task ended without recording its outcome (it
@@ -324,7 +325,6 @@ impl ClientConn {
                     return ResponseFuture {
                         kind: Kind::Sent {
                             fut: Box::pin(live.send.try_send_request(req)),
-                            resend: resend.then(|| self.clone()),
                             link: live.link.clone(),
                         },
                         _pending: None,
@@ -345,7 +345,10 @@ impl ClientConn {
                     .await
                     .map_err(|e| -> BoxError { Box::new(tonic::ConnectError(Box::new(e))) })?;
                 let req = link.enqueue(req);
-                Ok(send.send_request(req).await?.map(Body::new))
+                match send.try_send_request(req).await {
+                    Ok(response) => Ok(response.map(Body::new)),
+                    Err(e) => Err(handed_back(e, &link)),
+                }
             })),
         }
     }
@@ -658,9 +661,6 @@ impl std::error::Error for QueueFull {}
 enum Kind {
     Sent {
         fut: Sent,
-        /// The connection to send the request on again if hyper hands it
-        /// back unsent (at most once).
-        resend: Option<ClientConn>,
         /// The connection it was handed to.
         link: Arc<Link>,
     },
@@ -676,28 +676,12 @@ impl Future for ResponseFuture {
         let this = self.get_mut();
         loop {
             match &mut this.kind {
-                Kind::Sent { fut, resend, link } => match ready!(fut.as_mut().poll(cx)) {
-                    Ok(response) => return Poll::Ready(Ok(response.map(Body::new))),
-                    // Handed back from a connection cut for stalling: not
-                    // sent again on this endpoint (see [`Stalled`]).
-                    Err(e) if link.is_severed() && e.message().is_some() => {
-                        return Poll::Ready(Err(link.stalled_error()));
-                    }
-                    Err(mut e) => {
-                        // The connection closed before hyper wrote the
-                        // request (a GOAWAY or EOF hyper had not yet
-                        // noticed when it was queued): it never left, so
-                        // it goes on a new connection.
-                        if let Some(conn) = resend.take()
-                            && let Some(req) = e.take_message()
-                        {
-                            tracing::debug!(authority = %conn.inner.authority, "connection closed before the request was sent; sending it on a new one: {}", e.error());
-                            this.kind = conn.send(req, false).kind;
-                            continue;
-                        }
-                        return Poll::Ready(Err(e.into_error().into()));
-                    }
-                },
+                Kind::Sent { fut, link } => {
+                    return Poll::Ready(match ready!(fut.as_mut().poll(cx)) {
+                        Ok(response) => Ok(response.map(Body::new)),
+                        Err(e) => Err(handed_back(e, link)),
+                    });
+                }
                 Kind::Dialling(fut) => return fut.as_mut().poll(cx),
                 Kind::Refused(err) => {
                     return Poll::Ready(Err(err.take().expect("a refused call is polled once")));
@@ -705,6 +689,70 @@ impl Future for ResponseFuture {
             }
         }
     }
+}
+
+/// The error of a call hyper failed: a request it hands back unsent (its
+/// connection closed before it was written: a GOAWAY or EOF hyper had not
+/// yet noticed when it was queued) becomes [`Unsent`], holding the request
+/// for the balancer to send once more, to an endpoint it picks; one from a
+/// connection cut for stalling fails as [`Stalled`] (never sent there again).
+fn handed_back(mut e: TrySendError<Request>, link: &Link) -> BoxError {
+    match e.take_message() {
+        Some(_) if link.is_severed() => link.stalled_error(),
+        Some(mut req) => {
+            req.extensions_mut().remove::<Queued>();
+            tracing::debug!(
+                "connection closed before the request was sent: {}",
+                e.error()
+            );
+            Box::new(Unsent {
+                request: Mutex::new(Some(req)),
+                source: e.into_error(),
+            })
+        }
+        None => e.into_error().into(),
+    }
+}
+
+/// A request hyper handed back unwritten because its connection had
+/// closed: provably never sent (see [`never_processed`]), and still whole,
+/// so the balancer sends it once more without charging anyone (see
+/// [`take_unsent`]).
+pub(crate) struct Unsent {
+    /// Taken by the one who sends it again.
+    request: Mutex<Option<Request>>,
+    /// hyper's "canceled".
+    source: hyper::Error,
+}
+
+impl std::fmt::Debug for Unsent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unsent")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Display for Unsent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the connection closed before the request was sent")
+    }
+}
+
+impl std::error::Error for Unsent {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// The request of an [`Unsent`] error, if `err` is one and nobody took it
+/// yet: it never left, so it may go to another endpoint as it is.
+pub(crate) fn take_unsent(err: &(dyn std::error::Error + 'static)) -> Option<Request> {
+    crate::caused_by::<Unsent>(err)?
+        .request
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
 }
 
 /// Whether an error of a call sent on a connection proves the server never
@@ -726,18 +774,30 @@ pub(crate) fn authority_of(addr: SocketAddr) -> Authority {
 }
 
 /// A tower service over the connection, for tonic clients of the
-/// endpoint itself (the health watch).
+/// endpoint itself (the health watch). A request handed back [`Unsent`]
+/// goes once more on this connection (redialled): these calls are about
+/// this endpoint, so there is no other to pick.
 impl tower::Service<Request> for ClientConn {
     type Response = http::Response<Body>;
     type Error = BoxError;
-    type Future = ResponseFuture;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, BoxError>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        ClientConn::call(self, req)
+        let first = ClientConn::call(self, req);
+        let conn = self.clone();
+        Box::pin(async move {
+            match first.await {
+                Err(err) => match take_unsent(&*err) {
+                    Some(req) => conn.call(req).await,
+                    None => Err(err),
+                },
+                done => done,
+            }
+        })
     }
 }
 
@@ -1142,9 +1202,19 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(bed.closed.load(Ordering::SeqCst), 0, "the drain waits");
 
-        // A new call goes on a new connection: hyper hands back the request
-        // it could not send on the GOAWAY'd one, and it is sent again.
-        let response = conn.call(request()).await.unwrap();
+        // hyper hands back the request it could not send on the GOAWAY'd
+        // connection: it fails unsent, carrying the request, for the
+        // balancer to send to an endpoint it picks (not resent here: this
+        // address may be draining).
+        let err = conn.call(request()).await.unwrap_err();
+        assert!(never_processed(&*err), "{err}");
+        assert!(!is_connect_error(&err), "{err}");
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 1, "nothing dialled");
+        let again = take_unsent(&*err).expect("the request comes back whole");
+        assert!(take_unsent(&*err).is_none(), "once");
+        assert_eq!(again.uri().path(), "/test.Echo/Unary");
+        // Sent again here, it goes on a new connection.
+        let response = conn.call(again).await.unwrap();
         assert_eq!(response.headers()["grpc-status"], "0");
         assert_eq!(bed.dials.load(Ordering::SeqCst), 2);
         assert_eq!(conn.state(), ConnState::Ready);
@@ -1270,13 +1340,14 @@ mod tests {
         assert!(crate::caused_by::<Stalled>(&*err).is_some(), "{err}");
         assert!(is_connect_error(&err), "backed off as a failed dial: {err}");
         assert_eq!(failed_dial(&*err), Some(1));
-        // The live call fails the same way, unsent.
-        let err = tokio::time::timeout(Duration::from_secs(30), live)
+        // The live call ends with the connection (how depends on where it
+        // was: refused by the server before its SETTINGS arrived, waiting
+        // in h2 for a stream, or in hyper's queue, handed back as Stalled).
+        tokio::time::timeout(Duration::from_secs(30), live)
             .await
             .expect("the live call ends with the connection")
             .unwrap()
             .unwrap_err();
-        assert!(is_connect_error(&err) || never_processed(&*err), "{err}");
         // The server sees the connection end (its queue went with it).
         for _ in 0..1000 {
             if ended.load(Ordering::SeqCst) == 1 {
