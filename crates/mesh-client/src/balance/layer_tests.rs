@@ -334,7 +334,12 @@ async fn a_shedding_endpoint_does_not_look_fast_to_p2c_and_is_never_ejected() {
         let port = req.extensions().get::<SendTo>().unwrap().0.addr.port();
         if port == 1 {
             to_shedding += 1;
-            answer.send_response(trailers_only(Code::ResourceExhausted));
+            let mut shed = trailers_only(Code::ResourceExhausted);
+            shed.headers_mut().insert(
+                crate::body::SHED_HEADER,
+                http::HeaderValue::from_static("1"),
+            );
+            answer.send_response(shed);
         } else {
             tokio::time::advance(Duration::from_millis(20)).await;
             answer.send_response(trailers_only(Code::Ok));
@@ -501,4 +506,95 @@ async fn requests_a_goaway_hands_back_unsent_go_to_another_endpoint() {
     }
     assert!(to_b >= 4, "{to_b} of 5 went to the other server");
     assert_eq!(admitted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// A real HTTP/2 server on loopback TCP that answers every call at once,
+/// trailers-only, with `headers`.
+async fn answering_h2_server(headers: &'static [(&'static str, &'static str)]) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut conn = h2::server::Builder::new()
+                    .handshake::<_, bytes::Bytes>(tcp)
+                    .await
+                    .unwrap();
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    let mut response = http::Response::builder();
+                    for (name, value) in headers {
+                        response = response.header(*name, *value);
+                    }
+                    let _ = respond.send_response(response.body(()).unwrap(), true);
+                }
+            });
+        }
+    });
+    at
+}
+
+#[tokio::test]
+async fn only_a_resource_exhausted_marked_as_the_mesh_s_shedding_raises_the_penalty() {
+    // Two real servers answer RESOURCE_EXHAUSTED: one refuses callers (a
+    // login rate limit, which any caller can provoke on purpose), one is
+    // a mesh server shedding load (marked). Only the second is penalised.
+    const REFUSES: &[(&str, &str)] = &[
+        ("content-type", "application/grpc"),
+        ("grpc-status", "8"),
+        ("grpc-message", "too many login attempts; retry in 30 s"),
+    ];
+    const SHEDS: &[(&str, &str)] = &[
+        ("content-type", "application/grpc"),
+        ("grpc-status", "8"),
+        ("grpc-message", "the server is at its concurrency limit"),
+        ("mesh-shed", "1"),
+    ];
+    let refuses = answering_h2_server(REFUSES).await;
+    let sheds = answering_h2_server(SHEDS).await;
+    let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(Change::Insert(refuses, ())).await.unwrap();
+    tx.send(Change::Insert(sheds, ())).await.unwrap();
+    drop(tx);
+    set.clone()
+        .follow(
+            rx,
+            Arc::new(crate::endpoint::ClientConn::tcp_for_tests),
+            false,
+        )
+        .await;
+    let config = ConfigHandle::new(
+        MeshConfig::from_json(r#"{"loadBalancingPolicy":"round_robin"}"#).unwrap(),
+    )
+    .unwrap();
+    let svc = BalanceLayer::new(set.clone(), config).layer(crate::endpoint::Connection);
+    let mut answered = std::collections::HashMap::<SocketAddr, usize>::new();
+    for _ in 0..20 {
+        let picked = Picked::default();
+        let mut req = request();
+        req.extensions_mut().insert(picked.clone());
+        let response = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(header_status(&response), Some(Code::ResourceExhausted));
+        *answered.entry(*picked.0.get().unwrap()).or_default() += 1;
+    }
+    assert_eq!(answered.len(), 2, "both answered: {answered:?}");
+    let endpoint = |addr| {
+        set.snapshot()
+            .iter()
+            .find(|e| e.addr == addr)
+            .unwrap()
+            .clone()
+    };
+    let now = Instant::now();
+    // No call in flight: 1.0 is "no penalty".
+    assert_eq!(
+        endpoint(refuses).queue_cost(now),
+        1.0,
+        "a service's refusals say nothing of its load"
+    );
+    assert!(
+        endpoint(sheds).queue_cost(now) > 1.0,
+        "a marked shed is penalised"
+    );
+    assert!(!endpoint(sheds).is_ejected(now) && !endpoint(refuses).is_ejected(now));
 }

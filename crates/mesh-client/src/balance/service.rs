@@ -16,6 +16,7 @@ use tower::{Layer, Service, ServiceExt};
 use super::{EndpointSet, NoEndpoint};
 use crate::{
     BoxError,
+    body::is_marked_shed,
     config::ConfigHandle,
     endpoint::{
         ObservedBody, SendTo, header_status, is_endpoint_failure, never_processed, take_unsent,
@@ -330,8 +331,10 @@ where
             let account = {
                 let (set, endpoint, config) = (set.clone(), endpoint.clone(), config.clone());
                 move |code: Option<Code>| match code {
-                    // Overloaded, not broken: penalised, never ejected.
-                    Some(Code::ResourceExhausted) => endpoint.record_shed(Instant::now()),
+                    // A RESOURCE_EXHAUSTED not marked as the mesh's shedding
+                    // is a service refusing a caller (a rate limit, a cap):
+                    // a caller could provoke those at will, so it says
+                    // nothing of the endpoint's load.
                     Some(code) if !is_endpoint_failure(code) => endpoint.record_success(),
                     _ => set.record_failure(&endpoint, &config.outlier_detection),
                 }
@@ -344,7 +347,10 @@ where
                     && response.headers().get(crate::fault::FAULT_HEADER)
                         == Some(&http::HeaderValue::from_static("abort"));
                 let callers_fault = code == Code::Internal && refuses_the_request(&response);
-                if !excused && !callers_fault {
+                if is_marked_shed(&response) {
+                    // Overloaded, not broken: penalised, never ejected.
+                    endpoint.record_shed(Instant::now());
+                } else if !excused && !callers_fault {
                     account(Some(code));
                 }
                 let mut response = response;
