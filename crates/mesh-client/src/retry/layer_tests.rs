@@ -527,3 +527,35 @@ async fn a_retry_with_no_time_left_is_not_sent_and_spends_no_budget() {
     answer.send_response(ok());
     assert!(header_status(&call.await.unwrap().unwrap()).is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn each_attempt_tells_the_server_the_smaller_of_its_per_attempt_timeout_and_the_time_left() {
+    use crate::deadline::DeadlineLayer;
+    let (retrying, mut handle, _) = retry(
+        r#"{"retryPolicy":{"maxAttempts":3,"perAttemptRecvTimeout":"500ms",
+                  "initialBackoff":"1ms","maxBackoff":"1ms",
+                  "retryableStatusCodes":["UNAVAILABLE","DEADLINE_EXCEEDED"]}}"#,
+    );
+    let svc = DeadlineLayer::new(Duration::from_secs(10)).layer(retrying);
+    let mut req = request(GET);
+    req.headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("1200m"));
+    let start = Instant::now();
+    let call = tokio::spawn(svc.oneshot(req));
+    // 1.2 s for the call, 500 ms per attempt: the first two attempts are
+    // told 500 ms, the third only what is left of the call (under 200 ms).
+    let (first, _silent) = handle.next_request().await.unwrap();
+    assert_eq!(sent_timeout(&first), Duration::from_millis(500));
+    let (second, _silent) = handle.next_request().await.unwrap();
+    assert_eq!(sent_timeout(&second), Duration::from_millis(500));
+    let (third, answer) = handle.next_request().await.unwrap();
+    let elapsed = start.elapsed();
+    assert!(elapsed >= Duration::from_secs(1), "{elapsed:?}");
+    assert!(
+        sent_timeout(&third) <= Duration::from_millis(1200) - elapsed,
+        "told {:?} with {elapsed:?} of 1.2 s gone",
+        sent_timeout(&third)
+    );
+    answer.send_response(ok());
+    assert!(header_status(&call.await.unwrap().unwrap()).is_none());
+}

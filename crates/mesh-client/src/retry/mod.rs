@@ -331,10 +331,30 @@ where
             // The header was the call's whole budget when the deadline
             // layer set it; a later attempt has only what is left, and a
             // server told more would work on past the caller's deadline.
-            if let Some(expiry) = parts.extensions.get::<CallExpiry>() {
+            if per_attempt.is_none()
+                && let Some(expiry) = parts.extensions.get::<CallExpiry>()
+            {
                 req.headers_mut()
                     .insert("grpc-timeout", expiry.header_value());
             }
+        }
+        // A per-attempt timeout shorter than the call's time left is what
+        // this attempt has: the server is told that, and stops working
+        // when the attempt is abandoned rather than at the call's deadline.
+        if let Some(limit) = per_attempt {
+            let call_left = time_left(parts).or_else(|| {
+                parts
+                    .headers
+                    .get("grpc-timeout")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(crate::deadline::decode_grpc_timeout)
+            });
+            let sent = call_left.map_or(limit, |left| left.min(limit));
+            let value = crate::deadline::encode_grpc_timeout(sent);
+            req.headers_mut().insert(
+                "grpc-timeout",
+                HeaderValue::try_from(value).expect("an encoded timeout is ASCII"),
+            );
         }
         let picked = Picked::default();
         if track {
