@@ -674,18 +674,14 @@ impl Future for ResponseFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        loop {
-            match &mut this.kind {
-                Kind::Sent { fut, link } => {
-                    return Poll::Ready(match ready!(fut.as_mut().poll(cx)) {
-                        Ok(response) => Ok(response.map(Body::new)),
-                        Err(e) => Err(handed_back(e, link)),
-                    });
-                }
-                Kind::Dialling(fut) => return fut.as_mut().poll(cx),
-                Kind::Refused(err) => {
-                    return Poll::Ready(Err(err.take().expect("a refused call is polled once")));
-                }
+        match &mut this.kind {
+            Kind::Sent { fut, link } => Poll::Ready(match ready!(fut.as_mut().poll(cx)) {
+                Ok(response) => Ok(response.map(Body::new)),
+                Err(e) => Err(handed_back(e, link)),
+            }),
+            Kind::Dialling(fut) => fut.as_mut().poll(cx),
+            Kind::Refused(err) => {
+                Poll::Ready(Err(err.take().expect("a refused call is polled once")))
             }
         }
     }
