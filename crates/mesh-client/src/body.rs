@@ -85,6 +85,35 @@ where
     }
 }
 
+/// Response header (value `1`) on a trailers-only `RESOURCE_EXHAUSTED`
+/// that the mesh's own server-side load shedding answered (the process at
+/// its concurrency limit), as opposed to a service refusing a caller (a
+/// rate limit, a cap, a message too large): only a marked answer raises
+/// the client balancer's penalty for the endpoint, so a caller cannot skew
+/// load away from a replica by provoking refusals. Servers outside this
+/// crate that shed load may set it too; the mesh server removes it from
+/// any answer its service gives (a status passed on from an upstream).
+pub const SHED_HEADER: &str = "mesh-shed";
+
+/// tonic's text for a call shed at a connection's concurrency limit
+/// (`ServerConfig::concurrency_limit_per_connection`), which it answers
+/// outside the mesh's layers, so unmarked: taken as the mesh's shedding too.
+pub(crate) const TONIC_CONNECTION_SHED: &str = "Too many active requests for the connection";
+
+/// Whether a trailers-only response is a shed answer of a mesh server
+/// (see [`SHED_HEADER`]).
+pub(crate) fn is_marked_shed(response: &http::Response<tonic::body::Body>) -> bool {
+    header_status(response) == Some(Code::ResourceExhausted)
+        && (response
+            .headers()
+            .get(SHED_HEADER)
+            .is_some_and(|v| v == "1")
+            || response
+                .headers()
+                .get("grpc-message")
+                .is_some_and(|m| m == TONIC_CONNECTION_SHED))
+}
+
 /// A trailers-only response with `code` and no message, as a layer below
 /// would answer (for the layers' unit tests).
 #[cfg(test)]

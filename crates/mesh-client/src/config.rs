@@ -286,7 +286,9 @@ pub struct RetryPolicy {
     /// Status codes that are retried. Default `["UNAVAILABLE"]`.
     #[serde(deserialize_with = "codes::deserialize")]
     pub retryable_status_codes: Vec<Code>,
-    /// Time limit of each attempt, within the call's deadline. None by default.
+    /// Time limit of each attempt, within the call's deadline; an attempt
+    /// tells the server the smaller of the two as its `grpc-timeout`.
+    /// None by default.
     #[serde(with = "duration_str::option")]
     pub per_attempt_recv_timeout: Option<Duration>,
 }

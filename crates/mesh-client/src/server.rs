@@ -5,7 +5,7 @@
 //! ([`MeshServer::grpc_web`]) → telemetry (a span and the golden metrics
 //! for every call, refused ones included) → authorization (claimed-identity
 //! headers stripped, then `PERMISSION_DENIED` for what the policy does not
-//! allow) → load shedding (`RESOURCE_EXHAUSTED` at once when the process is
+//! allow) → load shedding (`RESOURCE_EXHAUSTED` marked [`SHED_HEADER`] at once when the process is
 //! at its concurrency limit, instead of queueing into the caller's
 //! deadline) → the process-wide concurrency limit → inbound deadline
 //! capture (for propagation, cut to [`ServerConfig::max_inbound_deadline`])
@@ -28,8 +28,10 @@ use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport:
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::{
     Service, ServiceBuilder, ServiceExt, limit::GlobalConcurrencyLimitLayer,
-    load_shed::LoadShedLayer,
+    load_shed::LoadShedLayer, util::MapResultLayer,
 };
+
+pub use crate::body::SHED_HEADER;
 
 use crate::{
     authz::{
@@ -512,8 +514,14 @@ type CallLayers = tower::layer::util::Stack<
             tower::layer::util::Stack<
                 LoadShedLayer,
                 tower::layer::util::Stack<
-                    AuthzLayer,
-                    tower::layer::util::Stack<ServerTelemetryLayer, tower::layer::util::Identity>,
+                    MapResultLayer<MarkShed>,
+                    tower::layer::util::Stack<
+                        AuthzLayer,
+                        tower::layer::util::Stack<
+                            ServerTelemetryLayer,
+                            tower::layer::util::Identity,
+                        >,
+                    >,
                 >,
             >,
         >,
@@ -523,6 +531,37 @@ type CallLayers = tower::layer::util::Stack<
 /// The layers every call passes between the connection (and gRPC-Web
 /// translation) and the service, outer to inner; one function so that the
 /// order is tested as served (`server/tests.rs`).
+/// [`mark_shed`]'s type, to name it in [`CallLayers`].
+type MarkShed = fn(
+    Result<http::Response<Body>, crate::BoxError>,
+) -> Result<http::Response<Body>, crate::BoxError>;
+
+/// The load shedder's refusal as a trailers-only `RESOURCE_EXHAUSTED`
+/// marked with [`SHED_HEADER`]; any other answer loses the mark, so a
+/// service passing on an upstream's status (its metadata included) cannot
+/// make its callers penalise it for another server's shedding.
+fn mark_shed(
+    result: Result<http::Response<Body>, crate::BoxError>,
+) -> Result<http::Response<Body>, crate::BoxError> {
+    match result {
+        Err(e) if e.is::<tower::load_shed::error::Overloaded>() => {
+            let mut response = tonic::Status::resource_exhausted(
+                "the server is at its concurrency limit (shed at once, not queued); retry shortly",
+            )
+            .into_http::<Body>();
+            response
+                .headers_mut()
+                .insert(SHED_HEADER, http::HeaderValue::from_static("1"));
+            Ok(response)
+        }
+        Ok(mut response) => {
+            response.headers_mut().remove(SHED_HEADER);
+            Ok(response)
+        }
+        other => other,
+    }
+}
+
 fn call_layers(
     config: &ServerConfig,
     known: Arc<HashSet<String>>,
@@ -540,7 +579,9 @@ fn call_layers(
         // caller learns nothing about the server's load.
         .layer(AuthzLayer::new(authorization, known, metrics))
         // At the concurrency limit, RESOURCE_EXHAUSTED at once rather than
-        // a queue that eats the caller's deadline.
+        // a queue that eats the caller's deadline, marked as the mesh's
+        // shedding (the only kind the callers' balancers penalise).
+        .layer(MapResultLayer::new(mark_shed as MarkShed))
         .layer(LoadShedLayer::new())
         .layer(GlobalConcurrencyLimitLayer::new(config.concurrency_limit))
         .layer(InboundDeadlineLayer::new(config.max_inbound_deadline))

@@ -993,7 +993,12 @@ async fn an_overloaded_server_sheds_at_once_with_resource_exhausted() {
             tokio::spawn(async move {
                 let mut client = control(addr).await;
                 let result = client.echo(EchoRequest::default()).await;
-                (result.map(drop).map_err(|s| s.code()), started.elapsed())
+                let result = result.map(drop).map_err(|s| {
+                    let marked = s.metadata().get(mesh_client::server::SHED_HEADER)
+                        == Some(&"1".parse().unwrap());
+                    (s.code(), marked)
+                });
+                (result, started.elapsed())
             })
         })
         .collect();
@@ -1002,14 +1007,15 @@ async fn an_overloaded_server_sheds_at_once_with_resource_exhausted() {
     for call in calls {
         match call.await.unwrap() {
             (Ok(()), _) => served += 1,
-            (Err(Code::ResourceExhausted), took) => {
+            (Err((Code::ResourceExhausted, marked)), took) => {
+                assert!(marked, "marked as the mesh's shedding");
                 shed += 1;
                 assert!(
                     took < Duration::from_millis(250),
                     "shedding waited {took:?}"
                 );
             }
-            (Err(code), _) => panic!("unexpected {code:?}"),
+            (Err((code, _)), _) => panic!("unexpected {code:?}"),
         }
     }
     assert_eq!(served, 2, "the limit admits two at a time");

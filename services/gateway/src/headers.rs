@@ -26,7 +26,8 @@
 //! trailers): the gRPC status and its details, the compression headers,
 //! and `retry-after` / `grpc-retry-pushback-ms` (auth's login limit tells
 //! the caller when to come back). Every `mesh-*` header (an injected
-//! fault's `mesh-fault-injected`, `mesh-mirrored`, ...) and anything else
+//! fault's `mesh-fault-injected`, `mesh-mirrored`, the shedding mark
+//! `mesh-shed`, ...) and anything else
 //! a service or the mesh sets stays inside.
 
 use http::HeaderMap;
@@ -97,6 +98,19 @@ pub fn filter_response(response: http::Response<Body>) -> http::Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mesh_s_shed_mark_stays_inside() {
+        let response = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "8")
+            .header("mesh-shed", "1")
+            .body(Body::empty())
+            .unwrap();
+        let response = filter_response(response);
+        assert!(response.headers().get("mesh-shed").is_none());
+        assert_eq!(response.headers()["grpc-status"], "8");
+    }
 
     #[test]
     fn only_the_allowed_headers_pass_either_way() {

@@ -334,7 +334,12 @@ async fn a_shedding_endpoint_does_not_look_fast_to_p2c_and_is_never_ejected() {
         let port = req.extensions().get::<SendTo>().unwrap().0.addr.port();
         if port == 1 {
             to_shedding += 1;
-            answer.send_response(trailers_only(Code::ResourceExhausted));
+            let mut shed = trailers_only(Code::ResourceExhausted);
+            shed.headers_mut().insert(
+                crate::body::SHED_HEADER,
+                http::HeaderValue::from_static("1"),
+            );
+            answer.send_response(shed);
         } else {
             tokio::time::advance(Duration::from_millis(20)).await;
             answer.send_response(trailers_only(Code::Ok));
@@ -346,4 +351,250 @@ async fn a_shedding_endpoint_does_not_look_fast_to_p2c_and_is_never_ejected() {
         !set.snapshot()[0].is_ejected(Instant::now()),
         "shedding is not a failure that ejects"
     );
+}
+
+/// A real HTTP/2 server on loopback TCP (the `h2` crate) that names
+/// itself in a `served-by` header. With a `drain`, it admits one stream at
+/// a time, holds every stream until told, then shuts down gracefully
+/// (GOAWAY), stops accepting connections, and answers what it holds; without
+/// one it answers at once. Counts the streams it admitted.
+async fn named_h2_server(
+    name: &'static str,
+    drain: Option<Arc<tokio::sync::Notify>>,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let count = admitted.clone();
+    let answer = move |mut respond: h2::server::SendResponse<bytes::Bytes>| {
+        let response = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "0")
+            .header("served-by", name)
+            .body(())
+            .unwrap();
+        let _ = respond.send_response(response, true);
+    };
+    tokio::spawn(async move {
+        loop {
+            let accept = async { listener.accept().await };
+            let drained = async {
+                match &drain {
+                    Some(drain) => drain.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let tcp = tokio::select! {
+                accepted = accept => match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(_) => return,
+                },
+                // A draining server takes no new connections.
+                _ = drained => return,
+            };
+            let (count, drain) = (count.clone(), drain.clone());
+            tokio::spawn(async move {
+                let mut conn = h2::server::Builder::new()
+                    .max_concurrent_streams(if drain.is_some() { 1 } else { 100 })
+                    .handshake::<_, bytes::Bytes>(tcp)
+                    .await
+                    .unwrap();
+                let Some(drain) = drain else {
+                    while let Some(Ok((_, respond))) = conn.accept().await {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        answer(respond);
+                    }
+                    return;
+                };
+                let mut held = Vec::new();
+                loop {
+                    tokio::select! {
+                        stream = conn.accept() => match stream {
+                            Some(Ok((_, respond))) => {
+                                count.fetch_add(1, Ordering::SeqCst);
+                                held.push(respond);
+                            }
+                            _ => return,
+                        },
+                        _ = drain.notified() => break,
+                    }
+                }
+                conn.graceful_shutdown();
+                held.into_iter().for_each(answer);
+                while let Some(Ok((_, respond))) = conn.accept().await {
+                    answer(respond);
+                }
+            });
+        }
+    });
+    (at, admitted)
+}
+
+#[tokio::test]
+async fn requests_a_goaway_hands_back_unsent_go_to_another_endpoint() {
+    // Real connections to two real servers. Calls queue on the first one
+    // (it admits one stream at a time and holds it); then the second one
+    // joins the set and the first drains. hyper hands back the requests
+    // it had not written; they must go to the other server, not be dialled
+    // again to the draining address (which now refuses connections).
+    let drain = Arc::new(tokio::sync::Notify::new());
+    let (a, admitted) = named_h2_server("a", Some(drain.clone())).await;
+    let (b, _) = named_h2_server("b", None).await;
+    let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(Change::Insert(a, ())).await.unwrap();
+    tokio::spawn(set.clone().follow(
+        rx,
+        Arc::new(crate::endpoint::ClientConn::tcp_for_tests),
+        false,
+    ));
+    let config = ConfigHandle::new(MeshConfig::default()).unwrap();
+    let svc = BalanceLayer::new(set.clone(), config).layer(crate::endpoint::Connection);
+    let served_by = |result: Result<http::Response<Body>, CallError>| {
+        result.map(|r| r.headers()["served-by"].to_str().unwrap().to_owned())
+    };
+
+    let first = tokio::spawn(svc.clone().oneshot(request()));
+    for _ in 0..1000 {
+        if admitted.load(std::sync::atomic::Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let queued: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(svc.clone().oneshot(request())))
+        .collect();
+    // Four wait in hyper's queue (one more is in h2's, for the stream).
+    let conn = set.snapshot()[0].conn().clone();
+    for _ in 0..1000 {
+        if conn.queued() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(conn.queued() >= 4, "{}", conn.queued());
+    tx.send(Change::Insert(b, ())).await.unwrap();
+    for _ in 0..1000 {
+        if set.snapshot().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drain.notify_waiters();
+
+    let limit = Duration::from_secs(30);
+    let first = tokio::time::timeout(limit, first).await.unwrap().unwrap();
+    assert_eq!(served_by(first).unwrap(), "a", "the drain finished it");
+    let mut to_b = 0;
+    for call in queued {
+        match served_by(tokio::time::timeout(limit, call).await.unwrap().unwrap()) {
+            Ok(by) => {
+                assert_eq!(by, "b", "resent to the other server");
+                to_b += 1;
+            }
+            // The one hyper had passed to h2 to wait for a stream is
+            // dropped with the connection's dispatcher, not handed back
+            // ("dispatch task is gone"): hyper's, not resent here.
+            Err(CallError::Transport {
+                addr: at, source, ..
+            }) => {
+                assert_eq!(at, a, "{source:?}")
+            }
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert!(to_b >= 4, "{to_b} of 5 went to the other server");
+    assert_eq!(admitted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// A real HTTP/2 server on loopback TCP that answers every call at once,
+/// trailers-only, with `headers`.
+async fn answering_h2_server(headers: &'static [(&'static str, &'static str)]) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut conn = h2::server::Builder::new()
+                    .handshake::<_, bytes::Bytes>(tcp)
+                    .await
+                    .unwrap();
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    let mut response = http::Response::builder();
+                    for (name, value) in headers {
+                        response = response.header(*name, *value);
+                    }
+                    let _ = respond.send_response(response.body(()).unwrap(), true);
+                }
+            });
+        }
+    });
+    at
+}
+
+#[tokio::test]
+async fn only_a_resource_exhausted_marked_as_the_mesh_s_shedding_raises_the_penalty() {
+    // Two real servers answer RESOURCE_EXHAUSTED: one refuses callers (a
+    // login rate limit, which any caller can provoke on purpose), one is
+    // a mesh server shedding load (marked). Only the second is penalised.
+    const REFUSES: &[(&str, &str)] = &[
+        ("content-type", "application/grpc"),
+        ("grpc-status", "8"),
+        ("grpc-message", "too many login attempts; retry in 30 s"),
+    ];
+    const SHEDS: &[(&str, &str)] = &[
+        ("content-type", "application/grpc"),
+        ("grpc-status", "8"),
+        ("grpc-message", "the server is at its concurrency limit"),
+        ("mesh-shed", "1"),
+    ];
+    let refuses = answering_h2_server(REFUSES).await;
+    let sheds = answering_h2_server(SHEDS).await;
+    let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(Change::Insert(refuses, ())).await.unwrap();
+    tx.send(Change::Insert(sheds, ())).await.unwrap();
+    drop(tx);
+    set.clone()
+        .follow(
+            rx,
+            Arc::new(crate::endpoint::ClientConn::tcp_for_tests),
+            false,
+        )
+        .await;
+    let config = ConfigHandle::new(
+        MeshConfig::from_json(r#"{"loadBalancingPolicy":"round_robin"}"#).unwrap(),
+    )
+    .unwrap();
+    let svc = BalanceLayer::new(set.clone(), config).layer(crate::endpoint::Connection);
+    let mut answered = std::collections::HashMap::<SocketAddr, usize>::new();
+    for _ in 0..20 {
+        let picked = Picked::default();
+        let mut req = request();
+        req.extensions_mut().insert(picked.clone());
+        let response = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(header_status(&response), Some(Code::ResourceExhausted));
+        *answered.entry(*picked.0.get().unwrap()).or_default() += 1;
+    }
+    assert_eq!(answered.len(), 2, "both answered: {answered:?}");
+    let endpoint = |addr| {
+        set.snapshot()
+            .iter()
+            .find(|e| e.addr == addr)
+            .unwrap()
+            .clone()
+    };
+    let now = Instant::now();
+    // No call in flight: 1.0 is "no penalty".
+    assert_eq!(
+        endpoint(refuses).queue_cost(now),
+        1.0,
+        "a service's refusals say nothing of its load"
+    );
+    assert!(
+        endpoint(sheds).queue_cost(now) > 1.0,
+        "a marked shed is penalised"
+    );
+    assert!(!endpoint(sheds).is_ejected(now) && !endpoint(refuses).is_ejected(now));
 }

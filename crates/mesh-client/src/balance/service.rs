@@ -16,8 +16,11 @@ use tower::{Layer, Service, ServiceExt};
 use super::{EndpointSet, NoEndpoint};
 use crate::{
     BoxError,
+    body::is_marked_shed,
     config::ConfigHandle,
-    endpoint::{ObservedBody, SendTo, header_status, is_endpoint_failure, never_processed},
+    endpoint::{
+        ObservedBody, SendTo, header_status, is_endpoint_failure, never_processed, take_unsent,
+    },
 };
 
 /// How long a call waits for a target's first resolution.
@@ -184,7 +187,10 @@ fn is_connect_error(err: &(dyn std::error::Error + 'static)) -> bool {
 /// - Below: the request goes to the inner service with a [`SendTo`]
 ///   extension naming the chosen endpoint; the inner service sends it on
 ///   that endpoint's connection (`endpoint::Connection`). Its response or
-///   error is what the endpoint's load and failure accounting learn from.
+///   error is what the endpoint's load and failure accounting learn from,
+///   except a request the connection hands back unwritten
+///   (`endpoint::Unsent`): that one goes once more, to a new pick that
+///   avoids the endpoint, and charges nobody.
 #[derive(Clone)]
 pub(crate) struct BalanceLayer {
     set: Arc<EndpointSet>,
@@ -244,27 +250,53 @@ where
                 // deadline: after a short wait the call fails as "no endpoints".
                 let _ = tokio::time::timeout(FIRST_RESOLUTION_WAIT, set.wait_resolved()).await;
             }
-            let exclude = req
-                .extensions()
-                .get::<Exclude>()
-                .map(|e| e.0.as_slice())
-                .unwrap_or(&[]);
-            let endpoint = set
-                .pick(config.lb_policy_for(&set.target), exclude)
-                .map_err(CallError::NoEndpoint)?;
-            if let Some(picked) = req.extensions().get::<Picked>() {
-                let _ = picked.0.set(endpoint.addr);
-            }
-            req.extensions_mut().insert(SendTo(endpoint.clone()));
-            let in_flight = endpoint.start();
-            let started = Instant::now();
-            let result = inner.oneshot(req).await;
-            let now = Instant::now();
-            drop(in_flight);
+            // A request its connection handed back unwritten goes once
+            // more, to a pick that avoids that endpoint (it may be draining).
+            let mut resent = false;
+            let (endpoint, result, started, now) = loop {
+                let exclude = req
+                    .extensions()
+                    .get::<Exclude>()
+                    .map(|e| e.0.as_slice())
+                    .unwrap_or(&[]);
+                let endpoint = set
+                    .pick(config.lb_policy_for(&set.target), exclude)
+                    .map_err(CallError::NoEndpoint)?;
+                if let Some(picked) = req.extensions().get::<Picked>() {
+                    let _ = picked.0.set(endpoint.addr);
+                }
+                req.extensions_mut().insert(SendTo(endpoint.clone()));
+                let in_flight = endpoint.start();
+                let started = Instant::now();
+                let result = inner.clone().oneshot(req).await;
+                let now = Instant::now();
+                drop(in_flight);
+                let result = match result {
+                    Ok(response) => Ok(response),
+                    Err(err) => Err(err.into()),
+                };
+                if let Err(err) = &result
+                    && !resent
+                    && let Some(unsent) = take_unsent(&**err)
+                {
+                    // It never left: nothing to charge the endpoint with,
+                    // and no retry spent.
+                    tracing::debug!(target = %set.target, addr = %endpoint.addr, "sending a request its connection handed back unsent to another pick: {err}");
+                    resent = true;
+                    req = unsent;
+                    match req.extensions_mut().get_mut::<Exclude>() {
+                        Some(exclude) => exclude.0.push(endpoint.addr),
+                        None => {
+                            req.extensions_mut().insert(Exclude(vec![endpoint.addr]));
+                        }
+                    }
+                    continue;
+                }
+                break (endpoint, result, started, now);
+            };
             let response = match result {
                 Ok(response) => response,
                 Err(err) => {
-                    let err: BoxError = err.into();
                     // Calls that shared one failed dial all get its error;
                     // it is one failure of the endpoint, charged once.
                     let charged = crate::endpoint::failed_dial(&*err)
@@ -299,8 +331,10 @@ where
             let account = {
                 let (set, endpoint, config) = (set.clone(), endpoint.clone(), config.clone());
                 move |code: Option<Code>| match code {
-                    // Overloaded, not broken: penalised, never ejected.
-                    Some(Code::ResourceExhausted) => endpoint.record_shed(Instant::now()),
+                    // A RESOURCE_EXHAUSTED not marked as the mesh's shedding
+                    // is a service refusing a caller (a rate limit, a cap):
+                    // a caller could provoke those at will, so it says
+                    // nothing of the endpoint's load.
                     Some(code) if !is_endpoint_failure(code) => endpoint.record_success(),
                     _ => set.record_failure(&endpoint, &config.outlier_detection),
                 }
@@ -313,7 +347,10 @@ where
                     && response.headers().get(crate::fault::FAULT_HEADER)
                         == Some(&http::HeaderValue::from_static("abort"));
                 let callers_fault = code == Code::Internal && refuses_the_request(&response);
-                if !excused && !callers_fault {
+                if is_marked_shed(&response) {
+                    // Overloaded, not broken: penalised, never ejected.
+                    endpoint.record_shed(Instant::now());
+                } else if !excused && !callers_fault {
                     account(Some(code));
                 }
                 let mut response = response;

@@ -27,10 +27,19 @@
 //! [`tonic::ConnectError`] (the balancer's cue for the endpoint's reconnect
 //! backoff, the retry layer's "never sent"); a stream the server refused
 //! is hyper's error over `h2`'s `REFUSED_STREAM`; a request hyper never
-//! wrote because its connection had closed is hyper's "canceled". That last
-//! one is first sent again, once, on a new connection: hyper hands the
-//! request back, so it provably never left (a request racing a drain's
-//! GOAWAY then costs no retry and charges the endpoint nothing).
+//! wrote because its connection had closed is hyper's "canceled". hyper
+//! hands that last request back, so it provably never left: it fails as
+//! [`Unsent`], carrying the request, and the balancer sends it once more
+//! to an endpoint it picks, avoiding this one (a request racing a drain's
+//! GOAWAY then costs no retry, charges the endpoint nothing, and does not
+//! go back to the draining address).
+//!
+//! A server that completes the handshake and answers pings but opens no
+//! streams makes hyper queue every call, and a call that gives up stays in
+//! hyper's queue until a stream opens. Past [`MAX_QUEUED_REQUESTS`] queued
+//! the connection is cut: its socket fails (so hyper frees the queue), and
+//! its calls fail with a [`tonic::ConnectError`] over [`Stalled`], unsent,
+//! which backs the endpoint off as a failed dial would.
 
 use std::{
     future::Future,
@@ -71,7 +80,8 @@ pub(crate) const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// (the RFC's recommended minimum, hyper's default); after that the
 /// server's `SETTINGS_MAX_CONCURRENT_STREAMS` bounds us, and hyper queues
 /// calls beyond it until a stream closes (at most [`MAX_PENDING_CALLS`]
-/// live calls per connection).
+/// live calls per connection, and [`MAX_QUEUED_REQUESTS`] live or
+/// abandoned ones in hyper's queue).
 pub(crate) const INITIAL_MAX_SEND_STREAMS: usize = 100;
 /// Request bytes buffered per stream before the sender waits (hyper's default).
 pub(crate) const MAX_SEND_BUFFER: usize = 1024 * 1024;
@@ -83,11 +93,19 @@ pub(crate) const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 const USER_AGENT: &str = concat!("mesh-client/", env!("CARGO_PKG_VERSION"));
 
 /// One dial: a connected, handshaken HTTP/2 sender whose connection task
-/// is already running.
-type Dial = Box<dyn Fn() -> BoxFuture<'static, Result<SendRequest<Body>, BoxError>> + Send + Sync>;
+/// is already running, its socket behind the given [`Link`]'s switch.
+type Dial =
+    Box<dyn Fn(Arc<Link>) -> BoxFuture<'static, Result<SendRequest<Body>, BoxError>> + Send + Sync>;
 
 /// One dial in progress, awaited by every call that needs it.
-type Attempt = Shared<BoxFuture<'static, Result<SendRequest<Body>, DialError>>>;
+type Attempt = Shared<BoxFuture<'static, Result<Live, DialError>>>;
+
+/// A live connection: hyper's sender and the connection's [`Link`].
+#[derive(Clone)]
+struct Live {
+    send: SendRequest<Body>,
+    link: Arc<Link>,
+}
 
 /// hyper's response future on a live connection; gives the request back
 /// if hyper never wrote it.
@@ -117,7 +135,7 @@ pub(crate) enum ConnState {
 enum State {
     Idle,
     Connecting(Attempt),
-    Ready(SendRequest<Body>),
+    Ready(Live),
 }
 
 struct Inner {
@@ -142,18 +160,31 @@ struct Inner {
 /// certificate expires).
 pub(crate) const RETIRE_BEFORE_EXPIRY: Duration = Duration::from_secs(5);
 
-/// When a connection made now, whose certificates (ours and the peer's)
-/// expire at `expires`, stops taking new calls: [`RETIRE_BEFORE_EXPIRY`]
-/// before, or at expiry itself when that moment has passed already (the
-/// certificate was not renewed: a new connection would carry the same one,
-/// so redialling early buys nothing and would dial on every call).
+/// The most a connection's retirement is moved earlier at random, so
+/// the connections made with one certificate (to every endpoint, and in
+/// every client whose certificates were issued together) do not all dial
+/// again in the same instant: a tenth of the time left, at most a minute.
+pub(crate) const RETIRE_SPREAD: Duration = Duration::from_secs(60);
+
+/// When a connection made at `now`, whose certificates (ours and the
+/// peer's) expire at `expires`, stops taking new calls:
+/// [`RETIRE_BEFORE_EXPIRY`] plus `draw` (in `[0, 1)`) of the spread
+/// before. At expiry itself when that moment has passed already (the
+/// certificate was not renewed: a new connection would carry the same
+/// one, so redialling early buys nothing and would dial on every call);
+/// never when the certificate has expired already (clocks disagree with
+/// the peer's, who accepted it: the peer cuts the connection when it sees
+/// the expiry, and retiring at once would dial on every call).
 pub(crate) fn retire_at(
     expires: std::time::SystemTime,
     now: std::time::SystemTime,
-) -> std::time::SystemTime {
-    match expires.checked_sub(RETIRE_BEFORE_EXPIRY) {
-        Some(early) if early > now => early,
-        _ => expires,
+    draw: f64,
+) -> Option<std::time::SystemTime> {
+    let left = expires.duration_since(now).ok().filter(|d| !d.is_zero())?;
+    let spread = (left / 10).min(RETIRE_SPREAD).mul_f64(draw.clamp(0.0, 1.0));
+    match expires.checked_sub(RETIRE_BEFORE_EXPIRY + spread) {
+        Some(early) if early > now => Some(early),
+        _ => Some(expires),
     }
 }
 
@@ -237,18 +268,22 @@ impl ClientConn {
         let builder = http2_builder(settings);
         let retire_at_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let retire = retire_at_ms.clone();
-        let dial: Dial = Box::new(move || {
+        let dial: Dial = Box::new(move |link| {
             let io = connect();
             let builder = builder.clone();
             let retire = retire.clone();
             Box::pin(async move {
                 let (io, expires) = io.await?;
+                let io = Severable { io, link };
                 let (send, conn) = builder.handshake::<_, Body>(io).await?;
                 // Written before the dial's outcome becomes the state
                 // (under the state's lock), so a call that finds this
                 // connection Ready reads its own retirement time.
+                let now = std::time::SystemTime::now();
                 retire.store(
-                    expires.map_or(0, |at| unix_ms(retire_at(at, std::time::SystemTime::now()))),
+                    expires
+                        .and_then(|at| retire_at(at, now, rand::random::<f64>()))
+                        .map_or(0, unix_ms),
                     std::sync::atomic::Ordering::Relaxed,
                 );
                 // hyper's request dispatcher; the HTTP/2 connection itself
@@ -292,7 +327,9 @@ impl ClientConn {
         match &*self.inner.lock() {
             State::Idle => ConnState::Idle,
             State::Connecting(_) => ConnState::Connecting,
-            State::Ready(send) if send.is_closed() || self.inner.retired() => ConnState::Closed,
+            State::Ready(live) if live.send.is_closed() || self.inner.retired() => {
+                ConnState::Closed
+            }
             State::Ready(_) => ConnState::Ready,
         }
     }
@@ -300,13 +337,16 @@ impl ClientConn {
     /// When the live connection stops taking new calls (its certificates
     /// are about to expire), if it was made over TLS.
     pub(crate) fn retire_at(&self) -> Option<std::time::SystemTime> {
-        match self
-            .inner
-            .retire_at_ms
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            0 => None,
-            ms => Some(std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+        self.inner.retire_time()
+    }
+
+    /// Requests handed to hyper on the live connection and not yet taken
+    /// off its queue (by opening a stream, or discarded as abandoned).
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
+        match &*self.inner.lock() {
+            State::Ready(live) => live.link.queued.load(std::sync::atomic::Ordering::Relaxed),
+            _ => 0,
         }
     }
 
@@ -326,14 +366,13 @@ impl ClientConn {
         }
         let pending = PendingCall(self.inner.clone());
         self.set_origin(&mut req);
-        let mut response = self.send(req, true);
+        let mut response = self.send(req);
         response._pending = Some(pending);
         response
     }
 
-    /// Sends `req` (its origin set) on the live connection or a new one;
-    /// `resend`: whether a request hyper hands back unsent may go once more.
-    fn send(&self, req: Request, resend: bool) -> ResponseFuture {
+    /// Sends `req` (its origin set) on the live connection or a new one.
+    fn send(&self, req: Request) -> ResponseFuture {
         let attempt = {
             let mut state = self.inner.lock();
             // A dial whose task ended without recording its outcome (it
@@ -343,20 +382,40 @@ impl ClientConn {
                 && let Some(outcome) = attempt.peek()
             {
                 *state = match outcome {
-                    Ok(send) => State::Ready(send.clone()),
+                    Ok(live) => State::Ready(live.clone()),
                     Err(_) => State::Idle,
                 };
             }
             match &mut *state {
+                State::Ready(live)
+                    if live.link.queued.load(std::sync::atomic::Ordering::Relaxed)
+                        >= MAX_QUEUED_REQUESTS =>
+                {
+                    // hyper has not taken this many requests off its queue:
+                    // the server opens no streams, and calls that gave up
+                    // still sit there. Cut the connection: its queue is
+                    // freed, its live calls fail as a stalled connection
+                    // (never sent), and the balancer backs the endpoint off.
+                    let link = live.link.clone();
+                    *state = State::Idle;
+                    drop(state);
+                    tracing::warn!(authority = %self.inner.authority, "{}", Stalled);
+                    link.sever();
+                    return ResponseFuture {
+                        kind: Kind::Refused(Some(link.stalled_error())),
+                        _pending: None,
+                    };
+                }
                 // A retired connection is replaced below: dropping its
                 // sender lets hyper close it once its calls are done.
-                State::Ready(send) if !send.is_closed() && !self.inner.retired() => {
+                State::Ready(live) if !live.send.is_closed() && !self.inner.retired() => {
                     // The fast path: hyper queues the request to the
                     // connection's dispatcher; no task of ours in between.
+                    let req = live.link.enqueue(req);
                     return ResponseFuture {
                         kind: Kind::Sent {
-                            fut: Box::pin(send.try_send_request(req)),
-                            resend: resend.then(|| self.clone()),
+                            fut: Box::pin(live.send.try_send_request(req)),
+                            link: live.link.clone(),
                         },
                         _pending: None,
                     };
@@ -372,10 +431,14 @@ impl ClientConn {
         ResponseFuture {
             _pending: None,
             kind: Kind::Dialling(Box::pin(async move {
-                let mut send = attempt
+                let Live { mut send, link } = attempt
                     .await
                     .map_err(|e| -> BoxError { Box::new(tonic::ConnectError(Box::new(e))) })?;
-                Ok(send.send_request(req).await?.map(Body::new))
+                let req = link.enqueue(req);
+                match send.try_send_request(req).await {
+                    Ok(response) => Ok(response.map(Body::new)),
+                    Err(e) => Err(handed_back(e, &link)),
+                }
             })),
         }
     }
@@ -383,16 +446,17 @@ impl ClientConn {
     /// A dial on its own task, bounded by the connect timeout; its outcome
     /// becomes the connection's state whether or not a call still waits.
     fn start_dial(&self) -> Attempt {
-        let dial = (self.inner.dial)();
         let number = 1 + self
             .inner
             .dials
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let link = Arc::new(Link::new(number));
+        let dial = (self.inner.dial)(link.clone());
         let limit = self.inner.connect_timeout;
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let task = tokio::spawn(async move {
             let result = match tokio::time::timeout(limit, dial).await {
-                Ok(Ok(send)) => Ok(send),
+                Ok(Ok(send)) => Ok(Live { send, link }),
                 Ok(Err(e)) => Err(DialError::from_box(e, number)),
                 Err(_) => Err(DialError(
                     Arc::new(io::Error::new(
@@ -406,9 +470,13 @@ impl ClientConn {
                 let mut state = inner.lock();
                 if matches!(*state, State::Connecting(_)) {
                     *state = match &result {
-                        Ok(send) => State::Ready(send.clone()),
+                        Ok(live) => State::Ready(live.clone()),
                         Err(_) => State::Idle,
                     };
+                }
+                drop(state);
+                if result.is_ok() {
+                    release_when_retired(weak, number);
                 }
             }
             result
@@ -443,7 +511,37 @@ impl ClientConn {
     }
 }
 
+/// Drops connection `number`'s sender when it retires, if no call has
+/// replaced it by then: an idle connection (no health watch, no calls)
+/// then closes before its certificates expire, instead of waiting for the
+/// peer to cut it.
+fn release_when_retired(weak: Weak<Inner>, number: u64) {
+    let Some(at) = weak.upgrade().and_then(|inner| inner.retire_time()) else {
+        return;
+    };
+    tokio::spawn(async move {
+        let left = at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        tokio::time::sleep(left).await;
+        if let Some(inner) = weak.upgrade() {
+            let mut state = inner.lock();
+            if matches!(&*state, State::Ready(live) if live.link.dial == number) {
+                *state = State::Idle;
+            }
+        }
+    });
+}
+
 impl Inner {
+    /// When the live connection retires, if it was made over TLS.
+    fn retire_time(&self) -> Option<std::time::SystemTime> {
+        match self.retire_at_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            ms => Some(std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+        }
+    }
+
     /// Whether the live connection's certificates are about to expire.
     fn retired(&self) -> bool {
         match self.retire_at_ms.load(std::sync::atomic::Ordering::Relaxed) {
@@ -507,6 +605,164 @@ pub(crate) struct ResponseFuture {
 /// them; past it a call fails at once with [`QueueFull`], unsent.
 pub(crate) const MAX_PENDING_CALLS: usize = 1024;
 
+/// Requests one connection's hyper queue may hold (handed to hyper, no
+/// stream opened for them yet), live or abandoned: hyper drops a request
+/// whose caller gave up only when it takes it off the queue, which it does
+/// only as streams open. A server that keeps answering pings but opens no
+/// streams (`SETTINGS_MAX_CONCURRENT_STREAMS` 0, or a stuck one) would
+/// otherwise make the queue grow with the call rate while every call times
+/// out. At most [`MAX_PENDING_CALLS`] of them are live, so past this bound
+/// at least as many were abandoned: the connection is cut (see [`Stalled`]).
+pub(crate) const MAX_QUEUED_REQUESTS: usize = 2 * MAX_PENDING_CALLS;
+
+/// What one connection shares with its requests and its socket: how many
+/// of its requests hyper still queues, and the switch that cuts it.
+struct Link {
+    /// The connection's dial number (see [`failed_dial`]).
+    dial: u64,
+    /// Requests handed to hyper and not yet taken off its queue: each
+    /// carries a [`Queued`] token, which hyper drops with the request's
+    /// extensions when it opens the stream or discards the request.
+    queued: std::sync::atomic::AtomicUsize,
+    severed: std::sync::atomic::AtomicBool,
+    /// The connection task's read, woken when the link is severed.
+    reader: futures::task::AtomicWaker,
+}
+
+impl Link {
+    fn new(dial: u64) -> Self {
+        Self {
+            dial,
+            queued: std::sync::atomic::AtomicUsize::new(0),
+            severed: std::sync::atomic::AtomicBool::new(false),
+            reader: futures::task::AtomicWaker::new(),
+        }
+    }
+
+    /// Counts `req` as queued on this connection until hyper lets go of it.
+    fn enqueue(self: &Arc<Self>, mut req: Request) -> Request {
+        self.queued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        req.extensions_mut().insert(Queued(self.clone()));
+        req
+    }
+
+    /// Cuts the connection: its socket fails every read and write from
+    /// now on, so hyper ends the connection and frees its queue.
+    fn sever(&self) {
+        self.severed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.reader.wake();
+    }
+
+    fn is_severed(&self) -> bool {
+        self.severed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The error of the calls a cut connection fails: a connect error of
+    /// this connection's dial, so the balancer backs the endpoint off once
+    /// and the retry layer may send the call elsewhere.
+    fn stalled_error(&self) -> BoxError {
+        let io = io::Error::new(io::ErrorKind::ConnectionAborted, Stalled);
+        Box::new(tonic::ConnectError(Box::new(DialError(
+            Arc::new(io),
+            self.dial,
+        ))))
+    }
+}
+
+/// A request's place in its connection's hyper queue (see [`Link`]).
+#[derive(Clone)]
+struct Queued(Arc<Link>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0
+            .queued
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Why a connection was cut: hyper held [`MAX_QUEUED_REQUESTS`] requests
+/// the server opened no stream for. Its calls never left, so they may go
+/// to another endpoint; the endpoint is backed off as after a failed dial.
+#[derive(Debug)]
+pub(crate) struct Stalled;
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "connection cut: the server opened no stream for {MAX_QUEUED_REQUESTS} queued requests"
+        )
+    }
+}
+
+impl std::error::Error for Stalled {}
+
+/// A connection's socket behind its [`Link`]'s switch: once severed,
+/// every read and write fails, which ends hyper's connection at once
+/// (its streams fail, its queue is dropped, the socket is closed).
+struct Severable<T> {
+    io: T,
+    link: Arc<Link>,
+}
+
+impl<T> Severable<T> {
+    fn check(&self) -> io::Result<()> {
+        if self.link.is_severed() {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, Stalled));
+        }
+        Ok(())
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Severable<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        // Registered before the check, so a sever in between still wakes.
+        self.link.reader.register(cx.waker());
+        self.check()?;
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Severable<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check()?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
 /// One call counted against the connection's [`MAX_PENDING_CALLS`].
 struct PendingCall(Arc<Inner>);
 
@@ -537,9 +793,8 @@ impl std::error::Error for QueueFull {}
 enum Kind {
     Sent {
         fut: Sent,
-        /// The connection to send the request on again if hyper hands it
-        /// back unsent (at most once).
-        resend: Option<ClientConn>,
+        /// The connection it was handed to.
+        link: Arc<Link>,
     },
     Dialling(BoxFuture<'static, Result<http::Response<Body>, BoxError>>),
     /// Refused before it was sent ([`QueueFull`]).
@@ -551,32 +806,81 @@ impl Future for ResponseFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        loop {
-            match &mut this.kind {
-                Kind::Sent { fut, resend } => match ready!(fut.as_mut().poll(cx)) {
-                    Ok(response) => return Poll::Ready(Ok(response.map(Body::new))),
-                    Err(mut e) => {
-                        // The connection closed before hyper wrote the
-                        // request (a GOAWAY or EOF hyper had not yet
-                        // noticed when it was queued): it never left, so
-                        // it goes on a new connection.
-                        if let Some(conn) = resend.take()
-                            && let Some(req) = e.take_message()
-                        {
-                            tracing::debug!(authority = %conn.inner.authority, "connection closed before the request was sent; sending it on a new one: {}", e.error());
-                            this.kind = conn.send(req, false).kind;
-                            continue;
-                        }
-                        return Poll::Ready(Err(e.into_error().into()));
-                    }
-                },
-                Kind::Dialling(fut) => return fut.as_mut().poll(cx),
-                Kind::Refused(err) => {
-                    return Poll::Ready(Err(err.take().expect("a refused call is polled once")));
-                }
+        match &mut this.kind {
+            Kind::Sent { fut, link } => Poll::Ready(match ready!(fut.as_mut().poll(cx)) {
+                Ok(response) => Ok(response.map(Body::new)),
+                Err(e) => Err(handed_back(e, link)),
+            }),
+            Kind::Dialling(fut) => fut.as_mut().poll(cx),
+            Kind::Refused(err) => {
+                Poll::Ready(Err(err.take().expect("a refused call is polled once")))
             }
         }
     }
+}
+
+/// The error of a call hyper failed: a request it hands back unsent (its
+/// connection closed before it was written: a GOAWAY or EOF hyper had not
+/// yet noticed when it was queued) becomes [`Unsent`], holding the request
+/// for the balancer to send once more, to an endpoint it picks; one from a
+/// connection cut for stalling fails as [`Stalled`] (never sent there again).
+fn handed_back(mut e: TrySendError<Request>, link: &Link) -> BoxError {
+    match e.take_message() {
+        Some(_) if link.is_severed() => link.stalled_error(),
+        Some(mut req) => {
+            req.extensions_mut().remove::<Queued>();
+            tracing::debug!(
+                "connection closed before the request was sent: {}",
+                e.error()
+            );
+            Box::new(Unsent {
+                request: Mutex::new(Some(req)),
+                source: e.into_error(),
+            })
+        }
+        None => e.into_error().into(),
+    }
+}
+
+/// A request hyper handed back unwritten because its connection had
+/// closed: provably never sent (see [`never_processed`]), and still whole,
+/// so the balancer sends it once more without charging anyone (see
+/// [`take_unsent`]).
+pub(crate) struct Unsent {
+    /// Taken by the one who sends it again.
+    request: Mutex<Option<Request>>,
+    /// hyper's "canceled".
+    source: hyper::Error,
+}
+
+impl std::fmt::Debug for Unsent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unsent")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Display for Unsent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the connection closed before the request was sent")
+    }
+}
+
+impl std::error::Error for Unsent {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// The request of an [`Unsent`] error, if `err` is one and nobody took it
+/// yet: it never left, so it may go to another endpoint as it is.
+pub(crate) fn take_unsent(err: &(dyn std::error::Error + 'static)) -> Option<Request> {
+    crate::caused_by::<Unsent>(err)?
+        .request
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
 }
 
 /// Whether an error of a call sent on a connection proves the server never
@@ -598,18 +902,30 @@ pub(crate) fn authority_of(addr: SocketAddr) -> Authority {
 }
 
 /// A tower service over the connection, for tonic clients of the
-/// endpoint itself (the health watch).
+/// endpoint itself (the health watch). A request handed back [`Unsent`]
+/// goes once more on this connection (redialled): these calls are about
+/// this endpoint, so there is no other to pick.
 impl tower::Service<Request> for ClientConn {
     type Response = http::Response<Body>;
     type Error = BoxError;
-    type Future = ResponseFuture;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, BoxError>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        ClientConn::call(self, req)
+        let first = ClientConn::call(self, req);
+        let conn = self.clone();
+        Box::pin(async move {
+            match first.await {
+                Err(err) => match take_unsent(&*err) {
+                    Some(req) => conn.call(req).await,
+                    None => Err(err),
+                },
+                done => done,
+            }
+        })
     }
 }
 
@@ -1014,9 +1330,19 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(bed.closed.load(Ordering::SeqCst), 0, "the drain waits");
 
-        // A new call goes on a new connection: hyper hands back the request
-        // it could not send on the GOAWAY'd one, and it is sent again.
-        let response = conn.call(request()).await.unwrap();
+        // hyper hands back the request it could not send on the GOAWAY'd
+        // connection: it fails unsent, carrying the request, for the
+        // balancer to send to an endpoint it picks (not resent here: this
+        // address may be draining).
+        let err = conn.call(request()).await.unwrap_err();
+        assert!(never_processed(&*err), "{err}");
+        assert!(!is_connect_error(&err), "{err}");
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 1, "nothing dialled");
+        let again = take_unsent(&*err).expect("the request comes back whole");
+        assert!(take_unsent(&*err).is_none(), "once");
+        assert_eq!(again.uri().path(), "/test.Echo/Unary");
+        // Sent again here, it goes on a new connection.
+        let response = conn.call(again).await.unwrap();
         assert_eq!(response.headers()["grpc-status"], "0");
         assert_eq!(bed.dials.load(Ordering::SeqCst), 2);
         assert_eq!(conn.state(), ConnState::Ready);
@@ -1081,15 +1407,114 @@ mod tests {
         use std::time::SystemTime;
         let now = SystemTime::now();
         let far = now + Duration::from_secs(3600);
-        assert_eq!(retire_at(far, now), far - RETIRE_BEFORE_EXPIRY);
+        assert_eq!(retire_at(far, now, 0.0), Some(far - RETIRE_BEFORE_EXPIRY));
+        // Spread over at most a minute (a tenth of the time left).
+        let spread = (far - RETIRE_BEFORE_EXPIRY)
+            .duration_since(retire_at(far, now, 0.999).unwrap())
+            .unwrap();
+        assert!(
+            spread > Duration::from_secs(59) && spread <= RETIRE_SPREAD,
+            "{spread:?}"
+        );
+        let soon = now + Duration::from_secs(105);
+        let spread = (soon - RETIRE_BEFORE_EXPIRY)
+            .duration_since(retire_at(soon, now, 0.999).unwrap())
+            .unwrap();
+        assert!(spread <= Duration::from_millis(10_500), "{spread:?}");
         // Within the margin already (not renewed): retiring at once would
         // dial on every call with the same certificate; keep it to expiry.
         let near = now + Duration::from_secs(2);
-        assert_eq!(retire_at(near, now), near);
-        assert_eq!(
-            retire_at(now - Duration::from_secs(1), now),
-            now - Duration::from_secs(1)
-        );
+        assert_eq!(retire_at(near, now, 0.5), Some(near));
+        // Expired already by our clock, yet accepted: never retire (the
+        // peer cuts it), or every call would dial.
+        assert_eq!(retire_at(now - Duration::from_secs(1), now, 0.5), None);
+        assert_eq!(retire_at(now, now, 0.5), None);
+    }
+
+    /// A real HTTP/2 server on loopback TCP that completes the handshake
+    /// and answers pings but allows no stream at all; counts its
+    /// connections and the ones that ended.
+    async fn server_opening_no_streams() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let counts = (accepted.clone(), ended.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                counts.0.fetch_add(1, Ordering::SeqCst);
+                let ended = counts.1.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut conn) = h2::server::Builder::new()
+                        .max_concurrent_streams(0)
+                        .handshake::<_, Bytes>(tcp)
+                        .await
+                    {
+                        // Driving the connection answers pings and
+                        // settings; no stream is ever admitted.
+                        let mut held = Vec::new();
+                        while let Some(Ok(stream)) = conn.accept().await {
+                            held.push(stream);
+                        }
+                    }
+                    ended.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, accepted, ended)
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_server_opens_no_streams_is_cut_before_its_queue_grows() {
+        let (addr, accepted, ended) = server_opening_no_streams().await;
+        let conn = ClientConn::tcp_for_tests(addr);
+        // A live call that waits (the server admits no stream).
+        let live = tokio::spawn(conn.call(request()));
+        for _ in 0..1000 {
+            if conn.state() == ConnState::Ready {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(conn.state(), ConnState::Ready);
+        // Calls that give up at once (a deadline passed, say): hyper
+        // queues each; abandoned, it stays queued until a stream opens.
+        let mut refused = None;
+        for _ in 0..3 * MAX_QUEUED_REQUESTS {
+            let mut call = conn.call(request());
+            if let Some(result) = (&mut call).now_or_never() {
+                refused = Some(result);
+                break;
+            }
+            assert!(conn.queued() <= MAX_QUEUED_REQUESTS, "{}", conn.queued());
+            drop(call);
+        }
+        let err = refused
+            .expect("the stalled connection is cut")
+            .expect_err("refused");
+        assert!(crate::caused_by::<Stalled>(&*err).is_some(), "{err}");
+        assert!(is_connect_error(&err), "backed off as a failed dial: {err}");
+        assert_eq!(failed_dial(&*err), Some(1));
+        // The live call ends with the connection (how depends on where it
+        // was: refused by the server before its SETTINGS arrived, waiting
+        // in h2 for a stream, or in hyper's queue, handed back as Stalled).
+        tokio::time::timeout(Duration::from_secs(30), live)
+            .await
+            .expect("the live call ends with the connection")
+            .unwrap()
+            .unwrap_err();
+        // The server sees the connection end (its queue went with it).
+        for _ in 0..1000 {
+            if ended.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(ended.load(Ordering::SeqCst), 1, "the socket was closed");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(conn.state(), ConnState::Idle, "the next call dials anew");
     }
 
     #[tokio::test(start_paused = true)]

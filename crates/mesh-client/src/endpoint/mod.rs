@@ -27,7 +27,7 @@ use tonic::{Code, body::Body};
 use tower::Service;
 
 pub(crate) use crate::body::{ObservedBody, header_status};
-pub(crate) use conn::{ClientConn, authority_of, failed_dial, never_processed};
+pub(crate) use conn::{ClientConn, authority_of, failed_dial, never_processed, take_unsent};
 pub(crate) use health::watch_health;
 
 use crate::config::{EndpointConfig, OutlierDetection};

@@ -479,3 +479,83 @@ async fn retries_and_hedges_are_sent_with_the_time_left_not_the_original_timeout
     answers.remove(2).send_response(ok());
     call.await.unwrap().unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_with_no_time_left_is_not_sent_and_spends_no_budget() {
+    use crate::deadline::DeadlineLayer;
+    use futures::FutureExt;
+    // One retry in reserve (and at most one banked), none earned by requests.
+    let (retrying, mut handle, _) = retry(
+        r#"{"retryPolicy":{"maxAttempts":3},
+            "retryBudget":{"retryRatio":0.0,"minRetriesPerSecond":1,"ttl":"1s"}}"#,
+    );
+    let svc = DeadlineLayer::new(Duration::from_secs(10)).layer(retrying);
+    let with_timeout = |path| {
+        let mut req = request(path);
+        req.headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("2S"));
+        req
+    };
+
+    // The first attempt fails 0.5 ms before the call's deadline, asking
+    // for a retry at once: it would go out as `grpc-timeout: 500u`.
+    let call = tokio::spawn(svc.clone().oneshot(with_timeout(GET)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    tokio::time::advance(Duration::from_micros(1_999_500)).await;
+    answer.send_response(status(
+        Code::Unavailable,
+        &[("grpc-retry-pushback-ms", "0")],
+    ));
+    let status = call
+        .await
+        .unwrap()
+        .unwrap_err()
+        .downcast::<tonic::Status>()
+        .unwrap();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status}");
+    let sent = handle.next_request().now_or_never().flatten();
+    assert!(
+        sent.is_none(),
+        "a retry was sent with {:?}",
+        sent.map(|(r, _)| r.headers().get("grpc-timeout").cloned())
+    );
+
+    // The budget's one retry is still there for a call with time left.
+    let call = tokio::spawn(svc.oneshot(with_timeout(GET)));
+    fail_next(&mut handle).await;
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(ok());
+    assert!(header_status(&call.await.unwrap().unwrap()).is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_attempt_tells_the_server_the_smaller_of_its_per_attempt_timeout_and_the_time_left() {
+    use crate::deadline::DeadlineLayer;
+    let (retrying, mut handle, _) = retry(
+        r#"{"retryPolicy":{"maxAttempts":3,"perAttemptRecvTimeout":"500ms",
+                  "initialBackoff":"1ms","maxBackoff":"1ms",
+                  "retryableStatusCodes":["UNAVAILABLE","DEADLINE_EXCEEDED"]}}"#,
+    );
+    let svc = DeadlineLayer::new(Duration::from_secs(10)).layer(retrying);
+    let mut req = request(GET);
+    req.headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("1200m"));
+    let start = Instant::now();
+    let call = tokio::spawn(svc.oneshot(req));
+    // 1.2 s for the call, 500 ms per attempt: the first two attempts are
+    // told 500 ms, the third only what is left of the call (under 200 ms).
+    let (first, _silent) = handle.next_request().await.unwrap();
+    assert_eq!(sent_timeout(&first), Duration::from_millis(500));
+    let (second, _silent) = handle.next_request().await.unwrap();
+    assert_eq!(sent_timeout(&second), Duration::from_millis(500));
+    let (third, answer) = handle.next_request().await.unwrap();
+    let elapsed = start.elapsed();
+    assert!(elapsed >= Duration::from_secs(1), "{elapsed:?}");
+    assert!(
+        sent_timeout(&third) <= Duration::from_millis(1200) - elapsed,
+        "told {:?} with {elapsed:?} of 1.2 s gone",
+        sent_timeout(&third)
+    );
+    answer.send_response(ok());
+    assert!(header_status(&call.await.unwrap().unwrap()).is_none());
+}

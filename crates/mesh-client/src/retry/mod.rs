@@ -14,8 +14,9 @@
 //!   connection could not be made, or the stream was refused).
 //!
 //! Never retried: once response headers have arrived (the call is
-//! committed), a client-streaming request, or a request body larger than
-//! `maxReplayBytes` (it is not kept for replay). `grpc-retry-pushback-ms`
+//! committed), a client-streaming request, a request body larger than
+//! `maxReplayBytes` (it is not kept for replay), or when the call's
+//! deadline would leave the attempt under [`MIN_ATTEMPT_TIME`]. `grpc-retry-pushback-ms`
 //! from the server overrides the backoff, and a negative one stops retries.
 //! Mechanism (the replayable body and the attempt loop) lives here; policy
 //! (attempts, backoff, codes, budget) is configuration.
@@ -54,6 +55,39 @@ use crate::{
 };
 
 type Attempt = Result<http::Response<Body>, BoxError>;
+
+/// The least time left before a call's deadline ([`CallExpiry`]) for which
+/// a retry or hedge is still sent: with less, the server would be told
+/// `grpc-timeout: 1u` (or 0) and could not answer in time, while the
+/// attempt would spend retry budget. It is not sent; the call ends with
+/// the last attempt's status, or `DEADLINE_EXCEEDED` once the deadline
+/// has passed (gRFC A6).
+pub const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(1);
+
+/// The time left until the call's deadline, if a layer above set one.
+fn time_left(parts: &http::request::Parts) -> Option<Duration> {
+    parts.extensions.get::<CallExpiry>().map(|expiry| {
+        expiry
+            .0
+            .saturating_duration_since(tokio::time::Instant::now())
+    })
+}
+
+/// Whether the call still has time for another attempt sent after `wait`.
+fn time_for_attempt(parts: &http::request::Parts, wait: Duration) -> bool {
+    time_left(parts).is_none_or(|left| left >= wait + MIN_ATTEMPT_TIME)
+}
+
+/// The end of a call whose deadline left no time for another attempt:
+/// `DEADLINE_EXCEEDED` once it has (about) passed, else the last attempt's.
+fn out_of_time(parts: &http::request::Parts, last: Attempt) -> Attempt {
+    if time_left(parts).is_some_and(|left| left < MIN_ATTEMPT_TIME) {
+        return Err(Box::new(tonic::Status::deadline_exceeded(
+            "the call's deadline passed before another attempt could be sent",
+        )));
+    }
+    last
+}
 
 /// A request extension that replaces the configured retry policy for one
 /// call (a route's `retryPolicy`, set by the router above); hedging and
@@ -297,10 +331,30 @@ where
             // The header was the call's whole budget when the deadline
             // layer set it; a later attempt has only what is left, and a
             // server told more would work on past the caller's deadline.
-            if let Some(expiry) = parts.extensions.get::<CallExpiry>() {
+            if per_attempt.is_none()
+                && let Some(expiry) = parts.extensions.get::<CallExpiry>()
+            {
                 req.headers_mut()
                     .insert("grpc-timeout", expiry.header_value());
             }
+        }
+        // A per-attempt timeout shorter than the call's time left is what
+        // this attempt has: the server is told that, and stops working
+        // when the attempt is abandoned rather than at the call's deadline.
+        if let Some(limit) = per_attempt {
+            let call_left = time_left(parts).or_else(|| {
+                parts
+                    .headers
+                    .get("grpc-timeout")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(crate::deadline::decode_grpc_timeout)
+            });
+            let sent = call_left.map_or(limit, |left| left.min(limit));
+            let value = crate::deadline::encode_grpc_timeout(sent);
+            req.headers_mut().insert(
+                "grpc-timeout",
+                HeaderValue::try_from(value).expect("an encoded timeout is ASCII"),
+            );
         }
         let picked = Picked::default();
         if track {
@@ -364,6 +418,16 @@ where
             if none_serving(&result) {
                 return result;
             }
+            let wait = match pushback {
+                Pushback::After(wait) => wait,
+                _ => backoff(&policy, number),
+            };
+            // A retry that would leave with under MIN_ATTEMPT_TIME of the
+            // deadline is not sent, and spends no budget.
+            if !time_for_attempt(&parts, wait) {
+                tracing::debug!(target = %self.shared.target, path = parts.uri.path(), ?wait, "no time left before the deadline; not retrying");
+                return out_of_time(&parts, result);
+            }
             if !self.shared.budget.withdraw() {
                 self.shared.metrics.budget_exhausted(&self.shared.peer);
                 tracing::debug!(target = %self.shared.target, path = parts.uri.path(), "retry budget exhausted; not retrying");
@@ -372,10 +436,6 @@ where
             if let Some(addr) = served_by(&result) {
                 exclude.push(addr);
             }
-            let wait = match pushback {
-                Pushback::After(wait) => wait,
-                _ => backoff(&policy, number),
-            };
             tracing::debug!(target = %self.shared.target, path = parts.uri.path(), attempt = number + 1, ?wait, ?code, "retrying");
             tokio::time::sleep(wait).await;
             self.shared
@@ -424,8 +484,14 @@ where
                                 }
                                 continue;
                             }
-                            // A non-fatal failure sends the next hedge at once.
-                            if more && self.shared.budget.withdraw() {
+                            // A non-fatal failure sends the next hedge at
+                            // once, if there is time for it.
+                            if more && !time_for_attempt(&parts, Duration::ZERO) {
+                                sent = policy.max_attempts;
+                                if running.is_empty() {
+                                    return out_of_time(&parts, last.expect("just set"));
+                                }
+                            } else if more && self.shared.budget.withdraw() {
                                 self.shared.metrics.retry(&self.shared.peer, parts.uri.path(), true);
                                 tracing::debug!(target = %self.shared.target, path = parts.uri.path(), attempt = sent + 1, ?code, "hedging after a non-fatal failure");
                                 launch(&mut sent, &mut running, &mut exclude);
@@ -437,7 +503,10 @@ where
                     }
                 }
                 _ = tokio::time::sleep(policy.hedging_delay), if more => {
-                    if self.shared.budget.withdraw() {
+                    if !time_for_attempt(&parts, Duration::ZERO) {
+                        // No time for another hedge: the ones out may still answer.
+                        sent = policy.max_attempts;
+                    } else if self.shared.budget.withdraw() {
                         self.shared.metrics.retry(&self.shared.peer, parts.uri.path(), true);
                         tracing::debug!(target = %self.shared.target, path = parts.uri.path(), attempt = sent + 1, "hedging");
                         launch(&mut sent, &mut running, &mut exclude);

@@ -10,7 +10,7 @@ use tonic::{Code, body::Body};
 use tower::{Service, ServiceExt};
 use tower_test::mock;
 
-use super::{ServerConfig, call_layers};
+use super::{SHED_HEADER, ServerConfig, call_layers};
 use crate::{
     BoxError,
     authz::{AuthorizationPolicy, REFUSED_BY_HEADER, layer::PolicySource},
@@ -169,6 +169,14 @@ async fn at_the_concurrency_limit_calls_are_shed_at_once_but_denials_stay_denial
     // The one permit is taken: the next allowed call is shed, not queued.
     let start = Instant::now();
     let shed = svc.clone().oneshot(call(ORDERS, None)).await;
+    // Marked as the mesh's own shedding: the callers' balancers penalise
+    // only that kind of RESOURCE_EXHAUSTED.
+    assert_eq!(
+        shed.as_ref()
+            .ok()
+            .and_then(|r| r.headers().get(SHED_HEADER)),
+        Some(&http::HeaderValue::from_static("1"))
+    );
     assert_eq!(code_of(shed), Code::ResourceExhausted);
     assert_eq!(start.elapsed(), Duration::ZERO, "shed at once, no queueing");
     assert_eq!(responses(&metrics, ORDERS, "RESOURCE_EXHAUSTED"), 1);
@@ -177,11 +185,20 @@ async fn at_the_concurrency_limit_calls_are_shed_at_once_but_denials_stay_denial
     let denied = svc.clone().oneshot(call(STRANGER, None)).await;
     assert_eq!(code_of(denied), Code::PermissionDenied);
 
-    answer.send_response(ok());
-    assert_eq!(code_of(first.await.unwrap()), Code::Ok);
+    // The service's own answer cannot carry the mark (a status passed on
+    // from an upstream that shed, say).
+    let mut passed_on = trailers_only(Code::ResourceExhausted);
+    passed_on
+        .headers_mut()
+        .insert(SHED_HEADER, http::HeaderValue::from_static("1"));
+    answer.send_response(passed_on);
+    let passed_on = first.await.unwrap().unwrap();
+    assert_eq!(header_status(&passed_on), Some(Code::ResourceExhausted));
+    assert!(passed_on.headers().get(SHED_HEADER).is_none(), "unmarked");
     // The permit is back: the next call is served.
     served(svc, &mut handle).await;
-    assert_eq!(responses(&metrics, ORDERS, "OK"), 2);
+    assert_eq!(responses(&metrics, ORDERS, "OK"), 1);
+    assert_eq!(responses(&metrics, ORDERS, "RESOURCE_EXHAUSTED"), 2);
 }
 
 #[tokio::test(start_paused = true)]

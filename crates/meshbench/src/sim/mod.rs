@@ -298,6 +298,11 @@ fn grpc(code: u8, message: &str) -> http::Response<Body> {
     if !message.is_empty() {
         builder = builder.header("grpc-message", message);
     }
+    if code == 8 {
+        // A full queue is the server shedding load, marked as a mesh
+        // server marks it (only marked sheds raise P2C's penalty).
+        builder = builder.header(mesh_client::server::SHED_HEADER, "1");
+    }
     builder.body(Body::empty()).expect("a valid response")
 }
 
