@@ -494,10 +494,7 @@ where
                     // config: a copy of it per call was an allocation.
                     let retry = CallRetry {
                         config,
-                        route: req
-                            .extensions()
-                            .get::<RetryOverride>()
-                            .map(|r| r.0.clone()),
+                        route: req.extensions().get::<RetryOverride>().map(|r| r.0.clone()),
                     };
                     let (parts, body) = req.into_parts();
                     match body::buffer(body, max_replay_bytes).await {
@@ -509,10 +506,7 @@ where
                             Some(hedging) if info.idempotent => {
                                 this.hedge(parts, bytes, hedging).await
                             }
-                            _ => {
-                                this.retry_loop(parts, bytes, info.idempotent, retry)
-                                    .await
-                            }
+                            _ => this.retry_loop(parts, bytes, info.idempotent, retry).await,
                         },
                     }
                 }
