@@ -9,23 +9,24 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::Code;
 
-type Report = Box<dyn FnOnce(Option<Code>) + Send>;
-
 pin_project! {
     /// A response body that reports the call's gRPC status from its
     /// trailers (or `None` on a body error) when the stream ends.
-    pub(crate) struct ObservedBody<B> {
+    ///
+    /// Generic over the report rather than boxing it: two layers wrap
+    /// every call's body, and a box each was two allocations per call.
+    pub(crate) struct ObservedBody<B, F> {
         #[pin]
         inner: B,
-        report: Option<Report>,
+        report: Option<F>,
     }
 }
 
-impl<B> ObservedBody<B> {
-    pub(crate) fn new(inner: B, report: impl FnOnce(Option<Code>) + Send + 'static) -> Self {
+impl<B, F: FnOnce(Option<Code>)> ObservedBody<B, F> {
+    pub(crate) fn new(inner: B, report: F) -> Self {
         Self {
             inner,
-            report: Some(Box::new(report)),
+            report: Some(report),
         }
     }
 }
@@ -38,9 +39,10 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
         .map(Code::from_i32)
 }
 
-impl<B> Body for ObservedBody<B>
+impl<B, F> Body for ObservedBody<B, F>
 where
     B: Body<Data = Bytes>,
+    F: FnOnce(Option<Code>),
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -327,7 +329,7 @@ where
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+    type Future = BodyDeadlineFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -347,19 +349,52 @@ where
                 abandoned: Some(abandoned),
             })
         });
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let response = fut.await?;
-            Ok(response.map(|inner| {
-                tonic::body::Body::new(DeadlineBody {
-                    inner,
-                    sleep: at.map(tokio::time::sleep_until),
-                    budget: budget.unwrap_or_default(),
-                    expired: false,
-                    abandon: Abandon(Some(abandon)),
-                })
-            }))
-        })
+        BodyDeadlineFuture {
+            inner: self.inner.call(req),
+            armed: Some((at, budget.unwrap_or_default(), abandon)),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`BodyDeadline`]: the inner one's response with
+    /// its body held to the deadline. A named future, not a boxed one:
+    /// every call goes through it.
+    pub(crate) struct BodyDeadlineFuture<F> {
+        #[pin]
+        inner: F,
+        // When the deadline passes, the budget (for the message), and
+        // the request body's cancel switch. Dropped unsent (the call
+        // failed or was dropped before its headers), it cancels nothing.
+        armed: Option<(
+            Option<tokio::time::Instant>,
+            std::time::Duration,
+            tokio::sync::oneshot::Sender<()>,
+        )>,
+    }
+}
+
+impl<F, RB, E> Future for BodyDeadlineFuture<F>
+where
+    F: Future<Output = Result<http::Response<RB>, E>>,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<crate::BoxError>,
+{
+    type Output = Result<http::Response<tonic::body::Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx))?;
+        let (at, budget, abandon) = this.armed.take().expect("polled after completion");
+        Poll::Ready(Ok(response.map(|inner| {
+            tonic::body::Body::new(DeadlineBody {
+                inner,
+                sleep: at.map(tokio::time::sleep_until),
+                budget,
+                expired: false,
+                abandon: Abandon(Some(abandon)),
+            })
+        })))
     }
 }
 

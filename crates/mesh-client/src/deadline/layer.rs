@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Timeout};
 use tower::{Layer, Service};
 
-use super::{INBOUND_DEADLINE, decode_grpc_timeout, encode_grpc_timeout, inbound_deadline};
+use super::{INBOUND_DEADLINE, decode_grpc_timeout, grpc_timeout_header, inbound_deadline};
 use crate::BoxError;
 
 const GRPC_TIMEOUT: &str = "grpc-timeout";
@@ -49,8 +49,7 @@ pub struct CallExpiry(pub Instant);
 impl CallExpiry {
     /// `grpc-timeout` for an attempt sent now: the time left, 0 if none.
     pub fn header_value(&self) -> HeaderValue {
-        let left = self.0.saturating_duration_since(Instant::now());
-        HeaderValue::try_from(encode_grpc_timeout(left)).expect("an encoded timeout is ASCII")
+        grpc_timeout_header(self.0.saturating_duration_since(Instant::now()))
     }
 }
 
@@ -161,9 +160,8 @@ where
                 budget,
             };
         }
-        let value = HeaderValue::try_from(encode_grpc_timeout(budget))
-            .expect("an encoded timeout is ASCII");
-        req.headers_mut().insert(GRPC_TIMEOUT, value);
+        req.headers_mut()
+            .insert(GRPC_TIMEOUT, grpc_timeout_header(budget));
         req.extensions_mut().insert(CallExpiry(deadline));
         DeadlineFuture {
             state: State::Running {

@@ -16,6 +16,28 @@ pub fn encode_grpc_timeout(timeout: Duration) -> String {
     format!("{}S", u128::from(timeout.as_secs()).min(MAX))
 }
 
+/// [`encode_grpc_timeout`] as a header value, formatted on the stack:
+/// every call sends one, and a `String` first was an allocation more.
+pub(crate) fn grpc_timeout_header(timeout: Duration) -> http::HeaderValue {
+    use std::io::Write;
+    const MAX: u128 = 99_999_999;
+    // At most 8 digits and the unit.
+    let mut buf = [0u8; 9];
+    let mut out = &mut buf[..];
+    let micros = timeout.as_micros();
+    let millis = timeout.as_millis();
+    let written = if micros <= MAX {
+        write!(out, "{}u", micros.max(1))
+    } else if millis <= MAX {
+        write!(out, "{millis}m")
+    } else {
+        write!(out, "{}S", u128::from(timeout.as_secs()).min(MAX))
+    };
+    written.expect("at most 9 bytes");
+    let len = 9 - out.len();
+    http::HeaderValue::from_bytes(&buf[..len]).expect("an encoded timeout is ASCII")
+}
+
 /// Decodes a `grpc-timeout` header value (`1-8 digits` + `H M S m u n`).
 pub fn decode_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
@@ -40,6 +62,26 @@ pub fn decode_grpc_timeout(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_header_is_the_encoded_timeout() {
+        for d in [
+            Duration::ZERO,
+            Duration::from_nanos(1),
+            Duration::from_micros(99_999_999),
+            Duration::from_micros(100_000_000),
+            Duration::from_millis(99_999_999),
+            Duration::from_millis(100_000_000),
+            Duration::from_secs(u64::MAX / 2),
+            Duration::from_secs(30),
+        ] {
+            assert_eq!(
+                grpc_timeout_header(d).to_str().unwrap(),
+                encode_grpc_timeout(d),
+                "{d:?}"
+            );
+        }
+    }
 
     #[test]
     fn round_trips_without_growing() {

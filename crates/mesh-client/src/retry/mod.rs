@@ -39,10 +39,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
+use futures::{StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use http::HeaderValue;
 use tonic::{Code, body::Body};
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt, util::Oneshot};
 
 use crate::{
     BoxError,
@@ -320,7 +320,10 @@ where
         exclude: &[std::net::SocketAddr],
         per_attempt: Option<Duration>,
         track: bool,
-    ) -> (BoxFuture<'static, Attempt>, Picked) {
+    ) -> (
+        AttemptFuture<Oneshot<S, http::Request<Body>>>,
+        Option<Picked>,
+    ) {
         let mut req = http::Request::from_parts(
             parts.clone(),
             Body::new(http_body_util::Full::new(body.clone())),
@@ -350,29 +353,21 @@ where
                     .and_then(crate::deadline::decode_grpc_timeout)
             });
             let sent = call_left.map_or(limit, |left| left.min(limit));
-            let value = crate::deadline::encode_grpc_timeout(sent);
-            req.headers_mut().insert(
-                "grpc-timeout",
-                HeaderValue::try_from(value).expect("an encoded timeout is ASCII"),
-            );
+            req.headers_mut()
+                .insert("grpc-timeout", crate::deadline::grpc_timeout_header(sent));
         }
-        let picked = Picked::default();
-        if track {
+        // Only hedges read where an attempt went.
+        let picked = track.then(Picked::default);
+        if let Some(picked) = &picked {
             req.extensions_mut().insert(picked.clone());
         }
         if !exclude.is_empty() {
             req.extensions_mut().insert(Exclude(exclude.to_vec()));
         }
-        let call = self.inner.clone().oneshot(req);
-        let fut = match per_attempt {
-            Some(limit) => async move {
-                match tokio::time::timeout(limit, call).await {
-                    Ok(result) => result.map_err(Into::into),
-                    Err(_) => Err(Box::new(CallError::AttemptTimeout(limit)) as BoxError),
-                }
-            }
-            .boxed(),
-            None => async move { call.await.map_err(Into::into) }.boxed(),
+        let fut = AttemptFuture {
+            call: self.inner.clone().oneshot(req),
+            limit: per_attempt.map(tokio::time::sleep),
+            after: per_attempt.unwrap_or_default(),
         };
         (fut, picked)
     }
@@ -382,8 +377,9 @@ where
         parts: http::request::Parts,
         body: Bytes,
         idempotent: bool,
-        policy: RetryPolicy,
+        policy: CallRetry,
     ) -> Attempt {
+        let policy = policy.get(&self.shared.target, parts.uri.path());
         let mut exclude = Vec::new();
         let mut number = 1;
         loop {
@@ -461,7 +457,7 @@ where
                 exclude.extend(picks.iter().filter_map(|p: &Picked| p.0.get().copied()));
                 *sent += 1;
                 let (fut, picked) = self.attempt(&parts, &body, *sent, exclude, None, true);
-                picks.push(picked);
+                picks.extend(picked);
                 running.push(fut);
             };
         launch(&mut sent, &mut running, &mut exclude);
@@ -555,27 +551,28 @@ where
                 }) => this.once(req).await,
                 Some(info) => {
                     let config = this.shared.config.load();
-                    let policy = config.call_policy(&target, req.uri().path());
-                    let retry = match req.extensions().get::<RetryOverride>() {
-                        Some(route) => (*route.0).clone(),
-                        None => policy.retry.clone(),
+                    let hedging = config
+                        .call_policy(&target, req.uri().path())
+                        .hedging
+                        .cloned();
+                    let max_replay_bytes = config.max_replay_bytes;
+                    // The retry policy is read where it is used, from this
+                    // config: a copy of it per call was an allocation.
+                    let retry = CallRetry {
+                        config,
+                        route: req.extensions().get::<RetryOverride>().map(|r| r.0.clone()),
                     };
-                    let hedging = policy.hedging.cloned();
                     let (parts, body) = req.into_parts();
-                    match body::buffer(body, config.max_replay_bytes).await {
+                    match body::buffer(body, max_replay_bytes).await {
                         Err(status) => return Err(Box::new(status) as BoxError),
                         Ok(body::Buffered::TooLarge(body)) => {
                             this.once(http::Request::from_parts(parts, body)).await
                         }
                         Ok(body::Buffered::Whole(bytes)) => match hedging {
                             Some(hedging) if info.idempotent => {
-                                this.clone().hedge(parts, bytes, hedging).await
+                                this.hedge(parts, bytes, hedging).await
                             }
-                            _ => {
-                                this.clone()
-                                    .retry_loop(parts, bytes, info.idempotent, retry)
-                                    .await
-                            }
+                            _ => this.retry_loop(parts, bytes, info.idempotent, retry).await,
                         },
                     }
                 }
@@ -586,6 +583,56 @@ where
                 Err(e) => e,
             })
         })
+    }
+}
+
+/// The retry policy of one call: its route's, else the config's for its
+/// method.
+struct CallRetry {
+    config: Arc<crate::config::MeshConfig>,
+    route: Option<Arc<RetryPolicy>>,
+}
+
+impl CallRetry {
+    fn get(&self, target: &str, path: &str) -> &RetryPolicy {
+        match &self.route {
+            Some(route) => route,
+            None => self.config.call_policy(target, path).retry,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One attempt: the inner service's response, bounded by the policy's
+    /// per-attempt timeout when it sets one. A named future rather than a
+    /// boxed one (an allocation per attempt).
+    struct AttemptFuture<F> {
+        #[pin]
+        call: F,
+        #[pin]
+        limit: Option<tokio::time::Sleep>,
+        after: Duration,
+    }
+}
+
+impl<F, T, E> std::future::Future for AttemptFuture<F>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(result) = this.call.poll(cx) {
+            return Poll::Ready(result.map_err(Into::into));
+        }
+        match this.limit.as_pin_mut().map(|limit| limit.poll(cx)) {
+            Some(Poll::Ready(())) => {
+                Poll::Ready(Err(Box::new(CallError::AttemptTimeout(*this.after))))
+            }
+            _ => Poll::Pending,
+        }
     }
 }
 

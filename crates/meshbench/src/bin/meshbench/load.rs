@@ -433,14 +433,29 @@ pub async fn round(c: &mut Contender, load: Load, duration: Duration, record: bo
     }
 }
 
+/// Contenders to run (by name, `--only`); empty: all of them.
+static ONLY: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Runs only the contenders named in `names` (all when empty): for a
+/// profile of one path. The others measure nothing, so their ratios are
+/// meaningless in such a run.
+pub fn run_only(names: Vec<String>) {
+    let _ = ONLY.set(names);
+}
+
+fn chosen(c: &Contender) -> bool {
+    ONLY.get()
+        .is_none_or(|only| only.is_empty() || only.contains(&c.name))
+}
+
 /// Runs every contender's warm-up, then `rounds` rounds of all contenders
 /// in turn (A, B, A, B ...), so drift in the machine hits them alike.
 pub async fn interleave(contenders: &mut [Contender], load: Load, plan: Plan) {
-    for c in contenders.iter_mut() {
+    for c in contenders.iter_mut().filter(|c| chosen(c)) {
         round(c, load, plan.warmup, false).await;
     }
     for r in 0..plan.rounds {
-        for c in contenders.iter_mut() {
+        for c in contenders.iter_mut().filter(|c| chosen(c)) {
             round(c, load, plan.duration, true).await;
             eprintln!(
                 "  round {}/{}: {:<28} {:>9.0} req/s so far",

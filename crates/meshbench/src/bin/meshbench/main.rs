@@ -91,6 +91,11 @@ struct SuiteArgs {
     /// ratios); skipped when the file does not exist.
     #[arg(long, default_value = "docs/bench/results.json")]
     previous: PathBuf,
+    /// Run only this contender (repeatable; its name as in the tables,
+    /// e.g. `--only mesh`), to profile one path: the others measure
+    /// nothing, so the run's ratios mean nothing.
+    #[arg(long)]
+    only: Vec<String>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -159,6 +164,7 @@ impl SuiteArgs {
 }
 
 async fn suite(args: SuiteArgs) -> Result<bool, String> {
+    load::run_only(args.only.clone());
     let chosen: Vec<&str> = scenarios::ALL
         .iter()
         .copied()
