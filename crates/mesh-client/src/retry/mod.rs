@@ -416,7 +416,7 @@ where
             }
             let wait = match pushback {
                 Pushback::After(wait) => wait,
-                _ => backoff(&policy, number),
+                _ => backoff(policy, number),
             };
             // A retry that would leave with under MIN_ATTEMPT_TIME of the
             // deadline is not sent, and spends no budget.
