@@ -110,10 +110,10 @@ pub(crate) fn is_marked_shed(response: &http::Response<tonic::body::Body>) -> bo
             .headers()
             .get(SHED_HEADER)
             .is_some_and(|v| v == "1")
-            || response
-                .headers()
-                .get("grpc-message")
-                .is_some_and(|m| m == TONIC_CONNECTION_SHED))
+            // Decoded: on the wire `grpc-message` is percent-encoded
+            // (`Too%20many...`), so the raw header never equals the text.
+            || tonic::Status::from_header_map(response.headers())
+                .is_some_and(|status| status.message() == TONIC_CONNECTION_SHED))
 }
 
 /// A trailers-only response with `code` and no message, as a layer below
@@ -581,5 +581,27 @@ where
                 })
             }))
         })
+    }
+}
+
+#[cfg(test)]
+mod shed_tests {
+    use super::*;
+
+    #[test]
+    fn tonic_s_connection_shed_is_recognised_as_it_arrives_percent_encoded() {
+        // As tonic writes it on the wire: the message percent-encoded.
+        let response = tonic::Status::resource_exhausted(TONIC_CONNECTION_SHED).into_http();
+        let raw = response.headers().get("grpc-message").unwrap();
+        assert_ne!(raw, TONIC_CONNECTION_SHED, "encoded on the wire: {raw:?}");
+        assert!(is_marked_shed(&response));
+        // A service's own refusal, unmarked, is not shedding.
+        let refusal = tonic::Status::resource_exhausted("too many login attempts").into_http();
+        assert!(!is_marked_shed(&refusal));
+        let mut marked = trailers_only(Code::ResourceExhausted);
+        marked
+            .headers_mut()
+            .insert(SHED_HEADER, http::HeaderValue::from_static("1"));
+        assert!(is_marked_shed(&marked));
     }
 }

@@ -126,9 +126,6 @@ pub(crate) fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
     crate::caused_by::<tonic::TimeoutExpired>(err).is_some()
 }
 
-/// Whether a transport error proves the request never reached the server
-/// (or never was processed there): a failed connect, a refused stream, a
-/// stream above a GOAWAY's last, a request its closed connection never wrote.
 /// Whether a trailers-only INTERNAL answer is a server refusing the
 /// caller's malformed message: tonic's decoder answers INTERNAL (as the
 /// gRPC spec asks) for a bad compression flag, a cut-off frame or bytes
@@ -151,6 +148,9 @@ fn refuses_the_request(response: &http::Response<Body>) -> bool {
     })
 }
 
+/// Whether a transport error proves the request never reached the server
+/// (or never was processed there): a failed connect, a refused stream, a
+/// stream above a GOAWAY's last, a request its closed connection never wrote.
 fn never_sent(err: &(dyn std::error::Error + 'static)) -> bool {
     is_connect_error(err) || never_processed(err)
 }
