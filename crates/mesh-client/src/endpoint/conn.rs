@@ -152,6 +152,24 @@ struct Inner {
     /// epoch; 0: never): a certificate it was made with, ours or the
     /// peer's, is about to expire. See [`retire_at`].
     retire_at_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// The task that releases the live connection when it retires: one
+    /// per connection object, the previous one aborted when a new dial
+    /// starts its own (a server that closes after every handshake would
+    /// otherwise leave a task per dial, each asleep until its retirement).
+    retire_task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .retire_task
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            task.abort();
+        }
+    }
 }
 
 /// How long before the earlier of the two certificates' expiry a
@@ -306,6 +324,7 @@ impl ClientConn {
                 connect_timeout: settings.connect_timeout,
                 authority,
                 retire_at_ms,
+                retire_task: Mutex::new(None),
             }),
         }
     }
@@ -516,10 +535,13 @@ impl ClientConn {
 /// then closes before its certificates expire, instead of waiting for the
 /// peer to cut it.
 fn release_when_retired(weak: Weak<Inner>, number: u64) {
-    let Some(at) = weak.upgrade().and_then(|inner| inner.retire_time()) else {
+    let Some(inner) = weak.upgrade() else {
         return;
     };
-    tokio::spawn(async move {
+    let Some(at) = inner.retire_time() else {
+        return;
+    };
+    let task = tokio::spawn(async move {
         let left = at
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
@@ -531,6 +553,14 @@ fn release_when_retired(weak: Weak<Inner>, number: u64) {
             }
         }
     });
+    let previous = inner
+        .retire_task
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .replace(task.abort_handle());
+    if let Some(previous) = previous {
+        previous.abort();
+    }
 }
 
 impl Inner {
