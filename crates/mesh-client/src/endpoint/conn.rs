@@ -702,8 +702,19 @@ impl Link {
 }
 
 /// A request's place in its connection's hyper queue (see [`Link`]).
-#[derive(Clone)]
 struct Queued(Arc<Link>);
+
+/// `http::Extensions` needs `Clone`; a copy is a place of its own, so
+/// every token's drop takes back exactly what it added (a derived clone
+/// would decrement twice and wrap the count).
+impl Clone for Queued {
+    fn clone(&self) -> Self {
+        self.0
+            .queued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(self.0.clone())
+    }
+}
 
 impl Drop for Queued {
     fn drop(&mut self) {
