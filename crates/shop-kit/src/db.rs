@@ -18,8 +18,10 @@
 //! - readiness ([`watch_readiness`]) probes PostgreSQL over a connection
 //!   of its own (pool exhaustion is not an outage) every
 //!   [`PROBE_INTERVAL`], each probe bounded by [`PROBE_TIMEOUT`]; a failed
-//!   probe reports NOT_SERVING, and [`FAILED_PROBES_TO_CUT`] failed in a
-//!   row fail the calls then in flight in a [`guard`]ed service that are
+//!   probe reports NOT_SERVING, and [`FAILED_PROBES_TO_CUT`] silent ones in
+//!   a row (no answer in time, or the host unreachable; a refusal such as
+//!   PostgreSQL's connection limit is an answer) fail the calls then in
+//!   flight in a [`guard`]ed service that are
 //!   older than [`PROBE_TIMEOUT`] with `UNAVAILABLE`, so a call whose
 //!   statement went out into the silence ends within a few seconds, not at
 //!   its deadline. One lost probe (a dropped packet, a GC pause of the
@@ -184,7 +186,7 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one readiness probe (connecting if needed, then `SELECT 1`)
 /// may take before the database counts as unreachable.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How many PostgreSQL probes in a row must fail before the calls in flight
+/// How many PostgreSQL probes in a row must meet silence before the calls in flight
 /// in [`guard`]ed services are failed (health goes NOT_SERVING at the first).
 pub const FAILED_PROBES_TO_CUT: u32 = 2;
 /// How long a PostgreSQL connection handed back to the pool may take to
@@ -353,23 +355,61 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
 static DATABASE_LOST: std::sync::LazyLock<watch::Sender<Option<Instant>>> =
     std::sync::LazyLock::new(|| watch::Sender::new(None));
 
-/// Counts failed probes in a row and says when to cut calls in flight.
+/// What one readiness probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// `SELECT 1` came back within [`PROBE_TIMEOUT`].
+    Answered,
+    /// The server's host answered, but not with a result: PostgreSQL
+    /// refused the session (too many clients, shutting down, ...) or the
+    /// host reset the connection. A statement in flight elsewhere gets its
+    /// own answer or its own reset, so nothing waits on silence.
+    Refused,
+    /// Nothing came back within [`PROBE_TIMEOUT`], or the network said the
+    /// host is unreachable: statements already on the wire wait for TCP.
+    Silent,
+}
+
+impl Answer {
+    /// Classifies a probe that ended with `err` before its timeout.
+    fn of_error(err: &sqlx::Error) -> Answer {
+        match err {
+            sqlx::Error::Database(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) => {
+                Answer::Refused
+            }
+            sqlx::Error::Io(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                Answer::Refused
+            }
+            _ => Answer::Silent,
+        }
+    }
+}
+
+/// Counts silent probes in a row and says when to cut calls in flight.
 #[derive(Debug, Default)]
 struct Outage {
-    failed: u32,
+    silent: u32,
 }
 
 impl Outage {
     /// Records a probe that ended at `now`; after [`FAILED_PROBES_TO_CUT`]
-    /// failures in a row (and after each further one), the instant at or
-    /// before which a call in flight started to be failed.
-    fn probed(&mut self, ok: bool, now: Instant) -> Option<Instant> {
-        if ok {
-            self.failed = 0;
+    /// silent ones in a row (and after each further one), the instant at or
+    /// before which a call in flight started to be failed. A refusal is no
+    /// silence: the database's host is there and answers, so it restarts
+    /// the count (a pool at PostgreSQL's connection limit must not cut the
+    /// calls it is serving).
+    fn probed(&mut self, answer: Answer, now: Instant) -> Option<Instant> {
+        if answer != Answer::Silent {
+            self.silent = 0;
             return None;
         }
-        self.failed = self.failed.saturating_add(1);
-        if self.failed < FAILED_PROBES_TO_CUT {
+        self.silent = self.silent.saturating_add(1);
+        if self.silent < FAILED_PROBES_TO_CUT {
             return None;
         }
         now.checked_sub(PROBE_TIMEOUT)
@@ -400,15 +440,16 @@ impl Probe {
         }
     }
 
-    /// Whether the database answered `SELECT 1` within [`PROBE_TIMEOUT`].
-    async fn answers(&mut self) -> bool {
+    /// Whether the database answered `SELECT 1` within [`PROBE_TIMEOUT`],
+    /// and if not, whether it refused or stayed silent.
+    async fn answers(&mut self) -> Answer {
         let Some(options) = self.own.clone() else {
-            return tokio::time::timeout(
-                PROBE_TIMEOUT,
-                sqlx::query("SELECT 1").execute(&self.pool),
-            )
-            .await
-            .is_ok_and(|r| r.is_ok());
+            let probe = sqlx::query("SELECT 1").execute(&self.pool);
+            return match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+                Ok(Ok(_)) => Answer::Answered,
+                Ok(Err(e)) => Answer::of_error(&e),
+                Err(_) => Answer::Silent,
+            };
         };
         let conn = &mut self.conn;
         let attempt = async move {
@@ -420,14 +461,16 @@ impl Probe {
                 None => Ok(()),
             }
         };
-        let ok = tokio::time::timeout(PROBE_TIMEOUT, attempt)
-            .await
-            .is_ok_and(|r| r.is_ok());
-        if !ok {
+        let answer = match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
+            Ok(Ok(())) => Answer::Answered,
+            Ok(Err(e)) => Answer::of_error(&e),
+            Err(_) => Answer::Silent,
+        };
+        if answer != Answer::Answered {
             // Silent or broken: the next probe connects afresh.
             self.conn = None;
         }
-        ok
+        answer
     }
 
     /// Whether a failed probe means calls in flight wait on silence.
@@ -438,10 +481,10 @@ impl Probe {
 
 /// Keeps health in step with the database: NOT_SERVING (for `""` and each
 /// of `services`) while its probe fails (module docs), SERVING again once
-/// it answers. From the [`FAILED_PROBES_TO_CUT`]th PostgreSQL probe failed
-/// in a row, each also fails the calls in flight in [`guard`]ed services
-/// that started more than [`PROBE_TIMEOUT`] before it ended. Stops when `stop` is cancelled (the
-/// server drains).
+/// it answers. From the [`FAILED_PROBES_TO_CUT`]th PostgreSQL probe in a
+/// row that met silence (not a refusal), each also fails the calls in
+/// flight in [`guard`]ed services that started more than [`PROBE_TIMEOUT`]
+/// before it ended. Stops when `stop` is cancelled (the server drains).
 pub async fn watch_readiness(
     pool: AnyPool,
     reporter: tonic_health::server::HealthReporter,
@@ -457,9 +500,10 @@ pub async fn watch_readiness(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(PROBE_INTERVAL) => {}
         }
-        let ok = probe.answers().await;
+        let answer = probe.answers().await;
+        let ok = answer == Answer::Answered;
         if probe.fails_calls()
-            && let Some(started_by) = outage.probed(ok, Instant::now())
+            && let Some(started_by) = outage.probed(answer, Instant::now())
         {
             DATABASE_LOST.send_replace(Some(started_by));
         }
@@ -730,22 +774,79 @@ mod tests {
         let mut outage = Outage::default();
         let t0 = Instant::now() + Duration::from_secs(100);
         assert_eq!(
-            outage.probed(false, t0),
+            outage.probed(Answer::Silent, t0),
             None,
             "one lost probe cuts nothing"
         );
-        assert_eq!(outage.probed(true, t0 + PROBE_INTERVAL), None);
+        assert_eq!(outage.probed(Answer::Answered, t0 + PROBE_INTERVAL), None);
         assert_eq!(
-            outage.probed(false, t0 + 2 * PROBE_INTERVAL),
+            outage.probed(Answer::Silent, t0 + 2 * PROBE_INTERVAL),
             None,
             "the count restarted"
         );
         let at = t0 + 3 * PROBE_INTERVAL;
-        assert_eq!(outage.probed(false, at), Some(at - PROBE_TIMEOUT));
+        assert_eq!(outage.probed(Answer::Silent, at), Some(at - PROBE_TIMEOUT));
         assert_eq!(
-            outage.probed(false, at + PROBE_INTERVAL),
+            outage.probed(Answer::Silent, at + PROBE_INTERVAL),
             Some(at + PROBE_INTERVAL - PROBE_TIMEOUT)
         );
+    }
+
+    #[test]
+    fn refusals_never_cut_however_many_in_a_row() {
+        let mut outage = Outage::default();
+        let t0 = Instant::now() + Duration::from_secs(100);
+        for i in 0..10 {
+            assert_eq!(
+                outage.probed(Answer::Refused, t0 + i * PROBE_INTERVAL),
+                None
+            );
+        }
+        assert_eq!(
+            outage.probed(Answer::Silent, t0 + 10 * PROBE_INTERVAL),
+            None
+        );
+        assert_eq!(
+            outage.probed(Answer::Refused, t0 + 11 * PROBE_INTERVAL),
+            None,
+            "a refusal between two silent probes restarts the count"
+        );
+        assert_eq!(
+            outage.probed(Answer::Silent, t0 + 12 * PROBE_INTERVAL),
+            None
+        );
+    }
+
+    /// A probe of PostgreSQL at `addr`, over a connection of its own.
+    fn probe_at(addr: std::net::SocketAddr) -> Probe {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .connect_lazy(&format!("postgres://probe@{addr}/probe"))
+            .unwrap();
+        let probe = Probe::new(pool);
+        assert!(probe.fails_calls());
+        probe
+    }
+
+    #[tokio::test]
+    async fn a_port_that_refuses_is_a_refusal_and_a_peer_that_never_answers_is_silence() {
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        assert_eq!(probe_at(closed).answers().await, Answer::Refused);
+
+        // Accepts the connection and never says a word, like a server
+        // behind a partition whose SYN-ACK got through.
+        let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = mute.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let (socket, _) = mute.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(socket);
+        });
+        assert_eq!(probe_at(addr).answers().await, Answer::Silent);
+        held.abort();
     }
 
     #[tokio::test(start_paused = true)]
@@ -762,7 +863,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut outage = Outage::default();
         for _ in 0..FAILED_PROBES_TO_CUT {
-            if let Some(started_by) = outage.probed(false, Instant::now()) {
+            if let Some(started_by) = outage.probed(Answer::Silent, Instant::now()) {
                 lost.send_replace(Some(started_by));
             }
         }
