@@ -5,6 +5,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures::future::Either;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::Code;
@@ -171,6 +172,10 @@ pin_project! {
     pub(crate) struct DeadlineBody<B> {
         #[pin]
         inner: B,
+        // When the deadline passes; its timer is made only once the body
+        // has to wait (a unary response is usually whole when first
+        // polled, and an unpolled `Sleep` still costs a runtime handle).
+        at: Option<tokio::time::Instant>,
         #[pin]
         sleep: Option<tokio::time::Sleep>,
         budget: std::time::Duration,
@@ -191,7 +196,7 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
+        let mut this = self.project();
         if *this.expired {
             return Poll::Ready(None);
         }
@@ -204,7 +209,12 @@ where
             }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        if let Some(sleep) = this.sleep.as_pin_mut()
+        if let Some(at) = *this.at
+            && this.sleep.is_none()
+        {
+            this.sleep.set(Some(tokio::time::sleep_until(at)));
+        }
+        if let Some(sleep) = this.sleep.as_mut().as_pin_mut()
             && sleep.poll(cx).is_ready()
         {
             *this.expired = true;
@@ -389,7 +399,8 @@ where
         Poll::Ready(Ok(response.map(|inner| {
             tonic::body::Body::new(DeadlineBody {
                 inner,
-                sleep: at.map(tokio::time::sleep_until),
+                at,
+                sleep: None,
                 budget,
                 expired: false,
                 abandon: Abandon(Some(abandon)),
@@ -403,6 +414,30 @@ fn deadline_exceeded(budget: std::time::Duration) -> tonic::Status {
     tonic::Status::deadline_exceeded(format!("the call's deadline of {budget:?} passed"))
 }
 
+/// The one timer of a server call with a deadline, shared by the wait for
+/// the handler and its response body: created only when one of them has
+/// to wait (a handler that answers at once and a body that is ready when
+/// polled need none), and moved from the first to the second, so a call
+/// registers at most one timer in tokio's wheel (a registration and its
+/// removal each take the wheel's lock, which every worker shares).
+struct CallTimer {
+    at: tokio::time::Instant,
+    budget: std::time::Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl CallTimer {
+    /// Whether the deadline has passed; if not, `cx` is woken when it does.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let at = self.at;
+        self.sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)))
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+    }
+}
+
 pin_project! {
     /// A server's response body that, once the call's deadline passes,
     /// ends with trailers saying `DEADLINE_EXCEEDED` (dropping the
@@ -410,9 +445,7 @@ pin_project! {
     pub(crate) struct ServerDeadlineBody<B> {
         #[pin]
         inner: B,
-        #[pin]
-        sleep: tokio::time::Sleep,
-        budget: std::time::Duration,
+        timer: CallTimer,
         done: bool,
     }
 }
@@ -435,9 +468,9 @@ where
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
             return Poll::Ready(frame);
         }
-        if this.sleep.poll(cx).is_ready() {
+        if this.timer.poll_expired(cx) {
             *this.done = true;
-            let status = deadline_exceeded(*this.budget);
+            let status = deadline_exceeded(this.timer.budget);
             let trailers = status.into_http::<()>().into_parts().0.headers;
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
@@ -505,11 +538,19 @@ where
     }
 }
 
-/// Server layer: a call still running when its `grpc-timeout` passes ends
-/// with `DEADLINE_EXCEEDED`, whether the handler has not answered yet or is
-/// streaming its response, as gRPC's reference servers do. Without it
-/// tonic answers a late handler with `CANCELLED` ("Timeout expired") and
-/// never ends a stream whose handler stalls.
+/// Server layer: captures a call's `grpc-timeout` for the calls its
+/// handler makes and holds the call to it.
+///
+/// - The inbound deadline, cut to a maximum so a caller cannot hand the
+///   whole chain behind this server a deadline of its choosing, is scoped
+///   around the handler (as [`crate::deadline::InboundDeadlineLayer`]
+///   does; one layer here so the header is read once per call).
+/// - A call still running when its `grpc-timeout` passes ends with
+///   `DEADLINE_EXCEEDED`, whether the handler has not answered yet or is
+///   streaming its response, as gRPC's reference servers do. Without it
+///   tonic answers a late handler with `CANCELLED` ("Timeout expired") and
+///   never ends a stream whose handler stalls. One timer covers both
+///   ([`CallTimer`]).
 ///
 /// It also makes a client's cancellation visible to the handler
 /// ([`CancelVisibleBody`]).
@@ -518,14 +559,26 @@ where
 /// around the same call, is the one sent; the caller's deadline began
 /// before the request crossed the network, so the server still ends the
 /// call no earlier than the caller gives up.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct ServerDeadlineLayer;
+#[derive(Clone, Debug)]
+pub(crate) struct ServerDeadlineLayer {
+    max_inbound: std::time::Duration,
+}
+
+impl ServerDeadlineLayer {
+    /// Propagates inbound deadlines of at most `max_inbound` from arrival.
+    pub(crate) fn new(max_inbound: std::time::Duration) -> Self {
+        Self { max_inbound }
+    }
+}
 
 impl<S> tower::Layer<S> for ServerDeadlineLayer {
     type Service = ServerDeadline<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ServerDeadline { inner }
+        ServerDeadline {
+            inner,
+            max_inbound: self.max_inbound,
+        }
     }
 }
 
@@ -533,6 +586,7 @@ impl<S> tower::Layer<S> for ServerDeadlineLayer {
 #[derive(Clone, Debug)]
 pub(crate) struct ServerDeadline<S> {
     inner: S,
+    max_inbound: std::time::Duration,
 }
 
 impl<S, B> tower::Service<http::Request<B>> for ServerDeadline<S>
@@ -547,7 +601,7 @@ where
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+    type Future = ServerDeadlineFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -562,25 +616,73 @@ where
         let req = req.map(|inner| tonic::body::Body::new(CancelVisibleBody { inner }));
         let fut = self.inner.call(req);
         let Some(budget) = budget else {
-            return Box::pin(fut);
-        };
-        let early = budget.saturating_sub(std::time::Duration::from_millis(1));
-        let at = tokio::time::Instant::now() + early;
-        Box::pin(async move {
-            let response = match tokio::time::timeout_at(at, fut).await {
-                Ok(response) => response?,
-                // The handler is dropped: it is cancelled.
-                Err(_) => return Ok(deadline_exceeded(budget).into_http()),
+            return ServerDeadlineFuture {
+                inner: Some(Either::Right(fut)),
+                timer: None,
             };
-            Ok(response.map(|inner| {
-                tonic::body::Body::new(ServerDeadlineBody {
-                    inner,
-                    sleep: tokio::time::sleep_until(at),
-                    budget,
-                    done: false,
-                })
-            }))
-        })
+        };
+        let now = tokio::time::Instant::now();
+        let inherited = now + budget.min(self.max_inbound);
+        let early = budget.saturating_sub(std::time::Duration::from_millis(1));
+        ServerDeadlineFuture {
+            inner: Some(Either::Left(crate::deadline::scope_inbound(inherited, fut))),
+            timer: Some(CallTimer {
+                at: now + early,
+                budget,
+                sleep: None,
+            }),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`ServerDeadline`]: the handler's answer (with
+    /// its body held to the deadline), or `DEADLINE_EXCEEDED` once the
+    /// deadline passes first. A named future, not a boxed one: every call
+    /// goes through it.
+    pub(crate) struct ServerDeadlineFuture<F> {
+        // `None` once the deadline passed: the handler is dropped, which
+        // cancels it.
+        #[pin]
+        inner: Option<Either<tokio::task::futures::TaskLocalFuture<tokio::time::Instant, F>, F>>,
+        timer: Option<CallTimer>,
+    }
+}
+
+impl<F, E> Future for ServerDeadlineFuture<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let inner = this
+            .inner
+            .as_mut()
+            .as_pin_mut()
+            .expect("polled after completion");
+        if let Poll::Ready(result) = inner.poll(cx) {
+            this.inner.set(None);
+            let response = result?;
+            return Poll::Ready(Ok(match this.timer.take() {
+                None => response,
+                Some(timer) => response.map(|inner| {
+                    tonic::body::Body::new(ServerDeadlineBody {
+                        inner,
+                        timer,
+                        done: false,
+                    })
+                }),
+            }));
+        }
+        if let Some(timer) = this.timer.as_mut()
+            && timer.poll_expired(cx)
+        {
+            this.inner.set(None);
+            return Poll::Ready(Ok(deadline_exceeded(timer.budget).into_http()));
+        }
+        Poll::Pending
     }
 }
 

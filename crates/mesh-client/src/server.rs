@@ -40,7 +40,6 @@ use crate::{
     },
     body::ServerDeadlineLayer,
     channel::Mesh,
-    deadline::InboundDeadlineLayer,
     error::MeshError,
     fault::server::ServerFaultLayer,
     methods::MethodTable,
@@ -508,20 +507,14 @@ impl MeshServer {
 type CallLayers = tower::layer::util::Stack<
     ServerDeadlineLayer,
     tower::layer::util::Stack<
-        InboundDeadlineLayer,
+        GlobalConcurrencyLimitLayer,
         tower::layer::util::Stack<
-            GlobalConcurrencyLimitLayer,
+            LoadShedLayer,
             tower::layer::util::Stack<
-                LoadShedLayer,
+                MapResultLayer<MarkShed>,
                 tower::layer::util::Stack<
-                    MapResultLayer<MarkShed>,
-                    tower::layer::util::Stack<
-                        AuthzLayer,
-                        tower::layer::util::Stack<
-                            ServerTelemetryLayer,
-                            tower::layer::util::Identity,
-                        >,
-                    >,
+                    AuthzLayer,
+                    tower::layer::util::Stack<ServerTelemetryLayer, tower::layer::util::Identity>,
                 >,
             >,
         >,
@@ -584,12 +577,13 @@ fn call_layers(
         .layer(MapResultLayer::new(mark_shed as MarkShed))
         .layer(LoadShedLayer::new())
         .layer(GlobalConcurrencyLimitLayer::new(config.concurrency_limit))
-        .layer(InboundDeadlineLayer::new(config.max_inbound_deadline))
-        // A call past its deadline ends with DEADLINE_EXCEEDED, as at
-        // the reference servers (tonic alone says CANCELLED, or nothing
-        // for a stalled stream), and a client's cancellation reaches the
-        // handler as an error, not as the end of its request stream.
-        .layer(ServerDeadlineLayer)
+        // The inbound deadline captured for the handler's own calls (cut
+        // to the maximum); a call past it ends with DEADLINE_EXCEEDED, as
+        // at the reference servers (tonic alone says CANCELLED, or nothing
+        // for a stalled stream), on one timer per call at most; and a
+        // client's cancellation reaches the handler as an error, not as
+        // the end of its request stream.
+        .layer(ServerDeadlineLayer::new(config.max_inbound_deadline))
 }
 
 /// Not ready without a valid certificate: reports NOT_SERVING while the

@@ -43,6 +43,15 @@ pub fn remaining() -> Option<Duration> {
     inbound_deadline().map(|d| d.saturating_duration_since(Instant::now()))
 }
 
+/// `fut` scoped as the handling of an inbound call with this deadline
+/// (for the server's deadline layer, which names its future's type).
+pub(crate) fn scope_inbound<F: Future>(
+    deadline: Instant,
+    fut: F,
+) -> tokio::task::futures::TaskLocalFuture<Instant, F> {
+    INBOUND_DEADLINE.scope(deadline, fut)
+}
+
 /// Runs `fut` as if handling an inbound call with this deadline; outbound
 /// calls made inside inherit it.
 pub async fn with_deadline<F: Future>(deadline: Instant, fut: F) -> F::Output {

@@ -101,9 +101,11 @@ pub(crate) struct RetryOverride(pub(crate) Arc<RetryPolicy>);
 /// # Contract with the service below
 ///
 /// - Each attempt is a fresh request (the body replayed from a buffer)
-///   sent with `oneshot` on a clone of the inner service, so the inner
-///   service must be cheap to clone (and `Send + Sync`, as tonic's
-///   `Channel` is); losing hedges are cancelled by dropping their futures.
+///   sent with `oneshot` on the call's own clone of the inner service
+///   (retries one after another on the same clone, each hedge on a clone
+///   of its own), so the inner service must be cheap to clone (and
+///   `Send + Sync`, as tonic's `Channel` is); losing hedges are cancelled
+///   by dropping their futures.
 /// - Requests carry, as extensions, the addresses earlier attempts went to
 ///   (to avoid) and, for hedges, a slot the service below fills with the
 ///   address it chose; a failed trailers-only response may carry the
@@ -306,13 +308,16 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
-    /// One attempt, nothing buffered or retried.
-    async fn once(&self, req: http::Request<Body>) -> Attempt {
-        let call = self.inner.clone().oneshot(req);
-        call.await.map_err(Into::into)
+    /// One attempt, nothing buffered or retried, on the call's own clone
+    /// of the inner service (no further clone).
+    async fn once(self, req: http::Request<Body>) -> Attempt {
+        self.inner.oneshot(req).await.map_err(Into::into)
     }
 
-    fn attempt(
+    /// Attempt `number` of a call: a fresh request from the replay copy,
+    /// with the headers and extensions that attempt needs, and (when
+    /// `track`, for hedges) the slot the balancer fills with where it went.
+    fn attempt_request(
         &self,
         parts: &http::request::Parts,
         body: &Bytes,
@@ -320,10 +325,7 @@ where
         exclude: &[std::net::SocketAddr],
         per_attempt: Option<Duration>,
         track: bool,
-    ) -> (
-        AttemptFuture<Oneshot<S, http::Request<Body>>>,
-        Option<Picked>,
-    ) {
+    ) -> (http::Request<Body>, Option<Picked>) {
         let mut req = http::Request::from_parts(
             parts.clone(),
             Body::new(http_body_util::Full::new(body.clone())),
@@ -364,16 +366,29 @@ where
         if !exclude.is_empty() {
             req.extensions_mut().insert(Exclude(exclude.to_vec()));
         }
-        let fut = AttemptFuture {
-            call: self.inner.clone().oneshot(req),
-            limit: per_attempt.map(tokio::time::sleep),
-            after: per_attempt.unwrap_or_default(),
-        };
-        (fut, picked)
+        (req, picked)
+    }
+
+    /// A hedge: concurrent with the others, so on a clone of its own.
+    fn hedge_attempt(
+        &self,
+        parts: &http::request::Parts,
+        body: &Bytes,
+        number: u32,
+        exclude: &[std::net::SocketAddr],
+    ) -> (
+        AttemptFuture<Oneshot<S, http::Request<Body>>>,
+        Option<Picked>,
+    ) {
+        let (req, picked) = self.attempt_request(parts, body, number, exclude, None, true);
+        (
+            AttemptFuture::new(self.inner.clone().oneshot(req), None),
+            picked,
+        )
     }
 
     async fn retry_loop(
-        self,
+        mut self,
         parts: http::request::Parts,
         body: Bytes,
         idempotent: bool,
@@ -383,15 +398,13 @@ where
         let mut exclude = Vec::new();
         let mut number = 1;
         loop {
-            let (fut, _) = self.attempt(
-                &parts,
-                &body,
-                number,
-                &exclude,
-                policy.per_attempt_recv_timeout,
-                false,
-            );
-            let result = fut.await;
+            let per_attempt = policy.per_attempt_recv_timeout;
+            let (req, _) =
+                self.attempt_request(&parts, &body, number, &exclude, per_attempt, false);
+            // Attempts follow one another, so each is sent on the call's
+            // own clone of the inner service, borrowed: a clone per
+            // attempt was a second copy of the stack below per call.
+            let result = AttemptFuture::new((&mut self.inner).oneshot(req), per_attempt).await;
             let Outcome::Failed {
                 code,
                 pushback,
@@ -456,7 +469,7 @@ where
             |sent: &mut u32, running: &mut FuturesUnordered<_>, exclude: &mut Vec<_>| {
                 exclude.extend(picks.iter().filter_map(|p: &Picked| p.0.get().copied()));
                 *sent += 1;
-                let (fut, picked) = self.attempt(&parts, &body, *sent, exclude, None, true);
+                let (fut, picked) = self.hedge_attempt(&parts, &body, *sent, exclude);
                 picks.extend(picked);
                 running.push(fut);
             };
@@ -612,6 +625,16 @@ pin_project_lite::pin_project! {
         #[pin]
         limit: Option<tokio::time::Sleep>,
         after: Duration,
+    }
+}
+
+impl<F> AttemptFuture<F> {
+    fn new(call: F, per_attempt: Option<Duration>) -> Self {
+        Self {
+            call,
+            limit: per_attempt.map(tokio::time::sleep),
+            after: per_attempt.unwrap_or_default(),
+        }
     }
 }
 

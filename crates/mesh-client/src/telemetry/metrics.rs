@@ -668,6 +668,20 @@ impl CallSeries {
         }
     }
 
+    /// Whether a call by `peer` to `path` without a route records here:
+    /// these labels are exactly the ones [`RpcPath::parse`] gives `path`
+    /// (so the shared cache would return a series with these very labels).
+    pub(crate) fn is_for(&self, peer: &str, path: &str) -> bool {
+        let l = &self.labels;
+        l.route.0.is_none()
+            && *l.peer == *peer
+            && path
+                .strip_prefix('/')
+                .and_then(|p| p.strip_prefix(&*l.rpc_service))
+                .and_then(|p| p.strip_prefix('/'))
+                == Some(&*l.rpc_method)
+    }
+
     pub(crate) fn started(&self) {
         self.requests.inc();
         self.in_flight.inc();

@@ -577,3 +577,43 @@ async fn client_series_stop_growing_at_the_path_bound() {
         "calls past the bound are counted, as unknown"
     );
 }
+
+/// One copy of the client stack keeps the series of its last method (to
+/// skip the shared cache): switching methods, or to a path that is no
+/// method, must still count each call under its own labels.
+#[tokio::test(start_paused = true)]
+async fn one_copy_of_the_stack_calling_several_methods_counts_each_under_its_own() {
+    let metrics = Metrics::new();
+    let (mut svc, mut handle) = client(&metrics);
+    for path in [
+        "/t.S/Get", "/t.S/Put", "/t.S/Get", "/bad", "/t.S/Get", "/t.S/Put",
+    ] {
+        // The same service value every time, as a tonic client drives it.
+        svc.ready().await.unwrap();
+        let call = tokio::spawn(svc.call(request(path)));
+        let (_, answer) = handle.next_request().await.unwrap();
+        answer.send_response(trailers_only(Code::Ok));
+        call.await.unwrap().unwrap();
+    }
+    let requests = |method| {
+        series(
+            &metrics,
+            "mesh_requests_total",
+            &[
+                ("peer", "inv"),
+                ("rpc_service", "t.S"),
+                ("rpc_method", method),
+            ],
+        )
+    };
+    assert_eq!(requests("Get"), Some(3.0));
+    assert_eq!(requests("Put"), Some(2.0));
+    assert_eq!(
+        series(
+            &metrics,
+            "mesh_requests_total",
+            &[("peer", "inv"), ("rpc_method", "unknown")]
+        ),
+        Some(1.0)
+    );
+}
