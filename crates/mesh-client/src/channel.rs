@@ -593,10 +593,23 @@ impl MeshChannel {
         self.set.subset_width()
     }
 
-    /// One pick of the balancer, without a call (benchmarks).
+    /// One pick of the balancer, the one a call makes, without the call
+    /// (benchmarks): whether an endpoint was picked. Nothing of the chosen
+    /// endpoint is read beyond what the pick reads.
     #[doc(hidden)]
-    pub fn pick_once(&self, policy: crate::LbPolicy) -> Option<SocketAddr> {
-        self.set.pick(policy, &[]).ok().map(|e| e.addr)
+    pub fn pick_once(&self, policy: crate::LbPolicy) -> bool {
+        self.set.pick(policy, &[]).is_ok()
+    }
+
+    /// One pick and what the balancer does with it before the connection's
+    /// work (benchmarks): the call marked in flight on the endpoint and
+    /// unmarked, and its address read (as a retry's tracking does).
+    #[doc(hidden)]
+    pub fn pick_and_mark(&self, policy: crate::LbPolicy) -> Option<SocketAddr> {
+        self.set.pick(policy, &[]).ok().map(|endpoint| {
+            let _in_flight = endpoint.start();
+            endpoint.addr
+        })
     }
 }
 

@@ -65,6 +65,9 @@ enum Command {
         /// and subset trials. The ratio line is the same measurement.
         #[arg(long)]
         quick: bool,
+        /// Measure only the pick cost (seconds), print it and write nothing.
+        #[arg(long)]
+        pick_only: bool,
         /// Where bench.json and the SVG plot go.
         #[arg(long, default_value = "docs/scaling")]
         out: PathBuf,
@@ -99,7 +102,8 @@ fn main() -> ExitCode {
             out,
             memory_only,
             quick,
-        } => run_bench(&out, memory_only, quick),
+            pick_only,
+        } => run_bench(&out, memory_only, quick, pick_only),
         Command::Client {
             target,
             config,
@@ -259,7 +263,86 @@ fn fleet(
     )
 }
 
-fn run_bench(out: &std::path::Path, memory_only: bool, quick: bool) -> Result<(), String> {
+/// Pick costs measured and summed up (see `bench::pick_summary`).
+struct Picks {
+    counts: Vec<usize>,
+    rounds: usize,
+    p2c: Vec<Vec<f64>>,
+    p2c_marked: Vec<Vec<f64>>,
+    rr: Vec<Vec<f64>>,
+}
+
+impl Picks {
+    async fn measure(counts: &[usize], rounds: usize) -> Self {
+        use bench::PickWork::{Pick, PickAndMark};
+        Self {
+            counts: counts.to_vec(),
+            rounds,
+            p2c: bench::pick_cost(counts, LbPolicy::P2c, Pick, 100_000, rounds).await,
+            p2c_marked: bench::pick_cost(counts, LbPolicy::P2c, PickAndMark, 100_000, rounds).await,
+            rr: bench::pick_cost(counts, LbPolicy::RoundRobin, Pick, 100_000, rounds).await,
+        }
+    }
+
+    /// (count, median ns) pairs, for the plot and bench.json.
+    fn medians(&self, samples: &[Vec<f64>]) -> Vec<(usize, f64)> {
+        self.counts
+            .iter()
+            .copied()
+            .zip(bench::pick_summary(samples, 0).into_iter().map(|s| s.0))
+            .collect()
+    }
+
+    fn print(&self) {
+        println!(
+            "pick cost (ns per pick: median and best of {} rounds x 100,000, the counts taken in turn; ratio: median of each round's ratio to 10 endpoints; {} build):",
+            self.rounds,
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
+        );
+        println!(
+            "{:>10} {:>22} {:>22} {:>22}",
+            "endpoints", "p2c med/best/ratio", "p2c+mark med/ratio", "round robin med/ratio"
+        );
+        let (p, m, r) = (
+            bench::pick_summary(&self.p2c, 0),
+            bench::pick_summary(&self.p2c_marked, 0),
+            bench::pick_summary(&self.rr, 0),
+        );
+        for (i, n) in self.counts.iter().enumerate() {
+            println!(
+                "{n:>10} {:>8.1} {:>6.1} {:>5.2}x {:>14.1} {:>5.2}x {:>14.1} {:>5.2}x",
+                p[i].0, p[i].1, p[i].2, m[i].0, m[i].2, r[i].0, r[i].2
+            );
+        }
+        let Some(at) = self.counts.iter().position(|n| *n == 10_000) else {
+            return;
+        };
+        let rounds: Vec<String> = self
+            .p2c
+            .iter()
+            .map(|row| format!("{:.2}", row[at] / row[0]))
+            .collect();
+        println!("p2c at 10,000 / at 10, each round: {}", rounds.join(" "));
+        println!(
+            "p2c pick at 10,000 / at 10: {:.2}x   (pick and mark {:.2}x, round robin {:.2}x)   goal <= 1.2x: {}",
+            p[at].2,
+            m[at].2,
+            r[at].2,
+            if p[at].2 <= 1.2 { "met" } else { "NOT met" }
+        );
+    }
+}
+
+fn run_bench(
+    out: &std::path::Path,
+    memory_only: bool,
+    quick: bool,
+    pick_only: bool,
+) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -283,36 +366,19 @@ fn run_bench(out: &std::path::Path, memory_only: bool, quick: bool) -> Result<()
     } else {
         (9, 20_000, 20)
     };
-    let (p2c, rr, calls, memory, update) = rt.block_on(async {
-        let p2c = bench::pick_cost(counts, LbPolicy::P2c, 100_000, rounds).await;
-        let rr = bench::pick_cost(counts, LbPolicy::RoundRobin, 100_000, rounds).await;
+    if pick_only {
+        rt.block_on(Picks::measure(counts, rounds)).print();
+        return Ok(());
+    }
+    let (picks, calls, memory, update) = rt.block_on(async {
+        let picks = Picks::measure(counts, rounds).await;
         let calls = bench::call_cost(&[10, 10_000], calls_n, 3).await;
         let memory = bench::bytes_per_idle_endpoint(10_000).await;
         let update = bench::update_beside_calls(batches).await;
-        (p2c, rr, calls, memory, update)
+        (picks, calls, memory, update)
     });
-    println!(
-        "pick cost (ns per pick, best of {rounds} rounds x 100,000, the counts taken in turn; {} build):",
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        }
-    );
-    println!("{:>10} {:>10} {:>12}", "endpoints", "p2c", "round robin");
-    for ((n, a), (_, b)) in p2c.iter().zip(&rr) {
-        println!("{n:>10} {a:>10.1} {b:>12.1}");
-    }
-    let ratio = |v: &[(usize, f64)], n: usize| {
-        let at = |k| v.iter().find(|(c, _)| *c == k).map_or(f64::NAN, |p| p.1);
-        at(n) / at(10)
-    };
-    let p2c_ratio = ratio(&p2c, 10_000);
-    println!(
-        "p2c pick at 10,000 / at 10: {p2c_ratio:.2}x   (round robin {:.2}x)   goal <= 1.2x: {}",
-        ratio(&rr, 10_000),
-        if p2c_ratio <= 1.2 { "met" } else { "NOT met" }
-    );
+    picks.print();
+    let (p2c, rr) = (picks.medians(&picks.p2c), picks.medians(&picks.rr));
     println!(
         "whole call through the stack (ns): 10 endpoints {:.0}, 10,000 endpoints {:.0} ({:.2}x)",
         calls[0].1,

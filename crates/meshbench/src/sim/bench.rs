@@ -71,33 +71,89 @@ async fn channel_of(
     (channel, tx)
 }
 
-/// Nanoseconds per pick (best of `rounds` rounds of `picks`) at each count.
-/// The rounds take the counts in turn (every set is built first), so a
-/// burst of load from other processes hits every count alike and the
-/// best-of ratio stays fair on a shared machine.
+/// What each sample of [`pick_cost`] times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PickWork {
+    /// The balancer's pick alone (`MeshChannel::pick_once`): the goal's
+    /// measure.
+    Pick,
+    /// The pick, the call marked in flight and unmarked, the address read
+    /// (`MeshChannel::pick_and_mark`): the balancer's part of a call
+    /// before the connection's.
+    PickAndMark,
+}
+
+/// Nanoseconds per pick at each count: one sample per round, each of
+/// `picks` picks. Every set is built first, and each round takes the
+/// counts in turn, in alternating order (a drift in other load is shared
+/// by both ends of the ratio), so a burst of load from other processes
+/// hits every count alike. `samples[round][count]`.
 pub async fn pick_cost(
     counts: &[usize],
     policy: LbPolicy,
+    work: PickWork,
     picks: usize,
     rounds: usize,
-) -> Vec<(usize, f64)> {
+) -> Vec<Vec<f64>> {
     let mut channels = Vec::new();
     for &n in counts {
         channels.push(channel_of(n, None).await);
     }
-    let mut best = vec![f64::MAX; counts.len()];
-    for _ in 0..rounds {
-        for ((channel, _tx), best) in channels.iter().zip(best.iter_mut()) {
+    let mut samples = Vec::new();
+    for round in 0..rounds {
+        let mut row = vec![0.0; counts.len()];
+        let mut order: Vec<usize> = (0..counts.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for at in order {
+            let channel = &channels[at].0;
             let started = Instant::now();
             let mut sink = 0u64;
             for _ in 0..picks {
-                sink += u64::from(channel.pick_once(policy).map_or(0, |a| a.port()));
+                sink += match work {
+                    PickWork::Pick => u64::from(channel.pick_once(policy)),
+                    PickWork::PickAndMark => {
+                        u64::from(channel.pick_and_mark(policy).map_or(0, |a| a.port()))
+                    }
+                };
             }
             std::hint::black_box(sink);
-            *best = best.min(started.elapsed().as_nanos() as f64 / picks as f64);
+            row[at] = started.elapsed().as_nanos() as f64 / picks as f64;
         }
+        samples.push(row);
     }
-    counts.iter().copied().zip(best).collect()
+    samples
+}
+
+/// The median of `v` (NaN when empty).
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Per count of `samples` (from [`pick_cost`]): the median and the best
+/// sample, and the median over rounds of the round's ratio to count
+/// `base` (a ratio of neighbouring samples, so load that comes and goes
+/// between rounds cancels).
+pub fn pick_summary(samples: &[Vec<f64>], base: usize) -> Vec<(f64, f64, f64)> {
+    let columns = samples.first().map_or(0, Vec::len);
+    (0..columns)
+        .map(|c| {
+            let column: Vec<f64> = samples.iter().map(|row| row[c]).collect();
+            let ratios: Vec<f64> = samples.iter().map(|row| row[c] / row[base]).collect();
+            (
+                median(&column),
+                column.iter().copied().fold(f64::MAX, f64::min),
+                median(&ratios),
+            )
+        })
+        .collect()
 }
 
 /// Nanoseconds per whole call through the stack (best of `rounds`).
