@@ -186,7 +186,7 @@ async fn exclusions_are_honoured_and_the_pick_is_reported() {
         assert_eq!(req.extensions().get::<SendTo>().unwrap().0.addr, addr(2));
         answer.send_response(http::Response::new(Body::empty()));
         call.await.unwrap().unwrap();
-        assert_eq!(picked.0.get(), Some(&addr(2)));
+        assert_eq!(picked.get(), Some(addr(2)));
     }
 }
 
@@ -575,7 +575,7 @@ async fn only_a_resource_exhausted_marked_as_the_mesh_s_shedding_raises_the_pena
         req.extensions_mut().insert(picked.clone());
         let response = svc.clone().oneshot(req).await.unwrap();
         assert_eq!(header_status(&response), Some(Code::ResourceExhausted));
-        *answered.entry(*picked.0.get().unwrap()).or_default() += 1;
+        *answered.entry(picked.get().unwrap()).or_default() += 1;
     }
     assert_eq!(answered.len(), 2, "both answered: {answered:?}");
     let endpoint = |addr| {
@@ -597,4 +597,114 @@ async fn only_a_resource_exhausted_marked_as_the_mesh_s_shedding_raises_the_pena
         "a marked shed is penalised"
     );
     assert!(!endpoint(sheds).is_ejected(now) && !endpoint(refuses).is_ejected(now));
+}
+
+#[tokio::test]
+async fn a_server_that_closes_after_every_handshake_is_backed_off_once_per_dial() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    // A real server on loopback TCP that sends its side of the HTTP/2
+    // handshake (an empty SETTINGS frame) and closes the connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(tokio::sync::Notify::new());
+    let (count, done) = (accepted.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            const SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+            let _ = tcp.write_all(&SETTINGS).await;
+            drop(tcp);
+            done.notify_one();
+        }
+    });
+    // Each dial completes once the server has closed, so the close is what
+    // the connection meets first (not a request racing it).
+    let connect: crate::endpoint::Connect = Arc::new(move |addr| {
+        let closed = closed.clone();
+        crate::endpoint::ClientConn::new(
+            crate::endpoint::authority_of(addr),
+            &crate::config::EndpointConfig::default(),
+            move || {
+                let closed = closed.clone();
+                async move {
+                    let tcp = tokio::net::TcpStream::connect(addr).await?;
+                    closed.notified().await;
+                    Ok(hyper_util::rt::TokioIo::new(tcp))
+                }
+            },
+        )
+    });
+    let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Change::Insert(at, ())).await.unwrap();
+    drop(tx);
+    set.clone().follow(rx, connect, false).await;
+    let config = ConfigHandle::new(MeshConfig::default()).unwrap();
+    let svc = BalanceLayer::new(set.clone(), config).layer(crate::endpoint::Connection);
+    for _ in 0..10 {
+        match svc.clone().oneshot(request()).await {
+            Err(CallError::Transport { never_sent, .. }) => assert!(never_sent),
+            Err(CallError::NoEndpoint(_)) => {}
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+    let endpoint = set.snapshot()[0].clone();
+    assert!(
+        endpoint.is_reconnecting(Instant::now()),
+        "backed off as after a failed dial"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one dial, not one (or two) per call"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_handed_back_unsent_is_resent_named_timed_and_charged_as_it_went() {
+    let set = set_of(2, &Metrics::new()).await;
+    let (svc, mut handle) = balanced(&set);
+    let picked = Picked::default();
+    let mut req = request();
+    let expiry = Instant::now() + Duration::from_secs(1);
+    req.extensions_mut()
+        .insert(crate::deadline::CallExpiry(expiry));
+    req.headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("1000000u"));
+    req.extensions_mut().insert(picked.clone());
+    let call = tokio::spawn(svc.clone().oneshot(req));
+
+    // The first endpoint's connection takes 300 ms to close, then hands
+    // the request back unwritten.
+    let (first, answer) = handle.next_request().await.unwrap();
+    let at_first = first.extensions().get::<SendTo>().unwrap().0.addr;
+    assert_eq!(picked.get(), Some(at_first));
+    tokio::time::advance(Duration::from_millis(300)).await;
+    answer.send_error(crate::endpoint::unsent_for_tests(first));
+
+    // Sent again, to the other endpoint, telling it the time left.
+    let (second, answer) = handle.next_request().await.unwrap();
+    let at_second = second.extensions().get::<SendTo>().unwrap().0.addr;
+    assert_ne!(at_second, at_first);
+    assert_eq!(picked.get(), Some(at_second), "names where it went");
+    assert_eq!(second.headers()["grpc-timeout"], "700000u");
+    // Handed back there too: never sent, and nobody is charged for it.
+    answer.send_error(crate::endpoint::unsent_for_tests(second));
+    match call.await.unwrap() {
+        Err(CallError::Transport {
+            addr: at,
+            never_sent,
+            ..
+        }) => {
+            assert_eq!(at, at_second);
+            assert!(never_sent);
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let now = Instant::now();
+    for endpoint in set.snapshot().iter() {
+        assert_eq!(endpoint.queue_cost(now), 1.0, "{} charged", endpoint.addr);
+    }
 }

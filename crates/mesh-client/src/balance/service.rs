@@ -4,8 +4,9 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex},
     task::{Context, Poll},
+    time::Duration,
 };
 
 use futures::future::BoxFuture;
@@ -18,8 +19,10 @@ use crate::{
     BoxError,
     body::is_marked_shed,
     config::ConfigHandle,
+    deadline::CallExpiry,
     endpoint::{
-        ObservedBody, SendTo, header_status, is_endpoint_failure, never_processed, take_unsent,
+        ObservedBody, SendTo, dead_dial, header_status, is_endpoint_failure, is_queue_full,
+        is_unsent, never_processed, take_unsent,
     },
 };
 
@@ -30,9 +33,48 @@ pub(super) const FIRST_RESOLUTION_WAIT: std::time::Duration = std::time::Duratio
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Exclude(pub(crate) Vec<SocketAddr>);
 
-/// Filled with the endpoint an attempt was sent to.
+/// Filled with the endpoint an attempt was sent to: the last one, when a
+/// request handed back unsent went on to another.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Picked(pub(crate) Arc<OnceLock<SocketAddr>>);
+pub(crate) struct Picked(Arc<Mutex<Option<SocketAddr>>>);
+
+impl Picked {
+    /// The endpoint the attempt went to, once picked.
+    pub(crate) fn get(&self) -> Option<SocketAddr> {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set(&self, addr: SocketAddr) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(addr);
+    }
+}
+
+/// The `grpc-timeout` for `req` sent again now, after it first came in at
+/// `entered`: what its header said less the time since, and no more than
+/// its call's [`CallExpiry`] leaves. The header alone would tell the new
+/// server it has the time the dial and the first connection took too.
+fn time_left(req: &http::Request<Body>, entered: Instant) -> Option<Duration> {
+    let by_header = req
+        .headers()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::deadline::decode_grpc_timeout)
+        .map(|sent| sent.saturating_sub(entered.elapsed()));
+    let by_expiry = req
+        .extensions()
+        .get::<CallExpiry>()
+        .map(|expiry| expiry.0.saturating_duration_since(Instant::now()));
+    match (by_header, by_expiry) {
+        (Some(header), Some(expiry)) => Some(header.min(expiry)),
+        (header, expiry) => header.or(expiry),
+    }
+}
 
 /// On a failed (trailers-only) response: the endpoint that sent it.
 #[derive(Clone, Copy, Debug)]
@@ -245,6 +287,7 @@ where
         let config = self.config.load();
         let inner = self.inner.clone();
         Box::pin(async move {
+            let entered = Instant::now();
             if !set.is_resolved() {
                 // A resolver that cannot answer must not hold calls until their
                 // deadline: after a short wait the call fails as "no endpoints".
@@ -263,7 +306,7 @@ where
                     .pick(config.lb_policy_for(&set.target), exclude)
                     .map_err(CallError::NoEndpoint)?;
                 if let Some(picked) = req.extensions().get::<Picked>() {
-                    let _ = picked.0.set(endpoint.addr);
+                    picked.set(endpoint.addr);
                 }
                 req.extensions_mut().insert(SendTo(endpoint.clone()));
                 let in_flight = endpoint.start();
@@ -276,6 +319,28 @@ where
                     Err(err) => Err(err.into()),
                 };
                 if let Err(err) = &result
+                    && is_queue_full(&**err)
+                {
+                    // Its connection is busy, not broken (every stream in
+                    // use, a full queue): load to steer away from, as a
+                    // shedding answer is; never a failure that ejects or
+                    // backs off, or a caller holding a replica's streams
+                    // could get it ejected.
+                    endpoint.record_shed(now);
+                }
+                if let Err(err) = &result
+                    && let Some(dial) = dead_dial(&**err)
+                    && endpoint.first_report_of_dial(dial)
+                {
+                    // Its connection closed without answering a call: a
+                    // failed dial in all but name, charged once per dial
+                    // (the request itself goes elsewhere below).
+                    let wait =
+                        endpoint.record_connect_failure(now, &config.endpoint, error_chain(&**err));
+                    tracing::debug!(target = %set.target, addr = %endpoint.addr, ?wait, "connection closed without answering; backing off: {err}");
+                    set.reresolve.notify_one();
+                }
+                if let Err(err) = &result
                     && !resent
                     && let Some(unsent) = take_unsent(&**err)
                 {
@@ -284,6 +349,10 @@ where
                     tracing::debug!(target = %set.target, addr = %endpoint.addr, "sending a request its connection handed back unsent to another pick: {err}");
                     resent = true;
                     req = unsent;
+                    if let Some(left) = time_left(&req, entered) {
+                        req.headers_mut()
+                            .insert("grpc-timeout", crate::deadline::grpc_timeout_header(left));
+                    }
                     match req.extensions_mut().get_mut::<Exclude>() {
                         Some(exclude) => exclude.0.push(endpoint.addr),
                         None => {
@@ -313,7 +382,10 @@ where
                     // The call's own deadline running out says nothing of
                     // the endpoint (DEADLINE_EXCEEDED in a response is not an
                     // endpoint failure either); only real failures eject.
-                    if charged && !timed_out(&*err) {
+                    // Nor does a request that never left (handed back a
+                    // second time, refused by a busy connection): a
+                    // connection that never answered was charged above.
+                    if charged && !timed_out(&*err) && !is_unsent(&*err) {
                         set.record_failure(&endpoint, &config.outlier_detection);
                     }
                     return Err(CallError::Transport {

@@ -34,12 +34,21 @@
 //! GOAWAY then costs no retry, charges the endpoint nothing, and does not
 //! go back to the draining address).
 //!
-//! A server that completes the handshake and answers pings but opens no
-//! streams makes hyper queue every call, and a call that gives up stays in
-//! hyper's queue until a stream opens. Past [`MAX_QUEUED_REQUESTS`] queued
-//! the connection is cut: its socket fails (so hyper frees the queue), and
-//! its calls fail with a [`tonic::ConnectError`] over [`Stalled`], unsent,
-//! which backs the endpoint off as a failed dial would.
+//! A connection that closes without ever answering a call (a server that
+//! closes right after every handshake) hands its requests back marked
+//! with its dial number ([`dead_dial`]): the balancer charges that once,
+//! as a failed dial, so the endpoint backs off instead of costing a dial
+//! per call.
+//!
+//! hyper queues calls beyond the server's stream limit, and a call that
+//! gives up stays in hyper's queue until a stream frees. Past
+//! [`MAX_QUEUED_REQUESTS`] queued a call is refused at once, unsent
+//! ([`QueueFull`]: load, not a failure), while the connection's streams go
+//! on: its server is busy. Only a full queue that no request left for
+//! [`STALL_WINDOW`] (a server that answers pings but opens no streams)
+//! gets the connection cut: its socket fails (so hyper frees the queue),
+//! and its calls fail with a [`tonic::ConnectError`] over [`Stalled`],
+//! unsent, which backs the endpoint off as a failed dial would.
 
 use std::{
     future::Future,
@@ -364,7 +373,7 @@ impl ClientConn {
     #[cfg(test)]
     pub(crate) fn queued(&self) -> usize {
         match &*self.inner.lock() {
-            State::Ready(live) => live.link.queued.load(std::sync::atomic::Ordering::Relaxed),
+            State::Ready(live) => live.link.queued(),
             _ => 0,
         }
     }
@@ -379,7 +388,7 @@ impl ClientConn {
         if self.inner.pending.fetch_add(1, Relaxed) >= MAX_PENDING_CALLS {
             self.inner.pending.fetch_sub(1, Relaxed);
             return ResponseFuture {
-                kind: Kind::Refused(Some(Box::new(QueueFull))),
+                kind: Kind::Refused(Some(Box::new(Unsent::refused(req, QueueFull::Calls)))),
                 _pending: None,
             };
         }
@@ -407,14 +416,25 @@ impl ClientConn {
             }
             match &mut *state {
                 State::Ready(live)
-                    if live.link.queued.load(std::sync::atomic::Ordering::Relaxed)
-                        >= MAX_QUEUED_REQUESTS =>
+                    if live.link.queued() >= MAX_QUEUED_REQUESTS
+                        && !live.link.stalled(tokio::time::Instant::now()) =>
                 {
-                    // hyper has not taken this many requests off its queue:
-                    // the server opens no streams, and calls that gave up
-                    // still sit there. Cut the connection: its queue is
-                    // freed, its live calls fail as a stalled connection
-                    // (never sent), and the balancer backs the endpoint off.
+                    // The queue is full but moves: the server's streams are
+                    // busy (it is saturated, not stuck), and hyper drops
+                    // abandoned requests only as streams free up. This call
+                    // is refused unsent; the calls on the connection go on.
+                    return ResponseFuture {
+                        kind: Kind::Refused(Some(Box::new(Unsent::refused(req, QueueFull::Queue)))),
+                        _pending: None,
+                    };
+                }
+                State::Ready(live) if live.link.queued() >= MAX_QUEUED_REQUESTS => {
+                    // Full, and nothing left hyper's queue for a whole
+                    // STALL_WINDOW: the server opens no streams, and calls
+                    // that gave up still sit there. Cut the connection: its
+                    // queue is freed, its live calls fail as a stalled
+                    // connection (never sent), and the balancer backs the
+                    // endpoint off.
                     let link = live.link.clone();
                     *state = State::Idle;
                     drop(state);
@@ -455,7 +475,10 @@ impl ClientConn {
                     .map_err(|e| -> BoxError { Box::new(tonic::ConnectError(Box::new(e))) })?;
                 let req = link.enqueue(req);
                 match send.try_send_request(req).await {
-                    Ok(response) => Ok(response.map(Body::new)),
+                    Ok(response) => {
+                        link.answered();
+                        Ok(response.map(Body::new))
+                    }
                     Err(e) => Err(handed_back(e, &link)),
                 }
             })),
@@ -538,6 +561,15 @@ fn release_when_retired(weak: Weak<Inner>, number: u64) {
     let Some(inner) = weak.upgrade() else {
         return;
     };
+    // The previous connection's task goes whether or not this one retires
+    // (a connection with no retire time would leave it asleep till then).
+    let mut slot = inner
+        .retire_task
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(previous) = slot.take() {
+        previous.abort();
+    }
     let Some(at) = inner.retire_time() else {
         return;
     };
@@ -553,14 +585,7 @@ fn release_when_retired(weak: Weak<Inner>, number: u64) {
             }
         }
     });
-    let previous = inner
-        .retire_task
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .replace(task.abort_handle());
-    if let Some(previous) = previous {
-        previous.abort();
-    }
+    *slot = Some(task.abort_handle());
 }
 
 impl Inner {
@@ -638,40 +663,112 @@ pub(crate) const MAX_PENDING_CALLS: usize = 1024;
 /// Requests one connection's hyper queue may hold (handed to hyper, no
 /// stream opened for them yet), live or abandoned: hyper drops a request
 /// whose caller gave up only when it takes it off the queue, which it does
-/// only as streams open. A server that keeps answering pings but opens no
-/// streams (`SETTINGS_MAX_CONCURRENT_STREAMS` 0, or a stuck one) would
-/// otherwise make the queue grow with the call rate while every call times
-/// out. At most [`MAX_PENDING_CALLS`] of them are live, so past this bound
-/// at least as many were abandoned: the connection is cut (see [`Stalled`]).
+/// only as streams open. Without a bound the queue would grow with the
+/// call rate while a server opens no streams (or while its streams are
+/// busy and callers give up fast: short deadlines, losing hedges,
+/// per-attempt timeouts). Past it a call is refused at once, unsent
+/// ([`QueueFull::Queue`]); only a queue that also stopped moving for
+/// [`STALL_WINDOW`] gets its connection cut (see [`Stalled`]).
 pub(crate) const MAX_QUEUED_REQUESTS: usize = 2 * MAX_PENDING_CALLS;
+
+/// How long a full queue must go without a single request leaving it (a
+/// stream opening, or an abandoned request discarded) before its
+/// connection is taken for stuck and cut. A healthy server whose streams
+/// are all busy frees one at the latest when the call holding it ends,
+/// and every mesh call ends by its deadline (the client resets the stream
+/// then): so the window is the longest default deadline,
+/// [`DEFAULT_MAX_TIMEOUT`](crate::config::DEFAULT_MAX_TIMEOUT), plus the
+/// keepalive's time to find a dead peer (interval + timeout, 8 s by
+/// default). A keepalive-sized window alone (3-8 s) would let an outside
+/// caller behind a gateway hold a replica's streams with any call slower
+/// than that, fill the queue with calls that give up at once, and get the
+/// connection cut, its calls failed and the replica backed off; with this
+/// one it must hold every stream past its own deadline, which the mesh
+/// does not allow. A stuck server is cut this much later than at the
+/// bound, and meanwhile costs its callers nothing but fast refusals.
+pub(crate) const STALL_WINDOW: Duration =
+    crate::config::DEFAULT_MAX_TIMEOUT.saturating_add(Duration::from_secs(8));
 
 /// What one connection shares with its requests and its socket: how many
 /// of its requests hyper still queues, and the switch that cuts it.
 struct Link {
     /// The connection's dial number (see [`failed_dial`]).
     dial: u64,
-    /// Requests handed to hyper and not yet taken off its queue: each
-    /// carries a [`Queued`] token, which hyper drops with the request's
-    /// extensions when it opens the stream or discards the request.
-    queued: std::sync::atomic::AtomicUsize,
+    /// Requests handed to hyper and not yet taken off its queue (low 32
+    /// bits), and how many were taken off so far (high 32 bits, wrapping):
+    /// each request carries a [`Queued`] token, which hyper drops with the
+    /// request's extensions when it gives the stream to h2 or discards the
+    /// request. One word, so a token's drop is one relaxed add, as a bare
+    /// count's would be: whether the queue moves is judged from the count
+    /// of departures when the queue is full (see [`Link::stalled`]), and
+    /// no clock is read per request.
+    queue: std::sync::atomic::AtomicU64,
+    /// The departures seen when the queue was last found full, and when:
+    /// read only then, under the connection's state lock.
+    full_since: Mutex<Option<(u32, tokio::time::Instant)>>,
+    /// Set by the first response: a connection that hands requests back
+    /// without ever answering one is a failed dial (see [`dead_dial`]).
+    answered: std::sync::atomic::AtomicBool,
     severed: std::sync::atomic::AtomicBool,
     /// The connection task's read, woken when the link is severed.
     reader: futures::task::AtomicWaker,
 }
 
+/// One departure in [`Link::queue`]'s high half.
+const DEPARTED: u64 = 1 << 32;
+
 impl Link {
     fn new(dial: u64) -> Self {
         Self {
             dial,
-            queued: std::sync::atomic::AtomicUsize::new(0),
+            queue: std::sync::atomic::AtomicU64::new(0),
+            full_since: Mutex::new(None),
+            answered: std::sync::atomic::AtomicBool::new(false),
             severed: std::sync::atomic::AtomicBool::new(false),
             reader: futures::task::AtomicWaker::new(),
         }
     }
 
+    /// Requests hyper still queues on this connection.
+    fn queued(&self) -> usize {
+        (self.queue.load(std::sync::atomic::Ordering::Relaxed) & u64::from(u32::MAX)) as usize
+    }
+
+    /// Whether the (full) queue has stood still for [`STALL_WINDOW`] as of
+    /// `now`: no request left it since it was first found full without
+    /// one leaving. The first look at a full queue, and any look after a
+    /// departure, starts the window anew, so a server is cut only after
+    /// a whole window watched without progress (at most a window later
+    /// than if each departure were timed, and no clock read per request).
+    fn stalled(&self, now: tokio::time::Instant) -> bool {
+        let departed = (self.queue.load(std::sync::atomic::Ordering::Relaxed) >> 32) as u32;
+        let mut full_since = self
+            .full_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *full_since {
+            Some((seen, since)) if seen == departed => {
+                now.saturating_duration_since(since) >= STALL_WINDOW
+            }
+            _ => {
+                *full_since = Some((departed, now));
+                false
+            }
+        }
+    }
+
+    /// Notes a response on this connection (a load first, so the line is
+    /// written once per connection, not once per call).
+    fn answered(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.answered.load(Relaxed) {
+            self.answered.store(true, Relaxed);
+        }
+    }
+
     /// Counts `req` as queued on this connection until hyper lets go of it.
     fn enqueue(self: &Arc<Self>, mut req: Request) -> Request {
-        self.queued
+        self.queue
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         req.extensions_mut().insert(Queued(self.clone()));
         req
@@ -710,7 +807,7 @@ struct Queued(Arc<Link>);
 impl Clone for Queued {
     fn clone(&self) -> Self {
         self.0
-            .queued
+            .queue
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self(self.0.clone())
     }
@@ -718,15 +815,18 @@ impl Clone for Queued {
 
 impl Drop for Queued {
     fn drop(&mut self) {
+        // One queued fewer, one departure more: the token's own add made
+        // the low half at least 1, so nothing borrows from the high half.
         self.0
-            .queued
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            .queue
+            .fetch_add(DEPARTED - 1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 /// Why a connection was cut: hyper held [`MAX_QUEUED_REQUESTS`] requests
-/// the server opened no stream for. Its calls never left, so they may go
-/// to another endpoint; the endpoint is backed off as after a failed dial.
+/// and none left its queue for [`STALL_WINDOW`]. Its calls never left, so
+/// they may go to another endpoint; the endpoint is backed off as after a
+/// failed dial.
 #[derive(Debug)]
 pub(crate) struct Stalled;
 
@@ -734,7 +834,7 @@ impl std::fmt::Display for Stalled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "connection cut: the server opened no stream for {MAX_QUEUED_REQUESTS} queued requests"
+            "connection cut: {MAX_QUEUED_REQUESTS} requests queued and none taken for a stream in {STALL_WINDOW:?}"
         )
     }
 }
@@ -815,17 +915,31 @@ impl Drop for PendingCall {
     }
 }
 
-/// A call refused because its connection already holds
-/// [`MAX_PENDING_CALLS`]: never sent, so it may be sent elsewhere.
-#[derive(Debug)]
-pub(crate) struct QueueFull;
+/// Why a call was refused before it was sent: its connection is busy,
+/// not broken. It comes back [`Unsent`] (so it may go elsewhere), and the
+/// balancer counts it as load, never as a failure: a saturated server is
+/// not ejected or backed off for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QueueFull {
+    /// The connection already holds [`MAX_PENDING_CALLS`] live calls.
+    Calls,
+    /// hyper's queue holds [`MAX_QUEUED_REQUESTS`] (live or abandoned),
+    /// and it still moves (else the connection is cut, [`Stalled`]).
+    Queue,
+}
 
 impl std::fmt::Display for QueueFull {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the connection already holds {MAX_PENDING_CALLS} calls (the server opens no more streams); not sent"
-        )
+        match self {
+            QueueFull::Calls => write!(
+                f,
+                "the connection already holds {MAX_PENDING_CALLS} calls (the server opens no more streams); not sent"
+            ),
+            QueueFull::Queue => write!(
+                f,
+                "{MAX_QUEUED_REQUESTS} requests wait for one of the connection's streams (the server's streams are busy); not sent"
+            ),
+        }
     }
 }
 
@@ -838,7 +952,7 @@ enum Kind {
         link: Arc<Link>,
     },
     Dialling(BoxFuture<'static, Result<http::Response<Body>, BoxError>>),
-    /// Refused before it was sent ([`QueueFull`]).
+    /// Refused before it was sent ([`QueueFull`], [`Stalled`]).
     Refused(Option<BoxError>),
 }
 
@@ -849,7 +963,10 @@ impl Future for ResponseFuture {
         let this = self.get_mut();
         match &mut this.kind {
             Kind::Sent { fut, link } => Poll::Ready(match ready!(fut.as_mut().poll(cx)) {
-                Ok(response) => Ok(response.map(Body::new)),
+                Ok(response) => {
+                    link.answered();
+                    Ok(response.map(Body::new))
+                }
                 Err(e) => Err(handed_back(e, link)),
             }),
             Kind::Dialling(fut) => fut.as_mut().poll(cx),
@@ -876,22 +993,63 @@ fn handed_back(mut e: TrySendError<Request>, link: &Link) -> BoxError {
             );
             Box::new(Unsent {
                 request: Mutex::new(Some(req)),
-                source: e.into_error(),
+                source: Box::new(e.into_error()),
+                // A server that closes every connection before answering
+                // (right after the handshake, say) would otherwise cost a
+                // dial per call and never be charged: the connection
+                // worked no better than a failed dial.
+                dead_dial: (!link.answered.load(std::sync::atomic::Ordering::Relaxed))
+                    .then_some(link.dial),
             })
         }
+        // Without the request: hyper wrote it, or had passed it to h2 and
+        // lost it there. The one request hyper's dispatcher holds waiting
+        // for a stream when the connection ends (a GOAWAY, say) fails as
+        // "dispatch task is gone" and cannot come back: hyper 1.x gave its
+        // head to h2 (`SendRequest::send_request` turns it into a HEADERS
+        // frame and clears its extensions) and drops its body with the
+        // dispatcher, so there is no request left to hand back. Nor is it
+        // provably unsent: h2 may open that stream (write its HEADERS)
+        // when a slot frees in the same pass of the connection task that
+        // reads the GOAWAY, before the dispatcher runs again and drops it,
+        // and a GOAWAY naming a higher last stream lets the server process
+        // it. So it stays a failure that may have reached the server; a
+        // drain costs at most this one request per connection.
         None => e.into_error().into(),
     }
 }
 
 /// A request hyper handed back unwritten because its connection had
-/// closed: provably never sent (see [`never_processed`]), and still whole,
-/// so the balancer sends it once more without charging anyone (see
+/// closed, or one refused before it was handed to hyper ([`QueueFull`]):
+/// provably never sent (see [`never_processed`]), and still whole, so the
+/// balancer sends it once more without charging anyone (see
 /// [`take_unsent`]).
 pub(crate) struct Unsent {
     /// Taken by the one who sends it again.
     request: Mutex<Option<Request>>,
-    /// hyper's "canceled".
-    source: hyper::Error,
+    /// hyper's "canceled", or the [`QueueFull`] bound that refused it.
+    source: BoxError,
+    /// The dial number of a connection that closed without answering a
+    /// single call (see [`dead_dial`]).
+    dead_dial: Option<u64>,
+}
+
+impl Unsent {
+    fn refused(req: Request, why: QueueFull) -> Self {
+        Self {
+            request: Mutex::new(Some(req)),
+            source: Box::new(why),
+            dead_dial: None,
+        }
+    }
+}
+
+/// The dial number of the connection behind an [`Unsent`] `err` if that
+/// connection closed without ever answering a call: as good as a failed
+/// dial, to be charged to the endpoint once (as [`failed_dial`]'s are),
+/// while its request goes elsewhere unharmed.
+pub(crate) fn dead_dial(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    crate::caused_by::<Unsent>(err)?.dead_dial
 }
 
 impl std::fmt::Debug for Unsent {
@@ -904,14 +1062,41 @@ impl std::fmt::Debug for Unsent {
 
 impl std::fmt::Display for Unsent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the connection closed before the request was sent")
+        if self.source.is::<QueueFull>() {
+            write!(f, "refused before it was sent")
+        } else {
+            write!(f, "the connection closed before the request was sent")
+        }
     }
 }
 
 impl std::error::Error for Unsent {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
+        Some(&*self.source)
     }
+}
+
+/// Whether `err` is a request that never left ([`Unsent`]): handed back
+/// by its closing connection, or refused by a busy one.
+pub(crate) fn is_unsent(err: &(dyn std::error::Error + 'static)) -> bool {
+    crate::caused_by::<Unsent>(err).is_some()
+}
+
+/// An [`Unsent`] error holding `req`, as a closing connection hands it
+/// back (for tests of the layers above).
+#[cfg(test)]
+pub(crate) fn unsent_for_tests(req: Request) -> BoxError {
+    Box::new(Unsent {
+        request: Mutex::new(Some(req)),
+        source: "connection closed".into(),
+        dead_dial: None,
+    })
+}
+
+/// Whether `err` is a call its busy connection refused ([`QueueFull`]):
+/// load to steer away from, not a failure of the endpoint.
+pub(crate) fn is_queue_full(err: &(dyn std::error::Error + 'static)) -> bool {
+    crate::caused_by::<QueueFull>(err).is_some()
 }
 
 /// The request of an [`Unsent`] error, if `err` is one and nobody took it
@@ -934,7 +1119,8 @@ pub(crate) fn never_processed(err: &(dyn std::error::Error + 'static)) -> bool {
     crate::caused_by::<h2::Error>(err).is_some_and(|h2| {
         h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote())
     }) || crate::caused_by::<hyper::Error>(err).is_some_and(hyper::Error::is_canceled)
-        || crate::caused_by::<QueueFull>(err).is_some()
+        || is_unsent(err)
+        || is_queue_full(err)
 }
 
 /// The URI authority of a socket address.
@@ -1472,69 +1658,111 @@ mod tests {
         assert_eq!(retire_at(now, now, 0.5), None);
     }
 
-    /// A real HTTP/2 server on loopback TCP that completes the handshake
-    /// and answers pings but allows no stream at all; counts its
-    /// connections and the ones that ended.
-    async fn server_opening_no_streams() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (accepted, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let counts = (accepted.clone(), ended.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                counts.0.fetch_add(1, Ordering::SeqCst);
-                let ended = counts.1.clone();
+    /// A real HTTP/2 server (the `h2` crate) behind each dial of the
+    /// returned connection, over an in-memory socket so tokio's paused
+    /// clock holds: it admits at most `streams` streams at once (0: none
+    /// at all, though it completes the handshake and answers pings), holds
+    /// each, and answers the oldest held one OK per `release` permit.
+    fn holding_server(streams: u32, settings: &EndpointConfig) -> (ClientConn, Arc<Holding>) {
+        let holding = Arc::new(Holding {
+            dials: AtomicUsize::new(0),
+            admitted: AtomicUsize::new(0),
+            ended: AtomicUsize::new(0),
+            release: tokio::sync::Semaphore::new(0),
+        });
+        let server = holding.clone();
+        let conn = ClientConn::new(authority_of(addr()), settings, move || {
+            let server = server.clone();
+            async move {
+                server.dials.fetch_add(1, Ordering::SeqCst);
+                let (client, io) = tokio::io::duplex(64 * 1024);
                 tokio::spawn(async move {
                     if let Ok(mut conn) = h2::server::Builder::new()
-                        .max_concurrent_streams(0)
-                        .handshake::<_, Bytes>(tcp)
+                        .max_concurrent_streams(streams)
+                        .handshake::<_, Bytes>(io)
                         .await
                     {
-                        // Driving the connection answers pings and
-                        // settings; no stream is ever admitted.
-                        let mut held = Vec::new();
-                        while let Some(Ok(stream)) = conn.accept().await {
-                            held.push(stream);
+                        let mut held = VecDeque::new();
+                        loop {
+                            tokio::select! {
+                                stream = conn.accept() => match stream {
+                                    Some(Ok((_, respond))) => {
+                                        server.admitted.fetch_add(1, Ordering::SeqCst);
+                                        held.push_back(respond);
+                                    }
+                                    _ => break,
+                                },
+                                permit = server.release.acquire() => {
+                                    permit.expect("never closed").forget();
+                                    if let Some(mut respond) = held.pop_front() {
+                                        let ok = http::Response::builder()
+                                            .header("content-type", "application/grpc")
+                                            .header("grpc-status", "0")
+                                            .body(())
+                                            .unwrap();
+                                        let _ = respond.send_response(ok, true);
+                                    }
+                                }
+                            }
                         }
                     }
-                    ended.fetch_add(1, Ordering::SeqCst);
+                    server.ended.fetch_add(1, Ordering::SeqCst);
                 });
+                Ok(TokioIo::new(client))
             }
         });
-        (addr, accepted, ended)
+        (conn, holding)
     }
 
-    #[tokio::test]
-    async fn a_connection_whose_server_opens_no_streams_is_cut_before_its_queue_grows() {
-        let (addr, accepted, ended) = server_opening_no_streams().await;
-        let conn = ClientConn::tcp_for_tests(addr);
-        // A live call that waits (the server admits no stream).
-        let live = tokio::spawn(conn.call(request()));
-        for _ in 0..1000 {
-            if conn.state() == ConnState::Ready {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(conn.state(), ConnState::Ready);
-        // Calls that give up at once (a deadline passed, say): hyper
-        // queues each; abandoned, it stays queued until a stream opens.
-        let mut refused = None;
+    /// What a [`holding_server`] counts, and its release.
+    struct Holding {
+        dials: AtomicUsize,
+        admitted: AtomicUsize,
+        ended: AtomicUsize,
+        release: tokio::sync::Semaphore,
+    }
+
+    /// Hands `conn` calls that give up at once (a deadline passed, say)
+    /// until one is refused: hyper queues each, and an abandoned one stays
+    /// queued until a stream frees. The refusal's error.
+    fn fill_the_queue(conn: &ClientConn) -> BoxError {
         for _ in 0..3 * MAX_QUEUED_REQUESTS {
             let mut call = conn.call(request());
             if let Some(result) = (&mut call).now_or_never() {
-                refused = Some(result);
-                break;
+                return result.expect_err("refused");
             }
             assert!(conn.queued() <= MAX_QUEUED_REQUESTS, "{}", conn.queued());
             drop(call);
         }
-        let err = refused
-            .expect("the stalled connection is cut")
-            .expect_err("refused");
+        panic!("never refused: {} queued", conn.queued());
+    }
+
+    fn queue_full(err: &BoxError) -> Option<QueueFull> {
+        crate::caused_by::<QueueFull>(&**err).copied()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_whose_server_opens_no_streams_is_cut_once_its_full_queue_stands_still() {
+        let (conn, server) = holding_server(0, &EndpointConfig::default());
+        // A live call that waits (the server admits no stream).
+        let live = tokio::spawn(conn.call(request()));
+        settle(&conn, ConnState::Ready).await;
+        // Full: refused at once, unsent, and the connection kept (its
+        // queue has not yet been watched standing still).
+        let err = fill_the_queue(&conn);
+        assert_eq!(queue_full(&err), Some(QueueFull::Queue), "{err}");
+        assert!(!is_connect_error(&err), "{err}");
+        assert!(never_processed(&*err), "{err}");
+        assert!(take_unsent(&*err).is_some(), "the request comes back");
+        assert_eq!(conn.queued(), MAX_QUEUED_REQUESTS);
+        // Nothing leaves the queue; short of the window, still refused.
+        tokio::time::sleep(STALL_WINDOW - Duration::from_secs(1)).await;
+        let err = conn.call(request()).await.unwrap_err();
+        assert_eq!(queue_full(&err), Some(QueueFull::Queue), "{err}");
+        assert_eq!(conn.state(), ConnState::Ready);
+        // A whole window without a departure: stuck, and cut.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let err = conn.call(request()).await.unwrap_err();
         assert!(crate::caused_by::<Stalled>(&*err).is_some(), "{err}");
         assert!(is_connect_error(&err), "backed off as a failed dial: {err}");
         assert_eq!(failed_dial(&*err), Some(1));
@@ -1548,14 +1776,138 @@ mod tests {
             .unwrap_err();
         // The server sees the connection end (its queue went with it).
         for _ in 0..1000 {
-            if ended.load(Ordering::SeqCst) == 1 {
+            if server.ended.load(Ordering::SeqCst) == 1 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(ended.load(Ordering::SeqCst), 1, "the socket was closed");
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            server.ended.load(Ordering::SeqCst),
+            1,
+            "the socket was closed"
+        );
+        assert_eq!(server.dials.load(Ordering::SeqCst), 1);
         assert_eq!(conn.state(), ConnState::Idle, "the next call dials anew");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_saturated_server_s_excess_is_refused_unsent_and_its_streams_live_on() {
+        // A healthy server at its stream limit: four streams, all busy.
+        let (conn, server) = holding_server(4, &EndpointConfig::default());
+        let live: Vec<_> = (0..5).map(|_| tokio::spawn(conn.call(request()))).collect();
+        for _ in 0..1000 {
+            if server.admitted.load(Ordering::SeqCst) == 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(server.admitted.load(Ordering::SeqCst), 4);
+        // A burst of calls that give up at once fills hyper's queue: the
+        // excess is refused at once, unsent, as load, not as a failure.
+        let err = fill_the_queue(&conn);
+        assert_eq!(queue_full(&err), Some(QueueFull::Queue), "{err}");
+        assert!(!is_connect_error(&err), "{err}");
+        assert_eq!(failed_dial(&*err), None, "nothing to back off");
+        assert!(never_processed(&*err), "{err}");
+        let back = take_unsent(&*err).expect("the request comes back whole");
+        assert_eq!(back.uri().path(), "/test.Echo/Unary");
+        assert_eq!(conn.state(), ConnState::Ready);
+        // A stream frees: hyper drops the abandoned requests, and the
+        // queue fills with the next burst; refused again, never cut.
+        server.release.add_permits(1);
+        live_answered(&live, 1).await;
+        let err = fill_the_queue(&conn);
+        assert_eq!(queue_full(&err), Some(QueueFull::Queue), "{err}");
+        // Every live call is answered on the one connection.
+        server.release.add_permits(4);
+        for call in live {
+            let response = tokio::time::timeout(Duration::from_secs(30), call)
+                .await
+                .expect("answered")
+                .unwrap()
+                .expect("the in-flight streams survived");
+            assert_eq!(response.headers()["grpc-status"], "0");
+        }
+        assert_eq!(server.dials.load(Ordering::SeqCst), 1, "never cut");
+        assert_eq!(server.ended.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_counts_as_stalled_only_after_a_whole_window_without_a_departure() {
+        let link = Link::new(1);
+        let t0 = tokio::time::Instant::now();
+        // First found full: the window starts.
+        assert!(!link.stalled(t0));
+        assert!(!link.stalled(t0 + STALL_WINDOW - Duration::from_millis(1)));
+        // A request leaves (and another takes its place) just before the
+        // window ends: the window starts over from the next look.
+        link.queue
+            .fetch_add(DEPARTED, std::sync::atomic::Ordering::Relaxed);
+        assert!(!link.stalled(t0 + STALL_WINDOW));
+        assert!(!link.stalled(t0 + 2 * STALL_WINDOW - Duration::from_millis(1)));
+        // A whole window watched without a departure: stalled.
+        assert!(link.stalled(t0 + 2 * STALL_WINDOW));
+    }
+
+    /// Waits (bounded) until `n` of the `live` calls have finished.
+    async fn live_answered(
+        live: &[tokio::task::JoinHandle<Result<http::Response<Body>, BoxError>>],
+        n: usize,
+    ) {
+        for _ in 0..1000 {
+            if live.iter().filter(|c| c.is_finished()).count() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("fewer than {n} live calls finished");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_dial_without_a_retire_time_ends_the_last_one_s_retire_task() {
+        // The first connection expires (over TLS, say); the next has no
+        // expiry. The first one's retirement task must not outlive it.
+        let dials = Arc::new(AtomicUsize::new(0));
+        let counted = dials.clone();
+        let conn = ClientConn::expiring(
+            authority_of(addr()),
+            &EndpointConfig::default(),
+            move || {
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let (client, io) = tokio::io::duplex(64 * 1024);
+                    tokio::spawn(async move {
+                        if let Ok(mut conn) = h2::server::handshake(io).await {
+                            while let Some(Ok((_, mut respond))) = conn.accept().await {
+                                let ok = http::Response::builder()
+                                    .header("grpc-status", "0")
+                                    .body(())
+                                    .unwrap();
+                                let _ = respond.send_response(ok, true);
+                            }
+                        }
+                    });
+                    let expires =
+                        (n == 0).then(|| std::time::SystemTime::now() + Duration::from_secs(3600));
+                    Ok((TokioIo::new(client), expires))
+                }
+            },
+        );
+        conn.call(request()).await.unwrap();
+        let first = conn
+            .inner
+            .retire_task
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the expiring connection's retirement task");
+        // The connection is replaced (it closed, say).
+        *conn.inner.lock() = State::Idle;
+        conn.call(request()).await.unwrap();
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
+        tokio::task::yield_now().await;
+        assert!(first.is_finished(), "the old retirement task was ended");
+        assert!(conn.inner.retire_task.lock().unwrap().is_none());
     }
 
     #[tokio::test(start_paused = true)]

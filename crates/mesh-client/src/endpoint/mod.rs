@@ -27,7 +27,12 @@ use tonic::{Code, body::Body};
 use tower::Service;
 
 pub(crate) use crate::body::{ObservedBody, header_status};
-pub(crate) use conn::{ClientConn, authority_of, failed_dial, never_processed, take_unsent};
+#[cfg(test)]
+pub(crate) use conn::unsent_for_tests;
+pub(crate) use conn::{
+    ClientConn, authority_of, dead_dial, failed_dial, is_queue_full, is_unsent, never_processed,
+    take_unsent,
+};
 pub(crate) use health::watch_health;
 
 use crate::config::{EndpointConfig, OutlierDetection};

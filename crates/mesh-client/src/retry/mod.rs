@@ -467,7 +467,7 @@ where
         let mut last = None;
         let mut launch =
             |sent: &mut u32, running: &mut FuturesUnordered<_>, exclude: &mut Vec<_>| {
-                exclude.extend(picks.iter().filter_map(|p: &Picked| p.0.get().copied()));
+                exclude.extend(picks.iter().filter_map(Picked::get));
                 *sent += 1;
                 let (fut, picked) = self.hedge_attempt(&parts, &body, *sent, exclude);
                 picks.extend(picked);
