@@ -40,7 +40,7 @@ pub(crate) use service::{
 
 use crate::{
     config::{LbPolicy, OutlierDetection},
-    endpoint::{Chosen, Connect, Endpoint, Verdict, watch_health},
+    endpoint::{Connect, Endpoint, Verdict, watch_health},
     resolve::Changes,
     telemetry::metrics::{GaugeSource, Metrics, Scrape},
 };
@@ -362,13 +362,11 @@ impl EndpointSet {
     }
 
     /// Picks an endpoint for one call, avoiding `exclude` when possible.
-    /// The answer is a handle into the set's snapshot, not a reference of
-    /// the endpoint's own: a pick reads only the two candidates' lines.
     pub(crate) fn pick(
         &self,
         policy: LbPolicy,
         exclude: &[SocketAddr],
-    ) -> Result<Chosen, NoEndpoint> {
+    ) -> Result<Arc<Endpoint>, NoEndpoint> {
         PICK_RNG.with_borrow_mut(|rng| self.pick_with(policy, exclude, rng))
     }
 
@@ -377,7 +375,7 @@ impl EndpointSet {
         policy: LbPolicy,
         exclude: &[SocketAddr],
         mut rng: &mut SmallRng,
-    ) -> Result<Chosen, NoEndpoint> {
+    ) -> Result<Arc<Endpoint>, NoEndpoint> {
         let endpoints = self.snapshot();
         let n = endpoints.len();
         if n == 0 {
@@ -394,14 +392,17 @@ impl EndpointSet {
         // subchannels): a new endpoint behind dropped SYNs held every call
         // that picked it for the connect timeout, one after another
         // (tests/netfaults.rs); without health watching it is skipped.
-        let usable = |i: usize, level: u8| {
-            let e = &endpoints[i];
-            match level {
-                0 => e.is_serving() && e.is_eligible(now) && !exclude.contains(&e.addr),
-                1 => e.is_eligible(now) && !exclude.contains(&e.addr),
-                2 => e.is_eligible(now),
-                _ => !e.is_reconnecting(now),
-            }
+        let usable = |e: &Endpoint, level: u8| match level {
+            0 => e.is_serving() && e.is_eligible(now) && !exclude.contains(&e.addr),
+            1 => e.is_eligible(now) && !exclude.contains(&e.addr),
+            2 => e.is_eligible(now),
+            _ => !e.is_reconnecting(now),
+        };
+        // Scan forward from a start index to the first usable endpoint.
+        let probe = |start: usize, level: u8| {
+            (0..n)
+                .map(|i| &endpoints[(start + i) % n])
+                .find(|e| usable(e, level))
         };
         // One turn per pick, whichever level takes it.
         let turn = match policy {
@@ -419,70 +420,58 @@ impl EndpointSet {
                 continue;
             }
             let chosen = match policy {
-                // Forward from the turn to the first usable endpoint.
-                LbPolicy::RoundRobin => (0..n).map(|i| (turn + i) % n).find(|&i| usable(i, level)),
+                LbPolicy::RoundRobin => probe(turn, level).cloned(),
                 LbPolicy::P2c => {
                     let coin = rand::Rng::random_bool(&mut rng, 0.5);
-                    let lighter = |x: usize, y: usize| {
-                        if lighter(&endpoints[x], &endpoints[y], now, coin) {
-                            x
-                        } else {
-                            y
-                        }
+                    let lighter =
+                        |x: &Arc<Endpoint>, y: &Arc<Endpoint>| lighter(x, y, now, coin).clone();
+                    // Two distinct usable endpoints, each uniform among the
+                    // usable ones: by rejection (O(1) while most are usable),
+                    // else by counting them (O(n), when most are not).
+                    let mut draw = |not: Option<usize>| {
+                        (0..DRAWS)
+                            .map(|_| rand::Rng::random_range(&mut rng, 0..n))
+                            .find(|&i| Some(i) != not && usable(&endpoints[i], level))
                     };
-                    // Two distinct usable endpoints, uniform among the
-                    // usable ones. First one pair, both read before either
-                    // is judged (`&`, not `&&`), so their two lines are
-                    // fetched together; when either is unusable, by
-                    // rejection (O(1) while most are usable), else by
-                    // counting them (O(n), when most are not). Each way
-                    // gives every usable pair alike, and so does the mix.
-                    let (a, b) = two_distinct(&mut rng, n);
-                    if n > 1 && usable(a, level) & usable(b, level) {
-                        Some(lighter(a, b))
-                    } else {
-                        let mut draw = |not: Option<usize>| {
-                            (0..DRAWS)
-                                .map(|_| rand::Rng::random_range(&mut rng, 0..n))
-                                .find(|&i| Some(i) != not && usable(i, level))
-                        };
-                        match draw(None) {
-                            Some(a) if n == 1 => Some(a),
-                            Some(a) => match draw(Some(a)) {
-                                Some(b) => Some(lighter(a, b)),
-                                None => {
-                                    let others: Vec<usize> =
-                                        (0..n).filter(|&i| i != a && usable(i, level)).collect();
-                                    match others.len() {
-                                        0 => Some(a),
-                                        k => Some(lighter(
-                                            a,
-                                            others[rand::Rng::random_range(&mut rng, 0..k)],
-                                        )),
-                                    }
-                                }
-                            },
+                    match draw(None) {
+                        Some(a) if n == 1 => Some(endpoints[a].clone()),
+                        Some(a) => match draw(Some(a)) {
+                            Some(b) => Some(lighter(&endpoints[a], &endpoints[b])),
                             None => {
-                                let usable_count = (0..n).filter(|&i| usable(i, level)).count();
-                                let (ra, rb) = two_distinct(&mut rng, usable_count.max(1));
-                                let mut drawn = (0..n)
-                                    .filter(|&i| usable(i, level))
-                                    .enumerate()
-                                    .filter(|(rank, _)| *rank == ra || *rank == rb)
-                                    .map(|(_, i)| i);
-                                match (drawn.next(), drawn.next()) {
-                                    // Ties go to the first argument: keep the draw's order.
-                                    (Some(low), Some(high)) if ra < rb => Some(lighter(low, high)),
-                                    (Some(low), Some(high)) => Some(lighter(high, low)),
-                                    (x, _) => x,
+                                let others: Vec<usize> = (0..n)
+                                    .filter(|&i| i != a && usable(&endpoints[i], level))
+                                    .collect();
+                                match others.len() {
+                                    0 => Some(endpoints[a].clone()),
+                                    k => Some(lighter(
+                                        &endpoints[a],
+                                        &endpoints[others[rand::Rng::random_range(&mut rng, 0..k)]],
+                                    )),
                                 }
+                            }
+                        },
+                        None => {
+                            let usable_count =
+                                endpoints.iter().filter(|e| usable(e, level)).count();
+                            let (ra, rb) = two_distinct(&mut rng, usable_count.max(1));
+                            let mut drawn = endpoints
+                                .iter()
+                                .filter(|e| usable(e, level))
+                                .enumerate()
+                                .filter(|(rank, _)| *rank == ra || *rank == rb)
+                                .map(|(_, e)| e);
+                            match (drawn.next(), drawn.next()) {
+                                // Ties go to the first argument: keep the draw's order.
+                                (Some(low), Some(high)) if ra < rb => Some(lighter(low, high)),
+                                (Some(low), Some(high)) => Some(lighter(high, low)),
+                                (x, _) => x.cloned(),
                             }
                         }
                     }
                 }
             };
-            if let Some(index) = chosen {
-                return Ok(Chosen::new(endpoints, index));
+            if let Some(endpoint) = chosen {
+                return Ok(endpoint);
             }
         }
         Err(NoEndpoint::AllUnavailable {
@@ -549,7 +538,7 @@ impl GaugeSource for EndpointSet {
     }
 }
 
-/// Whether `x` (drawn at random) is the less loaded of two endpoints, as on a tie.
+/// The less loaded of two endpoints, `x` (drawn at random) on a tie.
 ///
 /// Endpoints whose typical latencies (a plain EWMA over the last second)
 /// differ by more than [`ALIKE_RATIO`] (1.5×) are compared by typical
@@ -575,19 +564,28 @@ impl GaugeSource for EndpointSet {
 /// measured with `meshbench`, docs/benchmarks.md). A hung endpoint's calls
 /// pile up, and one that fails is penalised, so either soon exceeds the
 /// limit and gets no more calls by chance.
-fn lighter(x: &Endpoint, y: &Endpoint, now: Instant, coin: bool) -> bool {
+fn lighter<'a>(
+    x: &'a Arc<Endpoint>,
+    y: &'a Arc<Endpoint>,
+    now: Instant,
+    coin: bool,
+) -> &'a Arc<Endpoint> {
     // The typical latency, or the age of calls stuck in flight (a server
     // that turned slow is avoided before its first slow answer arrives).
     let (rx, ry) = (x.latency_now(now), y.latency_now(now));
     if rx > ALIKE_RATIO * ry || ry > ALIKE_RATIO * rx {
-        return x.load(now) <= y.load(now);
+        return if x.load(now) <= y.load(now) { x } else { y };
     }
     let (qx, qy) = (x.queue_cost(now), y.queue_cost(now));
     let pending_x = f64::from(x.in_flight()) + 1.0;
     // A penalty (recent failures) makes the queue cost exceed the pending count.
     let chance_allowed = qx <= pending_x
         && pending_x <= COIN_LIMIT.0 * (f64::from(y.in_flight()) + 1.0) + COIN_LIMIT.1;
-    (coin && chance_allowed) || qx <= qy
+    if (coin && chance_allowed) || qx <= qy {
+        x
+    } else {
+        y
+    }
 }
 
 /// Endpoints whose typical latencies differ by more than this factor are
@@ -662,24 +660,6 @@ mod tests {
             set.pick(LbPolicy::P2c, &[]),
             Err(NoEndpoint::Empty)
         ));
-    }
-
-    #[tokio::test]
-    async fn a_pick_holds_the_snapshot_and_no_reference_of_the_endpoint() {
-        // The chosen endpoint's reference count is a line no cache holds
-        // at 10,000 endpoints: a pick must not touch it (docs/scaling.md).
-        let set = set_of(3).await;
-        let endpoints = set.snapshot();
-        let counts: Vec<usize> = endpoints.iter().map(Arc::strong_count).collect();
-        for policy in [LbPolicy::P2c, LbPolicy::RoundRobin] {
-            let picked = set.pick(policy, &[]).unwrap();
-            let now: Vec<usize> = endpoints.iter().map(Arc::strong_count).collect();
-            assert_eq!(now, counts, "{policy:?}");
-            assert!(endpoints.iter().any(|e| std::ptr::eq(&**e, &*picked)));
-            // What outlives the call takes its own reference.
-            let own = picked.arc();
-            assert!(std::ptr::eq(&*own, &*picked));
-        }
     }
 
     #[tokio::test]
@@ -1007,7 +987,7 @@ mod tests {
             assert!(
                 !first[..3]
                     .iter()
-                    .any(|e| std::ptr::eq(&**e, &*set.pick(LbPolicy::P2c, &[]).unwrap()))
+                    .any(|e| Arc::ptr_eq(e, &set.pick(LbPolicy::P2c, &[]).unwrap()))
             );
         }
         // Ejections end (5 s), but the subset holds its width until the

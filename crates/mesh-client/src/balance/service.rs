@@ -401,9 +401,7 @@ where
                 endpoint.observe_rtt(now - started, now);
             }
             let account = {
-                // The endpoint's own reference: a stream's body may outlive
-                // the snapshot the pick's handle holds.
-                let (set, endpoint, config) = (set.clone(), endpoint.arc(), config.clone());
+                let (set, endpoint, config) = (set.clone(), endpoint.clone(), config.clone());
                 move |code: Option<Code>| match code {
                     // A RESOURCE_EXHAUSTED not marked as the mesh's shedding
                     // is a service refusing a caller (a rate limit, a cap):

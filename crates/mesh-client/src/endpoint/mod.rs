@@ -335,11 +335,11 @@ impl Endpoint {
     }
 
     /// Marks a call in flight until the guard drops.
-    pub(crate) fn start(&self) -> InFlight<'_> {
+    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
         self.hot.in_flight.fetch_add(1, Ordering::Relaxed);
         let entry = (self.micros(Instant::now()) << COUNT_BITS) | 1;
         self.hot.outstanding.fetch_add(entry, Ordering::Relaxed);
-        InFlight(self, entry)
+        InFlight(self.clone(), entry)
     }
 
     /// Feeds one response latency into the peak-EWMA and typical estimates.
@@ -479,42 +479,7 @@ impl Endpoint {
 /// Request extension: the endpoint a request is to be sent to (the
 /// balancer's choice), read by [`Connection`].
 #[derive(Clone)]
-pub(crate) struct SendTo(pub(crate) Chosen);
-
-/// One endpoint of a snapshot of a set's members: the snapshot and the
-/// endpoint's index in it. The balancer hands this out, not a clone of
-/// the endpoint's `Arc`: the snapshot's reference count is one line every
-/// call touches (it stays in cache), while at 10,000 endpoints the chosen
-/// endpoint's own count is a line in no cache, and that miss was most of
-/// the pick's growth with the set (docs/scaling.md).
-#[derive(Clone)]
-pub(crate) struct Chosen {
-    members: Arc<Vec<Arc<Endpoint>>>,
-    index: usize,
-}
-
-impl Chosen {
-    /// Endpoint `index` of `members`.
-    pub(crate) fn new(members: Arc<Vec<Arc<Endpoint>>>, index: usize) -> Self {
-        assert!(index < members.len(), "a member of the snapshot");
-        Self { members, index }
-    }
-
-    /// The endpoint's own reference, for what may outlive the call (a
-    /// response body): holding the snapshot that long would keep endpoints
-    /// removed meanwhile, and their connections, alive.
-    pub(crate) fn arc(&self) -> Arc<Endpoint> {
-        self.members[self.index].clone()
-    }
-}
-
-impl std::ops::Deref for Chosen {
-    type Target = Endpoint;
-
-    fn deref(&self) -> &Endpoint {
-        &self.members[self.index]
-    }
-}
+pub(crate) struct SendTo(pub(crate) Arc<Endpoint>);
 
 /// The innermost client service: sends each request on the HTTP/2
 /// connection of the endpoint its [`SendTo`] extension names.
@@ -603,11 +568,9 @@ fn decay(value: f64, elapsed: Duration) -> f64 {
 }
 
 /// A call in flight on an endpoint (and its entry in `outstanding`).
-/// It borrows the endpoint: taking a reference of its own would touch the
-/// endpoint's reference count, a line no cache holds at 10,000 endpoints.
-pub(crate) struct InFlight<'a>(&'a Endpoint, u64);
+pub(crate) struct InFlight(Arc<Endpoint>, u64);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.hot.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.0.hot.outstanding.fetch_sub(self.1, Ordering::Relaxed);
