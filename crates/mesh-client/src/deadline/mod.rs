@@ -3,8 +3,9 @@
 //!
 //! Why a task-local and not an argument: handlers are generated code with a
 //! fixed signature, and threading a deadline through every call site is what
-//! teams forget. The server layer ([`InboundDeadlineLayer`]) scopes the
-//! inbound deadline around the handler's future; the client layer
+//! teams forget. The mesh server's deadline layer scopes the inbound
+//! deadline around the handler's future ([`InboundDeadlineLayer`] does the
+//! same for a server assembled by hand); the client layer
 //! ([`DeadlineLayer`]) reads it from there. Work spawned onto other tasks
 //! (a saga worker) deliberately does not inherit it.
 //!
