@@ -360,13 +360,16 @@ static DATABASE_LOST: std::sync::LazyLock<watch::Sender<Option<Instant>>> =
 enum Answer {
     /// `SELECT 1` came back within [`PROBE_TIMEOUT`].
     Answered,
-    /// The server's host answered, but not with a result: PostgreSQL
-    /// refused the session (too many clients, shutting down, ...) or the
-    /// host reset the connection. A statement in flight elsewhere gets its
-    /// own answer or its own reset, so nothing waits on silence.
+    /// PostgreSQL itself answered, with an error instead of a result (too
+    /// many clients, starting up, shutting down, ...): the server is there,
+    /// so a statement in flight on one of its sessions gets its own answer.
     Refused,
-    /// Nothing came back within [`PROBE_TIMEOUT`], or the network said the
-    /// host is unreachable: statements already on the wire wait for TCP.
+    /// Nothing came back within [`PROBE_TIMEOUT`], or the connection failed
+    /// below PostgreSQL (refused, reset, unreachable): statements already
+    /// on the wire may wait for TCP. A refusal or reset proves nothing of
+    /// the database's host, since something else may have sent it (a
+    /// Service with no ready endpoint rejects new connections while the
+    /// established ones to the dead pod go unanswered).
     Silent,
 }
 
@@ -374,17 +377,7 @@ impl Answer {
     /// Classifies a probe that ended with `err` before its timeout.
     fn of_error(err: &sqlx::Error) -> Answer {
         match err {
-            sqlx::Error::Database(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) => {
-                Answer::Refused
-            }
-            sqlx::Error::Io(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
-                ) =>
-            {
-                Answer::Refused
-            }
+            sqlx::Error::Database(_) => Answer::Refused,
             _ => Answer::Silent,
         }
     }
@@ -399,10 +392,10 @@ struct Outage {
 impl Outage {
     /// Records a probe that ended at `now`; after [`FAILED_PROBES_TO_CUT`]
     /// silent ones in a row (and after each further one), the instant at or
-    /// before which a call in flight started to be failed. A refusal is no
-    /// silence: the database's host is there and answers, so it restarts
-    /// the count (a pool at PostgreSQL's connection limit must not cut the
-    /// calls it is serving).
+    /// before which a call in flight started to be failed. PostgreSQL's own
+    /// refusal is no silence: the server answers, so it restarts the count
+    /// (a pool at PostgreSQL's connection limit must not cut the calls it
+    /// is serving).
     fn probed(&mut self, answer: Answer, now: Instant) -> Option<Instant> {
         if answer != Answer::Silent {
             self.silent = 0;
@@ -828,13 +821,51 @@ mod tests {
         probe
     }
 
+    /// A peer speaking PostgreSQL's wire protocol as a server at its
+    /// connection limit does: it declines TLS, reads the startup message
+    /// and answers FATAL 53300 "too many clients".
+    async fn at_its_connection_limit() -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    loop {
+                        let len = socket.read_u32().await? as usize;
+                        let mut body = vec![0; len.saturating_sub(4)];
+                        socket.read_exact(&mut body).await?;
+                        // SSLRequest: 80877103; anything else is the startup.
+                        if body.len() == 4 && body[..] == 80877103u32.to_be_bytes() {
+                            socket.write_all(b"N").await?;
+                            continue;
+                        }
+                        let fields =
+                            b"SFATAL\0VFATAL\0C53300\0Msorry, too many clients already\0\0";
+                        let mut error = vec![b'E'];
+                        error.extend_from_slice(&(4 + fields.len() as u32).to_be_bytes());
+                        error.extend_from_slice(fields);
+                        socket.write_all(&error).await?;
+                        return Ok::<_, std::io::Error>(());
+                    }
+                });
+            }
+        });
+        addr
+    }
+
     #[tokio::test]
-    async fn a_port_that_refuses_is_a_refusal_and_a_peer_that_never_answers_is_silence() {
+    async fn postgres_refusing_is_a_refusal_and_a_refused_port_or_a_mute_peer_is_silence() {
+        let full = at_its_connection_limit().await;
+        assert_eq!(probe_at(full).answers().await, Answer::Refused);
+
+        // A port nobody listens on: the RST may come from anything on the
+        // way (a Service without endpoints), so it proves no server.
         let closed = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             listener.local_addr().unwrap()
         };
-        assert_eq!(probe_at(closed).answers().await, Answer::Refused);
+        assert_eq!(probe_at(closed).answers().await, Answer::Silent);
 
         // Accepts the connection and never says a word, like a server
         // behind a partition whose SYN-ACK got through.
@@ -847,6 +878,25 @@ mod tests {
         });
         assert_eq!(probe_at(addr).answers().await, Answer::Silent);
         held.abort();
+    }
+
+    /// The same refusal from a real PostgreSQL server (CI starts one): a
+    /// database that does not exist is FATAL 3D000, an answer.
+    #[tokio::test]
+    async fn a_real_postgres_refusal_is_a_refusal() {
+        let Ok(url) = std::env::var("MESH_TEST_POSTGRES_URL") else {
+            assert!(
+                std::env::var("MESH_TEST_REQUIRE_ALL").is_err(),
+                "MESH_TEST_POSTGRES_URL is not set and MESH_TEST_REQUIRE_ALL=1"
+            );
+            return;
+        };
+        sqlx::any::install_default_drivers();
+        let (base, query) = url.split_once('?').unwrap_or((&url, ""));
+        let (server, _database) = base.rsplit_once('/').unwrap();
+        let url = format!("{server}/no_such_database_for_the_probe?{query}");
+        let pool = AnyPoolOptions::new().connect_lazy(&url).unwrap();
+        assert_eq!(Probe::new(pool).answers().await, Answer::Refused);
     }
 
     #[tokio::test(start_paused = true)]
