@@ -703,8 +703,46 @@ async fn a_request_handed_back_unsent_is_resent_named_timed_and_charged_as_it_we
         }
         other => panic!("{:?}", other.map(|_| ())),
     }
+    // Each was penalised once as a shedding one (a replica that closes with
+    // calls queued must not look light), and neither counts toward ejection.
     let now = Instant::now();
+    let policy = crate::config::OutlierDetection::default();
     for endpoint in set.snapshot().iter() {
-        assert_eq!(endpoint.queue_cost(now), 1.0, "{} charged", endpoint.addr);
+        assert_eq!(
+            endpoint.queue_cost(now),
+            5.0,
+            "{} penalised once",
+            endpoint.addr
+        );
+        for _ in 1..policy.consecutive_failures {
+            assert_eq!(
+                endpoint.record_failure(now, &policy, true),
+                crate::endpoint::Verdict::Kept,
+                "{} charged a failure",
+                endpoint.addr
+            );
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_cut_for_standing_still_backs_off_but_never_ejects() {
+    // A caller that holds every stream of a replica's shared connection
+    // can get it cut as stalled; that must not eject the replica (the
+    // test's policy ejects after 2 failures in a row).
+    let set = set_of(1, &Metrics::new()).await;
+    let (svc, mut handle) = balanced(&set);
+    for dial in 1..=3 {
+        let call = tokio::spawn(svc.clone().oneshot(request()));
+        let (_, answer) = handle.next_request().await.unwrap();
+        answer.send_error(crate::endpoint::stalled_for_tests(dial));
+        assert!(call.await.unwrap().is_err());
+        let endpoint = set.snapshot()[0].clone();
+        assert!(endpoint.is_reconnecting(Instant::now()), "backed off");
+        assert!(
+            !endpoint.is_ejected(Instant::now()),
+            "ejected after stalled cut {dial}"
+        );
+        tokio::time::advance(Duration::from_secs(300)).await;
     }
 }

@@ -22,7 +22,7 @@ use crate::{
     deadline::CallExpiry,
     endpoint::{
         ObservedBody, SendTo, dead_dial, header_status, is_endpoint_failure, is_queue_full,
-        is_unsent, never_processed, take_unsent,
+        is_stalled, is_unsent, never_processed, take_unsent,
     },
 };
 
@@ -319,11 +319,13 @@ where
                     Err(err) => Err(err.into()),
                 };
                 if let Err(err) = &result
-                    && is_queue_full(&**err)
+                    && (is_queue_full(&**err) || is_unsent(&**err))
                 {
                     // Its connection is busy, not broken (every stream in
-                    // use, a full queue): load to steer away from, as a
-                    // shedding answer is; never a failure that ejects or
+                    // use, a full queue), or handed the request back (it
+                    // closed): load to steer away from, as a shedding answer
+                    // is, so a replica that closes with calls queued is not
+                    // picked as if light; never a failure that ejects or
                     // backs off, or a caller holding a replica's streams
                     // could get it ejected.
                     endpoint.record_shed(now);
@@ -385,7 +387,10 @@ where
                     // Nor does a request that never left (handed back a
                     // second time, refused by a busy connection): a
                     // connection that never answered was charged above.
-                    if charged && !timed_out(&*err) && !is_unsent(&*err) {
+                    // A connection cut for standing still was backed off
+                    // above; holding its streams is something a caller can
+                    // do, so it does not count toward ejection either.
+                    if charged && !timed_out(&*err) && !is_unsent(&*err) && !is_stalled(&*err) {
                         set.record_failure(&endpoint, &config.outlier_detection);
                     }
                     return Err(CallError::Transport {

@@ -1082,6 +1082,13 @@ pub(crate) fn is_unsent(err: &(dyn std::error::Error + 'static)) -> bool {
     crate::caused_by::<Unsent>(err).is_some()
 }
 
+/// The error a connection of dial `dial` cut as [`Stalled`] fails its
+/// calls with (for tests of the layers above).
+#[cfg(test)]
+pub(crate) fn stalled_for_tests(dial: u64) -> BoxError {
+    Link::new(dial).stalled_error()
+}
+
 /// An [`Unsent`] error holding `req`, as a closing connection hands it
 /// back (for tests of the layers above).
 #[cfg(test)]
@@ -1097,6 +1104,11 @@ pub(crate) fn unsent_for_tests(req: Request) -> BoxError {
 /// load to steer away from, not a failure of the endpoint.
 pub(crate) fn is_queue_full(err: &(dyn std::error::Error + 'static)) -> bool {
     crate::caused_by::<QueueFull>(err).is_some()
+}
+
+/// Whether `err` is a connection cut for standing still ([`Stalled`]).
+pub(crate) fn is_stalled(err: &(dyn std::error::Error + 'static)) -> bool {
+    crate::caused_by::<Stalled>(err).is_some()
 }
 
 /// The request of an [`Unsent`] error, if `err` is one and nobody took it

@@ -27,12 +27,12 @@ use tonic::{Code, body::Body};
 use tower::Service;
 
 pub(crate) use crate::body::{ObservedBody, header_status};
-#[cfg(test)]
-pub(crate) use conn::unsent_for_tests;
 pub(crate) use conn::{
-    ClientConn, authority_of, dead_dial, failed_dial, is_queue_full, is_unsent, never_processed,
-    take_unsent,
+    ClientConn, authority_of, dead_dial, failed_dial, is_queue_full, is_stalled, is_unsent,
+    never_processed, take_unsent,
 };
+#[cfg(test)]
+pub(crate) use conn::{stalled_for_tests, unsent_for_tests};
 pub(crate) use health::watch_health;
 
 use crate::config::{EndpointConfig, OutlierDetection};
@@ -48,6 +48,12 @@ const TYPICAL_RTT_DECAY: Duration = Duration::from_secs(1);
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// Half-life of the failure penalty.
 const PENALTY_HALF_LIFE: Duration = Duration::from_secs(2);
+
+/// The most a run of shedding answers or refused calls raises the
+/// penalty to (33× the load at [`PENALTY_WEIGHT`] 4): enough to steer
+/// nearly every pick away, and back to 1 three half-lives (6 s) after the
+/// shedding stops.
+const MAX_SHED_PENALTY: f64 = 8.0;
 /// Load multiplier per unit of (decayed) recent failures.
 const PENALTY_WEIGHT: f64 = 4.0;
 /// Calls in flight whose mean age exceeds this many times the endpoint's
@@ -419,7 +425,17 @@ impl Endpoint {
     /// nor counts toward ejection: shedding is the server protecting
     /// itself, and ejecting for it would push its load onto the others.
     pub(crate) fn record_shed(&self, now: Instant) {
-        drop(self.penalise(now));
+        let mut state = self.state();
+        self.hot.troubled.store(true, Ordering::Relaxed);
+        let decayed = decay(
+            state.penalty,
+            now.saturating_duration_since(state.penalty_at),
+        );
+        // One more, up to the cap: a burst of a thousand refusals says no
+        // more than a few, and uncapped it would keep the endpoint avoided
+        // long after its queue drained. A higher penalty from failures stays.
+        state.penalty = (decayed + 1.0).min(MAX_SHED_PENALTY).max(decayed);
+        state.penalty_at = now;
     }
 
     /// Adds one to the decaying failure penalty; the state, still locked.
@@ -730,7 +746,16 @@ mod tests {
         for _ in 0..20 {
             ep.record_shed(now);
         }
-        assert!(ep.load(now) > 40.0 * base, "penalised");
+        let capped = 1.0 + PENALTY_WEIGHT * MAX_SHED_PENALTY;
+        assert!(ep.load(now) > 0.99 * capped * base, "penalised");
+        for _ in 0..1000 {
+            ep.record_shed(now);
+        }
+        assert!(
+            ep.load(now) < 1.01 * capped * base,
+            "a burst of refusals is capped: {} > {capped}",
+            ep.load(now) / base
+        );
         assert!(ep.is_eligible(now), "never ejected for shedding");
         // Sheds are not failures in a row: four failures still keep it.
         for _ in 0..4 {
