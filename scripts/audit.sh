@@ -50,6 +50,11 @@ git -C "$DB" add -A
 git -C "$DB" -c user.name=audit -c user.email=audit@localhost -c commit.gpgsign=false \
     commit -q -m "advisory database snapshot"
 
+# cargo-deny reads `cargo metadata` offline, which needs every crate of
+# Cargo.lock on disk, other platforms' too (a build downloads only this
+# one's): on a fresh machine they are fetched here, from the registry.
+cargo fetch --locked --manifest-path "$REPO/Cargo.toml" --quiet
+
 deny() { cargo deny --offline --locked --color never --config "$REPO/deny.toml" "$@"; }
 
 echo "audit: Cargo.lock against the advisory database, licences, sources"
@@ -76,7 +81,7 @@ smallvec = "=1.6.0"
 
 [workspace]
 TOML
-# The one download of the audit: the canary's manifest needs smallvec's (30 kB).
+# The canary's manifest needs smallvec's (30 kB), fetched like the above.
 (cd "$CANARY" && env -u CARGO_TARGET_DIR cargo fetch --quiet)
 if deny --manifest-path "$CANARY/Cargo.toml" check advisories >"$WORK/canary.log" 2>&1; then
     cat "$WORK/canary.log" >&2
