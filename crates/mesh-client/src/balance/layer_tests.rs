@@ -746,3 +746,31 @@ async fn a_connection_cut_for_standing_still_backs_off_but_never_ejects() {
         tokio::time::advance(Duration::from_secs(300)).await;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_handed_back_with_no_time_left_is_not_resent() {
+    let set = set_of(2, &Metrics::new()).await;
+    let (svc, mut handle) = balanced(&set);
+    let mut req = request();
+    req.extensions_mut().insert(crate::deadline::CallExpiry(
+        Instant::now() + Duration::from_millis(100),
+    ));
+    let call = tokio::spawn(svc.clone().oneshot(req));
+    let (first, answer) = handle.next_request().await.unwrap();
+    // Handed back once the deadline has all but passed.
+    tokio::time::advance(Duration::from_millis(100)).await;
+    answer.send_error(crate::endpoint::unsent_for_tests(first));
+    let ended = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the call waits on a resend sent with no time left");
+    match ended.unwrap() {
+        Err(CallError::Transport { never_sent, .. }) => assert!(never_sent),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+            .await
+            .is_err(),
+        "resent with no time left"
+    );
+}

@@ -346,12 +346,19 @@ where
                     && !resent
                     && let Some(unsent) = take_unsent(&**err)
                 {
+                    let left = time_left(&unsent, entered);
+                    if left.is_some_and(|left| left < crate::deadline::MIN_ATTEMPT_TIME) {
+                        // No time for it to be answered: the call ends with
+                        // the hand-back (never sent), as a retry would not go.
+                        tracing::debug!(target = %set.target, addr = %endpoint.addr, "a request handed back unsent is not resent: under {:?} left", crate::deadline::MIN_ATTEMPT_TIME);
+                        break (endpoint, result, started, now);
+                    }
                     // It never left: nothing to charge the endpoint with,
                     // and no retry spent.
                     tracing::debug!(target = %set.target, addr = %endpoint.addr, "sending a request its connection handed back unsent to another pick: {err}");
                     resent = true;
                     req = unsent;
-                    if let Some(left) = time_left(&req, entered) {
+                    if let Some(left) = left {
                         req.headers_mut()
                             .insert("grpc-timeout", crate::deadline::grpc_timeout_header(left));
                     }

@@ -44,6 +44,14 @@ pub fn remaining() -> Option<Duration> {
     inbound_deadline().map(|d| d.saturating_duration_since(Instant::now()))
 }
 
+/// The least time left before a call's deadline for which a retry, a
+/// hedge or a resend of a request handed back unsent is still sent: with
+/// less, the server would be told `grpc-timeout: 1u` (or 0) and could not
+/// answer in time, while a retry would spend retry budget. It is not
+/// sent; the call ends with the last attempt's status, or
+/// `DEADLINE_EXCEEDED` once the deadline has passed (gRFC A6).
+pub const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(1);
+
 /// `fut` scoped as the handling of an inbound call with this deadline
 /// (for the server's deadline layer, which names its future's type).
 pub(crate) fn scope_inbound<F: Future>(

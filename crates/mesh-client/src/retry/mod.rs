@@ -56,13 +56,9 @@ use crate::{
 
 type Attempt = Result<http::Response<Body>, BoxError>;
 
-/// The least time left before a call's deadline ([`CallExpiry`]) for which
-/// a retry or hedge is still sent: with less, the server would be told
-/// `grpc-timeout: 1u` (or 0) and could not answer in time, while the
-/// attempt would spend retry budget. It is not sent; the call ends with
-/// the last attempt's status, or `DEADLINE_EXCEEDED` once the deadline
-/// has passed (gRFC A6).
-pub const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(1);
+/// (Defined with the deadlines, where the balancer's resend of a request
+/// handed back unsent reads it too.)
+pub use crate::deadline::MIN_ATTEMPT_TIME;
 
 /// The time left until the call's deadline, if a layer above set one.
 fn time_left(parts: &http::request::Parts) -> Option<Duration> {
