@@ -12,7 +12,10 @@ mod common;
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -39,12 +42,61 @@ struct StandIn {
     seen: Arc<Mutex<Vec<Option<Duration>>>>,
     /// The request headers of every call, in order.
     headers: Arc<Mutex<Vec<http::HeaderMap>>>,
+    /// Answers to [`BIG`] still being sent (their bodies not yet dropped).
+    live: Arc<AtomicUsize>,
 }
 
 /// The product id for which the stand-in answers GetProduct in full
 /// (headers, a message, trailers), with `mesh-*` metadata in both the
 /// headers and the trailers.
 const FULL: &str = "full-answer";
+
+/// The product id for which the stand-in answers GetProduct with more
+/// than the HTTP/2 windows between it and a caller hold: [`BIG_MESSAGES`]
+/// messages of 32 KiB (8 MiB; the gateway's stream window is 2 MiB), so
+/// the stand-in is still sending while its caller does not read.
+const BIG: &str = "big-answer";
+const BIG_MESSAGES: usize = 256;
+
+/// Counts an answer as live until its body is dropped (sent in full, or
+/// its stream reset).
+struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    fn new(count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A big answer to GetProduct ([`BIG`]), counted in `live` while its body lives.
+fn big_answer(live: Arc<AtomicUsize>) -> http::Response<Body> {
+    use hyper::body::Frame;
+    let live = Live::new(live);
+    let mut message = vec![0u8; 5 + 32 * 1024];
+    message[1..5].copy_from_slice(&(32u32 * 1024).to_be_bytes());
+    let message = bytes::Bytes::from(message);
+    let frames = futures::stream::iter((0..=BIG_MESSAGES).map(move |i| {
+        let _counted = &live;
+        Ok::<_, Status>(if i < BIG_MESSAGES {
+            Frame::data(message.clone())
+        } else {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            Frame::trailers(trailers)
+        })
+    }));
+    http::Response::builder()
+        .header("content-type", "application/grpc")
+        .body(Body::new(http_body_util::StreamBody::new(frames)))
+        .unwrap()
+}
 
 /// A whole answer to GetProduct: an empty `Product`, with internal
 /// metadata in the headers and the trailers beside what may leave.
@@ -82,14 +134,18 @@ impl tonic::codegen::Service<http::Request<Body>> for StandIn {
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let seen = self.seen.clone();
+        let (seen, live) = (self.seen.clone(), self.live.clone());
         self.headers.lock().unwrap().push(req.headers().clone());
         Box::pin(async move {
             if req.uri().path().ends_with("/GetProduct") {
                 use http_body_util::BodyExt;
                 let body = req.into_body().collect().await.map(|b| b.to_bytes());
-                if body.is_ok_and(|b| b.windows(FULL.len()).any(|w| w == FULL.as_bytes())) {
-                    return Ok(full_answer());
+                let has =
+                    |b: &bytes::Bytes, id: &str| b.windows(id.len()).any(|w| w == id.as_bytes());
+                match body {
+                    Ok(b) if has(&b, FULL) => return Ok(full_answer()),
+                    Ok(b) if has(&b, BIG) => return Ok(big_answer(live)),
+                    _ => {}
                 }
                 let mut refused = Status::invalid_argument(VALIDATION).into_http();
                 refused
@@ -121,6 +177,8 @@ struct Edge {
     seen: Arc<Mutex<Vec<Option<Duration>>>>,
     /// The request headers of every call the inventory received.
     headers: Arc<Mutex<Vec<http::HeaderMap>>>,
+    /// The inventory's [`BIG`] answers still being sent.
+    live: Arc<AtomicUsize>,
     _stop: (
         tokio::sync::oneshot::Sender<()>,
         tokio::sync::oneshot::Sender<()>,
@@ -140,9 +198,11 @@ async fn edge_with(auth_policy: Option<AuthorizationPolicy>) -> Edge {
     pki.issue("inventory");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let headers = Arc::new(Mutex::new(Vec::new()));
+    let live = Arc::new(AtomicUsize::new(0));
     let inventory = StandIn {
         seen: seen.clone(),
         headers: headers.clone(),
+        live: live.clone(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let inventory_addr = listener.local_addr().unwrap();
@@ -171,6 +231,7 @@ async fn edge_with(auth_policy: Option<AuthorizationPolicy>) -> Edge {
                     StandIn {
                         seen: Arc::default(),
                         headers: Arc::default(),
+                        live: Arc::default(),
                     },
                 )
                 .serve(listener, async {
@@ -205,6 +266,7 @@ async fn edge_with(auth_policy: Option<AuthorizationPolicy>) -> Edge {
         inventory: inventory_addr,
         seen,
         headers,
+        live,
         _stop: (stop, _stop_auth),
     }
 }
@@ -262,6 +324,83 @@ async fn a_deadline_an_outside_caller_picks_is_cut_at_the_edge() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert_eq!(err.message(), VALIDATION);
+}
+
+/// One outside caller that asks for big answers and never reads them must
+/// not hold the upstream's streams (on the connection the gateway shares
+/// with every caller) past the call's deadline: the gateway's server stops
+/// reading the upstream answer once the caller's window is full, so only a
+/// release that needs no reader frees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_never_reads_holds_no_upstream_stream_past_its_deadline() {
+    use prost::Message;
+    const HELD: usize = 3;
+    let edge = edge().await;
+    let tcp = tokio::net::TcpStream::connect(edge.gateway).await.unwrap();
+    // h2 itself, not a gRPC client: a client that never reads sends no
+    // WINDOW_UPDATE, which h2 leaves to the application.
+    let (mut send, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = GetProductRequest {
+        product_id: BIG.into(),
+    }
+    .encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&request);
+    let mut held = Vec::new();
+    for _ in 0..HELD {
+        let call = http::Request::post(format!(
+            "http://{}/mesh.inventory.v1.InventoryService/GetProduct",
+            edge.gateway
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "5S")
+        .body(())
+        .unwrap();
+        send = send.ready().await.unwrap();
+        let (response, mut body) = send.send_request(call, false).unwrap();
+        body.send_data(bytes::Bytes::from(framed.clone()), true)
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(20), response)
+            .await
+            .expect("the gateway passed no answer on")
+            .unwrap();
+        assert_eq!(response.status(), 200, "{response:?}");
+        // Kept, never read.
+        held.push(response);
+    }
+    assert_eq!(
+        edge.live.load(Ordering::SeqCst),
+        HELD,
+        "the answers are being sent"
+    );
+    // The gateway cut each call's deadline to 1 s; well after it, with the
+    // caller still connected and still not reading, no answer is held.
+    let released = tokio::time::timeout(Duration::from_secs(20), async {
+        while edge.live.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        released.is_ok(),
+        "{} of {HELD} upstream answers still held 20 s after their 1 s deadline",
+        edge.live.load(Ordering::SeqCst)
+    );
+    // The connection every caller shares still serves the others.
+    let mut inventory = InventoryServiceClient::new(common::channel(edge.gateway).await);
+    let err = inventory
+        .get_product(GetProductRequest {
+            product_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    drop(held);
 }
 
 /// A trace context an outside caller sends, sampled.

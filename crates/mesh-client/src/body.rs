@@ -219,24 +219,7 @@ where
         {
             *this.expired = true;
             this.abandon.fire();
-            // Trailers, not a body error: a proxy in front (the gateway)
-            // passes DEADLINE_EXCEEDED on as such, where a body error would
-            // reach its caller as an INTERNAL stream reset, and telemetry
-            // records the code.
-            let mut trailers = http::HeaderMap::new();
-            trailers.insert(
-                "grpc-status",
-                http::HeaderValue::from(tonic::Code::DeadlineExceeded as i32),
-            );
-            // Printable ASCII only, so no percent-encoding is needed.
-            let message = format!(
-                "the response did not end within the call's deadline of {} ms",
-                this.budget.as_millis()
-            );
-            if let Ok(value) = http::HeaderValue::from_str(&message) {
-                trailers.insert("grpc-message", value);
-            }
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            return Poll::Ready(Some(Ok(Frame::trailers(deadline_trailers(*this.budget)))));
         }
         Poll::Pending
     }
@@ -247,6 +230,120 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The trailers a response ends with when its deadline passed first.
+///
+/// Trailers, not a body error: a proxy in front (the gateway) passes
+/// DEADLINE_EXCEEDED on as such, where a body error would reach its caller
+/// as an INTERNAL stream reset, and telemetry records the code.
+fn deadline_trailers(budget: std::time::Duration) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert(
+        "grpc-status",
+        http::HeaderValue::from(tonic::Code::DeadlineExceeded as i32),
+    );
+    // Printable ASCII only, so no percent-encoding is needed.
+    let message = format!(
+        "the response did not end within the call's deadline of {} ms",
+        budget.as_millis()
+    );
+    if let Ok(value) = http::HeaderValue::from_str(&message) {
+        trailers.insert("grpc-message", value);
+    }
+    trailers
+}
+
+/// A response body released at its deadline whether or not it is read
+/// (a call marked [`crate::deadline::ReleaseUnread`]).
+///
+/// A timer task of its own drops the inner body at the deadline, which
+/// resets the stream upstream (its [`Abandon`] fires); a reader that comes
+/// back gets `DEADLINE_EXCEEDED` trailers. A task, not the body's own timer:
+/// a body nobody polls never sees its timer fire. The lock is taken by the
+/// reader on every poll and by the task once, at the deadline, so it is
+/// never waited on in practice.
+pub(crate) struct ReleasedBody<B> {
+    slot: std::sync::Arc<std::sync::Mutex<Option<Pin<Box<B>>>>>,
+    release: tokio::task::AbortHandle,
+    budget: std::time::Duration,
+    // The inner body ended (its trailers, its end or an error was read).
+    ended: bool,
+}
+
+impl<B: Body + Send + 'static> ReleasedBody<B> {
+    pub(crate) fn new(inner: B, at: tokio::time::Instant, budget: std::time::Duration) -> Self {
+        let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(Box::pin(inner))));
+        let weak = std::sync::Arc::downgrade(&slot);
+        let release = tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            if let Some(slot) = weak.upgrade() {
+                // Dropped outside the lock: the drop resets the stream.
+                let unread = lock(&slot).take();
+                drop(unread);
+            }
+        })
+        .abort_handle();
+        Self {
+            slot,
+            release,
+            budget,
+            ended: false,
+        }
+    }
+}
+
+/// The slot's lock; a panic elsewhere while it was held leaves a body that
+/// is still safe to drop or poll.
+fn lock<T>(slot: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<B> Drop for ReleasedBody<B> {
+    fn drop(&mut self) {
+        self.release.abort();
+    }
+}
+
+impl<B> Body for ReleasedBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        let mut slot = lock(&this.slot);
+        let Some(inner) = slot.as_mut() else {
+            this.ended = true;
+            return Poll::Ready(Some(Ok(Frame::trailers(deadline_trailers(this.budget)))));
+        };
+        let polled = ready!(inner.as_mut().poll_frame(cx));
+        if !matches!(&polled, Some(Ok(frame)) if frame.is_data()) {
+            // Over: the task has nothing left to release.
+            this.ended = true;
+            let done = slot.take();
+            drop(slot);
+            drop(done);
+            this.release.abort();
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+            || lock(&self.slot)
+                .as_ref()
+                .is_some_and(|inner| inner.is_end_stream())
     }
 }
 
@@ -352,6 +449,10 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(crate::deadline::decode_grpc_timeout);
         let at = budget.map(|b| tokio::time::Instant::now() + b);
+        let release_unread = req
+            .extensions()
+            .get::<crate::deadline::ReleaseUnread>()
+            .is_some();
         let (abandon, abandoned) = tokio::sync::oneshot::channel();
         let req = req.map(|inner| {
             tonic::body::Body::new(CancellableBody {
@@ -362,6 +463,7 @@ where
         BodyDeadlineFuture {
             inner: self.inner.call(req),
             armed: Some((at, budget.unwrap_or_default(), abandon)),
+            release_unread,
         }
     }
 }
@@ -381,6 +483,8 @@ pin_project! {
             std::time::Duration,
             tokio::sync::oneshot::Sender<()>,
         )>,
+        // Released at the deadline even unread (`deadline::ReleaseUnread`).
+        release_unread: bool,
     }
 }
 
@@ -396,15 +500,20 @@ where
         let this = self.project();
         let response = ready!(this.inner.poll(cx))?;
         let (at, budget, abandon) = this.armed.take().expect("polled after completion");
+        let release_at = at.filter(|_| *this.release_unread);
         Poll::Ready(Ok(response.map(|inner| {
-            tonic::body::Body::new(DeadlineBody {
+            let body = DeadlineBody {
                 inner,
                 at,
                 sleep: None,
                 budget,
                 expired: false,
                 abandon: Abandon(Some(abandon)),
-            })
+            };
+            match release_at {
+                Some(at) => tonic::body::Body::new(ReleasedBody::new(body, at, budget)),
+                None => tonic::body::Body::new(body),
+            }
         })))
     }
 }
@@ -705,5 +814,95 @@ mod shed_tests {
             .headers_mut()
             .insert(SHED_HEADER, http::HeaderValue::from_static("1"));
         assert!(is_marked_shed(&marked));
+    }
+}
+
+#[cfg(test)]
+mod released_tests {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        time::Duration,
+    };
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    /// A body that never yields (its server stalls, or it is never read)
+    /// and records being dropped.
+    struct Held(Arc<AtomicBool>);
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl Body for Held {
+        type Data = Bytes;
+        type Error = crate::BoxError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unread_body_is_released_at_its_deadline_and_then_reads_as_expired() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let at = tokio::time::Instant::now() + Duration::from_secs(2);
+        let mut body = ReleasedBody::new(Held(dropped.clone()), at, Duration::from_secs(2));
+        tokio::time::sleep(Duration::from_millis(1999)).await;
+        assert!(
+            !dropped.load(Ordering::SeqCst),
+            "released before the deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        // Nobody polled the body; its task released it.
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "still held after the deadline"
+        );
+        let trailers = body
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_trailers()
+            .unwrap();
+        assert_eq!(trailers["grpc-status"], "4");
+        assert!(body.frame().await.is_none());
+        assert!(body.is_end_stream());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_read_to_its_end_is_passed_on_whole_and_not_released_later() {
+        let at = tokio::time::Instant::now() + Duration::from_secs(2);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let inner = http_body_util::StreamBody::new(futures::stream::iter([
+            Ok::<_, crate::BoxError>(Frame::data(Bytes::from_static(b"answer"))),
+            Ok(Frame::trailers(trailers)),
+        ]));
+        let mut body = ReleasedBody::new(inner, at, Duration::from_secs(2));
+        let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(data, "answer");
+        let end = body
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_trailers()
+            .unwrap();
+        assert_eq!(end["grpc-status"], "0");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        // Past the deadline: ended, not expired.
+        assert!(body.frame().await.is_none());
     }
 }

@@ -212,6 +212,12 @@ impl Inner {
             .get(route.upstream)
             .expect("routes name only configured upstreams")
             .clone();
+        // The outside caller reads the answer at its own pace, or never:
+        // the upstream stream is released at the deadline either way, so
+        // one caller that stops reading cannot hold streams of the
+        // connection every caller shares.
+        req.extensions_mut()
+            .insert(mesh_client::deadline::ReleaseUnread);
         let response = channel
             .oneshot(req)
             .await

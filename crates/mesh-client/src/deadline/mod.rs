@@ -52,6 +52,21 @@ pub fn remaining() -> Option<Duration> {
 /// `DEADLINE_EXCEEDED` once the deadline has passed (gRFC A6).
 pub const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(1);
 
+/// Request extension: the response's body is read by a party this process
+/// does not control (a proxy passing it on to an outside caller), so the
+/// mesh ends the call at its deadline even if nobody reads the body.
+///
+/// Without it a body is held to its deadline only while it is polled, and
+/// a proxy's server stops polling once its caller stops reading (HTTP/2
+/// flow control): one outside caller that never reads could hold streams
+/// of a connection the proxy shares with every other caller, past any
+/// deadline. Marked, the call's response is released at the deadline by a
+/// timer task of its own (a reset stream upstream, `DEADLINE_EXCEEDED`
+/// trailers for a reader that comes back), which costs a task per call:
+/// for an edge, not for calls between services that read their answers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReleaseUnread;
+
 /// `fut` scoped as the handling of an inbound call with this deadline
 /// (for the server's deadline layer, which names its future's type).
 pub(crate) fn scope_inbound<F: Future>(
