@@ -236,10 +236,23 @@ impl Mesh {
         }
         let endpoint_config = config.endpoint.clone();
         let tls = self.tls.clone();
+        // From the live config: a reload that raises a maxTimeout widens
+        // the window of the connections already made.
+        let stall_window: crate::endpoint::StallWindow = {
+            let (live, target, settings) = (
+                self.config.clone(),
+                target.to_owned(),
+                endpoint_config.clone(),
+            );
+            Arc::new(move || {
+                crate::endpoint::stall_window(live.load().longest_max_timeout(&target), &settings)
+            })
+        };
         tokio::spawn(set.clone().follow(
             changes,
             Arc::new(move |addr| {
                 connect_lazy(addr, &endpoint_config, tls.clone(), identity.clone())
+                    .with_stall_window(stall_window.clone())
             }),
             config.health_checks,
         ));

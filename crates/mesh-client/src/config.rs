@@ -557,6 +557,18 @@ impl MeshConfig {
     /// Everything that applies to a call of `path` (`/pkg.Service/Method`)
     /// on `target`: the most specific setting wins (method, then service
     /// wildcard, then target, then process default).
+    /// The longest `maxTimeout` any call to `target` may have: the
+    /// target's own (or the mesh-wide one), or a longer one of its methods.
+    pub(crate) fn longest_max_timeout(&self, target: &str) -> Duration {
+        let Some(config) = self.targets.get(target) else {
+            return self.max_timeout;
+        };
+        config.methods.values().filter_map(|m| m.max_timeout).fold(
+            config.max_timeout.unwrap_or(self.max_timeout),
+            Duration::max,
+        )
+    }
+
     pub(crate) fn call_policy(&self, target: &str, path: &str) -> CallPolicy<'_> {
         let target_config = self.targets.get(target);
         let name = path.trim_start_matches('/');
@@ -804,6 +816,28 @@ mod tests {
         assert!(
             err.to_string().contains("endpoint.keepaliveInterval"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn the_longest_max_timeout_of_a_target_counts_its_methods() {
+        let config = MeshConfig::from_json(
+            r#"{"maxTimeout": "20s", "targets": {
+                "static:///a": {"methods": {"p.S/Slow": {"maxTimeout": "90s"}}},
+                "static:///b": {"maxTimeout": "5s"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.longest_max_timeout("static:///a"),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            config.longest_max_timeout("static:///b"),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            config.longest_max_timeout("static:///c"),
+            Duration::from_secs(20)
         );
     }
 

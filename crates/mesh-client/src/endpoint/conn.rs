@@ -44,8 +44,8 @@
 //! gives up stays in hyper's queue until a stream frees. Past
 //! [`MAX_QUEUED_REQUESTS`] queued a call is refused at once, unsent
 //! ([`QueueFull`]: load, not a failure), while the connection's streams go
-//! on: its server is busy. Only a full queue that no request left for
-//! [`STALL_WINDOW`] (a server that answers pings but opens no streams)
+//! on: its server is busy. Only a full queue that no request left for its
+//! [`stall_window`] (a server that answers pings but opens no streams)
 //! gets the connection cut: its socket fails (so hyper frees the queue),
 //! and its calls fail with a [`tonic::ConnectError`] over [`Stalled`],
 //! unsent, which backs the endpoint off as a failed dial would.
@@ -166,7 +166,15 @@ struct Inner {
     /// starts its own (a server that closes after every handshake would
     /// otherwise leave a task per dial, each asleep until its retirement).
     retire_task: Mutex<Option<tokio::task::AbortHandle>>,
+    /// How long a full queue must stand still before the connection is
+    /// cut (see [`stall_window`]); read only when the queue is full.
+    stall_window: StallWindow,
 }
+
+/// A connection's stall window, read when its queue is full: a function,
+/// so a config reload that raises a `maxTimeout` widens it for the
+/// connections already made.
+pub(crate) type StallWindow = Arc<dyn Fn() -> Duration + Send + Sync>;
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -334,8 +342,22 @@ impl ClientConn {
                 authority,
                 retire_at_ms,
                 retire_task: Mutex::new(None),
+                stall_window: {
+                    let window = stall_window(crate::config::DEFAULT_MAX_TIMEOUT, settings);
+                    Arc::new(move || window)
+                },
             }),
         }
+    }
+
+    /// This connection with its stall window computed by `window` (the
+    /// longest deadline its calls may have, from the live config) instead
+    /// of from the default `maxTimeout`.
+    pub(crate) fn with_stall_window(mut self, window: StallWindow) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("set before the connection is shared")
+            .stall_window = window;
+        self
     }
 
     /// A connection that can never be made (`why` says so to its calls):
@@ -417,7 +439,9 @@ impl ClientConn {
             match &mut *state {
                 State::Ready(live)
                     if live.link.queued() >= MAX_QUEUED_REQUESTS
-                        && !live.link.stalled(tokio::time::Instant::now()) =>
+                        && !live
+                            .link
+                            .stalled(tokio::time::Instant::now(), (self.inner.stall_window)()) =>
                 {
                     // The queue is full but moves: the server's streams are
                     // busy (it is saturated, not stuck), and hyper drops
@@ -430,7 +454,7 @@ impl ClientConn {
                 }
                 State::Ready(live) if live.link.queued() >= MAX_QUEUED_REQUESTS => {
                     // Full, and nothing left hyper's queue for a whole
-                    // STALL_WINDOW: the server opens no streams, and calls
+                    // stall window: the server opens no streams, and calls
                     // that gave up still sit there. Cut the connection: its
                     // queue is freed, its live calls fail as a stalled
                     // connection (never sent), and the balancer backs the
@@ -668,7 +692,7 @@ pub(crate) const MAX_PENDING_CALLS: usize = 1024;
 /// busy and callers give up fast: short deadlines, losing hedges,
 /// per-attempt timeouts). Past it a call is refused at once, unsent
 /// ([`QueueFull::Queue`]); only a queue that also stopped moving for
-/// [`STALL_WINDOW`] gets its connection cut (see [`Stalled`]).
+/// its [`stall_window`] gets its connection cut (see [`Stalled`]).
 pub(crate) const MAX_QUEUED_REQUESTS: usize = 2 * MAX_PENDING_CALLS;
 
 /// How long a full queue must go without a single request leaving it (a
@@ -676,8 +700,8 @@ pub(crate) const MAX_QUEUED_REQUESTS: usize = 2 * MAX_PENDING_CALLS;
 /// connection is taken for stuck and cut. A healthy server whose streams
 /// are all busy frees one at the latest when the call holding it ends,
 /// and every mesh call ends by its deadline (the client resets the stream
-/// then): so the window is the longest default deadline,
-/// [`DEFAULT_MAX_TIMEOUT`](crate::config::DEFAULT_MAX_TIMEOUT), plus the
+/// then): so the window is the longest deadline a call to the target may
+/// have, `longest_deadline` (its longest `maxTimeout`), plus the
 /// keepalive's time to find a dead peer (interval + timeout, 8 s by
 /// default). A keepalive-sized window alone (3-8 s) would let an outside
 /// caller behind a gateway hold a replica's streams with any call slower
@@ -686,6 +710,14 @@ pub(crate) const MAX_QUEUED_REQUESTS: usize = 2 * MAX_PENDING_CALLS;
 /// one it must hold every stream past its own deadline, which the mesh
 /// does not allow. A stuck server is cut this much later than at the
 /// bound, and meanwhile costs its callers nothing but fast refusals.
+pub(crate) fn stall_window(longest_deadline: Duration, settings: &EndpointConfig) -> Duration {
+    longest_deadline
+        .saturating_add(settings.keepalive_interval)
+        .saturating_add(settings.keepalive_timeout)
+}
+
+/// The stall window of the default config (30 s + 5 s + 3 s).
+#[cfg(test)]
 pub(crate) const STALL_WINDOW: Duration =
     crate::config::DEFAULT_MAX_TIMEOUT.saturating_add(Duration::from_secs(8));
 
@@ -734,13 +766,13 @@ impl Link {
         (self.queue.load(std::sync::atomic::Ordering::Relaxed) & u64::from(u32::MAX)) as usize
     }
 
-    /// Whether the (full) queue has stood still for [`STALL_WINDOW`] as of
-    /// `now`: no request left it since it was first found full without
+    /// Whether the (full) queue has stood still for `window` as of `now`:
+    /// no request left it since it was first found full without
     /// one leaving. The first look at a full queue, and any look after a
     /// departure, starts the window anew, so a server is cut only after
     /// a whole window watched without progress (at most a window later
     /// than if each departure were timed, and no clock read per request).
-    fn stalled(&self, now: tokio::time::Instant) -> bool {
+    fn stalled(&self, now: tokio::time::Instant, window: Duration) -> bool {
         let departed = (self.queue.load(std::sync::atomic::Ordering::Relaxed) >> 32) as u32;
         let mut full_since = self
             .full_since
@@ -748,7 +780,7 @@ impl Link {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match *full_since {
             Some((seen, since)) if seen == departed => {
-                now.saturating_duration_since(since) >= STALL_WINDOW
+                now.saturating_duration_since(since) >= window
             }
             _ => {
                 *full_since = Some((departed, now));
@@ -824,7 +856,7 @@ impl Drop for Queued {
 }
 
 /// Why a connection was cut: hyper held [`MAX_QUEUED_REQUESTS`] requests
-/// and none left its queue for [`STALL_WINDOW`]. Its calls never left, so
+/// and none left its queue for its [`stall_window`]. Its calls never left, so
 /// they may go to another endpoint; the endpoint is backed off as after a
 /// failed dial.
 #[derive(Debug)]
@@ -834,7 +866,7 @@ impl std::fmt::Display for Stalled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "connection cut: {MAX_QUEUED_REQUESTS} requests queued and none taken for a stream in {STALL_WINDOW:?}"
+            "connection cut: {MAX_QUEUED_REQUESTS} requests queued and none taken for a stream for longer than any call's deadline and keepalive"
         )
     }
 }
@@ -1754,6 +1786,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_longer_max_timeout_widens_the_stall_window_of_connections_already_made() {
+        let (conn, _server) = holding_server(0, &EndpointConfig::default());
+        // As the channel gives it: read from the live config when the
+        // queue is full, so a reload after the dial counts.
+        let longest = Arc::new(std::sync::Mutex::new(crate::config::DEFAULT_MAX_TIMEOUT));
+        let window: StallWindow = {
+            let longest = longest.clone();
+            Arc::new(move || stall_window(*longest.lock().unwrap(), &EndpointConfig::default()))
+        };
+        let conn = conn.with_stall_window(window);
+        let _live = tokio::spawn(conn.call(request()));
+        settle(&conn, ConnState::Ready).await;
+        *longest.lock().unwrap() = Duration::from_secs(120);
+        let err = fill_the_queue(&conn);
+        assert_eq!(queue_full(&err), Some(QueueFull::Queue), "{err}");
+        // Past the default window a call may still hold a stream (its
+        // deadline is up to 120 s): refused, not cut.
+        tokio::time::sleep(STALL_WINDOW + Duration::from_secs(1)).await;
+        let err = conn.call(request()).await.unwrap_err();
+        assert_eq!(queue_full(&err), Some(QueueFull::Queue), "{err}");
+        assert_eq!(conn.state(), ConnState::Ready);
+        // Past 120 s + keepalive: stuck, and cut.
+        tokio::time::sleep(Duration::from_secs(128) - STALL_WINDOW).await;
+        let err = conn.call(request()).await.unwrap_err();
+        assert!(crate::caused_by::<Stalled>(&*err).is_some(), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_connection_whose_server_opens_no_streams_is_cut_once_its_full_queue_stands_still() {
         let (conn, server) = holding_server(0, &EndpointConfig::default());
         // A live call that waits (the server admits no stream).
@@ -1849,16 +1909,19 @@ mod tests {
         let link = Link::new(1);
         let t0 = tokio::time::Instant::now();
         // First found full: the window starts.
-        assert!(!link.stalled(t0));
-        assert!(!link.stalled(t0 + STALL_WINDOW - Duration::from_millis(1)));
+        assert!(!link.stalled(t0, STALL_WINDOW));
+        assert!(!link.stalled(t0 + STALL_WINDOW - Duration::from_millis(1), STALL_WINDOW));
         // A request leaves (and another takes its place) just before the
         // window ends: the window starts over from the next look.
         link.queue
             .fetch_add(DEPARTED, std::sync::atomic::Ordering::Relaxed);
-        assert!(!link.stalled(t0 + STALL_WINDOW));
-        assert!(!link.stalled(t0 + 2 * STALL_WINDOW - Duration::from_millis(1)));
+        assert!(!link.stalled(t0 + STALL_WINDOW, STALL_WINDOW));
+        assert!(!link.stalled(
+            t0 + 2 * STALL_WINDOW - Duration::from_millis(1),
+            STALL_WINDOW
+        ));
         // A whole window watched without a departure: stalled.
-        assert!(link.stalled(t0 + 2 * STALL_WINDOW));
+        assert!(link.stalled(t0 + 2 * STALL_WINDOW, STALL_WINDOW));
     }
 
     /// Waits (bounded) until `n` of the `live` calls have finished.

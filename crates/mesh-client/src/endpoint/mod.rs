@@ -28,8 +28,8 @@ use tower::Service;
 
 pub(crate) use crate::body::{ObservedBody, header_status};
 pub(crate) use conn::{
-    ClientConn, authority_of, dead_dial, failed_dial, is_queue_full, is_stalled, is_unsent,
-    never_processed, take_unsent,
+    ClientConn, StallWindow, authority_of, dead_dial, failed_dial, is_queue_full, is_stalled,
+    is_unsent, never_processed, stall_window, take_unsent,
 };
 #[cfg(test)]
 pub(crate) use conn::{stalled_for_tests, unsent_for_tests};
