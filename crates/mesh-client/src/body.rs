@@ -265,22 +265,36 @@ fn deadline_trailers(budget: std::time::Duration) -> http::HeaderMap {
 /// reader on every poll and by the task once, at the deadline, so it is
 /// never waited on in practice.
 pub(crate) struct ReleasedBody<B> {
-    slot: std::sync::Arc<std::sync::Mutex<Option<Pin<Box<B>>>>>,
+    slot: std::sync::Arc<Slot<B>>,
     release: tokio::task::AbortHandle,
     budget: std::time::Duration,
     // The inner body ended (its trailers, its end or an error was read).
     ended: bool,
 }
 
+/// What a [`ReleasedBody`] shares with its release task.
+struct Slot<B> {
+    body: std::sync::Mutex<Option<Pin<Box<B>>>>,
+    /// The reader parked on the body: dropping the body wakes nobody (h2
+    /// wakes only its connection task), so the release wakes the reader.
+    reader: futures::task::AtomicWaker,
+}
+
 impl<B: Body + Send + 'static> ReleasedBody<B> {
     pub(crate) fn new(inner: B, at: tokio::time::Instant, budget: std::time::Duration) -> Self {
-        let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(Box::pin(inner))));
+        let slot = std::sync::Arc::new(Slot {
+            body: std::sync::Mutex::new(Some(Box::pin(inner))),
+            reader: futures::task::AtomicWaker::new(),
+        });
         let weak = std::sync::Arc::downgrade(&slot);
         let release = tokio::spawn(async move {
             tokio::time::sleep_until(at).await;
             if let Some(slot) = weak.upgrade() {
+                let unread = lock(&slot.body).take();
+                // After the take: a reader registers under the lock, so it
+                // either saw the body gone or is woken here.
+                slot.reader.wake();
                 // Dropped outside the lock: the drop resets the stream.
-                let unread = lock(&slot).take();
                 drop(unread);
             }
         })
@@ -322,12 +336,15 @@ where
         if this.ended {
             return Poll::Ready(None);
         }
-        let mut slot = lock(&this.slot);
+        let mut slot = lock(&this.slot.body);
         let Some(inner) = slot.as_mut() else {
             this.ended = true;
             return Poll::Ready(Some(Ok(Frame::trailers(deadline_trailers(this.budget)))));
         };
-        let polled = ready!(inner.as_mut().poll_frame(cx));
+        let Poll::Ready(polled) = inner.as_mut().poll_frame(cx) else {
+            this.slot.reader.register(cx.waker());
+            return Poll::Pending;
+        };
         if !matches!(&polled, Some(Ok(frame)) if frame.is_data()) {
             // Over: the task has nothing left to release.
             this.ended = true;
@@ -341,7 +358,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         self.ended
-            || lock(&self.slot)
+            || lock(&self.slot.body)
                 .as_ref()
                 .is_some_and(|inner| inner.is_end_stream())
     }
@@ -500,7 +517,13 @@ where
         let this = self.project();
         let response = ready!(this.inner.poll(cx))?;
         let (at, budget, abandon) = this.armed.take().expect("polled after completion");
-        let release_at = at.filter(|_| *this.release_unread);
+        // A trailers-only answer or a body already whole holds no stream
+        // worth a release task.
+        let release_at = at.filter(|_| {
+            *this.release_unread
+                && grpc_status(response.headers()).is_none()
+                && !response.body().is_end_stream()
+        });
         Poll::Ready(Ok(response.map(|inner| {
             let body = DeadlineBody {
                 inner,
@@ -879,6 +902,39 @@ mod released_tests {
         assert_eq!(trailers["grpc-status"], "4");
         assert!(body.frame().await.is_none());
         assert!(body.is_end_stream());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_parked_on_the_body_is_woken_by_the_release() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let at = tokio::time::Instant::now() + Duration::from_secs(2);
+        let mut body = ReleasedBody::new(Held(dropped.clone()), at, Duration::from_secs(2));
+        // The inner body never wakes anyone; only the release can.
+        let (woken, waker) = futures_test_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(dropped.load(Ordering::SeqCst));
+        assert!(
+            woken.load(Ordering::SeqCst),
+            "the parked reader was never woken"
+        );
+        let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut body).poll_frame(&mut cx) else {
+            panic!("a woken reader finds the trailers");
+        };
+        assert_eq!(frame.into_trailers().unwrap()["grpc-status"], "4");
+    }
+
+    /// A waker that records being woken.
+    fn futures_test_waker() -> (Arc<AtomicBool>, std::task::Waker) {
+        struct Flag(Arc<AtomicBool>);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let woken = Arc::new(AtomicBool::new(false));
+        (woken.clone(), Arc::new(Flag(woken)).into())
     }
 
     #[tokio::test(start_paused = true)]

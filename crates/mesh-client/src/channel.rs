@@ -239,13 +239,9 @@ impl Mesh {
         // From the live config: a reload that raises a maxTimeout widens
         // the window of the connections already made.
         let stall_window: crate::endpoint::StallWindow = {
-            let (live, target, settings) = (
-                self.config.clone(),
-                target.to_owned(),
-                endpoint_config.clone(),
-            );
+            let (live, settings) = (self.config.clone(), endpoint_config.clone());
             Arc::new(move || {
-                crate::endpoint::stall_window(live.load().longest_max_timeout(&target), &settings)
+                crate::endpoint::stall_window(live.load().longest_max_timeout(), &settings)
             })
         };
         tokio::spawn(set.clone().follow(

@@ -557,16 +557,18 @@ impl MeshConfig {
     /// Everything that applies to a call of `path` (`/pkg.Service/Method`)
     /// on `target`: the most specific setting wins (method, then service
     /// wildcard, then target, then process default).
-    /// The longest `maxTimeout` any call to `target` may have: the
-    /// target's own (or the mesh-wide one), or a longer one of its methods.
-    pub(crate) fn longest_max_timeout(&self, target: &str) -> Duration {
-        let Some(config) = self.targets.get(target) else {
-            return self.max_timeout;
-        };
-        config.methods.values().filter_map(|m| m.max_timeout).fold(
-            config.max_timeout.unwrap_or(self.max_timeout),
-            Duration::max,
-        )
+    /// The longest `maxTimeout` any call may have: mesh-wide, of a
+    /// target, or of a method. Mesh-wide, not per target: a routed call
+    /// carries its front target's limits to a backend's endpoints.
+    pub(crate) fn longest_max_timeout(&self) -> Duration {
+        self.targets
+            .values()
+            .flat_map(|t| {
+                t.max_timeout
+                    .into_iter()
+                    .chain(t.methods.values().filter_map(|m| m.max_timeout))
+            })
+            .fold(self.max_timeout, Duration::max)
     }
 
     pub(crate) fn call_policy(&self, target: &str, path: &str) -> CallPolicy<'_> {
@@ -820,25 +822,19 @@ mod tests {
     }
 
     #[test]
-    fn the_longest_max_timeout_of_a_target_counts_its_methods() {
+    fn the_longest_max_timeout_counts_every_target_and_method() {
         let config = MeshConfig::from_json(
             r#"{"maxTimeout": "20s", "targets": {
                 "static:///a": {"methods": {"p.S/Slow": {"maxTimeout": "90s"}}},
                 "static:///b": {"maxTimeout": "5s"}}}"#,
         )
         .unwrap();
-        assert_eq!(
-            config.longest_max_timeout("static:///a"),
-            Duration::from_secs(90)
-        );
-        assert_eq!(
-            config.longest_max_timeout("static:///b"),
-            Duration::from_secs(5)
-        );
-        assert_eq!(
-            config.longest_max_timeout("static:///c"),
-            Duration::from_secs(20)
-        );
+        assert_eq!(config.longest_max_timeout(), Duration::from_secs(90));
+        let short = MeshConfig::from_json(
+            r#"{"maxTimeout": "20s", "targets": {"static:///b": {"maxTimeout": "5s"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(short.longest_max_timeout(), Duration::from_secs(20));
     }
 
     #[test]

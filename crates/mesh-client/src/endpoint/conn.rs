@@ -700,8 +700,8 @@ pub(crate) const MAX_QUEUED_REQUESTS: usize = 2 * MAX_PENDING_CALLS;
 /// connection is taken for stuck and cut. A healthy server whose streams
 /// are all busy frees one at the latest when the call holding it ends,
 /// and every mesh call ends by its deadline (the client resets the stream
-/// then): so the window is the longest deadline a call to the target may
-/// have, `longest_deadline` (its longest `maxTimeout`), plus the
+/// then): so the window is the longest deadline a call may have,
+/// `longest_deadline` (the config's longest `maxTimeout`), plus the
 /// keepalive's time to find a dead peer (interval + timeout, 8 s by
 /// default). A keepalive-sized window alone (3-8 s) would let an outside
 /// caller behind a gateway hold a replica's streams with any call slower
