@@ -559,3 +559,113 @@ async fn an_upstream_refusing_the_gateway_does_not_reveal_its_identity() {
         err.metadata()
     );
 }
+
+/// A stand-in echo server admitting 2 streams per connection: EchoStream
+/// sends its headers and then holds the stream open; Echo answers at once.
+#[derive(Clone)]
+struct Echoes;
+
+impl tonic::codegen::Service<http::Request<Body>> for Echoes {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        Box::pin(async move {
+            if req.uri().path().ends_with("/EchoStream") {
+                // A watch: open until the caller gives up.
+                let forever =
+                    futures::stream::pending::<Result<hyper::body::Frame<bytes::Bytes>, Status>>();
+                return Ok(http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(Body::new(http_body_util::StreamBody::new(forever)))
+                    .unwrap());
+            }
+            Ok(full_answer())
+        })
+    }
+}
+
+/// Calls answered with a stream go over connections of their own: streams
+/// held open through the gateway (a watch lives for minutes) cannot take
+/// every stream of the connection unary calls to the same service share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_streams_leave_the_unary_calls_to_the_same_service_their_connection() {
+    use shop_api::echo::v1::{
+        EchoRequest, EchoStreamRequest, echo_service_client::EchoServiceClient,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    pki.issue("inventory");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        MeshServer::new(ServerConfig {
+            max_concurrent_streams: 2,
+            ..ServerConfig::default()
+        })
+        .tls(pki.load("inventory"))
+        .fallback(&["mesh.echo.v1.EchoService"], Echoes)
+        .serve(listener, async {
+            let _ = stopped.await;
+        }),
+    );
+    let routes = dir.path().join("routes.json");
+    std::fs::write(
+        &routes,
+        r#"{"routes": [{"methods": ["mesh.echo.v1.EchoService/*"], "upstream": "inventory", "auth": "none"}]}"#,
+    )
+    .unwrap();
+    let (addr, dead) = (free_addr(), free_addr());
+    let args: Vec<String> = [
+        "--tls-dir",
+        pki.issue("gateway").to_str().unwrap(),
+        "--trust-domain",
+        common::TRUST_DOMAIN,
+        "--routes",
+        routes.to_str().unwrap(),
+        "--auth-target",
+        &format!("static:///{dead}"),
+        "--inventory-target",
+        &format!("static:///{upstream}"),
+        "--orders-target",
+        &format!("static:///{dead}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _gateway = Proc::spawn("gateway", addr, &args);
+    common::wait_serving(addr).await;
+    let mut echo = EchoServiceClient::new(common::channel(addr).await);
+    // Every stream the upstream admits on a connection (2, one of them
+    // perhaps the gateway's health watch), held open: streams are opened
+    // until one waits, which is then given up.
+    let mut held = Vec::new();
+    loop {
+        let mut request = tonic::Request::new(EchoStreamRequest::default());
+        request.set_timeout(Duration::from_secs(25));
+        match tokio::time::timeout(Duration::from_secs(3), echo.echo_stream(request)).await {
+            Ok(stream) => held.push(stream.unwrap()),
+            Err(_waits) => break,
+        }
+        assert!(held.len() <= 2, "the upstream admitted more than 2 streams");
+    }
+    assert!(!held.is_empty(), "no stream was admitted");
+    // A unary call to the same service still gets a stream.
+    let mut request = tonic::Request::new(EchoRequest::default());
+    request.set_timeout(Duration::from_secs(10));
+    let answered = echo.echo(request).await;
+    assert!(
+        answered.is_ok(),
+        "a unary call waited behind the held streams: {answered:?}"
+    );
+    drop(held);
+}

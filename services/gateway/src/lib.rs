@@ -318,6 +318,22 @@ pub async fn run(
             config.mesh.channel(&mesh, tls.is_some(), target, name)?,
         );
     }
+    // Upstreams with a public method answered by a stream also get a
+    // channel of their own for those calls (its own connections, made on
+    // first use; see `Gateway::with_stream_upstreams`).
+    let mut stream_upstreams = HashMap::new();
+    for (name, target) in config.targets() {
+        if routes.streams_to(name) {
+            // Named apart in metrics (`orders-streams`), verified as the
+            // same service.
+            let identity = tls.is_some().then(|| config.mesh.identity_of(name));
+            let peer = format!("{name}-streams");
+            stream_upstreams.insert(
+                name,
+                mesh.channel_named(&peer, target, identity.as_deref())?,
+            );
+        }
+    }
     let keys = config
         .tokens
         .key_cache(AuthServiceClient::new(upstreams["auth"].clone()));
@@ -345,8 +361,9 @@ pub async fn run(
         upstreams["recommendations"].clone(),
         std::time::Duration::from_millis(config.recommendations_budget_ms),
     );
-    let gateway =
-        Gateway::new(routes, upstreams, keys, limit, trusted).with_recommender(recommender);
+    let gateway = Gateway::new(routes, upstreams, keys, limit, trusted)
+        .with_stream_upstreams(stream_upstreams)
+        .with_recommender(recommender);
     let origins = config
         .allowed_origins()
         .iter()

@@ -47,6 +47,9 @@ pub struct Gateway {
 struct Inner {
     routes: RouteTable,
     upstreams: HashMap<&'static str, MeshChannel>,
+    /// Channels of their own for calls answered with a stream (see
+    /// [`Gateway::with_stream_upstreams`]); by upstream name.
+    stream_upstreams: HashMap<&'static str, MeshChannel>,
     keys: KeyCache,
     limiter: DefaultKeyedRateLimiter<String>,
     limit: RateLimit,
@@ -70,6 +73,7 @@ impl Gateway {
             inner: Arc::new(Inner {
                 routes,
                 upstreams,
+                stream_upstreams: HashMap::new(),
                 keys,
                 limiter: RateLimiter::keyed(quota),
                 limit,
@@ -85,6 +89,20 @@ impl Gateway {
         Arc::get_mut(&mut self.inner)
             .expect("set before the gateway is cloned")
             .recommender = Some(recommender);
+        self
+    }
+
+    /// Sends calls answered with a stream (`WatchOrder`) over `upstreams`
+    /// (by upstream name), channels of their own, instead of the ones unary
+    /// calls share. A watch may live for minutes, and a server admits only
+    /// so many streams per connection: over a shared connection, a few
+    /// dozen accounts watching orders would hold every stream of it and
+    /// leave `PlaceOrder` waiting. An upstream without one here uses the
+    /// shared channel.
+    pub fn with_stream_upstreams(mut self, upstreams: HashMap<&'static str, MeshChannel>) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("set before the gateway is cloned")
+            .stream_upstreams = upstreams;
         self
     }
 
@@ -207,9 +225,11 @@ impl Inner {
                 recommender.serve(req).await,
             ));
         }
-        let channel = self
-            .upstreams
-            .get(route.upstream)
+        let channel = route
+            .streams
+            .then(|| self.stream_upstreams.get(route.upstream))
+            .flatten()
+            .or_else(|| self.upstreams.get(route.upstream))
             .expect("routes name only configured upstreams")
             .clone();
         // The outside caller reads the answer at its own pace, or never:

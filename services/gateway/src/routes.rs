@@ -46,6 +46,11 @@ pub struct Route {
     pub upstream: &'static str,
     /// Whether a token is required.
     pub auth: AuthMode,
+    /// Whether the method answers with a stream (server streaming, from
+    /// the contracts): such calls may live long, and go over connections
+    /// of their own so they cannot take every stream of the connections
+    /// unary calls share.
+    pub streams: bool,
 }
 
 /// The validated table, by gRPC path (`/package.Service/Method`).
@@ -66,9 +71,17 @@ impl RouteTable {
         let set = FileDescriptorSet::decode(descriptors)
             .map_err(|e| vec![format!("descriptor set: {e}")])?;
         let mut by_service: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut streaming = BTreeSet::new();
         for file in &set.file {
             for service in &file.service {
                 let name = format!("{}.{}", file.package(), service.name());
+                streaming.extend(
+                    service
+                        .method
+                        .iter()
+                        .filter(|m| m.server_streaming())
+                        .map(|m| format!("/{name}/{}", m.name())),
+                );
                 let methods = by_service.entry(name).or_default();
                 methods.extend(service.method.iter().map(|m| m.name().to_owned()));
             }
@@ -118,6 +131,7 @@ impl RouteTable {
                     let route = Route {
                         upstream,
                         auth: entry.auth,
+                        streams: streaming.contains(&path),
                     };
                     if routes.insert(path.clone(), route).is_some() {
                         problems.push(format!(
@@ -137,6 +151,13 @@ impl RouteTable {
     /// The route of `path`, if public.
     pub fn get(&self, path: &str) -> Option<&Route> {
         self.routes.get(path)
+    }
+
+    /// Whether a public method of `upstream` answers with a stream.
+    pub fn streams_to(&self, upstream: &str) -> bool {
+        self.routes
+            .values()
+            .any(|r| r.streams && r.upstream == upstream)
     }
 
     /// Whether `path` is a method of the contracts (routed or internal).
@@ -187,6 +208,9 @@ mod tests {
         assert_eq!((login.upstream, login.auth), ("auth", AuthMode::None));
         let place = t.get("/mesh.orders.v1.OrdersService/PlaceOrder").unwrap();
         assert_eq!((place.upstream, place.auth), ("orders", AuthMode::Required));
+        assert!(!place.streams);
+        let watch = t.get("/mesh.orders.v1.OrdersService/WatchOrder").unwrap();
+        assert!(watch.streams, "WatchOrder answers with a stream");
         for internal in [
             "/mesh.payments.v1.PaymentsService/CreateCharge",
             "/mesh.inventory.v1.InventoryService/ReserveStock",
