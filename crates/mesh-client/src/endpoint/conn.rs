@@ -74,12 +74,19 @@ use tonic::body::Body;
 
 use crate::{BoxError, config::EndpointConfig};
 
-/// HTTP/2 connection flow-control window we advertise (hyper's default,
-/// which tonic's `Channel` used): large enough for a burst of concurrent
-/// responses without waiting for WINDOW_UPDATE on loopback or a LAN.
-pub(crate) const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
-/// Per-stream flow-control window we advertise (hyper's default).
-pub(crate) const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// HTTP/2 connection flow-control window we advertise: every stream a
+/// mesh server admits (256) times [`STREAM_WINDOW`]. h2 gives connection
+/// window back only as a stream's data is read, so with a smaller one a
+/// few streams nobody reads (an outside caller behind the gateway that
+/// stops reading) would take all of it and stall every other stream of
+/// the connection until their deadline; hyper's 5 MiB was taken by three
+/// unread 2 MiB streams. Data is buffered only while unread, at most a
+/// stream window per stream.
+pub(crate) const CONNECTION_WINDOW: u32 = 256 * STREAM_WINDOW;
+/// Per-stream flow-control window we advertise: what one unread stream
+/// may hold in this process. 256 KiB keeps a stream at hundreds of MB/s
+/// at LAN round trips (hyper's 2 MiB let each unread stream hold 2 MiB).
+pub(crate) const STREAM_WINDOW: u32 = 256 * 1024;
 /// Largest frame payload we accept (the HTTP/2 minimum, hyper's default).
 pub(crate) const MAX_FRAME_SIZE: u32 = 16 * 1024;
 /// Largest response header list we accept, in HPACK-decoded bytes
@@ -1783,6 +1790,66 @@ mod tests {
 
     fn queue_full(err: &BoxError) -> Option<QueueFull> {
         crate::caused_by::<QueueFull>(&**err).copied()
+    }
+
+    /// A server answering every call with 4 MiB of data, and `/reader`
+    /// calls with 64 KiB, over HTTP/2 (the h2 crate itself).
+    fn bulk_server() -> ClientConn {
+        ClientConn::new(authority_of(addr()), &EndpointConfig::default(), || async {
+            let (client, io) = tokio::io::duplex(1 << 20);
+            tokio::spawn(async move {
+                let mut h2 = h2::server::handshake(io).await.unwrap();
+                while let Some(Ok((req, mut respond))) = h2.accept().await {
+                    let bytes = if req.uri().path() == "/reader" {
+                        64 << 10
+                    } else {
+                        4 << 20
+                    };
+                    tokio::spawn(async move {
+                        let head = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        let mut send = respond.send_response(head, false).unwrap();
+                        // Queued beyond the window; h2 sends it as the
+                        // client gives window back.
+                        let _ = send.send_data(Bytes::from(vec![0u8; bytes]), false);
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let _ = send.send_trailers(trailers);
+                        // Held until the client is done with the stream.
+                        let _ = futures::future::poll_fn(|cx| send.poll_reset(cx)).await;
+                    });
+                }
+            });
+            Ok(TokioIo::new(client))
+        })
+    }
+
+    #[tokio::test]
+    async fn streams_nobody_reads_do_not_stall_the_other_streams_of_their_connection() {
+        use http_body_util::BodyExt;
+        let conn = bulk_server();
+        // Eight answers of 4 MiB each, never read: each holds its stream
+        // window of the connection's.
+        let mut unread = Vec::new();
+        for _ in 0..8 {
+            let response = tokio::time::timeout(Duration::from_secs(20), conn.call(request()))
+                .await
+                .expect("the headers came")
+                .unwrap();
+            unread.push(response);
+        }
+        // Another call on the same connection still gets its data.
+        let mut reader = request();
+        *reader.uri_mut() = "/reader".parse().unwrap();
+        let response = conn.call(reader).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(20), response.into_body().collect())
+            .await
+            .expect("the reader's data was stalled behind unread streams")
+            .unwrap();
+        assert_eq!(read.to_bytes().len(), 64 << 10);
+        drop(unread);
     }
 
     #[tokio::test(start_paused = true)]
