@@ -53,7 +53,7 @@ const FULL: &str = "full-answer";
 
 /// The product id for which the stand-in answers GetProduct with more
 /// than the HTTP/2 windows between it and a caller hold: [`BIG_MESSAGES`]
-/// messages of 32 KiB (8 MiB; the gateway's stream window is 2 MiB), so
+/// messages of 32 KiB (8 MiB; the gateway's stream window is 256 KiB), so
 /// the stand-in is still sending while its caller does not read.
 const BIG: &str = "big-answer";
 const BIG_MESSAGES: usize = 256;
