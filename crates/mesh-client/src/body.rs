@@ -517,13 +517,9 @@ where
         let this = self.project();
         let response = ready!(this.inner.poll(cx))?;
         let (at, budget, abandon) = this.armed.take().expect("polled after completion");
-        // A trailers-only answer or a body already whole holds no stream
-        // worth a release task.
-        let release_at = at.filter(|_| {
-            *this.release_unread
-                && grpc_status(response.headers()).is_none()
-                && !response.body().is_end_stream()
-        });
+        // A trailers-only answer (END_STREAM on its headers) holds no
+        // stream worth a release task.
+        let release_at = at.filter(|_| *this.release_unread && !response.body().is_end_stream());
         Poll::Ready(Ok(response.map(|inner| {
             let body = DeadlineBody {
                 inner,

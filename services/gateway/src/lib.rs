@@ -319,8 +319,8 @@ pub async fn run(
         );
     }
     // Upstreams with a public method answered by a stream also get a
-    // channel of their own for those calls (its own connections, made on
-    // first use; see `Gateway::with_stream_upstreams`).
+    // channel of their own for those calls (its own connections, dialled
+    // at start by its health watches; see `Gateway::with_stream_upstreams`).
     let mut stream_upstreams = HashMap::new();
     for (name, target) in config.targets() {
         if routes.streams_to(name) {

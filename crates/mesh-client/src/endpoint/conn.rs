@@ -74,15 +74,16 @@ use tonic::body::Body;
 
 use crate::{BoxError, config::EndpointConfig};
 
-/// HTTP/2 connection flow-control window we advertise: every stream a
-/// mesh server admits (256) times [`STREAM_WINDOW`]. h2 gives connection
-/// window back only as a stream's data is read, so with a smaller one a
-/// few streams nobody reads (an outside caller behind the gateway that
-/// stops reading) would take all of it and stall every other stream of
-/// the connection until their deadline; hyper's 5 MiB was taken by three
-/// unread 2 MiB streams. Data is buffered only while unread, at most a
-/// stream window per stream.
-pub(crate) const CONNECTION_WINDOW: u32 = 256 * STREAM_WINDOW;
+/// HTTP/2 connection flow-control window we advertise: 32 streams'
+/// worth of [`STREAM_WINDOW`]. h2 gives connection window back only as a
+/// stream's data is read, so streams nobody reads (an outside caller
+/// behind the gateway that stops reading) take their share of it until
+/// released: with hyper's 5 MiB, three unread 2 MiB streams stalled every
+/// other stream of the connection until their deadline; now it takes 32.
+/// Not more: unread data is buffered here, and the connection window is
+/// what one connection may hold (a gateway caps its callers' calls in
+/// flight well below 32 each).
+pub(crate) const CONNECTION_WINDOW: u32 = 32 * STREAM_WINDOW;
 /// Per-stream flow-control window we advertise: what one unread stream
 /// may hold in this process. 256 KiB keeps a stream at hundreds of MB/s
 /// at LAN round trips (hyper's 2 MiB let each unread stream hold 2 MiB).
