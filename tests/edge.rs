@@ -193,6 +193,12 @@ async fn edge() -> Edge {
 
 /// [`edge`], with a stand-in auth enforcing `auth_policy` instead of a dead one.
 async fn edge_with(auth_policy: Option<AuthorizationPolicy>) -> Edge {
+    edge_with_args(auth_policy, &["--max-inbound-deadline-ms", "1000"]).await
+}
+
+/// [`edge_with`], the gateway started with `flags` instead of a 1 s
+/// inbound deadline maximum.
+async fn edge_with_args(auth_policy: Option<AuthorizationPolicy>, flags: &[&str]) -> Edge {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new(dir.path());
     pki.issue("inventory");
@@ -250,10 +256,9 @@ async fn edge_with(auth_policy: Option<AuthorizationPolicy>) -> Edge {
         &format!("static:///{inventory_addr}"),
         "--orders-target",
         &format!("static:///{dead}"),
-        "--max-inbound-deadline-ms",
-        "1000",
     ]
     .iter()
+    .chain(flags)
     .map(|s| s.to_string())
     .collect();
     let gateway = Proc::spawn("gateway", addr, &args);
@@ -333,46 +338,9 @@ async fn a_deadline_an_outside_caller_picks_is_cut_at_the_edge() {
 /// release that needs no reader frees them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_that_never_reads_holds_no_upstream_stream_past_its_deadline() {
-    use prost::Message;
     const HELD: usize = 3;
     let edge = edge().await;
-    let tcp = tokio::net::TcpStream::connect(edge.gateway).await.unwrap();
-    // h2 itself, not a gRPC client: a client that never reads sends no
-    // WINDOW_UPDATE, which h2 leaves to the application.
-    let (mut send, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let request = GetProductRequest {
-        product_id: BIG.into(),
-    }
-    .encode_to_vec();
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&(request.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&request);
-    let mut held = Vec::new();
-    for _ in 0..HELD {
-        let call = http::Request::post(format!(
-            "http://{}/mesh.inventory.v1.InventoryService/GetProduct",
-            edge.gateway
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", "5S")
-        .body(())
-        .unwrap();
-        send = send.ready().await.unwrap();
-        let (response, mut body) = send.send_request(call, false).unwrap();
-        body.send_data(bytes::Bytes::from(framed.clone()), true)
-            .unwrap();
-        let response = tokio::time::timeout(Duration::from_secs(20), response)
-            .await
-            .expect("the gateway passed no answer on")
-            .unwrap();
-        assert_eq!(response.status(), 200, "{response:?}");
-        // Kept, never read.
-        held.push(response);
-    }
+    let (held, _connection) = unread_big_answers(&edge, HELD).await;
     assert_eq!(
         edge.live.load(Ordering::SeqCst),
         HELD,
@@ -401,6 +369,99 @@ async fn a_caller_that_never_reads_holds_no_upstream_stream_past_its_deadline() 
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     drop(held);
+}
+
+/// `count` calls for [`BIG`] answers over one raw HTTP/2 connection to the
+/// gateway, their answers' headers received and their bodies never read;
+/// and the task driving that connection (abort it to hang up).
+async fn unread_big_answers(
+    edge: &Edge,
+    count: usize,
+) -> (
+    Vec<http::Response<h2::RecvStream>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use prost::Message;
+    let tcp = tokio::net::TcpStream::connect(edge.gateway).await.unwrap();
+    // h2 itself, not a gRPC client: a client that never reads sends no
+    // WINDOW_UPDATE, which h2 leaves to the application.
+    let (mut send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = GetProductRequest {
+        product_id: BIG.into(),
+    }
+    .encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&request);
+    let mut held = Vec::new();
+    for _ in 0..count {
+        let call = http::Request::post(format!(
+            "http://{}/mesh.inventory.v1.InventoryService/GetProduct",
+            edge.gateway
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "5S")
+        .body(())
+        .unwrap();
+        send = send.ready().await.unwrap();
+        let (response, mut body) = send.send_request(call, false).unwrap();
+        body.send_data(bytes::Bytes::from(framed.clone()), true)
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(20), response)
+            .await
+            .expect("the gateway passed no answer on")
+            .unwrap();
+        assert_eq!(response.status(), 200, "{response:?}");
+        // Kept, never read.
+        held.push(response);
+    }
+    (held, connection)
+}
+
+/// A caller holds at most `--max-calls-in-flight-per-client` calls, each
+/// until its answer is read to its end or dropped: answers it never reads
+/// count (the rate limit alone let one caller hold hundreds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_holds_at_most_its_calls_in_flight_until_their_answers_end() {
+    let edge = edge_with_args(
+        None,
+        &[
+            "--max-inbound-deadline-ms",
+            "20000",
+            "--max-calls-in-flight-per-client",
+            "2",
+        ],
+    )
+    .await;
+    let (held, connection) = unread_big_answers(&edge, 2).await;
+    // Their headers came back long ago; their answers are still unread.
+    let mut inventory = InventoryServiceClient::new(common::channel(edge.gateway).await);
+    let get = |id: &str| GetProductRequest {
+        product_id: id.into(),
+    };
+    let err = inventory.get_product(get("nope")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("2 calls in flight"), "{err:?}");
+    // The caller hangs up: its calls end, and it may call again.
+    connection.abort();
+    drop(held);
+    let admitted = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match inventory.get_product(get("nope")).await {
+                Err(e) if e.code() == Code::ResourceExhausted => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the slots were never given back");
+    assert_eq!(admitted.unwrap_err().code(), Code::InvalidArgument);
 }
 
 /// A trace context an outside caller sends, sampled.

@@ -537,6 +537,8 @@ async fn a_backend_replica_dies_under_load_and_no_idempotent_call_fails() {
             "1000000",
             "--rate-limit-burst",
             "1000000",
+            "--max-calls-in-flight-per-client",
+            "1000000",
         ],
     );
     common::wait_serving(addr).await;

@@ -602,6 +602,8 @@ fn gateway_for(shop: &Shop, recs_target: &str, env: &[(String, String)]) -> (Pro
         "100000",
         "--rate-limit-burst",
         "100000",
+        "--max-calls-in-flight-per-client",
+        "100000",
         "--admin-addr",
         &admin.to_string(),
     ]

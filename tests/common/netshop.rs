@@ -277,6 +277,8 @@ impl NetShop {
                 "100000".into(),
                 "--rate-limit-burst".into(),
                 "100000".into(),
+                "--max-calls-in-flight-per-client".into(),
+                "100000".into(),
             ]);
         }
         args

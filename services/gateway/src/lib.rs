@@ -99,6 +99,13 @@ pub struct Config {
     /// Requests a caller may make at once above the sustained rate.
     #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 40)]
     pub rate_limit_burst: u32,
+    /// Calls a caller (an address, and a user) may have in flight at once,
+    /// each until its answer is read to its end. What a caller holds, not
+    /// how often it calls: unread answers, watches and unfinished requests
+    /// hold upstream streams and the windows of connections every caller
+    /// shares (a mesh connection takes 32 unread answers to stall).
+    #[arg(long, env = "MAX_CALLS_IN_FLIGHT_PER_CLIENT", default_value_t = 24)]
+    pub max_calls_in_flight_per_client: u32,
     /// Web origins allowed to call with gRPC-Web (CORS), e.g.
     /// `https://shop.example`; repeat or separate with commas.
     #[arg(
@@ -223,6 +230,10 @@ impl shop_kit::ServiceConfig for Config {
         for (flag, value) in [
             ("--rate-limit-per-second", self.rate_limit_per_second),
             ("--rate-limit-burst", self.rate_limit_burst),
+            (
+                "--max-calls-in-flight-per-client",
+                self.max_calls_in_flight_per_client,
+            ),
         ] {
             if !(1..=1_000_000).contains(&value) {
                 problems.push(format!("{flag}: must be 1 to 1000000, got {value}"));
@@ -340,6 +351,7 @@ pub async fn run(
     let limit = RateLimit {
         per_second: NonZeroU32::new(config.rate_limit_per_second).expect("checked"),
         burst: NonZeroU32::new(config.rate_limit_burst).expect("checked"),
+        in_flight: NonZeroU32::new(config.max_calls_in_flight_per_client).expect("checked"),
     };
     // Reflection and health name the public services; the strings live as
     // long as the process (built once at start).

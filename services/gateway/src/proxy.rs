@@ -36,6 +36,83 @@ pub struct RateLimit {
     pub per_second: NonZeroU32,
     /// Requests allowed at once above the sustained rate.
     pub burst: NonZeroU32,
+    /// Calls a caller may have in flight at once, each counted until its
+    /// answer is read to its end or dropped: a rate does not bound what a
+    /// caller holds (calls it never reads, watches, request bodies it
+    /// never finishes), and what it holds is upstream streams, buffered
+    /// answers and the shared connections' windows.
+    pub in_flight: NonZeroU32,
+}
+
+/// Calls in flight per caller key (see [`RateLimit::in_flight`]).
+#[derive(Default)]
+struct InFlight {
+    calls: std::sync::Mutex<HashMap<String, u32>>,
+}
+
+impl InFlight {
+    /// A slot for one more call of `caller`, or `None` at `limit`.
+    fn admit(self: &Arc<Self>, caller: &str, limit: NonZeroU32) -> Option<Slot> {
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let count = calls.entry(caller.to_owned()).or_insert(0);
+        if *count >= limit.get() {
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            table: self.clone(),
+            caller: caller.to_owned(),
+        })
+    }
+}
+
+/// One call counted in flight until dropped.
+struct Slot {
+    table: Arc<InFlight>,
+    caller: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut calls = self.table.calls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = calls.get_mut(&self.caller) {
+            *count -= 1;
+            // Idle callers cost no memory.
+            if *count == 0 {
+                calls.remove(&self.caller);
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer that holds its call's slots until it is read to its end
+    /// or dropped.
+    struct Counted<B> {
+        #[pin]
+        inner: B,
+        slots: Vec<Slot>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The proxy service (cheap to clone).
@@ -53,6 +130,7 @@ struct Inner {
     keys: KeyCache,
     limiter: DefaultKeyedRateLimiter<String>,
     limit: RateLimit,
+    in_flight: Arc<InFlight>,
     trusted: Vec<IpNet>,
     /// Answers Recommend itself, with a fallback (see [`crate::recommend`]).
     recommender: Option<Recommender>,
@@ -77,6 +155,7 @@ impl Gateway {
                 keys,
                 limiter: RateLimiter::keyed(quota),
                 limit,
+                in_flight: Arc::default(),
                 trusted,
                 recommender: None,
             }),
@@ -131,10 +210,15 @@ impl Service<http::Request<Body>> for Gateway {
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let inner = self.inner.clone();
         Box::pin(async move {
-            Ok(inner
-                .forward(req)
-                .await
-                .unwrap_or_else(|status| status.into_http()))
+            let mut slots = Vec::with_capacity(2);
+            Ok(match inner.forward(req, &mut slots).await {
+                // The slots go with the answer: held until it is read or dropped.
+                Ok(response) if !slots.is_empty() => {
+                    response.map(|inner| Body::new(Counted { inner, slots }))
+                }
+                Ok(response) => response,
+                Err(status) => status.into_http(),
+            })
         })
     }
 }
@@ -170,7 +254,23 @@ impl Inner {
             })
     }
 
-    async fn forward(&self, mut req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
+    /// Takes one of `caller`'s in-flight slots into `slots`, or refuses.
+    fn admit(&self, caller: &str, slots: &mut Vec<Slot>) -> Result<(), Status> {
+        let limit = self.limit.in_flight;
+        let slot = self.in_flight.admit(caller, limit).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "{caller} already has {limit} calls in flight through the gateway, the most allowed; retry once one has finished"
+            ))
+        })?;
+        slots.push(slot);
+        Ok(())
+    }
+
+    async fn forward(
+        &self,
+        mut req: http::Request<Body>,
+        slots: &mut Vec<Slot>,
+    ) -> Result<http::Response<Body>, Status> {
         let path = req.uri().path().to_owned();
         let method = path.trim_start_matches('/');
         let Some(route) = self.routes.get(&path).cloned() else {
@@ -198,6 +298,7 @@ impl Inner {
         // flood (good tokens or bad) is throttled before it costs a
         // signature check or waits on a key refresh.
         self.check(&address)?;
+        self.admit(&address, slots)?;
         match route.auth {
             AuthMode::Required => {
                 let header = req.headers().get(http::header::AUTHORIZATION);
@@ -216,7 +317,9 @@ impl Inner {
                 // with many accounts gets no more than one address's share,
                 // and the user's, so one account spread over many addresses
                 // does not either.
-                self.check(&format!("user {}", claims.sub))?;
+                let user = format!("user {}", claims.sub);
+                self.check(&user)?;
+                self.admit(&user, slots)?;
             }
             AuthMode::None => {}
         }
