@@ -424,6 +424,7 @@ impl MeshServer {
         let known = Arc::new(known_paths(sets)?);
         let stop_admin = CancellationToken::new();
         let _stop_admin_on_return = stop_admin.clone().drop_guard();
+        let _timer_anchor = TimerAnchor::spawn();
         #[cfg(feature = "admin")]
         if let Some(listener) = self.admin {
             listener.set_nonblocking(true)?;
@@ -584,6 +585,42 @@ fn call_layers(
         // client's cancellation reaches the handler as an error, not as
         // the end of its request stream.
         .layer(ServerDeadlineLayer::new(config.max_inbound_deadline))
+}
+
+/// A timer kept armed [`TIMER_ANCHOR_PERIOD`] ahead on the server's
+/// runtime while it serves.
+///
+/// tokio's timer driver wakes the I/O driver (an `eventfd` write, and a
+/// parked worker) whenever a timer is registered earlier than the wake-up
+/// it last planned. That plan is refreshed only when the driver parks, and
+/// otherwise holds the connections' keepalive (30 s) or nothing at all, so
+/// each call with a `grpc-timeout` whose handler waits paid a wake-up for
+/// its timers (tonic's own, and this server's deadline layer's): 0.27
+/// more `eventfd` writes per call than a call without one, measured. With
+/// a timer always due within a second, a deadline longer than that is
+/// never the earliest, and the cost is one wake-up a second.
+struct TimerAnchor(tokio::task::AbortHandle);
+
+/// How far ahead [`TimerAnchor`] keeps its timer.
+const TIMER_ANCHOR_PERIOD: Duration = Duration::from_secs(1);
+
+impl TimerAnchor {
+    fn spawn() -> Self {
+        let task = tokio::spawn(async {
+            let mut tick = tokio::time::interval(TIMER_ANCHOR_PERIOD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+            }
+        });
+        Self(task.abort_handle())
+    }
+}
+
+impl Drop for TimerAnchor {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Not ready without a valid certificate: reports NOT_SERVING while the

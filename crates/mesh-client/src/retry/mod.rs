@@ -324,7 +324,7 @@ where
     ) -> (http::Request<Body>, Option<Picked>) {
         let mut req = http::Request::from_parts(
             parts.clone(),
-            Body::new(http_body_util::Full::new(body.clone())),
+            Body::new(body::ReplayBody::new(body.clone())),
         );
         if number > 1 {
             req.headers_mut()

@@ -623,15 +623,20 @@ pub(crate) struct CallSeries {
     in_flight: Gauge,
     responses: [OnceLock<Counter>; 17],
     families: Family<ResponseLabels, Counter>,
+    /// `service/method`, the name of the call's span: made once per series,
+    /// not formatted again for every call.
+    span_name: Arc<str>,
 }
 
 impl RpcLabels {
-    pub(crate) fn rpc_service(&self) -> &str {
-        &self.rpc_service
+    /// The service label, shared (a span attribute without a copy).
+    pub(crate) fn rpc_service_shared(&self) -> Arc<str> {
+        self.rpc_service.clone()
     }
 
-    pub(crate) fn rpc_method(&self) -> &str {
-        &self.rpc_method
+    /// The method label, shared.
+    pub(crate) fn rpc_method_shared(&self) -> Arc<str> {
+        self.rpc_method.clone()
     }
 
     fn new(direction: Direction, peer: Arc<str>, path: &RpcPath) -> Self {
@@ -658,7 +663,9 @@ impl CallSeries {
             route,
             ..RpcLabels::new(direction, peer, path)
         };
+        let span_name = format!("{}/{}", labels.rpc_service, labels.rpc_method).into();
         Self {
+            span_name,
             requests: m.requests.get_or_create_owned(&labels),
             latency: m.latency.get_or_create_owned(&labels),
             in_flight: m.in_flight.get_or_create_owned(&labels),
@@ -666,6 +673,11 @@ impl CallSeries {
             responses: Default::default(),
             families: m.responses.clone(),
         }
+    }
+
+    /// The span name of calls in this series: `service/method`.
+    pub(crate) fn span_name(&self) -> &str {
+        &self.span_name
     }
 
     /// Whether a call by `peer` to `path` without a route records here:

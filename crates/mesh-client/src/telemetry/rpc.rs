@@ -245,7 +245,7 @@ where
         let span = tracing::info_span!(
             target: "mesh_client::rpc",
             "grpc.client",
-            otel.name = %span_name(&series),
+            otel.name = series.span_name(),
             otel.kind = "client",
             trace_id = Empty,
         );
@@ -343,7 +343,7 @@ where
         let span = tracing::info_span!(
             target: "mesh_client::rpc",
             "grpc.server",
-            otel.name = %span_name(&series),
+            otel.name = series.span_name(),
             otel.kind = "server",
             trace_id = Empty,
         );
@@ -364,18 +364,17 @@ where
     }
 }
 
-fn span_name(series: &CallSeries) -> String {
-    format!(
-        "{}/{}",
-        series.labels.rpc_service(),
-        series.labels.rpc_method()
-    )
-}
-
 fn set_rpc_attributes(span: &Span, series: &CallSeries) {
     span.set_attribute("rpc.system", "grpc");
-    span.set_attribute("rpc.service", series.labels.rpc_service().to_owned());
-    span.set_attribute("rpc.method", series.labels.rpc_method().to_owned());
+    // The series' own strings, shared: no copy per call.
+    span.set_attribute(
+        "rpc.service",
+        opentelemetry::StringValue::from(series.labels.rpc_service_shared()),
+    );
+    span.set_attribute(
+        "rpc.method",
+        opentelemetry::StringValue::from(series.labels.rpc_method_shared()),
+    );
 }
 
 fn record_trace_id(span: &Span, cx: &opentelemetry::Context) {
