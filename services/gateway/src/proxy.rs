@@ -54,11 +54,13 @@ impl InFlight {
     /// A slot for one more call of `caller`, or `None` at `limit`.
     fn admit(self: &Arc<Self>, caller: &str, limit: NonZeroU32) -> Option<Slot> {
         let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
-        let count = calls.entry(caller.to_owned()).or_insert(0);
-        if *count >= limit.get() {
-            return None;
+        match calls.get_mut(caller) {
+            Some(count) if *count >= limit.get() => return None,
+            Some(count) => *count += 1,
+            None => {
+                calls.insert(caller.to_owned(), 1);
+            }
         }
-        *count += 1;
         Some(Slot {
             table: self.clone(),
             caller: caller.to_owned(),
