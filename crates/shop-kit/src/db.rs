@@ -14,7 +14,9 @@
 //! the application's and the server's, each an explicit constant here:
 //!
 //! - the pool's acquire timeout ([`ACQUIRE_TIMEOUT`]) bounds waiting for a
-//!   connection, connecting and the ping of an idle one;
+//!   connection, connecting and the ping of an idle one (SQLite's one
+//!   connection gets the longer [`SQLITE_ACQUIRE_TIMEOUT`]: waiting for it
+//!   is a queue, not an outage);
 //! - readiness ([`watch_readiness`]) probes PostgreSQL over a connection
 //!   of its own (pool exhaustion is not an outage) every
 //!   [`PROBE_INTERVAL`], each probe bounded by [`PROBE_TIMEOUT`]; a failed
@@ -169,9 +171,17 @@ fn is_secret_param(name: &str) -> bool {
         .any(|word| name.contains(word))
 }
 
-/// Longest wait for a pooled connection (including connecting and the
-/// ping of an idle one) before a call fails `UNAVAILABLE`.
+/// Longest wait for a pooled PostgreSQL connection (including connecting
+/// and the ping of an idle one) before a call fails `UNAVAILABLE`: a
+/// server that does not answer in this long is taken for unreachable.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest wait for SQLite's one pooled connection before a call fails
+/// `UNAVAILABLE`. A local file cannot be unreachable: the wait is a queue
+/// behind this process's other statements, which a burst of calls on a
+/// busy machine (certificate renewals, a whole shop starting at once)
+/// stretches past a second without anything being wrong. The callers'
+/// deadlines bound it sooner; this bounds a queue that does not move.
+pub const SQLITE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a PostgreSQL statement may run on the server
 /// (`statement_timeout`): the shop's statements take milliseconds, so one
 /// running this long waits on a lock or an overloaded server.
@@ -240,7 +250,7 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
     let pool_options = AnyPoolOptions::new()
         // An unreachable database must fail calls fast (UNAVAILABLE), not
         // hold them until their deadline.
-        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .acquire_timeout(acquire_timeout(backend))
         // sqlx pings every released connection without a timeout: one whose
         // server went silent (a call dropped mid-statement) would hold its
         // slot until TCP gives up. Closed instead when the ping is late.
@@ -286,6 +296,14 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
         .await
         .map_err(|source| DbError::Migrate { url: shown, source })?;
     Ok(pool)
+}
+
+/// How long a call waits for a pooled connection of `backend`.
+fn acquire_timeout(backend: Backend) -> Duration {
+    match backend {
+        Backend::Sqlite => SQLITE_ACQUIRE_TIMEOUT,
+        Backend::Postgres => ACQUIRE_TIMEOUT,
+    }
 }
 
 fn sqlite_url(url: &str) -> Result<String, DbError> {
@@ -437,8 +455,12 @@ impl Probe {
     /// and if not, whether it refused or stayed silent.
     async fn answers(&mut self) -> Answer {
         let Some(options) = self.own.clone() else {
+            // Queued behind the calls for the one connection: a long queue
+            // is load, not an outage, so only the pool's own acquire
+            // timeout (or an error) makes the file unhealthy.
             let probe = sqlx::query("SELECT 1").execute(&self.pool);
-            return match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+            let bound = SQLITE_ACQUIRE_TIMEOUT + PROBE_TIMEOUT;
+            return match tokio::time::timeout(bound, probe).await {
                 Ok(Ok(_)) => Answer::Answered,
                 Ok(Err(e)) => Answer::of_error(&e),
                 Err(_) => Answer::Silent,
@@ -717,6 +739,36 @@ mod tests {
             let side = data.join(format!("shop.db{suffix}"));
             assert_eq!(mode(&side), 0o600, "{}", side.display());
         }
+        pool.close().await;
+    }
+
+    /// A statement queued behind SQLite's one connection for longer than
+    /// PostgreSQL's acquire timeout is served once the connection is
+    /// free, and readiness stays SERVING meanwhile: on a busy machine the
+    /// queue is load, not an outage (with a 1 s bound the shop failed
+    /// calls and refused to start under CI's load).
+    #[tokio::test]
+    async fn a_queue_for_sqlites_connection_longer_than_a_second_is_served() {
+        static MIGRATOR: Migrator = Migrator::DEFAULT;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("queue.db").display());
+        let pool = connect(&url, &MIGRATOR).await.unwrap();
+        let held = pool.acquire().await.unwrap();
+        let queued = tokio::spawn({
+            let pool = pool.clone();
+            async move { sqlx::query("SELECT 1").execute(&pool).await.map(|_| ()) }
+        });
+        let mut probe = Probe::new(pool.clone());
+        assert!(!probe.fails_calls());
+        let probed = tokio::spawn(async move { probe.answers().await });
+        tokio::time::sleep(ACQUIRE_TIMEOUT * 2).await;
+        assert!(!queued.is_finished(), "the queued statement gave up");
+        drop(held);
+        queued
+            .await
+            .unwrap()
+            .expect("the queued statement is served");
+        assert_eq!(probed.await.unwrap(), Answer::Answered);
         pool.close().await;
     }
 
