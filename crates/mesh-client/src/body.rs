@@ -34,7 +34,7 @@ impl<B, F: FnOnce(Option<Code>)> ObservedBody<B, F> {
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
     headers
-        .get("grpc-status")
+        .get(crate::headers::GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
         .map(Code::from_i32)
@@ -241,7 +241,7 @@ where
 fn deadline_trailers(budget: std::time::Duration) -> http::HeaderMap {
     let mut trailers = http::HeaderMap::new();
     trailers.insert(
-        "grpc-status",
+        crate::headers::GRPC_STATUS,
         http::HeaderValue::from(tonic::Code::DeadlineExceeded as i32),
     );
     // Printable ASCII only, so no percent-encoding is needed.
@@ -250,7 +250,7 @@ fn deadline_trailers(budget: std::time::Duration) -> http::HeaderMap {
         budget.as_millis()
     );
     if let Ok(value) = http::HeaderValue::from_str(&message) {
-        trailers.insert("grpc-message", value);
+        trailers.insert(crate::headers::GRPC_MESSAGE, value);
     }
     trailers
 }
@@ -462,10 +462,15 @@ where
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let budget = req
             .headers()
-            .get("grpc-timeout")
+            .get(crate::headers::GRPC_TIMEOUT)
             .and_then(|v| v.to_str().ok())
             .and_then(crate::deadline::decode_grpc_timeout);
-        let at = budget.map(|b| tokio::time::Instant::now() + b);
+        // The deadline layer's own instant when it set one: no clock read,
+        // and the body ends exactly at the call's deadline.
+        let at = match req.extensions().get::<crate::deadline::CallExpiry>() {
+            Some(expiry) if budget.is_some() => Some(expiry.0),
+            _ => budget.map(|b| tokio::time::Instant::now() + b),
+        };
         let release_unread = req
             .extensions()
             .get::<crate::deadline::ReleaseUnread>()
@@ -738,7 +743,7 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let budget = req
             .headers()
-            .get("grpc-timeout")
+            .get(crate::headers::GRPC_TIMEOUT)
             .and_then(|v| v.to_str().ok())
             .and_then(crate::deadline::decode_grpc_timeout);
         let req = req.map(|inner| tonic::body::Body::new(CancelVisibleBody { inner }));

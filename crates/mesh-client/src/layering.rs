@@ -40,6 +40,7 @@ const MODULES: &[(&str, Layer)] = &[
     ("config", Vocabulary),
     ("config::text", Vocabulary),
     ("methods", Vocabulary),
+    ("headers", Vocabulary),
     ("authz", Vocabulary),
     ("fault", Vocabulary),
     ("mirror", Vocabulary),

@@ -131,6 +131,7 @@ pub mod deadline;
 mod endpoint;
 mod error;
 pub mod fault;
+mod headers;
 mod methods;
 pub mod mirror;
 pub mod optional;

@@ -62,7 +62,7 @@ impl Picked {
 fn time_left(req: &http::Request<Body>, entered: Instant) -> Option<Duration> {
     let by_header = req
         .headers()
-        .get("grpc-timeout")
+        .get(crate::headers::GRPC_TIMEOUT)
         .and_then(|v| v.to_str().ok())
         .and_then(crate::deadline::decode_grpc_timeout)
         .map(|sent| sent.saturating_sub(entered.elapsed()));
@@ -288,10 +288,14 @@ where
         let inner = self.inner.clone();
         Box::pin(async move {
             let entered = Instant::now();
+            // When the attempt leaves: one clock read serves the call's
+            // entry, its in-flight age and its latency's start.
+            let mut started = entered;
             if !set.is_resolved() {
                 // A resolver that cannot answer must not hold calls until their
                 // deadline: after a short wait the call fails as "no endpoints".
                 let _ = tokio::time::timeout(FIRST_RESOLUTION_WAIT, set.wait_resolved()).await;
+                started = Instant::now();
             }
             // A request its connection handed back unwritten goes once
             // more, to a pick that avoids that endpoint (it may be draining).
@@ -309,8 +313,7 @@ where
                     picked.set(endpoint.addr);
                 }
                 req.extensions_mut().insert(SendTo(endpoint.clone()));
-                let in_flight = endpoint.start();
-                let started = Instant::now();
+                let in_flight = endpoint.start_at(started);
                 let result = inner.clone().oneshot(req).await;
                 let now = Instant::now();
                 drop(in_flight);
@@ -357,10 +360,13 @@ where
                     // and no retry spent.
                     tracing::debug!(target = %set.target, addr = %endpoint.addr, "sending a request its connection handed back unsent to another pick: {err}");
                     resent = true;
+                    started = now;
                     req = unsent;
                     if let Some(left) = left {
-                        req.headers_mut()
-                            .insert("grpc-timeout", crate::deadline::grpc_timeout_header(left));
+                        req.headers_mut().insert(
+                            crate::headers::GRPC_TIMEOUT,
+                            crate::deadline::grpc_timeout_header(left),
+                        );
                     }
                     match req.extensions_mut().get_mut::<Exclude>() {
                         Some(exclude) => exclude.0.push(endpoint.addr),

@@ -13,9 +13,7 @@ use tokio::time::{Instant, Timeout};
 use tower::{Layer, Service};
 
 use super::{INBOUND_DEADLINE, decode_grpc_timeout, grpc_timeout_header, inbound_deadline};
-use crate::BoxError;
-
-const GRPC_TIMEOUT: &str = "grpc-timeout";
+use crate::{BoxError, headers::GRPC_TIMEOUT};
 
 /// The default timeout of a call, by gRPC path.
 pub type TimeoutPolicy = Arc<dyn Fn(&str) -> Duration + Send + Sync>;

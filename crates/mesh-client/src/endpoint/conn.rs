@@ -135,6 +135,68 @@ type Sent = Pin<
 
 type Request = http::Request<Body>;
 
+pin_project_lite::pin_project! {
+    /// hyper's response body, telling its end without h2's lock.
+    ///
+    /// `is_end_stream` on hyper's body takes the connection's stream lock,
+    /// which its connection task holds while it reads and writes frames;
+    /// every layer that wraps a body in `tonic::body::Body::new` asks it,
+    /// so a call took that lock (often contended: a futex wait) once per
+    /// layer. This answers from what it saw instead: the end known when
+    /// the headers came (hyper's own check then), and a `None` or the
+    /// trailers read since. Answering `false` early is within the
+    /// `http_body` contract: the reader polls once more and gets the end.
+    struct Received {
+        #[pin]
+        inner: hyper::body::Incoming,
+        ended: bool,
+    }
+}
+
+/// A response from hyper as the mesh's layers take it (see [`Received`]).
+fn received(response: http::Response<hyper::body::Incoming>) -> http::Response<Body> {
+    let (parts, inner) = response.into_parts();
+    // Without `content-length`, hyper's exact hint of 0 is its check of
+    // h2 at the headers (the stream had already ended); with one, a zero
+    // length may still be followed by trailers, so h2 is asked.
+    let ended = if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        http_body::Body::is_end_stream(&inner)
+    } else {
+        http_body::Body::size_hint(&inner).exact() == Some(0)
+    };
+    http::Response::from_parts(parts, Body::new(Received { inner, ended }))
+}
+
+impl http_body::Body for Received {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(None) = &polled {
+            *this.ended = true;
+        }
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && frame.is_trailers()
+        {
+            *this.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Where a connection is, for tests and diagnostics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ConnState {
@@ -509,7 +571,7 @@ impl ClientConn {
                 match send.try_send_request(req).await {
                     Ok(response) => {
                         link.answered();
-                        Ok(response.map(Body::new))
+                        Ok(received(response))
                     }
                     Err(e) => Err(handed_back(e, &link)),
                 }
@@ -1005,7 +1067,7 @@ impl Future for ResponseFuture {
             Kind::Sent { fut, link } => Poll::Ready(match ready!(fut.as_mut().poll(cx)) {
                 Ok(response) => {
                     link.answered();
-                    Ok(response.map(Body::new))
+                    Ok(received(response))
                 }
                 Err(e) => Err(handed_back(e, link)),
             }),
@@ -1330,19 +1392,36 @@ mod tests {
             let task = tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: http::Request<_>| {
                     let slow = req.uri().path() == "/test.Echo/Slow";
+                    let with_body = req.uri().path() == "/test.Echo/Body";
                     let (arrived, release) = (arrived.clone(), release.clone());
                     async move {
                         if slow {
                             arrived.notify_one();
                             release.notified().await;
                         }
-                        Ok::<_, std::convert::Infallible>(
-                            http::Response::builder()
-                                .header("content-type", "application/grpc")
+                        let response =
+                            http::Response::builder().header("content-type", "application/grpc");
+                        // A message and trailers, or trailers-only.
+                        let response = if with_body {
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                            let frames = [
+                                http_body::Frame::data(Bytes::from_static(b"\0\0\0\0\0")),
+                                http_body::Frame::trailers(trailers),
+                            ];
+                            response.body(http_body_util::Either::Left(
+                                http_body_util::StreamBody::new(futures::stream::iter(
+                                    frames.map(Ok::<_, std::convert::Infallible>),
+                                )),
+                            ))
+                        } else {
+                            response
                                 .header("grpc-status", "0")
-                                .body(http_body_util::Empty::<Bytes>::new())
-                                .unwrap(),
-                        )
+                                .body(http_body_util::Either::Right(
+                                    http_body_util::Empty::<Bytes>::new(),
+                                ))
+                        };
+                        Ok::<_, std::convert::Infallible>(response.unwrap())
                     }
                 });
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -1477,6 +1556,33 @@ mod tests {
 
     fn is_connect_error(err: &BoxError) -> bool {
         crate::caused_by::<tonic::ConnectError>(&**err).is_some()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_tells_its_end_as_h2_would() {
+        use http_body::Body as _;
+        use http_body_util::BodyExt;
+        let bed = Bed::new([Peer::Serves]);
+        let conn = bed.conn(&EndpointConfig::default());
+        // Trailers-only: the stream ended with its headers.
+        let response = conn.call(request()).await.unwrap();
+        assert!(response.body().is_end_stream(), "a trailers-only answer");
+
+        // A message and trailers: not at its end until the trailers are
+        // read, even once h2 holds the whole stream, so a reader (a
+        // proxy's server, tonic's decoder) asks for them.
+        let mut req = request();
+        *req.uri_mut() = Uri::from_static("/test.Echo/Body");
+        let mut body = conn.call(req).await.unwrap().into_body();
+        assert!(!body.is_end_stream(), "a message is on its way");
+        let data = body.frame().await.unwrap().unwrap();
+        assert_eq!(data.into_data().unwrap(), Bytes::from_static(b"\0\0\0\0\0"));
+        tokio::task::yield_now().await;
+        assert!(!body.is_end_stream(), "the trailers are still to be read");
+        let trailers = body.frame().await.unwrap().unwrap();
+        assert_eq!(trailers.trailers_ref().unwrap()["grpc-status"], "0");
+        assert!(body.is_end_stream(), "read to its end");
+        assert!(body.frame().await.is_none());
     }
 
     #[tokio::test(start_paused = true)]

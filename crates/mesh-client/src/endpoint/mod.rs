@@ -342,8 +342,14 @@ impl Endpoint {
 
     /// Marks a call in flight until the guard drops.
     pub(crate) fn start(self: &Arc<Self>) -> InFlight {
+        self.start_at(Instant::now())
+    }
+
+    /// [`Endpoint::start`] for a call sent at `now` (a clock read the
+    /// caller already made).
+    pub(crate) fn start_at(self: &Arc<Self>, now: Instant) -> InFlight {
         self.hot.in_flight.fetch_add(1, Ordering::Relaxed);
-        let entry = (self.micros(Instant::now()) << COUNT_BITS) | 1;
+        let entry = (self.micros(now) << COUNT_BITS) | 1;
         self.hot.outstanding.fetch_add(entry, Ordering::Relaxed);
         InFlight(self.clone(), entry)
     }

@@ -190,7 +190,7 @@ where
         let (peer, metrics) = (self.layer.peer.clone(), self.layer.metrics.clone());
         let budget = req
             .headers()
-            .get("grpc-timeout")
+            .get(crate::headers::GRPC_TIMEOUT)
             .and_then(|v| v.to_str().ok())
             .and_then(decode_grpc_timeout);
         Either::Right(Box::pin(async move {

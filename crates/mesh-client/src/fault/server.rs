@@ -104,7 +104,7 @@ where
         tracing::debug!(rule = %name, caller = caller.unwrap_or("-"), method, ?delay, ?abort, "injecting a server fault");
         let budget = req
             .headers()
-            .get("grpc-timeout")
+            .get(crate::headers::GRPC_TIMEOUT)
             .and_then(|v| v.to_str().ok())
             .and_then(crate::deadline::decode_grpc_timeout);
         let inner = self.inner.clone();

@@ -225,7 +225,7 @@ where
                 .insert(MIRROR_HEADER, HeaderValue::from_static("true"));
             let limit = parts
                 .headers
-                .get("grpc-timeout")
+                .get(crate::headers::GRPC_TIMEOUT)
                 .and_then(|v| v.to_str().ok())
                 .and_then(decode_grpc_timeout)
                 .map_or(MAX_COPY_DURATION, |d| d.min(MAX_COPY_DURATION));
@@ -262,7 +262,7 @@ async fn copy_to_end(shadow: Shadow, copy: http::Request<Body>) -> Code {
     };
     let code_of = |headers: &http::HeaderMap| {
         headers
-            .get("grpc-status")
+            .get(crate::headers::GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<i32>().ok())
             .map(Code::from_i32)

@@ -275,7 +275,7 @@ fn served_by(result: &Attempt) -> Option<std::net::SocketAddr> {
 
 fn pushback(headers: &http::HeaderMap) -> Pushback {
     match headers
-        .get("grpc-retry-pushback-ms")
+        .get(crate::headers::GRPC_RETRY_PUSHBACK_MS)
         .map(|v| v.to_str().map(str::parse::<i64>))
     {
         None => Pushback::None,
@@ -327,8 +327,10 @@ where
             Body::new(body::ReplayBody::new(body.clone())),
         );
         if number > 1 {
-            req.headers_mut()
-                .insert("grpc-previous-rpc-attempts", HeaderValue::from(number - 1));
+            req.headers_mut().insert(
+                crate::headers::GRPC_PREVIOUS_RPC_ATTEMPTS,
+                HeaderValue::from(number - 1),
+            );
             // The header was the call's whole budget when the deadline
             // layer set it; a later attempt has only what is left, and a
             // server told more would work on past the caller's deadline.
@@ -336,7 +338,7 @@ where
                 && let Some(expiry) = parts.extensions.get::<CallExpiry>()
             {
                 req.headers_mut()
-                    .insert("grpc-timeout", expiry.header_value());
+                    .insert(crate::headers::GRPC_TIMEOUT, expiry.header_value());
             }
         }
         // A per-attempt timeout shorter than the call's time left is what
@@ -346,13 +348,15 @@ where
             let call_left = time_left(parts).or_else(|| {
                 parts
                     .headers
-                    .get("grpc-timeout")
+                    .get(crate::headers::GRPC_TIMEOUT)
                     .and_then(|v| v.to_str().ok())
                     .and_then(crate::deadline::decode_grpc_timeout)
             });
             let sent = call_left.map_or(limit, |left| left.min(limit));
-            req.headers_mut()
-                .insert("grpc-timeout", crate::deadline::grpc_timeout_header(sent));
+            req.headers_mut().insert(
+                crate::headers::GRPC_TIMEOUT,
+                crate::deadline::grpc_timeout_header(sent),
+            );
         }
         // Only hedges read where an attempt went.
         let picked = track.then(Picked::default);
