@@ -255,6 +255,13 @@ fn deadline_trailers(budget: std::time::Duration) -> http::HeaderMap {
     trailers
 }
 
+/// Response extension: the response's body is released at this instant
+/// whether or not it is read ([`ReleasedBody`]), so a layer above that
+/// sees it dropped unread after then knows the deadline ended the call,
+/// not the caller.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReleasedAt(pub(crate) tokio::time::Instant);
+
 /// A response body released at its deadline whether or not it is read
 /// (a call marked [`crate::deadline::ReleaseUnread`]).
 ///
@@ -525,6 +532,10 @@ where
         // A trailers-only answer (END_STREAM on its headers) holds no
         // stream worth a release task.
         let release_at = at.filter(|_| *this.release_unread && !response.body().is_end_stream());
+        let mut response = response;
+        if let Some(at) = release_at {
+            response.extensions_mut().insert(ReleasedAt(at));
+        }
         Poll::Ready(Ok(response.map(|inner| {
             let body = DeadlineBody {
                 inner,

@@ -25,7 +25,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use super::metrics::{CallSeries, Direction, Metrics, RouteLabels};
 use crate::{
     BoxError,
-    body::{ObservedBody, header_status},
+    body::{ObservedBody, ReleasedAt, header_status},
     methods::RpcPath,
     route::Routed,
     tls::io::PeerInfo,
@@ -398,6 +398,10 @@ struct CallRecord {
     start: Instant,
     side: Side,
     done: bool,
+    /// When the mesh releases the response's body unread (a call marked
+    /// `deadline::ReleaseUnread`): dropped after then, the call ended at
+    /// its deadline, not by the caller's choice.
+    released_at: Option<Instant>,
 }
 
 impl CallRecord {
@@ -437,7 +441,11 @@ impl CallRecord {
 
 impl Drop for CallRecord {
     fn drop(&mut self) {
-        self.record(Code::Cancelled);
+        let code = match self.released_at {
+            Some(at) if Instant::now() >= at => Code::DeadlineExceeded,
+            _ => Code::Cancelled,
+        };
+        self.record(code);
     }
 }
 
@@ -461,6 +469,7 @@ impl<F> TelemetryFuture<F> {
                 start: Instant::now(),
                 side,
                 done: false,
+                released_at: None,
             }),
         }
     }
@@ -479,14 +488,18 @@ where
             Poll::Pending => return Poll::Pending,
             Poll::Ready(result) => result,
         };
-        let record = this.record.take().expect("polled after completion");
+        let mut record = this.record.take().expect("polled after completion");
         Poll::Ready(match result {
             Ok(response) => match header_status(&response) {
                 Some(code) => {
                     record.finish(code);
                     Ok(response)
                 }
-                None => Ok(response.map(|body| {
+                None => Ok({
+                    record.released_at = response.extensions().get::<ReleasedAt>().map(|r| r.0);
+                    response
+                }
+                .map(|body| {
                     Body::new(ObservedBody::new(body, move |code| {
                         record.finish(code.unwrap_or(Code::Unknown))
                     }))

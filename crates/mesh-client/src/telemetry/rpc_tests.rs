@@ -617,3 +617,48 @@ async fn one_copy_of_the_stack_calling_several_methods_counts_each_under_its_own
         Some(1.0)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_body_released_at_its_deadline_and_dropped_unread_counts_as_deadline_exceeded() {
+    use futures::StreamExt;
+    let metrics = Metrics::new();
+    let (mock, mut handle) = mock::pair();
+    let layer = ClientTelemetryLayer::new("inv".into(), "static:///inv".into(), metrics.clone());
+    let svc = layer.layer(crate::body::BodyDeadlineLayer.layer(mock));
+    // A stream that sends one message and then nothing, ever.
+    let endless = || {
+        let frames = futures::stream::iter([Ok::<_, Infallible>(http_body::Frame::data(
+            Bytes::from_static(b"\0\0\0\0\0"),
+        ))])
+        .chain(futures::stream::pending());
+        http::Response::new(Body::new(http_body_util::StreamBody::new(frames)))
+    };
+    let released = |timeout: &'static str| {
+        let mut req = request(GET);
+        req.headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static(timeout));
+        req.extensions_mut().insert(crate::deadline::ReleaseUnread);
+        req
+    };
+
+    // Dropped unread once its deadline released it: the deadline ended it.
+    let call = tokio::spawn(svc.clone().oneshot(released("1S")));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(endless());
+    let mut body = call.await.unwrap().unwrap().into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(body);
+    assert_eq!(get_responses(&metrics, "DEADLINE_EXCEEDED"), Some(1.0));
+    assert_eq!(get_responses(&metrics, "CANCELLED"), None);
+
+    // Dropped before its deadline: the caller gave up.
+    let call = tokio::spawn(svc.clone().oneshot(released("10S")));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(endless());
+    let body = call.await.unwrap().unwrap().into_body();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(body);
+    assert_eq!(get_responses(&metrics, "CANCELLED"), Some(1.0));
+    assert_eq!(get_responses(&metrics, "DEADLINE_EXCEEDED"), Some(1.0));
+}
