@@ -640,8 +640,16 @@ pub fn is_check_violation(err: &sqlx::Error) -> bool {
 /// logged and answered `INTERNAL` without leaking details.
 pub fn status(err: sqlx::Error) -> Status {
     match err {
+        // No connection came free within the pool's wait: on SQLite a
+        // queue behind the one connection, on PostgreSQL a full pool or
+        // an unreachable server; either way, later may serve.
+        sqlx::Error::PoolTimedOut => {
+            tracing::warn!("database connection wait timed out: {err}");
+            Status::unavailable(
+                "the service's database is busy or unreachable (no connection came free in time); retry later",
+            )
+        }
         sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::Tls(_)
         | sqlx::Error::WorkerCrashed => {
@@ -1007,5 +1015,20 @@ mod tests {
                 .to_string()
                 .contains("must start with")
         );
+    }
+
+    #[test]
+    fn a_connection_wait_that_times_out_says_busy_or_unreachable_and_is_retryable() {
+        let busy = status(sqlx::Error::PoolTimedOut);
+        assert_eq!(busy.code(), tonic::Code::Unavailable);
+        assert!(
+            busy.message().contains("busy or unreachable"),
+            "{}",
+            busy.message()
+        );
+        // Other unexpected errors leak nothing.
+        let other = status(sqlx::Error::RowNotFound);
+        assert_eq!(other.code(), tonic::Code::Internal);
+        assert_eq!(other.message(), "internal error");
     }
 }
