@@ -216,6 +216,23 @@ fn is_connect_error(err: &(dyn std::error::Error + 'static)) -> bool {
     crate::caused_by::<tonic::ConnectError>(err).is_some()
 }
 
+/// Feeds a call's outcome (`None`: its response broke) into the
+/// endpoint's failure accounting.
+fn account(
+    set: &EndpointSet,
+    endpoint: &crate::endpoint::Endpoint,
+    config: &crate::config::MeshConfig,
+    code: Option<Code>,
+) {
+    match code {
+        // A RESOURCE_EXHAUSTED not marked as the mesh's shedding is a
+        // service refusing a caller (a rate limit, a cap): a caller could
+        // provoke those at will, so it says nothing of the endpoint's load.
+        Some(code) if !is_endpoint_failure(code) => endpoint.record_success(),
+        _ => set.record_failure(endpoint, &config.outlier_detection),
+    }
+}
+
 /// Balances each request over the endpoints of a live set.
 ///
 /// # Contract
@@ -265,6 +282,18 @@ pub(crate) struct Balance<S> {
     inner: S,
     set: Arc<EndpointSet>,
     config: ConfigHandle,
+}
+
+impl<S> Balance<S> {
+    /// The endpoints it balances over.
+    pub(crate) fn set(&self) -> &Arc<EndpointSet> {
+        &self.set
+    }
+
+    /// The live policy it balances by.
+    pub(crate) fn config(&self) -> &ConfigHandle {
+        &self.config
+    }
 }
 
 impl<S> Service<http::Request<Body>> for Balance<S>
@@ -418,17 +447,6 @@ where
             if header_status(&response) != Some(Code::ResourceExhausted) {
                 endpoint.observe_rtt(now - started, now);
             }
-            let account = {
-                let (set, endpoint, config) = (set.clone(), endpoint.clone(), config.clone());
-                move |code: Option<Code>| match code {
-                    // A RESOURCE_EXHAUSTED not marked as the mesh's shedding
-                    // is a service refusing a caller (a rate limit, a cap):
-                    // a caller could provoke those at will, so it says
-                    // nothing of the endpoint's load.
-                    Some(code) if !is_endpoint_failure(code) => endpoint.record_success(),
-                    _ => set.record_failure(&endpoint, &config.outlier_detection),
-                }
-            };
             if let Some(code) = header_status(&response) {
                 // An abort a server's fault rule made up says nothing of
                 // the endpoint's health (a test of the callers, not of it),
@@ -441,7 +459,7 @@ where
                     // Overloaded, not broken: penalised, never ejected.
                     endpoint.record_shed(Instant::now());
                 } else if !excused && !callers_fault {
-                    account(Some(code));
+                    account(&set, &endpoint, &config, Some(code));
                 }
                 let mut response = response;
                 if code != Code::Ok {
@@ -452,7 +470,13 @@ where
                 }
                 return Ok(response);
             }
-            Ok(response.map(|body| Body::new(ObservedBody::new(body, account))))
+            // The call's own references move to the body's report: no
+            // clones, each a count written from both cores.
+            Ok(response.map(move |body| {
+                Body::new(ObservedBody::new(body, move |code| {
+                    account(&set, &endpoint, &config, code)
+                }))
+            }))
         })
     }
 }

@@ -134,7 +134,7 @@ impl<S> Layer<S> for FaultLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Fault {
             inner,
-            layer: self.clone(),
+            layer: Arc::new(self.clone()),
         }
     }
 }
@@ -143,7 +143,9 @@ impl<S> Layer<S> for FaultLayer {
 #[derive(Clone, Debug)]
 pub struct Fault<S> {
     inner: S,
-    layer: FaultLayer,
+    // One count to clone, not three: a retry layer above clones the stack
+    // below it for every call.
+    layer: Arc<FaultLayer>,
 }
 
 impl<S> Service<http::Request<Body>> for Fault<S>

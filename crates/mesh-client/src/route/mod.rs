@@ -554,21 +554,21 @@ impl<S: Clone> Layer<S> for DispatchLayer {
         Dispatch {
             balance: BalanceLayer::new(self.primary.clone(), self.config.clone())
                 .layer(inner.clone()),
-            primary: self.primary.clone(),
             inner,
-            config: self.config.clone(),
         }
     }
 }
 
 /// The service made by [`DispatchLayer`].
+///
+/// The target's own set and the config are the balancer's: every call
+/// clones the stack below the retry layer, and each `Arc` held twice was
+/// one more count written from both cores per call.
 #[derive(Clone)]
 pub(crate) struct Dispatch<S> {
     /// The balancer over the target's own endpoints.
     balance: Balance<S>,
-    primary: Arc<EndpointSet>,
     inner: S,
-    config: ConfigHandle,
 }
 
 impl<S> Service<http::Request<Body>> for Dispatch<S>
@@ -588,9 +588,10 @@ where
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         match req.extensions().get::<Routed>() {
-            Some(routed) if !Arc::ptr_eq(routed.set(), &self.primary) => {
-                let balance = BalanceLayer::new(routed.set().clone(), self.config.clone())
-                    .layer(self.inner.clone());
+            Some(routed) if !Arc::ptr_eq(routed.set(), self.balance.set()) => {
+                let balance =
+                    BalanceLayer::new(routed.set().clone(), self.balance.config().clone())
+                        .layer(self.inner.clone());
                 Box::pin(balance.oneshot(req))
             }
             _ => self.balance.call(req),
