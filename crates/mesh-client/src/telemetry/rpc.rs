@@ -384,7 +384,7 @@ fn record_trace_id(span: &Span, cx: &opentelemetry::Context) {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {
     Client,
     Server,
@@ -496,7 +496,11 @@ where
                     Ok(response)
                 }
                 None => Ok({
-                    record.released_at = response.extensions().get::<ReleasedAt>().map(|r| r.0);
+                    // Client side only: a proxy's server passes the
+                    // extension on, and its own caller's reset is its own.
+                    if record.side == Side::Client {
+                        record.released_at = response.extensions().get::<ReleasedAt>().map(|r| r.0);
+                    }
                     response
                 }
                 .map(|body| {
