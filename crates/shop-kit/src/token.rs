@@ -137,6 +137,11 @@ pub const REFRESH_EVERY: Duration = Duration::from_secs(60);
 /// turn every call into a call to auth.
 const MIN_REFRESH_GAP: Duration = Duration::from_secs(1);
 
+/// What a call hears when auth's keys cannot be fetched.
+fn keys_unavailable() -> Status {
+    Status::unavailable("cannot fetch the keys to check the token; retry shortly")
+}
+
 /// Auth's public keys, cached in process, and how to renew them (cheap to clone).
 #[derive(Clone)]
 pub struct KeyCache {
@@ -191,17 +196,30 @@ impl KeyCache {
     /// ago, successful or not, and `force` is false) and returns the
     /// verifier in force afterwards. Callers queue on one fetch at a time,
     /// so auth sees at most one `GetPublicKeys` per second from calls.
+    ///
+    /// With no keys at all (the fetches so far failed: auth not up yet, a
+    /// dial that lost a race at start), a caller inside that second waits
+    /// for its end and fetches then, within its own deadline: failing it
+    /// at once failed every call of that second while auth was answering.
     pub async fn refresh(&self, force: bool) -> Result<Arc<TokenVerifier>, Status> {
+        let arrived = Instant::now();
         let mut last = self.last_refresh.lock().await;
-        if !force && last.is_some_and(|at| at.elapsed() < MIN_REFRESH_GAP) {
-            return self
-                .verifier
-                .read()
-                .expect("key lock")
-                .clone()
-                .ok_or_else(|| {
-                    Status::unavailable("token keys from auth are not available yet; retry shortly")
-                });
+        if !force && let Some(at) = *last {
+            let current = self.verifier.read().expect("key lock").clone();
+            match current {
+                // Tried under a second ago (by a caller queued ahead, or
+                // for a forged kid): the keys in hand.
+                Some(verifier) if at.elapsed() < MIN_REFRESH_GAP => return Ok(verifier),
+                // A fetch made while this caller queued failed: its answer
+                // is this one's too (waiting for the next would chain every
+                // queued caller a second behind the one before).
+                None if at >= arrived => return Err(keys_unavailable()),
+                // No keys and tried under a second ago: wait out the gap.
+                None if at.elapsed() < MIN_REFRESH_GAP => {
+                    tokio::time::sleep_until(at + MIN_REFRESH_GAP).await;
+                }
+                _ => {}
+            }
         }
         // Counted from the attempt, so a failing auth is not asked again at once.
         *last = Some(Instant::now());
@@ -212,7 +230,7 @@ impl KeyCache {
             .await
             .map_err(|e| {
                 tracing::warn!("cannot fetch token keys from auth: {e}");
-                Status::unavailable("cannot fetch the keys to check the token; retry shortly")
+                keys_unavailable()
             })?
             .into_inner()
             .keys;
@@ -305,5 +323,106 @@ impl UserTokens {
             ));
         }
         Ok(subject)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use shop_api::auth::v1::{
+        GetPublicKeysResponse, LoginRequest, LoginResponse, RegisterRequest, RegisterResponse,
+        VerifyTokenRequest, VerifyTokenResponse,
+        auth_service_server::{AuthService, AuthServiceServer},
+    };
+    use tonic::{Request, Response};
+
+    use super::*;
+
+    /// An auth whose first two `GetPublicKeys` fail (it is still starting)
+    /// and whose later ones answer (with no keys: enough for the cache).
+    struct StartingAuth {
+        fetches: Arc<AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl AuthService for StartingAuth {
+        async fn register(
+            &self,
+            _: Request<RegisterRequest>,
+        ) -> Result<Response<RegisterResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn login(&self, _: Request<LoginRequest>) -> Result<Response<LoginResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn get_public_keys(
+            &self,
+            _: Request<GetPublicKeysRequest>,
+        ) -> Result<Response<GetPublicKeysResponse>, Status> {
+            match self.fetches.fetch_add(1, Ordering::SeqCst) {
+                0 | 1 => Err(Status::unavailable("starting")),
+                _ => Ok(Response::new(GetPublicKeysResponse { keys: Vec::new() })),
+            }
+        }
+
+        async fn verify_token(
+            &self,
+            _: Request<VerifyTokenRequest>,
+        ) -> Result<Response<VerifyTokenResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_caller_right_after_a_failed_fetch_waits_out_the_gap_once_and_queued_ones_share_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let auth = StartingAuth {
+            fetches: fetches.clone(),
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AuthServiceServer::new(auth))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let mesh = mesh_client::Mesh::new(mesh_client::MeshConfig::default());
+        let channel = mesh.channel(&format!("static:///{addr}")).unwrap();
+        let cache = KeyCache::new(AuthServiceClient::new(channel), "iss", "aud");
+        let fetched = || fetches.load(Ordering::SeqCst);
+
+        // The first fetch fails: the caller hears auth is unreachable.
+        let before_first = Instant::now();
+        let first = cache.refresh(false).await.unwrap_err();
+        assert_eq!(first.code(), tonic::Code::Unavailable);
+        assert_eq!(fetched(), 1);
+        // Two callers right after, with no keys in hand: the first to get
+        // in waits out the second and fetches again (auth still fails);
+        // the one queued behind it shares that answer, no third fetch.
+        let (a, b) = tokio::join!(cache.refresh(false), cache.refresh(false));
+        assert_eq!(a.unwrap_err().code(), tonic::Code::Unavailable);
+        assert_eq!(b.unwrap_err().code(), tonic::Code::Unavailable);
+        assert_eq!(
+            fetched(),
+            2,
+            "queued callers share the fetch they waited for"
+        );
+        assert!(
+            before_first.elapsed() >= MIN_REFRESH_GAP,
+            "auth was asked again only after the gap"
+        );
+        // The next caller waits out the gap too, and now gets the keys
+        // instead of a refusal.
+        cache
+            .refresh(false)
+            .await
+            .expect("the keys on the third try");
+        assert_eq!(fetched(), 3);
+        // With keys in hand, a caller inside the gap asks auth nothing.
+        cache.refresh(false).await.unwrap();
+        assert_eq!(fetched(), 3, "at most one fetch a second");
     }
 }
