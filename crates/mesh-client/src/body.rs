@@ -20,14 +20,24 @@ pin_project! {
         #[pin]
         inner: B,
         report: Option<F>,
+        // Reported for a stream that ends without trailers.
+        missing: Code,
     }
 }
 
 impl<B, F: FnOnce(Option<Code>)> ObservedBody<B, F> {
+    /// Reports `Code::Internal` for a stream that ends without trailers
+    /// (a broken stream).
     pub(crate) fn new(inner: B, report: F) -> Self {
+        Self::ending_without_trailers_as(inner, Code::Internal, report)
+    }
+
+    /// Reports `missing` for a stream that ends without trailers.
+    pub(crate) fn ending_without_trailers_as(inner: B, missing: Code, report: F) -> Self {
         Self {
             inner,
             report: Some(report),
+            missing,
         }
     }
 }
@@ -71,7 +81,7 @@ where
             Poll::Ready(None) => {
                 if let Some(report) = this.report.take() {
                     // A gRPC response always ends in trailers; none is a broken stream.
-                    report(Some(Code::Internal));
+                    report(Some(*this.missing));
                 }
             }
             Poll::Pending => {}
@@ -131,6 +141,24 @@ pub(crate) fn trailers_only(code: Code) -> http::Response<tonic::body::Body> {
 /// The status in a response's headers (a trailers-only response).
 pub(crate) fn header_status(response: &http::Response<tonic::body::Body>) -> Option<Code> {
     grpc_status(response.headers())
+}
+
+/// The code a tonic client reports for a response that ended with no
+/// `grpc-status` at all (a proxy's or a plain HTTP server's answer), by
+/// its HTTP status: gRPC's mapping (`doc/http-grpc-status-mapping.md`),
+/// written out because tonic keeps its own (`infer_grpc_status`) private.
+pub(crate) fn code_without_status(status: http::StatusCode) -> Code {
+    match status {
+        http::StatusCode::BAD_REQUEST => Code::Internal,
+        http::StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+        http::StatusCode::FORBIDDEN => Code::PermissionDenied,
+        http::StatusCode::NOT_FOUND => Code::Unimplemented,
+        http::StatusCode::TOO_MANY_REQUESTS
+        | http::StatusCode::BAD_GATEWAY
+        | http::StatusCode::SERVICE_UNAVAILABLE
+        | http::StatusCode::GATEWAY_TIMEOUT => Code::Unavailable,
+        _ => Code::Unknown,
+    }
 }
 
 /// Tells a call's request body that the caller gave up on the response.

@@ -25,7 +25,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use super::metrics::{CallSeries, Direction, Metrics, RouteLabels};
 use crate::{
     BoxError,
-    body::{ObservedBody, ReleasedAt, header_status},
+    body::{ObservedBody, ReleasedAt, code_without_status, header_status},
     methods::RpcPath,
     route::Routed,
     tls::io::PeerInfo,
@@ -495,19 +495,37 @@ where
                     record.finish(code);
                     Ok(response)
                 }
-                None => Ok({
+                // Ended with its headers and no status (not a gRPC
+                // server's answer): what the caller's tonic will report.
+                // Wrapped, the body would be dropped as empty unread and
+                // the call counted CANCELLED.
+                None if record.side == Side::Client
+                    && http_body::Body::is_end_stream(response.body()) =>
+                {
+                    record.finish(code_without_status(response.status()));
+                    Ok(response)
+                }
+                None => {
                     // Client side only: a proxy's server passes the
                     // extension on, and its own caller's reset is its own.
-                    if record.side == Side::Client {
-                        record.released_at = response.extensions().get::<ReleasedAt>().map(|r| r.0);
-                    }
-                    response
-                }
-                .map(|body| {
-                    Body::new(ObservedBody::new(body, move |code| {
-                        record.finish(code.unwrap_or(Code::Unknown))
+                    // A stream ending without trailers counts as what the
+                    // caller's tonic reports for it (by the HTTP status).
+                    let missing = match record.side {
+                        Side::Client => {
+                            record.released_at =
+                                response.extensions().get::<ReleasedAt>().map(|r| r.0);
+                            code_without_status(response.status())
+                        }
+                        Side::Server => Code::Internal,
+                    };
+                    Ok(response.map(|body| {
+                        Body::new(ObservedBody::ending_without_trailers_as(
+                            body,
+                            missing,
+                            move |code| record.finish(code.unwrap_or(Code::Unknown)),
+                        ))
                     }))
-                })),
+                }
             },
             Err(e) => {
                 let e = e.into();

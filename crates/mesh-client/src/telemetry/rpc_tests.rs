@@ -237,7 +237,8 @@ async fn client_failures_are_counted_by_the_code_the_caller_sees() {
     call.await.unwrap().unwrap_err();
     assert_eq!(get_responses(&metrics, "UNAVAILABLE"), Some(1.0));
 
-    // A body that ends without trailers is a broken stream.
+    // A body that ends without trailers is a broken stream: UNKNOWN, as
+    // tonic reports a 200 that never said its status.
     let call = tokio::spawn(svc.clone().oneshot(request(GET)));
     let (_, answer) = handle.next_request().await.unwrap();
     answer.send_response(http::Response::new(Body::new(http_body_util::Full::new(
@@ -250,9 +251,26 @@ async fn client_failures_are_counted_by_the_code_the_caller_sees() {
         .collect()
         .await
         .unwrap();
-    assert_eq!(get_responses(&metrics, "INTERNAL"), Some(1.0));
+    assert_eq!(get_responses(&metrics, "UNKNOWN"), Some(1.0));
 
-    assert_eq!(series(&metrics, "mesh_requests_total", &OUT_GET), Some(4.0));
+    // Not a gRPC server's answer (no status, ended with its headers): by
+    // its HTTP status, counted at once, not CANCELLED when dropped unread.
+    // (UNAVAILABLE: the broken connection above was the first.)
+    for (http, code, count) in [
+        (http::StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", 2.0),
+        (http::StatusCode::NOT_FOUND, "UNIMPLEMENTED", 1.0),
+    ] {
+        let call = tokio::spawn(svc.clone().oneshot(request(GET)));
+        let (_, answer) = handle.next_request().await.unwrap();
+        let mut response = http::Response::new(Body::empty());
+        *response.status_mut() = http;
+        answer.send_response(response);
+        drop(call.await.unwrap().unwrap());
+        assert_eq!(get_responses(&metrics, code), Some(count), "{http}");
+    }
+    assert_eq!(get_responses(&metrics, "CANCELLED"), None);
+
+    assert_eq!(series(&metrics, "mesh_requests_total", &OUT_GET), Some(6.0));
     assert_eq!(
         series(&metrics, "mesh_in_flight_requests", &OUT_GET),
         Some(0.0)
