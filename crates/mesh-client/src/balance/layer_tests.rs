@@ -774,3 +774,60 @@ async fn a_request_handed_back_with_no_time_left_is_not_resent() {
         "resent with no time left"
     );
 }
+
+/// An answer with no `grpc-status` that ended with its headers, as a
+/// proxy or a plain HTTP server sends it.
+fn bare(status: http::StatusCode) -> http::Response<Body> {
+    let mut response = http::Response::new(Body::empty());
+    *response.status_mut() = status;
+    response
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bare_5xx_counts_toward_ejection_and_a_bare_4xx_charges_nobody() {
+    let metrics = Metrics::new();
+    let set = set_of(2, &metrics).await;
+    let (svc, mut handle) = balanced(&set);
+    // Round robin alternates; port 1 answers `answer`, port 2 OK. Returns
+    // the ports the calls went to.
+    async fn run(
+        svc: &Balanced,
+        handle: &mut Handle,
+        answer: http::StatusCode,
+        calls: usize,
+    ) -> Vec<u16> {
+        let mut ports = Vec::new();
+        for _ in 0..calls {
+            let call = tokio::spawn(svc.clone().oneshot(request()));
+            let (req, reply) = handle.next_request().await.unwrap();
+            let port = req.extensions().get::<SendTo>().unwrap().0.addr.port();
+            reply.send_response(if port == 1 {
+                bare(answer)
+            } else {
+                trailers_only(Code::Ok)
+            });
+            call.await.unwrap().unwrap();
+            ports.push(port);
+        }
+        ports
+    }
+
+    // 431 (oversized headers, the caller's doing) ten times: never ejected.
+    let ports = run(
+        &svc,
+        &mut handle,
+        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        10,
+    )
+    .await;
+    assert_eq!(ports.iter().filter(|p| **p == 1).count(), 5, "{ports:?}");
+    let endpoints = set.snapshot();
+    let one = endpoints.iter().find(|e| e.addr == addr(1)).unwrap();
+    assert!(!one.is_ejected(Instant::now()), "a 4xx charges nobody");
+
+    // 503 twice in a row (the policy's consecutiveFailures): ejected.
+    let ports = run(&svc, &mut handle, http::StatusCode::SERVICE_UNAVAILABLE, 4).await;
+    assert_eq!(ports.iter().filter(|p| **p == 1).count(), 2, "{ports:?}");
+    let ports = run(&svc, &mut handle, http::StatusCode::SERVICE_UNAVAILABLE, 4).await;
+    assert_eq!(ports, vec![2; 4], "port 1 is ejected");
+}

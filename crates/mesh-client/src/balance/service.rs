@@ -442,9 +442,22 @@ where
                     });
                 }
             };
+            // Not a gRPC server's answer: no status, ended with its headers.
+            // A 5xx is the endpoint's failure (a proxy in front with nothing
+            // behind it, another server on the port), as Envoy's outlier
+            // detection counts it; a 4xx may be the caller's doing (h2
+            // answers 431 to oversized headers), so it charges nobody.
+            let unanswered = header_status(&response).is_none()
+                && http_body::Body::is_end_stream(response.body());
+            if unanswered && response.status().is_server_error() {
+                set.record_failure(&endpoint, &config.outlier_detection);
+                let mut response = response;
+                response.extensions_mut().insert(Served(endpoint.addr));
+                return Ok(response);
+            }
             // A refusal's latency is not a service time: a shedding server
             // answers fast, and would look like the fastest endpoint.
-            if header_status(&response) != Some(Code::ResourceExhausted) {
+            if header_status(&response) != Some(Code::ResourceExhausted) && !unanswered {
                 endpoint.observe_rtt(now - started, now);
             }
             if let Some(code) = header_status(&response) {
