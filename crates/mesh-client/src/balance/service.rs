@@ -447,8 +447,8 @@ where
             // behind it, another server on the port), as Envoy's outlier
             // detection counts it; a 4xx may be the caller's doing (h2
             // answers 431 to oversized headers), so it charges nobody.
-            let unanswered = header_status(&response).is_none()
-                && http_body::Body::is_end_stream(response.body());
+            let status = header_status(&response);
+            let unanswered = status.is_none() && http_body::Body::is_end_stream(response.body());
             if unanswered && response.status().is_server_error() {
                 set.record_failure(&endpoint, &config.outlier_detection);
                 let mut response = response;
@@ -457,10 +457,10 @@ where
             }
             // A refusal's latency is not a service time: a shedding server
             // answers fast, and would look like the fastest endpoint.
-            if header_status(&response) != Some(Code::ResourceExhausted) && !unanswered {
+            if status != Some(Code::ResourceExhausted) && !unanswered {
                 endpoint.observe_rtt(now - started, now);
             }
-            if let Some(code) = header_status(&response) {
+            if let Some(code) = status {
                 // An abort a server's fault rule made up says nothing of
                 // the endpoint's health (a test of the callers, not of it),
                 // if the operator trusts this target's servers to say so.
