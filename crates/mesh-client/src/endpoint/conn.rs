@@ -223,8 +223,10 @@ struct Inner {
     /// Dials started so far; each dial's number tells the calls that
     /// shared its failure apart from those of the next one.
     dials: std::sync::atomic::AtomicU64,
-    /// Calls handed to this connection and not yet answered or dropped.
-    pending: std::sync::atomic::AtomicUsize,
+    /// Calls handed to this connection and not yet answered or dropped;
+    /// shared with the socket, which coalesces its writes while it is more
+    /// than one (see [`Severable`]).
+    pending: Arc<std::sync::atomic::AtomicUsize>,
     connect_timeout: Duration,
     authority: Authority,
     /// When the live connection stops taking new calls (ms since the Unix
@@ -373,13 +375,21 @@ impl ClientConn {
         let builder = http2_builder(settings);
         let retire_at_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let retire = retire_at_ms.clone();
+        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let busy = pending.clone();
         let dial: Dial = Box::new(move |link| {
             let io = connect();
             let builder = builder.clone();
             let retire = retire.clone();
+            let busy = busy.clone();
             Box::pin(async move {
                 let (io, expires) = io.await?;
-                let io = Severable { io, link };
+                let io = Severable {
+                    io,
+                    link,
+                    busy,
+                    armed: true,
+                };
                 let (send, conn) = builder.handshake::<_, Body>(io).await?;
                 // Written before the dial's outcome becomes the state
                 // (under the state's lock), so a call that finds this
@@ -407,7 +417,7 @@ impl ClientConn {
                 state: Mutex::new(State::Idle),
                 dial,
                 dials: std::sync::atomic::AtomicU64::new(0),
-                pending: std::sync::atomic::AtomicUsize::new(0),
+                pending,
                 connect_timeout: settings.connect_timeout,
                 authority,
                 retire_at_ms,
@@ -946,9 +956,24 @@ impl std::error::Error for Stalled {}
 /// A connection's socket behind its [`Link`]'s switch: once severed,
 /// every read and write fails, which ends hyper's connection at once
 /// (its streams fail, its queue is dropped, the socket is closed).
+///
+/// It also coalesces writes while more than one call waits on the
+/// connection: the first write after a flush is put off by one turn of
+/// the scheduler (the connection task wakes itself and yields), so the
+/// callers already woken queue their requests first and one `writev`
+/// carries them all. On loopback a `writev` costs about 7 µs (it runs
+/// the receiver's network stack too), and without this the connection
+/// task wrote about 0.8 times per call at 32 in flight; Netty's
+/// `FlushConsolidationHandler` does the same. A lone call is never
+/// delayed, and a write is put off at most once per flush, so a large
+/// body costs one extra turn per buffer written.
 struct Severable<T> {
     io: T,
     link: Arc<Link>,
+    /// The connection's calls waiting for their answers ([`Inner::pending`]).
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+    /// Whether the next write may be put off (set by each flush).
+    armed: bool,
 }
 
 impl<T> Severable<T> {
@@ -957,6 +982,17 @@ impl<T> Severable<T> {
             return Err(io::Error::new(io::ErrorKind::ConnectionAborted, Stalled));
         }
         Ok(())
+    }
+
+    /// Whether to put this write off by one turn (see [`Severable`]).
+    fn defer(&mut self, cx: &mut Context<'_>) -> bool {
+        if !std::mem::take(&mut self.armed)
+            || self.busy.load(std::sync::atomic::Ordering::Relaxed) < 2
+        {
+            return false;
+        }
+        cx.waker().wake_by_ref();
+        true
     }
 }
 
@@ -980,12 +1016,17 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Severable<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.check()?;
+        if self.defer(cx) {
+            return Poll::Pending;
+        }
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.check()?;
-        Pin::new(&mut self.io).poll_flush(cx)
+        let flushed = ready!(Pin::new(&mut self.io).poll_flush(cx));
+        self.armed = true;
+        Poll::Ready(flushed)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -1002,6 +1043,9 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Severable<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.check()?;
+        if self.defer(cx) {
+            return Poll::Pending;
+        }
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
@@ -2208,5 +2252,65 @@ mod tests {
         assert!(!never_processed(&*cancelled));
         let io: BoxError = Box::new(io::Error::from(io::ErrorKind::ConnectionReset));
         assert!(!never_processed(&*io));
+    }
+
+    /// Counts the wakes of the task that polls with it.
+    struct CountWakes(AtomicUsize);
+
+    impl futures::task::ArcWake for CountWakes {
+        fn wake_by_ref(this: &Arc<Self>) {
+            this.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_wait_one_turn_while_calls_wait_and_never_for_a_lone_call() {
+        use hyper::rt::Write as _;
+        let (near, mut far) = tokio::io::duplex(1 << 16);
+        let busy = Arc::new(AtomicUsize::new(1));
+        let mut io = Severable {
+            io: TokioIo::new(near),
+            link: Arc::new(Link::new(1)),
+            busy: busy.clone(),
+            armed: true,
+        };
+        let wakes = Arc::new(CountWakes(AtomicUsize::new(0)));
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        type Io = Severable<TokioIo<DuplexStream>>;
+        fn write(io: &mut Io, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<usize> {
+            Pin::new(io)
+                .poll_write(cx, bytes)
+                .map(|r| r.expect("duplex write"))
+        }
+        fn flushed(io: &mut Io, cx: &mut Context<'_>) -> bool {
+            Pin::new(io).poll_flush(cx).is_ready()
+        }
+
+        // One call waiting: its request goes out at once.
+        assert_eq!(write(&mut io, &mut cx, b"a"), Poll::Ready(1));
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+
+        // Several waiting: the first write after a flush waits one turn
+        // (the task wakes itself), then goes, and so do the rest of the
+        // writes before the next flush (a large body waits once per flush).
+        busy.store(2, Ordering::Relaxed);
+        assert!(flushed(&mut io, &mut cx));
+        assert_eq!(write(&mut io, &mut cx, b"b"), Poll::Pending);
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1, "it woke itself");
+        assert_eq!(write(&mut io, &mut cx, b"b"), Poll::Ready(1));
+        assert_eq!(write(&mut io, &mut cx, b"c"), Poll::Ready(1));
+        assert_eq!(write(&mut io, &mut cx, b"d"), Poll::Ready(1));
+        assert!(flushed(&mut io, &mut cx));
+        assert_eq!(write(&mut io, &mut cx, b"e"), Poll::Pending);
+        assert_eq!(write(&mut io, &mut cx, b"e"), Poll::Ready(1));
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
+
+        // Every byte arrived once, in order.
+        let mut got = [0u8; 5];
+        tokio::io::AsyncReadExt::read_exact(&mut far, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got, b"abcde");
     }
 }
