@@ -242,13 +242,15 @@ where
                 }
             }
         };
-        let span = tracing::info_span!(
-            target: "mesh_client::rpc",
-            "grpc.client",
-            otel.name = series.span_name(),
-            otel.kind = "client",
-            trace_id = Empty,
-        );
+        let span = call_span(|| {
+            tracing::info_span!(
+                target: "mesh_client::rpc",
+                "grpc.client",
+                otel.name = series.span_name(),
+                otel.kind = "client",
+                trace_id = Empty,
+            )
+        });
         if !span.is_disabled() {
             set_rpc_attributes(&span, &series);
             span.set_attribute("server.address", self.layer.target.to_string());
@@ -340,13 +342,15 @@ where
             ""
         };
         let series = self.layer.cache.get(caller.unwrap_or("unknown"), path);
-        let span = tracing::info_span!(
-            target: "mesh_client::rpc",
-            "grpc.server",
-            otel.name = series.span_name(),
-            otel.kind = "server",
-            trace_id = Empty,
-        );
+        let span = call_span(|| {
+            tracing::info_span!(
+                target: "mesh_client::rpc",
+                "grpc.server",
+                otel.name = series.span_name(),
+                otel.kind = "server",
+                trace_id = Empty,
+            )
+        });
         if !span.is_disabled() {
             if self.layer.trust_trace_context {
                 let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
@@ -361,6 +365,21 @@ where
         }
         let fut = span.in_scope(|| self.inner.call(req));
         TelemetryFuture::new(fut, series, span, Side::Server)
+    }
+}
+
+/// A call's span, made only once some subscriber exists. With no
+/// subscriber ever set, a span can only reach the `log` crate, and with
+/// `tracing`'s `log` feature on (sqlx turns it on for the whole build) a
+/// disabled span then still formats its fields on creation and on every
+/// enter and exit: about 1 µs a call (perf, in `meshbench`, which sets no
+/// subscriber) for a record nobody keeps.
+fn call_span(make: impl FnOnce() -> Span) -> Span {
+    // tracing's own macros elide their `log` path with this check.
+    if tracing::dispatcher::has_been_set() {
+        make()
+    } else {
+        Span::none()
     }
 }
 
