@@ -69,7 +69,7 @@ use hyper::client::conn::{
     TrySendError,
     http2::{Builder, SendRequest},
 };
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use tonic::body::Body;
 
 use crate::{BoxError, config::EndpointConfig};
@@ -315,10 +315,32 @@ impl std::fmt::Debug for ClientConn {
     }
 }
 
+/// Runs hyper's client futures on tokio, each in a box of its own.
+///
+/// hyper spawns two futures per call (the wait for the response, and the
+/// request body's pipe to h2), both variants of one enum whose largest
+/// variant is the whole connection: spawned as they are, each call copied
+/// that size into two task cells and back out (perf: `memmove` under
+/// tokio's `Cell::new` and `set_stage`, about 0.7 µs a call). Boxed, the
+/// copy is of the future itself once and the task holds a pointer, as
+/// under tonic's own executor.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct BoxingExecutor;
+
+impl<F> hyper::rt::Executor<F> for BoxingExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        drop(tokio::spawn(Box::pin(fut)));
+    }
+}
+
 /// The HTTP/2 settings of every client connection: the keepalive of
 /// `settings` and the explicit limits above.
-pub(crate) fn http2_builder(settings: &EndpointConfig) -> Builder<TokioExecutor> {
-    let mut builder = Builder::new(TokioExecutor::new());
+pub(crate) fn http2_builder(settings: &EndpointConfig) -> Builder<BoxingExecutor> {
+    let mut builder = Builder::new(BoxingExecutor);
     builder
         .timer(TokioTimer::new())
         .keep_alive_interval(settings.keepalive_interval)
@@ -1468,8 +1490,9 @@ mod tests {
                         Ok::<_, std::convert::Infallible>(response.unwrap())
                     }
                 });
-                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(server), service);
+                let conn =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(server), service);
                 let mut conn = std::pin::pin!(conn);
                 match drain {
                     None => {
