@@ -316,10 +316,14 @@ fn summary(results: &[report::Scenario], previous: Option<&report::Previous>) ->
             } else {
                 format!(" (goal {} {})", g.goal, g.unit)
             };
+            let value = if g.value.is_nan() {
+                "not measured".to_owned()
+            } else {
+                format!("{:.3}", g.value)
+            };
             md += &format!(
-                "- {}: **{:.3} {}**{goal}{verdict}{}\n",
+                "- {}: **{value} {}**{goal}{verdict}{}\n",
                 g.what,
-                g.value,
                 g.unit,
                 report::previous_goal_text(s, g, previous)
             );

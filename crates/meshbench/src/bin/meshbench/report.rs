@@ -89,7 +89,7 @@ impl Goal {
             value,
             unit: unit.into(),
             goal: format!("≥ {goal}"),
-            met: Some(value >= goal),
+            met: (!value.is_nan()).then_some(value >= goal),
         }
     }
 
@@ -100,7 +100,7 @@ impl Goal {
             value,
             unit: unit.into(),
             goal: format!("≤ {goal}"),
-            met: Some(value <= goal),
+            met: (!value.is_nan()).then_some(value <= goal),
         }
     }
 
@@ -154,9 +154,10 @@ pub struct Timeline {
 pub use meshbench::plot::Series;
 use meshbench::plot::{LineChart, PALETTE, SeriesLabelPosition};
 
-/// `a / b` for ratios of measurements, safe against an empty denominator.
+/// `a / b` for ratios of measurements; NaN ("not measured") when `b`
+/// measured nothing (its contender did not run, as under `--only`).
 pub fn ratio(a: f64, b: f64) -> f64 {
-    a / b.max(1e-9)
+    if b > 0.0 { a / b } else { f64::NAN }
 }
 
 /// The numbers of an earlier run (its `results.json`), printed beside this
@@ -413,7 +414,9 @@ pub fn print(s: &Scenario, previous: Option<&Previous>) {
 }
 
 fn trim(v: f64) -> String {
-    if v.abs() >= 100.0 {
+    if v.is_nan() {
+        "not measured".into()
+    } else if v.abs() >= 100.0 {
         format!("{v:.0}")
     } else {
         format!("{v:.3}")
@@ -644,4 +647,20 @@ fn percentile_chart<DB: DrawingBackend>(
         .draw()
         .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ratio_over_a_contender_that_did_not_run_is_not_measured_and_neither_met_nor_missed() {
+        assert_eq!(ratio(3.0, 2.0), 1.5);
+        let missing = ratio(20_733.0, 0.0);
+        assert!(missing.is_nan());
+        assert_eq!(Goal::at_least("x", missing, "×", 0.97).met, None);
+        assert_eq!(Goal::at_most("x", missing, "×", 1.05).met, None);
+        assert_eq!(Goal::at_least("x", 0.5, "×", 0.97).met, Some(false));
+        assert_eq!(trim(missing), "not measured");
+    }
 }
