@@ -410,7 +410,9 @@ impl ClientConn {
                     io,
                     link,
                     busy,
-                    armed: true,
+                    // The preface is written before any read: not put off.
+                    armed: false,
+                    deferred: false,
                 };
                 let (send, conn) = builder.handshake::<_, Body>(io).await?;
                 // Written before the dial's outcome becomes the state
@@ -979,23 +981,29 @@ impl std::error::Error for Stalled {}
 /// every read and write fails, which ends hyper's connection at once
 /// (its streams fail, its queue is dropped, the socket is closed).
 ///
-/// It also coalesces writes while more than one call waits on the
-/// connection: the first write after a flush is put off by one turn of
-/// the scheduler (the connection task wakes itself and yields), so the
-/// callers already woken queue their requests first and one `writev`
-/// carries them all. On loopback a `writev` costs about 7 µs (it runs
-/// the receiver's network stack too), and without this the connection
-/// task wrote about 0.8 times per call at 32 in flight; Netty's
-/// `FlushConsolidationHandler` does the same. A lone call is never
-/// delayed, and a write is put off at most once per flush, so a large
-/// body costs one extra turn per buffer written.
+/// It also coalesces writes while calls crowd the connection: the first
+/// write of each wake-up of the connection task is put off by one turn of
+/// the scheduler (the task wakes itself and yields), so the callers
+/// already woken queue their requests first and one `writev` carries them
+/// all. On loopback a `writev` costs about 7 µs (it runs the receiver's
+/// network stack too), and without this the connection task wrote about
+/// 0.8 times per call at 32 in flight; Netty's `FlushConsolidationHandler`
+/// does the same. A wake-up is the task's read running dry (h2 reads
+/// until the socket has nothing, then writes): the one after a deferral
+/// does not count, so a write is put off at most once per outside wake-up
+/// however many frames follow (h2 flushes after every DATA frame of 256
+/// bytes or more), and never while at most one call waits on the
+/// connection.
 struct Severable<T> {
     io: T,
     link: Arc<Link>,
     /// The connection's calls waiting for their answers ([`Inner::pending`]).
     busy: Arc<std::sync::atomic::AtomicUsize>,
-    /// Whether the next write may be put off (set by each flush).
+    /// Whether the next write may be put off (set when a read runs dry).
     armed: bool,
+    /// Set by a deferral: the next dry read is the task's own re-poll, and
+    /// does not arm again.
+    deferred: bool,
 }
 
 impl<T> Severable<T> {
@@ -1013,8 +1021,15 @@ impl<T> Severable<T> {
         {
             return false;
         }
+        self.deferred = true;
         cx.waker().wake_by_ref();
         true
+    }
+
+    /// A read that found nothing: the task's writes follow, once per
+    /// wake-up (see [`Severable`]).
+    fn ran_dry(&mut self) {
+        self.armed = !std::mem::take(&mut self.deferred);
     }
 }
 
@@ -1027,7 +1042,11 @@ impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Severable<T> {
         // Registered before the check, so a sever in between still wakes.
         self.link.reader.register(cx.waker());
         self.check()?;
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if read.is_pending() {
+            self.ran_dry();
+        }
+        read
     }
 }
 
@@ -1046,9 +1065,7 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Severable<T> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.check()?;
-        let flushed = ready!(Pin::new(&mut self.io).poll_flush(cx));
-        self.armed = true;
-        Poll::Ready(flushed)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -2287,15 +2304,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn writes_wait_one_turn_while_calls_wait_and_never_for_a_lone_call() {
-        use hyper::rt::Write as _;
+    async fn a_crowded_connection_puts_off_its_first_write_once_per_wake_up() {
+        use hyper::rt::{Read as _, Write as _};
         let (near, mut far) = tokio::io::duplex(1 << 16);
-        let busy = Arc::new(AtomicUsize::new(1));
+        let busy = Arc::new(AtomicUsize::new(2));
         let mut io = Severable {
             io: TokioIo::new(near),
             link: Arc::new(Link::new(1)),
             busy: busy.clone(),
-            armed: true,
+            armed: false,
+            deferred: false,
         };
         let wakes = Arc::new(CountWakes(AtomicUsize::new(0)));
         let waker = futures::task::waker(wakes.clone());
@@ -2306,34 +2324,45 @@ mod tests {
                 .poll_write(cx, bytes)
                 .map(|r| r.expect("duplex write"))
         }
-        fn flushed(io: &mut Io, cx: &mut Context<'_>) -> bool {
-            Pin::new(io).poll_flush(cx).is_ready()
+        // The connection task's read finding nothing (the peer sent nothing).
+        fn ran_dry(io: &mut Io, cx: &mut Context<'_>) {
+            let mut buf = [std::mem::MaybeUninit::uninit(); 16];
+            let mut buf = hyper::rt::ReadBuf::uninit(&mut buf);
+            assert!(Pin::new(io).poll_read(cx, buf.unfilled()).is_pending());
         }
+        let woken = || wakes.0.load(Ordering::Relaxed);
 
-        // One call waiting: its request goes out at once.
+        // The preface, written before anything is read: at once.
         assert_eq!(write(&mut io, &mut cx, b"a"), Poll::Ready(1));
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
-
-        // Several waiting: the first write after a flush waits one turn
-        // (the task wakes itself), then goes, and so do the rest of the
-        // writes before the next flush (a large body waits once per flush).
-        busy.store(2, Ordering::Relaxed);
-        assert!(flushed(&mut io, &mut cx));
-        assert_eq!(write(&mut io, &mut cx, b"b"), Poll::Pending);
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 1, "it woke itself");
+        // One call waiting: at once.
+        busy.store(1, Ordering::Relaxed);
+        ran_dry(&mut io, &mut cx);
         assert_eq!(write(&mut io, &mut cx, b"b"), Poll::Ready(1));
+        // Several waiting: the wake-up's first write waits one turn (the
+        // task wakes itself), then goes; so do the writes after it,
+        // flushes between them or not (h2 flushes after each large DATA
+        // frame).
+        busy.store(2, Ordering::Relaxed);
+        ran_dry(&mut io, &mut cx);
+        assert_eq!(write(&mut io, &mut cx, b"c"), Poll::Pending);
+        assert_eq!(woken(), 1, "it woke itself");
         assert_eq!(write(&mut io, &mut cx, b"c"), Poll::Ready(1));
+        assert!(Pin::new(&mut io).poll_flush(&mut cx).is_ready());
         assert_eq!(write(&mut io, &mut cx, b"d"), Poll::Ready(1));
-        assert!(flushed(&mut io, &mut cx));
-        assert_eq!(write(&mut io, &mut cx, b"e"), Poll::Pending);
+        // The task's own re-poll is no new wake-up: nothing waits again.
+        ran_dry(&mut io, &mut cx);
         assert_eq!(write(&mut io, &mut cx, b"e"), Poll::Ready(1));
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
+        // The next wake-up from outside waits once again.
+        ran_dry(&mut io, &mut cx);
+        assert_eq!(write(&mut io, &mut cx, b"f"), Poll::Pending);
+        assert_eq!(write(&mut io, &mut cx, b"f"), Poll::Ready(1));
+        assert_eq!(woken(), 2);
 
         // Every byte arrived once, in order.
-        let mut got = [0u8; 5];
+        let mut got = [0u8; 6];
         tokio::io::AsyncReadExt::read_exact(&mut far, &mut got)
             .await
             .unwrap();
-        assert_eq!(&got, b"abcde");
+        assert_eq!(&got, b"abcdef");
     }
 }
