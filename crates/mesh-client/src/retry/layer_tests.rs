@@ -74,6 +74,13 @@ fn ok() -> http::Response<Body> {
     http::Response::new(Body::empty())
 }
 
+/// An HTTP answer with no gRPC status at all (a proxy's error page).
+fn bare(status: u16) -> http::Response<Body> {
+    let mut response = http::Response::new(Body::empty());
+    *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    response
+}
+
 /// The value of the series `name` whose labels include `labels`, 0 if none.
 fn count(metrics: &Metrics, name: &str, labels: &str) -> u64 {
     metrics.sum_of(name, labels)
@@ -558,4 +565,36 @@ async fn each_attempt_tells_the_server_the_smaller_of_its_per_attempt_timeout_an
     );
     answer.send_response(ok());
     assert!(header_status(&call.await.unwrap().unwrap()).is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bare_http_error_is_retried_by_the_code_grpc_maps_it_to() {
+    let (svc, mut handle, metrics) = retry(r#"{"retryPolicy":{"maxAttempts":3}}"#);
+    // 503 is UNAVAILABLE: an idempotent call goes again, and its retry's
+    // answer is the call's.
+    let call = tokio::spawn(svc.clone().oneshot(request(GET)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(bare(503));
+    let (second, answer) = tokio::time::timeout(Duration::from_secs(60), handle.next_request())
+        .await
+        .expect("the 503 is retried")
+        .unwrap();
+    assert_eq!(second.headers()["grpc-previous-rpc-attempts"], "1");
+    answer.send_response(status(Code::Ok, &[]));
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(header_status(&response), Some(Code::Ok));
+    assert_eq!(count(&metrics, "mesh_retries_total", ""), 1);
+
+    // 404 is UNIMPLEMENTED, not retryable: the answer stands.
+    let call = tokio::spawn(svc.clone().oneshot(request(GET)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(bare(404));
+    assert_eq!(call.await.unwrap().unwrap().status(), 404);
+
+    // A call that may have arrived is not sent twice for a 503 either.
+    let call = tokio::spawn(svc.clone().oneshot(request(PUT)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(bare(503));
+    assert_eq!(call.await.unwrap().unwrap().status(), 503);
+    nothing_more(&mut handle).await;
 }

@@ -236,6 +236,12 @@ fn classify(result: &Attempt) -> Outcome {
                     pushback: pushback(response.headers()),
                     never_sent: false,
                 },
+                // No gRPC answer at all, an HTTP error (a proxy's 503 with
+                // nothing behind it): the code gRPC's HTTP mapping gives it,
+                // as the caller sees it, retried by that code like any other.
+                None if response.status() != http::StatusCode::OK => {
+                    failed(crate::body::code_without_status(response.status()), false)
+                }
                 _ => Outcome::Final,
             };
         }
