@@ -317,13 +317,14 @@ impl std::fmt::Debug for ClientConn {
 
 /// Runs hyper's client futures on tokio, each in a box of its own.
 ///
-/// hyper spawns two futures per call (the wait for the response, and the
-/// request body's pipe to h2), both variants of one enum whose largest
-/// variant is the whole connection: spawned as they are, each call copied
-/// that size into two task cells and back out (perf: `memmove` under
-/// tokio's `Cell::new` and `set_stage`, about 0.7 µs a call). Boxed, the
-/// copy is of the future itself once and the task holds a pointer, as
-/// under tonic's own executor.
+/// hyper spawns one or two futures per call (the wait for the response,
+/// and the request body's pipe to h2 when h2 cannot take the body at
+/// once) and one per connection (the connection itself), all variants of
+/// one enum as large as its largest, the connection: spawned as they
+/// are, each call copied that size into task cells and back out (perf:
+/// `memmove` under tokio's `Cell::new` and `set_stage`; 2.5 → 1.7 µs a
+/// call boxed). Boxed, the copy is of the future itself, once, and the
+/// task holds a pointer, as under tonic's own executor.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct BoxingExecutor;
 
