@@ -68,6 +68,11 @@ enum Command {
         /// Measure only the pick cost (seconds), print it and write nothing.
         #[arg(long)]
         pick_only: bool,
+        /// Measure only the client stack's cost per call without a network
+        /// (the mesh's layers against tonic's bare client), print it and
+        /// write nothing.
+        #[arg(long)]
+        stack_only: bool,
         /// Where bench.json and the SVG plot go.
         #[arg(long, default_value = "docs/scaling")]
         out: PathBuf,
@@ -103,7 +108,14 @@ fn main() -> ExitCode {
             memory_only,
             quick,
             pick_only,
-        } => run_bench(&out, memory_only, quick, pick_only),
+            stack_only,
+        } => {
+            if stack_only {
+                run_stack_bench(quick)
+            } else {
+                run_bench(&out, memory_only, quick, pick_only)
+            }
+        }
         Command::Client {
             target,
             config,
@@ -335,6 +347,34 @@ impl Picks {
             if p[at].2 <= 1.2 { "met" } else { "NOT met" }
         );
     }
+}
+
+/// `meshsim bench --stack-only`: the client stack's cost per call.
+fn run_stack_bench(quick: bool) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (calls, rounds) = if quick { (20_000, 5) } else { (100_000, 9) };
+    let cost = rt.block_on(bench::stack_cost(calls, rounds));
+    let (mesh, bare) = (bench::median(&cost.mesh), bench::median(&cost.bare));
+    println!(
+        "client stack, unary Echo answered at once (ns per call: median of {rounds} rounds x {calls}, the clients in turn; {} build):",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    println!(
+        "  mesh channel {mesh:.0} (best {:.0}), tonic's bare client {bare:.0} (best {:.0}): the mesh's layers {:.0} ns a call, {:.2}x",
+        cost.mesh.iter().copied().fold(f64::MAX, f64::min),
+        cost.bare.iter().copied().fold(f64::MAX, f64::min),
+        mesh - bare,
+        mesh / bare
+    );
+    Ok(())
 }
 
 fn run_bench(

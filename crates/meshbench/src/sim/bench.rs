@@ -420,3 +420,127 @@ pub async fn update_beside_calls(batches: usize) -> Update {
         calls_during_updates: busy.len(),
     }
 }
+
+/// A unary answer at once: one Echo response (64 bytes of payload) and
+/// an OK status in its trailers, as a server sends it.
+#[derive(Default)]
+struct InstantAnswer {
+    data: Option<bytes::Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl InstantAnswer {
+    fn new() -> Self {
+        // The gRPC frame of `EchoResponse { payload: [7; 64] }`, encoded by
+        // hand (field 1, length 64): meshbench does not depend on prost.
+        let mut frame = vec![0, 0, 0, 0, 66, 0x0a, 64];
+        frame.extend([7u8; 64]);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        Self {
+            data: Some(frame.into()),
+            trailers: Some(trailers),
+        }
+    }
+}
+
+impl http_body::Body for InstantAnswer {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = match self.data.take() {
+            Some(data) => Some(http_body::Frame::data(data)),
+            None => self.trailers.take().map(http_body::Frame::trailers),
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+}
+
+/// The instant answer to any request, after reading its body (as a server
+/// reads the request before it answers).
+async fn answer(req: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
+    use http_body_util::BodyExt;
+    req.into_body().collect().await?;
+    Ok(http::Response::builder()
+        .header("content-type", "application/grpc")
+        .body(Body::new(InstantAnswer::new()))
+        .expect("a valid response"))
+}
+
+/// Nanoseconds per call of each client in [`stack_cost`], one sample per
+/// round.
+pub struct StackCost {
+    /// The generated Echo client over a mesh channel (every layer: route,
+    /// telemetry, deadline, retry with its replay buffer, fault, balancer)
+    /// to one modelled endpoint.
+    pub mesh: Vec<f64>,
+    /// The same generated client straight over the same answer: tonic's
+    /// own encoding and decoding, which both pay.
+    pub bare: Vec<f64>,
+}
+
+/// The client stack's CPU cost per unary call, without a network: both
+/// clients call Echo on an endpoint that answers at once, `calls` calls a
+/// round, in turn, `rounds` rounds. The difference is what the mesh's
+/// layers cost a call in the caller's task (the connection's share, its
+/// HTTP/2 and the network, is left out: `meshbench --scenario overhead`
+/// measures the whole path).
+pub async fn stack_cost(calls: usize, rounds: usize) -> StackCost {
+    use shop_api::echo::v1::{EchoRequest, echo_service_client::EchoServiceClient};
+    let mesh = Mesh::new(config(None))
+        .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
+        .expect("the shop's contracts")
+        .with_metrics(mesh_client::telemetry::Metrics::new());
+    let endpoint = BoxCloneSyncService::new(tower::service_fn(
+        |(_addr, req): (SocketAddr, http::Request<Body>)| answer(req),
+    ));
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let channel = mesh.model_channel("t", rx, endpoint);
+    tx.send(Change::Insert(server_addr(0), ()))
+        .await
+        .expect("set alive");
+    while channel.endpoints().is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut mesh_client = EchoServiceClient::new(channel);
+    let bare = BoxCloneSyncService::new(tower::service_fn(answer));
+    let mut bare_client = EchoServiceClient::with_origin(bare, "http://t".parse().expect("a uri"));
+    let payload = vec![7u8; 64];
+    let mut cost = StackCost {
+        mesh: Vec::new(),
+        bare: Vec::new(),
+    };
+    for round in 0..=rounds {
+        let started = Instant::now();
+        for _ in 0..calls {
+            let request = EchoRequest {
+                payload: payload.clone(),
+            };
+            mesh_client.echo(request).await.expect("the model answers");
+        }
+        let mesh_ns = started.elapsed().as_nanos() as f64 / calls as f64;
+        let started = Instant::now();
+        for _ in 0..calls {
+            let request = EchoRequest {
+                payload: payload.clone(),
+            };
+            bare_client.echo(request).await.expect("the model answers");
+        }
+        let bare_ns = started.elapsed().as_nanos() as f64 / calls as f64;
+        // Round 0 warms both up.
+        if round > 0 {
+            cost.mesh.push(mesh_ns);
+            cost.bare.push(bare_ns);
+        }
+    }
+    drop(tx);
+    cost
+}
