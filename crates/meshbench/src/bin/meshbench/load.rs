@@ -32,6 +32,8 @@ pub fn histogram() -> Histogram<u64> {
 pub enum Caller {
     /// Echo through a raw tonic channel, with this payload.
     RawEcho(EchoServiceClient<Channel>, Vec<u8>),
+    /// Echo through tonic's codec over h2 directly, with this payload.
+    H2Echo(EchoServiceClient<crate::h2direct::H2Channel>, Vec<u8>),
     /// Echo through a mesh channel, with this payload.
     MeshEcho(EchoServiceClient<MeshChannel>, Vec<u8>),
     /// PlaceOrder of one unit through the shop.
@@ -57,6 +59,14 @@ impl Caller {
         Caller::RawEcho(EchoServiceClient::new(channel), vec![7; payload])
     }
 
+    /// Echo of `payload` bytes over h2 directly (a reference).
+    pub fn h2_echo(channel: crate::h2direct::H2Channel, payload: usize) -> Caller {
+        Caller::H2Echo(
+            EchoServiceClient::with_origin(channel, "http://echo".parse().expect("a uri")),
+            vec![7; payload],
+        )
+    }
+
     /// Echo of `payload` bytes over a mesh channel.
     pub fn mesh_echo(channel: MeshChannel, payload: usize) -> Caller {
         Caller::MeshEcho(EchoServiceClient::new(channel), vec![7; payload])
@@ -66,6 +76,12 @@ impl Caller {
     pub async fn call(&mut self) -> Result<(), tonic::Status> {
         match self {
             Caller::RawEcho(client, payload) => client
+                .echo(EchoRequest {
+                    payload: payload.clone(),
+                })
+                .await
+                .map(drop),
+            Caller::H2Echo(client, payload) => client
                 .echo(EchoRequest {
                     payload: payload.clone(),
                 })

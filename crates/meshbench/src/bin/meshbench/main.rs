@@ -19,6 +19,7 @@ use std::{
 
 use clap::{Parser, Subcommand};
 
+mod h2direct;
 mod load;
 mod pki;
 mod procs;

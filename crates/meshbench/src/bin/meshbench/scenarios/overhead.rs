@@ -19,6 +19,7 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
     let tls = procs::echo(&ctx.dir, "echo-tls", &tls_flags(&server_dir)).await?;
 
     let raw = raw_channel(plain.addr).await?;
+    let h2 = crate::h2direct::connect(plain.addr).await?;
     let raw_tls = {
         let connector = pki::raw_tls_connector(&client_dir)?;
         Endpoint::from_shared(format!("http://{}", tls.addr))
@@ -67,6 +68,11 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
             Caller::mesh_echo(mesh_mtls, ctx.payload),
             at(&tls),
         ),
+        Contender::new(
+            "tonic codec over h2 (reference)",
+            Caller::h2_echo(h2, ctx.payload),
+            at(&plain),
+        ),
     ];
     let load = Load::Closed {
         concurrency: ctx.concurrency,
@@ -77,7 +83,8 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
         .iter()
         .map(|c| c.acc.row(&c.name, "closed"))
         .collect();
-    let (raw, mesh, routed, raw_tls, mesh_tls) = (&rows[0], &rows[1], &rows[2], &rows[3], &rows[4]);
+    let (raw, mesh, routed, raw_tls, mesh_tls, h2) =
+        (&rows[0], &rows[1], &rows[2], &rows[3], &rows[4], &rows[5]);
     let goals = vec![
         Goal::at_least(
             "mesh / raw tonic throughput",
@@ -115,6 +122,17 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
         Goal::report(
             "mesh mTLS / raw tonic TLS throughput",
             ratio(mesh_tls.rps, raw_tls.rps),
+            "×",
+        ),
+        // What a client over hyper pays above HTTP/2 itself.
+        Goal::report(
+            "tonic codec over h2 / raw tonic throughput",
+            ratio(h2.rps, raw.rps),
+            "×",
+        ),
+        Goal::report(
+            "mesh / tonic codec over h2 throughput",
+            ratio(mesh.rps, h2.rps),
             "×",
         ),
         Goal::report(
