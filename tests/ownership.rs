@@ -567,3 +567,75 @@ async fn wallets_cannot_mint_money_or_accounts_without_end() {
         "the most one user may open",
     );
 }
+
+/// The account cap holds when a user opens many accounts at once: 20
+/// concurrent opens with 9 accounts held open exactly one (a count then an
+/// insert let all of them through).
+async fn concurrent_opens_stop_at_the_cap(db: common::Db) {
+    let shop = Shop::start_with(&db, true).await;
+    let (_, token) = shop.user("racer").await;
+    let wallet = WalletServiceClient::new(shop.channel(shop.payments.addr, "payments"));
+    let open = || {
+        let mut wallet = wallet.clone();
+        let token = token.clone();
+        async move {
+            wallet
+                .open_account(authed(
+                    &token,
+                    OpenWalletAccountRequest {
+                        currency_code: "USD".into(),
+                    },
+                ))
+                .await
+        }
+    };
+    for _ in 1..payments::MAX_ACCOUNTS_PER_USER {
+        open().await.expect("within the account limit");
+    }
+    let mut opens = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        opens.spawn(open());
+    }
+    let mut opened = 0;
+    while let Some(result) = opens.join_next().await {
+        match result.expect("the open task") {
+            Ok(_) => opened += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(
+                    status.message().contains("the most one user may open"),
+                    "{status:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(opened, 1, "one open takes the last place");
+    let held = wallet
+        .clone()
+        .list_accounts(authed(
+            &token,
+            ListWalletAccountsRequest {
+                page_size: 100,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .accounts
+        .len();
+    assert_eq!(held as i64, payments::MAX_ACCOUNTS_PER_USER);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_opens_stop_at_the_account_cap() {
+    concurrent_opens_stop_at_the_cap(common::Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_opens_stop_at_the_account_cap_postgres() {
+    let Some(db) = common::Db::postgres() else {
+        return;
+    };
+    concurrent_opens_stop_at_the_cap(db).await;
+}

@@ -160,10 +160,35 @@ impl PaymentsService {
     }
 
     /// Opens an account for `owner`.
-    pub(crate) async fn open(&self, owner: &str, currency: &str) -> Result<Account, Status> {
+    pub(crate) async fn open(
+        &self,
+        owner: &str,
+        currency: &str,
+        cap: Option<i64>,
+    ) -> Result<Account, Status> {
         let currency = validate::currency("currency_code", currency)?;
         let account_id = uuid::Uuid::new_v4().to_string();
         let now = time::now_millis();
+        let mut tx = self.pool.begin().await.map_err(db::status)?;
+        // The owner's count first: its row lock orders concurrent opens,
+        // and a count at the cap changes no row.
+        let raised = sqlx::query(
+            "INSERT INTO account_counts (owner_id, held) VALUES ($1, 1) \
+             ON CONFLICT (owner_id) DO UPDATE SET held = account_counts.held + 1 \
+             WHERE account_counts.held < $2",
+        )
+        .bind(owner)
+        .bind(cap.unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await
+        .map_err(db::status)?
+        .rows_affected();
+        if raised == 0 {
+            return Err(Status::resource_exhausted(format!(
+                "you have {} accounts, the most one user may open",
+                cap.unwrap_or(i64::MAX)
+            )));
+        }
         sqlx::query(
             "INSERT INTO accounts (account_id, owner_id, kind, currency_code, balance_minor, created_at) \
              VALUES ($1, $2, 'CUSTOMER', $3, 0, $4)",
@@ -172,9 +197,10 @@ impl PaymentsService {
         .bind(owner)
         .bind(currency)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db::status)?;
+        tx.commit().await.map_err(db::status)?;
         Ok(Account {
             account_id,
             owner_id: owner.to_owned(),
@@ -300,7 +326,9 @@ impl payments_service_server::PaymentsService for PaymentsService {
     ) -> Result<Response<Account>, Status> {
         let req = request.into_inner();
         let owner = validate::text("owner_id", &req.owner_id, 1, 128)?;
-        self.open(owner, &req.currency_code)
+        // Services open accounts for users without the wallet's cap (the
+        // count still includes them).
+        self.open(owner, &req.currency_code, None)
             .await
             .map(Response::new)
     }

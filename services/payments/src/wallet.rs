@@ -63,22 +63,13 @@ impl wallet_service_server::WalletService for WalletService {
         request: Request<OpenWalletAccountRequest>,
     ) -> Result<Response<Account>, Status> {
         let owner = self.users.user(request.metadata()).await?;
-        let held: i64 = sqlx::query(
-            "SELECT COUNT(*) AS n FROM accounts WHERE owner_id = $1 AND kind = 'CUSTOMER'",
-        )
-        .bind(&owner)
-        .fetch_one(self.payments.pool())
-        .await
-        .and_then(|row| row.try_get("n"))
-        .map_err(db::status)?;
-        if held >= MAX_ACCOUNTS_PER_USER {
-            return Err(Status::resource_exhausted(format!(
-                "you have {held} accounts, the most one user may open"
-            )));
-        }
         let account = self
             .payments
-            .open(&owner, &request.get_ref().currency_code)
+            .open(
+                &owner,
+                &request.get_ref().currency_code,
+                Some(MAX_ACCOUNTS_PER_USER),
+            )
             .await?;
         tracing::info!(account_id = %account.account_id, user_id = %owner, "account opened");
         Ok(Response::new(account))
