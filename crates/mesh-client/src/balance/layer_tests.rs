@@ -793,7 +793,7 @@ async fn a_bare_5xx_counts_toward_ejection_and_a_bare_4xx_charges_nobody() {
     async fn run(
         svc: &Balanced,
         handle: &mut Handle,
-        answer: http::StatusCode,
+        answer: impl Fn() -> http::Response<Body>,
         calls: usize,
     ) -> Vec<u16> {
         let mut ports = Vec::new();
@@ -802,11 +802,15 @@ async fn a_bare_5xx_counts_toward_ejection_and_a_bare_4xx_charges_nobody() {
             let (req, reply) = handle.next_request().await.unwrap();
             let port = req.extensions().get::<SendTo>().unwrap().0.addr.port();
             reply.send_response(if port == 1 {
-                bare(answer)
+                answer()
             } else {
                 trailers_only(Code::Ok)
             });
-            call.await.unwrap().unwrap();
+            // Read to its end, as tonic reads every answer's body.
+            let response = call.await.unwrap().unwrap();
+            http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .unwrap();
             ports.push(port);
         }
         ports
@@ -816,7 +820,7 @@ async fn a_bare_5xx_counts_toward_ejection_and_a_bare_4xx_charges_nobody() {
     let ports = run(
         &svc,
         &mut handle,
-        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        || bare(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
         10,
     )
     .await;
@@ -824,10 +828,35 @@ async fn a_bare_5xx_counts_toward_ejection_and_a_bare_4xx_charges_nobody() {
     let endpoints = set.snapshot();
     let one = endpoints.iter().find(|e| e.addr == addr(1)).unwrap();
     assert!(!one.is_ejected(Instant::now()), "a 4xx charges nobody");
+    // Nor a proxy's 403 with a page of its own (a body without trailers).
+    let page = || {
+        let mut response = http::Response::new(Body::new(http_body_util::Full::new(
+            bytes::Bytes::from_static(b"<html>forbidden</html>"),
+        )));
+        *response.status_mut() = http::StatusCode::FORBIDDEN;
+        response
+    };
+    run(&svc, &mut handle, page, 10).await;
+    assert!(
+        !one.is_ejected(Instant::now()),
+        "a 4xx with a body charges nobody"
+    );
 
     // 503 twice in a row (the policy's consecutiveFailures): ejected.
-    let ports = run(&svc, &mut handle, http::StatusCode::SERVICE_UNAVAILABLE, 4).await;
+    let ports = run(
+        &svc,
+        &mut handle,
+        || bare(http::StatusCode::SERVICE_UNAVAILABLE),
+        4,
+    )
+    .await;
     assert_eq!(ports.iter().filter(|p| **p == 1).count(), 2, "{ports:?}");
-    let ports = run(&svc, &mut handle, http::StatusCode::SERVICE_UNAVAILABLE, 4).await;
+    let ports = run(
+        &svc,
+        &mut handle,
+        || bare(http::StatusCode::SERVICE_UNAVAILABLE),
+        4,
+    )
+    .await;
     assert_eq!(ports, vec![2; 4], "port 1 is ejected");
 }

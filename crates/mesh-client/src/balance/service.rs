@@ -449,6 +449,14 @@ where
             // answers 431 to oversized headers), so it charges nobody.
             let status = header_status(&response);
             let unanswered = status.is_none() && http_body::Body::is_end_stream(response.body());
+            // Body or not: a proxy in front that refuses a caller's token
+            // with a page of its own says nothing of the endpoint either
+            // (the body below would end without trailers, a broken stream).
+            if status.is_none() && response.status().is_client_error() {
+                let mut response = response;
+                response.extensions_mut().insert(Served(endpoint.addr));
+                return Ok(response);
+            }
             if unanswered && response.status().is_server_error() {
                 set.record_failure(&endpoint, &config.outlier_detection);
                 let mut response = response;
