@@ -1128,4 +1128,26 @@ mod tests {
             assert!(set.pick(LbPolicy::P2c, &[]).is_ok());
         }
     }
+
+    #[tokio::test]
+    async fn an_ejected_endpoint_takes_one_place_of_the_share_cap() {
+        let set = set_of(4).await;
+        let policy = OutlierDetection::default();
+        let endpoints = set.snapshot();
+        // One crash fails the ten calls in flight on endpoint 0, then
+        // endpoint 1 fails its five in a row: both are out, half of four.
+        for _ in 0..10 {
+            set.record_failure(&endpoints[0], &policy);
+        }
+        for _ in 0..policy.consecutive_failures {
+            set.record_failure(&endpoints[1], &policy);
+        }
+        let now = Instant::now();
+        assert!(endpoints[0].is_ejected(now));
+        assert!(endpoints[1].is_ejected(now), "the second place was free");
+        assert!(
+            !endpoints[0].is_ejected(now + policy.base_ejection_time),
+            "ejected once, for the base time"
+        );
+    }
 }

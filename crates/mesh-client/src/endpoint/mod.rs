@@ -410,6 +410,13 @@ impl Endpoint {
         may_eject: bool,
     ) -> Verdict {
         let mut state = self.penalise(now);
+        // Calls that were in flight when it was ejected fail afterwards:
+        // the same incident, not grounds for a second, longer ejection
+        // (ten calls cut by one crash ejected it twice, and took two of
+        // the share cap's places from other endpoints).
+        if state.ejected_until.is_some_and(|until| now < until) {
+            return Verdict::Kept;
+        }
         state.consecutive_failures += 1;
         if state.consecutive_failures < policy.consecutive_failures || !may_eject {
             return Verdict::Kept;
@@ -659,14 +666,21 @@ mod tests {
             Verdict::Ejected(Duration::from_secs(5))
         );
         assert!(!ep.is_eligible(now));
-        assert!(ep.is_eligible(now + Duration::from_secs(5)));
+        // Failures while it is out (calls in flight at the ejection) count
+        // for nothing.
+        for _ in 0..10 {
+            assert_eq!(ep.record_failure(now, &policy, true), Verdict::Kept);
+        }
+        let back = now + Duration::from_secs(5);
+        assert!(ep.is_eligible(back));
         for _ in 0..4 {
-            ep.record_failure(now, &policy, true);
+            assert_eq!(ep.record_failure(back, &policy, true), Verdict::Kept);
         }
         assert_eq!(
-            ep.record_failure(now, &policy, true),
+            ep.record_failure(back, &policy, true),
             Verdict::Ejected(Duration::from_secs(10))
         );
+        let now = back;
         // The share cap holds an endpoint in service even when it fails.
         for _ in 0..10 {
             assert_eq!(ep.record_failure(now, &policy, false), Verdict::Kept);
