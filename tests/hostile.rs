@@ -320,6 +320,61 @@ async fn parallel_wrong_guesses_beyond_the_limit_are_refused() {
     );
 }
 
+/// Correct logins hash a password as wrong ones do: one client logging
+/// in correctly in a loop is stopped at its limit (every login counts), so
+/// a few addresses cannot hold the shared hashing permits, and another
+/// client still logs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_that_succeed_are_limited_per_client_too() {
+    use shop_api::auth::v1::{LoginRequest, RegisterRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let (_auth, addr) = auth_with(dir.path(), &["--max-concurrent-hashes", "64"]).await;
+    let looper = auth_from(addr, "127.0.0.1");
+    looper
+        .clone()
+        .register(RegisterRequest {
+            username: "looper".into(),
+            password: "a-fine-password".into(),
+        })
+        .await
+        .unwrap();
+    let login = || LoginRequest {
+        username: "looper".into(),
+        password: "a-fine-password".into(),
+    };
+    // 130 logins, 5 at a time (an account's limit of logins in progress
+    // from one client): the first 120 succeed, the rest are refused.
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..130 / 5 {
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..5 {
+            let mut c = looper.clone();
+            let request = login();
+            calls.spawn(async move { c.login(request).await });
+        }
+        while let Some(done) = calls.join_next().await {
+            match done.unwrap() {
+                Ok(_) => ok += 1,
+                Err(s) if s.code() == Code::ResourceExhausted => {
+                    assert!(s.message().contains("too many logins from"), "{s:?}");
+                    assert!(s.metadata().get("retry-after").is_some(), "{s:?}");
+                    refused += 1;
+                }
+                Err(s) => panic!("unexpected {s:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        (ok, refused),
+        (120, 10),
+        "every login counts, failed or not"
+    );
+    auth_from(addr, "127.0.0.2")
+        .login(login())
+        .await
+        .expect("another client logs in");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registrations_are_limited_per_client() {
     use shop_api::auth::v1::RegisterRequest;

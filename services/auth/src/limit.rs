@@ -2,9 +2,12 @@
 //! a call is refused with `RESOURCE_EXHAUSTED` and the time left, before any
 //! password work.
 //!
-//! Logins count per end client, per (account, end client) and per account
-//! over all clients (a high backstop against guessing one password from
-//! many addresses); registrations count per end client. There is no
+//! Failed logins count per end client, per (account, end client) and per
+//! account over all clients (a high backstop against guessing one password
+//! from many addresses); every login, failed or not, counts per end client
+//! too (each hashes a password, and the hashing permits are shared: a few
+//! addresses logging in correctly in a loop held them all); registrations
+//! count per end client. There is no
 //! per-process count: any limit every client shares lets fifty addresses
 //! lock everybody out of logging in. An attempt is counted *before* its password is hashed, in
 //! one step with the check, so parallel guesses cannot all pass a check
@@ -39,6 +42,11 @@ pub(crate) const LOGINS_PER_ACCOUNT: u32 = 5;
 /// clients: a backstop against guessing one password from many addresses.
 /// Reaching it locks that account (only) for the rest of the window.
 pub(crate) const LOGINS_PER_ACCOUNT_ALL_CLIENTS: u32 = 100;
+/// Logins one end client may make per window, succeeded or not: each
+/// hashes a password. Two a second, far above what the people behind one
+/// address need (a token lasts hours), and with 4 hashing permits (about
+/// 80 hashes a second) it takes some forty addresses to keep them all busy.
+pub(crate) const HASHED_LOGINS_PER_CLIENT: u32 = 120;
 /// Registrations one end client may make per window.
 pub(crate) const REGISTRATIONS_PER_CLIENT: u32 = 20;
 /// The length of a window.
@@ -219,6 +227,12 @@ pub(crate) fn login_limits(client: &str, username: &str) -> [(String, u32); 3] {
 }
 
 /// The limiter key of a registration by `client`.
+/// The count of every login `client` makes (never taken back: its
+/// password was hashed).
+pub(crate) fn hashed_login_limits(client: &str) -> [(String, u32); 1] {
+    [(format!("login-hashed {client}"), HASHED_LOGINS_PER_CLIENT)]
+}
+
 pub(crate) fn register_limits(client: &str) -> [(String, u32); 1] {
     [(format!("registrations {client}"), REGISTRATIONS_PER_CLIENT)]
 }
@@ -286,6 +300,28 @@ mod tests {
         for i in 0..LOGINS_PER_CLIENT - LOGINS_PER_ACCOUNT {
             fail(&limiter, "c", &format!("user{i}"), 1, now);
         }
+    }
+
+    #[test]
+    fn every_login_counts_per_client_whatever_its_outcome() {
+        let limiter = Limiter::default();
+        let now = Instant::now();
+        for _ in 0..HASHED_LOGINS_PER_CLIENT {
+            // What a successful login does: its login counts are taken back.
+            let attempt = limiter.attempt_at(&login_limits("c", "ann"), now).unwrap();
+            drop(limiter.attempt_at(&hashed_login_limits("c"), now).unwrap());
+            limiter.refund(attempt, |_| false);
+        }
+        assert!(
+            limiter.attempt_at(&hashed_login_limits("c"), now).is_err(),
+            "the client's logins are at their limit"
+        );
+        assert!(limiter.attempt_at(&hashed_login_limits("d"), now).is_ok());
+        assert!(
+            limiter
+                .attempt_at(&hashed_login_limits("c"), now + WINDOW)
+                .is_ok()
+        );
     }
 
     #[test]

@@ -521,19 +521,40 @@ impl auth_service_server::AuthService for AuthService {
         // The permit first, so no limiter entry is made without one: the
         // hashing bound also bounds how fast entries can churn.
         let permit = self.start_hash()?;
-        // Counted before the password is checked, in one step with the
-        // check, so parallel guesses are counted too; taken back below for
-        // a login that succeeds or is never tried.
-        let attempt = self
+        // Every login this client makes, kept whatever its outcome: a
+        // correct password costs a hash as a wrong one does.
+        let hashed = self
             .inner
             .limiter
-            .attempt(&limit::login_limits(&client, &req.username))
+            .attempt(&limit::hashed_login_limits(&client))
             .map_err(|wait| {
                 exhausted(
-                    |secs| format!("too many failed logins; retry in {secs} s"),
+                    |secs| {
+                        format!(
+                            "too many logins from {client} (at most {} a minute, succeeded or not); retry in {secs} s",
+                            limit::HASHED_LOGINS_PER_CLIENT
+                        )
+                    },
                     wait,
                 )
             })?;
+        // Counted before the password is checked, in one step with the
+        // check, so parallel guesses are counted too; taken back below for
+        // a login that succeeds or is never tried.
+        let attempt = match self
+            .inner
+            .limiter
+            .attempt(&limit::login_limits(&client, &req.username))
+        {
+            Ok(attempt) => attempt,
+            Err(wait) => {
+                self.inner.limiter.refund(hashed, |_| false);
+                return Err(exhausted(
+                    |secs| format!("too many failed logins; retry in {secs} s"),
+                    wait,
+                ));
+            }
+        };
         let row = match sqlx::query("SELECT user_id, password_hash FROM users WHERE username = $1")
             .bind(&req.username)
             .fetch_optional(&self.inner.pool)
@@ -542,9 +563,11 @@ impl auth_service_server::AuthService for AuthService {
             Ok(row) => row,
             Err(e) => {
                 self.inner.limiter.refund(attempt, |_| false);
+                self.inner.limiter.refund(hashed, |_| false);
                 return Err(db::status(e));
             }
         };
+        drop(hashed);
         let (user_id, hash) = match row {
             Some(row) => (
                 Some(row.try_get::<String, _>("user_id").map_err(db::status)?),
