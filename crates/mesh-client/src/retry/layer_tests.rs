@@ -366,6 +366,53 @@ async fn a_non_fatal_answer_sends_the_next_hedge_at_once_and_a_fatal_one_ends_th
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_non_fatal_answer_with_pushback_holds_the_next_hedge_until_then() {
+    let (svc, mut handle, _) = retry(r#"{"hedgingPolicy":{"maxAttempts":3,"hedgingDelay":"1s"}}"#);
+    let start = Instant::now();
+    let call = tokio::spawn(svc.oneshot(request(GET)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(status(
+        Code::Unavailable,
+        &[("grpc-retry-pushback-ms", "500")],
+    ));
+    let (_, answer) = handle.next_request().await.unwrap();
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(500),
+        "after the pushback, not at once nor after the delay"
+    );
+    answer.send_response(ok());
+    assert!(header_status(&call.await.unwrap().unwrap()).is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_deadline_layer_the_calls_grpc_timeout_bounds_a_servers_pushback() {
+    let (svc, mut handle, _) =
+        retry(r#"{"retryPolicy":{"maxAttempts":3,"retryableStatusCodes":["UNAVAILABLE"]}}"#);
+    let start = Instant::now();
+    let mut req = request(GET);
+    req.headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("1S"));
+    let call = tokio::spawn(svc.oneshot(req));
+    let (_, answer) = handle.next_request().await.unwrap();
+    answer.send_response(status(
+        Code::Unavailable,
+        &[("grpc-retry-pushback-ms", "9223372036854775807")],
+    ));
+    let response = tokio::time::timeout(Duration::from_secs(2), call)
+        .await
+        .expect("the call ends within its grpc-timeout")
+        .unwrap()
+        .unwrap();
+    assert_eq!(header_status(&response), Some(Code::Unavailable));
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "no wait for the pushback"
+    );
+    nothing_more(&mut handle).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_reloaded_policy_applies_from_the_next_call() {
     let (mock, mut handle) = mock::pair();
     let live = config(r#"{"retryPolicy":{"maxAttempts":1}}"#);

@@ -480,8 +480,13 @@ where
                 running.push(fut);
             };
         launch(&mut sent, &mut running, &mut exclude);
+        // Set by a server's pushback: the next hedge waits until then
+        // rather than the hedging delay, or going at once (gRFC A6).
+        let mut held_until: Option<tokio::time::Instant> = None;
         loop {
             let more = sent < policy.max_attempts;
+            let next_hedge =
+                held_until.unwrap_or_else(|| tokio::time::Instant::now() + policy.hedging_delay);
             tokio::select! {
                 Some(result) = running.next() => {
                     match classify(&result) {
@@ -500,11 +505,22 @@ where
                                 continue;
                             }
                             // A non-fatal failure sends the next hedge at
-                            // once, if there is time for it.
-                            if more && !time_for_attempt(&parts, Duration::ZERO) {
+                            // once, if there is time for it; with pushback,
+                            // once that has passed.
+                            let wait = match pushback {
+                                Pushback::After(wait) => Some(wait),
+                                _ => None,
+                            };
+                            if more && !time_for_attempt(&parts, wait.unwrap_or_default()) {
                                 sent = policy.max_attempts;
                                 if running.is_empty() {
                                     return out_of_time(&parts, last.expect("just set"));
+                                }
+                            } else if let Some(wait) = wait.filter(|_| more) {
+                                match tokio::time::Instant::now().checked_add(wait) {
+                                    Some(at) => held_until = Some(at),
+                                    // Past any time the clock can tell: no more.
+                                    None => sent = policy.max_attempts,
                                 }
                             } else if more && self.shared.budget.withdraw() {
                                 self.shared.metrics.retry(&self.shared.peer, parts.uri.path(), true);
@@ -517,7 +533,8 @@ where
                         _ => return result,
                     }
                 }
-                _ = tokio::time::sleep(policy.hedging_delay), if more => {
+                _ = tokio::time::sleep_until(next_hedge), if more => {
+                    held_until = None;
                     if !time_for_attempt(&parts, Duration::ZERO) {
                         // No time for another hedge: the ones out may still answer.
                         sent = policy.max_attempts;
@@ -557,6 +574,20 @@ where
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let this = self.clone();
+        let mut req = req;
+        // Without the deadline layer above (this layer over a plain
+        // channel), the call's own `grpc-timeout` bounds its retries and
+        // their waits: a server's pushback could otherwise hold it forever.
+        if req.extensions().get::<CallExpiry>().is_none()
+            && let Some(timeout) = req
+                .headers()
+                .get(crate::headers::GRPC_TIMEOUT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::deadline::decode_grpc_timeout)
+            && let Some(at) = tokio::time::Instant::now().checked_add(timeout)
+        {
+            req.extensions_mut().insert(CallExpiry(at));
+        }
         Box::pin(async move {
             let target = this.shared.target.clone();
             let info = this.shared.methods.get(req.uri().path());
