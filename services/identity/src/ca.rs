@@ -163,6 +163,15 @@ impl IssuingCa {
                 "the CSR's key type ({alg:?}) is not accepted; use ECDSA P-256 or P-384, or Ed25519"
             )));
         }
+        // rcgen names the key's algorithm after the CSR's signature, so a
+        // P-256 key signed with ECDSA-SHA384 reads as P-384: the key's own
+        // type and curve must be the ones that algorithm names, or the
+        // certificate would label the key wrongly.
+        if !key_is(csr, alg) {
+            return Err(CsrError(
+                "the CSR's key does not match its signature algorithm; sign a P-256 key with ECDSA-SHA256, a P-384 key with ECDSA-SHA384, or use Ed25519".into(),
+            ));
+        }
         let now = SystemTime::now();
         let not_after = (now + ttl).min(self.not_after);
         let params = &mut request.params;
@@ -246,6 +255,29 @@ impl CertificateSource for SelfIssuer {
     }
 }
 
+/// Whether the public key of `csr` (DER PKCS#10, already parsed once by
+/// rcgen) is of the type and curve `alg` signs with.
+fn key_is(csr: &[u8], alg: &rcgen::SignatureAlgorithm) -> bool {
+    let Ok((_, request)) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr)
+    else {
+        return false;
+    };
+    let key = &request.certification_request_info.subject_pki.algorithm;
+    let curve = key
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
+        .map(|oid| oid.to_id_string());
+    match (key.algorithm.to_id_string().as_str(), curve.as_deref()) {
+        // id-ecPublicKey on prime256v1, on secp384r1; Ed25519.
+        ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => *alg == rcgen::PKCS_ECDSA_P256_SHA256,
+        ("1.2.840.10045.2.1", Some("1.3.132.0.34")) => *alg == rcgen::PKCS_ECDSA_P384_SHA384,
+        ("1.3.101.112", _) => *alg == rcgen::PKCS_ED25519,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +327,62 @@ mod tests {
         let lifetime = v.not_after.timestamp() - v.not_before.timestamp();
         assert!((34..=36).contains(&lifetime), "{lifetime}");
         assert!(!leaf.is_ca());
+    }
+
+    /// A P-256 key in a CSR signed with ECDSA-SHA384 (made with `openssl
+    /// req -sha384`; its private key was thrown away).
+    const P256_KEY_SIGNED_WITH_SHA384: &[u8] = &[
+        0x30, 0x81, 0xc4, 0x30, 0x6e, 0x02, 0x01, 0x00, 0x30, 0x0c, 0x31, 0x0a, 0x30, 0x08, 0x06,
+        0x03, 0x55, 0x04, 0x03, 0x0c, 0x01, 0x78, 0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86,
+        0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+        0x03, 0x42, 0x00, 0x04, 0x8e, 0x00, 0x83, 0x96, 0x82, 0x6c, 0xde, 0x51, 0x46, 0xb9, 0xe5,
+        0x6b, 0x89, 0x27, 0xd7, 0xe7, 0x70, 0x7e, 0x56, 0x9d, 0xe4, 0xf4, 0xaa, 0x4f, 0x49, 0x3a,
+        0x2e, 0x86, 0xba, 0x65, 0x9e, 0x89, 0x2d, 0xac, 0x12, 0x76, 0x6d, 0x5b, 0x15, 0xe3, 0x19,
+        0xe5, 0xcb, 0xa5, 0x11, 0x31, 0x58, 0x74, 0x1f, 0x72, 0x5e, 0x2e, 0x37, 0x96, 0x1e, 0xac,
+        0x7f, 0x58, 0xd9, 0x9b, 0x46, 0x52, 0x9c, 0xd1, 0xa0, 0x00, 0x30, 0x0a, 0x06, 0x08, 0x2a,
+        0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03, 0x03, 0x46, 0x00, 0x30, 0x43, 0x02, 0x1f, 0x1f,
+        0x07, 0xe0, 0x5a, 0xa7, 0x9f, 0xe7, 0x17, 0x58, 0x37, 0x39, 0x7c, 0x91, 0xf0, 0x8e, 0x13,
+        0x88, 0xec, 0x73, 0xfe, 0xb9, 0x8f, 0xf7, 0x13, 0xd5, 0x58, 0x40, 0x66, 0x59, 0x1a, 0xbf,
+        0x02, 0x20, 0x7c, 0xff, 0xf5, 0xf4, 0xc9, 0x42, 0xdb, 0x3e, 0xdb, 0xb1, 0x56, 0x1c, 0x33,
+        0x2b, 0x5e, 0x66, 0x1f, 0x0b, 0xb6, 0xb4, 0xb3, 0x4c, 0x9e, 0xe7, 0x27, 0x6b, 0x5c, 0xd5,
+        0xe5, 0x9f, 0x8f, 0x6e,
+    ];
+
+    #[test]
+    fn a_csr_whose_key_is_not_of_its_signature_algorithm_is_refused() {
+        let ca = ca();
+        let orders: SpiffeId = "spiffe://shop.local/ns/shop/sa/orders".parse().unwrap();
+        let Err(err) = ca.sign(
+            P256_KEY_SIGNED_WITH_SHA384,
+            &orders,
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+        ) else {
+            panic!("a mislabelled key is refused");
+        };
+        assert!(
+            err.0.contains("does not match its signature algorithm"),
+            "{}",
+            err.0
+        );
+        // Each key type signed as it should be is accepted.
+        for alg in [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            &rcgen::PKCS_ED25519,
+        ] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let csr = rcgen::CertificateParams::default()
+                .serialize_request(&key)
+                .unwrap();
+            ca.sign(
+                csr.der(),
+                &orders,
+                Duration::from_secs(30),
+                Duration::from_secs(5),
+            )
+            .unwrap_or_else(|e| panic!("{alg:?}: {}", e.0));
+        }
     }
 
     #[test]
