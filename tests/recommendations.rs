@@ -1232,3 +1232,115 @@ async fn wait_confirmed(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Health watches never end, gRPC Python counts them against its limit of
+/// calls at once, and health is open to every caller: one workload with no
+/// grant here, watching on many streams, must not take every place. It
+/// gets a quarter of them, and the gateway's calls still find one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_callers_health_watches_cannot_take_every_call_place() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    if !python_ready(false) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&dir.path().join("certs"));
+    let recs = Recs::start(
+        dir.path(),
+        &pki,
+        None,
+        &[("MAX_CONCURRENT_CALLS".into(), "8".into())],
+    );
+    let operator = mesh_as(&pki, "operator", MeshConfig::default());
+    wait_ready(&operator, &recs.target()).await;
+    // Its own mesh watches nothing, so every watch here is one it opens.
+    let inventory = mesh_as(
+        &pki,
+        "inventory",
+        MeshConfig::from_json(r#"{"healthChecks": false}"#).unwrap(),
+    );
+    let channel = inventory
+        .channel_with_identity(&recs.target(), &identity("recommendations"))
+        .unwrap();
+    let mut watches = Vec::new();
+    for _ in 0..8 {
+        let watch = HealthClient::new(channel.clone())
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        match watch {
+            Ok(stream) => watches.push(stream),
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                assert!(s.message().contains("too many health watches"), "{s:?}");
+            }
+        }
+    }
+    assert_eq!(watches.len(), 2, "a quarter of the 8 places");
+    let gateway = mesh_as(&pki, "gateway", MeshConfig::default());
+    let mut recs_client = client(
+        gateway
+            .channel_with_identity(&recs.target(), &identity("recommendations"))
+            .unwrap(),
+    );
+    recs_client
+        .recommend(recommend(&["a"]))
+        .await
+        .expect("the gateway's call finds a place");
+    drop(watches);
+}
+
+/// The Python service refuses every caller and method pattern mesh-client
+/// refuses (the lists of `authz.rs`' tests), so a policy file means the
+/// same in both: a prefix cut inside a segment (`spiffe://shop.local*`
+/// also matches `shop.local.evil`) or a `*` that is not at the end.
+#[test]
+fn python_refuses_the_patterns_mesh_client_refuses() {
+    if !python_ready(false) {
+        return;
+    }
+    let cases = serde_json::json!([
+        ["callers", "spiffe://shop.local*"],
+        ["callers", "spiffe://shop.local/ns/shop/sa/orders*"],
+        ["callers", "spiffe://*"],
+        ["callers", "spiffe:///*"],
+        ["callers", "spiffe://shop.local/*/sa/*"],
+        ["callers", "spiffe://shop.local//*"],
+        ["methods", "shop.*/Get"],
+        ["methods", "*/Get"],
+        ["methods", "shop.Orders/G*t"],
+        ["methods", "shop.Orders/**"],
+        ["methods", "/x"],
+    ]);
+    const SCRIPT: &str = r#"
+import json, sys
+from recommendations.policy import Policy, PolicyError
+def policy(callers, methods):
+    return json.dumps({"authorization": {"rules": [{"callers": callers, "methods": methods}]}})
+for field, pattern in json.loads(sys.argv[1]):
+    rule = {"callers": ["*"], "methods": ["*"]}
+    rule[field] = [pattern]
+    try:
+        Policy.parse(policy(rule["callers"], rule["methods"]))
+    except PolicyError as e:
+        assert f"rules[0].{field}[0]" in str(e), (pattern, str(e))
+    else:
+        sys.exit(f"{field} {pattern!r} was accepted")
+good = Policy.parse(policy(["spiffe://shop.local/ns/shop/*"], ["p.S/Get*"]))
+assert good.allows("spiffe://shop.local/ns/shop/sa/orders", "p.S/GetOrder")
+assert not good.allows("spiffe://shop.local/ns/shop-evil/sa/x", "p.S/GetOrder")
+assert not good.allows("spiffe://shop.local/ns/shop/sa/orders", "p.S/PutOrder")
+"#;
+    let out = Command::new("python3")
+        .args(["-c", SCRIPT, &cases.to_string()])
+        .current_dir(service_dir())
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

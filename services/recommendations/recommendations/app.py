@@ -221,17 +221,32 @@ def servicer_class(pb2, pb2_grpc):
     return Recommendations
 
 
+# Health watches one caller may hold open at once: a client watches once
+# per connection, so a few replicas reconnecting need a handful.
+WATCHES_PER_CALLER = 16
+
+
 class Health(health_pb2_grpc.HealthServicer):
     """grpc.health.v1.Health: Check and Watch. Draining sets everything but
     `liveness` NOT_SERVING; closing ends every Watch stream, which would
-    otherwise hold the drain open."""
+    otherwise hold the drain open.
 
-    def __init__(self, services):
+    Watch streams never end, and gRPC counts them against the server's
+    `maximum_concurrent_rpcs`; health is open to every caller, so without
+    a cap of their own one peer's watches could take every place and
+    refuse everyone's calls. At most `max_watches` are open at once, and
+    `WATCHES_PER_CALLER` per caller (its SPIFFE ID, else its address);
+    beyond them RESOURCE_EXHAUSTED."""
+
+    def __init__(self, services, max_watches=256):
         self.statuses = {s: health_pb2.HealthCheckResponse.SERVING for s in services}
         self.statuses[LIVENESS] = health_pb2.HealthCheckResponse.SERVING
         self.changed = asyncio.Condition()
         self.closed = False
         self.draining = False
+        self.max_watches = max_watches
+        self.per_caller = min(WATCHES_PER_CALLER, max_watches)
+        self.watching = {}
 
     async def Check(self, request, context):
         status = self.statuses.get(request.service)
@@ -240,6 +255,26 @@ class Health(health_pb2_grpc.HealthServicer):
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request, context):
+        caller = ident.caller_identity(context) or context.peer().rsplit(":", 1)[0]
+        held = self.watching.get(caller, 0)
+        if held >= self.per_caller or sum(self.watching.values()) >= self.max_watches:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many health watches open (at most {self.per_caller} per caller, "
+                f"{self.max_watches} in all); use Check, or fewer connections",
+            )
+        self.watching[caller] = held + 1
+        try:
+            async for update in self._watch(request):
+                yield update
+        finally:
+            left = self.watching.get(caller, 1) - 1
+            if left:
+                self.watching[caller] = left
+            else:
+                self.watching.pop(caller, None)
+
+    async def _watch(self, request):
         last = None
         unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
         while True:
@@ -489,7 +524,8 @@ async def serve(args):
     provider, tracer = setup_tracing(NAME)
     store = await asyncio.to_thread(Store, args.database_url)
 
-    health = Health(["", SERVICE])
+    # A quarter of the calls' places at most, so watches never take them all.
+    health = Health(["", SERVICE], max_watches=max(1, args.max_concurrent_calls // 4))
     known = {f"/{SERVICE}/Recommend", f"/{SERVICE}/RecordOrder", f"/{HEALTH}/Check", f"/{HEALTH}/Watch"}
     known |= {f"/{r}/ServerReflectionInfo" for r in (REFLECTION_V1, REFLECTION_V1ALPHA)}
     options = [

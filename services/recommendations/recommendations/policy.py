@@ -1,7 +1,8 @@
 """The mesh config's `authorization` section, enforced as mesh-client does
 (crates/mesh-client/src/authz.rs): deny by default once a policy exists;
-callers are exact SPIFFE IDs, prefixes ending in `*`, or `*`; methods are
-`package.Service/Method`, `package.Service/*` or `*`; `grpc.health.v1.Health`
+callers are exact SPIFFE IDs, prefixes ending in `/*` at a path segment,
+or `*`; methods are `package.Service/Method`, `package.Service/Prefix*`,
+`package.Service/*` or `*`; `grpc.health.v1.Health`
 is always allowed. The file is re-read every 2 s; a change that does not
 validate is logged and counted (`mesh_config_reloads_total{outcome="refused"}`)
 and the last good policy stays.
@@ -26,6 +27,45 @@ KNOWN_KEYS = {
 
 class PolicyError(Exception):
     """A mesh config that does not validate; the message names the field."""
+
+
+_DOMAIN_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-._")
+_SEGMENT_CHARS = _DOMAIN_CHARS | set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _spiffe_id_ok(value):
+    """A well-formed SPIFFE ID, by mesh-client's rules (tls/identity.rs)."""
+    rest = value[len("spiffe://") :] if value.startswith("spiffe://") else None
+    if rest is None or "/" not in rest or len(value) > 2048:
+        return False
+    domain, path = rest.split("/", 1)
+    if not domain or not set(domain) <= _DOMAIN_CHARS:
+        return False
+    return all(seg and seg not in (".", "..") and set(seg) <= _SEGMENT_CHARS for seg in path.split("/"))
+
+
+def caller_pattern_ok(pattern):
+    """`*`, an exact SPIFFE ID, or a spiffe:// prefix ending in `/*` at a
+    path segment (authz.rs `caller_pattern_ok`): a prefix cut inside a
+    segment matches more than it says (`spiffe://shop.local*` also matches
+    the trust domain `shop.local.evil`, `.../sa/orders*` the account
+    `orders-admin`)."""
+    if pattern == "*":
+        return True
+    if pattern.endswith("/*"):
+        return _spiffe_id_ok(pattern[:-2] + "/x")
+    return _spiffe_id_ok(pattern)
+
+
+def method_pattern_ok(pattern):
+    """`*` or `package.Service/Method`, the method part possibly ending in
+    `*` (authz.rs `method_pattern_ok`): a `*` anywhere else would be taken
+    literally and never match."""
+    if pattern == "*":
+        return True
+    service, slash, method = pattern.partition("/")
+    head = method[:-1] if method.endswith("*") else method
+    return bool(slash) and bool(service) and bool(method) and "/" not in method and "*" not in service and "*" not in head
 
 
 def _matches(pattern, value):
@@ -72,15 +112,14 @@ class Policy:
                 if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
                     raise PolicyError(f"authorization.rules[{i}].{field}: must be a non-empty list of strings")
             for j, c in enumerate(callers):
-                if c != "*" and not c.startswith("spiffe://"):
-                    raise PolicyError(f"authorization.rules[{i}].callers[{j}]: must be a spiffe:// ID, a prefix ending in *, or *")
-            for j, m in enumerate(methods):
-                ok = m == "*" or (
-                    m.count("/") == 1 and all(m.split("/")) and "." in m.split("/")[0]
-                )
-                if not ok:
+                if not caller_pattern_ok(c):
                     raise PolicyError(
-                        f"authorization.rules[{i}].methods[{j}]: must be package.Service/Method, package.Service/* or *"
+                        f"authorization.rules[{i}].callers[{j}]: must be a SPIFFE ID, a spiffe:// prefix ending in /* (whole path segments), or *"
+                    )
+            for j, m in enumerate(methods):
+                if not method_pattern_ok(m):
+                    raise PolicyError(
+                        f"authorization.rules[{i}].methods[{j}]: must be package.Service/Method, package.Service/MethodPrefix*, package.Service/* or * (a * only at the end)"
                     )
             parsed.append((list(callers), list(methods)))
         return Policy(mode, parsed)
