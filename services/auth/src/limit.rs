@@ -226,13 +226,14 @@ pub(crate) fn login_limits(client: &str, username: &str) -> [(String, u32); 3] {
     ]
 }
 
-/// The limiter key of a registration by `client`.
-/// The count of every login `client` makes (never taken back: its
-/// password was hashed).
+/// The count of every login `client` makes, kept whatever its outcome
+/// once its password is hashed (taken back only for a login refused or
+/// failed before hashing).
 pub(crate) fn hashed_login_limits(client: &str) -> [(String, u32); 1] {
     [(format!("login-hashed {client}"), HASHED_LOGINS_PER_CLIENT)]
 }
 
+/// The limiter key of a registration by `client`.
 pub(crate) fn register_limits(client: &str) -> [(String, u32); 1] {
     [(format!("registrations {client}"), REGISTRATIONS_PER_CLIENT)]
 }

@@ -2,6 +2,9 @@
 -- the transaction that opens an account: concurrent opens by one user
 -- serialise on this row. A COUNT(*) then an INSERT let 24 opens at once
 -- all pass the cap of 10 (both SQLite and PostgreSQL read the old count).
+-- Replicas of an older release still running beside this one open accounts
+-- without counting them: upgrade every replica at once, or a user may pass
+-- the cap by the accounts opened through old replicas meanwhile.
 CREATE TABLE account_counts (
     owner_id TEXT PRIMARY KEY,
     held     BIGINT NOT NULL

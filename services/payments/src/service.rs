@@ -185,7 +185,7 @@ impl PaymentsService {
         .rows_affected();
         if raised == 0 {
             return Err(Status::resource_exhausted(format!(
-                "you have {} accounts, the most one user may open",
+                "you hold {} accounts or more, the most one user may open",
                 cap.unwrap_or(i64::MAX)
             )));
         }

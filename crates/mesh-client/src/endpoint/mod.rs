@@ -680,7 +680,8 @@ mod tests {
             ep.record_failure(back, &policy, true),
             Verdict::Ejected(Duration::from_secs(10))
         );
-        let now = back;
+        let now = back + Duration::from_secs(10);
+        assert!(ep.is_eligible(now));
         // The share cap holds an endpoint in service even when it fails.
         for _ in 0..10 {
             assert_eq!(ep.record_failure(now, &policy, false), Verdict::Kept);

@@ -386,6 +386,37 @@ async fn a_non_fatal_answer_with_pushback_holds_the_next_hedge_until_then() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_pushback_holds_the_next_hedge_through_a_later_failure_without_one() {
+    let (svc, mut handle, _) = retry(r#"{"hedgingPolicy":{"maxAttempts":4,"hedgingDelay":"1s"}}"#);
+    let start = Instant::now();
+    let call = tokio::spawn(svc.oneshot(request(GET)));
+    let (_, first) = handle.next_request().await.unwrap();
+    let (_, second) = handle.next_request().await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    first.send_response(status(
+        Code::Unavailable,
+        &[("grpc-retry-pushback-ms", "50")],
+    ));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    second.send_response(status(Code::Unavailable, &[]));
+    let (_, third) = handle.next_request().await.unwrap();
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(1050),
+        "held by the first answer's pushback, not sent at once"
+    );
+    let (_, fourth) = handle.next_request().await.unwrap();
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(2050),
+        "the hedging delay after the held hedge"
+    );
+    fourth.send_response(ok());
+    assert!(header_status(&call.await.unwrap().unwrap()).is_none());
+    drop(third);
+}
+
+#[tokio::test(start_paused = true)]
 async fn without_a_deadline_layer_the_calls_grpc_timeout_bounds_a_servers_pushback() {
     let (svc, mut handle, _) =
         retry(r#"{"retryPolicy":{"maxAttempts":3,"retryableStatusCodes":["UNAVAILABLE"]}}"#);

@@ -518,10 +518,14 @@ where
                                 }
                             } else if let Some(wait) = wait.filter(|_| more) {
                                 match tokio::time::Instant::now().checked_add(wait) {
-                                    Some(at) => held_until = Some(at),
+                                    // The later of two servers' pushbacks.
+                                    Some(at) => held_until = held_until.max(Some(at)),
                                     // Past any time the clock can tell: no more.
                                     None => sent = policy.max_attempts,
                                 }
+                            } else if more && held_until.is_some() {
+                                // Held by an earlier answer's pushback: the
+                                // next hedge waits for it still.
                             } else if more && self.shared.budget.withdraw() {
                                 self.shared.metrics.retry(&self.shared.peer, parts.uri.path(), true);
                                 tracing::debug!(target = %self.shared.target, path = parts.uri.path(), attempt = sent + 1, ?code, "hedging after a non-fatal failure");
