@@ -1251,14 +1251,12 @@ async fn one_callers_health_watches_cannot_take_every_call_place() {
         None,
         &[("MAX_CONCURRENT_CALLS".into(), "8".into())],
     );
-    let operator = mesh_as(&pki, "operator", MeshConfig::default());
+    // No mesh here watches health on its own, so every watch is one the
+    // test opens (a watch of the operator's would hold a place).
+    let quiet = || MeshConfig::from_json(r#"{"healthChecks": false}"#).unwrap();
+    let operator = mesh_as(&pki, "operator", quiet());
     wait_ready(&operator, &recs.target()).await;
-    // Its own mesh watches nothing, so every watch here is one it opens.
-    let inventory = mesh_as(
-        &pki,
-        "inventory",
-        MeshConfig::from_json(r#"{"healthChecks": false}"#).unwrap(),
-    );
+    let inventory = mesh_as(&pki, "inventory", quiet());
     let channel = inventory
         .channel_with_identity(&recs.target(), &identity("recommendations"))
         .unwrap();

@@ -221,8 +221,8 @@ def servicer_class(pb2, pb2_grpc):
     return Recommendations
 
 
-# Health watches one caller may hold open at once: a client watches once
-# per connection, so a few replicas reconnecting need a handful.
+# Health watches one peer address may hold open at once: a client replica
+# watches once per connection it holds here (a few, reconnects included).
 WATCHES_PER_CALLER = 16
 
 
@@ -235,8 +235,13 @@ class Health(health_pb2_grpc.HealthServicer):
     `maximum_concurrent_rpcs`; health is open to every caller, so without
     a cap of their own one peer's watches could take every place and
     refuse everyone's calls. At most `max_watches` are open at once, and
-    `WATCHES_PER_CALLER` per caller (its SPIFFE ID, else its address);
-    beyond them RESOURCE_EXHAUSTED."""
+    `WATCHES_PER_CALLER` per peer address (not per SPIFFE ID: every
+    replica of a caller shares its ID, and a replica refused its watch
+    would route around this server); beyond them RESOURCE_EXHAUSTED.
+    This bounds well-formed watches only: a peer that opens streams and
+    never sends their request message holds places too, since gRPC Python
+    reads the request before any handler or interceptor runs; who can
+    reach the port at all is the network policy's to bound."""
 
     def __init__(self, services, max_watches=256):
         self.statuses = {s: health_pb2.HealthCheckResponse.SERVING for s in services}
@@ -255,12 +260,13 @@ class Health(health_pb2_grpc.HealthServicer):
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request, context):
-        caller = ident.caller_identity(context) or context.peer().rsplit(":", 1)[0]
+        # `ipv4:10.0.0.5:4567` → `ipv4:10.0.0.5` (`ipv6:[::1]:4567` alike).
+        caller = context.peer().rsplit(":", 1)[0]
         held = self.watching.get(caller, 0)
         if held >= self.per_caller or sum(self.watching.values()) >= self.max_watches:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"too many health watches open (at most {self.per_caller} per caller, "
+                f"too many health watches open (at most {self.per_caller} per address, "
                 f"{self.max_watches} in all); use Check, or fewer connections",
             )
         self.watching[caller] = held + 1
