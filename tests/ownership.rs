@@ -524,18 +524,7 @@ async fn wallets_cannot_mint_money_or_accounts_without_end() {
     let (_, token) = shop.user("minter").await;
     let mut wallet = WalletServiceClient::new(shop.channel(shop.payments.addr, "payments"));
     let open = |wallet: &mut WalletServiceClient<mesh_client::MeshChannel>| {
-        let mut wallet = wallet.clone();
-        let token = token.clone();
-        async move {
-            wallet
-                .open_account(authed(
-                    &token,
-                    OpenWalletAccountRequest {
-                        currency_code: "USD".into(),
-                    },
-                ))
-                .await
-        }
+        open_usd_account(wallet.clone(), token.clone())
     };
     let account = open(&mut wallet).await.unwrap().into_inner().account_id;
     let full = payments::WALLET_MAX_BALANCE_MINOR;
@@ -568,6 +557,21 @@ async fn wallets_cannot_mint_money_or_accounts_without_end() {
     );
 }
 
+/// Opens a USD wallet account as the holder of `token`.
+async fn open_usd_account(
+    mut wallet: WalletServiceClient<mesh_client::MeshChannel>,
+    token: String,
+) -> Result<tonic::Response<shop_api::payments::v1::Account>, tonic::Status> {
+    wallet
+        .open_account(authed(
+            &token,
+            OpenWalletAccountRequest {
+                currency_code: "USD".into(),
+            },
+        ))
+        .await
+}
+
 /// The account cap holds when a user opens many accounts at once: 20
 /// concurrent opens with 9 accounts held open exactly one (a count then an
 /// insert let all of them through).
@@ -575,20 +579,7 @@ async fn concurrent_opens_stop_at_the_cap(db: common::Db) {
     let shop = Shop::start_with(&db, true).await;
     let (_, token) = shop.user("racer").await;
     let wallet = WalletServiceClient::new(shop.channel(shop.payments.addr, "payments"));
-    let open = || {
-        let mut wallet = wallet.clone();
-        let token = token.clone();
-        async move {
-            wallet
-                .open_account(authed(
-                    &token,
-                    OpenWalletAccountRequest {
-                        currency_code: "USD".into(),
-                    },
-                ))
-                .await
-        }
-    };
+    let open = || open_usd_account(wallet.clone(), token.clone());
     for _ in 1..payments::MAX_ACCOUNTS_PER_USER {
         open().await.expect("within the account limit");
     }

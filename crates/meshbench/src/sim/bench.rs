@@ -475,6 +475,28 @@ async fn answer(req: http::Request<Body>) -> Result<http::Response<Body>, BoxErr
         .expect("a valid response"))
 }
 
+/// Nanoseconds per call of `calls` Echo calls of `payload`, one after another.
+async fn ns_per_echo<T>(
+    client: &mut shop_api::echo::v1::echo_service_client::EchoServiceClient<T>,
+    calls: usize,
+    payload: &[u8],
+) -> f64
+where
+    T: tonic::client::GrpcService<Body>,
+    T::Error: Into<BoxError>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error: Into<BoxError> + Send,
+{
+    let started = Instant::now();
+    for _ in 0..calls {
+        let request = shop_api::echo::v1::EchoRequest {
+            payload: payload.to_vec(),
+        };
+        client.echo(request).await.expect("the model answers");
+    }
+    started.elapsed().as_nanos() as f64 / calls as f64
+}
+
 /// Nanoseconds per call of each client in [`stack_cost`], one sample per
 /// round.
 pub struct StackCost {
@@ -494,7 +516,7 @@ pub struct StackCost {
 /// HTTP/2 and the network, is left out: `meshbench --scenario overhead`
 /// measures the whole path).
 pub async fn stack_cost(calls: usize, rounds: usize) -> StackCost {
-    use shop_api::echo::v1::{EchoRequest, echo_service_client::EchoServiceClient};
+    use shop_api::echo::v1::echo_service_client::EchoServiceClient;
     let mesh = Mesh::new(config(None))
         .with_descriptor_set(shop_api::FILE_DESCRIPTOR_SET)
         .expect("the shop's contracts")
@@ -519,22 +541,8 @@ pub async fn stack_cost(calls: usize, rounds: usize) -> StackCost {
         bare: Vec::new(),
     };
     for round in 0..=rounds {
-        let started = Instant::now();
-        for _ in 0..calls {
-            let request = EchoRequest {
-                payload: payload.clone(),
-            };
-            mesh_client.echo(request).await.expect("the model answers");
-        }
-        let mesh_ns = started.elapsed().as_nanos() as f64 / calls as f64;
-        let started = Instant::now();
-        for _ in 0..calls {
-            let request = EchoRequest {
-                payload: payload.clone(),
-            };
-            bare_client.echo(request).await.expect("the model answers");
-        }
-        let bare_ns = started.elapsed().as_nanos() as f64 / calls as f64;
+        let mesh_ns = ns_per_echo(&mut mesh_client, calls, &payload).await;
+        let bare_ns = ns_per_echo(&mut bare_client, calls, &payload).await;
         // Round 0 warms both up.
         if round > 0 {
             cost.mesh.push(mesh_ns);
