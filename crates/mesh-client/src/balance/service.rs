@@ -223,12 +223,13 @@ fn account(
     endpoint: &crate::endpoint::Endpoint,
     config: &crate::config::MeshConfig,
     code: Option<Code>,
+    started: Instant,
 ) {
     match code {
         // A RESOURCE_EXHAUSTED not marked as the mesh's shedding is a
         // service refusing a caller (a rate limit, a cap): a caller could
         // provoke those at will, so it says nothing of the endpoint's load.
-        Some(code) if !is_endpoint_failure(code) => endpoint.record_success(),
+        Some(code) if !is_endpoint_failure(code) => endpoint.record_success(started),
         _ => set.record_failure(endpoint, &config.outlier_detection),
     }
 }
@@ -480,7 +481,7 @@ where
                     // Overloaded, not broken: penalised, never ejected.
                     endpoint.record_shed(Instant::now());
                 } else if !excused && !callers_fault {
-                    account(&set, &endpoint, &config, Some(code));
+                    account(&set, &endpoint, &config, Some(code), started);
                 }
                 let mut response = response;
                 if code != Code::Ok {
@@ -495,7 +496,7 @@ where
             // clones, each a count written from both cores.
             Ok(response.map(move |body| {
                 Body::new(ObservedBody::new(body, move |code| {
-                    account(&set, &endpoint, &config, code)
+                    account(&set, &endpoint, &config, code, started)
                 }))
             }))
         })

@@ -1723,7 +1723,7 @@ mod tests {
         assert!(endpoint.is_eligible(Instant::now()));
         let response = conn.call(request()).await.unwrap();
         assert_eq!(response.headers()["grpc-status"], "0");
-        endpoint.record_success();
+        endpoint.record_success(Instant::now());
         assert!(!endpoint.is_reconnecting(Instant::now()));
         assert_eq!(conn.state(), ConnState::Ready);
         assert_eq!(bed.dials.load(Ordering::SeqCst), 3);

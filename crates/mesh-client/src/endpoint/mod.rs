@@ -133,6 +133,8 @@ struct State {
     consecutive_failures: u32,
     ejections: u32,
     ejected_until: Option<Instant>,
+    /// When the current (or last) ejection began.
+    ejected_at: Option<Instant>,
     connect_failures: u32,
     backoff_until: Option<Instant>,
     last_connect_error: Option<String>,
@@ -201,6 +203,7 @@ impl Endpoint {
                 consecutive_failures: 0,
                 ejections: 0,
                 ejected_until: None,
+                ejected_at: None,
                 connect_failures: 0,
                 backoff_until: None,
                 last_connect_error: None,
@@ -384,11 +387,23 @@ impl Endpoint {
         self.rtt_at.store(at.max(1), Ordering::Relaxed);
     }
 
-    pub(crate) fn record_success(&self) {
+    /// A call sent at `started` succeeded. One sent before the endpoint's
+    /// current ejection was in flight when the failures ejected it, and
+    /// says nothing of a recovery: it leaves the ejection in place (the
+    /// first such success re-admitted an endpoint that failed every other
+    /// call at once).
+    pub(crate) fn record_success(&self, started: Instant) {
         if !self.hot.troubled.load(Ordering::Relaxed) {
             return;
         }
         let mut state = self.state();
+        if state.ejected_at.is_some_and(|at| started < at)
+            && state
+                .ejected_until
+                .is_some_and(|until| Instant::now() < until)
+        {
+            return;
+        }
         state.consecutive_failures = 0;
         state.connect_failures = 0;
         state.backoff_until = None;
@@ -428,6 +443,7 @@ impl Endpoint {
             .saturating_mul(state.ejections)
             .min(policy.max_ejection_time);
         state.ejected_until = Some(now + time);
+        state.ejected_at = Some(now);
         Verdict::Ejected(time)
     }
 
@@ -713,8 +729,28 @@ mod tests {
             last <= Duration::from_secs(144) && last >= Duration::from_secs(96),
             "{last:?}"
         );
-        ep.record_success();
+        ep.record_success(now);
         assert!(ep.is_eligible(now));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_in_flight_at_the_ejection_does_not_end_it_by_succeeding() {
+        let ep = endpoint();
+        let policy = OutlierDetection::default();
+        let sent = Instant::now();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let now = Instant::now();
+        for _ in 0..policy.consecutive_failures {
+            ep.record_failure(now, &policy, true);
+        }
+        assert!(ep.is_ejected(now));
+        // Sent before the ejection: it stays.
+        ep.record_success(sent);
+        assert!(ep.is_ejected(now), "an older call's success re-admitted it");
+        // Sent after it (a panic-mode pick): re-admitted.
+        tokio::time::advance(Duration::from_millis(10)).await;
+        ep.record_success(Instant::now());
+        assert!(!ep.is_ejected(Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]
