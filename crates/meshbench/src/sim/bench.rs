@@ -423,45 +423,20 @@ pub async fn update_beside_calls(batches: usize) -> Update {
 
 /// A unary answer at once: one Echo response (64 bytes of payload) and
 /// an OK status in its trailers, as a server sends it.
-#[derive(Default)]
-struct InstantAnswer {
-    data: Option<bytes::Bytes>,
-    trailers: Option<http::HeaderMap>,
-}
-
-impl InstantAnswer {
-    fn new() -> Self {
-        // The gRPC frame of `EchoResponse { payload: [7; 64] }`, encoded by
-        // hand (field 1, length 64): meshbench does not depend on prost.
-        let mut frame = vec![0, 0, 0, 0, 66, 0x0a, 64];
-        frame.extend([7u8; 64]);
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        Self {
-            data: Some(frame.into()),
-            trailers: Some(trailers),
-        }
-    }
-}
-
-impl http_body::Body for InstantAnswer {
-    type Data = bytes::Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let frame = match self.data.take() {
-            Some(data) => Some(http_body::Frame::data(data)),
-            None => self.trailers.take().map(http_body::Frame::trailers),
-        };
-        std::task::Poll::Ready(frame.map(Ok))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.data.is_none() && self.trailers.is_none()
-    }
+fn instant_answer() -> Body {
+    // The gRPC frame of `EchoResponse { payload: [7; 64] }`, encoded by
+    // hand (field 1, length 64): meshbench does not depend on prost.
+    let mut frame = vec![0, 0, 0, 0, 66, 0x0a, 64];
+    frame.extend([7u8; 64]);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let frames = [
+        http_body::Frame::data(bytes::Bytes::from(frame)),
+        http_body::Frame::trailers(trailers),
+    ];
+    Body::new(http_body_util::StreamBody::new(futures::stream::iter(
+        frames.map(Ok::<_, BoxError>),
+    )))
 }
 
 /// The instant answer to any request, after reading its body (as a server
@@ -471,7 +446,7 @@ async fn answer(req: http::Request<Body>) -> Result<http::Response<Body>, BoxErr
     req.into_body().collect().await?;
     Ok(http::Response::builder()
         .header("content-type", "application/grpc")
-        .body(Body::new(InstantAnswer::new()))
+        .body(instant_answer())
         .expect("a valid response"))
 }
 
