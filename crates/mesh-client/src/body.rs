@@ -495,11 +495,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let budget = req
-            .headers()
-            .get(crate::headers::GRPC_TIMEOUT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::deadline::decode_grpc_timeout);
+        let budget = crate::deadline::header_timeout(req.headers());
         // The deadline layer's own instant when it set one: no clock read,
         // and the body ends exactly at the call's deadline.
         let at = match req.extensions().get::<crate::deadline::CallExpiry>() {
@@ -780,11 +776,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let budget = req
-            .headers()
-            .get(crate::headers::GRPC_TIMEOUT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::deadline::decode_grpc_timeout);
+        let budget = crate::deadline::header_timeout(req.headers());
         let req = req.map(|inner| tonic::body::Body::new(CancelVisibleBody { inner }));
         let fut = self.inner.call(req);
         let Some(budget) = budget else {

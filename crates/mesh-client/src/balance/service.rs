@@ -60,11 +60,7 @@ impl Picked {
 /// its call's [`CallExpiry`] leaves. The header alone would tell the new
 /// server it has the time the dial and the first connection took too.
 fn time_left(req: &http::Request<Body>, entered: Instant) -> Option<Duration> {
-    let by_header = req
-        .headers()
-        .get(crate::headers::GRPC_TIMEOUT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(crate::deadline::decode_grpc_timeout)
+    let by_header = crate::deadline::header_timeout(req.headers())
         .map(|sent| sent.saturating_sub(entered.elapsed()));
     let by_expiry = req
         .extensions()

@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Timeout};
 use tower::{Layer, Service};
 
-use super::{INBOUND_DEADLINE, decode_grpc_timeout, grpc_timeout_header, inbound_deadline};
+use super::{INBOUND_DEADLINE, grpc_timeout_header, inbound_deadline};
 use crate::{BoxError, headers::GRPC_TIMEOUT};
 
 /// The default timeout of a call, by gRPC path.
@@ -139,12 +139,8 @@ where
             None => (self.policy)(req.uri().path()),
         };
         // Cut before adding: `99999999H` from now is no instant to compute with.
-        let explicit = req
-            .headers()
-            .get(GRPC_TIMEOUT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(decode_grpc_timeout)
-            .map(|d| now + d.min(limits.max));
+        let explicit =
+            crate::deadline::header_timeout(req.headers()).map(|d| now + d.min(limits.max));
         let deadline = match (explicit, inbound_deadline()) {
             (Some(a), Some(b)) => a.min(b),
             (Some(d), None) | (None, Some(d)) => d,
@@ -274,12 +270,8 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let timeout = req
-            .headers()
-            .get(GRPC_TIMEOUT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(decode_grpc_timeout)
-            .map(|timeout| timeout.min(self.max));
+        let timeout =
+            crate::deadline::header_timeout(req.headers()).map(|timeout| timeout.min(self.max));
         let fut = self.inner.call(req);
         match timeout {
             Some(timeout) => Either::Left(INBOUND_DEADLINE.scope(Instant::now() + timeout, fut)),
@@ -306,11 +298,7 @@ mod tests {
         let seen = Arc::new(Mutex::new(None));
         let sink = seen.clone();
         let svc = tower::service_fn(move |req: http::Request<()>| {
-            *sink.lock().unwrap() = req
-                .headers()
-                .get(GRPC_TIMEOUT)
-                .and_then(|v| v.to_str().ok())
-                .and_then(decode_grpc_timeout);
+            *sink.lock().unwrap() = crate::deadline::header_timeout(req.headers());
             futures::future::pending::<Result<http::Response<()>, BoxError>>()
         });
         (seen, tower::util::BoxCloneSyncService::new(svc))
@@ -422,11 +410,7 @@ mod tests {
     }
 
     fn sent_timeout(req: &http::Request<()>) -> Duration {
-        req.headers()
-            .get(GRPC_TIMEOUT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(decode_grpc_timeout)
-            .expect("grpc-timeout sent")
+        crate::deadline::header_timeout(req.headers()).expect("grpc-timeout sent")
     }
 
     #[tokio::test(start_paused = true)]

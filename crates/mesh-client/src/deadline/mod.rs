@@ -23,8 +23,8 @@ pub use layer::{
     CallDeadline, CallExpiry, DEFAULT_MAX_TIMEOUT, DeadlineLayer, DeadlinePolicy,
     InboundDeadlineLayer, TimeoutPolicy,
 };
-pub(crate) use timeout::grpc_timeout_header;
 pub use timeout::{decode_grpc_timeout, encode_grpc_timeout};
+pub(crate) use timeout::{grpc_timeout_header, header_timeout};
 
 use std::{future::Future, time::Duration};
 

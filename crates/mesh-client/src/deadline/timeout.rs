@@ -38,6 +38,14 @@ pub(crate) fn grpc_timeout_header(timeout: Duration) -> http::HeaderValue {
     http::HeaderValue::from_bytes(&buf[..len]).expect("an encoded timeout is ASCII")
 }
 
+/// The `grpc-timeout` of `headers`, decoded (`None` when absent or malformed).
+pub(crate) fn header_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    headers
+        .get(crate::headers::GRPC_TIMEOUT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(decode_grpc_timeout)
+}
+
 /// Decodes a `grpc-timeout` header value (`1-8 digits` + `H M S m u n`).
 pub fn decode_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {

@@ -41,7 +41,7 @@ use tower::{Layer, Service, ServiceExt};
 
 pub use super::FAULT_HEADER;
 use super::FaultPolicy;
-use crate::{BoxError, deadline::decode_grpc_timeout, telemetry::metrics::Metrics};
+use crate::{BoxError, telemetry::metrics::Metrics};
 
 /// Request extension: the fault policy of the route the router chose for
 /// this call. It takes precedence over a policy given to the layer.
@@ -190,11 +190,7 @@ where
         // call asks a clone for readiness once its delay is over.
         let inner = self.inner.clone();
         let (peer, metrics) = (self.layer.peer.clone(), self.layer.metrics.clone());
-        let budget = req
-            .headers()
-            .get(crate::headers::GRPC_TIMEOUT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(decode_grpc_timeout);
+        let budget = crate::deadline::header_timeout(req.headers());
         Either::Right(Box::pin(async move {
             if let Some(delay) = delay {
                 metrics.client_fault(&peer, "delay");

@@ -102,11 +102,7 @@ where
         }
         let name: Arc<str> = Arc::from(rule.name.as_str());
         tracing::debug!(rule = %name, caller = caller.unwrap_or("-"), method, ?delay, ?abort, "injecting a server fault");
-        let budget = req
-            .headers()
-            .get(crate::headers::GRPC_TIMEOUT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::deadline::decode_grpc_timeout);
+        let budget = crate::deadline::header_timeout(req.headers());
         let inner = self.inner.clone();
         let metrics = self.layer.metrics.clone();
         Either::Right(Box::pin(async move {

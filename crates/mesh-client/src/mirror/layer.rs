@@ -43,7 +43,6 @@ use tower::{Layer, Service, ServiceExt, util::BoxCloneSyncService};
 use super::MirrorPolicy;
 use crate::{
     BoxError,
-    deadline::decode_grpc_timeout,
     fault::layer::roll,
     methods::MethodTable,
     retry::body::{Buffered, buffer},
@@ -223,11 +222,7 @@ where
             }
             copy.headers_mut()
                 .insert(MIRROR_HEADER, HeaderValue::from_static("true"));
-            let limit = parts
-                .headers
-                .get(crate::headers::GRPC_TIMEOUT)
-                .and_then(|v| v.to_str().ok())
-                .and_then(decode_grpc_timeout)
+            let limit = crate::deadline::header_timeout(&parts.headers)
                 .map_or(MAX_COPY_DURATION, |d| d.min(MAX_COPY_DURATION));
             layer.metrics.mirrored(&layer.peer, "sent");
             let (shadow, peer, metrics) = (

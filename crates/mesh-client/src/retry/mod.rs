@@ -351,13 +351,8 @@ where
         // this attempt has: the server is told that, and stops working
         // when the attempt is abandoned rather than at the call's deadline.
         if let Some(limit) = per_attempt {
-            let call_left = time_left(parts).or_else(|| {
-                parts
-                    .headers
-                    .get(crate::headers::GRPC_TIMEOUT)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(crate::deadline::decode_grpc_timeout)
-            });
+            let call_left =
+                time_left(parts).or_else(|| crate::deadline::header_timeout(&parts.headers));
             let sent = call_left.map_or(limit, |left| left.min(limit));
             req.headers_mut().insert(
                 crate::headers::GRPC_TIMEOUT,
@@ -583,11 +578,7 @@ where
         // channel), the call's own `grpc-timeout` bounds its retries and
         // their waits: a server's pushback could otherwise hold it forever.
         if req.extensions().get::<CallExpiry>().is_none()
-            && let Some(timeout) = req
-                .headers()
-                .get(crate::headers::GRPC_TIMEOUT)
-                .and_then(|v| v.to_str().ok())
-                .and_then(crate::deadline::decode_grpc_timeout)
+            && let Some(timeout) = crate::deadline::header_timeout(req.headers())
             && let Some(at) = tokio::time::Instant::now().checked_add(timeout)
         {
             req.extensions_mut().insert(CallExpiry(at));
