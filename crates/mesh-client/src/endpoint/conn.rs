@@ -1,36 +1,40 @@
-//! An endpoint's HTTP/2 connection, driven by hyper's client directly.
+//! An endpoint's HTTP/2 connection, driven through the `h2` crate directly.
 //!
-//! tonic's `Channel` puts a `tower::Buffer` in front of hyper: every call
-//! is a hop over an mpsc queue to a worker task and a oneshot back, and the
-//! worker serialises `poll_ready`/`call` for all callers. The balancer
-//! already decides which endpoint is fit for a call, so that queue buys the
-//! mesh nothing. Here a call takes the connection's lock only to hand its
-//! request to hyper's [`SendRequest`] (which queues it straight to the
-//! connection's own task) and then waits on hyper's response future.
+//! tonic's `Channel` puts a `tower::Buffer` in front of hyper, and hyper's
+//! HTTP/2 client puts a dispatcher of its own in front of `h2`: every call
+//! is a hop over an mpsc queue to the connection's task, a task spawned
+//! for the wait on its response, and a oneshot back (about 6 µs a call on
+//! this machine's loopback, measured against a bare `h2` client in
+//! `docs/benchmarks.md`). The balancer already decides which endpoint is
+//! fit for a call, so none of that buys the mesh anything. Here a call
+//! opens its stream from its own task: it takes the connection's gate (a
+//! fair async lock over h2's [`SendRequest`], held only while the stream
+//! is opened), writes its request body in place (a unary body is whole on
+//! its first poll) and waits on h2's response future. Only a request body
+//! still streaming when the response head arrives gets a task of its own.
 //!
 //! States: `Idle` (no connection yet, or the last dial failed),
 //! `Connecting` (one dial in progress, shared by every call that arrives
-//! meanwhile), `Ready` (a live [`SendRequest`]). A `Ready` connection whose
-//! hyper side has closed (EOF, keepalive timeout, I/O error, or a GOAWAY
-//! noticed) is found closed by the next call, which dials again; calls
-//! already on the old connection finish there (a GOAWAY lets the streams it
-//! names complete). Nothing is dialled before the first call or health
-//! watch, and an idle connection holds no task.
+//! meanwhile), `Ready` (a live connection). A `Ready` connection whose h2
+//! side has closed (EOF, keepalive timeout, I/O error, or a GOAWAY noticed)
+//! is found closed by the next call, which dials again; calls already on
+//! the old connection finish there (a GOAWAY lets the streams it names
+//! complete). Nothing is dialled before the first call or health watch,
+//! and an idle connection holds one task (its h2 connection and keepalive).
 //!
 //! Over TLS a connection retires shortly before the earlier of its two
 //! certificates expires ([`retire_at`]): the next call dials a new one
 //! (with the renewed certificate) and the old one closes when its calls
 //! are done, before the server would cut it at the expiry.
 //!
-//! Failures map as a tonic `Channel`'s did, so the balancer and the retry
-//! layer classify them unchanged: a failed dial fails its calls with a
+//! Failures map so the balancer and the retry layer classify them as they
+//! did a tonic `Channel`'s: a failed dial fails its calls with a
 //! [`tonic::ConnectError`] (the balancer's cue for the endpoint's reconnect
 //! backoff, the retry layer's "never sent"); a stream the server refused
-//! is hyper's error over `h2`'s `REFUSED_STREAM`; a request hyper never
-//! wrote because its connection had closed is hyper's "canceled". hyper
-//! hands that last request back, so it provably never left: it fails as
-//! [`Unsent`], carrying the request, and the balancer sends it once more
-//! to an endpoint it picks, avoiding this one (a request racing a drain's
+//! is h2's `REFUSED_STREAM`; a request whose connection had closed (h2
+//! refuses to open its stream) fails as [`Unsent`], carrying the request:
+//! it provably never left, and the balancer sends it once more to an
+//! endpoint it picks, avoiding this one (a request racing a drain's
 //! GOAWAY then costs no retry, charges the endpoint nothing, and does not
 //! go back to the draining address).
 //!
@@ -40,13 +44,13 @@
 //! as a failed dial, so the endpoint backs off instead of costing a dial
 //! per call.
 //!
-//! hyper queues calls beyond the server's stream limit, and a call that
-//! gives up stays in hyper's queue until a stream frees. Past
-//! [`MAX_QUEUED_REQUESTS`] queued a call is refused at once, unsent
-//! ([`QueueFull`]: load, not a failure), while the connection's streams go
-//! on: its server is busy. Only a full queue that no request left for its
-//! [`stall_window`] (a server that answers pings but opens no streams)
-//! gets the connection cut: its socket fails (so hyper frees the queue),
+//! Calls beyond the server's stream limit wait at the gate in arrival
+//! order, at most [`MAX_PENDING_CALLS`] live calls per connection (past it
+//! a call is refused at once, unsent: [`QueueFull`], load, not a failure);
+//! a call that gives up leaves the line at once and costs the server
+//! nothing. Only a line of [`STALL_WAITERS`] or more through which no
+//! stream opened for a whole [`stall_window`] (a server that answers
+//! pings but opens no streams) gets the connection cut: its socket fails,
 //! and its calls fail with a [`tonic::ConnectError`] over [`Stalled`],
 //! unsent, which backs the endpoint off as a failed dial would.
 
@@ -60,20 +64,16 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use futures::{
     FutureExt,
     future::{BoxFuture, Shared},
 };
 use http::{HeaderValue, Uri, uri::Authority};
-use hyper::client::conn::{
-    TrySendError,
-    http2::{Builder, SendRequest},
-};
-use hyper_util::rt::TokioTimer;
+use hyper_util::rt::TokioIo;
 use tonic::body::Body;
 
 use crate::{BoxError, config::EndpointConfig};
-
 /// HTTP/2 connection flow-control window we advertise: 32 streams'
 /// worth of [`STREAM_WINDOW`]. h2 gives connection window back only as a
 /// stream's data is read, so streams nobody reads (an outside caller
@@ -95,108 +95,211 @@ pub(crate) const MAX_FRAME_SIZE: u32 = 16 * 1024;
 pub(crate) const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// Streams opened before the server's SETTINGS say how many it allows
 /// (the RFC's recommended minimum, hyper's default); after that the
-/// server's `SETTINGS_MAX_CONCURRENT_STREAMS` bounds us, and hyper queues
-/// calls beyond it until a stream closes (at most [`MAX_PENDING_CALLS`]
-/// live calls per connection, and [`MAX_QUEUED_REQUESTS`] live or
-/// abandoned ones in hyper's queue).
+/// server's `SETTINGS_MAX_CONCURRENT_STREAMS` bounds us, and calls beyond
+/// it wait at the connection's gate until a stream closes (at most
+/// [`MAX_PENDING_CALLS`] live calls per connection).
 pub(crate) const INITIAL_MAX_SEND_STREAMS: usize = 100;
-/// Request bytes buffered per stream before the sender waits (hyper's default).
+/// Request bytes h2 buffers per stream beyond its flow-control window
+/// before a streaming request body is read further (hyper's default).
 pub(crate) const MAX_SEND_BUFFER: usize = 1024 * 1024;
 /// Streams the server may make us reset for its protocol errors before we
 /// close the connection (hyper's default flood guard).
 pub(crate) const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
+/// Request body bytes written to h2 before the body's pipe waits for
+/// flow-control window: a unary message (whole in memory already) goes
+/// out without a round of window bookkeeping; a longer stream is read
+/// only as fast as the server takes it.
+const EAGER_BODY_BYTES: usize = 64 * 1024;
+/// Headers (besides `connection`) that are about one HTTP/1 hop and are malformed in an HTTP/2
+/// request (RFC 9113 8.2.2): h2 refuses a request carrying one, so they
+/// are dropped, as hyper drops them (a gateway's HTTP/1 caller may send them).
+const CONNECTION_HEADERS: [&str; 4] = [
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+];
+
 /// The `user-agent` of calls that set none.
 const USER_AGENT: &str = concat!("mesh-client/", env!("CARGO_PKG_VERSION"));
 
+/// h2's handle for opening streams on one connection.
+type Sender = h2::client::SendRequest<Bytes>;
+
 /// One dial: a connected, handshaken HTTP/2 sender whose connection task
 /// is already running, its socket behind the given [`Link`]'s switch.
-type Dial =
-    Box<dyn Fn(Arc<Link>) -> BoxFuture<'static, Result<SendRequest<Body>, BoxError>> + Send + Sync>;
+type Dial = Box<dyn Fn(Arc<Link>) -> BoxFuture<'static, Result<Sender, BoxError>> + Send + Sync>;
 
 /// One dial in progress, awaited by every call that needs it.
 type Attempt = Shared<BoxFuture<'static, Result<Live, DialError>>>;
 
-/// A live connection: hyper's sender and the connection's [`Link`].
+/// A live connection: its gate and its [`Link`].
 #[derive(Clone)]
 struct Live {
-    send: SendRequest<Body>,
+    /// The one handle streams are opened through, one call at a time: h2
+    /// lets a handle have one stream waiting for a slot (the server's
+    /// stream limit reached), so the calls behind it wait here, in order,
+    /// and one that gives up leaves at once instead of opening a stream
+    /// for nothing. Held only while a stream is opened.
+    gate: Arc<tokio::sync::Mutex<Sender>>,
     link: Arc<Link>,
 }
 
-/// hyper's response future on a live connection; gives the request back
-/// if hyper never wrote it.
-type Sent = Pin<
-    Box<
-        dyn Future<Output = Result<http::Response<hyper::body::Incoming>, TrySendError<Request>>>
-            + Send,
-    >,
->;
-
 type Request = http::Request<Body>;
 
-pin_project_lite::pin_project! {
-    /// hyper's response body, telling its end without h2's lock.
-    ///
-    /// `is_end_stream` on hyper's body takes the connection's stream lock,
-    /// which its connection task holds while it reads and writes frames;
-    /// every layer that wraps a body in `tonic::body::Body::new` asks it,
-    /// so a call took that lock (often contended: a futex wait) once per
-    /// layer. This answers from what it saw instead: the end known when
-    /// the headers came (hyper's own check then), and a `None` or the
-    /// trailers read since. Answering `false` early is within the
-    /// `http_body` contract: the reader polls once more and gets the end.
-    struct Received {
-        #[pin]
-        inner: hyper::body::Incoming,
-        ended: bool,
-    }
+/// A response body read from h2: gives the flow-control window back as
+/// its data is read (a stream nobody reads holds only its own window),
+/// and tells its end from what it saw, without h2's lock (every layer
+/// that wraps a body in `tonic::body::Body::new` asks; the connection
+/// task holds that lock while it reads and writes frames): the end known
+/// when the headers came, and a `None` or the trailers read since.
+/// Answering `false` early is within the `http_body` contract: the reader
+/// polls once more and gets the end.
+struct Received {
+    recv: h2::RecvStream,
+    /// All data frames read; the trailers (or the end) come next.
+    data_done: bool,
+    ended: bool,
+    /// The request body's pipe, if it was still streaming when the
+    /// response head came: a caller done with the response is done with
+    /// the call, so the pipe stops (and the stream is reset) with it.
+    _pipe: Option<AbortOnDrop>,
 }
 
-/// A response from hyper as the mesh's layers take it (see [`Received`]).
-fn received(response: http::Response<hyper::body::Incoming>) -> http::Response<Body> {
-    let (parts, inner) = response.into_parts();
-    // Without `content-length`, hyper's exact hint of 0 is its check of
-    // h2 at the headers (the stream had already ended); with one, a zero
-    // length may still be followed by trailers, so h2 is asked.
-    let ended = if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
-        http_body::Body::is_end_stream(&inner)
-    } else {
-        http_body::Body::size_hint(&inner).exact() == Some(0)
-    };
-    http::Response::from_parts(parts, Body::new(Received { inner, ended }))
+/// A response from h2 as the mesh's layers take it (see [`Received`]).
+fn received(
+    response: http::Response<h2::RecvStream>,
+    pipe: Option<AbortOnDrop>,
+) -> http::Response<Body> {
+    let (parts, recv) = response.into_parts();
+    let ended = recv.is_end_stream();
+    http::Response::from_parts(
+        parts,
+        Body::new(Received {
+            recv,
+            data_done: ended,
+            ended,
+            _pipe: pipe,
+        }),
+    )
 }
 
 impl http_body::Body for Received {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Data = Bytes;
+    type Error = h2::Error;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(None) = &polled {
-            *this.ended = true;
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, h2::Error>>> {
+        if self.ended {
+            return Poll::Ready(None);
         }
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && frame.is_trailers()
-        {
-            *this.ended = true;
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Read, so the server may send as much again.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                }
+                Some(Err(e)) => {
+                    self.ended = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => self.data_done = true,
+            }
         }
-        polled
+        let trailers = ready!(self.recv.poll_trailers(cx));
+        self.ended = true;
+        Poll::Ready(match trailers {
+            Ok(Some(trailers)) => Some(Ok(http_body::Frame::trailers(trailers))),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        })
     }
 
     fn is_end_stream(&self) -> bool {
         self.ended
     }
+}
 
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
+/// A request body on its way into h2: written frame by frame, the first
+/// [`EAGER_BODY_BYTES`] at once, the rest as the stream's flow-control
+/// window opens (so a long stream is read from its source only as fast as
+/// the server takes it, as hyper's pipe does). It stops when the body
+/// ends, fails (the stream is reset), or the server resets the stream.
+struct Pipe {
+    body: Body,
+    stream: h2::SendStream<Bytes>,
+    /// Body bytes handed to h2 so far (up to the eager allowance).
+    written: usize,
+}
+
+impl Pipe {
+    /// Writes what the body has; `Ready` once the pipe is done.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        use http_body::Body as _;
+        loop {
+            if self.written >= EAGER_BODY_BYTES && self.stream.capacity() == 0 {
+                self.stream.reserve_capacity(1);
+                match self.stream.poll_capacity(cx) {
+                    Poll::Ready(Some(Ok(0))) => continue,
+                    Poll::Ready(Some(Ok(_))) => {}
+                    // The stream or its connection is gone.
+                    Poll::Ready(_) => return Poll::Ready(()),
+                    Poll::Pending => return self.poll_reset(cx),
+                }
+            }
+            let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => return self.poll_reset(cx),
+            };
+            match frame {
+                None => {
+                    let _ = self.stream.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+                Some(Err(e)) => {
+                    // The server must not take a cut-off body for a whole one.
+                    tracing::debug!("request body failed, stream reset: {e}");
+                    self.stream.send_reset(h2::Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let end = self.body.is_end_stream();
+                        self.written = self.written.saturating_add(data.len());
+                        if self.stream.send_data(data, end).is_err() || end {
+                            return Poll::Ready(());
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            let _ = self.stream.send_trailers(trailers);
+                            return Poll::Ready(());
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// `Ready` if the server reset the stream (nothing more to write),
+    /// else `Pending` with the reset watched.
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.stream.poll_reset(cx).map(|_| ())
+    }
+}
 /// Where a connection is, for tests and diagnostics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ConnState {
@@ -315,48 +418,63 @@ impl std::fmt::Debug for ClientConn {
     }
 }
 
-/// Runs hyper's client futures on tokio, each in a box of its own.
-///
-/// hyper spawns one or two futures per call (the wait for the response,
-/// and the request body's pipe to h2 when h2 cannot take the body at
-/// once) and one per connection (the connection itself), all variants of
-/// one enum as large as its largest, the connection: spawned as they
-/// are, each call copied that size into task cells and back out (perf:
-/// `memmove` under tokio's `Cell::new` and `set_stage`; 2.5 → 1.7 µs a
-/// call boxed). Boxed, the copy is of the future itself, once, and the
-/// task holds a pointer, as under tonic's own executor.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct BoxingExecutor;
-
-impl<F> hyper::rt::Executor<F> for BoxingExecutor
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        drop(tokio::spawn(Box::pin(fut)));
-    }
-}
-
-/// The HTTP/2 settings of every client connection: the keepalive of
-/// `settings` and the explicit limits above.
-pub(crate) fn http2_builder(settings: &EndpointConfig) -> Builder<BoxingExecutor> {
-    let mut builder = Builder::new(BoxingExecutor);
+/// The HTTP/2 settings of every client connection: the explicit limits
+/// above, as hyper's client set them (server push off).
+fn http2_builder() -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
     builder
-        .timer(TokioTimer::new())
-        .keep_alive_interval(settings.keepalive_interval)
-        .keep_alive_timeout(settings.keepalive_timeout)
-        // A connection with no call in flight still carries the health
-        // watch; a dead peer must be found without waiting for a call.
-        .keep_alive_while_idle(true)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_window_size(STREAM_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
-        .max_send_buf_size(MAX_SEND_BUFFER)
-        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS);
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .enable_push(false);
     builder
+}
+
+/// Runs one connection's h2 side until it ends, pinging the peer every
+/// `interval` (busy or idle: a connection with no call in flight still
+/// carries the health watch, and a dead peer must be found without
+/// waiting for a call). A ping unanswered within `timeout` cuts the
+/// connection: its socket fails, so its streams fail at once.
+async fn drive<T>(
+    mut conn: h2::client::Connection<T, Bytes>,
+    link: Arc<Link>,
+    interval: Duration,
+    timeout: Duration,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let pings = conn.ping_pong();
+    let keepalive = async move {
+        let Some(mut pings) = pings else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(interval).await;
+            match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_)) => {}
+                // The connection is ending; it tells why itself.
+                Ok(Err(_)) => return std::future::pending().await,
+                Err(_) => return,
+            }
+        }
+    };
+    tokio::select! {
+        ended = &mut conn => {
+            if let Err(e) = ended {
+                tracing::debug!("HTTP/2 client connection ended: {e}");
+            }
+        }
+        () = keepalive => {
+            tracing::debug!("HTTP/2 client connection cut: no PING answer within {timeout:?}");
+            link.sever(Cut::Keepalive(timeout));
+            let _ = conn.await;
+        }
+    }
+    link.close();
 }
 
 impl ClientConn {
@@ -395,7 +513,8 @@ impl ClientConn {
         Fut: Future<Output = io::Result<(T, Option<std::time::SystemTime>)>> + Send + 'static,
         T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
-        let builder = http2_builder(settings);
+        let builder = http2_builder();
+        let (interval, timeout) = (settings.keepalive_interval, settings.keepalive_timeout);
         let retire_at_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let retire = retire_at_ms.clone();
         let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -409,13 +528,13 @@ impl ClientConn {
                 let (io, expires) = io.await?;
                 let io = Severable {
                     io,
-                    link,
+                    link: link.clone(),
                     busy,
                     // The preface is written before any read: not put off.
                     armed: false,
                     deferred: false,
                 };
-                let (send, conn) = builder.handshake::<_, Body>(io).await?;
+                let (send, conn) = builder.handshake::<_, Bytes>(TokioIo::new(io)).await?;
                 // Written before the dial's outcome becomes the state
                 // (under the state's lock), so a call that finds this
                 // connection Ready reads its own retirement time.
@@ -426,14 +545,9 @@ impl ClientConn {
                         .map_or(0, unix_ms),
                     std::sync::atomic::Ordering::Relaxed,
                 );
-                // hyper's request dispatcher; the HTTP/2 connection itself
-                // runs on a task hyper spawns. Both end when the connection
-                // does (or when every sender and call is gone).
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!("HTTP/2 client connection ended: {e}");
-                    }
-                });
+                // Ends when the connection does, or once every handle and
+                // stream is gone (h2 then says GOAWAY and closes).
+                tokio::spawn(drive(conn, link, interval, timeout));
                 Ok(send)
             })
         });
@@ -482,9 +596,7 @@ impl ClientConn {
         match &*self.inner.lock() {
             State::Idle => ConnState::Idle,
             State::Connecting(_) => ConnState::Connecting,
-            State::Ready(live) if live.send.is_closed() || self.inner.retired() => {
-                ConnState::Closed
-            }
+            State::Ready(live) if live.closed() || self.inner.retired() => ConnState::Closed,
             State::Ready(_) => ConnState::Ready,
         }
     }
@@ -495,12 +607,11 @@ impl ClientConn {
         self.inner.retire_time()
     }
 
-    /// Requests handed to hyper on the live connection and not yet taken
-    /// off its queue (by opening a stream, or discarded as abandoned).
+    /// Calls waiting at the live connection's gate for their stream.
     #[cfg(test)]
     pub(crate) fn queued(&self) -> usize {
         match &*self.inner.lock() {
-            State::Ready(live) => live.link.queued(),
+            State::Ready(live) => live.link.waiting(),
             _ => 0,
         }
     }
@@ -508,19 +619,19 @@ impl ClientConn {
     /// Sends `req` on the connection, dialling first if there is none.
     pub(crate) fn call(&self, mut req: Request) -> ResponseFuture {
         use std::sync::atomic::Ordering::Relaxed;
-        // hyper queues calls beyond the server's stream limit without
-        // bound; a peer that stops opening streams (and still answers
-        // pings) would hold every call until its deadline. Past the bound
-        // a call fails at once, unsent, and may go elsewhere.
+        // Calls beyond the server's stream limit wait at the gate; a peer
+        // that stops opening streams (and still answers pings) would hold
+        // every call until its deadline. Past the bound a call fails at
+        // once, unsent, and may go elsewhere.
         if self.inner.pending.fetch_add(1, Relaxed) >= MAX_PENDING_CALLS {
             self.inner.pending.fetch_sub(1, Relaxed);
             return ResponseFuture {
-                kind: Kind::Refused(Some(Box::new(Unsent::refused(req, QueueFull::Calls)))),
+                kind: Kind::Refused(Some(Box::new(Unsent::refused(req)))),
                 _pending: None,
             };
         }
         let pending = PendingCall(self.inner.clone());
-        self.set_origin(&mut req);
+        self.prepare(&mut req);
         let mut response = self.send(req);
         response._pending = Some(pending);
         response
@@ -543,48 +654,32 @@ impl ClientConn {
             }
             match &mut *state {
                 State::Ready(live)
-                    if live.link.queued() >= MAX_QUEUED_REQUESTS
-                        && !live
+                    if live.link.waiting() >= STALL_WAITERS
+                        && live
                             .link
                             .stalled(tokio::time::Instant::now(), (self.inner.stall_window)()) =>
                 {
-                    // The queue is full but moves: the server's streams are
-                    // busy (it is saturated, not stuck), and hyper drops
-                    // abandoned requests only as streams free up. This call
-                    // is refused unsent; the calls on the connection go on.
-                    return ResponseFuture {
-                        kind: Kind::Refused(Some(Box::new(Unsent::refused(req, QueueFull::Queue)))),
-                        _pending: None,
-                    };
-                }
-                State::Ready(live) if live.link.queued() >= MAX_QUEUED_REQUESTS => {
-                    // Full, and nothing left hyper's queue for a whole
-                    // stall window: the server opens no streams, and calls
-                    // that gave up still sit there. Cut the connection: its
-                    // queue is freed, its live calls fail as a stalled
-                    // connection (never sent), and the balancer backs the
-                    // endpoint off.
+                    // A line at the gate, and no stream opened through it
+                    // for a whole stall window: the server opens no
+                    // streams. Cut the connection: its calls fail as a
+                    // stalled connection (never sent), and the balancer
+                    // backs the endpoint off.
                     let link = live.link.clone();
                     *state = State::Idle;
                     drop(state);
                     tracing::warn!(authority = %self.inner.authority, "{}", Stalled);
-                    link.sever();
+                    link.sever(Cut::Stalled);
                     return ResponseFuture {
                         kind: Kind::Refused(Some(link.stalled_error())),
                         _pending: None,
                     };
                 }
                 // A retired connection is replaced below: dropping its
-                // sender lets hyper close it once its calls are done.
-                State::Ready(live) if !live.send.is_closed() && !self.inner.retired() => {
-                    // The fast path: hyper queues the request to the
-                    // connection's dispatcher; no task of ours in between.
-                    let req = live.link.enqueue(req);
+                // gate lets h2 close it once its calls are done.
+                State::Ready(live) if !live.link.is_closed() && !self.inner.retired() => {
+                    // The fast path: the call opens its own stream.
                     return ResponseFuture {
-                        kind: Kind::Sent {
-                            fut: Box::pin(live.send.try_send_request(req)),
-                            link: live.link.clone(),
-                        },
+                        kind: Kind::Call(Box::pin(exchange(live.clone(), req))),
                         _pending: None,
                     };
                 }
@@ -598,18 +693,11 @@ impl ClientConn {
         };
         ResponseFuture {
             _pending: None,
-            kind: Kind::Dialling(Box::pin(async move {
-                let Live { mut send, link } = attempt
+            kind: Kind::Call(Box::pin(async move {
+                let live = attempt
                     .await
                     .map_err(|e| -> BoxError { Box::new(tonic::ConnectError(Box::new(e))) })?;
-                let req = link.enqueue(req);
-                match send.try_send_request(req).await {
-                    Ok(response) => {
-                        link.answered();
-                        Ok(received(response))
-                    }
-                    Err(e) => Err(handed_back(e, &link)),
-                }
+                exchange(live, req).await
             })),
         }
     }
@@ -627,7 +715,10 @@ impl ClientConn {
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let task = tokio::spawn(async move {
             let result = match tokio::time::timeout(limit, dial).await {
-                Ok(Ok(send)) => Ok(Live { send, link }),
+                Ok(Ok(send)) => Ok(Live {
+                    gate: Arc::new(tokio::sync::Mutex::new(send)),
+                    link,
+                }),
                 Ok(Err(e)) => Err(DialError::from_box(e, number)),
                 Err(_) => Err(DialError(
                     Arc::new(io::Error::new(
@@ -666,9 +757,11 @@ impl ClientConn {
         .shared()
     }
 
-    /// hyper sends `:scheme` and `:authority` from the URI; tonic's
-    /// clients give only the path.
-    fn set_origin(&self, req: &mut Request) {
+    /// Makes `req` an HTTP/2 request to this connection's origin: h2
+    /// sends `:scheme` and `:authority` from the URI (tonic's clients give
+    /// only the path), refuses hop-by-hop headers, and every call names
+    /// its client.
+    fn prepare(&self, req: &mut Request) {
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         parts.scheme = Some(http::uri::Scheme::HTTP);
         parts.authority = Some(self.inner.authority.clone());
@@ -676,12 +769,160 @@ impl ClientConn {
             parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         }
         *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
+        strip_connection_headers(req.headers_mut());
         req.headers_mut()
             .entry(http::header::USER_AGENT)
             .or_insert(HeaderValue::from_static(USER_AGENT));
     }
 }
 
+/// Drops the headers an HTTP/2 request must not carry (RFC 9113 8.2.2),
+/// as hyper's client does: the hop-by-hop ones, those a `connection`
+/// header names, and a `te` other than `trailers`.
+fn strip_connection_headers(headers: &mut http::HeaderMap) {
+    if let Some(named) = headers.remove(http::header::CONNECTION)
+        && let Ok(named) = named.to_str()
+    {
+        for name in named.split(',') {
+            headers.remove(name.trim());
+        }
+    }
+    for name in CONNECTION_HEADERS {
+        headers.remove(name);
+    }
+    if headers
+        .get(http::header::TE)
+        .is_some_and(|te| te != "trailers")
+    {
+        headers.remove(http::header::TE);
+    }
+}
+
+impl Live {
+    /// Whether new calls can no longer open streams here: the connection
+    /// ended, or h2 refuses new streams (a GOAWAY came, or an error),
+    /// asked of h2 when no call holds the gate.
+    fn closed(&self) -> bool {
+        if self.link.is_closed() {
+            return true;
+        }
+        let Ok(mut send) = self.gate.try_lock() else {
+            return false;
+        };
+        // Nobody waits on the gate's handle (its last stream is open:
+        // every call holds the gate until its stream opens), so a waker
+        // that wakes nothing loses no wake-up.
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        if let Poll::Ready(Err(_)) = send.poll_ready(&mut cx) {
+            self.link.close();
+            return true;
+        }
+        false
+    }
+}
+
+/// One call on a live connection: opens its stream through the gate,
+/// writes its request body in place, and waits for the response head.
+async fn exchange(live: Live, req: Request) -> Result<http::Response<Body>, BoxError> {
+    let Live { gate, link } = live;
+    let waiting = Waiting::new(&link);
+    let mut send = match gate.try_lock() {
+        Ok(send) => send,
+        Err(_) => gate.lock().await,
+    };
+    // Ready at once unless h2 takes no new stream here (a GOAWAY, the
+    // connection gone): then the request never left, and goes back whole.
+    if let Err(e) = std::future::poll_fn(|cx| send.poll_ready(cx)).await {
+        drop(send);
+        link.close();
+        return Err(handed_back(req, e, &link));
+    }
+    let (parts, body) = req.into_parts();
+    let end = http_body::Body::is_end_stream(&body);
+    let (response, stream) = match send.send_request(http::Request::from_parts(parts, ()), end) {
+        Ok(sent) => sent,
+        Err(e) => {
+            // The connection failed between the check and the send (its
+            // head is h2's now): a GOAWAY's error says "never processed".
+            drop(send);
+            link.close();
+            return Err(e.into());
+        }
+    };
+    // A stream h2 holds for a slot (the server's stream limit reached)
+    // is waited for with the gate held: the calls behind it wait in order
+    // at the gate, not in h2. A call that gives up meanwhile leaves its
+    // stream with the gate's handle, and the next call waits for that one
+    // to open before it sends its own (h2 then resets the orphan): so
+    // callers who give up at a saturated server leave at most one stream
+    // behind, however many they are.
+    let opened = std::future::poll_fn(|cx| send.poll_ready(cx)).await;
+    drop(send);
+    link.opened();
+    drop(waiting);
+    if let Err(e) = opened {
+        link.close();
+        // Its HEADERS were never written, but the request itself is h2's:
+        // it cannot go back whole, only as a cut connection's call.
+        if let Some(Cut::Stalled) = link.cut() {
+            return Err(link.stalled_error());
+        }
+        return Err(e.into());
+    }
+    let mut pipe = (!end).then_some(Pipe {
+        body,
+        stream,
+        written: 0,
+    });
+    let mut response = response;
+    let head = std::future::poll_fn(|cx| {
+        if let Some(writing) = pipe.as_mut()
+            && writing.poll_write(cx).is_ready()
+        {
+            pipe = None;
+        }
+        Pin::new(&mut response).poll(cx)
+    })
+    .await;
+    let head = match head {
+        Ok(head) => head,
+        Err(e) => {
+            if e.is_go_away() || e.is_io() {
+                link.close();
+            }
+            return Err(e.into());
+        }
+    };
+    link.answered();
+    // A body still streaming (client or bidirectional streaming) goes on
+    // in a task of its own, bounded by the response's life.
+    let pipe = pipe.map(|mut writing| {
+        AbortOnDrop(
+            tokio::spawn(std::future::poll_fn(move |cx| writing.poll_write(cx))).abort_handle(),
+        )
+    });
+    Ok(received(head, pipe))
+}
+
+/// A call counted as waiting at its connection's gate until its stream
+/// opens or it gives up (see [`Link::waiting`]).
+struct Waiting<'a>(&'a Link);
+
+impl<'a> Waiting<'a> {
+    fn new(link: &'a Link) -> Self {
+        link.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(link)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 /// Drops connection `number`'s sender when it retires, if no call has
 /// replaced it by then: an idle connection (no health watch, no calls)
 /// then closes before its certificates expire, instead of waiting for the
@@ -777,44 +1018,40 @@ impl std::error::Error for DialError {
 
 /// The response of one call: sent on a live connection, or waiting for
 /// the dial first. An enum rather than one boxed future so the fast path
-/// allocates only hyper's own future.
+
+/// The response of one call: sent on a live connection (or waiting for
+/// the dial first), or refused before it was sent.
 pub(crate) struct ResponseFuture {
     kind: Kind,
     /// Counts the call against [`MAX_PENDING_CALLS`] until it ends.
     _pending: Option<PendingCall>,
 }
 
-/// Calls one connection holds at once (sent, queued in hyper for a
-/// stream, or waiting on the dial), as tonic's `Channel` buffer bounded
+/// Calls one connection holds at once (on a stream, waiting at the gate
+/// for one, or waiting on the dial), as tonic's `Channel` buffer bounded
 /// them; past it a call fails at once with [`QueueFull`], unsent.
 pub(crate) const MAX_PENDING_CALLS: usize = 1024;
 
-/// Requests one connection's hyper queue may hold (handed to hyper, no
-/// stream opened for them yet), live or abandoned: hyper drops a request
-/// whose caller gave up only when it takes it off the queue, which it does
-/// only as streams open. Without a bound the queue would grow with the
-/// call rate while a server opens no streams (or while its streams are
-/// busy and callers give up fast: short deadlines, losing hedges,
-/// per-attempt timeouts). Past it a call is refused at once, unsent
-/// ([`QueueFull::Queue`]); only a queue that also stopped moving for
-/// its [`stall_window`] gets its connection cut (see [`Stalled`]).
-pub(crate) const MAX_QUEUED_REQUESTS: usize = 2 * MAX_PENDING_CALLS;
+/// Calls waiting at the gate before a connection's progress is judged
+/// (see [`stall_window`]): a few callers waiting on a server at its
+/// stream limit are load, not a sign of a stuck server.
+pub(crate) const STALL_WAITERS: usize = 16;
 
-/// How long a full queue must go without a single request leaving it (a
-/// stream opening, or an abandoned request discarded) before its
-/// connection is taken for stuck and cut. A healthy server whose streams
-/// are all busy frees one at the latest when the call holding it ends,
-/// and every mesh call ends by its deadline (the client resets the stream
-/// then): so the window is the longest deadline a call may have,
-/// `longest_deadline` (the config's longest `maxTimeout`), plus the
-/// keepalive's time to find a dead peer (interval + timeout, 8 s by
-/// default). A keepalive-sized window alone (3-8 s) would let an outside
-/// caller behind a gateway hold a replica's streams with any call slower
-/// than that, fill the queue with calls that give up at once, and get the
-/// connection cut, its calls failed and the replica backed off; with this
-/// one it must hold every stream past its own deadline, which the mesh
-/// does not allow. A stuck server is cut this much later than at the
-/// bound, and meanwhile costs its callers nothing but fast refusals.
+/// How long [`STALL_WAITERS`] or more calls must wait at the gate with
+/// not one stream opening before the connection is taken for stuck and
+/// cut. A healthy server whose streams are all busy frees one at the
+/// latest when the call holding it ends, and every mesh call ends by its
+/// deadline (the client resets the stream then): so the window is the
+/// longest deadline a call may have, `longest_deadline` (the config's
+/// longest `maxTimeout`), plus the keepalive's time to find a dead peer
+/// (interval + timeout, 8 s by default). A keepalive-sized window alone
+/// (3-8 s) would let an outside caller behind a gateway hold a replica's
+/// streams with any call slower than that and get the connection cut,
+/// its calls failed and the replica backed off; with this one it must
+/// hold every stream past its own deadline, which the mesh does not
+/// allow. A stuck server is cut this much later than at first sight, and
+/// meanwhile its callers wait for their deadlines or are refused at
+/// [`MAX_PENDING_CALLS`].
 pub(crate) fn stall_window(longest_deadline: Duration, settings: &EndpointConfig) -> Duration {
     longest_deadline
         .saturating_add(settings.keepalive_interval)
@@ -826,69 +1063,82 @@ pub(crate) fn stall_window(longest_deadline: Duration, settings: &EndpointConfig
 pub(crate) const STALL_WINDOW: Duration =
     crate::config::DEFAULT_MAX_TIMEOUT.saturating_add(Duration::from_secs(8));
 
-/// What one connection shares with its requests and its socket: how many
-/// of its requests hyper still queues, and the switch that cuts it.
+/// What one connection shares with its calls and its socket: how many
+/// wait at its gate, how many streams opened, and the switch that cuts it.
 struct Link {
     /// The connection's dial number (see [`failed_dial`]).
     dial: u64,
-    /// Requests handed to hyper and not yet taken off its queue (low 32
-    /// bits), and how many were taken off so far (high 32 bits, wrapping):
-    /// each request carries a [`Queued`] token, which hyper drops with the
-    /// request's extensions when it gives the stream to h2 or discards the
-    /// request. One word, so a token's drop is one relaxed add, as a bare
-    /// count's would be: whether the queue moves is judged from the count
-    /// of departures when the queue is full (see [`Link::stalled`]), and
-    /// no clock is read per request.
-    queue: std::sync::atomic::AtomicU64,
-    /// The departures seen when the queue was last found full, and when:
+    /// Calls waiting at the gate or for their stream to open.
+    waiting: std::sync::atomic::AtomicUsize,
+    /// Streams opened through the gate so far (wrapping): whether the
+    /// line moves is judged from it when the line is long (see
+    /// [`Link::stalled`]), so no clock is read per call.
+    opened: std::sync::atomic::AtomicU64,
+    /// The streams opened when the line was last found long, and when:
     /// read only then, under the connection's state lock.
-    full_since: Mutex<Option<(u32, tokio::time::Instant)>>,
+    long_since: Mutex<Option<(u64, tokio::time::Instant)>>,
     /// Set by the first response: a connection that hands requests back
     /// without ever answering one is a failed dial (see [`dead_dial`]).
     answered: std::sync::atomic::AtomicBool,
-    severed: std::sync::atomic::AtomicBool,
-    /// The connection task's read, woken when the link is severed.
+    /// Set once h2 takes no new streams here (the connection ended, a
+    /// GOAWAY came, it was cut).
+    closed: std::sync::atomic::AtomicBool,
+    /// Why the connection was cut, once it is.
+    cut: std::sync::OnceLock<Cut>,
+    /// The connection task's read, woken when the link is cut.
     reader: futures::task::AtomicWaker,
 }
 
-/// One departure in [`Link::queue`]'s high half.
-const DEPARTED: u64 = 1 << 32;
+/// Why a connection was cut.
+#[derive(Clone, Copy, Debug)]
+enum Cut {
+    /// A long line at the gate stood still for the stall window.
+    Stalled,
+    /// A PING went unanswered for this long.
+    Keepalive(Duration),
+}
 
 impl Link {
     fn new(dial: u64) -> Self {
         Self {
             dial,
-            queue: std::sync::atomic::AtomicU64::new(0),
-            full_since: Mutex::new(None),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            opened: std::sync::atomic::AtomicU64::new(0),
+            long_since: Mutex::new(None),
             answered: std::sync::atomic::AtomicBool::new(false),
-            severed: std::sync::atomic::AtomicBool::new(false),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            cut: std::sync::OnceLock::new(),
             reader: futures::task::AtomicWaker::new(),
         }
     }
 
-    /// Requests hyper still queues on this connection.
-    fn queued(&self) -> usize {
-        (self.queue.load(std::sync::atomic::Ordering::Relaxed) & u64::from(u32::MAX)) as usize
+    /// Calls waiting at the gate or for their stream to open.
+    fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether the (full) queue has stood still for `window` as of `now`:
-    /// no request left it since it was first found full without
-    /// one leaving. The first look at a full queue, and any look after a
-    /// departure, starts the window anew, so a server is cut only after
-    /// a whole window watched without progress (at most a window later
-    /// than if each departure were timed, and no clock read per request).
+    /// Counts a stream opened through the gate.
+    fn opened(&self) {
+        self.opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the (long) line has stood still for `window` as of `now`:
+    /// no stream opened since it was first found long without one
+    /// opening. The first look at a long line, and any look after a
+    /// stream opened, starts the window anew, so a server is cut only
+    /// after a whole window watched without progress (at most a window
+    /// later than if each opening were timed, and no clock read per call).
     fn stalled(&self, now: tokio::time::Instant, window: Duration) -> bool {
-        let departed = (self.queue.load(std::sync::atomic::Ordering::Relaxed) >> 32) as u32;
-        let mut full_since = self
-            .full_since
+        let opened = self.opened.load(std::sync::atomic::Ordering::Relaxed);
+        let mut long_since = self
+            .long_since
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match *full_since {
-            Some((seen, since)) if seen == departed => {
-                now.saturating_duration_since(since) >= window
-            }
+        match *long_since {
+            Some((seen, since)) if seen == opened => now.saturating_duration_since(since) >= window,
             _ => {
-                *full_since = Some((departed, now));
+                *long_since = Some((opened, now));
                 false
             }
         }
@@ -903,24 +1153,29 @@ impl Link {
         }
     }
 
-    /// Counts `req` as queued on this connection until hyper lets go of it.
-    fn enqueue(self: &Arc<Self>, mut req: Request) -> Request {
-        self.queue
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        req.extensions_mut().insert(Queued(self.clone()));
-        req
+    /// Marks the connection as taking no new calls: the next one dials.
+    fn close(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.closed.load(Relaxed) {
+            self.closed.store(true, Relaxed);
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Cuts the connection: its socket fails every read and write from
-    /// now on, so hyper ends the connection and frees its queue.
-    fn sever(&self) {
-        self.severed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+    /// now on, so h2 ends the connection and fails its streams.
+    fn sever(&self, why: Cut) {
+        let _ = self.cut.set(why);
+        self.close();
         self.reader.wake();
     }
 
-    fn is_severed(&self) -> bool {
-        self.severed.load(std::sync::atomic::Ordering::SeqCst)
+    /// Why the connection was cut, if it was.
+    fn cut(&self) -> Option<Cut> {
+        self.cut.get().copied()
     }
 
     /// The error of the calls a cut connection fails: a connect error of
@@ -935,35 +1190,10 @@ impl Link {
     }
 }
 
-/// A request's place in its connection's hyper queue (see [`Link`]).
-struct Queued(Arc<Link>);
-
-/// `http::Extensions` needs `Clone`; a copy is a place of its own, so
-/// every token's drop takes back exactly what it added (a derived clone
-/// would decrement twice and wrap the count).
-impl Clone for Queued {
-    fn clone(&self) -> Self {
-        self.0
-            .queue
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self(self.0.clone())
-    }
-}
-
-impl Drop for Queued {
-    fn drop(&mut self) {
-        // One queued fewer, one departure more: the token's own add made
-        // the low half at least 1, so nothing borrows from the high half.
-        self.0
-            .queue
-            .fetch_add(DEPARTED - 1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// Why a connection was cut: hyper held [`MAX_QUEUED_REQUESTS`] requests
-/// and none left its queue for its [`stall_window`]. Its calls never left, so
-/// they may go to another endpoint; the endpoint is backed off as after a
-/// failed dial.
+/// Why a connection was cut: [`STALL_WAITERS`] or more calls waited at
+/// its gate and no stream opened for its [`stall_window`]. Its calls
+/// never left, so they may go to another endpoint; the endpoint is backed
+/// off as after a failed dial.
 #[derive(Debug)]
 pub(crate) struct Stalled;
 
@@ -971,16 +1201,34 @@ impl std::fmt::Display for Stalled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "connection cut: {MAX_QUEUED_REQUESTS} requests queued and none taken for a stream for longer than any call's deadline and keepalive"
+            "connection cut: {STALL_WAITERS} or more calls waited for a stream and none opened for longer than any call's deadline and keepalive"
         )
     }
 }
 
 impl std::error::Error for Stalled {}
 
+/// Why a connection was cut by its keepalive: its peer did not answer a
+/// PING in time (a dead or blackholed peer).
+#[derive(Debug)]
+struct KeepaliveTimeout(Duration);
+
+impl std::fmt::Display for KeepaliveTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "connection cut: the peer did not answer a keepalive PING within {:?}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for KeepaliveTimeout {}
+
 /// A connection's socket behind its [`Link`]'s switch: once severed,
-/// every read and write fails, which ends hyper's connection at once
-/// (its streams fail, its queue is dropped, the socket is closed).
+/// every read and write fails, which ends h2's connection at once (its
+/// streams fail, the calls at its gate are handed back, the socket is
+/// closed).
 ///
 /// It also coalesces writes while calls crowd the connection: the first
 /// write of each wake-up of the connection task is put off by one turn of
@@ -1009,10 +1257,14 @@ struct Severable<T> {
 
 impl<T> Severable<T> {
     fn check(&self) -> io::Result<()> {
-        if self.link.is_severed() {
-            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, Stalled));
+        match self.link.cut() {
+            None => Ok(()),
+            Some(Cut::Stalled) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, Stalled)),
+            Some(Cut::Keepalive(waited)) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                KeepaliveTimeout(waited),
+            )),
         }
-        Ok(())
     }
 
     /// Whether to put this write off by one turn (see [`Severable`]).
@@ -1101,43 +1353,28 @@ impl Drop for PendingCall {
     }
 }
 
-/// Why a call was refused before it was sent: its connection is busy,
-/// not broken. It comes back [`Unsent`] (so it may go elsewhere), and the
-/// balancer counts it as load, never as a failure: a saturated server is
-/// not ejected or backed off for it.
+/// Why a call was refused before it was sent: its connection already
+/// holds [`MAX_PENDING_CALLS`] live calls (its server opens no more
+/// streams). The call comes back [`Unsent`] (so it may go elsewhere), and
+/// the balancer counts it as load, never as a failure: a saturated server
+/// is not ejected or backed off for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum QueueFull {
-    /// The connection already holds [`MAX_PENDING_CALLS`] live calls.
-    Calls,
-    /// hyper's queue holds [`MAX_QUEUED_REQUESTS`] (live or abandoned),
-    /// and it still moves (else the connection is cut, [`Stalled`]).
-    Queue,
-}
+pub(crate) struct QueueFull;
 
 impl std::fmt::Display for QueueFull {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            QueueFull::Calls => write!(
-                f,
-                "the connection already holds {MAX_PENDING_CALLS} calls (the server opens no more streams); not sent"
-            ),
-            QueueFull::Queue => write!(
-                f,
-                "{MAX_QUEUED_REQUESTS} requests wait for one of the connection's streams (the server's streams are busy); not sent"
-            ),
-        }
+        write!(
+            f,
+            "the connection already holds {MAX_PENDING_CALLS} calls (the server opens no more streams); not sent"
+        )
     }
 }
 
 impl std::error::Error for QueueFull {}
 
 enum Kind {
-    Sent {
-        fut: Sent,
-        /// The connection it was handed to.
-        link: Arc<Link>,
-    },
-    Dialling(BoxFuture<'static, Result<http::Response<Body>, BoxError>>),
+    /// On a live connection, or waiting for the dial first.
+    Call(BoxFuture<'static, Result<http::Response<Body>, BoxError>>),
     /// Refused before it was sent ([`QueueFull`], [`Stalled`]).
     Refused(Option<BoxError>),
 }
@@ -1148,14 +1385,7 @@ impl Future for ResponseFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         match &mut this.kind {
-            Kind::Sent { fut, link } => Poll::Ready(match ready!(fut.as_mut().poll(cx)) {
-                Ok(response) => {
-                    link.answered();
-                    Ok(received(response))
-                }
-                Err(e) => Err(handed_back(e, link)),
-            }),
-            Kind::Dialling(fut) => fut.as_mut().poll(cx),
+            Kind::Call(fut) => fut.as_mut().poll(cx),
             Kind::Refused(err) => {
                 Poll::Ready(Err(err.take().expect("a refused call is polled once")))
             }
@@ -1163,57 +1393,37 @@ impl Future for ResponseFuture {
     }
 }
 
-/// The error of a call hyper failed: a request it hands back unsent (its
-/// connection closed before it was written: a GOAWAY or EOF hyper had not
-/// yet noticed when it was queued) becomes [`Unsent`], holding the request
-/// for the balancer to send once more, to an endpoint it picks; one from a
-/// connection cut for stalling fails as [`Stalled`] (never sent there again).
-fn handed_back(mut e: TrySendError<Request>, link: &Link) -> BoxError {
-    match e.take_message() {
-        Some(_) if link.is_severed() => link.stalled_error(),
-        Some(mut req) => {
-            req.extensions_mut().remove::<Queued>();
-            tracing::debug!(
-                "connection closed before the request was sent: {}",
-                e.error()
-            );
-            Box::new(Unsent {
-                request: Mutex::new(Some(req)),
-                source: Box::new(e.into_error()),
-                // A server that closes every connection before answering
-                // (right after the handshake, say) would otherwise cost a
-                // dial per call and never be charged: the connection
-                // worked no better than a failed dial.
-                dead_dial: (!link.answered.load(std::sync::atomic::Ordering::Relaxed))
-                    .then_some(link.dial),
-            })
-        }
-        // Without the request: hyper wrote it, or had passed it to h2 and
-        // lost it there. The one request hyper's dispatcher holds waiting
-        // for a stream when the connection ends (a GOAWAY, say) fails as
-        // "dispatch task is gone" and cannot come back: hyper 1.x gave its
-        // head to h2 (`SendRequest::send_request` turns it into a HEADERS
-        // frame and clears its extensions) and drops its body with the
-        // dispatcher, so there is no request left to hand back. Nor is it
-        // provably unsent: h2 may open that stream (write its HEADERS)
-        // when a slot frees in the same pass of the connection task that
-        // reads the GOAWAY, before the dispatcher runs again and drops it,
-        // and a GOAWAY naming a higher last stream lets the server process
-        // it. So it stays a failure that may have reached the server; a
-        // drain costs at most this one request per connection.
-        None => e.into_error().into(),
+/// The error of a call whose stream h2 would not open: its connection
+/// had closed (a GOAWAY or EOF noticed after the call found it live), so
+/// the request never left and becomes [`Unsent`], holding the request for
+/// the balancer to send once more, to an endpoint it picks; one of a
+/// connection cut for stalling fails as [`Stalled`] (never sent there
+/// again).
+fn handed_back(req: Request, e: h2::Error, link: &Link) -> BoxError {
+    if let Some(Cut::Stalled) = link.cut() {
+        return link.stalled_error();
     }
+    tracing::debug!("connection closed before the request was sent: {e}");
+    Box::new(Unsent {
+        request: Mutex::new(Some(req)),
+        source: Box::new(e),
+        // A server that closes every connection before answering (right
+        // after the handshake, say) would otherwise cost a dial per call
+        // and never be charged: the connection worked no better than a
+        // failed dial.
+        dead_dial: (!link.answered.load(std::sync::atomic::Ordering::Relaxed)).then_some(link.dial),
+    })
 }
 
-/// A request hyper handed back unwritten because its connection had
-/// closed, or one refused before it was handed to hyper ([`QueueFull`]):
+/// A request whose stream h2 would not open because its connection had
+/// closed, or one refused before it reached the gate ([`QueueFull`]):
 /// provably never sent (see [`never_processed`]), and still whole, so the
 /// balancer sends it once more without charging anyone (see
 /// [`take_unsent`]).
 pub(crate) struct Unsent {
     /// Taken by the one who sends it again.
     request: Mutex<Option<Request>>,
-    /// hyper's "canceled", or the [`QueueFull`] bound that refused it.
+    /// h2's refusal to open the stream, or the [`QueueFull`] bound.
     source: BoxError,
     /// The dial number of a connection that closed without answering a
     /// single call (see [`dead_dial`]).
@@ -1221,10 +1431,10 @@ pub(crate) struct Unsent {
 }
 
 impl Unsent {
-    fn refused(req: Request, why: QueueFull) -> Self {
+    fn refused(req: Request) -> Self {
         Self {
             request: Mutex::new(Some(req)),
-            source: Box::new(why),
+            source: Box::new(QueueFull),
             dead_dial: None,
         }
     }
@@ -1311,13 +1521,12 @@ pub(crate) fn take_unsent(err: &(dyn std::error::Error + 'static)) -> Option<Req
 /// processed the request, so even a non-idempotent call may go again: the
 /// server refused the stream (`REFUSED_STREAM`), its GOAWAY named a lower
 /// stream (RFC 9113 section 6.8: those streams were not processed), or
-/// hyper never wrote the request (its connection had closed: "canceled").
+/// the stream was never opened ([`Unsent`], [`QueueFull`]).
 /// A failed dial is told apart by its [`tonic::ConnectError`].
 pub(crate) fn never_processed(err: &(dyn std::error::Error + 'static)) -> bool {
     crate::caused_by::<h2::Error>(err).is_some_and(|h2| {
         h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote())
-    }) || crate::caused_by::<hyper::Error>(err).is_some_and(hyper::Error::is_canceled)
-        || is_unsent(err)
+    }) || is_unsent(err)
         || is_queue_full(err)
 }
 
@@ -1965,19 +2174,28 @@ mod tests {
         release: tokio::sync::Semaphore,
     }
 
-    /// Hands `conn` calls that give up at once (a deadline passed, say)
-    /// until one is refused: hyper queues each, and an abandoned one stays
-    /// queued until a stream frees. The refusal's error.
-    fn fill_the_queue(conn: &ClientConn) -> BoxError {
-        for _ in 0..3 * MAX_QUEUED_REQUESTS {
-            let mut call = conn.call(request());
-            if let Some(result) = (&mut call).now_or_never() {
-                return result.expect_err("refused");
+    /// Starts `n` calls on `conn` that wait (the server admits no more
+    /// streams) and lets them reach the gate's line (bounded).
+    async fn wait_in_line(
+        conn: &ClientConn,
+        n: usize,
+    ) -> Vec<tokio::task::JoinHandle<Result<http::Response<Body>, BoxError>>> {
+        let before = conn.queued();
+        let live: Vec<_> = (0..n).map(|_| tokio::spawn(conn.call(request()))).collect();
+        for _ in 0..1000 {
+            if conn.queued() >= before + n {
+                return live;
             }
-            assert!(conn.queued() <= MAX_QUEUED_REQUESTS, "{}", conn.queued());
-            drop(call);
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("never refused: {} queued", conn.queued());
+        panic!("{} of {n} calls waiting", conn.queued() - before);
+    }
+
+    /// Lets a new connection's SETTINGS reach the client, so the server's
+    /// stream limit holds for the calls that follow.
+    async fn connected(conn: &ClientConn) {
+        settle(conn, ConnState::Ready).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     fn queue_full(err: &BoxError) -> Option<QueueFull> {
@@ -2048,23 +2266,25 @@ mod tests {
     async fn a_longer_max_timeout_widens_the_stall_window_of_connections_already_made() {
         let (conn, _server) = holding_server(0, &EndpointConfig::default());
         // As the channel gives it: read from the live config when the
-        // queue is full, so a reload after the dial counts.
+        // line is long, so a reload after the dial counts.
         let longest = Arc::new(std::sync::Mutex::new(crate::config::DEFAULT_MAX_TIMEOUT));
         let window: StallWindow = {
             let longest = longest.clone();
             Arc::new(move || stall_window(*longest.lock().unwrap(), &EndpointConfig::default()))
         };
         let conn = conn.with_stall_window(window);
-        let _live = tokio::spawn(conn.call(request()));
-        settle(&conn, ConnState::Ready).await;
+        let _first = tokio::spawn(conn.call(request()));
+        connected(&conn).await;
+        let _live = wait_in_line(&conn, STALL_WAITERS).await;
         *longest.lock().unwrap() = Duration::from_secs(120);
-        let err = fill_the_queue(&conn);
-        assert_eq!(queue_full(&err), Some(QueueFull::Queue), "{err}");
+        // The first look at the long line starts its window.
+        let mut call = conn.call(request());
+        assert!((&mut call).now_or_never().is_none(), "it waits in line");
         // Past the default window a call may still hold a stream (its
-        // deadline is up to 120 s): refused, not cut.
+        // deadline is up to 120 s): the connection is kept.
         tokio::time::sleep(STALL_WINDOW + Duration::from_secs(1)).await;
-        let err = conn.call(request()).await.unwrap_err();
-        assert_eq!(queue_full(&err), Some(QueueFull::Queue), "{err}");
+        let mut call = conn.call(request());
+        assert!((&mut call).now_or_never().is_none(), "it waits in line");
         assert_eq!(conn.state(), ConnState::Ready);
         // Past 120 s + keepalive: stuck, and cut.
         tokio::time::sleep(Duration::from_secs(128) - STALL_WINDOW).await;
@@ -2073,39 +2293,46 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_connection_whose_server_opens_no_streams_is_cut_once_its_full_queue_stands_still() {
+    async fn a_connection_whose_server_opens_no_streams_is_cut_once_its_line_stands_still() {
         let (conn, server) = holding_server(0, &EndpointConfig::default());
-        // A live call that waits (the server admits no stream).
-        let live = tokio::spawn(conn.call(request()));
-        settle(&conn, ConnState::Ready).await;
-        // Full: refused at once, unsent, and the connection kept (its
-        // queue has not yet been watched standing still).
-        let err = fill_the_queue(&conn);
-        assert_eq!(queue_full(&err), Some(QueueFull::Queue), "{err}");
-        assert!(!is_connect_error(&err), "{err}");
-        assert!(never_processed(&*err), "{err}");
-        assert!(take_unsent(&*err).is_some(), "the request comes back");
-        assert_eq!(conn.queued(), MAX_QUEUED_REQUESTS);
-        // Nothing leaves the queue; short of the window, still refused.
+        // A call that waits (the server admits no stream), and a line.
+        let first = tokio::spawn(conn.call(request()));
+        connected(&conn).await;
+        let mut live = wait_in_line(&conn, STALL_WAITERS).await;
+        live.push(first);
+        // The first look at the long line starts its window; a call then
+        // joins the line.
+        let mut call = conn.call(request());
+        assert!((&mut call).now_or_never().is_none(), "it waits in line");
+        drop(call);
+        // Nothing opens; short of the window, the connection is kept.
         tokio::time::sleep(STALL_WINDOW - Duration::from_secs(1)).await;
-        let err = conn.call(request()).await.unwrap_err();
-        assert_eq!(queue_full(&err), Some(QueueFull::Queue), "{err}");
+        let mut call = conn.call(request());
+        assert!((&mut call).now_or_never().is_none(), "it waits in line");
+        drop(call);
         assert_eq!(conn.state(), ConnState::Ready);
-        // A whole window without a departure: stuck, and cut.
+        // A whole window without a stream opening: stuck, and cut.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let err = conn.call(request()).await.unwrap_err();
         assert!(crate::caused_by::<Stalled>(&*err).is_some(), "{err}");
         assert!(is_connect_error(&err), "backed off as a failed dial: {err}");
         assert_eq!(failed_dial(&*err), Some(1));
-        // The live call ends with the connection (how depends on where it
-        // was: refused by the server before its SETTINGS arrived, waiting
-        // in h2 for a stream, or in hyper's queue, handed back as Stalled).
-        tokio::time::timeout(Duration::from_secs(30), live)
-            .await
-            .expect("the live call ends with the connection")
-            .unwrap()
-            .unwrap_err();
-        // The server sees the connection end (its queue went with it).
+        // The calls in line end with the connection, as a stalled
+        // connection's (never sent), but for the one whose stream h2 held
+        // for a slot (its request was h2's): it fails as the cut socket.
+        let mut stalled = 0;
+        for call in live {
+            let err = tokio::time::timeout(Duration::from_secs(30), call)
+                .await
+                .expect("the waiting call ends with the connection")
+                .unwrap()
+                .unwrap_err();
+            if crate::caused_by::<Stalled>(&*err).is_some() {
+                stalled += 1;
+            }
+        }
+        assert!(stalled >= STALL_WAITERS, "{stalled} failed as stalled");
+        // The server sees the connection end.
         for _ in 0..1000 {
             if server.ended.load(Ordering::SeqCst) == 1 {
                 break;
@@ -2122,35 +2349,51 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_saturated_server_s_excess_is_refused_unsent_and_its_streams_live_on() {
+    async fn a_saturated_server_s_callers_wait_in_line_and_those_who_give_up_cost_it_nothing() {
         // A healthy server at its stream limit: four streams, all busy.
         let (conn, server) = holding_server(4, &EndpointConfig::default());
-        let live: Vec<_> = (0..5).map(|_| tokio::spawn(conn.call(request()))).collect();
+        let first = tokio::spawn(conn.call(request()));
+        connected(&conn).await;
+        let mut live = vec![first];
+        live.extend((0..4).map(|_| tokio::spawn(conn.call(request()))));
         for _ in 0..1000 {
             if server.admitted.load(Ordering::SeqCst) == 4 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(server.admitted.load(Ordering::SeqCst), 4);
-        // A burst of calls that give up at once fills hyper's queue: the
-        // excess is refused at once, unsent, as load, not as a failure.
-        let err = fill_the_queue(&conn);
-        assert_eq!(queue_full(&err), Some(QueueFull::Queue), "{err}");
+        // A burst of calls that give up at once (a deadline passed, say)
+        // leaves the line at once: of all of them, only the first one's
+        // stream (h2 held it for a slot) is left behind.
+        for _ in 0..3 * STALL_WAITERS {
+            let mut call = conn.call(request());
+            assert!((&mut call).now_or_never().is_none());
+            drop(call);
+        }
+        assert_eq!(conn.queued(), 0, "none of them waits");
+        // Past the bound of live calls, the excess is refused at once,
+        // unsent, as load, not as a failure.
+        let held: Vec<_> = (0..MAX_PENDING_CALLS - live.len())
+            .map(|_| conn.call(request()))
+            .collect();
+        let err = conn.call(request()).await.unwrap_err();
+        assert_eq!(queue_full(&err), Some(QueueFull), "{err}");
         assert!(!is_connect_error(&err), "{err}");
         assert_eq!(failed_dial(&*err), None, "nothing to back off");
         assert!(never_processed(&*err), "{err}");
         let back = take_unsent(&*err).expect("the request comes back whole");
         assert_eq!(back.uri().path(), "/test.Echo/Unary");
         assert_eq!(conn.state(), ConnState::Ready);
-        // A stream frees: hyper drops the abandoned requests, and the
-        // queue fills with the next burst; refused again, never cut.
-        server.release.add_permits(1);
-        live_answered(&live, 1).await;
-        let err = fill_the_queue(&conn);
-        assert_eq!(queue_full(&err), Some(QueueFull::Queue), "{err}");
-        // Every live call is answered on the one connection.
-        server.release.add_permits(4);
+        drop(held);
+        // Every live call is answered on the one connection; besides
+        // them the server saw the one stream left behind. (A permit the
+        // server takes with no stream held is lost: one at a time.)
+        for _ in 0..2 * live.len() {
+            server.release.add_permits(1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         for call in live {
             let response = tokio::time::timeout(Duration::from_secs(30), call)
                 .await
@@ -2159,42 +2402,29 @@ mod tests {
                 .expect("the in-flight streams survived");
             assert_eq!(response.headers()["grpc-status"], "0");
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(server.admitted.load(Ordering::SeqCst), 6);
         assert_eq!(server.dials.load(Ordering::SeqCst), 1, "never cut");
         assert_eq!(server.ended.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_full_queue_counts_as_stalled_only_after_a_whole_window_without_a_departure() {
+    async fn a_long_line_counts_as_stalled_only_after_a_whole_window_without_a_stream_opening() {
         let link = Link::new(1);
         let t0 = tokio::time::Instant::now();
-        // First found full: the window starts.
+        // First found long: the window starts.
         assert!(!link.stalled(t0, STALL_WINDOW));
         assert!(!link.stalled(t0 + STALL_WINDOW - Duration::from_millis(1), STALL_WINDOW));
-        // A request leaves (and another takes its place) just before the
-        // window ends: the window starts over from the next look.
-        link.queue
-            .fetch_add(DEPARTED, std::sync::atomic::Ordering::Relaxed);
+        // A stream opens just before the window ends: the window starts
+        // over from the next look.
+        link.opened();
         assert!(!link.stalled(t0 + STALL_WINDOW, STALL_WINDOW));
         assert!(!link.stalled(
             t0 + 2 * STALL_WINDOW - Duration::from_millis(1),
             STALL_WINDOW
         ));
-        // A whole window watched without a departure: stalled.
+        // A whole window watched without a stream opening: stalled.
         assert!(link.stalled(t0 + 2 * STALL_WINDOW, STALL_WINDOW));
-    }
-
-    /// Waits (bounded) until `n` of the `live` calls have finished.
-    async fn live_answered(
-        live: &[tokio::task::JoinHandle<Result<http::Response<Body>, BoxError>>],
-        n: usize,
-    ) {
-        for _ in 0..1000 {
-            if live.iter().filter(|c| c.is_finished()).count() >= n {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("fewer than {n} live calls finished");
     }
 
     #[tokio::test(start_paused = true)]
