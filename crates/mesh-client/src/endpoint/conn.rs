@@ -1016,9 +1016,6 @@ impl std::error::Error for DialError {
     }
 }
 
-/// The response of one call: sent on a live connection, or waiting for
-/// the dial first. An enum rather than one boxed future so the fast path
-
 /// The response of one call: sent on a live connection (or waiting for
 /// the dial first), or refused before it was sent.
 pub(crate) struct ResponseFuture {
