@@ -187,12 +187,12 @@ fn received(
 
 impl http_body::Body for Received {
     type Data = Bytes;
-    type Error = h2::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, h2::Error>>> {
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         if self.ended {
             return Poll::Ready(None);
         }
@@ -205,7 +205,7 @@ impl http_body::Body for Received {
                 }
                 Some(Err(e)) => {
                     self.ended = true;
-                    return Poll::Ready(Some(Err(e)));
+                    return Poll::Ready(Some(Err(transport_error(e))));
                 }
                 None => self.data_done = true,
             }
@@ -215,13 +215,29 @@ impl http_body::Body for Received {
         Poll::Ready(match trailers {
             Ok(Some(trailers)) => Some(Ok(http_body::Frame::trailers(trailers))),
             Ok(None) => None,
-            Err(e) => Some(Err(e)),
+            Err(e) => Some(Err(transport_error(e))),
         })
     }
 
     fn is_end_stream(&self) -> bool {
         self.ended
     }
+}
+
+/// A call's h2 error as the layers above take it: a connection that
+/// failed under the call (an I/O error, EOF, a keepalive or stall cut)
+/// is `UNAVAILABLE`, as gRPC's HTTP/2 mapping and hyper's keepalive error
+/// made it (tonic maps h2's I/O errors to `UNKNOWN`, which a caller must
+/// not retry blindly); the h2 error stays its source, so the balancer and
+/// the retry layer classify it as before. Stream errors (a reset, a
+/// GOAWAY's refusal) go up as h2's, which tonic maps by their reason.
+fn transport_error(e: h2::Error) -> BoxError {
+    if !e.is_io() {
+        return Box::new(e);
+    }
+    let mut status = tonic::Status::unavailable(format!("connection lost: {e}"));
+    status.set_source(Arc::new(e));
+    Box::new(status)
 }
 
 /// Aborts its task when dropped.
@@ -846,28 +862,41 @@ async fn exchange(live: Live, req: Request) -> Result<http::Response<Body>, BoxE
             // head is h2's now): a GOAWAY's error says "never processed".
             drop(send);
             link.close();
-            return Err(e.into());
+            return Err(transport_error(e));
         }
     };
     // A stream h2 holds for a slot (the server's stream limit reached)
     // is waited for with the gate held: the calls behind it wait in order
-    // at the gate, not in h2. A call that gives up meanwhile leaves its
-    // stream with the gate's handle, and the next call waits for that one
-    // to open before it sends its own (h2 then resets the orphan): so
-    // callers who give up at a saturated server leave at most one stream
-    // behind, however many they are.
-    let opened = std::future::poll_fn(|cx| send.poll_ready(cx)).await;
-    drop(send);
-    link.opened();
+    // at the gate, not in h2, and one that gives up costs the server
+    // nothing. A call that gives up itself while its stream waits leaves
+    // it to the gate's handle, and [`Orphan`] sees that h2 resets it once
+    // it opens: so callers who give up at a saturated server leave at
+    // most one stream behind at a time, however many they are. (h2 marks
+    // a stream as holding the handle only once the server's limit is
+    // counted reached; streams sent in one burst before the connection
+    // task opens any go into h2's own queue unmarked, at most one burst.)
+    let mut orphan = Orphan {
+        gate: &gate,
+        send: Some(send),
+    };
+    let opened = std::future::poll_fn(|cx| {
+        orphan
+            .send
+            .as_mut()
+            .expect("held until the wait ends")
+            .poll_ready(cx)
+    })
+    .await;
+    drop(orphan.send.take());
     drop(waiting);
-    if let Err(e) = opened {
-        link.close();
-        // Its HEADERS were never written, but the request itself is h2's:
-        // it cannot go back whole, only as a cut connection's call.
-        if let Some(Cut::Stalled) = link.cut() {
-            return Err(link.stalled_error());
-        }
-        return Err(e.into());
+    match opened {
+        Ok(()) => link.opened(),
+        // h2 takes no new streams here (a GOAWAY, the connection failing),
+        // which says nothing of this one: a graceful drain's GOAWAY leaves
+        // every stream below its last one to finish, and h2 fails a
+        // stream above it with the GOAWAY's error (never processed). So
+        // the call goes on; its response says what became of it.
+        Err(_) => link.close(),
     }
     let mut pipe = (!end).then_some(Pipe {
         body,
@@ -890,7 +919,7 @@ async fn exchange(live: Live, req: Request) -> Result<http::Response<Body>, BoxE
             if e.is_go_away() || e.is_io() {
                 link.close();
             }
-            return Err(e.into());
+            return Err(transport_error(e));
         }
     };
     link.answered();
@@ -902,6 +931,33 @@ async fn exchange(live: Live, req: Request) -> Result<http::Response<Body>, BoxE
         )
     });
     Ok(received(head, pipe))
+}
+
+/// The gate held while a call's stream waits to open. If the call gives
+/// up meanwhile, the handle still holds its stream (so the next call
+/// waits for it instead of sending past the server's limit), and nobody
+/// would let go of it once it opens (its HEADERS out, no body, never
+/// reset): a task takes the gate, waits for the stream to open, and so
+/// clears it from the handle, and h2 resets it.
+struct Orphan<'a> {
+    gate: &'a Arc<tokio::sync::Mutex<Sender>>,
+    send: Option<tokio::sync::MutexGuard<'a, Sender>>,
+}
+
+impl Drop for Orphan<'_> {
+    fn drop(&mut self) {
+        if self.send.is_none() {
+            return;
+        }
+        let gate = self.gate.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // Runs once this guard's lock is released, just after.
+            drop(runtime.spawn(async move {
+                let mut send = gate.lock().await;
+                let _ = std::future::poll_fn(|cx| send.poll_ready(cx)).await;
+            }));
+        }
+    }
 }
 
 /// A call counted as waiting at its connection's gate until its stream
@@ -1615,6 +1671,11 @@ mod tests {
         /// A server that answers the first request with a GOAWAY naming
         /// no stream: the request provably was not processed.
         GoesAway,
+        /// A server of one stream at a time that starts a graceful drain
+        /// (GOAWAY naming the highest stream id: no new streams, but every
+        /// stream already sent may finish) while a second call waits for
+        /// the slot, then answers both (see [`drain_at_the_stream_limit`]).
+        DrainsAtTheLimit,
     }
 
     #[derive(Default)]
@@ -1665,6 +1726,16 @@ mod tests {
                 Peer::GoesAway => {
                     let (client, server) = tokio::io::duplex(64 * 1024);
                     let task = tokio::spawn(go_away_after_first_request(server));
+                    self.servers.lock().unwrap().push(task.abort_handle());
+                    return Ok(TokioIo::new(Frozen::new(client, Arc::default())));
+                }
+                Peer::DrainsAtTheLimit => {
+                    let (client, server) = tokio::io::duplex(64 * 1024);
+                    let task = tokio::spawn(drain_at_the_stream_limit(
+                        server,
+                        self.arrived.clone(),
+                        self.release.clone(),
+                    ));
                     self.servers.lock().unwrap().push(task.abort_handle());
                     return Ok(TokioIo::new(Frozen::new(client, Arc::default())));
                 }
@@ -1772,6 +1843,82 @@ mod tests {
         io.write_all(&GOAWAY).await?;
         io.flush().await?;
         std::future::pending().await
+    }
+
+    /// Reads one HTTP/2 frame: its type, flags, stream and payload.
+    async fn read_frame(io: &mut DuplexStream) -> io::Result<(u8, u8, u32, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; 9];
+        io.read_exact(&mut head).await?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0; len];
+        io.read_exact(&mut payload).await?;
+        Ok((head[3], head[4], stream, payload))
+    }
+
+    /// A server of raw HTTP/2 frames that admits one stream at a time:
+    /// says `arrived` when stream 1's HEADERS come, sends a GOAWAY naming
+    /// the highest stream id on the first `release` (a graceful drain's
+    /// first step: streams already sent may finish), answers stream 1 OK
+    /// on the second, and stream 3 OK when its HEADERS come.
+    async fn drain_at_the_stream_limit(
+        mut io: DuplexStream,
+        arrived: Arc<Notify>,
+        release: Arc<Notify>,
+    ) -> io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const HEADERS: u8 = 0x1;
+        const SETTINGS: u8 = 0x4;
+        const PING: u8 = 0x6;
+        let mut preface = [0u8; 24];
+        io.read_exact(&mut preface).await?;
+        // SETTINGS_MAX_CONCURRENT_STREAMS = 1.
+        io.write_all(&[0, 0, 6, SETTINGS, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 1])
+            .await?;
+        // A trailers-only OK: `:status: 200` (static 8), `content-type:
+        // application/grpc` (static name 31), `grpc-status: 0` (literal).
+        let mut block = vec![0x88, 0x0f, 0x10, 16];
+        block.extend_from_slice(b"application/grpc");
+        block.extend_from_slice(&[0x00, 11]);
+        block.extend_from_slice(b"grpc-status");
+        block.extend_from_slice(&[1, b'0']);
+        let answer = |stream: u32| {
+            let mut frame = (block.len() as u32).to_be_bytes()[1..].to_vec();
+            // END_STREAM | END_HEADERS.
+            frame.extend_from_slice(&[HEADERS, 0x5]);
+            frame.extend_from_slice(&stream.to_be_bytes());
+            frame.extend_from_slice(&block);
+            frame
+        };
+        loop {
+            let (kind, flags, stream, payload) = read_frame(&mut io).await?;
+            match kind {
+                SETTINGS if flags & 1 == 0 => {
+                    io.write_all(&[0, 0, 0, SETTINGS, 1, 0, 0, 0, 0]).await?;
+                }
+                PING if flags & 1 == 0 => {
+                    let mut pong = vec![0, 0, 8, PING, 1, 0, 0, 0, 0];
+                    pong.extend_from_slice(&payload);
+                    io.write_all(&pong).await?;
+                }
+                HEADERS if stream == 1 => {
+                    arrived.notify_one();
+                    release.notified().await;
+                    // GOAWAY, last stream 2^31-1, NO_ERROR.
+                    io.write_all(&[
+                        0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0,
+                    ])
+                    .await?;
+                    io.flush().await?;
+                    release.notified().await;
+                    io.write_all(&answer(1)).await?;
+                }
+                HEADERS => io.write_all(&answer(stream)).await?,
+                _ => {}
+            }
+            io.flush().await?;
+        }
     }
 
     /// An in-memory socket that stops reading once its flag is set.
@@ -1979,6 +2126,11 @@ mod tests {
             !is_connect_error(&err),
             "a call sent on the connection is not a connect failure: {err}"
         );
+        // gRPC's rule for an expired keepalive PING: UNAVAILABLE.
+        assert_eq!(
+            tonic::Status::from_error(err).code(),
+            tonic::Code::Unavailable
+        );
         let bound = settings.keepalive_interval + settings.keepalive_timeout;
         assert!(
             took >= settings.keepalive_timeout && took <= bound + Duration::from_secs(1),
@@ -2042,6 +2194,39 @@ mod tests {
         // New calls stay on the new connection.
         conn.call(request()).await.unwrap();
         assert_eq!(bed.dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_waiting_for_a_slot_lives_through_a_graceful_drain_and_is_answered() {
+        let bed = Bed::new([Peer::DrainsAtTheLimit]);
+        let conn = bed.conn(&EndpointConfig::default());
+        let first = tokio::spawn(conn.call(request()));
+        bed.arrived.notified().await;
+        // The server's limit of one stream is known; the second call's
+        // stream waits for the slot.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = tokio::spawn(conn.call(request()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(conn.queued(), 1, "the second call waits for the slot");
+        // The drain's first GOAWAY lets every stream sent so far finish:
+        // the waiting call must not fail as never processed (it would be
+        // sent elsewhere while its stream still opens here: twice).
+        bed.release.notify_one();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!second.is_finished(), "{:?}", second.await);
+        // The first call's answer frees the slot; the second's stream
+        // opens and is answered on the draining connection.
+        bed.release.notify_one();
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(first.headers()["grpc-status"], "0");
+        let second = tokio::time::timeout(Duration::from_secs(2), second)
+            .await
+            .expect("answered")
+            .unwrap()
+            .expect("the waiting call lived through the drain");
+        assert_eq!(second.headers()["grpc-status"], "0");
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 1);
+        assert_eq!(conn.state(), ConnState::Closed, "no new streams there");
     }
 
     #[tokio::test(start_paused = true)]
@@ -2316,7 +2501,7 @@ mod tests {
         assert_eq!(failed_dial(&*err), Some(1));
         // The calls in line end with the connection, as a stalled
         // connection's (never sent), but for the one whose stream h2 held
-        // for a slot (its request was h2's): it fails as the cut socket.
+        // for a slot: it fails as the cut socket (its request was h2's).
         let mut stalled = 0;
         for call in live {
             let err = tokio::time::timeout(Duration::from_secs(30), call)
@@ -2328,7 +2513,7 @@ mod tests {
                 stalled += 1;
             }
         }
-        assert!(stalled >= STALL_WAITERS, "{stalled} failed as stalled");
+        assert!(stalled >= STALL_WAITERS - 1, "{stalled} failed as stalled");
         // The server sees the connection end.
         for _ in 0..1000 {
             if server.ended.load(Ordering::SeqCst) == 1 {
