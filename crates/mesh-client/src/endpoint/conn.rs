@@ -830,11 +830,23 @@ impl Live {
         // that wakes nothing loses no wake-up.
         let mut cx = Context::from_waker(futures::task::noop_waker_ref());
         if let Poll::Ready(Err(_)) = send.poll_ready(&mut cx) {
+            release_waiting_stream(&mut send);
             self.link.close();
             return true;
         }
         false
     }
+}
+
+/// Lets go of the stream a handle holds as "waiting for a slot" once
+/// h2 refuses the handle (a GOAWAY came, the connection failed): h2
+/// clears it only on a ready handle, so after a GOAWAY it would stay
+/// referenced for the connection's life and never be reset when its
+/// caller gives up. A clone holds none; the callers' own references keep
+/// their streams.
+fn release_waiting_stream(send: &mut Sender) {
+    let fresh = send.clone();
+    *send = fresh;
 }
 
 /// One call on a live connection: opens its stream through the gate,
@@ -849,6 +861,7 @@ async fn exchange(live: Live, req: Request) -> Result<http::Response<Body>, BoxE
     // Ready at once unless h2 takes no new stream here (a GOAWAY, the
     // connection gone): then the request never left, and goes back whole.
     if let Err(e) = std::future::poll_fn(|cx| send.poll_ready(cx)).await {
+        release_waiting_stream(&mut send);
         drop(send);
         link.close();
         return Err(handed_back(req, e, &link));
@@ -860,6 +873,7 @@ async fn exchange(live: Live, req: Request) -> Result<http::Response<Body>, BoxE
         Err(e) => {
             // The connection failed between the check and the send (its
             // head is h2's now): a GOAWAY's error says "never processed".
+            release_waiting_stream(&mut send);
             drop(send);
             link.close();
             return Err(transport_error(e));
@@ -887,7 +901,11 @@ async fn exchange(live: Live, req: Request) -> Result<http::Response<Body>, BoxE
             .poll_ready(cx)
     })
     .await;
-    drop(orphan.send.take());
+    let mut send = orphan.send.take().expect("held until the wait ends");
+    if opened.is_err() {
+        release_waiting_stream(&mut send);
+    }
+    drop(send);
     drop(waiting);
     match opened {
         Ok(()) => link.opened(),
@@ -954,7 +972,12 @@ impl Drop for Orphan<'_> {
             // Runs once this guard's lock is released, just after.
             drop(runtime.spawn(async move {
                 let mut send = gate.lock().await;
-                let _ = std::future::poll_fn(|cx| send.poll_ready(cx)).await;
+                if std::future::poll_fn(|cx| send.poll_ready(cx))
+                    .await
+                    .is_err()
+                {
+                    release_waiting_stream(&mut send);
+                }
             }));
         }
     }
