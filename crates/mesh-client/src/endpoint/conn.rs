@@ -1657,7 +1657,7 @@ impl ClientConn {
 #[cfg(test)]
 mod tests {
     //! The connection's state machine over in-memory connections to a
-    //! real hyper HTTP/2 server, with tokio's clock paused: every wait
+    //! real hyper (or h2) HTTP/2 server, with tokio's clock paused: every wait
     //! below is virtual time, so the bounds asserted are exact, not races.
 
     use std::{
@@ -2075,7 +2075,7 @@ mod tests {
         conn.call(request()).await.unwrap();
         assert_eq!(bed.dials.load(Ordering::SeqCst), 1);
 
-        // The server goes away: hyper's side closes, and the state says so.
+        // The server goes away: h2's side closes, and the state says so.
         bed.close_servers();
         settle(conn, ConnState::Closed).await;
 
@@ -2181,8 +2181,8 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(bed.closed.load(Ordering::SeqCst), 0, "the drain waits");
 
-        // hyper hands back the request it could not send on the GOAWAY'd
-        // connection: it fails unsent, carrying the request, for the
+        // h2 opens no stream for a request on the GOAWAY'd connection: it
+        // fails unsent, carrying the request, for the
         // balancer to send to an endpoint it picks (not resent here: this
         // address may be draining).
         let err = conn.call(request()).await.unwrap_err();
@@ -2257,7 +2257,7 @@ mod tests {
         let bed = Bed::new([Peer::GoesAway, Peer::Serves]);
         let conn = bed.conn(&EndpointConfig::default());
         let err = conn.call(request()).await.unwrap_err();
-        // hyper had written the request, so it is not sent again here; the
+        // h2 had written the request, so it is not sent again here; the
         // GOAWAY says the server never processed it.
         assert_eq!(bed.dials.load(Ordering::SeqCst), 1);
         assert!(!is_connect_error(&err), "{err}");
