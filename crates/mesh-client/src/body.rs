@@ -11,8 +11,10 @@ use pin_project_lite::pin_project;
 use tonic::Code;
 
 pin_project! {
-    /// A response body that reports the call's gRPC status from its
-    /// trailers (or `None` on a body error) when the stream ends.
+    /// A response body that reports how the call ended when its stream
+    /// ends: `Ok` with the gRPC status of its trailers, `Err` with the code
+    /// the caller sees for a body error (the stream broke: a reset, a
+    /// connection lost under it).
     ///
     /// Generic over the report rather than boxing it: two layers wrap
     /// every call's body, and a box each was two allocations per call.
@@ -25,7 +27,7 @@ pin_project! {
     }
 }
 
-impl<B, F: FnOnce(Option<Code>)> ObservedBody<B, F> {
+impl<B, F: FnOnce(Result<Code, Code>)> ObservedBody<B, F> {
     /// Reports `Code::Internal` for a stream that ends without trailers
     /// (a broken stream).
     pub(crate) fn new(inner: B, report: F) -> Self {
@@ -53,7 +55,8 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
 impl<B, F> Body for ObservedBody<B, F>
 where
     B: Body<Data = Bytes>,
-    F: FnOnce(Option<Code>),
+    B::Error: std::error::Error + 'static,
+    F: FnOnce(Result<Code, Code>),
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -70,18 +73,21 @@ where
                 if let Some(trailers) = frame.trailers_ref()
                     && let Some(report) = this.report.take()
                 {
-                    report(Some(grpc_status(trailers).unwrap_or(Code::Unknown)));
+                    report(Ok(grpc_status(trailers).unwrap_or(Code::Unknown)));
                 }
             }
-            Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Err(error))) => {
                 if let Some(report) = this.report.take() {
-                    report(None);
+                    // tonic hands a body's `Status` to the caller as it is.
+                    let code = crate::caused_by::<tonic::Status>(error)
+                        .map_or(Code::Unknown, tonic::Status::code);
+                    report(Err(code));
                 }
             }
             Poll::Ready(None) => {
                 if let Some(report) = this.report.take() {
                     // A gRPC response always ends in trailers; none is a broken stream.
-                    report(Some(*this.missing));
+                    report(Ok(*this.missing));
                 }
             }
             Poll::Pending => {}

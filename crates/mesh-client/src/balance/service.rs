@@ -491,8 +491,9 @@ where
             // The call's own references move to the body's report: no
             // clones, each a count written from both cores.
             Ok(response.map(move |body| {
-                Body::new(ObservedBody::new(body, move |code| {
-                    account(&set, &endpoint, &config, code, started)
+                // A broken stream counts against the endpoint whatever its code.
+                Body::new(ObservedBody::new(body, move |ended| {
+                    account(&set, &endpoint, &config, ended.ok(), started)
                 }))
             }))
         })

@@ -542,7 +542,7 @@ where
                         Body::new(ObservedBody::ending_without_trailers_as(
                             body,
                             missing,
-                            move |code| record.finish(code.unwrap_or(Code::Unknown)),
+                            move |ended| record.finish(ended.unwrap_or_else(|broken| broken)),
                         ))
                     }))
                 }

@@ -278,6 +278,27 @@ async fn client_failures_are_counted_by_the_code_the_caller_sees() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stream_that_breaks_after_its_headers_counts_as_the_code_the_caller_sees() {
+    let metrics = Metrics::new();
+    let (svc, mut handle) = client(&metrics);
+    // The connection lost under a streaming answer: the endpoint's body
+    // fails with UNAVAILABLE, which tonic hands the caller as it is.
+    let call = tokio::spawn(svc.clone().oneshot(request(GET)));
+    let (_, answer) = handle.next_request().await.unwrap();
+    let frames = vec![
+        Ok(http_body::Frame::data(Bytes::from_static(b"\0\0\0\0\0"))),
+        Err(tonic::Status::unavailable("connection lost")),
+    ];
+    answer.send_response(http::Response::new(Body::new(
+        http_body_util::StreamBody::new(futures::stream::iter(frames)),
+    )));
+    let body = call.await.unwrap().unwrap().into_body().collect().await;
+    assert_eq!(body.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(get_responses(&metrics, "UNAVAILABLE"), Some(1.0));
+    assert_eq!(get_responses(&metrics, "UNKNOWN"), None);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_cancelled_client_call_is_counted_once_as_cancelled() {
     let metrics = Metrics::new();
     let (mut svc, mut handle) = client(&metrics);
