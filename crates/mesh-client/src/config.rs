@@ -395,8 +395,8 @@ pub struct EndpointConfig {
     /// Give up connecting after this long. Default 1 s.
     #[serde(with = "duration_str")]
     pub connect_timeout: Duration,
-    /// Send an HTTP/2 PING after this long without reading a frame from
-    /// the endpoint. Default 5 s.
+    /// Send an HTTP/2 PING on each connection every this long, busy or
+    /// idle. Default 5 s.
     ///
     /// With `keepalive_timeout`, this bounds how long a connection to a
     /// peer that went silent (no RST: a blackholed node, a partition)
@@ -405,8 +405,11 @@ pub struct EndpointConfig {
     /// idempotent calls in flight on it fail as a broken connection in
     /// time to be retried elsewhere; with the former 30 s + 10 s they all
     /// ended DEADLINE_EXCEEDED (tests/netfaults.rs). A peer that polices
-    /// pings (grpc-go's servers allow one per 5 min without data) needs a
-    /// longer interval for its target's process.
+    /// pings (grpc-go's and C-core's servers allow one per 5 min without
+    /// data) ends the connection with GOAWAY `ENHANCE_YOUR_CALM`; the
+    /// endpoint's interval then doubles for its later connections (gRPC's
+    /// keepalive design, A8), up to an hour. Set a longer interval for
+    /// such a target's process to spare it the first rounds.
     #[serde(with = "duration_str")]
     pub keepalive_interval: Duration,
     /// Close the connection if a PING is not answered in this long. Default 3 s.

@@ -455,21 +455,28 @@ fn http2_builder() -> h2::client::Builder {
 /// carries the health watch, and a dead peer must be found without
 /// waiting for a call). A ping unanswered within `timeout` cuts the
 /// connection: its socket fails, so its streams fail at once.
+///
+/// A peer that ends the connection with GOAWAY `ENHANCE_YOUR_CALM` (what
+/// gRPC servers send a client that pings more often than they permit,
+/// "too_many_pings") doubles `interval` for the connections dialled after,
+/// as gRPC's keepalive design (A8) has clients do; up to
+/// [`MAX_KEEPALIVE_INTERVAL`].
 async fn drive<T>(
     mut conn: h2::client::Connection<T, Bytes>,
     link: Arc<Link>,
-    interval: Duration,
+    interval: Arc<KeepaliveInterval>,
     timeout: Duration,
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let pings = conn.ping_pong();
+    let every = interval.get();
     let keepalive = async move {
         let Some(mut pings) = pings else {
             return std::future::pending().await;
         };
         loop {
-            tokio::time::sleep(interval).await;
+            tokio::time::sleep(every).await;
             match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
                 Ok(Ok(_)) => {}
                 // The connection is ending; it tells why itself.
@@ -482,6 +489,16 @@ async fn drive<T>(
         ended = &mut conn => {
             if let Err(e) = ended {
                 tracing::debug!("HTTP/2 client connection ended: {e}");
+                if e.is_go_away()
+                    && e.is_remote()
+                    && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+                {
+                    let doubled = interval.double();
+                    tracing::warn!(
+                        "the peer ended the connection with ENHANCE_YOUR_CALM (too many pings?): \
+                         keepalive PINGs to it now every {doubled:?} (was {every:?})"
+                    );
+                }
             }
         }
         () = keepalive => {
@@ -491,6 +508,43 @@ async fn drive<T>(
         }
     }
     link.close();
+}
+
+/// The longest interval a peer's `ENHANCE_YOUR_CALM` can stretch the
+/// keepalive to: a dead peer is still found within the hour.
+const MAX_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// The keepalive interval of one endpoint's connections, which a peer that
+/// finds the pings too frequent doubles (see [`drive`]); kept across
+/// reconnects, so a redial does not start over at the short interval.
+struct KeepaliveInterval(std::sync::atomic::AtomicU64);
+
+impl KeepaliveInterval {
+    fn new(interval: Duration) -> Self {
+        Self(std::sync::atomic::AtomicU64::new(
+            interval.as_millis().try_into().unwrap_or(u64::MAX),
+        ))
+    }
+
+    fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Doubles the interval, to at most [`MAX_KEEPALIVE_INTERVAL`] (one
+    /// configured longer stays as it is); returns the new interval.
+    fn double(&self) -> Duration {
+        let max = MAX_KEEPALIVE_INTERVAL.as_millis() as u64;
+        let doubled = |ms: u64| ms.saturating_mul(2).min(max.max(ms));
+        let previous = self
+            .0
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |ms| Some(doubled(ms)),
+            )
+            .unwrap_or_else(|ms| ms);
+        Duration::from_millis(doubled(previous))
+    }
 }
 
 impl ClientConn {
@@ -530,7 +584,8 @@ impl ClientConn {
         T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let builder = http2_builder();
-        let (interval, timeout) = (settings.keepalive_interval, settings.keepalive_timeout);
+        let interval = Arc::new(KeepaliveInterval::new(settings.keepalive_interval));
+        let timeout = settings.keepalive_timeout;
         let retire_at_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let retire = retire_at_ms.clone();
         let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -538,6 +593,7 @@ impl ClientConn {
         let dial: Dial = Box::new(move |link| {
             let io = connect();
             let builder = builder.clone();
+            let interval = interval.clone();
             let retire = retire.clone();
             let busy = busy.clone();
             Box::pin(async move {
@@ -1699,6 +1755,11 @@ mod tests {
         /// stream already sent may finish) while a second call waits for
         /// the slot, then answers both (see [`drain_at_the_stream_limit`]).
         DrainsAtTheLimit,
+        /// A server that answers every call with OK and, at the first
+        /// PING, says how long into the connection it came (into the log)
+        /// and ends the connection with GOAWAY `ENHANCE_YOUR_CALM`, as a
+        /// gRPC server does a client that pings too often.
+        CallsDownPings(Arc<Mutex<Vec<Duration>>>),
     }
 
     #[derive(Default)]
@@ -1759,6 +1820,12 @@ mod tests {
                         self.arrived.clone(),
                         self.release.clone(),
                     ));
+                    self.servers.lock().unwrap().push(task.abort_handle());
+                    return Ok(TokioIo::new(Frozen::new(client, Arc::default())));
+                }
+                Peer::CallsDownPings(log) => {
+                    let (client, server) = tokio::io::duplex(64 * 1024);
+                    let task = tokio::spawn(call_down_the_first_ping(server, log));
                     self.servers.lock().unwrap().push(task.abort_handle());
                     return Ok(TokioIo::new(Frozen::new(client, Arc::default())));
                 }
@@ -1899,21 +1966,7 @@ mod tests {
         // SETTINGS_MAX_CONCURRENT_STREAMS = 1.
         io.write_all(&[0, 0, 6, SETTINGS, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 1])
             .await?;
-        // A trailers-only OK: `:status: 200` (static 8), `content-type:
-        // application/grpc` (static name 31), `grpc-status: 0` (literal).
-        let mut block = vec![0x88, 0x0f, 0x10, 16];
-        block.extend_from_slice(b"application/grpc");
-        block.extend_from_slice(&[0x00, 11]);
-        block.extend_from_slice(b"grpc-status");
-        block.extend_from_slice(&[1, b'0']);
-        let answer = |stream: u32| {
-            let mut frame = (block.len() as u32).to_be_bytes()[1..].to_vec();
-            // END_STREAM | END_HEADERS.
-            frame.extend_from_slice(&[HEADERS, 0x5]);
-            frame.extend_from_slice(&stream.to_be_bytes());
-            frame.extend_from_slice(&block);
-            frame
-        };
+        let answer = trailers_only_ok;
         loop {
             let (kind, flags, stream, payload) = read_frame(&mut io).await?;
             match kind {
@@ -1938,6 +1991,70 @@ mod tests {
                     io.write_all(&answer(1)).await?;
                 }
                 HEADERS => io.write_all(&answer(stream)).await?,
+                _ => {}
+            }
+            io.flush().await?;
+        }
+    }
+
+    /// A trailers-only OK answer to `stream`, as one raw HEADERS frame:
+    /// `:status: 200` (static 8), `content-type: application/grpc` (static
+    /// name 31), `grpc-status: 0` (literal).
+    fn trailers_only_ok(stream: u32) -> Vec<u8> {
+        const HEADERS: u8 = 0x1;
+        let mut block = vec![0x88, 0x0f, 0x10, 16];
+        block.extend_from_slice(b"application/grpc");
+        block.extend_from_slice(&[0x00, 11]);
+        block.extend_from_slice(b"grpc-status");
+        block.extend_from_slice(&[1, b'0']);
+        let mut frame = (block.len() as u32).to_be_bytes()[1..].to_vec();
+        // END_STREAM | END_HEADERS.
+        frame.extend_from_slice(&[HEADERS, 0x5]);
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(&block);
+        frame
+    }
+
+    /// A server of raw HTTP/2 frames that answers every call OK and, at
+    /// the first PING, logs how long into the connection it came, sends
+    /// GOAWAY `ENHANCE_YOUR_CALM` (debug data "too_many_pings", as
+    /// grpc-go's and C-core's servers do) and closes.
+    async fn call_down_the_first_ping(
+        mut io: DuplexStream,
+        log: Arc<Mutex<Vec<Duration>>>,
+    ) -> io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const HEADERS: u8 = 0x1;
+        const SETTINGS: u8 = 0x4;
+        const PING: u8 = 0x6;
+        let opened = tokio::time::Instant::now();
+        let mut preface = [0u8; 24];
+        io.read_exact(&mut preface).await?;
+        io.write_all(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0]).await?;
+        let mut last_stream = 0u32;
+        loop {
+            let (kind, flags, stream, _) = read_frame(&mut io).await?;
+            match kind {
+                SETTINGS if flags & 1 == 0 => {
+                    io.write_all(&[0, 0, 0, SETTINGS, 1, 0, 0, 0, 0]).await?;
+                }
+                HEADERS => {
+                    last_stream = stream;
+                    io.write_all(&trailers_only_ok(stream)).await?;
+                }
+                PING if flags & 1 == 0 => {
+                    log.lock().unwrap().push(opened.elapsed());
+                    let debug = b"too_many_pings";
+                    let mut goaway = ((8 + debug.len()) as u32).to_be_bytes()[1..].to_vec();
+                    goaway.extend_from_slice(&[0x7, 0, 0, 0, 0, 0]);
+                    goaway.extend_from_slice(&last_stream.to_be_bytes());
+                    // ENHANCE_YOUR_CALM.
+                    goaway.extend_from_slice(&0xbu32.to_be_bytes());
+                    goaway.extend_from_slice(debug);
+                    io.write_all(&goaway).await?;
+                    io.flush().await?;
+                    return Ok(());
+                }
                 _ => {}
             }
             io.flush().await?;
@@ -2250,6 +2367,55 @@ mod tests {
         assert_eq!(second.headers()["grpc-status"], "0");
         assert_eq!(bed.dials.load(Ordering::SeqCst), 1);
         assert_eq!(conn.state(), ConnState::Closed, "no new streams there");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_calls_the_pings_too_many_gets_them_half_as_often() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let bed = Bed::new([
+            Peer::CallsDownPings(log.clone()),
+            Peer::CallsDownPings(log.clone()),
+            Peer::CallsDownPings(log.clone()),
+        ]);
+        let settings = EndpointConfig::default();
+        let conn = bed.conn(&settings);
+        for dial in 1..=3 {
+            conn.call(request()).await.expect("answered");
+            // The peer ends the connection at its first PING.
+            tokio::time::timeout(Duration::from_secs(600), async {
+                while conn.state() != ConnState::Closed {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("the peer ended the connection");
+            assert_eq!(bed.dials.load(Ordering::SeqCst), dial);
+        }
+        // Each connection's first PING came after twice the wait of the
+        // one before (gRPC A8), from the configured interval on.
+        let log = log.lock().unwrap().clone();
+        let interval = settings.keepalive_interval;
+        let within = |took: Duration, want: Duration| {
+            took >= want && took < want + Duration::from_millis(100)
+        };
+        assert_eq!(log.len(), 3, "{log:?}");
+        assert!(within(log[0], interval), "{log:?}");
+        assert!(within(log[1], 2 * interval), "{log:?}");
+        assert!(within(log[2], 4 * interval), "{log:?}");
+    }
+
+    #[test]
+    fn a_calmed_keepalive_stops_doubling_at_its_bound() {
+        let interval = KeepaliveInterval::new(Duration::from_secs(5));
+        assert_eq!(interval.double(), Duration::from_secs(10));
+        assert_eq!(interval.get(), Duration::from_secs(10));
+        for _ in 0..20 {
+            interval.double();
+        }
+        assert_eq!(interval.get(), MAX_KEEPALIVE_INTERVAL);
+        // One configured longer than the bound is left as it is.
+        let long = KeepaliveInterval::new(2 * MAX_KEEPALIVE_INTERVAL);
+        assert_eq!(long.double(), 2 * MAX_KEEPALIVE_INTERVAL);
     }
 
     #[tokio::test(start_paused = true)]
