@@ -406,9 +406,10 @@ pub struct EndpointConfig {
     /// time to be retried elsewhere; with the former 30 s + 10 s they all
     /// ended DEADLINE_EXCEEDED (tests/netfaults.rs). A peer that polices
     /// pings (grpc-go's and C-core's servers allow one per 5 min without
-    /// data) ends the connection with GOAWAY `ENHANCE_YOUR_CALM`; the
-    /// endpoint's interval then doubles for its later connections (gRPC's
-    /// keepalive design, A8), up to an hour. Set a longer interval for
+    /// data) ends the connection with GOAWAY `ENHANCE_YOUR_CALM`
+    /// "too_many_pings"; the endpoint's interval then doubles for its
+    /// connections from then on (gRPC's keepalive design, A8), up to an
+    /// hour, and the bound above grows with it. Set a longer interval for
     /// such a target's process to spare it the first rounds.
     #[serde(with = "duration_str")]
     pub keepalive_interval: Duration,

@@ -599,12 +599,17 @@ async fn only_a_resource_exhausted_marked_as_the_mesh_s_shedding_raises_the_pena
     assert!(!endpoint(sheds).is_ejected(now) && !endpoint(refuses).is_ejected(now));
 }
 
-#[tokio::test]
-async fn a_server_that_closes_after_every_handshake_is_backed_off_once_per_dial() {
+/// A real server on loopback TCP that closes every connection it accepts,
+/// after its side of the HTTP/2 handshake (an empty SETTINGS frame) if
+/// `speaks`; ten calls go to it through the balancer, each failing as
+/// never sent (or finding the endpoint backed off). Returns how many
+/// connections it accepted and the endpoint.
+async fn calls_to_a_closing_server(
+    speaks: bool,
+    dial_after_the_close: bool,
+) -> (usize, Arc<crate::endpoint::Endpoint>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
-    // A real server on loopback TCP that sends its side of the HTTP/2
-    // handshake (an empty SETTINGS frame) and closes the connection.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let at = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -614,13 +619,13 @@ async fn a_server_that_closes_after_every_handshake_is_backed_off_once_per_dial(
         while let Ok((mut tcp, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
             const SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
-            let _ = tcp.write_all(&SETTINGS).await;
+            if speaks {
+                let _ = tcp.write_all(&SETTINGS).await;
+            }
             drop(tcp);
             done.notify_one();
         }
     });
-    // Each dial completes once the server has closed, so the close is what
-    // the connection meets first (not a request racing it).
     let connect: crate::endpoint::Connect = Arc::new(move |addr| {
         let closed = closed.clone();
         crate::endpoint::ClientConn::new(
@@ -630,7 +635,9 @@ async fn a_server_that_closes_after_every_handshake_is_backed_off_once_per_dial(
                 let closed = closed.clone();
                 async move {
                     let tcp = tokio::net::TcpStream::connect(addr).await?;
-                    closed.notified().await;
+                    if dial_after_the_close {
+                        closed.notified().await;
+                    }
                     Ok(hyper_util::rt::TokioIo::new(tcp))
                 }
             },
@@ -650,16 +657,33 @@ async fn a_server_that_closes_after_every_handshake_is_backed_off_once_per_dial(
             other => panic!("{:?}", other.map(|_| ())),
         }
     }
-    let endpoint = set.snapshot()[0].clone();
+    (accepted.load(Ordering::SeqCst), set.snapshot()[0].clone())
+}
+
+#[tokio::test]
+async fn a_server_that_closes_after_every_handshake_is_backed_off_once_per_dial() {
+    // Each dial completes once the server has closed, so the close is what
+    // the connection meets first (not a request racing it).
+    let (accepted, endpoint) = calls_to_a_closing_server(true, true).await;
     assert!(
         endpoint.is_reconnecting(Instant::now()),
         "backed off as after a failed dial"
     );
-    assert_eq!(
-        accepted.load(Ordering::SeqCst),
-        1,
-        "one dial, not one (or two) per call"
+    assert_eq!(accepted, 1, "one dial, not one (or two) per call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_closes_without_a_word_is_a_failed_dial() {
+    // A proxy with nothing behind it: TCP is accepted and closed at once.
+    // The dial waits for the server's SETTINGS, so no call is sent into
+    // the closing connection (each would fail as maybe sent, and charge
+    // the endpoint a failure instead of a backoff).
+    let (accepted, endpoint) = calls_to_a_closing_server(false, false).await;
+    assert!(
+        endpoint.is_reconnecting(Instant::now()),
+        "backed off as after a failed dial"
     );
+    assert_eq!(accepted, 1, "one dial, not one per call");
 }
 
 #[tokio::test(start_paused = true)]
@@ -783,39 +807,38 @@ fn bare(status: http::StatusCode) -> http::Response<Body> {
     response
 }
 
+/// Sends `calls` calls, round robin alternating: port 1 answers `answer`,
+/// port 2 OK. Returns the ports the calls went to.
+async fn run(
+    svc: &Balanced,
+    handle: &mut Handle,
+    answer: impl Fn() -> http::Response<Body>,
+    calls: usize,
+) -> Vec<u16> {
+    let mut ports = Vec::new();
+    for _ in 0..calls {
+        let call = tokio::spawn(svc.clone().oneshot(request()));
+        let (req, reply) = handle.next_request().await.unwrap();
+        let port = req.extensions().get::<SendTo>().unwrap().0.addr.port();
+        reply.send_response(if port == 1 {
+            answer()
+        } else {
+            trailers_only(Code::Ok)
+        });
+        // Read to its end, as tonic reads every answer's body (a broken
+        // one fails, as it does for the caller).
+        let response = call.await.unwrap().unwrap();
+        let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+        ports.push(port);
+    }
+    ports
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_bare_5xx_counts_toward_ejection_and_a_bare_4xx_charges_nobody() {
     let metrics = Metrics::new();
     let set = set_of(2, &metrics).await;
     let (svc, mut handle) = balanced(&set);
-    // Round robin alternates; port 1 answers `answer`, port 2 OK. Returns
-    // the ports the calls went to.
-    async fn run(
-        svc: &Balanced,
-        handle: &mut Handle,
-        answer: impl Fn() -> http::Response<Body>,
-        calls: usize,
-    ) -> Vec<u16> {
-        let mut ports = Vec::new();
-        for _ in 0..calls {
-            let call = tokio::spawn(svc.clone().oneshot(request()));
-            let (req, reply) = handle.next_request().await.unwrap();
-            let port = req.extensions().get::<SendTo>().unwrap().0.addr.port();
-            reply.send_response(if port == 1 {
-                answer()
-            } else {
-                trailers_only(Code::Ok)
-            });
-            // Read to its end, as tonic reads every answer's body.
-            let response = call.await.unwrap().unwrap();
-            http_body_util::BodyExt::collect(response.into_body())
-                .await
-                .unwrap();
-            ports.push(port);
-        }
-        ports
-    }
-
     // 431 (oversized headers, the caller's doing) ten times: never ejected.
     let ports = run(
         &svc,
@@ -858,5 +881,43 @@ async fn a_bare_5xx_counts_toward_ejection_and_a_bare_4xx_charges_nobody() {
         4,
     )
     .await;
+    assert_eq!(ports, vec![2; 4], "port 1 is ejected");
+}
+
+/// An answer whose body breaks with `status` after its headers (a stream
+/// reset under way: tonic's body hands the caller that code).
+fn broken(status: fn() -> tonic::Status) -> impl Fn() -> http::Response<Body> {
+    move || {
+        let frames = futures::stream::iter([Err::<http_body::Frame<bytes::Bytes>, _>(status())]);
+        http::Response::new(Body::new(http_body_util::StreamBody::new(frames)))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_its_caller_broke_charges_nobody_and_one_the_connection_broke_ejects() {
+    let metrics = Metrics::new();
+    let set = set_of(2, &metrics).await;
+    let (svc, mut handle) = balanced(&set);
+    let endpoints = set.snapshot();
+    let one = endpoints.iter().find(|e| e.addr == addr(1)).unwrap();
+    // Reset with CANCEL (the caller's request body failed, or it gave up)
+    // ten times: never ejected.
+    let cancelled = broken(|| tonic::Status::cancelled("stream error sent by user: CANCEL"));
+    let read = http_body_util::BodyExt::collect(cancelled().into_body()).await;
+    assert_eq!(read.unwrap_err().code(), Code::Cancelled, "the body breaks");
+    run(&svc, &mut handle, &cancelled, 10).await;
+    assert!(
+        !one.is_ejected(Instant::now()),
+        "a caller's reset charges nobody"
+    );
+    // Broken by a lost connection twice in a row: ejected.
+    let lost = broken(|| tonic::Status::unavailable("connection reset by peer"));
+    let ports = run(&svc, &mut handle, &lost, 4).await;
+    assert_eq!(ports.iter().filter(|p| **p == 1).count(), 2, "{ports:?}");
+    assert!(
+        one.is_ejected(Instant::now()),
+        "a lost connection is the endpoint's failure"
+    );
+    let ports = run(&svc, &mut handle, &lost, 4).await;
     assert_eq!(ports, vec![2; 4], "port 1 is ejected");
 }

@@ -212,7 +212,7 @@ fn is_connect_error(err: &(dyn std::error::Error + 'static)) -> bool {
     crate::caused_by::<tonic::ConnectError>(err).is_some()
 }
 
-/// Feeds a call's outcome (`None`: its response broke) into the
+/// Feeds a call's outcome (`None`: its response broke under it) into the
 /// endpoint's failure accounting.
 fn account(
     set: &EndpointSet,
@@ -491,9 +491,18 @@ where
             // The call's own references move to the body's report: no
             // clones, each a count written from both cores.
             Ok(response.map(move |body| {
-                // A broken stream counts against the endpoint whatever its code.
-                Body::new(ObservedBody::new(body, move |ended| {
-                    account(&set, &endpoint, &config, ended.ok(), started)
+                Body::new(ObservedBody::new(body, move |ended| match ended {
+                    Ok(code) => account(&set, &endpoint, &config, Some(code), started),
+                    // A stream broken by a lost connection or a protocol
+                    // error is the endpoint's failure; one reset with
+                    // CANCEL (its caller's request body failed, or it gave
+                    // up) says nothing of the endpoint: a caller able to
+                    // break its own streams could otherwise eject healthy
+                    // replicas.
+                    Err(code) if is_endpoint_failure(code) => {
+                        account(&set, &endpoint, &config, None, started)
+                    }
+                    Err(_) => {}
                 }))
             }))
         })

@@ -38,8 +38,10 @@
 //! GOAWAY then costs no retry, charges the endpoint nothing, and does not
 //! go back to the draining address).
 //!
-//! A connection that closes without ever answering a call (a server that
-//! closes right after every handshake) hands its requests back marked
+//! A dial is done once the server has said something (its SETTINGS,
+//! which an HTTP/2 server sends first): one that closes without a word is
+//! a failed dial. A connection that closes without ever answering a call
+//! (a server that closes right after its SETTINGS) hands its requests back marked
 //! with its dial number ([`dead_dial`]): the balancer charges that once,
 //! as a failed dial, so the endpoint backs off instead of costing a dial
 //! per call.
@@ -456,11 +458,14 @@ fn http2_builder() -> h2::client::Builder {
 /// waiting for a call). A ping unanswered within `timeout` cuts the
 /// connection: its socket fails, so its streams fail at once.
 ///
-/// A peer that ends the connection with GOAWAY `ENHANCE_YOUR_CALM` (what
-/// gRPC servers send a client that pings more often than they permit,
-/// "too_many_pings") doubles `interval` for the connections dialled after,
-/// as gRPC's keepalive design (A8) has clients do; up to
-/// [`MAX_KEEPALIVE_INTERVAL`].
+/// A peer that ends the connection with GOAWAY `ENHANCE_YOUR_CALM` and
+/// debug data "too_many_pings" (what gRPC servers send a client that
+/// pings more often than they permit) after this connection pinged it
+/// doubles `interval` for this endpoint's connections from then on, as
+/// gRPC's keepalive design (A8) has clients do; up to
+/// [`MAX_KEEPALIVE_INTERVAL`]. The same code for another reason (h2's
+/// "too_many_resets", after a burst of cancelled calls) leaves it alone:
+/// a longer interval finds a dead peer later.
 async fn drive<T>(
     mut conn: h2::client::Connection<T, Bytes>,
     link: Arc<Link>,
@@ -470,18 +475,24 @@ async fn drive<T>(
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let pings = conn.ping_pong();
-    let every = interval.get();
-    let keepalive = async move {
-        let Some(mut pings) = pings else {
-            return std::future::pending().await;
-        };
-        loop {
-            tokio::time::sleep(every).await;
-            match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
-                Ok(Ok(_)) => {}
-                // The connection is ending; it tells why itself.
-                Ok(Err(_)) => return std::future::pending().await,
-                Err(_) => return,
+    let pinged = std::sync::atomic::AtomicBool::new(false);
+    let keepalive = {
+        let (interval, pinged) = (&interval, &pinged);
+        async move {
+            let Some(mut pings) = pings else {
+                return std::future::pending().await;
+            };
+            loop {
+                // Read anew each time: a drained connection's successor
+                // learns of a doubling that came after it was dialled.
+                tokio::time::sleep(interval.get()).await;
+                pinged.store(true, std::sync::atomic::Ordering::Relaxed);
+                match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
+                    Ok(Ok(_)) => {}
+                    // The connection is ending; it tells why itself.
+                    Ok(Err(_)) => return std::future::pending().await,
+                    Err(_) => return,
+                }
             }
         }
     };
@@ -489,14 +500,12 @@ async fn drive<T>(
         ended = &mut conn => {
             if let Err(e) = ended {
                 tracing::debug!("HTTP/2 client connection ended: {e}");
-                if e.is_go_away()
-                    && e.is_remote()
-                    && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
-                {
+                if pinged.load(std::sync::atomic::Ordering::Relaxed) && too_many_pings(&e) {
+                    let was = interval.get();
                     let doubled = interval.double();
                     tracing::warn!(
-                        "the peer ended the connection with ENHANCE_YOUR_CALM (too many pings?): \
-                         keepalive PINGs to it now every {doubled:?} (was {every:?})"
+                        "the peer ended the connection with ENHANCE_YOUR_CALM \"too_many_pings\": \
+                         keepalive PINGs to it now every {doubled:?} (was {was:?})"
                     );
                 }
             }
@@ -507,7 +516,21 @@ async fn drive<T>(
             let _ = conn.await;
         }
     }
+    link.hear(Err(io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "the connection ended",
+    )));
     link.close();
+}
+
+/// Whether `e` is a peer's GOAWAY `ENHANCE_YOUR_CALM` with debug data
+/// "too_many_pings" (gRPC's signal that the client pings too often). h2
+/// shows a GOAWAY's debug data only in the error's text.
+fn too_many_pings(e: &h2::Error) -> bool {
+    e.is_go_away()
+        && e.is_remote()
+        && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+        && e.to_string().contains("too_many_pings")
 }
 
 /// The longest interval a peer's `ENHANCE_YOUR_CALM` can stretch the
@@ -521,8 +544,10 @@ struct KeepaliveInterval(std::sync::atomic::AtomicU64);
 
 impl KeepaliveInterval {
     fn new(interval: Duration) -> Self {
+        // At least 1 ms: a sub-millisecond interval would round to no
+        // wait at all, and zero never doubles.
         Self(std::sync::atomic::AtomicU64::new(
-            interval.as_millis().try_into().unwrap_or(u64::MAX),
+            interval.as_millis().clamp(1, u128::from(u64::MAX)) as u64,
         ))
     }
 
@@ -606,7 +631,12 @@ impl ClientConn {
                     armed: false,
                     deferred: false,
                 };
-                let (send, conn) = builder.handshake::<_, Bytes>(TokioIo::new(io)).await?;
+                let io = Hearing {
+                    io: TokioIo::new(io),
+                    link: link.clone(),
+                    heard: false,
+                };
+                let (send, conn) = builder.handshake::<_, Bytes>(io).await?;
                 // Written before the dial's outcome becomes the state
                 // (under the state's lock), so a call that finds this
                 // connection Ready reads its own retirement time.
@@ -619,7 +649,14 @@ impl ClientConn {
                 );
                 // Ends when the connection does, or once every handle and
                 // stream is gone (h2 then says GOAWAY and closes).
-                tokio::spawn(drive(conn, link, interval, timeout));
+                tokio::spawn(drive(conn, link.clone(), interval, timeout));
+                // An HTTP/2 server speaks first (its SETTINGS, RFC 9113
+                // 3.4), as grpc-go's client also waits for: one that
+                // closes without a word (a proxy with nothing behind it,
+                // a TLS server refusing the client's certificate) is a
+                // failed dial, backed off as one, not a connection every
+                // call meets broken after its request may have left.
+                link.server_spoke().await?;
                 Ok(send)
             })
         });
@@ -1219,6 +1256,11 @@ struct Link {
     cut: std::sync::OnceLock<Cut>,
     /// The connection task's read, woken when the link is cut.
     reader: futures::task::AtomicWaker,
+    /// What the connection's first read found: bytes (`Ok`), or the end
+    /// or error it met instead (see [`Link::server_spoke`]).
+    heard: std::sync::OnceLock<Result<(), (io::ErrorKind, String)>>,
+    /// Wakes the dial waiting for `heard`.
+    hearing: tokio::sync::Notify,
 }
 
 /// Why a connection was cut.
@@ -1241,6 +1283,35 @@ impl Link {
             closed: std::sync::atomic::AtomicBool::new(false),
             cut: std::sync::OnceLock::new(),
             reader: futures::task::AtomicWaker::new(),
+            heard: std::sync::OnceLock::new(),
+            hearing: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Records what the connection's first read found (only the first
+    /// word counts) and wakes the dial waiting on it.
+    fn hear(&self, read: io::Result<()>) {
+        let _ = self.heard.set(read.map_err(|e| (e.kind(), e.to_string())));
+        self.hearing.notify_waiters();
+    }
+
+    /// Waits for the server's first bytes: `Err` if the connection ended
+    /// or failed before it said anything.
+    async fn server_spoke(&self) -> io::Result<()> {
+        loop {
+            let notified = self.hearing.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Enabled before the look, so a word heard in between wakes.
+            notified.as_mut().enable();
+            if let Some(heard) = self.heard.get() {
+                return heard.clone().map_err(|(kind, e)| {
+                    io::Error::new(
+                        kind,
+                        format!("the server closed the connection before its HTTP/2 settings: {e}"),
+                    )
+                });
+            }
+            notified.await;
         }
     }
 
@@ -1470,6 +1541,68 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Severable<T> {
         if self.defer(cx) {
             return Poll::Pending;
         }
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+/// The connection's socket as h2 sees it, telling the dial what its first
+/// read found (see [`Link::server_spoke`]). A wrapper of its own because
+/// only tokio's read buffer shows how much a read filled.
+struct Hearing<T> {
+    io: T,
+    link: Arc<Link>,
+    heard: bool,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Hearing<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if !self.heard
+            && let Poll::Ready(result) = &read
+        {
+            self.heard = true;
+            let heard = match result {
+                Ok(()) if buf.filled().len() > before => Ok(()),
+                Ok(()) => Err(io::ErrorKind::UnexpectedEof.into()),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            };
+            self.link.hear(heard);
+        }
+        read
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Hearing<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
@@ -1757,9 +1890,10 @@ mod tests {
         DrainsAtTheLimit,
         /// A server that answers every call with OK and, at the first
         /// PING, says how long into the connection it came (into the log)
-        /// and ends the connection with GOAWAY `ENHANCE_YOUR_CALM`, as a
-        /// gRPC server does a client that pings too often.
-        CallsDownPings(Arc<Mutex<Vec<Duration>>>),
+        /// and ends the connection with GOAWAY `ENHANCE_YOUR_CALM` and
+        /// this debug data: "too_many_pings" is what a gRPC server sends a
+        /// client that pings too often.
+        CallsDownPings(Arc<Mutex<Vec<Duration>>>, &'static [u8]),
     }
 
     #[derive(Default)]
@@ -1823,9 +1957,9 @@ mod tests {
                     self.servers.lock().unwrap().push(task.abort_handle());
                     return Ok(TokioIo::new(Frozen::new(client, Arc::default())));
                 }
-                Peer::CallsDownPings(log) => {
+                Peer::CallsDownPings(log, debug) => {
                     let (client, server) = tokio::io::duplex(64 * 1024);
-                    let task = tokio::spawn(call_down_the_first_ping(server, log));
+                    let task = tokio::spawn(call_down_the_first_ping(server, log, debug));
                     self.servers.lock().unwrap().push(task.abort_handle());
                     return Ok(TokioIo::new(Frozen::new(client, Arc::default())));
                 }
@@ -1907,14 +2041,17 @@ mod tests {
         }
     }
 
-    /// A server of raw HTTP/2 frames: reads the client's preface and
-    /// frames up to its first HEADERS, then sends SETTINGS and a GOAWAY
-    /// whose last stream is 0 (RFC 9113 6.8: stream 1 was not processed),
+    /// A server of raw HTTP/2 frames: reads the client's preface, sends
+    /// its SETTINGS, reads frames up to the first HEADERS, then sends a
+    /// GOAWAY whose last stream is 0 (RFC 9113 6.8: stream 1 was not processed),
     /// and holds the socket open.
     async fn go_away_after_first_request(mut io: DuplexStream) -> io::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
         let mut preface = [0u8; 24];
         io.read_exact(&mut preface).await?;
+        io.write_all(&SETTINGS).await?;
+        io.flush().await?;
         loop {
             let mut head = [0u8; 9];
             io.read_exact(&mut head).await?;
@@ -1926,10 +2063,8 @@ mod tests {
                 break;
             }
         }
-        const SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
         // Length 8, type GOAWAY, stream 0; last stream 0, NO_ERROR.
         const GOAWAY: [u8; 17] = [0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        io.write_all(&SETTINGS).await?;
         io.write_all(&GOAWAY).await?;
         io.flush().await?;
         std::future::pending().await
@@ -2017,11 +2152,13 @@ mod tests {
 
     /// A server of raw HTTP/2 frames that answers every call OK and, at
     /// the first PING, logs how long into the connection it came, sends
-    /// GOAWAY `ENHANCE_YOUR_CALM` (debug data "too_many_pings", as
-    /// grpc-go's and C-core's servers do) and closes.
+    /// GOAWAY `ENHANCE_YOUR_CALM` with `debug` (grpc-go's and C-core's
+    /// servers say "too_many_pings" to a client that pings too often) and
+    /// closes.
     async fn call_down_the_first_ping(
         mut io: DuplexStream,
         log: Arc<Mutex<Vec<Duration>>>,
+        debug: &'static [u8],
     ) -> io::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         const HEADERS: u8 = 0x1;
@@ -2044,7 +2181,6 @@ mod tests {
                 }
                 PING if flags & 1 == 0 => {
                     log.lock().unwrap().push(opened.elapsed());
-                    let debug = b"too_many_pings";
                     let mut goaway = ((8 + debug.len()) as u32).to_be_bytes()[1..].to_vec();
                     goaway.extend_from_slice(&[0x7, 0, 0, 0, 0, 0]);
                     goaway.extend_from_slice(&last_stream.to_be_bytes());
@@ -2369,16 +2505,19 @@ mod tests {
         assert_eq!(conn.state(), ConnState::Closed, "no new streams there");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_peer_that_calls_the_pings_too_many_gets_them_half_as_often() {
+    /// Dials `bed` three times, each connection ending at its peer's first
+    /// PING, and returns how long into each connection that PING came.
+    async fn first_pings_of_three_connections(
+        debug: &'static [u8],
+        settings: &EndpointConfig,
+    ) -> Vec<Duration> {
         let log = Arc::new(Mutex::new(Vec::new()));
         let bed = Bed::new([
-            Peer::CallsDownPings(log.clone()),
-            Peer::CallsDownPings(log.clone()),
-            Peer::CallsDownPings(log.clone()),
+            Peer::CallsDownPings(log.clone(), debug),
+            Peer::CallsDownPings(log.clone(), debug),
+            Peer::CallsDownPings(log.clone(), debug),
         ]);
-        let settings = EndpointConfig::default();
-        let conn = bed.conn(&settings);
+        let conn = bed.conn(settings);
         for dial in 1..=3 {
             conn.call(request()).await.expect("answered");
             // The peer ends the connection at its first PING.
@@ -2391,17 +2530,35 @@ mod tests {
             .expect("the peer ended the connection");
             assert_eq!(bed.dials.load(Ordering::SeqCst), dial);
         }
+        let log = log.lock().unwrap().clone();
+        assert_eq!(log.len(), 3, "{log:?}");
+        log
+    }
+
+    fn within(took: Duration, want: Duration) -> bool {
+        took >= want && took < want + Duration::from_millis(100)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_calls_the_pings_too_many_gets_them_half_as_often() {
+        let settings = EndpointConfig::default();
+        let log = first_pings_of_three_connections(b"too_many_pings", &settings).await;
         // Each connection's first PING came after twice the wait of the
         // one before (gRPC A8), from the configured interval on.
-        let log = log.lock().unwrap().clone();
         let interval = settings.keepalive_interval;
-        let within = |took: Duration, want: Duration| {
-            took >= want && took < want + Duration::from_millis(100)
-        };
-        assert_eq!(log.len(), 3, "{log:?}");
         assert!(within(log[0], interval), "{log:?}");
         assert!(within(log[1], 2 * interval), "{log:?}");
         assert!(within(log[2], 4 * interval), "{log:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_calm_for_another_reason_leaves_the_keepalive_as_it_was() {
+        // h2 servers send ENHANCE_YOUR_CALM "too_many_resets" after a burst
+        // of cancelled calls: nothing to do with pings.
+        let settings = EndpointConfig::default();
+        let log = first_pings_of_three_connections(b"too_many_resets", &settings).await;
+        let interval = settings.keepalive_interval;
+        assert!(log.iter().all(|took| within(*took, interval)), "{log:?}");
     }
 
     #[test]
@@ -2416,6 +2573,10 @@ mod tests {
         // One configured longer than the bound is left as it is.
         let long = KeepaliveInterval::new(2 * MAX_KEEPALIVE_INTERVAL);
         assert_eq!(long.double(), 2 * MAX_KEEPALIVE_INTERVAL);
+        // A sub-millisecond one waits a millisecond, and can double.
+        let short = KeepaliveInterval::new(Duration::from_micros(500));
+        assert_eq!(short.get(), Duration::from_millis(1));
+        assert_eq!(short.double(), Duration::from_millis(2));
     }
 
     #[tokio::test(start_paused = true)]
