@@ -818,7 +818,7 @@ impl ClientConn {
             .inner
             .dials
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let link = Arc::new(Link::new(number));
+        let link = Arc::new(Link::new(number, (self.inner.stall_window)()));
         let dial = (self.inner.dial)(link.clone());
         let limit = self.inner.connect_timeout;
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
@@ -985,6 +985,7 @@ async fn exchange(live: Live, req: Request) -> Result<http::Response<Body>, BoxE
     let mut orphan = Orphan {
         gate: &gate,
         send: Some(send),
+        wait: link.stall_window,
     };
     let opened = std::future::poll_fn(|cx| {
         orphan
@@ -1049,10 +1050,15 @@ async fn exchange(live: Live, req: Request) -> Result<http::Response<Body>, BoxE
 /// waits for it instead of sending past the server's limit), and nobody
 /// would let go of it once it opens (its HEADERS out, no body, never
 /// reset): a task takes the gate, waits for the stream to open, and so
-/// clears it from the handle, and h2 resets it.
+/// clears it from the handle, and h2 resets it. It waits at most `wait`
+/// (the stall window: by then a healthy server has freed a slot), then
+/// lets go of the stream unopened: a server that opens no streams
+/// (`SETTINGS_MAX_CONCURRENT_STREAMS` 0) would otherwise keep the task,
+/// the gate and the connection for good, even after its endpoint is gone.
 struct Orphan<'a> {
     gate: &'a Arc<tokio::sync::Mutex<Sender>>,
     send: Option<tokio::sync::MutexGuard<'a, Sender>>,
+    wait: Duration,
 }
 
 impl Drop for Orphan<'_> {
@@ -1061,14 +1067,15 @@ impl Drop for Orphan<'_> {
             return;
         }
         let gate = self.gate.clone();
+        let wait = self.wait;
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             // Runs once this guard's lock is released, just after.
             drop(runtime.spawn(async move {
                 let mut send = gate.lock().await;
-                if std::future::poll_fn(|cx| send.poll_ready(cx))
-                    .await
-                    .is_err()
-                {
+                let opened =
+                    tokio::time::timeout(wait, std::future::poll_fn(|cx| send.poll_ready(cx)))
+                        .await;
+                if !matches!(opened, Ok(Ok(()))) {
                     release_waiting_stream(&mut send);
                 }
             }));
@@ -1237,6 +1244,9 @@ pub(crate) const STALL_WINDOW: Duration =
 struct Link {
     /// The connection's dial number (see [`failed_dial`]).
     dial: u64,
+    /// The [`stall_window`] when it was dialled: how long a stream whose
+    /// caller gave up may wait for a slot (see [`Orphan`]).
+    stall_window: Duration,
     /// Calls waiting at the gate or for their stream to open.
     waiting: std::sync::atomic::AtomicUsize,
     /// Streams opened through the gate so far (wrapping): whether the
@@ -1273,9 +1283,10 @@ enum Cut {
 }
 
 impl Link {
-    fn new(dial: u64) -> Self {
+    fn new(dial: u64, stall_window: Duration) -> Self {
         Self {
             dial,
+            stall_window,
             waiting: std::sync::atomic::AtomicUsize::new(0),
             opened: std::sync::atomic::AtomicU64::new(0),
             long_since: Mutex::new(None),
@@ -1747,7 +1758,7 @@ pub(crate) fn is_unsent(err: &(dyn std::error::Error + 'static)) -> bool {
 /// calls with (for tests of the layers above).
 #[cfg(test)]
 pub(crate) fn stalled_for_tests(dial: u64) -> BoxError {
-    Link::new(dial).stalled_error()
+    Link::new(dial, STALL_WINDOW).stalled_error()
 }
 
 /// An [`Unsent`] error holding `req`, as a closing connection hands it
@@ -1894,6 +1905,9 @@ mod tests {
         /// this debug data: "too_many_pings" is what a gRPC server sends a
         /// client that pings too often.
         CallsDownPings(Arc<Mutex<Vec<Duration>>>, &'static [u8]),
+        /// A server that allows no streams at all
+        /// (`SETTINGS_MAX_CONCURRENT_STREAMS` 0) and answers PINGs.
+        OpensNoStreams,
     }
 
     #[derive(Default)]
@@ -1960,6 +1974,12 @@ mod tests {
                 Peer::CallsDownPings(log, debug) => {
                     let (client, server) = tokio::io::duplex(64 * 1024);
                     let task = tokio::spawn(call_down_the_first_ping(server, log, debug));
+                    self.servers.lock().unwrap().push(task.abort_handle());
+                    return Ok(TokioIo::new(Frozen::new(client, Arc::default())));
+                }
+                Peer::OpensNoStreams => {
+                    let (client, server) = tokio::io::duplex(64 * 1024);
+                    let task = tokio::spawn(open_no_streams(server));
                     self.servers.lock().unwrap().push(task.abort_handle());
                     return Ok(TokioIo::new(Frozen::new(client, Arc::default())));
                 }
@@ -2190,6 +2210,34 @@ mod tests {
                     io.write_all(&goaway).await?;
                     io.flush().await?;
                     return Ok(());
+                }
+                _ => {}
+            }
+            io.flush().await?;
+        }
+    }
+
+    /// A server of raw HTTP/2 frames that allows no streams
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS` 0): it acknowledges SETTINGS,
+    /// answers PINGs and ignores everything else.
+    async fn open_no_streams(mut io: DuplexStream) -> io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const SETTINGS: u8 = 0x4;
+        const PING: u8 = 0x6;
+        let mut preface = [0u8; 24];
+        io.read_exact(&mut preface).await?;
+        io.write_all(&[0, 0, 6, SETTINGS, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0])
+            .await?;
+        loop {
+            let (kind, flags, _, payload) = read_frame(&mut io).await?;
+            match kind {
+                SETTINGS if flags & 1 == 0 => {
+                    io.write_all(&[0, 0, 0, SETTINGS, 1, 0, 0, 0, 0]).await?;
+                }
+                PING if flags & 1 == 0 => {
+                    let mut pong = vec![0, 0, 8, PING, 1, 0, 0, 0, 0];
+                    pong.extend_from_slice(&payload);
+                    io.write_all(&pong).await?;
                 }
                 _ => {}
             }
@@ -2580,6 +2628,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_stream_given_up_at_a_server_that_opens_none_is_let_go_after_the_stall_window() {
+        let bed = Bed::new([Peer::OpensNoStreams]);
+        let conn = bed.conn(&EndpointConfig::default());
+        // The call's stream waits for a slot that never comes, and its
+        // caller gives up.
+        let call = tokio::time::timeout(Duration::from_secs(1), conn.call(request())).await;
+        assert!(call.is_err(), "no stream opens");
+        let gate = match &*conn.inner.state.lock().unwrap() {
+            State::Ready(live) => live.gate.clone(),
+            _ => panic!("connected"),
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(gate.try_lock().is_err(), "a task waits with the stream");
+        tokio::time::sleep(STALL_WINDOW).await;
+        assert!(gate.try_lock().is_ok(), "and lets go of it at the window");
+        assert_eq!(bed.dials.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_stream_a_goaway_leaves_unprocessed_fails_as_never_processed() {
         let bed = Bed::new([Peer::GoesAway, Peer::Serves]);
         let conn = bed.conn(&EndpointConfig::default());
@@ -2942,7 +3009,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_long_line_counts_as_stalled_only_after_a_whole_window_without_a_stream_opening() {
-        let link = Link::new(1);
+        let link = Link::new(1, STALL_WINDOW);
         let t0 = tokio::time::Instant::now();
         // First found long: the window starts.
         assert!(!link.stalled(t0, STALL_WINDOW));
@@ -3073,7 +3140,7 @@ mod tests {
         let busy = Arc::new(AtomicUsize::new(2));
         let mut io = Severable {
             io: TokioIo::new(near),
-            link: Arc::new(Link::new(1)),
+            link: Arc::new(Link::new(1, STALL_WINDOW)),
             busy: busy.clone(),
             armed: false,
             deferred: false,
