@@ -392,7 +392,9 @@ impl Default for OutlierDetection {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct EndpointConfig {
-    /// Give up connecting after this long. Default 1 s.
+    /// Give up connecting after this long: the TCP connect, the TLS
+    /// handshake and the server's first HTTP/2 bytes (its SETTINGS, which
+    /// a dial waits for) together. Default 1 s.
     #[serde(with = "duration_str")]
     pub connect_timeout: Duration,
     /// Send an HTTP/2 PING on each connection every this long, busy or

@@ -49,16 +49,23 @@ fn balanced(set: &Arc<EndpointSet>) -> (Balanced, Handle) {
 
 /// Balanced by `policy`, ejecting after 2 failures in a row for 5 s.
 fn balanced_by(set: &Arc<EndpointSet>, policy: &str) -> (Balanced, Handle) {
-    let config = ConfigHandle::new(
+    let (mock, handle) = mock::pair();
+    (
+        BalanceLayer::new(set.clone(), ejecting_after_two(policy)).layer(mock),
+        handle,
+    )
+}
+
+/// Balancing by `policy`, ejecting after 2 failures in a row for 5 s.
+fn ejecting_after_two(policy: &str) -> ConfigHandle {
+    ConfigHandle::new(
         MeshConfig::from_json(&format!(
             r#"{{"loadBalancingPolicy":"{policy}",
                 "outlierDetection":{{"consecutiveFailures":2,"baseEjectionTime":"5s"}}}}"#,
         ))
         .unwrap(),
     )
-    .unwrap();
-    let (mock, handle) = mock::pair();
-    (BalanceLayer::new(set.clone(), config).layer(mock), handle)
+    .unwrap()
 }
 
 fn request() -> http::Request<Body> {
@@ -603,11 +610,12 @@ async fn only_a_resource_exhausted_marked_as_the_mesh_s_shedding_raises_the_pena
 /// after its side of the HTTP/2 handshake (an empty SETTINGS frame) if
 /// `speaks`; ten calls go to it through the balancer, each failing as
 /// never sent (or finding the endpoint backed off). Returns how many
-/// connections it accepted and the endpoint.
+/// connections it accepted, the endpoint, and whether the first call
+/// failed as a failed dial.
 async fn calls_to_a_closing_server(
     speaks: bool,
     dial_after_the_close: bool,
-) -> (usize, Arc<crate::endpoint::Endpoint>) {
+) -> (usize, Arc<crate::endpoint::Endpoint>, bool) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -650,21 +658,31 @@ async fn calls_to_a_closing_server(
     set.clone().follow(rx, connect, false).await;
     let config = ConfigHandle::new(MeshConfig::default()).unwrap();
     let svc = BalanceLayer::new(set.clone(), config).layer(crate::endpoint::Connection);
+    let mut first_failed_dial = None;
     for _ in 0..10 {
         match svc.clone().oneshot(request()).await {
-            Err(CallError::Transport { never_sent, .. }) => assert!(never_sent),
+            Err(CallError::Transport {
+                never_sent, source, ..
+            }) => {
+                assert!(never_sent);
+                first_failed_dial.get_or_insert(crate::endpoint::failed_dial(&*source).is_some());
+            }
             Err(CallError::NoEndpoint(_)) => {}
             other => panic!("{:?}", other.map(|_| ())),
         }
     }
-    (accepted.load(Ordering::SeqCst), set.snapshot()[0].clone())
+    (
+        accepted.load(Ordering::SeqCst),
+        set.snapshot()[0].clone(),
+        first_failed_dial == Some(true),
+    )
 }
 
 #[tokio::test]
 async fn a_server_that_closes_after_every_handshake_is_backed_off_once_per_dial() {
     // Each dial completes once the server has closed, so the close is what
     // the connection meets first (not a request racing it).
-    let (accepted, endpoint) = calls_to_a_closing_server(true, true).await;
+    let (accepted, endpoint, _) = calls_to_a_closing_server(true, true).await;
     assert!(
         endpoint.is_reconnecting(Instant::now()),
         "backed off as after a failed dial"
@@ -678,7 +696,8 @@ async fn a_server_that_closes_without_a_word_is_a_failed_dial() {
     // The dial waits for the server's SETTINGS, so no call is sent into
     // the closing connection (each would fail as maybe sent, and charge
     // the endpoint a failure instead of a backoff).
-    let (accepted, endpoint) = calls_to_a_closing_server(false, false).await;
+    let (accepted, endpoint, failed_dial) = calls_to_a_closing_server(false, false).await;
+    assert!(failed_dial, "the first call failed with its dial");
     assert!(
         endpoint.is_reconnecting(Instant::now()),
         "backed off as after a failed dial"
@@ -920,4 +939,98 @@ async fn a_stream_its_caller_broke_charges_nobody_and_one_the_connection_broke_e
     );
     let ports = run(&svc, &mut handle, &lost, 4).await;
     assert_eq!(ports, vec![2; 4], "port 1 is ejected");
+}
+
+/// A real HTTP/2 server on loopback that answers each call OK once its
+/// request body has ended (as a client-streaming method does), and
+/// nothing to one whose body is reset.
+async fn answering_after_the_upload_h2_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        while let Some(data) = body.data().await {
+                            let Ok(data) = data else { return };
+                            let _ = body.flow_control().release_capacity(data.len());
+                        }
+                        let _ = respond.send_response(
+                            http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .header("grpc-status", "0")
+                                .body(())
+                                .unwrap(),
+                            true,
+                        );
+                    });
+                }
+            });
+        }
+    });
+    at
+}
+
+#[tokio::test]
+async fn an_upload_its_caller_broke_before_the_answer_charges_nobody() {
+    // Two replicas of a client-streaming method; each caller's request
+    // stream fails after its first message (an encode error, a caller
+    // gone), so the mesh resets the stream with CANCEL before the server
+    // answers. The test's policy ejects after 2 failures in a row.
+    let servers = [
+        answering_after_the_upload_h2_server().await,
+        answering_after_the_upload_h2_server().await,
+    ];
+    let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    for at in servers {
+        tx.send(Change::Insert(at, ())).await.unwrap();
+    }
+    drop(tx);
+    set.clone()
+        .follow(
+            rx,
+            Arc::new(crate::endpoint::ClientConn::tcp_for_tests),
+            false,
+        )
+        .await;
+    let svc = BalanceLayer::new(set.clone(), ejecting_after_two("round_robin"))
+        .layer(crate::endpoint::Connection);
+    let broken_upload = || {
+        let frames = futures::stream::iter([
+            Ok(http_body::Frame::data(bytes::Bytes::from_static(&[
+                0, 0, 0, 0, 0,
+            ]))),
+            Err(tonic::Status::internal("the caller's stream failed")),
+        ]);
+        let mut req = request();
+        *req.body_mut() = Body::new(http_body_util::StreamBody::new(frames));
+        req
+    };
+    for call in 0..6 {
+        match svc.clone().oneshot(broken_upload()).await {
+            Err(CallError::Transport { source, .. }) => {
+                let h2 = crate::caused_by::<h2::Error>(&*source).expect("an h2 error");
+                assert_eq!(h2.reason(), Some(h2::Reason::CANCEL), "call {call}: {h2}");
+            }
+            other => panic!("call {call}: {:?}", other.map(|_| ())),
+        }
+    }
+    let now = Instant::now();
+    assert!(
+        set.snapshot().iter().all(|e| !e.is_ejected(now)),
+        "a caller's broken upload ejected a replica"
+    );
+    // A whole upload is answered: the servers were fine all along.
+    let mut req = request();
+    *req.body_mut() = Body::new(http_body_util::Full::new(bytes::Bytes::from_static(&[
+        0, 0, 0, 0, 0,
+    ])));
+    let response = svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(header_status(&response), Some(Code::Ok));
 }

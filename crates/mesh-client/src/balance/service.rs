@@ -164,6 +164,13 @@ pub(crate) fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
     crate::caused_by::<tonic::TimeoutExpired>(err).is_some()
 }
 
+/// Whether a transport error is its stream reset with CANCEL (by either
+/// side): the call's end, not the endpoint's failure.
+fn reset_with_cancel(err: &(dyn std::error::Error + 'static)) -> bool {
+    crate::caused_by::<h2::Error>(err)
+        .is_some_and(|e| e.is_reset() && e.reason() == Some(h2::Reason::CANCEL))
+}
+
 /// Whether a trailers-only INTERNAL answer is a server refusing the
 /// caller's malformed message: tonic's decoder answers INTERNAL (as the
 /// gRPC spec asks) for a bad compression flag, a cut-off frame or bytes
@@ -429,7 +436,19 @@ where
                     // A connection cut for standing still was backed off
                     // above; holding its streams is something a caller can
                     // do, so it does not count toward ejection either.
-                    if charged && !timed_out(&*err) && !is_unsent(&*err) && !is_stalled(&*err) {
+                    // Nor a stream reset with CANCEL: by this side when
+                    // the caller's request body failed (before the server
+                    // answered, the usual case for client streaming), or by
+                    // the server ending a call it gave up on; a caller able
+                    // to break its own uploads could otherwise eject healthy
+                    // replicas (as the same reset after the answer's head
+                    // charges nobody, below).
+                    if charged
+                        && !timed_out(&*err)
+                        && !is_unsent(&*err)
+                        && !is_stalled(&*err)
+                        && !reset_with_cancel(&*err)
+                    {
                         set.record_failure(&endpoint, &config.outlier_detection);
                     }
                     return Err(CallError::Transport {
@@ -495,10 +514,13 @@ where
                     Ok(code) => account(&set, &endpoint, &config, Some(code), started),
                     // A stream broken by a lost connection or a protocol
                     // error is the endpoint's failure; one reset with
-                    // CANCEL (its caller's request body failed, or it gave
-                    // up) says nothing of the endpoint: a caller able to
-                    // break its own streams could otherwise eject healthy
-                    // replicas.
+                    // CANCEL (its caller's request body failed, or the
+                    // server gave up on it: grpc-java does at its deadline)
+                    // says nothing of the endpoint: a caller able to break
+                    // its own streams could otherwise eject healthy
+                    // replicas. (A server that resets every call so gains
+                    // no more than one answering each with a non-failure
+                    // status already does.)
                     Err(code) if is_endpoint_failure(code) => {
                         account(&set, &endpoint, &config, None, started)
                     }

@@ -38,9 +38,10 @@
 //! GOAWAY then costs no retry, charges the endpoint nothing, and does not
 //! go back to the draining address).
 //!
-//! A dial is done once the server has said something (its SETTINGS,
-//! which an HTTP/2 server sends first): one that closes without a word is
-//! a failed dial. A connection that closes without ever answering a call
+//! A dial is done once the server has sent its first bytes (an HTTP/2
+//! server's SETTINGS, which it sends first; any bytes count, and a server
+//! that sends something else is caught as below): one that closes
+//! without a word is a failed dial. A connection that closes without ever answering a call
 //! (a server that closes right after its SETTINGS) hands its requests back marked
 //! with its dial number ([`dead_dial`]): the balancer charges that once,
 //! as a failed dial, so the endpoint backs off instead of costing a dial
@@ -576,8 +577,9 @@ impl ClientConn {
     /// A connection to `authority` that dials with `connect` (TCP, and
     /// TLS when the mesh has an identity) and then shakes hands with the
     /// HTTP/2 settings of [`http2_builder`]. The connect timeout of
-    /// `settings` bounds the dial and the handshake together. Nothing is
-    /// dialled until the first call.
+    /// `settings` bounds the dial, the handshake and the wait for the
+    /// server's first bytes together. Nothing is dialled until the first
+    /// call.
     pub(crate) fn new<F, Fut, T>(
         authority: Authority,
         settings: &EndpointConfig,
@@ -1318,7 +1320,7 @@ impl Link {
                 return heard.clone().map_err(|(kind, e)| {
                     io::Error::new(
                         kind,
-                        format!("the server closed the connection before its HTTP/2 settings: {e}"),
+                        format!("the server closed the connection before sending anything: {e}"),
                     )
                 });
             }
