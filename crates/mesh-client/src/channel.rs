@@ -616,7 +616,9 @@ impl MeshChannel {
     #[doc(hidden)]
     pub fn pick_and_mark(&self, policy: crate::LbPolicy) -> Option<SocketAddr> {
         self.set.pick(policy, &[]).ok().map(|endpoint| {
-            let _in_flight = endpoint.start();
+            // Answered: an unanswered end reads the clock, which a call's
+            // pick does not.
+            let _ = endpoint.start().answered();
             endpoint.addr
         })
     }

@@ -92,8 +92,8 @@ pub struct MeshConfig {
     /// targets and methods may set their own (the most specific wins).
     #[serde(with = "duration_str")]
     pub max_timeout: Duration,
-    /// `p2c` (default: power of two choices over peak-EWMA load) or
-    /// `round_robin`.
+    /// `p2c` (default: power of two choices over latency-weighted load)
+    /// or `round_robin`.
     pub load_balancing_policy: LbPolicy,
     /// Retries for methods declared idempotent. See [`RetryPolicy`].
     pub retry_policy: RetryPolicy,
@@ -149,7 +149,8 @@ impl Default for MeshConfig {
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum LbPolicy {
-    /// Power of two choices over peak-EWMA latency × in-flight requests,
+    /// Power of two choices over one more call's expected latency (latency
+    /// per call in flight, a short-window mean, × in-flight requests),
     /// penalised by recent failures; between endpoints of similar latency
     /// half the picks are random, so bursts of calls spread out.
     #[default]

@@ -90,7 +90,7 @@
 //! 3. **retry**: gRFC A6 retries and hedging for idempotent methods (read
 //!    from the proto descriptors), transparent retries of requests that
 //!    never left, all within a retry budget ([`retry::RetryLayer`]);
-//! 4. **balance**: power of two choices over peak-EWMA load with a failure
+//! 4. **balance**: power of two choices over latency-weighted load with a failure
 //!    penalty (or round robin), over a live endpoint set from a resolver
 //!    (static list, DNS, file), skipping ejected, draining and
 //!    reconnecting endpoints;

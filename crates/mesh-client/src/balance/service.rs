@@ -333,7 +333,7 @@ where
             // A request its connection handed back unwritten goes once
             // more, to a pick that avoids that endpoint (it may be draining).
             let mut resent = false;
-            let (endpoint, result, started, now) = loop {
+            let (endpoint, result, started, now, sharing) = loop {
                 let exclude = req
                     .extensions()
                     .get::<Exclude>()
@@ -349,7 +349,15 @@ where
                 let in_flight = endpoint.start_at(started);
                 let result = inner.clone().oneshot(req).await;
                 let now = Instant::now();
-                drop(in_flight);
+                // Dropped unanswered, it raises the endpoint's estimate to
+                // its age (a hung endpoint does not look idle).
+                let sharing = match &result {
+                    Ok(_) => in_flight.answered(),
+                    Err(_) => {
+                        drop(in_flight);
+                        1
+                    }
+                };
                 let result = match result {
                     Ok(response) => Ok(response),
                     Err(err) => Err(err.into()),
@@ -387,7 +395,7 @@ where
                         // No time for it to be answered: the call ends with
                         // the hand-back (never sent), as a retry would not go.
                         tracing::debug!(target = %set.target, addr = %endpoint.addr, "a request handed back unsent is not resent: under {:?} left", crate::deadline::MIN_ATTEMPT_TIME);
-                        break (endpoint, result, started, now);
+                        break (endpoint, result, started, now, sharing);
                     }
                     // It never left: nothing to charge the endpoint with,
                     // and no retry spent.
@@ -409,7 +417,7 @@ where
                     }
                     continue;
                 }
-                break (endpoint, result, started, now);
+                break (endpoint, result, started, now, sharing);
             };
             let response = match result {
                 Ok(response) => response,
@@ -480,17 +488,25 @@ where
                 return Ok(response);
             }
             // A refusal's latency is not a service time: a shedding server
-            // answers fast, and would look like the fastest endpoint.
-            if status != Some(Code::ResourceExhausted) && !unanswered {
-                endpoint.observe_rtt(now - started, now);
+            // answers fast, and would look like the fastest endpoint; nor
+            // is a failure's (a dying server answers UNAVAILABLE at once:
+            // fed to the estimates, it drew twice the calls a penalty
+            // alone lets through, meshsim's dying servers) or a fault
+            // rule's made-up abort.
+            let injected = response.headers().get(crate::fault::FAULT_HEADER)
+                == Some(&http::HeaderValue::from_static("abort"));
+            if status != Some(Code::ResourceExhausted)
+                && !status.is_some_and(is_endpoint_failure)
+                && !unanswered
+                && !injected
+            {
+                endpoint.observe_rtt(now - started, sharing, now);
             }
             if let Some(code) = status {
                 // An abort a server's fault rule made up says nothing of
                 // the endpoint's health (a test of the callers, not of it),
                 // if the operator trusts this target's servers to say so.
-                let excused = config.outlier_detection.trust_injected_faults
-                    && response.headers().get(crate::fault::FAULT_HEADER)
-                        == Some(&http::HeaderValue::from_static("abort"));
+                let excused = config.outlier_detection.trust_injected_faults && injected;
                 let callers_fault = code == Code::Internal && refuses_the_request(&response);
                 if is_marked_shed(&response) {
                     // Overloaded, not broken: penalised, never ejected.

@@ -2,9 +2,11 @@
 //! estimate, and the failure bookkeeping that ejects it or backs off its
 //! reconnects.
 //!
-//! The load estimate is tower's peak-EWMA (Finagle's) over response latency,
-//! multiplied by in-flight requests and by a decaying failure penalty, so a
-//! replica that fails fast does not look like the fastest one. It is kept
+//! The load estimate is one more call's expected latency: a short-window
+//! mean of response latency per call in flight, multiplied by in-flight
+//! requests and by a decaying failure penalty, so a replica that fails fast
+//! does not look like the fastest one (see [`Endpoint::load`] for why not
+//! tower's peak-EWMA × in-flight, which counts the queue twice). It is kept
 //! here rather than by wrapping the connection in `tower::load::PeakEwma`
 //! because that type owns its service and needs `&mut` for every call, while
 //! an endpoint is shared by concurrent calls.
@@ -37,13 +39,16 @@ pub(crate) use health::watch_health;
 
 use crate::config::{EndpointConfig, OutlierDetection};
 
-/// Decay window of the latency estimate (tower's default for PeakEwma).
+/// How fast the latency estimate decays toward zero while no answer comes
+/// (tower's default for PeakEwma), so an endpoint once slow is tried again.
 const RTT_DECAY: Duration = Duration::from_secs(10);
 /// Decay window of the typical (mean) latency that judges whether two
 /// endpoints are alike: short, so it follows the endpoint's latency now,
 /// and not peak-sensitive, so scheduling stalls on a busy host do not make
 /// every endpoint look alike (see `balance::lighter`).
 const TYPICAL_RTT_DECAY: Duration = Duration::from_secs(1);
+/// The least [`RTT_DECAY`] takes an idle endpoint's latency estimate to.
+const MIN_DECAY: f64 = 1e-6;
 /// Latency assumed for an endpoint with no measurements yet.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// Half-life of the failure penalty.
@@ -90,8 +95,6 @@ pub(crate) struct Endpoint {
     connect: Option<Connect>,
     /// What a pick reads, in one cache line.
     hot: Hot,
-    /// When the peak-EWMA latency was last updated (ns since `born`).
-    rtt_at: AtomicU64,
     state: Mutex<State>,
     health_task: Mutex<Option<tokio::task::AbortHandle>>,
     /// The highest dial number whose failure was charged to this endpoint.
@@ -116,11 +119,21 @@ struct Hot {
     /// exact while fewer than 2^20 calls are in flight and their ages sum
     /// to under 2^44 µs (203 days).
     outstanding: AtomicU64,
-    /// Peak-EWMA latency (f64 bits, ns): atomics, so the success path
-    /// takes no lock.
-    rtt_ns: AtomicU64,
+    /// Latency per call in flight (f64 bits, ns): a plain EWMA over
+    /// [`TYPICAL_RTT_DECAY`] of each answer's latency divided by the calls
+    /// in flight when it came (itself included). × (in-flight + 1) it
+    /// estimates one more call's latency (see [`Endpoint::load`]).
+    /// Atomics, so the success path takes no lock.
+    unit_rtt_ns: AtomicU64,
     /// Plain EWMA latency (f64 bits, ns) over [`TYPICAL_RTT_DECAY`].
     typical_rtt_ns: AtomicU64,
+    /// When the latency estimates were last fed an answer (ns since
+    /// `born`; 0 before the first): weighs the next answer.
+    rtt_at: AtomicU64,
+    /// When the endpoint last gave news of how busy it is (ns since
+    /// `born`): an answer, a refusal, or a call that ended unanswered.
+    /// The latency estimate decays from then (see [`Endpoint::load`]).
+    news_at: AtomicU64,
     born: Instant,
 }
 
@@ -192,11 +205,12 @@ impl Endpoint {
                 health: AtomicU8::new(HEALTH_UNKNOWN),
                 troubled: AtomicBool::new(false),
                 outstanding: AtomicU64::new(0),
-                rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+                unit_rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
                 typical_rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+                rtt_at: AtomicU64::new(0),
+                news_at: AtomicU64::new(0),
                 born: now,
             },
-            rtt_at: AtomicU64::new(0),
             state: Mutex::new(State {
                 penalty: 0.0,
                 penalty_at: now,
@@ -263,10 +277,39 @@ impl Endpoint {
             && self.state().ejected_until.is_some_and(|t| now < t)
     }
 
-    /// Peak-EWMA latency (at least the age of calls stuck in flight, see
-    /// [`Self::latency_now`]) × (in-flight + 1) × failure penalty.
+    /// One more call's expected latency × failure penalty: the latency
+    /// per call in flight × (in-flight + 1), and at least the age of calls
+    /// stuck in flight (see [`Self::latency_now`]) × (in-flight + 1).
+    ///
+    /// Per call in flight, because an answer's latency already holds the
+    /// queue it waited in: latency × (in-flight + 1), tower's peak-EWMA
+    /// cost, counts that queue twice, and made a replica answering in
+    /// 1.4 ms with 16 calls in flight (cost 24 ms) look busier than one
+    /// 20 ms slower with none (cost 20 ms), so the slow one got 1-4 % of
+    /// the calls and set p99 (meshbench's slow-replica scenario on a
+    /// busy host). A server that answers n calls at once in t each (a
+    /// wait, not work) gives t / n, and one more call's estimate stays
+    /// about t. The estimate decays toward zero while the endpoint gives
+    /// no news (as tower's PeakEwma's does, over [`RTT_DECAY`]): one once
+    /// slow is tried again now and then, or it would be judged by its
+    /// last answer for good. A refusal is news (busy: see
+    /// [`Self::record_shed`]), and so is a call that ends unanswered (a
+    /// hung endpoint's calls reaching their deadlines raise the estimate
+    /// to their age, see [`InFlight`]): neither lets it decay into a
+    /// magnet for calls it will not answer.
     pub(crate) fn load(&self, now: Instant) -> f64 {
-        self.rtt_estimate().max(self.stuck_age(now)) * self.queue_cost(now)
+        let news = self.hot.news_at.load(Ordering::Relaxed);
+        let idle = self.nanos(now).saturating_sub(news) as f64;
+        // Floored: hours idle, e^-x reaches 0, and queue depth and failure
+        // penalty would no longer order the idle endpoints.
+        let decay = (-idle / RTT_DECAY.as_nanos() as f64).exp().max(MIN_DECAY);
+        (self.unit_rtt() * decay).max(self.stuck_age(now)) * self.queue_cost(now)
+    }
+
+    /// Whether an answer has measured the endpoint's latency yet (before
+    /// one, its estimates are [`DEFAULT_RTT`], a guess).
+    pub(crate) fn measured(&self) -> bool {
+        self.hot.rtt_at.load(Ordering::Relaxed) != 0
     }
 
     /// The latency to judge the endpoint by now, in nanoseconds: its
@@ -280,7 +323,7 @@ impl Endpoint {
 
     /// The mean age of the calls in flight (ns) if they are late (see
     /// [`Self::latency_now`]), else 0.
-    fn stuck_age(&self, now: Instant) -> f64 {
+    pub(crate) fn stuck_age(&self, now: Instant) -> f64 {
         let age = self.in_flight_age(now).as_nanos() as f64;
         if age > STUCK_FACTOR * self.typical_rtt() && age > STUCK_FLOOR.as_nanos() as f64 {
             age
@@ -313,14 +356,19 @@ impl Endpoint {
         now.saturating_duration_since(self.hot.born).as_micros() as u64
     }
 
+    /// Nanoseconds from `born` to `now`.
+    fn nanos(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.hot.born).as_nanos() as u64
+    }
+
     /// Calls in flight now.
     pub(crate) fn in_flight(&self) -> u32 {
         self.hot.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The peak-EWMA latency estimate, in nanoseconds.
-    pub(crate) fn rtt_estimate(&self) -> f64 {
-        f64::from_bits(self.hot.rtt_ns.load(Ordering::Relaxed))
+    /// The latency per call in flight, in nanoseconds (see [`Hot`]).
+    fn unit_rtt(&self) -> f64 {
+        f64::from_bits(self.hot.unit_rtt_ns.load(Ordering::Relaxed))
     }
 
     /// The typical (mean, short-window) latency, in nanoseconds.
@@ -351,40 +399,67 @@ impl Endpoint {
     /// [`Endpoint::start`] for a call sent at `now` (a clock read the
     /// caller already made).
     pub(crate) fn start_at(self: &Arc<Self>, now: Instant) -> InFlight {
-        self.hot.in_flight.fetch_add(1, Ordering::Relaxed);
+        let ahead = self.hot.in_flight.fetch_add(1, Ordering::Relaxed);
         let entry = (self.micros(now) << COUNT_BITS) | 1;
         self.hot.outstanding.fetch_add(entry, Ordering::Relaxed);
-        InFlight(self.clone(), entry)
+        InFlight {
+            endpoint: self.clone(),
+            entry,
+            sharing: ahead.saturating_add(1),
+            answered: false,
+        }
     }
 
-    /// Feeds one response latency into the peak-EWMA and typical estimates.
-    pub(crate) fn observe_rtt(&self, rtt: Duration, now: Instant) {
+    /// A call sent `entry` (see [`InFlight`]) with `sharing` calls in
+    /// flight ended without an answer (its deadline passed, its caller
+    /// gave up, its connection failed): its age so far is a latency at
+    /// least that long, so the estimate per call rises to it if lower
+    /// (never falls: the answer might have come at once after), and the
+    /// endpoint is not idle. The typical latency is left alone, so late
+    /// calls still stand out against it (see [`Self::latency_now`]).
+    fn unanswered(&self, entry: u64, sharing: u32) {
+        let now = Instant::now();
+        let age_us = self.micros(now).wrapping_sub(entry >> COUNT_BITS) & SUM_MASK;
+        if age_us <= SUM_MASK / 2 {
+            let at_least = (age_us * 1000) as f64 / f64::from(sharing.max(1));
+            let _ =
+                self.hot
+                    .unit_rtt_ns
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                        (at_least > f64::from_bits(bits)).then_some(at_least.to_bits())
+                    });
+        }
+        self.hot
+            .news_at
+            .fetch_max(self.nanos(now).max(1), Ordering::Relaxed);
+    }
+
+    /// Feeds one response latency into the latency estimates: `sharing` is
+    /// the calls in flight when it was sent, itself included
+    /// ([`InFlight::answered`]).
+    pub(crate) fn observe_rtt(&self, rtt: Duration, sharing: u32, now: Instant) {
         // Racing updates may lose one sample; an estimate does not need more.
-        let at = now.saturating_duration_since(self.hot.born).as_nanos() as u64;
-        let last = self.rtt_at.load(Ordering::Relaxed);
+        let at = self.nanos(now);
+        let last = self.hot.rtt_at.load(Ordering::Relaxed);
         let elapsed = at.saturating_sub(last) as f64;
-        let previous = f64::from_bits(self.hot.rtt_ns.load(Ordering::Relaxed));
         let rtt = rtt.as_nanos() as f64;
-        let next = if rtt > previous {
-            // Peak: jump up at once, so a slowing endpoint is avoided quickly.
-            rtt
-        } else {
-            let weight = (-elapsed / RTT_DECAY.as_nanos() as f64).exp();
-            previous * weight + rtt * (1.0 - weight)
-        };
-        let typical = f64::from_bits(self.hot.typical_rtt_ns.load(Ordering::Relaxed));
         // The first measurement replaces the default outright.
         let weight = if last == 0 {
             0.0
         } else {
             (-elapsed / TYPICAL_RTT_DECAY.as_nanos() as f64).exp()
         };
-        let typical = typical * weight + rtt * (1.0 - weight);
-        self.hot.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
-        self.hot
-            .typical_rtt_ns
-            .store(typical.to_bits(), Ordering::Relaxed);
-        self.rtt_at.store(at.max(1), Ordering::Relaxed);
+        let ewma = |bits: &AtomicU64, sample: f64| {
+            let previous = f64::from_bits(bits.load(Ordering::Relaxed));
+            bits.store(
+                (previous * weight + sample * (1.0 - weight)).to_bits(),
+                Ordering::Relaxed,
+            );
+        };
+        ewma(&self.hot.unit_rtt_ns, rtt / f64::from(sharing.max(1)));
+        ewma(&self.hot.typical_rtt_ns, rtt);
+        self.hot.rtt_at.store(at.max(1), Ordering::Relaxed);
+        self.hot.news_at.fetch_max(at.max(1), Ordering::Relaxed);
     }
 
     /// A call sent at `started` succeeded. One sent before the endpoint's
@@ -454,6 +529,11 @@ impl Endpoint {
     /// nor counts toward ejection: shedding is the server protecting
     /// itself, and ejecting for it would push its load onto the others.
     pub(crate) fn record_shed(&self, now: Instant) {
+        // Busy now: its latency estimate does not decay as if it were idle
+        // (which would draw calls back to it while it refuses them).
+        self.hot
+            .news_at
+            .fetch_max(self.nanos(now).max(1), Ordering::Relaxed);
         let mut state = self.state();
         self.hot.troubled.store(true, Ordering::Relaxed);
         let decayed = decay(
@@ -612,13 +692,35 @@ fn decay(value: f64, elapsed: Duration) -> f64 {
     value * 0.5f64.powf(elapsed.as_secs_f64() / PENALTY_HALF_LIFE.as_secs_f64())
 }
 
-/// A call in flight on an endpoint (and its entry in `outstanding`).
-pub(crate) struct InFlight(Arc<Endpoint>, u64);
+/// A call in flight on an endpoint until its answer's head comes
+/// ([`InFlight::answered`]) or it is dropped unanswered, which counts as
+/// news of a latency at least its age (see [`Endpoint::load`]).
+pub(crate) struct InFlight {
+    endpoint: Arc<Endpoint>,
+    /// Its entry in `outstanding`.
+    entry: u64,
+    /// Calls in flight when it was sent, itself included.
+    sharing: u32,
+    answered: bool,
+}
+
+impl InFlight {
+    /// The call's answer came: it ends here. Returns the calls in flight
+    /// when it was sent, itself included, for [`Endpoint::observe_rtt`].
+    pub(crate) fn answered(mut self) -> u32 {
+        self.answered = true;
+        self.sharing
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.hot.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.hot.outstanding.fetch_sub(self.1, Ordering::Relaxed);
+        let hot = &self.endpoint.hot;
+        hot.in_flight.fetch_sub(1, Ordering::Relaxed);
+        hot.outstanding.fetch_sub(self.entry, Ordering::Relaxed);
+        if !self.answered {
+            self.endpoint.unanswered(self.entry, self.sharing);
+        }
     }
 }
 
@@ -757,7 +859,7 @@ mod tests {
     async fn calls_in_flight_late_for_the_endpoint_mark_it_slow_at_once() {
         let ep = Arc::new(endpoint());
         let start = Instant::now();
-        ep.observe_rtt(Duration::from_millis(20), start);
+        ep.observe_rtt(Duration::from_millis(20), 1, start);
         let typical = ep.typical_rtt();
         let first = ep.start();
         tokio::time::advance(Duration::from_millis(50)).await;
@@ -786,7 +888,7 @@ mod tests {
         // A 100 µs endpoint with a call stalled 5 ms (a busy host): over
         // 4 × typical, but under the 10 ms floor.
         let ep = Arc::new(endpoint());
-        ep.observe_rtt(Duration::from_micros(100), Instant::now());
+        ep.observe_rtt(Duration::from_micros(100), 1, Instant::now());
         let _call = ep.start();
         tokio::time::advance(Duration::from_millis(5)).await;
         assert_eq!(ep.latency_now(Instant::now()), ep.typical_rtt());
@@ -825,12 +927,62 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn latency_peaks_up_and_decays_down() {
-        let ep = endpoint();
+    async fn the_latency_estimate_follows_answers_and_decays_while_none_come() {
+        let ep = Arc::new(endpoint());
         let now = Instant::now();
-        ep.observe_rtt(Duration::from_millis(20), now);
+        assert!(!ep.measured());
+        ep.observe_rtt(Duration::from_millis(20), 1, now);
+        assert!(ep.measured());
         let slow = ep.load(now);
-        ep.observe_rtt(Duration::from_millis(1), now + Duration::from_secs(30));
-        assert!(ep.load(now + Duration::from_secs(30)) < slow / 5.0);
+        assert_eq!(slow, 20e6);
+        // No news for a decay window: e^-1 of it, so it is tried again.
+        let idle = ep.load(now + RTT_DECAY);
+        assert!((idle / slow - (-1f64).exp()).abs() < 1e-9, "{idle}");
+        // A refusal is news: the decay starts over from it.
+        ep.record_shed(now + RTT_DECAY);
+        let shed = ep.load(now + RTT_DECAY) / ep.queue_cost(now + RTT_DECAY);
+        assert!((shed - 20e6).abs() < 1.0, "{shed}");
+        // Idle for days, it still orders by its penalty.
+        let days = now + Duration::from_secs(3 * 86_400);
+        assert!(ep.load(days) > 0.0);
+        let later = now + Duration::from_secs(30);
+        ep.observe_rtt(Duration::from_millis(1), 1, later);
+        assert!((ep.load(later) / ep.queue_cost(later) - 1e6).abs() < 1e3);
+        // An answer in 8 ms sent with three other calls in flight is 2 ms
+        // per call, so one more beside those three is 2 × 4 = 8 ms, not
+        // 8 × 4: the queue the answer waited in is counted once.
+        let after = later + Duration::from_secs(30);
+        let calls: Vec<_> = (0..3).map(|_| ep.start_at(after)).collect();
+        ep.observe_rtt(Duration::from_millis(8), 4, after);
+        let one_more = ep.load(after) / ep.queue_cost(after) * 4.0;
+        assert!((one_more - 8e6).abs() < 1e3, "{one_more}");
+        for call in calls {
+            let _ = call.answered();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_ends_unanswered_raises_the_estimate_to_its_age() {
+        let ep = Arc::new(endpoint());
+        ep.observe_rtt(Duration::from_millis(1), 1, Instant::now());
+        let per_call = |ep: &Endpoint| ep.load(Instant::now()) / ep.queue_cost(Instant::now());
+        // Two calls hang for 10 s (their deadline), then are given up. The
+        // first was sent alone: at least 10 s per call, and not decayed
+        // (the endpoint gave news just now).
+        let calls = [ep.start(), ep.start()];
+        tokio::time::advance(Duration::from_secs(10)).await;
+        drop(calls);
+        assert!((per_call(&ep) - 10e9).abs() < 1e6, "{}", per_call(&ep));
+        // An answered call lowers nothing by being dropped...
+        let answered = ep.start();
+        tokio::time::advance(Duration::from_secs(20)).await;
+        let _ = answered.answered();
+        // ...and the estimate decays from the last news (20 s, e^-2).
+        let decayed = per_call(&ep) / 10e9;
+        assert!((decayed - (-2f64).exp()).abs() < 1e-3, "{decayed}");
+        // A fast unanswered end (a refused connection) does not lower it.
+        let refused = ep.start();
+        drop(refused);
+        assert!(per_call(&ep) > 8e9, "{}", per_call(&ep));
     }
 }

@@ -1,5 +1,5 @@
 //! Scenario 3: three replicas, one 20 ms slower; the mesh's P2C over
-//! peak-EWMA load vs round robin (same mesh, only the policy differs).
+//! latency-weighted load vs round robin (same mesh, only the policy differs).
 
 use std::collections::HashMap;
 
@@ -34,7 +34,7 @@ pub async fn run(ctx: &Ctx) -> Result<Scenario, String> {
     let mut procs_of: Vec<(String, u32)> = vec![this_process()];
     procs_of.extend(replicas.iter().map(|r| (r.label.clone(), r.pid())));
     let mut contenders = [
-        Contender::new("mesh P2C (peak EWMA)", channel("p2c")?, procs_of.clone()),
+        Contender::new("mesh P2C", channel("p2c")?, procs_of.clone()),
         Contender::new("mesh round robin", channel("round_robin")?, procs_of),
     ];
     let slow = replicas[0].addr;
