@@ -580,10 +580,10 @@ fn lighter<'a>(
     // and is measured. Judged by the guess, one behind sub-millisecond
     // peers was never picked.
     if !x.measured() {
-        rx = ry.max(x.stuck_age(now));
+        rx = y.typical_rtt().max(x.stuck_age(now));
     }
     if !y.measured() {
-        ry = rx.max(y.stuck_age(now));
+        ry = x.typical_rtt().max(y.stuck_age(now));
     }
     if rx > ALIKE_RATIO * ry || ry > ALIKE_RATIO * rx {
         return if x.load(now) <= y.load(now) { x } else { y };

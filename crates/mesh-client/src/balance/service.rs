@@ -489,18 +489,19 @@ where
             }
             // A refusal's latency is not a service time: a shedding server
             // answers fast, and would look like the fastest endpoint; nor
-            // is a failure's (a dying server answers UNAVAILABLE at once:
-            // fed to the estimates, it drew twice the calls a penalty
-            // alone lets through, meshsim's dying servers) or a fault
-            // rule's made-up abort.
+            // is a fault rule's made-up abort. Any other error status may
+            // show the endpoint slow, never fast: a dying server answers
+            // UNAVAILABLE at once (fed to the estimates, it drew twice the
+            // calls a penalty alone lets through: meshsim's dying
+            // servers), a misconfigured one NOT_FOUND.
             let injected = response.headers().get(crate::fault::FAULT_HEADER)
                 == Some(&http::HeaderValue::from_static("abort"));
-            if status != Some(Code::ResourceExhausted)
-                && !status.is_some_and(is_endpoint_failure)
-                && !unanswered
-                && !injected
-            {
-                endpoint.observe_rtt(now - started, sharing, now);
+            if status != Some(Code::ResourceExhausted) && !unanswered && !injected {
+                if matches!(status, None | Some(Code::Ok)) {
+                    endpoint.observe_rtt(now - started, sharing, now);
+                } else {
+                    endpoint.observe_at_least(now - started, sharing, now);
+                }
             }
             if let Some(code) = status {
                 // An abort a server's fault rule made up says nothing of

@@ -121,7 +121,7 @@ struct Hot {
     outstanding: AtomicU64,
     /// Latency per call in flight (f64 bits, ns): a plain EWMA over
     /// [`TYPICAL_RTT_DECAY`] of each answer's latency divided by the calls
-    /// in flight when it came (itself included). × (in-flight + 1) it
+    /// in flight when it was sent (itself included). × (in-flight + 1) it
     /// estimates one more call's latency (see [`Endpoint::load`]).
     /// Atomics, so the success path takes no lock.
     unit_rtt_ns: AtomicU64,
@@ -285,7 +285,7 @@ impl Endpoint {
     /// queue it waited in: latency × (in-flight + 1), tower's peak-EWMA
     /// cost, counts that queue twice, and made a replica answering in
     /// 1.4 ms with 16 calls in flight (cost 24 ms) look busier than one
-    /// 20 ms slower with none (cost 20 ms), so the slow one got 1-4 % of
+    /// 20 ms slower with none (cost 20 ms), so the slow one got 2-4 % of
     /// the calls and set p99 (meshbench's slow-replica scenario on a
     /// busy host). A server that answers n calls at once in t each (a
     /// wait, not work) gives t / n, and one more call's estimate stays
@@ -293,17 +293,12 @@ impl Endpoint {
     /// no news (as tower's PeakEwma's does, over [`RTT_DECAY`]): one once
     /// slow is tried again now and then, or it would be judged by its
     /// last answer for good. A refusal is news (busy: see
-    /// [`Self::record_shed`]), and so is a call that ends unanswered (a
-    /// hung endpoint's calls reaching their deadlines raise the estimate
-    /// to their age, see [`InFlight`]): neither lets it decay into a
-    /// magnet for calls it will not answer.
+    /// [`Self::record_shed`]), and so is a late call that ends unanswered
+    /// (a hung endpoint's calls reaching their deadlines raise the
+    /// estimates to their age, see [`Self::at_least`]): neither lets it
+    /// decay into a magnet for calls it will not answer.
     pub(crate) fn load(&self, now: Instant) -> f64 {
-        let news = self.hot.news_at.load(Ordering::Relaxed);
-        let idle = self.nanos(now).saturating_sub(news) as f64;
-        // Floored: hours idle, e^-x reaches 0, and queue depth and failure
-        // penalty would no longer order the idle endpoints.
-        let decay = (-idle / RTT_DECAY.as_nanos() as f64).exp().max(MIN_DECAY);
-        (self.unit_rtt() * decay).max(self.stuck_age(now)) * self.queue_cost(now)
+        (self.unit_rtt() * self.decay(now)).max(self.stuck_age(now)) * self.queue_cost(now)
     }
 
     /// Whether an answer has measured the endpoint's latency yet (before
@@ -412,26 +407,66 @@ impl Endpoint {
 
     /// A call sent `entry` (see [`InFlight`]) with `sharing` calls in
     /// flight ended without an answer (its deadline passed, its caller
-    /// gave up, its connection failed): its age so far is a latency at
-    /// least that long, so the estimate per call rises to it if lower
-    /// (never falls: the answer might have come at once after), and the
-    /// endpoint is not idle. The typical latency is left alone, so late
-    /// calls still stand out against it (see [`Self::latency_now`]).
+    /// gave up, its connection failed). Only a call that was late for the
+    /// endpoint says anything of it: older than [`STUCK_FACTOR`] × its
+    /// expected latency (the estimate per call × the calls it was sent
+    /// beside) and [`STUCK_FLOOR`]. A hedge's loser is cut short by a
+    /// faster answer elsewhere, a caller's early cancel by the caller, and
+    /// a refused or handed-back request left at once. A late one is a
+    /// latency at least its age: see [`Self::at_least`]. (Judged by the
+    /// typical latency, which a late call raises, the next round of a
+    /// hung endpoint's calls would not be late, and it would decay into a
+    /// magnet for calls.)
     fn unanswered(&self, entry: u64, sharing: u32) {
         let now = Instant::now();
         let age_us = self.micros(now).wrapping_sub(entry >> COUNT_BITS) & SUM_MASK;
-        if age_us <= SUM_MASK / 2 {
-            let at_least = (age_us * 1000) as f64 / f64::from(sharing.max(1));
-            let _ =
-                self.hot
-                    .unit_rtt_ns
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                        (at_least > f64::from_bits(bits)).then_some(at_least.to_bits())
-                    });
+        let age = (age_us * 1000) as f64;
+        let expected = self.unit_rtt() * self.decay(now) * f64::from(sharing.max(1));
+        if age_us <= SUM_MASK / 2
+            && age > STUCK_FACTOR * expected
+            && age > STUCK_FLOOR.as_nanos() as f64
+        {
+            self.at_least(age, sharing, now);
+        }
+    }
+
+    /// News of a latency of at least `latency` for a call sent with
+    /// `sharing` in flight (a late call given up, an answer that is not a
+    /// service time): the estimates rise to it where lower (never fall:
+    /// the answer might have come at once after), the per-call one from
+    /// its decayed value, and the decay starts over. The typical latency
+    /// rises too, so a hung endpoint stays unlike its peers once its late
+    /// calls are gone and is judged by its load (see `balance::lighter`).
+    fn at_least(&self, latency: f64, sharing: u32, now: Instant) {
+        let unit = latency / f64::from(sharing.max(1));
+        let decayed = self.unit_rtt() * self.decay(now);
+        self.hot
+            .unit_rtt_ns
+            .store(decayed.max(unit).to_bits(), Ordering::Relaxed);
+        if latency > self.typical_rtt() {
+            self.hot
+                .typical_rtt_ns
+                .store(latency.to_bits(), Ordering::Relaxed);
         }
         self.hot
             .news_at
-            .fetch_max(self.nanos(now).max(1), Ordering::Relaxed);
+            .store(self.nanos(now).max(1), Ordering::Relaxed);
+    }
+
+    /// How far the per-call latency estimate has decayed since the last
+    /// news (see [`Self::load`]).
+    fn decay(&self, now: Instant) -> f64 {
+        let news = self.hot.news_at.load(Ordering::Relaxed);
+        let idle = self.nanos(now).saturating_sub(news) as f64;
+        // Floored: hours idle, e^-x reaches 0, and queue depth and failure
+        // penalty would no longer order the idle endpoints.
+        (-idle / RTT_DECAY.as_nanos() as f64).exp().max(MIN_DECAY)
+    }
+
+    /// An answer that is not a service time (an error status, at once or
+    /// not): it may show the endpoint slow, never fast.
+    pub(crate) fn observe_at_least(&self, rtt: Duration, sharing: u32, now: Instant) {
+        self.at_least(rtt.as_nanos() as f64, sharing, now);
     }
 
     /// Feeds one response latency into the latency estimates: `sharing` is
@@ -459,7 +494,7 @@ impl Endpoint {
         ewma(&self.hot.unit_rtt_ns, rtt / f64::from(sharing.max(1)));
         ewma(&self.hot.typical_rtt_ns, rtt);
         self.hot.rtt_at.store(at.max(1), Ordering::Relaxed);
-        self.hot.news_at.fetch_max(at.max(1), Ordering::Relaxed);
+        self.hot.news_at.store(at.max(1), Ordering::Relaxed);
     }
 
     /// A call sent at `started` succeeded. One sent before the endpoint's
@@ -529,11 +564,15 @@ impl Endpoint {
     /// nor counts toward ejection: shedding is the server protecting
     /// itself, and ejecting for it would push its load onto the others.
     pub(crate) fn record_shed(&self, now: Instant) {
-        // Busy now: its latency estimate does not decay as if it were idle
+        // Busy now: its latency estimate stops decaying as if it were idle
         // (which would draw calls back to it while it refuses them).
+        let decayed = self.unit_rtt() * self.decay(now);
+        self.hot
+            .unit_rtt_ns
+            .store(decayed.to_bits(), Ordering::Relaxed);
         self.hot
             .news_at
-            .fetch_max(self.nanos(now).max(1), Ordering::Relaxed);
+            .store(self.nanos(now).max(1), Ordering::Relaxed);
         let mut state = self.state();
         self.hot.troubled.store(true, Ordering::Relaxed);
         let decayed = decay(
@@ -874,11 +913,11 @@ mod tests {
         assert_eq!(ep.in_flight_age(now), Duration::from_millis(100));
         assert_eq!(ep.latency_now(now), 100e6);
         assert!(ep.load(now) >= 100e6 * 3.0, "{}", ep.load(now));
-        drop(first);
+        let _ = first.answered();
         // The young one left: not late, back to the typical latency.
         assert_eq!(ep.in_flight_age(now), Duration::ZERO);
         assert_eq!(ep.latency_now(now), typical);
-        drop(second);
+        let _ = second.answered();
         assert_eq!(ep.in_flight_age(now), Duration::ZERO);
         assert_eq!(ep.in_flight(), 0);
     }
@@ -938,10 +977,12 @@ mod tests {
         // No news for a decay window: e^-1 of it, so it is tried again.
         let idle = ep.load(now + RTT_DECAY);
         assert!((idle / slow - (-1f64).exp()).abs() < 1e-9, "{idle}");
-        // A refusal is news: the decay starts over from it.
+        // A refusal is news: the decay stops there, and starts over.
         ep.record_shed(now + RTT_DECAY);
-        let shed = ep.load(now + RTT_DECAY) / ep.queue_cost(now + RTT_DECAY);
-        assert!((shed - 20e6).abs() < 1.0, "{shed}");
+        let shed = |at| ep.load(at) / ep.queue_cost(at);
+        assert!((shed(now + RTT_DECAY) - idle).abs() < 1.0);
+        let on = now + 2 * RTT_DECAY;
+        assert!((shed(on) / idle - (-1f64).exp()).abs() < 1e-9);
         // Idle for days, it still orders by its penalty.
         let days = now + Duration::from_secs(3 * 86_400);
         assert!(ep.load(days) > 0.0);
@@ -967,11 +1008,19 @@ mod tests {
         ep.observe_rtt(Duration::from_millis(1), 1, Instant::now());
         let per_call = |ep: &Endpoint| ep.load(Instant::now()) / ep.queue_cost(Instant::now());
         // Two calls hang for 10 s (their deadline), then are given up. The
-        // first was sent alone: at least 10 s per call, and not decayed
-        // (the endpoint gave news just now).
-        let calls = [ep.start(), ep.start()];
+        // first was sent alone: at least 10 s per call (5 s if it were
+        // judged by the two in flight when it ended), not decayed (the
+        // endpoint gave news). The second, sent beside it, is not late for
+        // an endpoint now expected to take 10 s a call: no more news.
+        let [first, second] = [ep.start(), ep.start()];
         tokio::time::advance(Duration::from_secs(10)).await;
-        drop(calls);
+        drop(first);
+        assert!((per_call(&ep) - 10e9).abs() < 1e6, "{}", per_call(&ep));
+        assert!(
+            ep.typical_rtt() >= 10e9,
+            "a hung endpoint stays unlike its peers"
+        );
+        drop(second);
         assert!((per_call(&ep) - 10e9).abs() < 1e6, "{}", per_call(&ep));
         // An answered call lowers nothing by being dropped...
         let answered = ep.start();
@@ -980,9 +1029,16 @@ mod tests {
         // ...and the estimate decays from the last news (20 s, e^-2).
         let decayed = per_call(&ep) / 10e9;
         assert!((decayed - (-2f64).exp()).abs() < 1e-3, "{decayed}");
-        // A fast unanswered end (a refused connection) does not lower it.
-        let refused = ep.start();
-        drop(refused);
-        assert!(per_call(&ep) > 8e9, "{}", per_call(&ep));
+        // A call that ends unanswered before it is late (a hedge's loser, a
+        // refused connection) is no news: the decay goes on.
+        let cut_short = ep.start();
+        drop(cut_short);
+        assert!((per_call(&ep) / 10e9 - decayed).abs() < 1e-3);
+        // A slow error answer raises the estimate (from its decayed value)...
+        ep.observe_at_least(Duration::from_secs(3), 1, Instant::now());
+        assert!((per_call(&ep) - 3e9).abs() < 1e6, "{}", per_call(&ep));
+        // ...and a fast one does not lower it.
+        ep.observe_at_least(Duration::from_micros(50), 1, Instant::now());
+        assert!((per_call(&ep) - 3e9).abs() < 1e6, "{}", per_call(&ep));
     }
 }
