@@ -349,8 +349,8 @@ where
                 let in_flight = endpoint.start_at(started);
                 let result = inner.clone().oneshot(req).await;
                 let now = Instant::now();
-                // Dropped unanswered, it raises the endpoint's estimate to
-                // its age (a hung endpoint does not look idle).
+                // Dropped unanswered and late, it raises the endpoint's
+                // estimate to its age (a hung endpoint does not look idle).
                 let sharing = match &result {
                     Ok(_) => in_flight.answered(),
                     Err(_) => {

@@ -130,8 +130,8 @@ struct Hot {
     /// When the latency estimates were last fed an answer (ns since
     /// `born`; 0 before the first): weighs the next answer.
     rtt_at: AtomicU64,
-    /// When the endpoint last gave news of how busy it is (ns since
-    /// `born`): an answer, a refusal, or a call that ended unanswered.
+    /// When the endpoint last gave news of how slow it is (ns since
+    /// `born`): an answer, or a late call that ended unanswered.
     /// The latency estimate decays from then (see [`Endpoint::load`]).
     news_at: AtomicU64,
     born: Instant,
@@ -292,11 +292,11 @@ impl Endpoint {
     /// about t. The estimate decays toward zero while the endpoint gives
     /// no news (as tower's PeakEwma's does, over [`RTT_DECAY`]): one once
     /// slow is tried again now and then, or it would be judged by its
-    /// last answer for good. A refusal is news (busy: see
-    /// [`Self::record_shed`]), and so is a late call that ends unanswered
-    /// (a hung endpoint's calls reaching their deadlines raise the
-    /// estimates to their age, see [`Self::at_least`]): neither lets it
-    /// decay into a magnet for calls it will not answer.
+    /// last answer for good. A late call that ends unanswered raises it
+    /// to its age (a hung endpoint's calls reaching their deadlines, see
+    /// [`Self::at_least`]), so a hung endpoint does not decay into a magnet
+    /// for calls it will not answer; a refusing one is steered from by its
+    /// penalty ([`Self::record_shed`]).
     pub(crate) fn load(&self, now: Instant) -> f64 {
         (self.unit_rtt() * self.decay(now)).max(self.stuck_age(now)) * self.queue_cost(now)
     }
@@ -432,22 +432,19 @@ impl Endpoint {
 
     /// News of a latency of at least `latency` for a call sent with
     /// `sharing` in flight (a late call given up, an answer that is not a
-    /// service time): the estimates rise to it where lower (never fall:
-    /// the answer might have come at once after), the per-call one from
-    /// its decayed value, and the decay starts over. The typical latency
-    /// rises too, so a hung endpoint stays unlike its peers once its late
-    /// calls are gone and is judged by its load (see `balance::lighter`).
+    /// service time): the per-call estimate rises to it where lower
+    /// (never falls: the answer might have come at once after), from its
+    /// decayed value, and the decay starts over. The typical latency, which
+    /// judges whether endpoints are alike, is left to answers: raised by
+    /// one late call, a healthy endpoint after a 2 s pause would be unlike
+    /// its peers and unused for a minute; a hung one is found by its calls
+    /// in flight turning late instead (`Endpoint::latency_now`).
     fn at_least(&self, latency: f64, sharing: u32, now: Instant) {
         let unit = latency / f64::from(sharing.max(1));
         let decayed = self.unit_rtt() * self.decay(now);
         self.hot
             .unit_rtt_ns
             .store(decayed.max(unit).to_bits(), Ordering::Relaxed);
-        if latency > self.typical_rtt() {
-            self.hot
-                .typical_rtt_ns
-                .store(latency.to_bits(), Ordering::Relaxed);
-        }
         self.hot
             .news_at
             .store(self.nanos(now).max(1), Ordering::Relaxed);
@@ -564,15 +561,6 @@ impl Endpoint {
     /// nor counts toward ejection: shedding is the server protecting
     /// itself, and ejecting for it would push its load onto the others.
     pub(crate) fn record_shed(&self, now: Instant) {
-        // Busy now: its latency estimate stops decaying as if it were idle
-        // (which would draw calls back to it while it refuses them).
-        let decayed = self.unit_rtt() * self.decay(now);
-        self.hot
-            .unit_rtt_ns
-            .store(decayed.to_bits(), Ordering::Relaxed);
-        self.hot
-            .news_at
-            .store(self.nanos(now).max(1), Ordering::Relaxed);
         let mut state = self.state();
         self.hot.troubled.store(true, Ordering::Relaxed);
         let decayed = decay(
@@ -732,8 +720,9 @@ fn decay(value: f64, elapsed: Duration) -> f64 {
 }
 
 /// A call in flight on an endpoint until its answer's head comes
-/// ([`InFlight::answered`]) or it is dropped unanswered, which counts as
-/// news of a latency at least its age (see [`Endpoint::load`]).
+/// ([`InFlight::answered`]) or it is dropped unanswered, which, if it was
+/// late for the endpoint, counts as news of a latency at least its age
+/// (see [`Endpoint::load`]).
 pub(crate) struct InFlight {
     endpoint: Arc<Endpoint>,
     /// Its entry in `outstanding`.
@@ -966,6 +955,31 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_call_cut_short_before_it_is_late_for_the_endpoint_is_no_news() {
+        // An endpoint taking 100 ms a call; a hedge's loser there is cut
+        // short: no news, so the estimate goes on decaying from the last
+        // answer.
+        let ep = Arc::new(endpoint());
+        ep.observe_rtt(Duration::from_millis(100), 1, Instant::now());
+        let per_call = |ep: &Endpoint| ep.load(Instant::now()) / ep.queue_cost(Instant::now());
+        // Decayed to about 37 ms a call; a loser cut at 100 ms (over that,
+        // so news would raise it; under 4 x it, so it is not late).
+        tokio::time::advance(RTT_DECAY).await;
+        let loser = ep.start();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        drop(loser);
+        let idle = RTT_DECAY + Duration::from_millis(100);
+        let expected = 100e6 * (-idle.as_secs_f64() / RTT_DECAY.as_secs_f64()).exp();
+        assert!((per_call(&ep) - expected).abs() < 1e3, "{}", per_call(&ep));
+        // One that waited 500 ms (over 4 x its expected latency, now about
+        // 37 ms) is late: news of at least 500 ms a call.
+        let late = ep.start();
+        tokio::time::advance(Duration::from_millis(500)).await;
+        drop(late);
+        assert!((per_call(&ep) - 500e6).abs() < 1e3, "{}", per_call(&ep));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_latency_estimate_follows_answers_and_decays_while_none_come() {
         let ep = Arc::new(endpoint());
         let now = Instant::now();
@@ -977,12 +991,6 @@ mod tests {
         // No news for a decay window: e^-1 of it, so it is tried again.
         let idle = ep.load(now + RTT_DECAY);
         assert!((idle / slow - (-1f64).exp()).abs() < 1e-9, "{idle}");
-        // A refusal is news: the decay stops there, and starts over.
-        ep.record_shed(now + RTT_DECAY);
-        let shed = |at| ep.load(at) / ep.queue_cost(at);
-        assert!((shed(now + RTT_DECAY) - idle).abs() < 1.0);
-        let on = now + 2 * RTT_DECAY;
-        assert!((shed(on) / idle - (-1f64).exp()).abs() < 1e-9);
         // Idle for days, it still orders by its penalty.
         let days = now + Duration::from_secs(3 * 86_400);
         assert!(ep.load(days) > 0.0);
@@ -1016,10 +1024,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         drop(first);
         assert!((per_call(&ep) - 10e9).abs() < 1e6, "{}", per_call(&ep));
-        assert!(
-            ep.typical_rtt() >= 10e9,
-            "a hung endpoint stays unlike its peers"
-        );
+        assert_eq!(ep.typical_rtt(), 1e6, "judging likeness is left to answers");
         drop(second);
         assert!((per_call(&ep) - 10e9).abs() < 1e6, "{}", per_call(&ep));
         // An answered call lowers nothing by being dropped...
