@@ -413,10 +413,7 @@ impl Endpoint {
     /// beside) and [`STUCK_FLOOR`]. A hedge's loser is cut short by a
     /// faster answer elsewhere, a caller's early cancel by the caller, and
     /// a refused or handed-back request left at once. A late one is a
-    /// latency at least its age: see [`Self::at_least`]. (Judged by the
-    /// typical latency, which a late call raises, the next round of a
-    /// hung endpoint's calls would not be late, and it would decay into a
-    /// magnet for calls.)
+    /// latency at least its age: see [`Self::at_least`].
     fn unanswered(&self, entry: u64, sharing: u32) {
         let now = Instant::now();
         let age_us = self.micros(now).wrapping_sub(entry >> COUNT_BITS) & SUM_MASK;
