@@ -43,6 +43,24 @@ async fn set_of(n: u16, metrics: &Metrics) -> Arc<EndpointSet> {
     set
 }
 
+/// A set of the real servers at `addrs`, reached over plain TCP.
+async fn set_over_tcp(addrs: &[SocketAddr]) -> Arc<EndpointSet> {
+    let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
+    let (tx, rx) = tokio::sync::mpsc::channel(addrs.len().max(1));
+    for at in addrs {
+        tx.send(Change::Insert(*at, ())).await.unwrap();
+    }
+    drop(tx);
+    set.clone()
+        .follow(
+            rx,
+            Arc::new(crate::endpoint::ClientConn::tcp_for_tests),
+            false,
+        )
+        .await;
+    set
+}
+
 fn balanced(set: &Arc<EndpointSet>) -> (Balanced, Handle) {
     balanced_by(set, "round_robin")
 }
@@ -558,18 +576,7 @@ async fn only_a_resource_exhausted_marked_as_the_mesh_s_shedding_raises_the_pena
     ];
     let refuses = answering_h2_server(REFUSES).await;
     let sheds = answering_h2_server(SHEDS).await;
-    let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(Change::Insert(refuses, ())).await.unwrap();
-    tx.send(Change::Insert(sheds, ())).await.unwrap();
-    drop(tx);
-    set.clone()
-        .follow(
-            rx,
-            Arc::new(crate::endpoint::ClientConn::tcp_for_tests),
-            false,
-        )
-        .await;
+    let set = set_over_tcp(&[refuses, sheds]).await;
     let config = ConfigHandle::new(
         MeshConfig::from_json(r#"{"loadBalancingPolicy":"round_robin"}"#).unwrap(),
     )
@@ -986,19 +993,7 @@ async fn an_upload_its_caller_broke_before_the_answer_charges_nobody() {
         answering_after_the_upload_h2_server().await,
         answering_after_the_upload_h2_server().await,
     ];
-    let set = EndpointSet::new("t".into(), "t".into(), Arc::default(), Metrics::new());
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    for at in servers {
-        tx.send(Change::Insert(at, ())).await.unwrap();
-    }
-    drop(tx);
-    set.clone()
-        .follow(
-            rx,
-            Arc::new(crate::endpoint::ClientConn::tcp_for_tests),
-            false,
-        )
-        .await;
+    let set = set_over_tcp(&servers).await;
     let svc = BalanceLayer::new(set.clone(), ejecting_after_two("round_robin"))
         .layer(crate::endpoint::Connection);
     let broken_upload = || {
